@@ -1,0 +1,1 @@
+"""Quartermaster: the resource backend web collectors talk to over Kafka."""

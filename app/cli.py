@@ -1,0 +1,74 @@
+"""`qm`: the one entry point for operators: migrate, run processes, manage resources, inspect."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from app.devstack import ServiceUnavailable
+from app.logs import configure_logging
+from app.settings import get_settings
+
+app = typer.Typer(help="Quartermaster: accounts, sessions, seeds and capture handoff for collectors.")
+console = Console()
+err = Console(stderr=True)
+
+PROCESSES = ("worker", "relay", "reaper")
+
+
+@app.callback()
+def _setup() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+
+@app.command()
+def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply database migrations."""
+    from app.db.migrate import upgrade
+
+    upgrade(get_settings().database_url, revision)
+    console.print(f"[green]database migrated to {revision}[/]")
+
+
+@app.command("topics")
+def topics_create() -> None:
+    """Create every Kafka topic Quartermaster uses (existing ones are left alone)."""
+    from app.kafka import ensure_topics
+
+    created = asyncio.run(ensure_topics(get_settings()))
+    console.print(f"created {len(created)} topics: {', '.join(created) or '-'}")
+
+
+@app.command()
+def run(
+    process: Annotated[str, typer.Argument(help=f"all, or one of: {', '.join(PROCESSES)}")] = "all",
+) -> None:
+    """Run one process, or `all` of them in this OS process."""
+    from app.runtime import run_processes
+
+    names = list(PROCESSES) if process == "all" else [process]
+    if any(name not in PROCESSES for name in names):
+        err.print(f"[red]unknown process {process!r}[/]; choose all, {', '.join(PROCESSES)}")
+        raise typer.Exit(2)
+    asyncio.run(run_processes(get_settings(), names))
+
+
+@app.command()
+def dev() -> None:
+    """Everything on embedded services: PostgreSQL, the in-memory broker, then `run all`."""
+    from app.devstack.dev import run_dev
+
+    try:
+        run_dev()
+    except ServiceUnavailable as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

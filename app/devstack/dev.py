@@ -1,0 +1,49 @@
+"""`qm dev`: the whole system on embedded services, stopped cleanly by Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
+
+from app.db.migrate import upgrade
+from app.devstack.postgres import EmbeddedPostgres
+from app.devstack.tansu import TansuBroker
+from app.kafka import ensure_topics
+from app.runtime import run_processes
+from app.settings import get_settings
+
+log = structlog.get_logger()
+
+
+def _or_fresh_key(key: SecretStr) -> SecretStr:
+    """The configured key, or a fresh one for this dev run."""
+    return key if key.get_secret_value() else SecretStr(Fernet.generate_key().decode())
+
+
+def run_dev() -> None:
+    """Start embedded PostgreSQL and Tansu, migrate, create topics, run every process."""
+    base = get_settings()
+    with EmbeddedPostgres() as pg, TansuBroker() as broker:
+        settings = base.model_copy(
+            update={
+                "database_url": pg.url(),
+                "kafka_bootstrap_servers": broker.bootstrap,
+                "kafka_idempotence": False,  # Tansu has no idempotent producer
+                "secret_keys": _or_fresh_key(base.secret_keys),
+                "transport_key": _or_fresh_key(base.transport_key),
+            }
+        )
+        upgrade(settings.database_url)
+        asyncio.run(ensure_topics(settings))
+        log.info(
+            "dev_stack_ready",
+            database_url=settings.database_url,
+            kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
+        )
+        try:
+            asyncio.run(run_processes(settings, ["worker", "relay", "reaper"]))
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,71 @@
+"""Kafka plumbing shared by every process: client options from settings and topic creation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+from app.settings import Settings
+
+# (name, partitions or None for the configured default): every topic Quartermaster uses.
+TOPICS: tuple[tuple[str, int | None], ...] = (
+    ("requests", None),
+    ("replies", None),
+    ("events", None),
+    ("job-events", 1),
+    ("captures", None),
+    ("captures.ready", None),
+    ("requests.dlt", 1),
+    ("captures.dlt", 1),
+)
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Connection and security options for any aiokafka client."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile)
+    if settings.kafka_sasl_mechanism:
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return options
+
+
+def producer_options(settings: Settings) -> dict[str, Any]:
+    """Producer options: acks=all, idempotent where the broker supports it."""
+    return {
+        **client_options(settings),
+        "acks": "all",
+        "enable_idempotence": settings.kafka_idempotence,
+        "linger_ms": 1,
+        "max_batch_size": 256 * 1024,
+    }
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create every topic Quartermaster uses (those that exist are left alone); return the created."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(settings.topic(name), parts or settings.topic_partitions, 1)
+            for name, parts in TOPICS
+            if settings.topic(name) not in existing
+        ]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # another process created them first
+        return [topic.name for topic in wanted]
+    finally:
+        await admin.close()

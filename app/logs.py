@@ -1,0 +1,40 @@
+"""structlog configuration: JSON lines in production, a readable console in development."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_FIELDS = re.compile(r"(secret|password|storage_state|token_plain|cookie)", re.IGNORECASE)
+
+
+def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Replace the value of any field whose name says it holds a secret."""
+    for key in list(event):
+        if _SECRET_FIELDS.search(key):
+            event[key] = "[redacted]"
+    return event
+
+
+def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
+    """Set up structlog (and the stdlib loggers of our libraries) once per process."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")

@@ -1,0 +1,1 @@
+"""The transactional outbox: the only way anything of Quartermaster reaches Kafka."""

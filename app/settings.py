@@ -1,0 +1,85 @@
+"""Every knob of Quartermaster, read from the environment (prefix ``QM_``) or a ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Each field documents the environment variable that sets it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QM_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    # --- connections -------------------------------------------------------------------
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/quartermaster",
+        validation_alias=AliasChoices("QM_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL of PostgreSQL (asyncpg driver). DATABASE_URL also works.",
+    )
+    database_pool_size: int = Field(10, description="Connections each process keeps open.")
+    database_ssl: bool = Field(False, description="Require TLS to PostgreSQL.")
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        validation_alias=AliasChoices("QM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
+        description="Comma-separated Kafka bootstrap servers. KAFKA_BOOTSTRAP_SERVERS also works.",
+    )
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    kafka_ssl_cafile: str | None = Field(None, description="CA bundle for Kafka TLS.")
+    kafka_idempotence: bool = Field(
+        True, description="Idempotent producer (acks=all). Turn off for brokers without it (Tansu)."
+    )
+    topic_prefix: str = Field("qm.", description="Prefix of every topic Quartermaster reads or writes.")
+    topic_partitions: int = Field(6, description="Partitions of the topics `qm topics create` makes.")
+
+    # --- outbox ------------------------------------------------------------------------
+    outbox_shards: int = Field(16, description="Shards of the outbox table (hash of key mod S).")
+    outbox_batch_size: int = Field(500, description="Rows the relay publishes per shard per round.")
+    outbox_poll_seconds: float = Field(1.0, description="Relay fallback poll when no NOTIFY arrives.")
+
+    # --- claim worker ------------------------------------------------------------------
+    consumer_group: str = Field("qm-claim-workers", description="Consumer group of the claim workers.")
+    max_request_bytes: int = Field(256 * 1024, description="Requests larger than this are dead-lettered.")
+    transient_retry_max_seconds: float = Field(5.0, description="Cap of the backoff for transient errors.")
+    unexpected_error_attempts: int = Field(3, description="Tries of an unexpected error before a dead letter.")
+
+    # --- leases and reapers ------------------------------------------------------------
+    default_lease_seconds: int = Field(300, description="Lease when a request and its site name none.")
+    max_lease_seconds: int = Field(24 * 3600, description="Longest lease or wait a request may ask for.")
+    max_attempts: int = Field(3, description="Grants of one job before it fails as attempts_exhausted.")
+    reaper_interval_seconds: float = Field(5.0, description="Pause between reaper sweeps.")
+    reaper_page_size: int = Field(200, description="Rows one sweep handles per page.")
+
+    # --- secrets -----------------------------------------------------------------------
+    secret_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Comma-separated Fernet keys for secrets at rest; the first encrypts, all decrypt.",
+    )
+    transport_key: SecretStr = Field(
+        SecretStr(""),
+        description="Fernet key shared with collectors; encrypts the account secret in job.granted.",
+    )
+
+    # --- operations --------------------------------------------------------------------
+    log_format: str = Field("console", description="'json' in production, 'console' in development.")
+    log_level: str = Field("INFO", description="Minimum log level.")
+    metrics_port: int = Field(0, description="Port of the Prometheus and health endpoint (0: off).")
+
+    def topic(self, name: str) -> str:
+        """The full name of a topic, e.g. ``topic('requests') == 'qm.requests'``."""
+        return f"{self.topic_prefix}{name}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""The sweeps that bring back what crashes orphan; each a small class with ``run_once``."""

@@ -1,0 +1,1 @@
+"""Pydantic models of every Kafka message and the state enums; pure, no I/O."""

@@ -1,0 +1,85 @@
+"""State enums and their legal-transition tables (the database enums are kept equal by a test)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TypeVar
+
+T = TypeVar("T", bound=StrEnum)
+
+
+class AccountStatus(StrEnum):
+    ACTIVE = "ACTIVE"
+    USING = "USING"
+    BLOCKED = "BLOCKED"
+    INACTIVE = "INACTIVE"
+
+
+class SeedStatus(StrEnum):
+    ACTIVE = "ACTIVE"
+    ASSIGNED = "ASSIGNED"
+    DISABLED = "DISABLED"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+    TIMED_OUT = "TIMED_OUT"
+
+
+class CaptureStatus(StrEnum):
+    RECEIVED = "RECEIVED"
+    HANDING_OFF = "HANDING_OFF"
+    HANDED_OFF = "HANDED_OFF"
+    FAILED = "FAILED"
+
+
+A, S, J, C = AccountStatus, SeedStatus, JobStatus, CaptureStatus
+
+ACCOUNT_TRANSITIONS: dict[AccountStatus, frozenset[AccountStatus]] = {
+    A.ACTIVE: frozenset({A.USING, A.INACTIVE}),
+    A.USING: frozenset({A.ACTIVE, A.BLOCKED}),
+    A.BLOCKED: frozenset({A.ACTIVE, A.INACTIVE}),
+    A.INACTIVE: frozenset({A.ACTIVE}),
+}
+
+SEED_TRANSITIONS: dict[SeedStatus, frozenset[SeedStatus]] = {
+    S.ACTIVE: frozenset({S.ASSIGNED, S.DISABLED}),
+    S.ASSIGNED: frozenset({S.ACTIVE, S.DISABLED}),
+    S.DISABLED: frozenset({S.ACTIVE}),
+}
+
+# EXPIRED -> QUEUED: a collector that restarts the same job_id after its lease was reaped is
+# queued again, until the site's attempt cap turns the job into FAILED (attempts_exhausted).
+JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    J.QUEUED: frozenset({J.RUNNING, J.TIMED_OUT, J.CANCELLED}),
+    J.RUNNING: frozenset({J.SUCCEEDED, J.FAILED, J.CANCELLED, J.EXPIRED}),
+    J.EXPIRED: frozenset({J.QUEUED, J.FAILED}),
+    J.SUCCEEDED: frozenset(),
+    J.FAILED: frozenset(),
+    J.CANCELLED: frozenset(),
+    J.TIMED_OUT: frozenset(),
+}
+
+CAPTURE_TRANSITIONS: dict[CaptureStatus, frozenset[CaptureStatus]] = {
+    C.RECEIVED: frozenset({C.HANDING_OFF}),
+    C.HANDING_OFF: frozenset({C.HANDED_OFF, C.RECEIVED, C.FAILED}),
+    C.HANDED_OFF: frozenset(),
+    C.FAILED: frozenset(),
+}
+
+TERMINAL_JOB_STATUSES = frozenset(s for s, nxt in JOB_TRANSITIONS.items() if not nxt) | {J.EXPIRED}
+
+
+def predecessors(table: dict[T, frozenset[T]], target: T) -> tuple[T, ...]:
+    """The legal predecessor states of ``target``: what a conditional UPDATE puts in its WHERE."""
+    return tuple(sorted(s for s, nxt in table.items() if target in nxt))
+
+
+def is_legal(table: dict[T, frozenset[T]], before: T, after: T) -> bool:
+    """Whether ``before -> after`` is a transition of ``table``."""
+    return after in table[before]

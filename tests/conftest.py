@@ -1,0 +1,121 @@
+"""Test harness: real Kafka and real PostgreSQL started once per session (or taken from the env).
+
+- ``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` point at existing services instead.
+- Every test gets its own database, created from a migrated template, and its own topic prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db.engine import make_engine
+from app.db.migrate import upgrade
+from app.devstack.kafka import KafkaBroker
+from app.devstack.postgres import EmbeddedPostgres
+from app.kafka import ensure_topics
+from app.settings import Settings
+
+TEMPLATE = "qm_template"
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A plain libpq DSN for asyncpg from a SQLAlchemy URL."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    with KafkaBroker() as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """URL of a database on the server from which test databases are created."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    with EmbeddedPostgres() as pg:
+        yield pg.url()
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres_admin_url: str) -> str:
+    """A migrated template database, made once per session."""
+    import asyncio
+
+    async def make() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await conn.close()
+
+    asyncio.run(make())
+    url = make_url(postgres_admin_url).set(database=TEMPLATE).render_as_string(hide_password=False)
+    upgrade(url)
+    return TEMPLATE
+
+
+@pytest.fixture
+async def database_url(postgres_admin_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh database cloned from the migrated template, dropped after the test."""
+    name = f"qm_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    finally:
+        await admin.close()
+    yield make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A topic prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:10]}."
+
+
+@pytest.fixture
+def settings(database_url: str, kafka_bootstrap: str, topic_prefix: str) -> Settings:
+    """Settings of one test: its own database and topics, fresh keys, fast sweeps."""
+    return Settings(
+        database_url=database_url,
+        kafka_bootstrap_servers=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        consumer_group=f"{topic_prefix}workers",
+        secret_keys=Fernet.generate_key().decode(),
+        transport_key=Fernet.generate_key().decode(),
+        outbox_poll_seconds=0.2,
+        reaper_interval_seconds=0.2,
+    )
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    eng = make_engine(settings, pool_size=20)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+async def topics(settings: Settings) -> Settings:
+    """The test's topics, created on the real broker."""
+    await ensure_topics(settings)
+    return settings

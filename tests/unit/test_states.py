@@ -1,0 +1,24 @@
+from schemas.states import (
+    JOB_TRANSITIONS,
+    AccountStatus,
+    JobStatus,
+    ACCOUNT_TRANSITIONS,
+    is_legal,
+    predecessors,
+)
+
+
+def test_running_job_is_only_reached_from_queued() -> None:
+    assert predecessors(JOB_TRANSITIONS, JobStatus.RUNNING) == (JobStatus.QUEUED,)
+
+
+def test_grant_is_legal_and_terminal_jobs_go_nowhere() -> None:
+    assert is_legal(ACCOUNT_TRANSITIONS, AccountStatus.ACTIVE, AccountStatus.USING)
+    assert not is_legal(ACCOUNT_TRANSITIONS, AccountStatus.BLOCKED, AccountStatus.USING)
+    for terminal in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT):
+        assert JOB_TRANSITIONS[terminal] == frozenset()
+
+
+def test_every_state_has_a_row_in_its_table() -> None:
+    assert set(JOB_TRANSITIONS) == set(JobStatus)
+    assert set(ACCOUNT_TRANSITIONS) == set(AccountStatus)

@@ -1,0 +1,1 @@
+"""FastStream subscribers: the claim worker's request handlers and the handoff worker."""
