@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) kafka-jars browser
+install: $(STAMP) kafka-jars
 
 kafka-jars: $(STAMP)
 	$(BIN)/python -c "from app.devstack.kafka import ensure_jars; print('kafka jars in', ensure_jars())"

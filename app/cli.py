@@ -8,11 +8,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from app.bench import bench_app
 from app.devstack import ServiceUnavailable
 from app.logs import configure_logging
 from app.settings import get_settings
 
-app = typer.Typer(help="Quartermaster: accounts, sessions, seeds and capture handoff for collectors.")
+app = typer.Typer(
+    help="Quartermaster: accounts, sessions, seeds and capture handoff for collectors."
+)
+app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 
@@ -13,7 +14,7 @@ from app.settings import Settings
 log = structlog.get_logger()
 
 # A process: a coroutine that runs until ``stop`` is set and then returns cleanly.
-Process = Callable[[Settings, asyncio.Event], Awaitable[None]]
+Process = Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def registry() -> dict[str, Process]:
@@ -40,6 +41,6 @@ async def run_processes(settings: Settings, names: list[str]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     stopper.cancel()
     for task in done:
-        if task is not stopper and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        if task is not stopper and (error := task.exception()) is not None:
+            raise error
     log.info("processes_stopped", processes=names)

@@ -31,31 +31,53 @@ class Settings(BaseSettings):
     kafka_security_protocol: str = Field(
         "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
     )
-    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    kafka_sasl_mechanism: str | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
     kafka_sasl_username: str | None = Field(None, description="SASL user name.")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
     kafka_ssl_cafile: str | None = Field(None, description="CA bundle for Kafka TLS.")
     kafka_idempotence: bool = Field(
         True, description="Idempotent producer (acks=all). Turn off for brokers without it (Tansu)."
     )
-    topic_prefix: str = Field("qm.", description="Prefix of every topic Quartermaster reads or writes.")
-    topic_partitions: int = Field(6, description="Partitions of the topics `qm topics create` makes.")
+    topic_prefix: str = Field(
+        "qm.", description="Prefix of every topic Quartermaster reads or writes."
+    )
+    topic_partitions: int = Field(
+        6, description="Partitions of the topics `qm topics create` makes."
+    )
 
     # --- outbox ------------------------------------------------------------------------
     outbox_shards: int = Field(16, description="Shards of the outbox table (hash of key mod S).")
     outbox_batch_size: int = Field(500, description="Rows the relay publishes per shard per round.")
-    outbox_poll_seconds: float = Field(1.0, description="Relay fallback poll when no NOTIFY arrives.")
+    outbox_poll_seconds: float = Field(
+        1.0, description="Relay fallback poll when no NOTIFY arrives."
+    )
 
     # --- claim worker ------------------------------------------------------------------
-    consumer_group: str = Field("qm-claim-workers", description="Consumer group of the claim workers.")
-    max_request_bytes: int = Field(256 * 1024, description="Requests larger than this are dead-lettered.")
-    transient_retry_max_seconds: float = Field(5.0, description="Cap of the backoff for transient errors.")
-    unexpected_error_attempts: int = Field(3, description="Tries of an unexpected error before a dead letter.")
+    consumer_group: str = Field(
+        "qm-claim-workers", description="Consumer group of the claim workers."
+    )
+    max_request_bytes: int = Field(
+        256 * 1024, description="Requests larger than this are dead-lettered."
+    )
+    transient_retry_max_seconds: float = Field(
+        5.0, description="Cap of the backoff for transient errors."
+    )
+    unexpected_error_attempts: int = Field(
+        3, description="Tries of an unexpected error before a dead letter."
+    )
 
     # --- leases and reapers ------------------------------------------------------------
-    default_lease_seconds: int = Field(300, description="Lease when a request and its site name none.")
-    max_lease_seconds: int = Field(24 * 3600, description="Longest lease or wait a request may ask for.")
-    max_attempts: int = Field(3, description="Grants of one job before it fails as attempts_exhausted.")
+    default_lease_seconds: int = Field(
+        300, description="Lease when a request and its site name none."
+    )
+    max_lease_seconds: int = Field(
+        24 * 3600, description="Longest lease or wait a request may ask for."
+    )
+    max_attempts: int = Field(
+        3, description="Grants of one job before it fails as attempts_exhausted."
+    )
     reaper_interval_seconds: float = Field(5.0, description="Pause between reaper sweeps.")
     reaper_page_size: int = Field(200, description="Rows one sweep handles per page.")
 
@@ -70,7 +92,9 @@ class Settings(BaseSettings):
     )
 
     # --- operations --------------------------------------------------------------------
-    log_format: str = Field("console", description="'json' in production, 'console' in development.")
+    log_format: str = Field(
+        "console", description="'json' in production, 'console' in development."
+    )
     log_level: str = Field("INFO", description="Minimum log level.")
     metrics_port: int = Field(0, description="Port of the Prometheus and health endpoint (0: off).")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import structlog
 from cryptography.fernet import Fernet
@@ -43,7 +44,5 @@ def run_dev() -> None:
             database_url=settings.database_url,
             kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
         )
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_processes(settings, ["worker", "relay", "reaper"]))
-        except KeyboardInterrupt:
-            pass

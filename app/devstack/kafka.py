@@ -74,7 +74,9 @@ def ensure_jars() -> Path:
     )  # fmt: skip
     if result.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
         tail = (result.stdout + result.stderr).strip()[-2000:]
-        raise ServiceUnavailable(f"Kafka cannot start: fetching its jars with Maven failed:\n{tail}")
+        raise ServiceUnavailable(
+            f"Kafka cannot start: fetching its jars with Maven failed:\n{tail}"
+        )
     return libs
 
 
@@ -96,7 +98,9 @@ async def wait_for_metadata(bootstrap: str, timeout: float = 60.0) -> None:
         finally:
             await admin.close()
     logging.getLogger("aiokafka").setLevel(logging.NOTSET)
-    raise ServiceUnavailable(f"Kafka at {bootstrap} did not answer metadata in {timeout:.0f}s: {last}")
+    raise ServiceUnavailable(
+        f"Kafka at {bootstrap} did not answer metadata in {timeout:.0f}s: {last}"
+    )
 
 
 class KafkaBroker:

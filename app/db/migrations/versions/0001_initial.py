@@ -177,7 +177,8 @@ CREATE TABLE outbox (
     id         bigserial PRIMARY KEY,
     shard      smallint NOT NULL CHECK (shard >= 0),
     topic      text NOT NULL,
-    key        text,
+    key        bytea,
+    -- [[name, base64 of the value], ...]: Kafka header values are bytes
     headers    jsonb NOT NULL DEFAULT '[]',
     payload    bytea NOT NULL,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp()

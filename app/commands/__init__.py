@@ -1,0 +1,1 @@
+"""Operator sub-commands of `qm`, one module per area."""

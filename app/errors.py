@@ -1,0 +1,74 @@
+"""How every consumer of Quartermaster sorts a failure: one classification, used everywhere.
+
+- ``INVALID``: the input itself is bad (not JSON, unknown type/v, schema violation, too large).
+  Dead-lettered at once; a ``request.invalid`` reply where a reply topic can be read.
+- ``TRANSIENT``: infrastructure (database down, serialization failure, deadlock, broker timeout).
+  Retried in place with capped backoff; never dead-lettered, never skipped.
+- ``UNEXPECTED``: anything else. Retried a few times, then dead-lettered with its class and
+  message so one bad record cannot stall a partition.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+
+class Disposition(StrEnum):
+    INVALID = "invalid"
+    TRANSIENT = "transient"
+    UNEXPECTED = "unexpected"
+
+
+class InvalidMessage(Exception):
+    """Input that can never be processed, whatever is retried (e.g. too large, not JSON)."""
+
+
+# SQLSTATE classes and codes that clear up by themselves: connection exceptions, serialization
+# failures and deadlocks, too many connections, shutdown, lock timeouts, read-only standby.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57P", "55P03", "25006")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None), exc):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def classify(exc: BaseException) -> Disposition:
+    """Sort one failure into what to do about it."""
+    if isinstance(
+        exc, InvalidMessage | ValidationError | json.JSONDecodeError | UnicodeDecodeError
+    ):
+        return Disposition.INVALID
+    if isinstance(
+        exc,
+        DisconnectionError
+        | PoolTimeout
+        | KafkaConnectionError
+        | KafkaTimeoutError
+        | NodeNotReadyError
+        | ConnectionError
+        | TimeoutError,
+    ):
+        return Disposition.TRANSIENT
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return Disposition.TRANSIENT
+        code = _sqlstate(exc)
+        if code and code.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+            return Disposition.TRANSIENT
+        if isinstance(exc.orig, OSError | ConnectionError):
+            return Disposition.TRANSIENT
+        return Disposition.UNEXPECTED
+    if isinstance(exc, OSError):
+        return Disposition.TRANSIENT
+    return Disposition.UNEXPECTED

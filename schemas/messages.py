@@ -1,0 +1,326 @@
+"""The Kafka contract (v1): every request, reply and event as a strict pydantic model.
+
+Field names are the wire contract that collectors in any language code against. Times are RFC 3339
+UTC strings, ids are strings, ``request_id`` is a UUID. Unknown fields in a request are rejected.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+)
+
+VERSION = 1
+
+JobId = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/-]+$")
+]
+SiteSlug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Reason = Annotated[str, StringConstraints(max_length=500)]
+LeaseToken = Annotated[int, Field(ge=1)]
+Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("only http(s) URLs are accepted")
+    return value
+
+
+HttpUrl = Annotated[str, StringConstraints(max_length=4096), AfterValidator(_http_url)]
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    if len(json.dumps(value)) > 1_000_000:
+        raise ValueError("larger than 1 MB")
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
+
+
+class Message(BaseModel):
+    """Every message: a ``type`` and a schema version ``v``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+
+
+class Request(Message):
+    """A collector's request: ``request_id`` is its idempotency key, ``job_id`` its Kafka key."""
+
+    request_id: UUID
+    job_id: JobId
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+class Needs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    account: bool = True
+    seeds: Annotated[int, Field(ge=0, le=100)] = 0
+
+
+class JobStart(Request):
+    type: Literal["job.start"] = "job.start"
+    site: SiteSlug
+    collector: Name
+    needs: Needs = Needs()
+    lease_seconds: Seconds | None = None
+    wait_seconds: Annotated[int, Field(ge=0, le=7 * 24 * 3600)] = 0
+
+
+class JobHeartbeat(Request):
+    type: Literal["job.heartbeat"] = "job.heartbeat"
+    lease_token: LeaseToken
+    extend_seconds: Seconds | None = None
+
+
+class SeedResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed_id: Annotated[str, StringConstraints(min_length=1, max_length=40)]
+    ok: bool
+    next_due_seconds: Annotated[int, Field(ge=0, le=365 * 24 * 3600)] | None = None
+
+
+class JobFinish(Request):
+    type: Literal["job.finish"] = "job.finish"
+    lease_token: LeaseToken
+    outcome: Literal["succeeded", "failed", "blocked"]
+    reason: Reason | None = None
+    cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
+    session_state: JsonObject | None = None
+    seed_results: Annotated[list[SeedResult], Field(max_length=1000)] | None = None
+
+
+class JobCancel(Request):
+    type: Literal["job.cancel"] = "job.cancel"
+
+
+class SessionUpload(Request):
+    type: Literal["session.upload"] = "session.upload"
+    lease_token: LeaseToken
+    storage_state: JsonObject
+
+
+class SeedsClaim(Request):
+    type: Literal["seeds.claim"] = "seeds.claim"
+    lease_token: LeaseToken
+    limit: Annotated[int, Field(ge=1, le=100)]
+
+
+class CaptureSubmit(Request):
+    type: Literal["capture.submit"] = "capture.submit"
+    lease_token: LeaseToken
+    capture_id: JobId
+    url: HttpUrl
+    storage_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    content_type: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    size: Annotated[int, Field(ge=0)]
+    captured_at: datetime
+    meta: JsonObject | None = None
+
+
+AnyRequest = Annotated[
+    JobStart | JobHeartbeat | JobFinish | JobCancel | SessionUpload | SeedsClaim | CaptureSubmit,
+    Field(discriminator="type"),
+]
+REQUEST_ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(AnyRequest)
+REQUEST_TYPES = frozenset(
+    m.model_fields["type"].default
+    for m in (
+        JobStart,
+        JobHeartbeat,
+        JobFinish,
+        JobCancel,
+        SessionUpload,
+        SeedsClaim,
+        CaptureSubmit,
+    )
+)
+
+
+def parse_request(raw: bytes) -> AnyRequest:
+    """Validate raw JSON bytes as a request (raises pydantic.ValidationError)."""
+    return REQUEST_ADAPTER.validate_json(raw)
+
+
+# --- replies ---------------------------------------------------------------------------------
+
+
+class Reply(Message):
+    request_id: UUID
+    job_id: str
+
+
+class GrantedAccount(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    username: str
+    secret: str = Field(description="The account secret, Fernet-encrypted with the transport key.")
+
+
+class GrantedSession(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int
+    storage_state: dict[str, Any]
+
+
+class GrantedSeed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    url: str
+
+
+class JobGranted(Reply):
+    type: Literal["job.granted"] = "job.granted"
+    lease_token: int
+    lease_expires_at: datetime
+    account: GrantedAccount | None = None
+    session: GrantedSession | None = None
+    seeds: list[GrantedSeed] = []
+
+
+class JobQueued(Reply):
+    type: Literal["job.queued"] = "job.queued"
+    position: int
+
+
+class JobRejected(Reply):
+    type: Literal["job.rejected"] = "job.rejected"
+    reason: str
+
+
+class JobExtended(Reply):
+    type: Literal["job.extended"] = "job.extended"
+    lease_expires_at: datetime
+
+
+class JobLeaseLost(Reply):
+    type: Literal["job.lease_lost"] = "job.lease_lost"
+    reason: str
+
+
+class JobFinished(Reply):
+    type: Literal["job.finished"] = "job.finished"
+    status: str
+
+
+class JobCancelled(Reply):
+    type: Literal["job.cancelled"] = "job.cancelled"
+
+
+class SessionMerged(Reply):
+    type: Literal["session.merged"] = "session.merged"
+    version: int
+
+
+class SeedsClaimed(Reply):
+    type: Literal["seeds.claimed"] = "seeds.claimed"
+    seeds: list[GrantedSeed] = []
+
+
+class CaptureAccepted(Reply):
+    type: Literal["capture.accepted"] = "capture.accepted"
+    capture_id: str
+
+
+class RequestInvalid(Message):
+    type: Literal["request.invalid"] = "request.invalid"
+    request_id: str | None = None
+    job_id: str | None = None
+    error: str
+
+
+class RequestConflict(Message):
+    type: Literal["request.conflict"] = "request.conflict"
+    request_id: UUID
+    job_id: str
+
+
+AnyReply = Annotated[
+    JobGranted
+    | JobQueued
+    | JobRejected
+    | JobExtended
+    | JobLeaseLost
+    | JobFinished
+    | JobCancelled
+    | SessionMerged
+    | SeedsClaimed
+    | CaptureAccepted
+    | RequestInvalid
+    | RequestConflict,
+    Field(discriminator="type"),
+]
+REPLY_ADAPTER: TypeAdapter[AnyReply] = TypeAdapter(AnyReply)
+
+
+def parse_reply(raw: bytes) -> AnyReply:
+    """Validate raw JSON bytes as a reply."""
+    return REPLY_ADAPTER.validate_json(raw)
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+class LifecycleEvent(Message):
+    """Every state change on ``qm.events``, keyed by entity id, for dashboards and downstream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str  # "<entity>.<what happened>", e.g. "job.granted", "account.released"
+    entity: Literal["job", "account", "seed", "session", "capture"]
+    id: str
+    site: str
+    status: str
+    at: datetime
+    job_id: str | None = None
+    reason: str | None = None
+
+
+class TerminalJobEvent(Message):
+    """A job's end on ``qm.job-events``: small, for Airflow sensors."""
+
+    type: Literal["job.succeeded", "job.failed", "job.cancelled", "job.expired", "job.timed_out"]
+    job_id: str
+    site: str
+    collector: str
+    status: str
+    finished_at: datetime
+
+
+# --- headers ---------------------------------------------------------------------------------
+
+CORRELATION_ID = "correlation_id"
+REPLY_TO = "reply_to"
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every message, by name (exported by `qm schema`)."""
+    return {
+        "request": REQUEST_ADAPTER.json_schema(),
+        "reply": REPLY_ADAPTER.json_schema(),
+        "event": LifecycleEvent.model_json_schema(),
+        "job_event": TerminalJobEvent.model_json_schema(),
+    }
