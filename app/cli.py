@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from app.bench import bench_app
+from app.commands.dlt import dlt_app
 from app.devstack import ServiceUnavailable
 from app.logs import configure_logging
 from app.settings import get_settings
@@ -17,6 +18,7 @@ app = typer.Typer(
     help="Quartermaster: accounts, sessions, seeds and capture handoff for collectors."
 )
 app.add_typer(bench_app, name="bench")
+app.add_typer(dlt_app, name="dlt")
 console = Console()
 err = Console(stderr=True)
 
@@ -59,6 +61,24 @@ def run(
         err.print(f"[red]unknown process {process!r}[/]; choose all, {', '.join(PROCESSES)}")
         raise typer.Exit(2)
     asyncio.run(run_processes(get_settings(), names))
+
+
+@app.command()
+def worker() -> None:
+    """Run the claim worker (same as `qm run worker`)."""
+    run("worker")
+
+
+@app.command()
+def relay() -> None:
+    """Run the outbox relay (same as `qm run relay`)."""
+    run("relay")
+
+
+@app.command()
+def reaper() -> None:
+    """Run the reapers (same as `qm run reaper`)."""
+    run("reaper")
 
 
 @app.command()
