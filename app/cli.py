@@ -10,6 +10,7 @@ from rich.console import Console
 
 from app.bench import bench_app
 from app.commands.dlt import dlt_app
+from app.commands.resources import accounts_app, sites_app
 from app.devstack import ServiceUnavailable
 from app.logs import configure_logging
 from app.settings import get_settings
@@ -19,6 +20,8 @@ app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 app.add_typer(dlt_app, name="dlt")
+app.add_typer(sites_app, name="sites")
+app.add_typer(accounts_app, name="accounts")
 console = Console()
 err = Console(stderr=True)
 

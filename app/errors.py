@@ -72,3 +72,18 @@ def classify(exc: BaseException) -> Disposition:
     if isinstance(exc, OSError):
         return Disposition.TRANSIENT
     return Disposition.UNEXPECTED
+
+
+def describe(exc: BaseException) -> str:
+    """A short description of a failure that never echoes the input (which may hold secrets)."""
+    if isinstance(exc, ValidationError):
+        parts = [
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors(include_input=False, include_url=False)[:10]
+        ]
+        return "; ".join(parts)
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON: {exc.msg} at position {exc.pos}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return str(exc)

@@ -8,6 +8,7 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from app.settings import Settings
 
@@ -38,6 +39,22 @@ def client_options(settings: Settings) -> dict[str, Any]:
         if settings.kafka_sasl_password is not None:
             options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     return options
+
+
+def faststream_security(settings: Settings) -> BaseSecurity | None:
+    """The same security settings in FastStream's terms."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    ssl_context = create_ssl_context(cafile=settings.kafka_ssl_cafile) if protocol.endswith("SSL") else None
+    if not settings.kafka_sasl_mechanism:
+        return BaseSecurity(ssl_context=ssl_context, use_ssl=ssl_context is not None)
+    username = settings.kafka_sasl_username or ""
+    password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+    sasl = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
+    return sasl[settings.kafka_sasl_mechanism](
+        username=username, password=password, ssl_context=ssl_context, use_ssl=ssl_context is not None
+    )
 
 
 def producer_options(settings: Settings) -> dict[str, Any]:

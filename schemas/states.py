@@ -41,7 +41,7 @@ class CaptureStatus(StrEnum):
 A, S, J, C = AccountStatus, SeedStatus, JobStatus, CaptureStatus
 
 ACCOUNT_TRANSITIONS: dict[AccountStatus, frozenset[AccountStatus]] = {
-    A.ACTIVE: frozenset({A.USING, A.INACTIVE}),
+    A.ACTIVE: frozenset({A.USING, A.BLOCKED, A.INACTIVE}),  # BLOCKED: by an operator
     A.USING: frozenset({A.ACTIVE, A.BLOCKED}),
     A.BLOCKED: frozenset({A.ACTIVE, A.INACTIVE}),
     A.INACTIVE: frozenset({A.ACTIVE}),

@@ -1,0 +1,79 @@
+"""Lifecycle events: every state change on ``qm.events``, terminal job events on ``qm.job-events``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from app.outbox.writer import Outbox
+from app.settings import Settings
+from app.store import Row
+from schemas.messages import LifecycleEvent, TerminalJobEvent
+
+Entity = Literal["job", "account", "seed", "session", "capture"]
+
+TERMINAL_EVENT_TYPES: dict[str, Any] = {
+    "SUCCEEDED": "job.succeeded",
+    "FAILED": "job.failed",
+    "CANCELLED": "job.cancelled",
+    "EXPIRED": "job.expired",
+    "TIMED_OUT": "job.timed_out",
+}
+
+
+class Events:
+    """Writes events into the transaction's outbox."""
+
+    def __init__(self, settings: Settings, box: Outbox) -> None:
+        self.settings = settings
+        self.box = box
+
+    def emit(
+        self,
+        entity: Entity,
+        what: str,
+        *,
+        id: str,
+        site: str,
+        status: str,
+        job_id: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """One lifecycle event, keyed by the entity's id."""
+        event = LifecycleEvent(
+            type=f"{entity}.{what}",
+            entity=entity,
+            id=id,
+            site=site,
+            status=status,
+            at=datetime.now(UTC),
+            job_id=job_id,
+            reason=reason,
+        )
+        self.box.add(self.settings.topic("events"), id, event.model_dump(mode="json", exclude_none=True))
+
+    def job(self, what: str, job: Row) -> None:
+        """A job event; a terminal one also goes to ``qm.job-events`` for Airflow sensors."""
+        status = str(job["status"])
+        self.emit("job", what, id=job["id"], site=job["site"], status=status, reason=job.get("reason"))
+        terminal = TERMINAL_EVENT_TYPES.get(status)
+        if terminal is not None:
+            event = TerminalJobEvent(
+                type=terminal,
+                job_id=job["id"],
+                site=job["site"],
+                collector=job["collector"],
+                status=status,
+                finished_at=job["finished_at"] or datetime.now(UTC),
+            )
+            self.box.add(self.settings.topic("job-events"), job["id"], event.model_dump(mode="json"))
+
+    def account(self, what: str, account: Row, job_id: str | None = None) -> None:
+        self.emit(
+            "account",
+            what,
+            id=str(account["id"]),
+            site=account["site"],
+            status=str(account["status"]),
+            job_id=job_id,
+        )

@@ -1,0 +1,147 @@
+"""Leasing, the domain operations that several processes share (claim worker and reapers).
+
+Each function runs inside the caller's transaction, after the caller took the site's lock, and
+writes its replies and events to the caller's outbox (rule 5: effects, replies and events commit
+together or not at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from app.crypto import SecretBox
+from app.events import Events
+from app.outbox.writer import Outbox
+from app.settings import Settings
+from app.store import Conn, Row, accounts, inbox, jobs, sites
+from schemas.messages import (
+    CORRELATION_ID,
+    GrantedAccount,
+    GrantedSession,
+    JobGranted,
+    JobLeaseLost,
+    JobRejected,
+)
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Services:
+    """What a transaction needs besides its connection: settings and the secret box."""
+
+    settings: Settings
+    secrets: SecretBox
+
+
+class Tx:
+    """One transaction's connection, outbox and event writer."""
+
+    def __init__(self, conn: Conn, services: Services) -> None:
+        self.conn = conn
+        self.services = services
+        self.settings = services.settings
+        self.box = Outbox(services.settings.outbox_shards)
+        self.events = Events(services.settings, self.box)
+
+    def reply(self, job: Row, message: dict[str, Any]) -> None:
+        """A reply to the job's own start request (its reply topic and correlation id)."""
+        self.box.add(job["reply_to"], job["id"], message, [(CORRELATION_ID, job["correlation_id"])])
+
+    async def flush(self) -> None:
+        await self.box.flush(self.conn)
+
+
+async def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
+    """The ``job.granted`` message of a job just granted: secret encrypted for the collector."""
+    account = session = None
+    if job["account_id"] is not None:
+        sealed = await accounts.load_secret(tx.conn, job["account_id"])
+        assert sealed is not None
+        secret = tx.services.secrets.for_collector(tx.services.secrets.open(sealed))
+        account = GrantedAccount(id=str(job["account_id"]), username=job["account_username"], secret=secret)
+        stored = await accounts.load_session(tx.conn, job["account_id"])
+        if stored is not None:
+            session = GrantedSession(
+                version=stored["version"],
+                storage_state=tx.services.secrets.open_json(bytes(stored["storage_state"])),
+            )
+    return JobGranted(
+        request_id=job["request_id"],
+        job_id=job["id"],
+        lease_token=job["lease_token"],
+        lease_expires_at=job["lease_expires_at"],
+        account=account,
+        session=session,
+    ).model_dump(mode="json")
+
+
+async def grant_waiting(tx: Tx, site: str) -> list[str]:
+    """Grant the site's waiting jobs in FIFO order while capacity and accounts allow.
+
+    Each granted job gets its ``job.granted`` on its own reply topic, and its start request's
+    inbox row now holds that grant (so a redelivered start gets the grant, not the old queued).
+    Returns the granted job ids.
+    """
+    granted: list[str] = []
+    while (job := await jobs.grant_next_waiting(tx.conn, site)) is not None:
+        reply = await granted_reply(tx, job)
+        tx.reply(job, reply)
+        await inbox.record_reply(tx.conn, str(job["request_id"]), job["reply_to"], reply)
+        tx.events.job("granted", job)
+        log.info(
+            "lease_granted",
+            job_id=job["id"],
+            site=site,
+            account_id=job["account_id"],
+            lease_token=job["lease_token"],
+        )
+        granted.append(job["id"])
+    return granted
+
+
+async def release_resources(
+    tx: Tx,
+    job: Row,
+    site: Row,
+    *,
+    outcome: str,
+    cooldown_seconds: int | None = None,
+    reason: str | None = None,
+) -> None:
+    """Free what a job held: its account (resting or blocked), its capacity slot, its grant."""
+    if job["account_id"] is not None:
+        blocked = outcome == "blocked"
+        default_rest = site["block_cooldown_seconds"] if blocked else site["cooldown_seconds"]
+        account = await accounts.release_account(
+            tx.conn,
+            account_id=job["account_id"],
+            job_id=job["id"],
+            lease_token=job["lease_token"],
+            blocked=blocked,
+            failed=outcome in ("failed", "expired"),
+            rest_seconds=default_rest if cooldown_seconds is None else cooldown_seconds,
+            reason=reason,
+        )
+        if account is not None:
+            tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
+    await sites.release_slot(tx.conn, job["site"])
+    await jobs.end_grant(tx.conn, job["lease_token"], outcome)
+
+
+async def reject(tx: Tx, job: Row, reason: str) -> None:
+    """Answer a job's start request with ``job.rejected`` and record it in its inbox row."""
+    message = JobRejected(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(mode="json")
+    tx.reply(job, message)
+    await inbox.record_reply(tx.conn, str(job["request_id"]), job["reply_to"], message)
+
+
+def lease_lost(tx: Tx, job: Row, reason: str) -> None:
+    """Tell a job's holder its lease is gone (the reaper took it)."""
+    tx.reply(
+        job,
+        JobLeaseLost(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(mode="json"),
+    )

@@ -1,0 +1,279 @@
+"""Jobs: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED | EXPIRED; QUEUED -> TIMED_OUT | CANCELLED.
+
+Callers hold the site's lock (``sites.lock_site``) before any statement here that moves a job
+into or out of QUEUED or RUNNING; that is what keeps grants FIFO and the capacity gate exact.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import RowMapping, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+# Used by reapers and tests to move the clock: ``coalesce(:now, now())`` is the database clock
+# unless a test passes a time.
+NOW = "coalesce(CAST(:now AS timestamptz), now())"
+
+
+async def job_site(conn: AsyncConnection, job_id: str) -> str | None:
+    """The site of a job (immutable once written), to know which site lock to take."""
+    result = await conn.execute(text("SELECT site FROM jobs WHERE id = :id"), {"id": job_id})
+    row = result.first()
+    return None if row is None else str(row[0])
+
+
+async def describe_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
+    """A job as it stands, to explain a transition that did not happen."""
+    result = await conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id})
+    return result.mappings().first()
+
+
+async def queue_job(
+    conn: AsyncConnection,
+    *,
+    job_id: str,
+    site: str,
+    collector: str,
+    needs_account: bool,
+    needs_seeds: int,
+    lease_seconds: int,
+    wait_seconds: int,
+    request_id: str,
+    reply_to: str,
+    correlation_id: str,
+) -> RowMapping | None:
+    """A new job -> QUEUED, or an EXPIRED one queued again; None if the job exists otherwise.
+
+    An EXPIRED job below its attempt cap may be started again by its collector (the reaper turns a
+    job at its cap into FAILED, so EXPIRED here always has attempts left).
+    """
+    result = await conn.execute(
+        text(
+            """
+            INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
+                                   lease_seconds, wait_deadline, request_id, reply_to, correlation_id)
+            VALUES (:job_id, :site, :collector, 'QUEUED', :needs_account, :needs_seeds,
+                    :lease_seconds, now() + make_interval(secs => :wait_seconds),
+                    :request_id, :reply_to, :correlation_id)
+            ON CONFLICT (id) DO UPDATE
+            SET status = 'QUEUED', queue_seq = nextval('job_queue_seq'),
+                wait_deadline = excluded.wait_deadline, lease_seconds = excluded.lease_seconds,
+                needs_account = excluded.needs_account, needs_seeds = excluded.needs_seeds,
+                request_id = excluded.request_id, reply_to = excluded.reply_to,
+                correlation_id = excluded.correlation_id, lease_token = NULL,
+                lease_expires_at = NULL, account_id = NULL, reason = NULL, finished_at = NULL,
+                updated_at = now()
+            WHERE j.status = 'EXPIRED' AND j.site = excluded.site
+            RETURNING j.*
+            """
+        ),
+        {
+            "job_id": job_id,
+            "site": site,
+            "collector": collector,
+            "needs_account": needs_account,
+            "needs_seeds": needs_seeds,
+            "lease_seconds": lease_seconds,
+            "wait_seconds": wait_seconds,
+            "request_id": request_id,
+            "reply_to": reply_to,
+            "correlation_id": correlation_id,
+        },
+    )
+    return result.mappings().first()
+
+
+_GRANT_NEXT_WAITING = text(
+    """
+    WITH head AS (
+        -- the oldest waiting job of the site: FIFO per site (rule 4). The caller holds the site
+        -- lock, so no other transaction is choosing a head for this site at the same time.
+        SELECT id, needs_account FROM jobs
+        WHERE site = :site AND status = 'QUEUED'
+        ORDER BY queue_seq LIMIT 1
+    ),
+    acct AS (
+        -- a rested account of the site, the one free the longest first; SKIP LOCKED passes over
+        -- an account an operator is changing right now
+        SELECT a.id FROM accounts a
+        WHERE a.site = :site AND a.status = 'ACTIVE' AND a.available_at <= now()
+          AND coalesce((SELECT needs_account FROM head), false)
+        ORDER BY a.available_at, a.id LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ),
+    gate AS (
+        -- the capacity gate (rule 3): one more running job only while under capacity, and only
+        -- when the head job's need for an account can be met
+        UPDATE sites SET running = running + 1
+        WHERE slug = :site AND running < capacity
+          AND EXISTS (SELECT 1 FROM head)
+          AND (NOT (SELECT needs_account FROM head) OR EXISTS (SELECT 1 FROM acct))
+        RETURNING slug
+    ),
+    token AS (
+        -- the fencing token: it only ever grows, so an old holder's token never matches again
+        SELECT nextval('lease_token_seq') AS value FROM gate
+    ),
+    job AS (
+        UPDATE jobs j
+        SET status = 'RUNNING', lease_token = token.value,
+            lease_expires_at = now() + make_interval(secs => j.lease_seconds),
+            account_id = (SELECT id FROM acct), attempts = j.attempts + 1,
+            granted_at = now(), updated_at = now()
+        FROM head, token
+        WHERE j.id = head.id AND j.status = 'QUEUED'
+        RETURNING j.*
+    ),
+    account AS (
+        UPDATE accounts a
+        SET status = 'USING', holder_job_id = job.id, lease_token = job.lease_token,
+            lease_expires_at = job.lease_expires_at, use_count = a.use_count + 1,
+            updated_at = now()
+        FROM job
+        WHERE a.id = job.account_id AND a.status = 'ACTIVE'
+        RETURNING a.id, a.username
+    ),
+    history AS (
+        -- the grant history, read by operators and by the exclusivity checks of the tests
+        INSERT INTO job_grants (lease_token, job_id, site, account_id)
+        SELECT lease_token, id, site, account_id FROM job
+    )
+    SELECT job.*, account.username AS account_username FROM job LEFT JOIN account ON true
+    """
+)
+
+
+async def grant_next_waiting(conn: AsyncConnection, site: str) -> RowMapping | None:
+    """The site's oldest QUEUED job -> RUNNING, with an account ACTIVE -> USING if it needs one.
+
+    One statement: pick the head, pick an account, take the capacity gate, grant. None when the
+    site has no waiting job, no free capacity, or no rested account for the head job.
+    """
+    result = await conn.execute(_GRANT_NEXT_WAITING, {"site": site})
+    return result.mappings().first()
+
+
+async def queue_position(conn: AsyncConnection, job_id: str) -> int:
+    """1 for the next job to be granted on its site."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT count(*) FROM jobs w, jobs me
+            WHERE me.id = :id AND w.site = me.site AND w.status = 'QUEUED'
+              AND w.queue_seq <= me.queue_seq
+            """
+        ),
+        {"id": job_id},
+    )
+    return int(result.scalar_one())
+
+
+async def extend_lease(
+    conn: AsyncConnection, job_id: str, lease_token: int, extend_seconds: int | None
+) -> RowMapping | None:
+    """RUNNING -> RUNNING with a later expiry, for the holder of a live lease only (fencing)."""
+    result = await conn.execute(
+        text(
+            """
+            WITH job AS (
+                UPDATE jobs
+                SET lease_expires_at = greatest(
+                        lease_expires_at,
+                        now() + make_interval(secs => coalesce(:extend, lease_seconds))),
+                    updated_at = now()
+                WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
+                  AND lease_expires_at > now()
+                RETURNING id, site, lease_token, lease_expires_at
+            ),
+            account AS (
+                -- the account's lease follows the job's
+                UPDATE accounts a SET lease_expires_at = job.lease_expires_at
+                FROM job WHERE a.holder_job_id = job.id AND a.lease_token = job.lease_token
+                RETURNING a.id
+            )
+            SELECT job.* FROM job
+            """
+        ),
+        {"id": job_id, "token": lease_token, "extend": extend_seconds},
+    )
+    return result.mappings().first()
+
+
+async def finish_job(
+    conn: AsyncConnection, job_id: str, lease_token: int, status: str, reason: str | None
+) -> RowMapping | None:
+    """RUNNING -> SUCCEEDED | FAILED, for the holder of a live lease only."""
+    result = await conn.execute(
+        text(
+            """
+            UPDATE jobs
+            SET status = CAST(:status AS job_status), reason = :reason,
+                finished_at = now(), updated_at = now()
+            WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
+              AND lease_expires_at > now()
+            RETURNING *
+            """
+        ),
+        {"id": job_id, "token": lease_token, "status": status, "reason": reason},
+    )
+    return result.mappings().first()
+
+
+async def cancel_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
+    """QUEUED | RUNNING -> CANCELLED; returns the job with ``was`` (its status before)."""
+    result = await conn.execute(
+        text(
+            """
+            WITH before AS (
+                -- the row is locked here, so ``was`` is the status this update replaces
+                SELECT id, status FROM jobs WHERE id = :id FOR UPDATE
+            )
+            UPDATE jobs j
+            SET status = 'CANCELLED', reason = 'cancelled', finished_at = now(), updated_at = now()
+            FROM before
+            WHERE j.id = before.id AND j.status IN ('QUEUED', 'RUNNING')
+            RETURNING j.*, before.status AS was
+            """
+        ),
+        {"id": job_id},
+    )
+    return result.mappings().first()
+
+
+async def reject_waiting_job(
+    conn: AsyncConnection, job_id: str, reason: str, now: str | None = None
+) -> RowMapping | None:
+    """QUEUED -> TIMED_OUT with a reason (its wait ran out, or it could not wait at all)."""
+    result = await conn.execute(
+        text(
+            f"""
+            UPDATE jobs SET status = 'TIMED_OUT', reason = :reason, finished_at = {NOW},
+                            updated_at = now()
+            WHERE id = :id AND status = 'QUEUED'
+            RETURNING *
+            """
+        ),
+        {"id": job_id, "reason": reason, "now": now},
+    )
+    return result.mappings().first()
+
+
+async def end_grant(conn: AsyncConnection, lease_token: int, reason: str) -> None:
+    """Close a lease in the grant history."""
+    await conn.execute(
+        text(
+            """
+            UPDATE job_grants SET ended_at = now(), end_reason = :reason
+            WHERE lease_token = :token AND ended_at IS NULL
+            """
+        ),
+        {"token": lease_token, "reason": reason},
+    )
+
+
+async def site_has_accounts(conn: AsyncConnection, site: str) -> bool:
+    """Whether the site has any account that could ever be granted (not INACTIVE)."""
+    result = await conn.execute(
+        text("SELECT EXISTS (SELECT 1 FROM accounts WHERE site = :site AND status <> 'INACTIVE')"),
+        {"site": site},
+    )
+    return bool(result.scalar_one())

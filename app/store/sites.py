@@ -1,0 +1,100 @@
+"""Sites: their settings and the capacity gate (rule 3)."""
+
+from __future__ import annotations
+
+from sqlalchemy import RowMapping, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+async def add_site(
+    conn: AsyncConnection,
+    *,
+    slug: str,
+    host: str,
+    capacity: int,
+    lease_seconds: int = 300,
+    cooldown_seconds: int = 0,
+    block_cooldown_seconds: int = 3600,
+    max_attempts: int = 3,
+    dag_id: str | None = None,
+    session_check_url: str | None = None,
+) -> RowMapping | None:
+    """Create a site; None if the slug is taken."""
+    result = await conn.execute(
+        text(
+            """
+            INSERT INTO sites (slug, host, capacity, lease_seconds, cooldown_seconds,
+                               block_cooldown_seconds, max_attempts, dag_id, session_check_url)
+            VALUES (:slug, :host, :capacity, :lease_seconds, :cooldown_seconds,
+                    :block_cooldown_seconds, :max_attempts, :dag_id, :session_check_url)
+            ON CONFLICT (slug) DO NOTHING
+            RETURNING *
+            """
+        ),
+        {
+            "slug": slug,
+            "host": host,
+            "capacity": capacity,
+            "lease_seconds": lease_seconds,
+            "cooldown_seconds": cooldown_seconds,
+            "block_cooldown_seconds": block_cooldown_seconds,
+            "max_attempts": max_attempts,
+            "dag_id": dag_id,
+            "session_check_url": session_check_url,
+        },
+    )
+    return result.mappings().first()
+
+
+async def list_sites(conn: AsyncConnection) -> list[RowMapping]:
+    """Every site with its running count and account counts by status."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT s.*,
+                   count(a.id) FILTER (WHERE a.status = 'ACTIVE')  AS accounts_active,
+                   count(a.id) FILTER (WHERE a.status = 'USING')   AS accounts_using,
+                   count(a.id) FILTER (WHERE a.status = 'BLOCKED') AS accounts_blocked,
+                   (SELECT count(*) FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED')
+                       AS waiting
+            FROM sites s LEFT JOIN accounts a ON a.site = s.slug
+            GROUP BY s.slug ORDER BY s.slug
+            """
+        )
+    )
+    return list(result.mappings())
+
+
+async def lock_site(conn: AsyncConnection, slug: str) -> RowMapping | None:
+    """Lock a site's row for this transaction; None if there is no such site.
+
+    Every transaction that queues, grants or releases on a site takes this lock first, so grants
+    happen in FIFO order (rule 4) and the capacity gate cannot be raced (rule 3). Lock order
+    everywhere: site, then job, then account.
+    """
+    result = await conn.execute(text("SELECT * FROM sites WHERE slug = :slug FOR UPDATE"), {"slug": slug})
+    return result.mappings().first()
+
+
+async def release_slot(conn: AsyncConnection, slug: str) -> bool:
+    """Give back one running slot of the site's capacity gate."""
+    result = await conn.execute(
+        text("UPDATE sites SET running = running - 1 WHERE slug = :slug AND running > 0 RETURNING slug"),
+        {"slug": slug},
+    )
+    return result.first() is not None
+
+
+async def sites_with_waiting_jobs(conn: AsyncConnection) -> list[str]:
+    """Sites that have waiting jobs and free capacity: candidates for granting by time."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT s.slug FROM sites s
+            WHERE s.running < s.capacity
+              AND EXISTS (SELECT 1 FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED')
+            ORDER BY s.slug
+            """
+        )
+    )
+    return [row[0] for row in result]

@@ -1,0 +1,86 @@
+"""Helpers for leasing tests: sites and accounts in the real database, requests as records."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.crypto import SecretBox
+from app.settings import Settings
+from app.store import accounts, sites
+from workers.requests import Incoming
+
+CANARY = "canary-s3cr3t-do-not-leak"
+
+
+async def make_site(
+    engine: AsyncEngine,
+    settings: Settings,
+    slug: str = "board",
+    *,
+    capacity: int = 1,
+    n_accounts: int = 1,
+    cooldown_seconds: int = 0,
+    lease_seconds: int = 60,
+    max_attempts: int = 3,
+) -> list[int]:
+    """A site with ``n_accounts`` ACTIVE accounts whose secrets are the canary; their ids."""
+    box = SecretBox.from_settings(settings)
+    ids = []
+    async with engine.begin() as conn:
+        await sites.add_site(
+            conn,
+            slug=slug,
+            host=f"{slug}.example.com",
+            capacity=capacity,
+            lease_seconds=lease_seconds,
+            cooldown_seconds=cooldown_seconds,
+            max_attempts=max_attempts,
+        )
+        for n in range(n_accounts):
+            row = await accounts.add_account(
+                conn, site=slug, username=f"user{n}@{slug}", sealed_secret=box.seal(f"{CANARY}-{n}")
+            )
+            assert row is not None
+            ids.append(int(row["id"]))
+    return ids
+
+
+def request(settings: Settings, type_: str, job_id: str, *, request_id: str | None = None, **fields: Any) -> Incoming:
+    """A request record as the claim worker reads it from qm.requests."""
+    body = {"type": type_, "v": 1, "request_id": request_id or str(uuid.uuid4()), "job_id": job_id, **fields}
+    return Incoming(
+        topic=settings.topic("requests"),
+        partition=0,
+        offset=0,
+        timestamp_ms=0,
+        key=job_id.encode(),
+        value=json.dumps(body).encode(),
+        headers=[("correlation_id", body["request_id"].encode())],
+    )
+
+
+def start(settings: Settings, job_id: str, site: str = "board", **fields: Any) -> Incoming:
+    fields.setdefault("collector", "test-collector")
+    fields.setdefault("wait_seconds", 60)
+    return request(settings, "job.start", job_id, site=site, **fields)
+
+
+async def replies(engine: AsyncEngine, settings: Settings, job_id: str | None = None) -> list[dict[str, Any]]:
+    """Replies written to the outbox for the replies topic, in order (optionally for one job)."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT key, payload FROM outbox WHERE topic = :topic ORDER BY id"),
+            {"topic": settings.topic("replies")},
+        )
+        out = [json.loads(bytes(payload)) for key, payload in rows]
+    return [r for r in out if job_id is None or r.get("job_id") == job_id]
+
+
+async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).scalar()

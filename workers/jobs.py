@@ -1,0 +1,141 @@
+"""Handlers of the job family: job.start, job.heartbeat, job.finish, job.cancel.
+
+Each runs inside the request's transaction and returns the reply to send (or None when it already
+replied through the outbox, as a grant does). Business refusals are normal replies with a reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from app.leasing import Tx, grant_waiting, reject, release_resources
+from app.store import Row, jobs, sites
+from schemas.messages import (
+    JobCancel,
+    JobCancelled,
+    JobExtended,
+    JobFinish,
+    JobFinished,
+    JobHeartbeat,
+    JobLeaseLost,
+    JobQueued,
+    JobRejected,
+    JobStart,
+)
+from schemas.states import JobStatus
+
+log = structlog.get_logger()
+
+Reply = dict[str, Any] | None
+
+
+def why_lease_lost(job: Row | None, lease_token: int) -> str:
+    """The reason code of a follow-up that did not match a live lease."""
+    if job is None:
+        return "unknown_job"
+    if job["status"] != JobStatus.RUNNING:
+        return f"job_{str(job['status']).lower()}"
+    if job["lease_token"] != lease_token:
+        return "stale_token"
+    return "lease_expired"
+
+
+async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Reply:
+    """Queue the job, then grant the site's waiting jobs in FIFO order (this one among them)."""
+    rejected = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="")
+    site = await sites.lock_site(tx.conn, req.site)
+    if site is None:
+        return rejected.model_copy(update={"reason": "unknown_site"}).model_dump(mode="json")
+    if req.needs.account and not await jobs.site_has_accounts(tx.conn, req.site):
+        return rejected.model_copy(update={"reason": "no_accounts"}).model_dump(mode="json")
+    lease_seconds = min(req.lease_seconds or site["lease_seconds"], tx.settings.max_lease_seconds)
+    job = await jobs.queue_job(
+        tx.conn,
+        job_id=req.job_id,
+        site=req.site,
+        collector=req.collector,
+        needs_account=req.needs.account,
+        needs_seeds=req.needs.seeds,
+        lease_seconds=lease_seconds,
+        wait_seconds=min(req.wait_seconds, tx.settings.max_lease_seconds),
+        request_id=str(req.request_id),
+        reply_to=reply_to,
+        correlation_id=correlation_id,
+    )
+    if job is None:
+        existing = await jobs.describe_job(tx.conn, req.job_id)
+        exhausted = existing is not None and existing["reason"] == "attempts_exhausted"
+        reason = "attempts_exhausted" if exhausted else "job_exists"
+        return rejected.model_copy(update={"reason": reason}).model_dump(mode="json")
+    tx.events.job("queued", job)
+    if req.job_id in await grant_waiting(tx, req.site):
+        return None  # grant_waiting sent job.granted to this request
+    if req.wait_seconds == 0:
+        timed_out = await jobs.reject_waiting_job(tx.conn, req.job_id, "no_capacity")
+        assert timed_out is not None  # we hold the site lock and just queued it
+        tx.events.job("timed_out", timed_out)
+        await reject(tx, timed_out, "no_capacity")
+        return None
+    position = await jobs.queue_position(tx.conn, req.job_id)
+    return JobQueued(request_id=req.request_id, job_id=req.job_id, position=position).model_dump(mode="json")
+
+
+async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: str) -> Reply:
+    """Extend a live lease; a stale token or a lapsed lease gets job.lease_lost."""
+    job = await jobs.extend_lease(tx.conn, req.job_id, req.lease_token, req.extend_seconds)
+    if job is None:
+        reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
+        log.info("lease_extend_refused", job_id=req.job_id, lease_token=req.lease_token, reason=reason)
+        return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(mode="json")
+    return JobExtended(
+        request_id=req.request_id, job_id=req.job_id, lease_expires_at=job["lease_expires_at"]
+    ).model_dump(mode="json")
+
+
+async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> Reply:
+    """End a job for the holder of its live lease; release its account and hand it on (rule 4)."""
+    lost = JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
+    slug = await jobs.job_site(tx.conn, req.job_id)
+    if slug is None:
+        return lost.model_dump(mode="json")
+    site = await sites.lock_site(tx.conn, slug)
+    assert site is not None  # jobs reference sites
+    status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
+    reason = req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"
+    job = await jobs.finish_job(tx.conn, req.job_id, req.lease_token, status, reason)
+    if job is None:
+        why = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
+        log.info("finish_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
+        return lost.model_copy(update={"reason": why}).model_dump(mode="json")
+    await release_resources(
+        tx, job, site, outcome=req.outcome, cooldown_seconds=req.cooldown_seconds, reason=req.reason
+    )
+    tx.events.job("finished", job)
+    log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])
+    await grant_waiting(tx, slug)
+    return JobFinished(request_id=req.request_id, job_id=req.job_id, status=job["status"]).model_dump(mode="json")
+
+
+async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> Reply:
+    """Cancel a waiting or running job; a running one's account goes to the next waiter."""
+    refused = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
+    slug = await jobs.job_site(tx.conn, req.job_id)
+    if slug is None:
+        return refused.model_dump(mode="json")
+    site = await sites.lock_site(tx.conn, slug)
+    assert site is not None
+    job = await jobs.cancel_job(tx.conn, req.job_id)
+    if job is None:
+        existing = await jobs.describe_job(tx.conn, req.job_id)
+        reason = f"job_{str(existing['status']).lower()}" if existing else "unknown_job"
+        return refused.model_copy(update={"reason": reason}).model_dump(mode="json")
+    if job["was"] == JobStatus.RUNNING:
+        await release_resources(tx, job, site, outcome="cancelled")
+    else:
+        await reject(tx, job, "cancelled")  # the start request's final answer
+    tx.events.job("cancelled", job)
+    log.info("job_cancelled", job_id=job["id"], was=job["was"])
+    await grant_waiting(tx, slug)
+    return JobCancelled(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")
