@@ -8,6 +8,7 @@ together or not at all).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -62,7 +63,9 @@ async def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
         sealed = await accounts.load_secret(tx.conn, job["account_id"])
         assert sealed is not None
         secret = tx.services.secrets.for_collector(tx.services.secrets.open(sealed))
-        account = GrantedAccount(id=str(job["account_id"]), username=job["account_username"], secret=secret)
+        account = GrantedAccount(
+            id=str(job["account_id"]), username=job["account_username"], secret=secret
+        )
         stored = await accounts.load_session(tx.conn, job["account_id"])
         if stored is not None:
             session = GrantedSession(
@@ -79,7 +82,7 @@ async def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-async def grant_waiting(tx: Tx, site: str) -> list[str]:
+async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[str]:
     """Grant the site's waiting jobs in FIFO order while capacity and accounts allow.
 
     Each granted job gets its ``job.granted`` on its own reply topic, and its start request's
@@ -87,7 +90,7 @@ async def grant_waiting(tx: Tx, site: str) -> list[str]:
     Returns the granted job ids.
     """
     granted: list[str] = []
-    while (job := await jobs.grant_next_waiting(tx.conn, site)) is not None:
+    while (job := await jobs.grant_next_waiting(tx.conn, site, now)) is not None:
         reply = await granted_reply(tx, job)
         tx.reply(job, reply)
         await inbox.record_reply(tx.conn, str(job["request_id"]), job["reply_to"], reply)
@@ -134,7 +137,9 @@ async def release_resources(
 
 async def reject(tx: Tx, job: Row, reason: str) -> None:
     """Answer a job's start request with ``job.rejected`` and record it in its inbox row."""
-    message = JobRejected(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(mode="json")
+    message = JobRejected(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(
+        mode="json"
+    )
     tx.reply(job, message)
     await inbox.record_reply(tx.conn, str(job["request_id"]), job["reply_to"], message)
 
@@ -143,5 +148,7 @@ def lease_lost(tx: Tx, job: Row, reason: str) -> None:
     """Tell a job's holder its lease is gone (the reaper took it)."""
     tx.reply(
         job,
-        JobLeaseLost(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(mode="json"),
+        JobLeaseLost(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(
+            mode="json"
+        ),
     )

@@ -82,7 +82,12 @@ async def release_account(
 
 
 async def set_account_status(
-    conn: AsyncConnection, *, site: str, username: str, target: AccountStatus, reason: str | None = None
+    conn: AsyncConnection,
+    *,
+    site: str,
+    username: str,
+    target: AccountStatus,
+    reason: str | None = None,
 ) -> RowMapping | None:
     """An operator's move (block, unblock, deactivate), from the target's legal predecessors only."""
     result = await conn.execute(
@@ -91,7 +96,8 @@ async def set_account_status(
             UPDATE accounts
             SET status = CAST(:target AS account_status),
                 blocked_reason = CASE WHEN :target = 'BLOCKED' THEN :reason ELSE NULL END,
-                available_at = greatest(available_at, now()),
+                -- an operator's unblock puts the account back in service now
+                available_at = CASE WHEN :target = 'ACTIVE' THEN now() ELSE available_at END,
                 updated_at = now()
             WHERE site = :site AND username = :username
               AND status = ANY(CAST(:legal AS account_status[]))
@@ -103,7 +109,11 @@ async def set_account_status(
             "username": username,
             "target": target.value,
             "reason": reason,
-            "legal": [s.value for s in predecessors(ACCOUNT_TRANSITIONS, target) if s != AccountStatus.USING],
+            "legal": [
+                s.value
+                for s in predecessors(ACCOUNT_TRANSITIONS, target)
+                if s != AccountStatus.USING
+            ],
         },
     )
     return result.mappings().first()
@@ -111,7 +121,9 @@ async def set_account_status(
 
 async def load_secret(conn: AsyncConnection, account_id: int) -> bytes | None:
     """The sealed secret of an account (decrypted only by the caller, only for a grant)."""
-    result = await conn.execute(text("SELECT secret FROM accounts WHERE id = :id"), {"id": account_id})
+    result = await conn.execute(
+        text("SELECT secret FROM accounts WHERE id = :id"), {"id": account_id}
+    )
     row = result.first()
     return None if row is None else bytes(row[0])
 
@@ -119,6 +131,7 @@ async def load_secret(conn: AsyncConnection, account_id: int) -> bytes | None:
 async def load_session(conn: AsyncConnection, account_id: int) -> RowMapping | None:
     """The stored browser session of an account (sealed)."""
     result = await conn.execute(
-        text("SELECT version, storage_state FROM sessions WHERE account_id = :id"), {"id": account_id}
+        text("SELECT version, storage_state FROM sessions WHERE account_id = :id"),
+        {"id": account_id},
     )
     return result.mappings().first()

@@ -6,6 +6,8 @@ into or out of QUEUED or RUNNING; that is what keeps grants FIFO and the capacit
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -95,7 +97,7 @@ _GRANT_NEXT_WAITING = text(
         -- a rested account of the site, the one free the longest first; SKIP LOCKED passes over
         -- an account an operator is changing right now
         SELECT a.id FROM accounts a
-        WHERE a.site = :site AND a.status = 'ACTIVE' AND a.available_at <= now()
+        WHERE a.site = :site AND a.status = 'ACTIVE' AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())
           AND coalesce((SELECT needs_account FROM head), false)
         ORDER BY a.available_at, a.id LIMIT 1
         FOR UPDATE SKIP LOCKED
@@ -116,7 +118,7 @@ _GRANT_NEXT_WAITING = text(
     job AS (
         UPDATE jobs j
         SET status = 'RUNNING', lease_token = token.value,
-            lease_expires_at = now() + make_interval(secs => j.lease_seconds),
+            lease_expires_at = coalesce(CAST(:now AS timestamptz), now()) + make_interval(secs => j.lease_seconds),
             account_id = (SELECT id FROM acct), attempts = j.attempts + 1,
             granted_at = now(), updated_at = now()
         FROM head, token
@@ -142,13 +144,15 @@ _GRANT_NEXT_WAITING = text(
 )
 
 
-async def grant_next_waiting(conn: AsyncConnection, site: str) -> RowMapping | None:
+async def grant_next_waiting(
+    conn: AsyncConnection, site: str, now: datetime | None = None
+) -> RowMapping | None:
     """The site's oldest QUEUED job -> RUNNING, with an account ACTIVE -> USING if it needs one.
 
     One statement: pick the head, pick an account, take the capacity gate, grant. None when the
     site has no waiting job, no free capacity, or no rested account for the head job.
     """
-    result = await conn.execute(_GRANT_NEXT_WAITING, {"site": site})
+    result = await conn.execute(_GRANT_NEXT_WAITING, {"site": site, "now": now})
     return result.mappings().first()
 
 
@@ -240,7 +244,7 @@ async def cancel_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
 
 
 async def reject_waiting_job(
-    conn: AsyncConnection, job_id: str, reason: str, now: str | None = None
+    conn: AsyncConnection, job_id: str, reason: str, now: datetime | None = None
 ) -> RowMapping | None:
     """QUEUED -> TIMED_OUT with a reason (its wait ran out, or it could not wait at all)."""
     result = await conn.execute(
@@ -277,3 +281,85 @@ async def site_has_accounts(conn: AsyncConnection, site: str) -> bool:
         {"site": site},
     )
     return bool(result.scalar_one())
+
+
+async def find_expired_leases(
+    conn: AsyncConnection, *, now: datetime | None, after: str, limit: int
+) -> list[RowMapping]:
+    """A page (by id) of RUNNING jobs whose lease has passed."""
+    result = await conn.execute(
+        text(
+            f"""
+            SELECT id, site, lease_token FROM jobs
+            WHERE status = 'RUNNING' AND lease_expires_at < {NOW} AND id > :after
+            ORDER BY id LIMIT :limit
+            """
+        ),
+        {"now": now, "after": after, "limit": limit},
+    )
+    return list(result.mappings())
+
+
+async def expire_job(
+    conn: AsyncConnection,
+    job_id: str,
+    lease_token: int,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> RowMapping | None:
+    """RUNNING -> EXPIRED, or -> FAILED (attempts_exhausted) at the attempt cap.
+
+    The staleness test is repeated here: a heartbeat that extended the lease since the page was
+    read, or a finish, makes this a no-op.
+    """
+    result = await conn.execute(
+        text(
+            f"""
+            UPDATE jobs
+            SET status = CASE WHEN attempts >= :max_attempts THEN 'FAILED' ELSE 'EXPIRED' END::job_status,
+                reason = CASE WHEN attempts >= :max_attempts THEN 'attempts_exhausted'
+                              ELSE 'lease_expired' END,
+                finished_at = {NOW}, updated_at = now()
+            WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
+              AND lease_expires_at < {NOW}
+            RETURNING *
+            """
+        ),
+        {"id": job_id, "token": lease_token, "max_attempts": max_attempts, "now": now},
+    )
+    return result.mappings().first()
+
+
+async def find_overdue_waiting(
+    conn: AsyncConnection, *, now: datetime | None, after: str, limit: int
+) -> list[RowMapping]:
+    """A page (by id) of QUEUED jobs past their wait deadline."""
+    result = await conn.execute(
+        text(
+            f"""
+            SELECT id, site FROM jobs
+            WHERE status = 'QUEUED' AND wait_deadline < {NOW} AND id > :after
+            ORDER BY id LIMIT :limit
+            """
+        ),
+        {"now": now, "after": after, "limit": limit},
+    )
+    return list(result.mappings())
+
+
+async def time_out_waiting_job(
+    conn: AsyncConnection, job_id: str, now: datetime | None = None
+) -> RowMapping | None:
+    """QUEUED -> TIMED_OUT, only while its wait deadline has passed (repeated staleness test)."""
+    result = await conn.execute(
+        text(
+            f"""
+            UPDATE jobs SET status = 'TIMED_OUT', reason = 'timed_out', finished_at = {NOW},
+                            updated_at = now()
+            WHERE id = :id AND status = 'QUEUED' AND wait_deadline < {NOW}
+            RETURNING *
+            """
+        ),
+        {"id": job_id, "now": now},
+    )
+    return result.mappings().first()

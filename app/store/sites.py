@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -72,20 +74,24 @@ async def lock_site(conn: AsyncConnection, slug: str) -> RowMapping | None:
     happen in FIFO order (rule 4) and the capacity gate cannot be raced (rule 3). Lock order
     everywhere: site, then job, then account.
     """
-    result = await conn.execute(text("SELECT * FROM sites WHERE slug = :slug FOR UPDATE"), {"slug": slug})
+    result = await conn.execute(
+        text("SELECT * FROM sites WHERE slug = :slug FOR UPDATE"), {"slug": slug}
+    )
     return result.mappings().first()
 
 
 async def release_slot(conn: AsyncConnection, slug: str) -> bool:
     """Give back one running slot of the site's capacity gate."""
     result = await conn.execute(
-        text("UPDATE sites SET running = running - 1 WHERE slug = :slug AND running > 0 RETURNING slug"),
+        text(
+            "UPDATE sites SET running = running - 1 WHERE slug = :slug AND running > 0 RETURNING slug"
+        ),
         {"slug": slug},
     )
     return result.first() is not None
 
 
-async def sites_with_waiting_jobs(conn: AsyncConnection) -> list[str]:
+async def sites_with_waiting_jobs(conn: AsyncConnection, now: datetime | None = None) -> list[str]:
     """Sites that have waiting jobs and free capacity: candidates for granting by time."""
     result = await conn.execute(
         text(
@@ -93,8 +99,13 @@ async def sites_with_waiting_jobs(conn: AsyncConnection) -> list[str]:
             SELECT s.slug FROM sites s
             WHERE s.running < s.capacity
               AND EXISTS (SELECT 1 FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED')
+              AND (NOT EXISTS (SELECT 1 FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED'
+                                                        AND j.needs_account)
+                   OR EXISTS (SELECT 1 FROM accounts a WHERE a.site = s.slug AND a.status = 'ACTIVE'
+                              AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())))
             ORDER BY s.slug
             """
-        )
+        ),
+        {"now": now},
     )
     return [row[0] for row in result]

@@ -36,7 +36,9 @@ async def test_start_grants_an_account_with_its_secret_encrypted_for_the_collect
     assert reply["lease_token"] >= 1 and reply["account"]["username"] == "user0@board"
     assert "canary" not in json.dumps(reply)
     assert processor.services.secrets._transport is not None
-    assert processor.services.secrets._transport.decrypt(reply["account"]["secret"].encode()).startswith(b"canary")
+    assert processor.services.secrets._transport.decrypt(
+        reply["account"]["secret"].encode()
+    ).startswith(b"canary")
     assert await scalar(engine, "SELECT status::text FROM accounts") == "USING"
     assert await scalar(engine, "SELECT running FROM sites") == 1
 
@@ -69,10 +71,14 @@ async def test_a_release_hands_the_account_to_the_oldest_waiting_job(
     for n in range(4):
         await processor.process(start(settings, f"job-{n}"))
     token = (await granted(engine, settings, "job-0"))["lease_token"]
-    await processor.process(request(settings, "job.finish", "job-0", lease_token=token, outcome="succeeded"))
+    await processor.process(
+        request(settings, "job.finish", "job-0", lease_token=token, outcome="succeeded")
+    )
     assert (await granted(engine, settings, "job-1"))["lease_token"] > token
     assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'job-2'") == "QUEUED"
-    positions = [r["position"] for r in await replies(engine, settings) if r["type"] == "job.queued"]
+    positions = [
+        r["position"] for r in await replies(engine, settings) if r["type"] == "job.queued"
+    ]
     assert positions == [1, 2, 3]
 
 
@@ -103,8 +109,12 @@ async def test_finish_racing_a_heartbeat_ends_the_job_once_and_the_heartbeat_cha
     await processor.process(start(settings, "job-1"))
     token = (await granted(engine, settings, "job-1"))["lease_token"]
     await asyncio.gather(
-        processor.process(request(settings, "job.finish", "job-1", lease_token=token, outcome="succeeded")),
-        processor.process(request(settings, "job.heartbeat", "job-1", lease_token=token, extend_seconds=600)),
+        processor.process(
+            request(settings, "job.finish", "job-1", lease_token=token, outcome="succeeded")
+        ),
+        processor.process(
+            request(settings, "job.heartbeat", "job-1", lease_token=token, extend_seconds=600)
+        ),
     )
     kinds = sorted(r["type"] for r in await replies(engine, settings, "job-1"))
     assert kinds in (
@@ -122,14 +132,20 @@ async def test_a_zombie_with_an_old_token_changes_nothing(
     await make_site(engine, settings)
     await processor.process(start(settings, "job-a"))
     old = (await granted(engine, settings, "job-a"))["lease_token"]
-    await processor.process(request(settings, "job.finish", "job-a", lease_token=old, outcome="succeeded"))
+    await processor.process(
+        request(settings, "job.finish", "job-a", lease_token=old, outcome="succeeded")
+    )
     await processor.process(start(settings, "job-b"))
     new = (await granted(engine, settings, "job-b"))["lease_token"]
     assert new > old
     # the zombie of job-a, and a forger presenting job-a's token for job-b
-    await processor.process(request(settings, "job.finish", "job-a", lease_token=old, outcome="blocked"))
+    await processor.process(
+        request(settings, "job.finish", "job-a", lease_token=old, outcome="blocked")
+    )
     await processor.process(request(settings, "job.heartbeat", "job-b", lease_token=old))
-    await processor.process(request(settings, "job.finish", "job-b", lease_token=old, outcome="blocked"))
+    await processor.process(
+        request(settings, "job.finish", "job-b", lease_token=old, outcome="blocked")
+    )
     lost = [r["reason"] for r in await replies(engine, settings) if r["type"] == "job.lease_lost"]
     assert lost == ["job_succeeded", "stale_token", "stale_token"]
     assert await scalar(engine, "SELECT status::text FROM accounts") == "USING"
@@ -146,7 +162,9 @@ async def test_cancel_racing_a_grant_leaves_no_cancelled_job_holding_anything(
     token = (await granted(engine, settings, "holder"))["lease_token"]
     # the holder's finish grants the waiter while the waiter's cancel runs
     await asyncio.gather(
-        processor.process(request(settings, "job.finish", "holder", lease_token=token, outcome="succeeded")),
+        processor.process(
+            request(settings, "job.finish", "holder", lease_token=token, outcome="succeeded")
+        ),
         processor.process(request(settings, "job.cancel", "waiter")),
     )
     assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'waiter'") == "CANCELLED"
@@ -165,7 +183,9 @@ async def test_the_same_request_twice_gets_the_identical_reply_and_a_changed_bod
     first = start(settings, "job-1", request_id="6f1c1d52-0d6e-4d0e-9d86-6c2f5d6c0a01")
     assert await processor.process(first) == "replied"
     assert await processor.process(first) == "duplicate"
-    changed = start(settings, "job-1", request_id="6f1c1d52-0d6e-4d0e-9d86-6c2f5d6c0a01", collector="other")
+    changed = start(
+        settings, "job-1", request_id="6f1c1d52-0d6e-4d0e-9d86-6c2f5d6c0a01", collector="other"
+    )
     assert await processor.process(changed) == "conflict"
     answers = await replies(engine, settings, "job-1")
     assert answers[0] == answers[1] and answers[0]["type"] == "job.granted"

@@ -50,9 +50,17 @@ async def make_site(
     return ids
 
 
-def request(settings: Settings, type_: str, job_id: str, *, request_id: str | None = None, **fields: Any) -> Incoming:
+def request(
+    settings: Settings, type_: str, job_id: str, *, request_id: str | None = None, **fields: Any
+) -> Incoming:
     """A request record as the claim worker reads it from qm.requests."""
-    body = {"type": type_, "v": 1, "request_id": request_id or str(uuid.uuid4()), "job_id": job_id, **fields}
+    body = {
+        "type": type_,
+        "v": 1,
+        "request_id": request_id or str(uuid.uuid4()),
+        "job_id": job_id,
+        **fields,
+    }
     return Incoming(
         topic=settings.topic("requests"),
         partition=0,
@@ -70,7 +78,9 @@ def start(settings: Settings, job_id: str, site: str = "board", **fields: Any) -
     return request(settings, "job.start", job_id, site=site, **fields)
 
 
-async def replies(engine: AsyncEngine, settings: Settings, job_id: str | None = None) -> list[dict[str, Any]]:
+async def replies(
+    engine: AsyncEngine, settings: Settings, job_id: str | None = None
+) -> list[dict[str, Any]]:
     """Replies written to the outbox for the replies topic, in order (optionally for one job)."""
     async with engine.connect() as conn:
         rows = await conn.execute(

@@ -1,0 +1,33 @@
+"""Capacity back by time: when cooldowns end or an operator unblocks an account, waiting jobs are
+granted within one sweep, FIFO per site (the same grant the claim worker uses)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+
+from app.leasing import Tx, grant_waiting
+from app.store import sites
+from reapers.base import Sweep, SweepResult
+
+log = structlog.get_logger()
+
+
+class CapacityBack(Sweep):
+    name = "capacity_back"
+
+    async def run_once(self, now: datetime | None = None) -> SweepResult:
+        result = SweepResult(self.name)
+        async with self.db.transaction() as conn:
+            candidates = await sites.sites_with_waiting_jobs(conn, now)
+        for slug in candidates:
+            async with self.db.transaction() as conn:
+                tx = Tx(conn, self.services)
+                await sites.lock_site(conn, slug)
+                granted = await grant_waiting(tx, slug, now)
+                await tx.flush()
+            result.changed.extend(granted)
+            if granted:
+                log.info("waiting_jobs_granted", site=slug, job_ids=granted)
+        return result

@@ -1,0 +1,62 @@
+"""Expired leases: RUNNING jobs whose lease passed become EXPIRED (or FAILED at the attempt cap).
+
+Their account goes back to ACTIVE after the site's cooldown, their capacity slot is handed to the
+oldest waiting job in the same transaction, the holder gets ``job.lease_lost`` and the events
+topics get ``job.expired`` (or ``job.failed``). Recovery bound: lease + one sweep interval.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+
+from app.leasing import Tx, grant_waiting, lease_lost, release_resources
+from app.store import Row, jobs, sites
+from reapers.base import Sweep, SweepResult
+
+log = structlog.get_logger()
+
+
+class ExpiredLeases(Sweep):
+    name = "expired_leases"
+
+    async def run_once(self, now: datetime | None = None) -> SweepResult:
+        result = SweepResult(self.name)
+        after = ""
+        while True:
+            async with self.db.transaction() as conn:
+                page = await jobs.find_expired_leases(
+                    conn, now=now, after=after, limit=self.settings.reaper_page_size
+                )
+            for stale in page:
+                reaped = await self._reap(stale, now)
+                (result.changed if reaped else result.lost_races).append(stale["id"])
+            if len(page) < self.settings.reaper_page_size:
+                return result
+            after = page[-1]["id"]
+
+    async def _reap(self, stale: Row, now: datetime | None) -> bool:
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            site = await sites.lock_site(conn, stale["site"])
+            assert site is not None
+            job = await jobs.expire_job(
+                conn, stale["id"], stale["lease_token"], site["max_attempts"], now
+            )
+            if job is None:
+                log.info("reap_lost_race", job_id=stale["id"], lease_token=stale["lease_token"])
+                return False
+            await release_resources(tx, job, site, outcome="expired")
+            lease_lost(tx, job, job["reason"])
+            tx.events.job("expired", job)
+            await grant_waiting(tx, job["site"], now)
+            await tx.flush()
+        log.info(
+            "lease_reaped",
+            job_id=job["id"],
+            lease_token=job["lease_token"],
+            status=job["status"],
+            reason=job["reason"],
+        )
+        return True
