@@ -29,7 +29,9 @@ class SecretBox:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SecretBox:
-        return cls(settings.secret_keys.get_secret_value(), settings.transport_key.get_secret_value())
+        return cls(
+            settings.secret_keys.get_secret_value(), settings.transport_key.get_secret_value()
+        )
 
     def __repr__(self) -> str:
         return "SecretBox(<keys hidden>)"
@@ -48,7 +50,9 @@ class SecretBox:
         try:
             return self._rest().decrypt(token).decode()
         except InvalidToken:
-            raise MissingKey("a stored secret does not decrypt with any key of QM_SECRET_KEYS") from None
+            raise MissingKey(
+                "a stored secret does not decrypt with any key of QM_SECRET_KEYS"
+            ) from None
 
     def seal_json(self, value: dict[str, Any]) -> bytes:
         return self.seal(json.dumps(value, separators=(",", ":")))

@@ -50,12 +50,16 @@ class Events:
             job_id=job_id,
             reason=reason,
         )
-        self.box.add(self.settings.topic("events"), id, event.model_dump(mode="json", exclude_none=True))
+        self.box.add(
+            self.settings.topic("events"), id, event.model_dump(mode="json", exclude_none=True)
+        )
 
     def job(self, what: str, job: Row) -> None:
         """A job event; a terminal one also goes to ``qm.job-events`` for Airflow sensors."""
         status = str(job["status"])
-        self.emit("job", what, id=job["id"], site=job["site"], status=status, reason=job.get("reason"))
+        self.emit(
+            "job", what, id=job["id"], site=job["site"], status=status, reason=job.get("reason")
+        )
         terminal = TERMINAL_EVENT_TYPES.get(status)
         if terminal is not None:
             event = TerminalJobEvent(
@@ -66,7 +70,9 @@ class Events:
                 status=status,
                 finished_at=job["finished_at"] or datetime.now(UTC),
             )
-            self.box.add(self.settings.topic("job-events"), job["id"], event.model_dump(mode="json"))
+            self.box.add(
+                self.settings.topic("job-events"), job["id"], event.model_dump(mode="json")
+            )
 
     def account(self, what: str, account: Row, job_id: str | None = None) -> None:
         self.emit(

@@ -46,14 +46,21 @@ def faststream_security(settings: Settings) -> BaseSecurity | None:
     protocol = settings.kafka_security_protocol
     if protocol == "PLAINTEXT":
         return None
-    ssl_context = create_ssl_context(cafile=settings.kafka_ssl_cafile) if protocol.endswith("SSL") else None
+    ssl_context = (
+        create_ssl_context(cafile=settings.kafka_ssl_cafile) if protocol.endswith("SSL") else None
+    )
     if not settings.kafka_sasl_mechanism:
         return BaseSecurity(ssl_context=ssl_context, use_ssl=ssl_context is not None)
     username = settings.kafka_sasl_username or ""
-    password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+    password = (
+        settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+    )
     sasl = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
     return sasl[settings.kafka_sasl_mechanism](
-        username=username, password=password, ssl_context=ssl_context, use_ssl=ssl_context is not None
+        username=username,
+        password=password,
+        ssl_context=ssl_context,
+        use_ssl=ssl_context is not None,
     )
 
 

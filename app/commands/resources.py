@@ -18,7 +18,9 @@ from schemas.states import AccountStatus
 
 T = TypeVar("T")
 sites_app = typer.Typer(help="Sites: capacity, leases, cooldowns.")
-accounts_app = typer.Typer(help="Accounts of a site; secrets are read from a prompt or stdin, never echoed.")
+accounts_app = typer.Typer(
+    help="Accounts of a site; secrets are read from a prompt or stdin, never echoed."
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -75,7 +77,9 @@ def sites_add(
 def sites_list() -> None:
     """List sites with their running and waiting jobs and account counts."""
     rows = in_transaction(sites.list_sites)
-    table = Table("site", "host", "running", "capacity", "waiting", "active", "using", "blocked", "lease s")
+    table = Table(
+        "site", "host", "running", "capacity", "waiting", "active", "using", "blocked", "lease s"
+    )
     for row in rows:
         table.add_row(
             row["slug"],
@@ -95,10 +99,16 @@ def sites_list() -> None:
 def accounts_add(
     site: str,
     username: str,
-    secret_stdin: Annotated[bool, typer.Option("--secret-stdin", help="Read the secret from stdin")] = False,
+    secret_stdin: Annotated[
+        bool, typer.Option("--secret-stdin", help="Read the secret from stdin")
+    ] = False,
 ) -> None:
     """Add an account; the secret is prompted for (hidden) or read from stdin."""
-    secret = sys.stdin.readline().rstrip("\n") if secret_stdin else typer.prompt("secret", hide_input=True)
+    secret = (
+        sys.stdin.readline().rstrip("\n")
+        if secret_stdin
+        else typer.prompt("secret", hide_input=True)
+    )
     if not secret:
         raise fail("the secret is empty")
     try:
@@ -123,7 +133,9 @@ def accounts_add(
 def accounts_list(site: Annotated[str | None, typer.Argument()] = None) -> None:
     """List accounts (never their secrets)."""
     rows = in_transaction(lambda conn: accounts.list_accounts(conn, site))
-    table = Table("id", "site", "username", "status", "holder", "available at", "uses", "errors", "reason")
+    table = Table(
+        "id", "site", "username", "status", "holder", "available at", "uses", "errors", "reason"
+    )
     for row in rows:
         table.add_row(
             str(row["id"]),
@@ -141,15 +153,21 @@ def accounts_list(site: Annotated[str | None, typer.Argument()] = None) -> None:
 
 def _move(site: str, username: str, target: AccountStatus, reason: str | None = None) -> None:
     row = in_transaction(
-        lambda conn: accounts.set_account_status(conn, site=site, username=username, target=target, reason=reason)
+        lambda conn: accounts.set_account_status(
+            conn, site=site, username=username, target=target, reason=reason
+        )
     )
     if row is None:
-        raise fail(f"account {username!r} of {site!r} does not exist or cannot become {target} from its status")
+        raise fail(
+            f"account {username!r} of {site!r} does not exist or cannot become {target} from its status"
+        )
     console.print(f"account {username} of {site} is now {target}")
 
 
 @accounts_app.command("block")
-def accounts_block(site: str, username: str, reason: Annotated[str, typer.Option()] = "operator") -> None:
+def accounts_block(
+    site: str, username: str, reason: Annotated[str, typer.Option()] = "operator"
+) -> None:
     """Block an idle account (ACTIVE -> BLOCKED)."""
     _move(site, username, AccountStatus.BLOCKED, reason)
 

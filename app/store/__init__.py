@@ -1,6 +1,5 @@
 """Every SQL statement of Quartermaster: one module per aggregate, one function per transition."""
 
-
 from __future__ import annotations
 
 from collections.abc import AsyncIterator

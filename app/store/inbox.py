@@ -26,7 +26,12 @@ async def claim_request(
             RETURNING request_id
             """
         ),
-        {"request_id": request_id, "job_id": job_id, "request_type": request_type, "fingerprint": fingerprint},
+        {
+            "request_id": request_id,
+            "job_id": job_id,
+            "request_type": request_type,
+            "fingerprint": fingerprint,
+        },
     )
     return result.first() is not None
 
@@ -45,6 +50,8 @@ async def record_reply(
 ) -> None:
     """Store the reply a request got (a later grant of a queued job replaces its job.queued)."""
     await conn.execute(
-        text("UPDATE inbox SET reply_topic = :topic, reply = CAST(:reply AS jsonb) WHERE request_id = :id"),
+        text(
+            "UPDATE inbox SET reply_topic = :topic, reply = CAST(:reply AS jsonb) WHERE request_id = :id"
+        ),
         {"id": request_id, "topic": reply_topic, "reply": json.dumps(reply, default=str)},
     )
