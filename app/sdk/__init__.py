@@ -1,0 +1,37 @@
+"""The collector SDK: acquire an account, its session and seeds from Quartermaster over Kafka.
+
+    async with QuartermasterClient("kafka:9092", transport_key=key) as client:
+        async with client.job(site="example", wait_seconds=60) as job:
+            ...
+
+See docs/sdk.md for the guide.
+"""
+
+from app.sdk.client import QuartermasterClient
+from app.sdk.errors import (
+    ClientClosed,
+    JobRejected,
+    QuartermasterError,
+    ReplyUnreadable,
+    RequestConflict,
+    RequestInvalid,
+    RequestTimeout,
+    SecretUndecryptable,
+    UnexpectedReply,
+)
+from app.sdk.job import Account, Job
+
+__all__ = [
+    "Account",
+    "ClientClosed",
+    "Job",
+    "JobRejected",
+    "QuartermasterClient",
+    "QuartermasterError",
+    "ReplyUnreadable",
+    "RequestConflict",
+    "RequestInvalid",
+    "RequestTimeout",
+    "SecretUndecryptable",
+    "UnexpectedReply",
+]

@@ -1,0 +1,364 @@
+"""The collector's client: request/reply over Kafka, done by the SDK itself.
+
+One producer writes requests to ``<prefix>requests`` (key ``job_id``, headers ``correlation_id`` and
+``reply_to``). One consumer reads the reply topic with manual partition assignment (never a consumer
+group, so any number of collector processes can share the topic) starting from its end. Replies are
+matched to their requests by ``correlation_id``; see ``app.sdk.replies`` for the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+from pydantic import SecretStr
+
+from app.sdk.errors import ClientClosed, QuartermasterError, RequestTimeout
+from app.sdk.replies import ReplyRouter, Waiter
+from schemas.messages import (
+    CORRELATION_ID,
+    REPLY_TO,
+    AnyReply,
+    AnyRequest,
+    JobCancel,
+    JobStart,
+)
+
+if TYPE_CHECKING:
+    from app.sdk.job import Job
+    from app.settings import Settings
+
+log = structlog.get_logger()
+
+MESSAGE_ID = "message_id"  # the header every message Quartermaster publishes carries
+CLOSE_GRACE_SECONDS = 5.0  # how long close() lets pending releases reach the broker
+
+
+def _header(headers: Any, name: str) -> str | None:
+    for key, value in headers or ():
+        if key == name and value is not None:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _default_collector() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"[:200]
+
+
+class QuartermasterClient:
+    """Talks to Quartermaster for one collector process; cheap to share between its tasks.
+
+    Use as ``async with QuartermasterClient(...) as client`` (or call ``start``/``close``).
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | list[str],
+        *,
+        topic_prefix: str = "qm.",
+        reply_topic: str | None = None,
+        transport_key: str | bytes | SecretStr | None = None,
+        security: Mapping[str, Any] | None = None,
+        collector: str | None = None,
+        request_timeout: float = 30.0,
+        idempotent_producer: bool = True,
+        dedup_capacity: int = 10_000,
+        abandoned_capacity: int = 10_000,
+    ) -> None:
+        """``security``: aiokafka options such as ``security_protocol``, ``ssl_context``,
+        ``sasl_mechanism``, ``sasl_plain_username``, ``sasl_plain_password``."""
+        self.bootstrap_servers = bootstrap_servers
+        self.topic_prefix = topic_prefix
+        self.request_topic = f"{topic_prefix}requests"
+        self.reply_topic = reply_topic or f"{topic_prefix}replies"
+        self.collector = collector or _default_collector()
+        self.request_timeout = request_timeout
+        self._transport_key = _as_secret(transport_key)
+        self._security = dict(security or {})
+        self._idempotent = idempotent_producer
+        self._router = ReplyRouter(
+            seen_capacity=dedup_capacity, abandoned_capacity=abandoned_capacity
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> QuartermasterClient:
+        """A client configured like Quartermaster's own processes (``QM_*`` environment)."""
+        from app.kafka import client_options
+
+        options = client_options(settings)
+        bootstrap = options.pop("bootstrap_servers")
+        arguments: dict[str, Any] = {
+            "topic_prefix": settings.topic_prefix,
+            "transport_key": settings.transport_key,
+            "security": options,
+            "idempotent_producer": settings.kafka_idempotence,
+            **overrides,
+        }
+        return cls(bootstrap, **arguments)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuartermasterClient(bootstrap_servers={self.bootstrap_servers!r}, "
+            f"request_topic={self.request_topic!r}, reply_topic={self.reply_topic!r})"
+        )
+
+    @property
+    def transport_key(self) -> SecretStr | None:
+        """The Fernet key that decrypts account secrets in ``job.granted``."""
+        return self._transport_key
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the producer and the reply consumer, positioned at the end of the reply topic."""
+        if self._producer is not None:
+            return
+        if self._closed:
+            raise ClientClosed("a closed client cannot be started again")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            acks="all",
+            enable_idempotence=self._idempotent,
+            linger_ms=1,
+            **self._security,
+        )
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            **self._security,
+        )
+        await producer.start()
+        try:
+            await consumer.start()
+            try:
+                await self._assign_reply_partitions(consumer)
+            except BaseException:
+                await consumer.stop()
+                raise
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer, self._consumer = producer, consumer
+        self._reader = asyncio.create_task(self._read_replies(consumer), name="qm-sdk-replies")
+        log.info("sdk_client_started", reply_topic=self.reply_topic, collector=self.collector)
+
+    async def _assign_reply_partitions(self, consumer: AIOKafkaConsumer) -> None:
+        await consumer.topics()  # fetches the cluster's metadata
+        partitions = consumer.partitions_for_topic(self.reply_topic)
+        if not partitions:
+            raise QuartermasterError(
+                f"reply topic {self.reply_topic} does not exist (create it with `qm topics`)"
+            )
+        assigned = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+        consumer.assign(assigned)
+        await consumer.seek_to_end(*assigned)
+        # Resolve the end offsets now: a reply to the first request must not be skipped by a
+        # lazy offset reset that happens after it was written.
+        for partition in assigned:
+            await consumer.position(partition)
+
+    async def close(self) -> None:
+        """Let pending releases go out (bounded), then stop the reader, consumer and producer."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._drain_releases()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._drain_releases()  # a late grant the reader saw while we waited
+        self._router.fail_all(ClientClosed("the client was closed"))
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                await client.stop()
+        log.info("sdk_client_closed", reply_topic=self.reply_topic)
+
+    async def _drain_releases(self) -> None:
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=CLOSE_GRACE_SECONDS)
+
+    async def __aenter__(self) -> QuartermasterClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- request/reply -------------------------------------------------------------------
+
+    def job(
+        self,
+        *,
+        site: str,
+        lease_seconds: int | None = None,
+        wait_seconds: int = 0,
+        needs_account: bool = True,
+        seeds: int = 0,
+        collector: str | None = None,
+        job_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """A job to run as ``async with client.job(site=...) as job:`` (see ``app.sdk.job.Job``)."""
+        from app.sdk.job import Job
+
+        return Job(
+            self,
+            site=site,
+            lease_seconds=lease_seconds,
+            wait_seconds=wait_seconds,
+            needs_account=needs_account,
+            seeds=seeds,
+            collector=collector or self.collector,
+            job_id=job_id or str(uuid.uuid4()),
+            timeout=self.request_timeout if timeout is None else timeout,
+        )
+
+    async def request(self, message: AnyRequest, timeout: float | None = None) -> AnyReply:
+        """Send a request and return its final reply.
+
+        A ``job.start`` answered ``job.queued`` is waited on up to ``wait_seconds + timeout`` for
+        its grant or rejection. Raises ``RequestTimeout`` (a ``TimeoutError``) when no final reply
+        comes in time. When the caller gives up on a ``job.start`` (timeout or cancellation) the
+        job is cancelled, and a grant that still arrives later is released at once.
+        """
+        if self._producer is None or self._closed:
+            raise ClientClosed("the client is not started (use `async with` or `await start()`)")
+        timeout = self.request_timeout if timeout is None else timeout
+        correlation_id = str(message.request_id)
+        waiter = self._router.expect(correlation_id, message.job_id)
+        is_start = isinstance(message, JobStart)
+        try:
+            await self._send(message, correlation_id)
+            return await self._await_final(waiter, message, timeout)
+        except BaseException:
+            release_now = self._router.abandon(correlation_id, release_grant=is_start)
+            if is_start:
+                # Still queued, or the grant may be on its way: cancel at once. Requests of one job
+                # share a partition, so the cancel is processed after the start.
+                why = "grant_unclaimed" if release_now else "caller_gave_up"
+                self.release(message.job_id, why)
+            raise
+        finally:
+            self._router.forget(correlation_id)
+
+    async def _await_final(self, waiter: Waiter, message: AnyRequest, timeout: float) -> AnyReply:
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        wait_seconds = message.wait_seconds if isinstance(message, JobStart) else 0
+        while True:
+            budget = timeout + (wait_seconds if waiter.queued else 0)
+            remaining = sent_at + budget - loop.time()
+            if remaining <= 0:
+                log.warning(
+                    "request_timed_out",
+                    request_type=message.type,
+                    job_id=message.job_id,
+                    request_id=waiter.correlation_id,
+                    queued=waiter.queued,
+                )
+                raise RequestTimeout(message.type, message.job_id, budget)
+            # asyncio.wait leaves the future alone on timeout; a job.queued seen meanwhile
+            # lengthens the budget on the next turn.
+            done, _ = await asyncio.wait({waiter.final}, timeout=remaining)
+            if done:
+                return waiter.final.result()
+
+    async def _send(self, message: AnyRequest, correlation_id: str) -> None:
+        producer = self._producer
+        if producer is None:
+            raise ClientClosed("the client is closed")
+        await producer.send_and_wait(
+            self.request_topic,
+            value=message.model_dump_json().encode(),
+            key=message.job_id.encode(),
+            headers=[
+                (CORRELATION_ID, correlation_id.encode()),
+                (REPLY_TO, self.reply_topic.encode()),
+            ],
+        )
+        log.debug(
+            "request_sent",
+            request_type=message.type,
+            job_id=message.job_id,
+            request_id=correlation_id,
+        )
+
+    async def send(self, message: AnyRequest) -> None:
+        """Send a request without waiting for its reply (its reply, if any, is ignored)."""
+        if self._producer is None or self._closed:
+            raise ClientClosed("the client is not started (use `async with` or `await start()`)")
+        await self._send(message, str(message.request_id))
+
+    # --- releasing what nobody uses ------------------------------------------------------
+
+    def release(self, job_id: str, why: str) -> None:
+        """Send ``job.cancel`` for a job in the background (the caller may be being cancelled).
+
+        The server cancels a waiting job, or frees a running job's account for the next waiter.
+        """
+        task = asyncio.create_task(self._release(job_id, why), name=f"qm-sdk-release-{job_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, job_id: str, why: str) -> None:
+        cancel = JobCancel(request_id=uuid.uuid4(), job_id=job_id)
+        try:
+            await self._send(cancel, str(cancel.request_id))
+        except Exception as exc:  # noqa: BLE001 - the lease expires anyway; say so and go on
+            log.warning(
+                "job_release_failed", job_id=job_id, why=why, error_class=type(exc).__name__
+            )
+            return
+        log.info("job_release_sent", job_id=job_id, why=why, request_id=str(cancel.request_id))
+
+    # --- the reply reader ----------------------------------------------------------------
+
+    async def _read_replies(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=500, max_records=500)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep reading; waiting requests time out
+                log.warning("reply_read_failed", error_class=type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self.on_reply(record.headers, record.value or b"")
+
+    def on_reply(self, headers: Any, value: bytes) -> None:
+        """Handle one record of the reply topic (the reader calls this for every record)."""
+        correlation_id = _header(headers, CORRELATION_ID)
+        release = self._router.route(correlation_id, _header(headers, MESSAGE_ID), value)
+        if release is not None:
+            log.info("late_grant_releasing", job_id=release, correlation_id=correlation_id)
+            self.release(release, "late_grant")
+
+
+def _as_secret(key: str | bytes | SecretStr | None) -> SecretStr | None:
+    if isinstance(key, SecretStr):
+        key = key.get_secret_value()
+    if not key:
+        return None
+    return SecretStr(key.decode() if isinstance(key, bytes) else key)

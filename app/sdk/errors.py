@@ -1,0 +1,65 @@
+"""What the collector SDK raises: one base class, and a subclass per way a request can end badly."""
+
+from __future__ import annotations
+
+
+class QuartermasterError(Exception):
+    """Base of every error the SDK raises."""
+
+
+class RequestTimeout(QuartermasterError, TimeoutError):
+    """No final reply arrived in time; the request was abandoned (a late grant is released)."""
+
+    def __init__(self, request_type: str, job_id: str, timeout: float) -> None:
+        super().__init__(f"{request_type} for job {job_id} got no final reply within {timeout:g}s")
+        self.request_type = request_type
+        self.job_id = job_id
+        self.timeout = timeout
+
+
+class JobRejected(QuartermasterError):
+    """Quartermaster refused ``job.start``; ``reason`` is the code (``no_accounts``, ``timed_out``…)."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} was rejected: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class RequestInvalid(QuartermasterError):
+    """Quartermaster could not accept the request as sent (``request.invalid``)."""
+
+    def __init__(self, job_id: str, error: str) -> None:
+        super().__init__(f"request for job {job_id} is invalid: {error}")
+        self.job_id = job_id
+        self.error = error
+
+
+class RequestConflict(QuartermasterError):
+    """A ``request_id`` was reused with a different body (``request.conflict``)."""
+
+    def __init__(self, job_id: str, request_id: str) -> None:
+        super().__init__(f"request {request_id} of job {job_id} conflicts with an earlier one")
+        self.job_id = job_id
+        self.request_id = request_id
+
+
+class UnexpectedReply(QuartermasterError):
+    """A reply of a type that does not answer the request that was sent."""
+
+    def __init__(self, job_id: str, reply_type: str, expected: str) -> None:
+        super().__init__(f"job {job_id}: expected {expected}, got {reply_type}")
+        self.job_id = job_id
+        self.reply_type = reply_type
+
+
+class ReplyUnreadable(QuartermasterError):
+    """A reply addressed to this client is not a valid message of the contract."""
+
+
+class ClientClosed(QuartermasterError):
+    """The client was closed (or not started) while the request needed it."""
+
+
+class SecretUndecryptable(QuartermasterError):
+    """The account secret does not decrypt with the transport key this client was given."""

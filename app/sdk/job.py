@@ -1,0 +1,309 @@
+"""One collector job: acquire an account (and session, seeds), heartbeat, release with an outcome.
+
+async with client.job(site="example", lease_seconds=300, wait_seconds=60) as job:
+    await login(job.account.username, job.account.secret.get_secret_value())
+    ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from cryptography.fernet import Fernet, InvalidToken
+from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter
+
+from app.sdk import errors
+from schemas import messages as wire
+
+if TYPE_CHECKING:
+    from app.sdk.client import QuartermasterClient
+
+log = structlog.get_logger()
+
+MIN_HEARTBEAT_SECONDS = 0.1
+MAX_REASON_CHARS = 500
+_SESSION_STATE = TypeAdapter(wire.JsonObject)
+
+
+class Account(BaseModel):
+    """The granted account; ``secret`` is decrypted but prints as ``**********``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    username: str
+    secret: SecretStr
+
+
+def decrypt_account(granted: wire.GrantedAccount, transport_key: SecretStr | None) -> Account:
+    """The account of a ``job.granted`` with its secret decrypted with the transport key."""
+    if transport_key is None:
+        raise errors.SecretUndecryptable(
+            "no transport key configured: the account secret cannot be decrypted"
+        )
+    try:
+        plain = Fernet(transport_key.get_secret_value()).decrypt(granted.secret.encode())
+    except (InvalidToken, ValueError):
+        raise errors.SecretUndecryptable(
+            f"the secret of account {granted.id} does not decrypt with the transport key"
+        ) from None
+    return Account(id=granted.id, username=granted.username, secret=SecretStr(plain.decode()))
+
+
+class Job:
+    """An async context manager: enter acquires, the body works, exit releases with an outcome.
+
+    Entering raises ``JobRejected`` when Quartermaster refuses and ``RequestTimeout`` (a
+    ``TimeoutError``) when no answer came in ``wait_seconds + timeout``. Exiting sends
+    ``job.finish``: ``succeeded``; ``failed`` with the exception's class name when the body raised;
+    ``blocked`` after ``job.blocked(reason)``. Create it with ``QuartermasterClient.job``.
+    """
+
+    def __init__(
+        self,
+        client: QuartermasterClient,
+        *,
+        site: str,
+        lease_seconds: int | None,
+        wait_seconds: int,
+        needs_account: bool,
+        seeds: int,
+        collector: str,
+        job_id: str,
+        timeout: float,
+    ) -> None:
+        self._client = client
+        self.job_id = job_id
+        self.site = site
+        self.collector = collector
+        self.lease_seconds = lease_seconds
+        self.wait_seconds = wait_seconds
+        self.timeout = timeout
+        self._needs = wire.Needs(account=needs_account, seeds=seeds)
+        self._grant: wire.JobGranted | None = None
+        self._expires_at: datetime | None = None
+        self.account: Account | None = None
+        self.lost = False
+        self.lost_reason: str | None = None
+        self.status: str | None = None  # the job's final status once job.finished came back
+        self._blocked: tuple[str, int | None] | None = None
+        self._session_state: dict[str, Any] | None = None
+        self._seed_results: list[wire.SeedResult] = []
+        self._heartbeats: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        account = self.account.id if self.account is not None else None
+        token = self._grant.lease_token if self._grant is not None else None
+        return (
+            f"Job(job_id={self.job_id!r}, site={self.site!r}, lease_token={token}, "
+            f"lease_expires_at={self._expires_at}, account_id={account!r}, lost={self.lost})"
+        )
+
+    # --- what the grant gave -------------------------------------------------------------
+
+    def _granted(self) -> wire.JobGranted:
+        if self._grant is None:
+            raise RuntimeError("the job is not acquired yet: use `async with client.job(...)`")
+        return self._grant
+
+    @property
+    def lease_token(self) -> int:
+        """The fencing token every follow-up request presents."""
+        return self._granted().lease_token
+
+    @property
+    def lease_expires_at(self) -> datetime:
+        """When the lease lapses unless extended (updated by every ``job.extended``)."""
+        self._granted()
+        assert self._expires_at is not None
+        return self._expires_at
+
+    @property
+    def session(self) -> wire.GrantedSession | None:
+        """The account's browser session (Playwright ``storage_state``) and its version."""
+        return self._granted().session
+
+    @property
+    def seeds(self) -> list[wire.GrantedSeed]:
+        """The seeds handed out with the job, URLs already rewritten."""
+        return self._granted().seeds
+
+    # --- what the body tells ---------------------------------------------------------------
+
+    def blocked(self, reason: str, cooldown_seconds: int | None = None) -> None:
+        """Mark the outcome ``blocked``: the site blocked this account (it rests, or an operator looks)."""
+        self._blocked = (reason[:MAX_REASON_CHARS], cooldown_seconds)
+
+    def set_session_state(self, state: dict[str, Any]) -> None:
+        """The browser state (Playwright ``storage_state``) to merge back at finish."""
+        self._session_state = _SESSION_STATE.validate_python(state)
+
+    def report_seed(self, seed_id: str, ok: bool, next_due_seconds: int | None = None) -> None:
+        """Record how one seed went; sent with ``job.finish``."""
+        self._seed_results.append(
+            wire.SeedResult(seed_id=seed_id, ok=ok, next_due_seconds=next_due_seconds)
+        )
+
+    # --- acquire -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Job:
+        if self._grant is not None:
+            raise RuntimeError("a job is entered once; ask the client for a new one")
+        start = wire.JobStart(
+            request_id=uuid.uuid4(),
+            job_id=self.job_id,
+            site=self.site,
+            collector=self.collector,
+            needs=self._needs,
+            lease_seconds=self.lease_seconds,
+            wait_seconds=self.wait_seconds,
+        )
+        reply = await self._client.request(start, timeout=self.timeout)
+        if not isinstance(reply, wire.JobGranted):
+            raise _refusal(self.job_id, reply)
+        try:
+            self.account = (
+                decrypt_account(reply.account, self._client.transport_key)
+                if reply.account is not None
+                else None
+            )
+        except errors.SecretUndecryptable:
+            self._client.release(self.job_id, "secret_undecryptable")
+            raise
+        self._grant = reply
+        self._expires_at = reply.lease_expires_at
+        log.info(
+            "job_granted",
+            job_id=self.job_id,
+            site=self.site,
+            lease_token=reply.lease_token,
+            account_id=self.account.id if self.account else None,
+            seeds=len(reply.seeds),
+        )
+        self._heartbeats = asyncio.create_task(
+            self._heartbeat_loop(self._heartbeat_interval()), name=f"qm-sdk-heartbeat-{self.job_id}"
+        )
+        return self
+
+    # --- heartbeats ----------------------------------------------------------------------
+
+    def _heartbeat_interval(self) -> float:
+        lease = self.lease_seconds
+        if lease is None:
+            lease = int((self.lease_expires_at - datetime.now(UTC)).total_seconds())
+        return max(lease / 3, MIN_HEARTBEAT_SECONDS)
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        """Extend the lease every ``interval`` until it is lost or the job ends."""
+        while not self.lost:
+            await asyncio.sleep(interval)
+            heartbeat = wire.JobHeartbeat(
+                request_id=uuid.uuid4(),
+                job_id=self.job_id,
+                lease_token=self.lease_token,
+                extend_seconds=self.lease_seconds,
+            )
+            try:
+                reply = await self._client.request(heartbeat, timeout=max(interval * 1.5, 0.5))
+            except errors.QuartermasterError as exc:
+                log.warning(
+                    "heartbeat_unanswered", job_id=self.job_id, error_class=type(exc).__name__
+                )
+                continue
+            if isinstance(reply, wire.JobExtended):
+                self._expires_at = reply.lease_expires_at
+                log.debug(
+                    "lease_extended",
+                    job_id=self.job_id,
+                    lease_expires_at=str(reply.lease_expires_at),
+                )
+            elif isinstance(reply, wire.JobLeaseLost):
+                self._lose(reply.reason)
+            else:
+                log.warning("heartbeat_refused", job_id=self.job_id, reply_type=reply.type)
+
+    def _lose(self, reason: str) -> None:
+        self.lost = True
+        self.lost_reason = reason
+        log.warning("lease_lost", job_id=self.job_id, lease_token=self.lease_token, reason=reason)
+
+    async def _stop_heartbeats(self) -> None:
+        task, self._heartbeats = self._heartbeats, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # --- release -------------------------------------------------------------------------
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stop_heartbeats()
+        if self._grant is None:
+            return
+        if self.lost:
+            log.info("job_finish_skipped", job_id=self.job_id, reason=self.lost_reason)
+            return
+        finish = self._finish_message(exc)
+        try:
+            reply = await self._client.request(finish, timeout=self.timeout)
+            if isinstance(reply, wire.JobLeaseLost):
+                self._lose(reply.reason)
+            elif isinstance(reply, wire.JobFinished):
+                self.status = reply.status
+                log.info(
+                    "job_finished", job_id=self.job_id, outcome=finish.outcome, status=reply.status
+                )
+            else:
+                raise _refusal(self.job_id, reply)
+        except errors.QuartermasterError as error:
+            log.warning(
+                "job_finish_unconfirmed",
+                job_id=self.job_id,
+                outcome=finish.outcome,
+                error_class=type(error).__name__,
+            )
+            if exc is None:
+                raise  # the body's own exception, if any, matters more
+        return None
+
+    def _finish_message(self, exc: BaseException | None) -> wire.JobFinish:
+        outcome: str = "succeeded"
+        reason: str | None = None
+        cooldown: int | None = None
+        if self._blocked is not None:
+            outcome = "blocked"
+            reason, cooldown = self._blocked
+        elif exc is not None:
+            outcome, reason = "failed", type(exc).__name__[:MAX_REASON_CHARS]
+        return wire.JobFinish.model_validate(
+            {
+                "request_id": uuid.uuid4(),
+                "job_id": self.job_id,
+                "lease_token": self.lease_token,
+                "outcome": outcome,
+                "reason": reason,
+                "cooldown_seconds": cooldown,
+                "session_state": self._session_state,
+                "seed_results": self._seed_results or None,
+            }
+        )
+
+
+def _refusal(job_id: str, reply: wire.AnyReply) -> errors.QuartermasterError:
+    """The exception for a reply that is not the hoped-for one."""
+    if isinstance(reply, wire.JobRejected):
+        return errors.JobRejected(job_id, reply.reason)
+    if isinstance(reply, wire.RequestInvalid):
+        return errors.RequestInvalid(job_id, reply.error)
+    if isinstance(reply, wire.RequestConflict):
+        return errors.RequestConflict(job_id, str(reply.request_id))
+    return errors.UnexpectedReply(job_id, reply.type, "a grant or a refusal")
