@@ -1,0 +1,184 @@
+"""The job context manager's own logic: secret decryption, outcomes, what it never prints."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+from pydantic import SecretStr, ValidationError
+
+from app.sdk import Account, JobRejected, QuartermasterClient, SecretUndecryptable
+from app.sdk.job import decrypt_account
+from schemas.messages import GrantedAccount, JobFinished, JobGranted
+from schemas.messages import JobRejected as Rejected
+from tests.unit.test_sdk_client import RecordingProducer, reply_headers
+
+KEY = Fernet.generate_key().decode()
+SECRET = "correct-horse-battery-staple"
+
+
+def sealed(secret: str = SECRET, key: str = KEY) -> GrantedAccount:
+    return GrantedAccount(
+        id="acc-1", username="alice", secret=Fernet(key).encrypt(secret.encode()).decode()
+    )
+
+
+def test_the_account_secret_is_decrypted_with_the_transport_key() -> None:
+    account = decrypt_account(sealed(), SecretStr(KEY))
+    assert (account.id, account.username) == ("acc-1", "alice")
+    assert account.secret.get_secret_value() == SECRET
+
+
+def test_the_decrypted_secret_never_shows_in_repr_or_str() -> None:
+    account = decrypt_account(sealed(), SecretStr(KEY))
+    for text in (
+        repr(account),
+        str(account),
+        f"{account}",
+        repr(account.secret),
+        str(account.secret),
+    ):
+        assert SECRET not in text
+
+
+def test_a_secret_sealed_with_another_key_raises_secret_undecryptable() -> None:
+    with pytest.raises(SecretUndecryptable, match="acc-1"):
+        decrypt_account(sealed(key=Fernet.generate_key().decode()), SecretStr(KEY))
+
+
+def test_a_client_without_transport_key_cannot_decrypt() -> None:
+    with pytest.raises(SecretUndecryptable, match="no transport key"):
+        decrypt_account(sealed(), None)
+
+
+class Server:
+    """Answers job.start with a grant and job.finish with job.finished, recording what came."""
+
+    def __init__(
+        self, client: QuartermasterClient, producer: RecordingProducer, reject: str | None = None
+    ) -> None:
+        self.client = client
+        self.reject = reject
+        producer.respond = self.answer
+        self.producer = producer
+
+    def answer(self, body: dict[str, Any], cid: str) -> None:
+        reply: Any
+        if body["type"] == "job.start" and self.reject:
+            reply = Rejected(
+                request_id=body["request_id"], job_id=body["job_id"], reason=self.reject
+            )
+        elif body["type"] == "job.start":
+            reply = JobGranted(
+                request_id=body["request_id"],
+                job_id=body["job_id"],
+                lease_token=5,
+                lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
+                account=sealed(),
+            )
+        elif body["type"] == "job.finish":
+            reply = JobFinished(
+                request_id=body["request_id"], job_id=body["job_id"], status="SUCCEEDED"
+            )
+        else:
+            return
+        self.client.on_reply(reply_headers(cid), reply.model_dump_json().encode())
+
+    def finish(self) -> dict[str, Any]:
+        [body] = [body for _, _, body, _ in self.producer.sent if body["type"] == "job.finish"]
+        return body
+
+
+@pytest.fixture
+def server() -> Server:
+    producer = RecordingProducer()
+    client = QuartermasterClient("127.0.0.1:1", transport_key=KEY, request_timeout=1.0)
+    client._producer = producer  # type: ignore[assignment]
+    return Server(client, producer)
+
+
+async def test_a_body_that_returns_finishes_succeeded_with_session_state_and_seed_results(
+    server: Server,
+) -> None:
+    async with server.client.job(site="example", lease_seconds=60) as job:
+        assert isinstance(job.account, Account) and job.lease_token == 5
+        job.set_session_state({"cookies": [], "origins": []})
+        job.report_seed("seed-1", ok=True, next_due_seconds=3600)
+
+    finish = server.finish()
+    assert (finish["outcome"], finish["reason"], finish["lease_token"]) == ("succeeded", None, 5)
+    assert finish["session_state"] == {"cookies": [], "origins": []}
+    assert finish["seed_results"] == [{"seed_id": "seed-1", "ok": True, "next_due_seconds": 3600}]
+    assert job.status == "SUCCEEDED"
+
+
+async def test_a_body_that_raises_finishes_failed_with_the_exception_class_name(
+    server: Server,
+) -> None:
+    with pytest.raises(KeyError):
+        async with server.client.job(site="example", lease_seconds=60):
+            raise KeyError("selector")
+
+    finish = server.finish()
+    assert (finish["outcome"], finish["reason"]) == ("failed", "KeyError")
+
+
+async def test_blocked_wins_over_the_exception_that_followed_it(server: Server) -> None:
+    with pytest.raises(RuntimeError):
+        async with server.client.job(site="example", lease_seconds=60) as job:
+            job.blocked("captcha wall", cooldown_seconds=600)
+            raise RuntimeError("stop")
+
+    finish = server.finish()
+    assert (finish["outcome"], finish["reason"], finish["cooldown_seconds"]) == (
+        "blocked",
+        "captcha wall",
+        600,
+    )
+
+
+async def test_a_cancelled_body_still_finishes_failed(server: Server) -> None:
+    entered = asyncio.Event()
+
+    async def crawl() -> None:
+        async with server.client.job(site="example", lease_seconds=60):
+            entered.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(crawl())
+    await asyncio.wait_for(entered.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert server.finish()["reason"] == "CancelledError"
+
+
+async def test_a_rejected_start_raises_job_rejected_with_its_reason(server: Server) -> None:
+    server.reject = "no_accounts"
+    with pytest.raises(JobRejected) as raised:
+        async with server.client.job(site="example", job_id="job-42"):
+            pytest.fail("the body must not run")
+    assert (raised.value.reason, raised.value.job_id) == ("no_accounts", "job-42")
+
+
+async def test_the_job_repr_names_ids_but_not_the_secret(server: Server) -> None:
+    async with server.client.job(site="example", lease_seconds=60) as job:
+        text = f"{job!r} {job} {job.account!r}"
+    assert SECRET not in text and "acc-1" in text and job.job_id in text
+
+
+async def test_session_state_that_is_not_an_object_is_refused_in_the_body(server: Server) -> None:
+    async with server.client.job(site="example", lease_seconds=60) as job:
+        with pytest.raises(ValidationError):
+            job.set_session_state(["not", "an", "object"])  # type: ignore[arg-type]
+
+
+def test_a_job_not_yet_entered_has_no_lease() -> None:
+    job = QuartermasterClient("127.0.0.1:1").job(site="example", job_id=str(uuid.uuid4()))
+    with pytest.raises(RuntimeError, match="not acquired"):
+        _ = job.lease_token

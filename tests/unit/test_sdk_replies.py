@@ -1,0 +1,227 @@
+"""The SDK's reply bookkeeping: futures by correlation_id, message-id dedup, abandoned grants."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from app.sdk.errors import ReplyUnreadable
+from app.sdk.replies import RecentIds, RecentMap, ReplyRouter
+from schemas.messages import JobGranted, JobQueued, JobRejected
+
+
+def granted(correlation_id: str, job_id: str = "job-1") -> bytes:
+    return (
+        JobGranted(
+            request_id=uuid.UUID(correlation_id),
+            job_id=job_id,
+            lease_token=1,
+            lease_expires_at=datetime(2030, 1, 1, tzinfo=UTC),
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def queued(correlation_id: str, position: int = 3, job_id: str = "job-1") -> bytes:
+    return (
+        JobQueued(request_id=uuid.UUID(correlation_id), job_id=job_id, position=position)
+        .model_dump_json()
+        .encode()
+    )
+
+
+def rejected(correlation_id: str, job_id: str = "job-1") -> bytes:
+    return (
+        JobRejected(request_id=uuid.UUID(correlation_id), job_id=job_id, reason="timed_out")
+        .model_dump_json()
+        .encode()
+    )
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def test_reply_with_unknown_correlation_id_is_ignored() -> None:
+    router = ReplyRouter()
+    mine = new_id()
+    waiter = router.expect(mine, "job-1")
+    other = new_id()
+
+    assert router.route(other, new_id(), granted(other)) is None
+    assert router.route(None, new_id(), granted(mine)) is None
+
+    assert not waiter.final.done()
+
+
+async def test_final_reply_resolves_the_waiter_and_forgets_it() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    waiter = router.expect(cid, "job-1")
+
+    router.route(cid, new_id(), granted(cid))
+
+    assert isinstance(waiter.final.result(), JobGranted)
+    assert router.outstanding == 0
+
+
+async def test_queued_reply_notes_the_position_and_keeps_waiting_for_the_final_one() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    waiter = router.expect(cid, "job-1")
+
+    router.route(cid, new_id(), queued(cid, position=4))
+
+    assert waiter.queued and waiter.queued_position == 4
+    assert not waiter.final.done()
+    router.route(cid, new_id(), rejected(cid))
+    assert isinstance(waiter.final.result(), JobRejected)
+
+
+async def test_a_republished_reply_with_the_same_message_id_is_delivered_once() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    waiter = router.expect(cid, "job-1")
+    message_id = new_id()
+
+    router.route(cid, message_id, queued(cid, position=2))
+    router.route(cid, message_id, rejected(cid))  # same message id: a duplicate, dropped
+
+    assert not waiter.final.done()
+    router.route(cid, new_id(), granted(cid))
+    assert isinstance(waiter.final.result(), JobGranted)
+
+
+async def test_registering_the_same_correlation_id_twice_is_refused() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    router.expect(cid, "job-1")
+    with pytest.raises(ValueError, match="already waiting"):
+        router.expect(cid, "job-1")
+
+
+def test_recent_ids_forget_the_oldest_beyond_their_capacity() -> None:
+    ids = RecentIds(capacity=3)
+    for item in "abcd":
+        assert ids.add(item)
+    assert len(ids) == 3
+    assert "a" not in ids
+    assert not ids.add("d")
+    assert ids.add("a")
+
+
+def test_recent_map_forgets_the_oldest_beyond_its_capacity() -> None:
+    items = RecentMap(capacity=2)
+    items.put("a", "1")
+    items.put("b", "2")
+    items.put("c", "3")
+    assert "a" not in items and items.get("c") == "3" and len(items) == 2
+    assert items.pop("b") == "2" and items.pop("b") is None
+
+
+async def test_a_grant_for_an_abandoned_start_is_handed_back_for_release_once() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    router.expect(cid, "job-7")
+
+    assert router.abandon(cid, release_grant=True) is None
+    assert router.is_abandoned(cid)
+
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == "job-7"
+    assert not router.is_abandoned(cid)
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) is None
+
+
+async def test_an_abandoned_start_stays_remembered_through_queued_until_its_grant() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    router.expect(cid, "job-7")
+    router.abandon(cid, release_grant=True)
+
+    assert router.route(cid, new_id(), queued(cid, job_id="job-7")) is None
+    assert router.is_abandoned(cid)
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == "job-7"
+
+
+async def test_a_rejection_for_an_abandoned_start_releases_nothing_and_is_forgotten() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    router.expect(cid, "job-7")
+    router.abandon(cid, release_grant=True)
+
+    assert router.route(cid, new_id(), rejected(cid, job_id="job-7")) is None
+    assert not router.is_abandoned(cid)
+
+
+async def test_a_duplicate_late_grant_is_released_once() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    router.expect(cid, "job-7")
+    router.abandon(cid, release_grant=True)
+    message_id = new_id()
+    router.route(cid, message_id, queued(cid, job_id="job-7"))
+
+    assert router.route(cid, message_id, granted(cid, job_id="job-7")) is None  # same id: dup
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == "job-7"
+
+
+async def test_abandoning_a_start_whose_grant_arrived_but_was_never_taken_releases_it_now() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    router.expect(cid, "job-7")
+    router.route(cid, new_id(), granted(cid, job_id="job-7"))
+
+    assert router.abandon(cid, release_grant=True) is None  # already settled and forgotten
+
+    cid = new_id()
+    waiter = router.expect(cid, "job-8")
+    waiter.final.set_result(JobGranted.model_validate_json(granted(cid, job_id="job-8")))
+    assert router.abandon(cid, release_grant=True) == "job-8"
+
+
+async def test_abandoned_requests_other_than_starts_are_not_remembered() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    router.expect(cid, "job-7")
+
+    router.abandon(cid, release_grant=False)
+
+    assert not router.is_abandoned(cid)
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) is None
+
+
+async def test_abandoned_correlation_ids_are_bounded() -> None:
+    router = ReplyRouter(abandoned_capacity=2)
+    ids = [new_id() for _ in range(3)]
+    for cid in ids:
+        router.expect(cid, "job")
+        router.abandon(cid, release_grant=True)
+
+    assert not router.is_abandoned(ids[0])
+    assert router.is_abandoned(ids[1]) and router.is_abandoned(ids[2])
+
+
+async def test_an_unreadable_reply_fails_its_waiter() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    waiter = router.expect(cid, "job-1")
+
+    router.route(cid, new_id(), b'{"type": "job.granted", "v": 99}')
+
+    with pytest.raises(ReplyUnreadable):
+        waiter.final.result()
+
+
+async def test_fail_all_fails_every_outstanding_request() -> None:
+    router = ReplyRouter()
+    waiters = [router.expect(new_id(), "job") for _ in range(2)]
+
+    router.fail_all(RuntimeError("closed"))
+
+    assert router.outstanding == 0
+    for waiter in waiters:
+        with pytest.raises(RuntimeError):
+            waiter.final.result()
