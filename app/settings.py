@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     consumer_group: str = Field(
         "qm-claim-workers", description="Consumer group of the claim workers."
     )
+    consumer_session_timeout_ms: int = Field(
+        10_000, description="Kafka group session timeout: how soon a dead worker's partitions move."
+    )
     max_request_bytes: int = Field(
         256 * 1024, description="Requests larger than this are dead-lettered."
     )
@@ -90,6 +93,14 @@ class Settings(BaseSettings):
         SecretStr(""),
         description="Fernet key shared with collectors; encrypts the account secret in job.granted.",
     )
+
+    # --- chaos testing (never set in production) ----------------------------------------
+    fault_point: str | None = Field(
+        None,
+        description="Testing only: 'mid_transaction' or 'after_commit' makes the claim worker SIGKILL "
+        "itself there while processing a request of QM_FAULT_JOB_ID.",
+    )
+    fault_job_id: str | None = Field(None, description="Testing only: the job whose request trips the fault.")
 
     # --- operations --------------------------------------------------------------------
     log_format: str = Field(

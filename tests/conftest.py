@@ -104,6 +104,7 @@ def settings(database_url: str, kafka_bootstrap: str, topic_prefix: str) -> Sett
         transport_key=Fernet.generate_key().decode(),
         outbox_poll_seconds=0.2,
         reaper_interval_seconds=0.2,
+        consumer_session_timeout_ms=6000,
     )
 
 

@@ -11,8 +11,9 @@ import asyncio
 from typing import Any
 
 import structlog
-from faststream import AckPolicy, Context
+from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka.message import KafkaMessage as KafkaRecordMessage
 from faststream.message import StreamMessage
 
 from app.kafka import faststream_security
@@ -28,7 +29,7 @@ async def raw_body(message: StreamMessage[Any]) -> bytes:
     return message.body
 
 
-def incoming(message: KafkaMessage) -> Incoming:
+def incoming(message: KafkaRecordMessage) -> Incoming:
     record = message.raw_message
     assert not isinstance(record, tuple)
     return Incoming(
@@ -42,7 +43,9 @@ def incoming(message: KafkaMessage) -> Incoming:
     )
 
 
-def build_broker(settings: Settings, processor: RequestProcessor, consumers: int = 1) -> KafkaBroker:
+def build_broker(
+    settings: Settings, processor: RequestProcessor, consumers: int = 1
+) -> KafkaBroker:
     """The FastStream broker with the requests subscriber wired to ``processor``."""
     broker = KafkaBroker(
         settings.kafka_bootstrap_servers, security=faststream_security(settings), logger=None
@@ -55,11 +58,13 @@ def build_broker(settings: Settings, processor: RequestProcessor, consumers: int
         auto_offset_reset="earliest",
         decoder=raw_body,
         max_poll_interval_ms=600_000,
+        session_timeout_ms=settings.consumer_session_timeout_ms,
+        heartbeat_interval_ms=max(settings.consumer_session_timeout_ms // 5, 100),
         **extra,
     )
 
     @subscriber
-    async def on_request(body: bytes, message: KafkaMessage = Context("message")) -> None:  # noqa: B008
+    async def on_request(body: bytes, message: KafkaMessage) -> None:
         await processor.process(incoming(message))
 
     return broker
@@ -71,7 +76,9 @@ async def run_claim_worker(settings: Settings, stop: asyncio.Event) -> None:
     processor = RequestProcessor(settings, db)
     broker = build_broker(settings, processor)
     await broker.start()
-    log.info("claim_worker_started", topic=settings.topic("requests"), group=settings.consumer_group)
+    log.info(
+        "claim_worker_started", topic=settings.topic("requests"), group=settings.consumer_group
+    )
     try:
         await stop.wait()
     finally:

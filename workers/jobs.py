@@ -79,7 +79,9 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
         await reject(tx, timed_out, "no_capacity")
         return None
     position = await jobs.queue_position(tx.conn, req.job_id)
-    return JobQueued(request_id=req.request_id, job_id=req.job_id, position=position).model_dump(mode="json")
+    return JobQueued(request_id=req.request_id, job_id=req.job_id, position=position).model_dump(
+        mode="json"
+    )
 
 
 async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: str) -> Reply:
@@ -87,8 +89,12 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: st
     job = await jobs.extend_lease(tx.conn, req.job_id, req.lease_token, req.extend_seconds)
     if job is None:
         reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
-        log.info("lease_extend_refused", job_id=req.job_id, lease_token=req.lease_token, reason=reason)
-        return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(mode="json")
+        log.info(
+            "lease_extend_refused", job_id=req.job_id, lease_token=req.lease_token, reason=reason
+        )
+        return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
+            mode="json"
+        )
     return JobExtended(
         request_id=req.request_id, job_id=req.job_id, lease_expires_at=job["lease_expires_at"]
     ).model_dump(mode="json")
@@ -103,7 +109,9 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
     site = await sites.lock_site(tx.conn, slug)
     assert site is not None  # jobs reference sites
     status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
-    reason = req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"
+    reason = (
+        req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"
+    )
     job = await jobs.finish_job(tx.conn, req.job_id, req.lease_token, status, reason)
     if job is None:
         why = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
@@ -115,7 +123,9 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
     tx.events.job("finished", job)
     log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])
     await grant_waiting(tx, slug)
-    return JobFinished(request_id=req.request_id, job_id=req.job_id, status=job["status"]).model_dump(mode="json")
+    return JobFinished(
+        request_id=req.request_id, job_id=req.job_id, status=job["status"]
+    ).model_dump(mode="json")
 
 
 async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> Reply:

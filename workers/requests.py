@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -83,8 +85,13 @@ class RequestProcessor:
                 return await self._retry_transient(partial(self._handle, record))
             except Exception as exc:  # noqa: BLE001 - every failure is classified
                 disposition = classify(exc)
-                if disposition is Disposition.UNEXPECTED and attempts < self.settings.unexpected_error_attempts:
-                    log.warning("request_failed_retrying", error_class=type(exc).__name__, attempts=attempts)
+                if (
+                    disposition is Disposition.UNEXPECTED
+                    and attempts < self.settings.unexpected_error_attempts
+                ):
+                    log.warning(
+                        "request_failed_retrying", error_class=type(exc).__name__, attempts=attempts
+                    )
                     continue
                 await self._retry_transient(partial(self._dead_letter, record, exc, attempts))
                 return "dead_lettered"
@@ -148,8 +155,18 @@ class RequestProcessor:
             else:
                 outcome = await self._answer_again(tx, request, reply_to, headers)
             await tx.flush()
-        log.debug("request_processed", request_id=request_id, job_id=request.job_id, outcome=outcome)
+            self._fault("mid_transaction", request.job_id)
+        self._fault("after_commit", request.job_id)
+        log.debug(
+            "request_processed", request_id=request_id, job_id=request.job_id, outcome=outcome
+        )
         return outcome
+
+    def _fault(self, point: str, job_id: str) -> None:
+        """Chaos testing: die here, as a crash would, when the settings ask for it."""
+        if self.settings.fault_point == point and self.settings.fault_job_id == job_id:
+            log.warning("fault_injected", point=point, job_id=job_id)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def _answer_again(
         self, tx: Tx, request: AnyRequest, reply_to: str, headers: list[tuple[str, str]]
@@ -170,7 +187,11 @@ class RequestProcessor:
         """The record to ``<topic>.dlt`` with its headers, plus request.invalid where answerable."""
         message = redact(describe(error))
         origin = Origin(
-            record.topic, record.partition, record.offset, record.timestamp_ms, self.settings.consumer_group
+            record.topic,
+            record.partition,
+            record.offset,
+            record.timestamp_ms,
+            self.settings.consumer_group,
         )
         ids = _readable_ids(record.value)
         correlation_id = header(record.headers, CORRELATION_ID) or ids.get("request_id")
@@ -183,9 +204,16 @@ class RequestProcessor:
                 dead_letter_headers(record.headers, origin, error, attempts, message=message),
             )
             if correlation_id:
-                invalid = RequestInvalid(request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message)
+                invalid = RequestInvalid(
+                    request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
+                )
                 key = ids.get("job_id") or record.key
-                tx.box.add(self._reply_to(record), key, invalid.model_dump(mode="json"), [(CORRELATION_ID, correlation_id)])
+                tx.box.add(
+                    self._reply_to(record),
+                    key,
+                    invalid.model_dump(mode="json"),
+                    [(CORRELATION_ID, correlation_id)],
+                )
             await tx.flush()
         log.warning(
             "request_dead_lettered",

@@ -1,0 +1,5 @@
+"""`python -m app` is `qm`."""
+
+from app.cli import main
+
+main()
