@@ -1,12 +1,513 @@
-"""The outbox relay (being built): publishes committed outbox rows to Kafka in order per key."""
+"""The outbox relay: publishes committed outbox rows to Kafka, in id order per shard, then deletes them.
+
+What it promises, and why it holds:
+
+- **At least once.** A row is deleted only after the broker acknowledged it (acks=all). A relay
+  that dies between the ack and the delete leaves the row for the next owner of its shard, which
+  publishes it again; consumers drop the repeat by its ``message_id`` header. A failed send, a
+  missing topic or a broker that is down deletes nothing: the rows wait and are tried again.
+- **Order per key** (per topic and key). A key always hashes to one shard; a shard is owned by one
+  relay at a time (a session advisory lock on the relay's own connection, which also does the
+  reads and deletes, so a relay that lost its connection cannot read a shard it no longer owns);
+  the owner sends the shard's rows in id order through one idempotent producer. The writer makes
+  rows of one key commit in id order, so a relay never sees a later row of a key before an earlier
+  one. A row of another key that took a lower id but commits late is simply read by a later round:
+  rows are deleted by id, there is no watermark that could pass it by. After a failed send the
+  producer is rebuilt: its idempotent sequence numbers have already refused every later batch of
+  that partition, so nothing of a key overtakes the row that failed.
+- **Fair share and takeover.** Relays count each other (sessions named ``qm-relay`` on this
+  database) and each holds at most ``ceil(S / relays)`` shards, releasing extras. When a relay dies
+  its connection closes and PostgreSQL drops its locks; each survivor rebalances every
+  ``outbox_poll_seconds``, so **a dead relay's shards are owned again within
+  2 x outbox_poll_seconds plus one survivor round in flight** (two rebalances: the first may still
+  count the dead session). The chaos test asserts this with a 0.2 s poll.
+
+A round (``run_once``) is: rebalance when due, read up to ``outbox_batch_size`` rows of every owned
+shard, send them, await every ack, call ``after_ack`` (the benchmark's and tests' hook), delete the
+acked rows. The loop (``run``) repeats at once while a shard had a full batch, else waits for a
+``NOTIFY qm_outbox`` from a committing writer or the poll interval.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.db.engine import make_engine
+from app.kafka import producer_options
+from app.outbox import metrics
 from app.settings import Settings
+from app.store.outbox import (
+    NOTIFY_CHANNEL,
+    RELAY_APPLICATION_NAME,
+    UnsentRow,
+    backlog,
+    count_relays,
+    delete_rows,
+    fetch_unsent,
+    lock_shards,
+    name_session,
+    shard_owners,
+    unlock_shards,
+)
+
+log = structlog.get_logger()
+
+# Called with the rows the broker acknowledged, before they are deleted.
+AfterAck = Callable[[Sequence[UnsentRow]], Awaitable[None]]
+
+TOPIC_WAIT_SECONDS = 2.0  # how long one round waits for an unknown topic's metadata
+SHUTDOWN_GRACE_SECONDS = 10.0  # how long a stopping relay lets its in-flight round finish
+SUMMARY_SECONDS = 1.0  # outbox_published summaries at info level at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRound:
+    """What one ``run_once`` did."""
+
+    shards: tuple[int, ...]  # shards owned during the round
+    published: int = 0  # rows acked by the broker and deleted
+    failed: int = 0  # rows whose send failed; they stay for a later round
+    waiting: int = 0  # rows read but not sent (topic unavailable, or an earlier row failed)
+    full: bool = False  # some shard had a full batch: more rows are likely waiting
+
+    @property
+    def idle(self) -> bool:
+        return self.published == 0 and self.failed == 0 and not self.full
+
+
+@dataclass(slots=True)
+class _Backoff:
+    """Capped exponential backoff: 0.1 s, 0.2 s, ... up to ``cap``."""
+
+    cap: float
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        self.failures = min(self.failures + 1, 32)
+        return min(self.cap, 0.1 * 2 ** (self.failures - 1))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass(slots=True)
+class _Summary:
+    """Counts between two ``outbox_published`` info lines."""
+
+    rows: int = 0
+    rounds: int = 0
+    last_outbox_id: int = 0
+    shards: set[int] = field(default_factory=set)
+    topics: set[str] = field(default_factory=set)
+    since: float = field(default_factory=time.monotonic)
+
+
+class Relay:
+    """Owns outbox shards and publishes their rows; ``run`` loops, ``run_once`` does one round."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: AsyncEngine | None = None,
+        after_ack: AfterAck | None = None,
+    ) -> None:
+        self.settings = settings
+        self.shard_count = settings.outbox_shards
+        self.owned: set[int] = set()
+        self.after_ack = after_ack
+        self._engine = engine
+        self._owns_engine = engine is None
+        self._session: AsyncConnection | None = None
+        self._session_pid = 0
+        self._producer: AIOKafkaProducer | None = None
+        self._producer_broken = False
+        self._wake = asyncio.Event()
+        self._rebalance_at = 0.0
+        self._ready_topics: set[str] = set()
+        self._topic_backoff: dict[str, tuple[float, _Backoff]] = {}
+        self._summary = _Summary()
+        self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run rounds until ``stop`` is set; then finish the round in flight and close."""
+        backoff = _Backoff(cap=self.settings.transient_retry_max_seconds)
+        log.info("outbox_relay_started", shards=self.shard_count)
+        try:
+            while not stop.is_set():
+                try:
+                    result = await self._round_unless_stopped(stop)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the relay outlives any failure; rows wait
+                    await self._on_round_error(exc)
+                    await _wait_any([stop], backoff.next_delay())
+                    continue
+                if result is None:  # stopped
+                    break
+                if result.failed:
+                    await _wait_any([stop], backoff.next_delay())
+                elif not result.full:
+                    backoff.reset()
+                    await _wait_any([stop, self._wake], self.settings.outbox_poll_seconds)
+                else:
+                    backoff.reset()
+        finally:
+            self._flush_summary(force=True)
+            await self.close()
+            log.info("outbox_relay_stopped")
+
+    async def _round_unless_stopped(self, stop: asyncio.Event) -> RelayRound | None:
+        """One round; if ``stop`` comes meanwhile, give the round a grace period to finish."""
+        round_task = asyncio.create_task(self.run_once())
+        stop_task = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({round_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not round_task.done():
+                done, _ = await asyncio.wait({round_task}, timeout=SHUTDOWN_GRACE_SECONDS)
+                if not done:
+                    log.warning("outbox_round_abandoned", grace_seconds=SHUTDOWN_GRACE_SECONDS)
+                    round_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await round_task
+                    return None
+            return round_task.result()
+        finally:
+            stop_task.cancel()
+            if not round_task.done():
+                round_task.cancel()
+
+    async def _on_round_error(self, exc: Exception) -> None:
+        kind = "database" if isinstance(exc, SQLAlchemyError | OSError) else "kafka"
+        if not isinstance(exc, SQLAlchemyError | OSError | KafkaError):
+            kind = "unexpected"
+        metrics.ERRORS.labels(kind).inc()
+        log.warning("outbox_round_failed", error_class=type(exc).__name__, error=str(exc))
+        if kind != "kafka":
+            await self._drop_session()
+        else:
+            await self._drop_producer()
+
+    # --- one round ------------------------------------------------------------------------
+
+    async def run_once(self) -> RelayRound:
+        """Rebalance when due, publish every owned shard's next batch, delete what was acked."""
+        self._wake.clear()
+        session = await self._connect()
+        producer = await self._ensure_producer()
+        now = time.monotonic()
+        if now >= self._rebalance_at:
+            await self._rebalance(session)
+            await self._refresh_backlog(session)
+            self._rebalance_at = now + self.settings.outbox_poll_seconds
+        shards = tuple(sorted(self.owned))
+        limit = self.settings.outbox_batch_size
+        rows = await fetch_unsent(session, shards, limit, self._topics_in_backoff(now))
+        if not rows:
+            return RelayRound(shards=shards)
+        fetched_at = time.monotonic()
+        full = _any_shard_full(rows, limit)
+        ready = await self._resolve_topics(producer, {row.topic for row in rows})
+        sent, failed, waiting = await self._send(producer, rows, ready)
+        results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
+        acked_at = time.monotonic()
+        acked: list[UnsentRow] = []
+        for (row, _), outcome in zip(sent, results, strict=True):
+            if isinstance(outcome, BaseException):
+                failed.append(row)
+                self._log_failure(row, outcome)
+            else:
+                acked.append(row)
+        if failed:
+            metrics.ERRORS.labels("send").inc(len(failed))
+            self._producer_broken = True  # its sequence numbers refuse the rest of the partition
+        if acked:
+            if self.after_ack is not None:
+                await self.after_ack(acked)
+            await delete_rows(session, [row.id for row in acked])
+            self._record(acked, fetched_at, acked_at)
+        return RelayRound(
+            shards=shards,
+            published=len(acked),
+            failed=len(failed),
+            waiting=waiting,
+            full=full and not failed,
+        )
+
+    async def _send(
+        self, producer: AIOKafkaProducer, rows: Sequence[UnsentRow], ready: set[str]
+    ) -> tuple[list[tuple[UnsentRow, asyncio.Future[Any]]], list[UnsentRow], int]:
+        """Hand the rows to the producer in order; a key whose row failed sends nothing more."""
+        sent: list[tuple[UnsentRow, asyncio.Future[Any]]] = []
+        failed: list[UnsentRow] = []
+        held: set[tuple[str, bytes | None]] = set()
+        waiting = 0
+        for index, row in enumerate(rows):
+            if row.topic not in ready or (row.topic, row.key) in held:
+                waiting += 1
+                continue
+            try:
+                future = await producer.send(
+                    row.topic, row.payload, key=row.key, headers=list(row.headers)
+                )
+            except KafkaTimeoutError as exc:
+                # the producer's buffer stayed full: the broker is not taking data; stop here
+                failed.append(row)
+                self._log_failure(row, exc)
+                waiting += len(rows) - index - 1
+                break
+            except KafkaError as exc:
+                failed.append(row)
+                held.add((row.topic, row.key))
+                self._log_failure(row, exc)
+                continue
+            sent.append((row, future))
+        return sent, failed, waiting
+
+    # --- connections ----------------------------------------------------------------------
+
+    async def _connect(self) -> AsyncConnection:
+        """The relay's session: autocommit, named, listening; it holds the shard locks."""
+        if self._session is not None and not self._session.closed:
+            return self._session
+        if self._engine is None:
+            self._engine = make_engine(self.settings, pool_size=1)
+        conn = await self._engine.connect()
+        try:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await name_session(conn, RELAY_APPLICATION_NAME)
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            await driver.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            driver.add_termination_listener(self._on_terminated)
+            self._session_pid = int(driver.get_server_pid())
+        except BaseException:
+            await _discard(conn)
+            raise
+        self._session = conn
+        self._rebalance_at = 0.0
+        log.info("outbox_relay_connected", backend_pid=self._session_pid)
+        return conn
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    def _on_terminated(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _drop_session(self, *, closing: bool = False) -> None:
+        """Forget the session; its locks went (or go) with it."""
+        if self.owned:
+            if closing:
+                log.info("outbox_shards_released", shards=sorted(self.owned))
+            else:
+                log.warning("outbox_shards_lost", shards=sorted(self.owned))
+            metrics.SHARDS_OWNED.dec(len(self.owned))
+            self.owned.clear()
+        if self._session is not None:
+            await _discard(self._session)
+            self._session = None
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._producer is not None and self._producer_broken:
+            log.info("outbox_producer_rebuilt")
+            await self._drop_producer()
+        if self._producer is None:
+            producer = AIOKafkaProducer(**producer_options(self.settings))
+            try:
+                await producer.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                raise
+            self._producer = producer
+            self._producer_broken = False
+            self._ready_topics.clear()
+        return self._producer
+
+    async def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            await asyncio.wait_for(producer.stop(), SHUTDOWN_GRACE_SECONDS)
+        except TimeoutError:
+            # only with sends still unacknowledged (broker down); their rows are still in the table
+            log.warning("outbox_producer_abandoned")
+
+    async def close(self) -> None:
+        """Close the producer, then the session (which releases the shard locks)."""
+        await self._drop_producer()
+        await self._drop_session(closing=True)
+        if self._owns_engine and self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    # --- shards ---------------------------------------------------------------------------
+
+    async def _rebalance(self, session: AsyncConnection) -> None:
+        """Hold ``ceil(S / relays)`` shards: release extras, take free ones."""
+        relays = await count_relays(session)
+        target = math.ceil(self.shard_count / max(relays, 1))
+        owners = await shard_owners(session)
+        held = {shard for shard, pid in owners.items() if pid == self._session_pid}
+        if held != self.owned:  # trust the database over our own bookkeeping
+            self._set_owned(held)
+        if len(self.owned) > target:
+            extra = sorted(self.owned)[target:]
+            await unlock_shards(session, extra)
+            self._set_owned(self.owned - set(extra))
+            log.info("outbox_shards_released", shards=extra, relays=relays, target=target)
+            return
+        order = [(self._offset + step) % self.shard_count for step in range(self.shard_count)]
+        taken: list[int] = []
+        for shard in order:
+            if len(self.owned) + len(taken) >= target:
+                break
+            if shard not in owners and await lock_shards(session, [shard]):
+                taken.append(shard)
+        if taken:
+            self._set_owned(self.owned | set(taken))
+            log.info("outbox_shards_taken", shards=taken, relays=relays, target=target)
+
+    def _set_owned(self, shards: set[int]) -> None:
+        metrics.SHARDS_OWNED.inc(len(shards) - len(self.owned))
+        self.owned = set(shards)
+
+    async def _refresh_backlog(self, session: AsyncConnection) -> None:
+        stats = await backlog(session)
+        metrics.BACKLOG_ROWS.set(stats.rows)
+        metrics.OLDEST_AGE.set(stats.oldest_age_seconds)
+
+    # --- topics ---------------------------------------------------------------------------
+
+    def _topics_in_backoff(self, now: float) -> list[str]:
+        return [topic for topic, (retry_at, _) in self._topic_backoff.items() if retry_at > now]
+
+    async def _resolve_topics(self, producer: AIOKafkaProducer, topics: set[str]) -> set[str]:
+        """The topics whose metadata the producer has (or gets within TOPIC_WAIT_SECONDS)."""
+        unknown = sorted(topics - self._ready_topics)
+        outcomes = await asyncio.gather(
+            *(asyncio.wait_for(producer.partitions_for(t), TOPIC_WAIT_SECONDS) for t in unknown),
+            return_exceptions=True,
+        )
+        now = time.monotonic()
+        for topic, outcome in zip(unknown, outcomes, strict=True):
+            if isinstance(outcome, KafkaError | TimeoutError):
+                entry = self._topic_backoff.get(topic)
+                backoff = entry[1] if entry else _Backoff(self.settings.transient_retry_max_seconds)
+                self._topic_backoff[topic] = (now + backoff.next_delay(), backoff)
+                metrics.ERRORS.labels("topic").inc()
+                log.warning("outbox_topic_unavailable", topic=topic, error_class=_name(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                self._ready_topics.add(topic)
+                self._topic_backoff.pop(topic, None)
+        return topics & self._ready_topics
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def _log_failure(self, row: UnsentRow, exc: BaseException) -> None:
+        log.warning(
+            "outbox_publish_failed",
+            outbox_id=row.id,
+            topic=row.topic,
+            shard=row.shard,
+            error_class=_name(exc),
+            error=str(exc),
+        )
+
+    def _record(self, acked: Sequence[UnsentRow], fetched_at: float, acked_at: float) -> None:
+        """Metrics and logs of one round's acked rows (never their payloads)."""
+        in_flight = acked_at - fetched_at
+        for row in acked:
+            # age by the database's clock when read, plus our own clock's time to the ack
+            metrics.PUBLISH_LATENCY.observe(row.age_seconds + in_flight)
+        metrics.PUBLISHED.inc(len(acked))
+        metrics.BATCHES.inc()
+        by_shard: dict[int, list[UnsentRow]] = {}
+        for row in acked:
+            by_shard.setdefault(row.shard, []).append(row)
+        for shard, rows in by_shard.items():
+            log.debug(
+                "outbox_batch_published",
+                shard=shard,
+                rows=len(rows),
+                outbox_id=rows[-1].id,
+                first_outbox_id=rows[0].id,
+                topic=sorted({row.topic for row in rows}),
+            )
+        summary = self._summary
+        summary.rows += len(acked)
+        summary.rounds += 1
+        summary.last_outbox_id = max(summary.last_outbox_id, max(row.id for row in acked))
+        summary.shards.update(by_shard)
+        summary.topics.update(row.topic for row in acked)
+        self._flush_summary()
+
+    def _flush_summary(self, *, force: bool = False) -> None:
+        summary = self._summary
+        if summary.rows == 0 or not (force or time.monotonic() - summary.since >= SUMMARY_SECONDS):
+            return
+        log.info(
+            "outbox_published",
+            rows=summary.rows,
+            rounds=summary.rounds,
+            outbox_id=summary.last_outbox_id,
+            shard=sorted(summary.shards),
+            topic=sorted(summary.topics),
+        )
+        self._summary = _Summary()
+
+
+def _any_shard_full(rows: Sequence[UnsentRow], limit: int) -> bool:
+    counts: dict[int, int] = {}
+    for row in rows:
+        counts[row.shard] = counts.get(row.shard, 0) + 1
+    return any(count >= limit for count in counts.values())
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+async def _discard(conn: AsyncConnection) -> None:
+    """Close a connection for good (not back to a pool: it carries locks, a name, a LISTEN)."""
+    with contextlib.suppress(Exception):
+        await conn.invalidate()
+    with contextlib.suppress(Exception):
+        await conn.close()
+
+
+async def _wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:
+    """Return when any of ``events`` is set or after ``timeout`` seconds."""
+    if any(event.is_set() for event in events):
+        return
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the relay until ``stop`` is set."""
-    await stop.wait()
+    """Run the relay until ``stop`` is set (the entry point of `qm relay` and `qm run all`)."""
+    await Relay(settings).run(stop)

@@ -86,3 +86,172 @@ async def insert_rows(conn: AsyncConnection, rows: Sequence[OutboxRow]) -> None:
             "payloads": [row.payload for row in rows],
         },
     )
+
+
+# --- the relay's side -----------------------------------------------------------------------
+# A relay owns shards through session-level advisory locks held on its one dedicated
+# connection, named RELAY_APPLICATION_NAME so relays can count each other.
+
+RELAY_APPLICATION_NAME = "qm-relay"
+
+
+@dataclass(frozen=True, slots=True)
+class UnsentRow:
+    """A committed outbox row as the relay reads it, with its age by the database's clock."""
+
+    id: int
+    shard: int
+    topic: str
+    key: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    payload: bytes
+    age_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Rows waiting in the outbox and the age of the oldest."""
+
+    rows: int
+    oldest_age_seconds: float
+
+
+_NAME_SESSION = text("SELECT set_config('application_name', :name, false)")
+
+_COUNT_RELAYS = text(
+    """
+    SELECT count(*) FROM pg_stat_activity
+    WHERE application_name = :name AND datname = current_database()
+    """
+)
+
+_TRY_LOCK_SHARDS = text(
+    """
+    -- Takes every free shard of the list; the caller releases what it does not want.
+    SELECT s FROM unnest(CAST(:shards AS integer[])) AS s
+    WHERE pg_try_advisory_lock(:lock_class, s)
+    ORDER BY s
+    """
+)
+
+_UNLOCK_SHARDS = text(
+    """
+    SELECT count(*) FILTER (WHERE pg_advisory_unlock(:lock_class, s))
+    FROM unnest(CAST(:shards AS integer[])) AS s
+    """
+)
+
+_SHARD_LOCKS = text(
+    """
+    SELECT objid::integer AS shard, pid FROM pg_locks
+    WHERE locktype = 'advisory' AND classid = :lock_class AND objsubid = 2 AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    ORDER BY 1
+    """
+)
+
+_FETCH_UNSENT = text(
+    """
+    -- The oldest rows of each shard, in id order, up to :limit per shard. Topics that
+    -- cannot be published right now are passed over so their rows do not block the shard.
+    SELECT o.id, o.shard, o.topic, o.key, o.headers, o.payload,
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age_seconds
+    FROM unnest(CAST(:shards AS smallint[])) AS s(shard)
+    CROSS JOIN LATERAL (
+        SELECT id, shard, topic, key, headers, payload, created_at FROM outbox
+        WHERE outbox.shard = s.shard AND outbox.topic <> ALL(:skip_topics)
+        ORDER BY outbox.id
+        LIMIT :limit
+    ) AS o
+    ORDER BY o.shard, o.id
+    """
+).bindparams(bindparam("skip_topics", type_=ARRAY(TEXT)))
+
+_DELETE_ROWS = text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))")
+
+_BACKLOG = text(
+    """
+    SELECT count(*) AS rows,
+           coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS age
+    FROM outbox
+    """
+)
+
+
+async def name_session(conn: AsyncConnection, name: str) -> None:
+    """Set the session's application_name (what pg_stat_activity shows for it)."""
+    await conn.execute(_NAME_SESSION, {"name": name})
+
+
+async def count_relays(conn: AsyncConnection, name: str = RELAY_APPLICATION_NAME) -> int:
+    """Sessions of this database named ``name``: the live relays, the caller included."""
+    return int((await conn.execute(_COUNT_RELAYS, {"name": name})).scalar_one())
+
+
+async def lock_shards(conn: AsyncConnection, shards: Sequence[int]) -> list[int]:
+    """Try the session lock of each shard; returns those now held (the others are owned elsewhere)."""
+    if not shards:
+        return []
+    result = await conn.execute(
+        _TRY_LOCK_SHARDS, {"shards": list(shards), "lock_class": SHARD_LOCK_CLASS}
+    )
+    return [int(shard) for shard in result.scalars()]
+
+
+async def unlock_shards(conn: AsyncConnection, shards: Sequence[int]) -> int:
+    """Release the session locks of ``shards``; returns how many were held."""
+    if not shards:
+        return 0
+    result = await conn.execute(
+        _UNLOCK_SHARDS, {"shards": list(shards), "lock_class": SHARD_LOCK_CLASS}
+    )
+    return int(result.scalar_one())
+
+
+async def shard_owners(conn: AsyncConnection) -> dict[int, int]:
+    """Every locked shard of this database and the backend pid of the relay holding it."""
+    result = await conn.execute(_SHARD_LOCKS, {"lock_class": SHARD_LOCK_CLASS})
+    return {int(row.shard): int(row.pid) for row in result}
+
+
+async def fetch_unsent(
+    conn: AsyncConnection, shards: Sequence[int], limit: int, skip_topics: Sequence[str] = ()
+) -> list[UnsentRow]:
+    """The committed rows of ``shards``, oldest first, at most ``limit`` per shard."""
+    if not shards:
+        return []
+    result = await conn.execute(
+        _FETCH_UNSENT,
+        {"shards": list(shards), "limit": limit, "skip_topics": list(skip_topics)},
+    )
+    return [
+        UnsentRow(
+            id=row.id,
+            shard=row.shard,
+            topic=row.topic,
+            key=row.key,
+            headers=tuple(decode_headers(_as_json(row.headers))),
+            payload=row.payload,
+            age_seconds=row.age_seconds,
+        )
+        for row in result
+    ]
+
+
+async def delete_rows(conn: AsyncConnection, ids: Sequence[int]) -> int:
+    """Delete published rows by id; returns how many were still there."""
+    if not ids:
+        return 0
+    result = await conn.execute(_DELETE_ROWS, {"ids": list(ids)})
+    return int(result.rowcount)
+
+
+async def backlog(conn: AsyncConnection) -> Backlog:
+    """How many rows wait in the whole outbox and how old the oldest is."""
+    row = (await conn.execute(_BACKLOG)).one()
+    return Backlog(rows=int(row.rows), oldest_age_seconds=float(row.age))
+
+
+def _as_json(value: object) -> Sequence[Sequence[str]]:
+    """jsonb arrives as text through a plain text() query."""
+    return json.loads(value) if isinstance(value, str | bytes) else value  # type: ignore[return-value]
