@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from app.health import serve_metrics
 from app.settings import Settings
 
 log = structlog.get_logger()
@@ -29,6 +30,7 @@ def registry() -> dict[str, Process]:
 async def run_processes(settings: Settings, names: list[str]) -> None:
     """Run the named processes together; SIGINT/SIGTERM stop them all, a crash of one stops all."""
     known = registry()
+    serve_metrics(settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ import contextlib
 import structlog
 
 from app.errors import Disposition, classify
+from app.health import SWEEP_CHANGES
 from app.settings import Settings
 from app.store import Database
 from reapers.base import Sweep
@@ -47,6 +48,7 @@ async def run_reapers(settings: Settings, stop: asyncio.Event) -> None:
                         )
                     continue
                 if result.changed:
+                    SWEEP_CHANGES.labels(sweep.name).inc(len(result.changed))
                     log.info("sweep_done", sweep=sweep.name, changed=len(result.changed))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.reaper_interval_seconds)

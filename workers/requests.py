@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,6 +24,7 @@ import structlog
 from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, header, redact
 from app.errors import Disposition, InvalidMessage, classify, describe
+from app.health import REQUEST_SECONDS, REQUESTS, set_ready
 from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, inbox
@@ -78,6 +80,13 @@ class RequestProcessor:
 
     async def process(self, record: Incoming) -> str:
         """Handle a record; returns what happened (replied, duplicate, conflict, dead_lettered)."""
+        started = time.perf_counter()
+        outcome = await self._process(record)
+        REQUEST_SECONDS.observe(time.perf_counter() - started)
+        REQUESTS.labels(_request_type(record.value), outcome).inc()
+        return outcome
+
+    async def _process(self, record: Incoming) -> str:
         attempts = 0
         while True:
             attempts += 1
@@ -106,11 +115,14 @@ class RequestProcessor:
                 if classify(exc) is not Disposition.TRANSIENT:
                     raise
                 self.ready = False
+                set_ready("worker", False)
                 log.warning("transient_error", error_class=type(exc).__name__, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.transient_retry_max_seconds)
                 continue
-            self.ready = True
+            if not self.ready:
+                self.ready = True
+                set_ready("worker", True)
             return result
 
     def _reply_to(self, record: Incoming) -> str:
@@ -223,6 +235,13 @@ class RequestProcessor:
             error_class=type(error).__name__,
             attempts=attempts,
         )
+
+
+def _request_type(raw: bytes) -> str:
+    """The request's type for metrics; only known types, so labels stay bounded."""
+    match = re.search(rb'"type"\s*:\s*"([a-z.]{1,32})"', raw[:4096])
+    name = match.group(1).decode() if match else ""
+    return name if name in HANDLERS else "other"
 
 
 def _readable_ids(raw: bytes) -> dict[str, str]:
