@@ -53,6 +53,27 @@ def topics_create() -> None:
 
 
 @app.command()
+def schema(
+    out: Annotated[str | None, typer.Option(help="Directory to write one <name>.schema.json per message kind")] = None,
+) -> None:
+    """Export the Kafka contract (requests, replies, events) as JSON Schema."""
+    import json
+    from pathlib import Path
+
+    from schemas.messages import json_schemas
+
+    schemas = json_schemas()
+    if out is None:
+        console.print_json(json.dumps(schemas))
+        return
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    for name, document in schemas.items():
+        (target / f"{name}.schema.json").write_text(json.dumps(document, indent=2) + "\n")
+    console.print(f"wrote {len(schemas)} schemas to {target}")
+
+
+@app.command()
 def run(
     process: Annotated[str, typer.Argument(help=f"all, or one of: {', '.join(PROCESSES)}")] = "all",
 ) -> None:

@@ -1,0 +1,80 @@
+"""The wire contract: strict requests, clear errors, exported JSON Schema."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from app.errors import Disposition, InvalidMessage, classify, describe
+from schemas.messages import JobStart, json_schemas, parse_reply, parse_request
+
+
+def body(**fields: object) -> bytes:
+    base = {"type": "job.start", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j-1",
+            "site": "board", "collector": "c"}  # fmt: skip
+    return json.dumps({**base, **fields}).encode()
+
+
+def test_a_valid_start_parses_with_defaults() -> None:
+    request = parse_request(body())
+    assert isinstance(request, JobStart)
+    assert request.needs.account and request.needs.seeds == 0 and request.wait_seconds == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body(surprise=1),  # unknown field
+        body(type="job.explode"),  # unknown type
+        body(v=2),  # unknown version
+        body(request_id="not-a-uuid"),
+        body(site="Not A Slug"),
+        body(lease_seconds=0),
+        body(needs={"account": True, "seeds": 1000}),
+        b"{not json",
+        b"[1, 2]",
+    ],
+)
+def test_bad_requests_are_refused_as_invalid(raw: bytes) -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse_request(raw)
+    assert classify(caught.value) is Disposition.INVALID
+
+
+def test_validation_errors_are_described_without_echoing_the_input() -> None:
+    raw = json.dumps({"type": "job.finish", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j",
+                      "lease_token": "canary-secret", "outcome": "succeeded"}).encode()  # fmt: skip
+    with pytest.raises(ValidationError) as caught:
+        parse_request(raw)
+    assert "canary-secret" not in describe(caught.value)
+    assert "lease_token" in describe(caught.value)
+
+
+def test_capture_urls_must_be_http() -> None:
+    raw = json.dumps({"type": "capture.submit", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j",
+                      "lease_token": 1, "capture_id": "c", "url": "file:///etc/passwd", "storage_uri": "s3://b/k",
+                      "sha256": "0" * 64, "content_type": "text/html", "size": 1,
+                      "captured_at": "2026-01-01T00:00:00Z"}).encode()  # fmt: skip
+    with pytest.raises(ValidationError, match="http"):
+        parse_request(raw)
+
+
+def test_replies_round_trip_and_schemas_export() -> None:
+    reply = parse_reply(
+        b'{"type":"job.queued","v":1,"request_id":"%s","job_id":"j","position":3}'
+        % str(uuid.uuid4()).encode()
+    )
+    assert reply.type == "job.queued"
+    schemas = json_schemas()
+    assert set(schemas) == {"request", "reply", "event", "job_event"}
+    assert "job.start" in json.dumps(schemas["request"])
+
+
+def test_infrastructure_errors_are_transient_and_others_unexpected() -> None:
+    assert classify(ConnectionRefusedError()) is Disposition.TRANSIENT
+    assert classify(TimeoutError()) is Disposition.TRANSIENT
+    assert classify(InvalidMessage("too big")) is Disposition.INVALID
+    assert classify(KeyError("x")) is Disposition.UNEXPECTED
