@@ -185,7 +185,7 @@ class DltReader:
         missing = [p for p in wanted if p not in partitions]
         if missing:
             raise DltError(
-                f"{topic} has no partition {missing[0]} (it has {len(partitions)} partitions)"
+                f"{topic} has no partition {missing[0]} (its partitions: 0 to {len(partitions) - 1})"
             )
         tps = [TopicPartition(topic, p) for p in wanted]
         if not tps:

@@ -84,11 +84,12 @@ class ReplayReport:
 
 
 class ReplayProgress(Protocol):
-    """What a progress display is told: the offsets to scan, then each scanned record."""
+    """What a progress display is told: the offsets to scan, then each scanned record and how
+    many copies were sent so far."""
 
     def start(self, total: int) -> None: ...
 
-    def advance(self, scanned: int, replayed: int) -> None: ...
+    def advance(self, scanned: int, sent: int) -> None: ...
 
 
 class Pacer:
@@ -309,7 +310,8 @@ class _Run:
         report = self.report
         async for letter in self.reader.read(self.plan):
             if self.progress is not None:
-                self.progress.advance(1, report.replayed)
+                sent = report.replayed + (sender.pending if sender is not None else 0)
+                self.progress.advance(1, sent)
             if not self.selection.matches(letter):
                 continue
             report.selected += 1

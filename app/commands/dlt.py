@@ -16,7 +16,14 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from app.dlt import redact_bytes, redact_header
@@ -202,7 +209,9 @@ def show(
     width: Annotated[
         int, typer.Option(min=10, help="Cut keys, values and headers to this many characters.")
     ] = 200,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON Lines (one record a line) instead of a table.")
+    ] = False,
 ) -> None:
     """Records of a dead-letter topic with their headers; secrets redacted, values cut short."""
     settings = _settings()
@@ -221,7 +230,8 @@ def show(
 
     name, letters, more = _run(run())
     if as_json:
-        typer.echo(json.dumps([_letter_json(letter, width) for letter in letters], indent=2))
+        for letter in letters:
+            typer.echo(json.dumps(_letter_json(letter, width), ensure_ascii=False))
         return
     if not letters:
         _out().print("nothing selected")
@@ -248,21 +258,35 @@ def show(
 
 
 class _RichProgress:
-    """The replay's progress bar (on stderr): offsets scanned of the plan, copies sent."""
+    """The replay's progress bar on stderr (only on a terminal): offsets scanned, copies sent."""
 
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-        self._task = progress.add_task("replaying", total=None, sent=0)
+    COLUMNS = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("scanned, {task.fields[sent]} sent"),
+        TimeElapsedColumn(),
+    )
+
+    def __init__(self, description: str) -> None:
+        console = _err()
+        self._progress = Progress(*self.COLUMNS, console=console, transient=True)
+        self._enabled = console.is_terminal
+        self._description = description
+        self._task: TaskID | None = None
 
     def start(self, total: int) -> None:
-        self._progress.update(self._task, total=total)
+        if self._enabled:
+            self._progress.start()
+            self._task = self._progress.add_task(self._description, total=total, sent=0)
 
-    def advance(self, scanned: int, replayed: int) -> None:
-        self._progress.update(self._task, advance=scanned, sent=replayed)
+    def advance(self, scanned: int, sent: int) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, advance=scanned, sent=sent)
 
-    def finish(self, replayed: int) -> None:
-        task = self._progress.tasks[0]
-        self._progress.update(self._task, completed=task.total or 0, sent=replayed)
+    def close(self) -> None:
+        if self._task is not None:
+            self._progress.stop()
 
 
 def _print_dry_run(report: ReplayReport) -> None:
@@ -313,23 +337,16 @@ def replay_command(
     """Send dead letters back to their original topic (or --to), each at most once unless --again."""
     settings = _settings()
     options = ReplayOptions(to=to, dry_run=dry_run, again=again, rate=rate)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("scanned, {task.fields[sent]} sent"),
-        TimeElapsedColumn(),
-    )
 
     async def run() -> ReplayReport:
         selection = _selection(partition, from_offset, to_offset, since, until, error_class, key)
         if dry_run:
             return await replay(settings, topic, selection, options)
-        with Progress(*columns, console=_err(), transient=True) as progress:
-            bar = _RichProgress(progress)
-            report = await replay(settings, topic, selection, options, bar)
-            bar.finish(report.replayed)
-            return report
+        bar = _RichProgress("replaying")
+        try:
+            return await replay(settings, topic, selection, options, bar)
+        finally:
+            bar.close()
 
     report = _run(run())
     out = _out()
@@ -339,11 +356,18 @@ def replay_command(
     if report.dry_run:
         _print_dry_run(report)
         return
-    targets = ", ".join(f"{escape(t)} ({n})" for t, n in report.targets.most_common()) or "-"
+    if report.replayed:
+        targets = ", ".join(f"{escape(t)} ({n})" for t, n in report.targets.most_common())
+        sent = f"[green]{report.replayed} replayed[/] to {targets}"
+    else:
+        sent = "0 replayed"
     out.print(
-        f"{report.selected} selected, [green]{report.replayed} replayed[/] to {targets}, "
-        f"{report.already_replayed} skipped as already replayed"
+        f"{report.selected} selected, {sent}, "
+        f"{report.already_replayed} skipped as already replayed",
+        highlight=False,
     )
+    if report.already_replayed and not report.replayed:
+        out.print("every selected record was replayed before; --again replays them anyway")
     if report.raced:
         out.print(
             f"[yellow]{report.raced} of them were also replayed by another run meanwhile "
