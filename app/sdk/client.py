@@ -40,6 +40,7 @@ log = structlog.get_logger()
 
 MESSAGE_ID = "message_id"  # the header every message Quartermaster publishes carries
 CLOSE_GRACE_SECONDS = 5.0  # how long close() lets pending releases reach the broker
+METADATA_WAIT_SECONDS = 10.0  # how long start() waits for the reply topic to appear
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -146,7 +147,7 @@ class QuartermasterClient:
         try:
             await consumer.start()
             try:
-                await self._assign_reply_partitions(consumer)
+                await self._assign_reply_partitions(consumer, producer)
             except BaseException:
                 await consumer.stop()
                 raise
@@ -157,13 +158,19 @@ class QuartermasterClient:
         self._reader = asyncio.create_task(self._read_replies(consumer), name="qm-sdk-replies")
         log.info("sdk_client_started", reply_topic=self.reply_topic, collector=self.collector)
 
-    async def _assign_reply_partitions(self, consumer: AIOKafkaConsumer) -> None:
-        await consumer.topics()  # fetches the cluster's metadata
-        partitions = consumer.partitions_for_topic(self.reply_topic)
-        if not partitions:
-            raise QuartermasterError(
-                f"reply topic {self.reply_topic} does not exist (create it with `qm topics`)"
-            )
+    async def _assign_reply_partitions(
+        self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + METADATA_WAIT_SECONDS
+        # A topic created moments ago may not be in every broker's metadata yet.
+        while self.reply_topic not in await consumer.topics():
+            if loop.time() > deadline:
+                raise QuartermasterError(
+                    f"reply topic {self.reply_topic} does not exist (create it with `qm topics`)"
+                )
+            await asyncio.sleep(0.2)
+        partitions = await producer.partitions_for(self.reply_topic)
         assigned = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
         consumer.assign(assigned)
         await consumer.seek_to_end(*assigned)
