@@ -477,6 +477,11 @@ class Relay:
         self._summary = _Summary()
 
 
+def takeover_bound(settings: Settings) -> float:
+    """Seconds within which survivors own a dead relay's shards, besides a round in flight."""
+    return 2 * settings.outbox_poll_seconds
+
+
 def _any_shard_full(rows: Sequence[UnsentRow], limit: int) -> bool:
     counts: dict[int, int] = {}
     for row in rows:

@@ -86,9 +86,7 @@ async def test_three_relays_publish_ten_thousand_rows_in_order_per_key_and_leave
             written.extend(rows)
 
     async with running_relays(settings, 3) as relays:
-        await asyncio.gather(
-            *(writer(keys[n::writers], random.Random(n)) for n in range(writers))
-        )
+        await asyncio.gather(*(writer(keys[n::writers], random.Random(n)) for n in range(writers)))
         assert len(written) == 10_000
         await wait_until(lambda: _empty(engine), 60, "the outbox drained")
         await wait_until(
