@@ -141,7 +141,8 @@ def target_of(letter: DeadLetter, to: str | None) -> str:
 
 def _where(settings: Settings) -> str:
     url = make_url(settings.database_url)
-    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    host = url.host or url.query.get("host") or "localhost"
+    return f"{host}:{url.port or 5432}/{url.database or ''}"
 
 
 @contextmanager
@@ -158,6 +159,17 @@ def _database_errors(settings: Settings) -> Iterator[None]:
         raise DltError(f"PostgreSQL failed: {first_line or type(exc.orig).__name__}") from exc
     except (SQLAlchemyError, OSError) as exc:
         raise DltError(f"PostgreSQL failed: {type(exc).__name__}") from exc
+
+
+def _connect_failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT_SECONDS:.0f}s"
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(orig, OSError):
+        return "connection failed"
+    # the server's own words, e.g. 'database "x" does not exist'; they never hold a password
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
 
 
 class Ledger:
@@ -191,7 +203,9 @@ async def open_ledger(settings: Settings, topic: str, *, lock: bool) -> AsyncIte
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
                 conn = await engine.connect()
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise DltError(f"PostgreSQL cannot be reached at {_where(settings)}") from exc
+            raise DltError(
+                f"PostgreSQL cannot be reached at {_where(settings)}: {_connect_failure(exc)}"
+            ) from exc
         try:
             if lock:
                 with _database_errors(settings):

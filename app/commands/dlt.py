@@ -117,6 +117,13 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except DltError as exc:
         _err().print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        _err().print(
+            "[yellow]interrupted (a replay records every copy the broker acknowledged; "
+            "run it again to go on)[/]",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
 
 
 def _settings() -> Settings:

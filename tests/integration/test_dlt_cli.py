@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from click.testing import Result
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
@@ -486,5 +487,12 @@ async def test_an_unreachable_broker_or_database_is_one_red_line(topics: Setting
     )
     assert_one_red_line(
         await qm("replay", "requests.dlt", env=no_database), "PostgreSQL cannot be reached"
+    )
+    missing = make_url(settings.database_url).set(database="qm_no_such_database")
+    no_such_database = {"QM_DATABASE_URL": missing.render_as_string(hide_password=False)}
+    assert_one_red_line(
+        await qm("replay", "requests.dlt", env=no_such_database),
+        "PostgreSQL cannot be reached",
+        "qm_no_such_database",
     )
     assert time.monotonic() - began < 15
