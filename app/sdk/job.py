@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 MIN_HEARTBEAT_SECONDS = 0.1
+MIN_DERIVED_HEARTBEAT_SECONDS = 1.0
 MAX_REASON_CHARS = 500
 _SESSION_STATE = TypeAdapter(wire.JsonObject)
 
@@ -193,10 +194,12 @@ class Job:
     # --- heartbeats ----------------------------------------------------------------------
 
     def _heartbeat_interval(self) -> float:
-        lease = self.lease_seconds
-        if lease is None:
-            lease = int((self.lease_expires_at - datetime.now(UTC)).total_seconds())
-        return max(lease / 3, MIN_HEARTBEAT_SECONDS)
+        if self.lease_seconds is not None:
+            return max(self.lease_seconds / 3, MIN_HEARTBEAT_SECONDS)
+        # The site's default lease: judged from the expiry, with a floor so that a clock ahead of
+        # the server's cannot turn heartbeats into a flood.
+        remaining = (self.lease_expires_at - datetime.now(UTC)).total_seconds()
+        return max(remaining / 3, MIN_DERIVED_HEARTBEAT_SECONDS)
 
     async def _heartbeat_loop(self, interval: float) -> None:
         """Extend the lease every ``interval`` until it is lost or the job ends."""
@@ -210,6 +213,9 @@ class Job:
             )
             try:
                 reply = await self._client.request(heartbeat, timeout=max(interval * 1.5, 0.5))
+            except errors.ClientClosed:
+                log.warning("heartbeat_stopped_client_closed", job_id=self.job_id)
+                return
             except errors.QuartermasterError as exc:
                 log.warning(
                     "heartbeat_unanswered", job_id=self.job_id, error_class=type(exc).__name__

@@ -178,6 +178,17 @@ async def test_session_state_that_is_not_an_object_is_refused_in_the_body(server
             job.set_session_state(["not", "an", "object"])  # type: ignore[arg-type]
 
 
+async def test_a_grant_whose_secret_does_not_decrypt_raises_and_is_released(server: Server) -> None:
+    server.client._transport_key = SecretStr(Fernet.generate_key().decode())
+    with pytest.raises(SecretUndecryptable):
+        async with server.client.job(site="example", job_id="job-9"):
+            pytest.fail("the body must not run")
+    await asyncio.gather(*server.client._background)
+
+    assert server.producer.types() == ["job.start", "job.cancel"]
+    assert server.producer.sent[1][2]["job_id"] == "job-9"
+
+
 def test_a_job_not_yet_entered_has_no_lease() -> None:
     job = QuartermasterClient("127.0.0.1:1").job(site="example", job_id=str(uuid.uuid4()))
     with pytest.raises(RuntimeError, match="not acquired"):
