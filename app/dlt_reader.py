@@ -10,7 +10,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -206,7 +206,7 @@ class DltReader:
             topic, [OffsetRange(tp.partition, starts[tp], max(starts[tp], ends[tp])) for tp in tps]
         )
 
-    async def read(self, plan: ScanPlan) -> AsyncIterator[DeadLetter]:
+    async def read(self, plan: ScanPlan) -> AsyncGenerator[DeadLetter, None]:
         """Every record of ``plan``'s ranges, partition by partition in offset order."""
         stops = {TopicPartition(plan.topic, r.partition): r.end for r in plan.ranges if r.size}
         if not stops:
@@ -235,7 +235,9 @@ class DltReader:
                     f"reading {plan.topic} stalled for {IDLE_TIMEOUT_SECONDS:.0f}s; is the broker healthy?"
                 )
 
-    async def select(self, plan: ScanPlan, selection: Selection) -> AsyncIterator[DeadLetter]:
+    async def select(
+        self, plan: ScanPlan, selection: Selection
+    ) -> AsyncGenerator[DeadLetter, None]:
         """The records of ``plan`` that ``selection`` matches."""
         async for letter in self.read(plan):
             if selection.matches(letter):
@@ -290,7 +292,7 @@ async def open_reader(settings: Settings) -> AsyncIterator[DltReader]:
         try:
             yield DltReader(consumer, admin, settings)
         except (KafkaError, TimeoutError) as exc:
-            raise DltError(f"Kafka failed while reading: {type(exc).__name__}: {exc}") from exc
+            raise DltError(f"Kafka failed: {type(exc).__name__}: {exc}") from exc
     finally:
         await consumer.stop()
         await admin.close()

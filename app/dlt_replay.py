@@ -16,6 +16,7 @@ A crash between an ack and its ledger row replays that record again on the next 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -217,7 +218,8 @@ async def open_ledger(settings: Settings, topic: str, *, lock: bool) -> AsyncIte
                 yield Ledger(conn, settings, topic)
             finally:
                 if lock:
-                    with _database_errors(settings):
+                    # best effort: closing the connection below frees a session lock anyway
+                    with contextlib.suppress(SQLAlchemyError, OSError):
                         await unlock_topic(conn, topic)
                         await conn.commit()
         finally:
@@ -321,29 +323,35 @@ class _Run:
     checked: set[str] = field(default_factory=set)
 
     async def walk(self, sender: _Sender | None, pacer: Pacer, batch: int) -> None:
+        async with contextlib.aclosing(self.reader.read(self.plan)) as letters:
+            async for letter in letters:
+                await self._one(letter, sender, pacer, batch)
+
+    async def _one(
+        self, letter: DeadLetter, sender: _Sender | None, pacer: Pacer, batch: int
+    ) -> None:
         report = self.report
-        async for letter in self.reader.read(self.plan):
-            if self.progress is not None:
-                sent = report.replayed + (sender.pending if sender is not None else 0)
-                self.progress.advance(1, sent)
-            if not self.selection.matches(letter):
-                continue
-            report.selected += 1
-            if (letter.partition, letter.offset) in self.done:
-                report.already_replayed += 1
-                continue
-            target = target_of(letter, self.options.to)
-            if target not in self.checked:
-                _check_target(target, letter.topic, self.existing, letter)
-                self.checked.add(target)
-            if sender is None:
-                report.planned.append((letter, target))
-                report.targets[target] += 1
-                continue
-            await pacer.wait()
-            await sender.send(letter, target)
-            if sender.pending >= batch:
-                await sender.flush()
+        if self.progress is not None:
+            sent = report.replayed + (sender.pending if sender is not None else 0)
+            self.progress.advance(1, sent)
+        if not self.selection.matches(letter):
+            return
+        report.selected += 1
+        if (letter.partition, letter.offset) in self.done:
+            report.already_replayed += 1
+            return
+        target = target_of(letter, self.options.to)
+        if target not in self.checked:
+            _check_target(target, letter.topic, self.existing, letter)
+            self.checked.add(target)
+        if sender is None:  # dry run
+            report.planned.append((letter, target))
+            report.targets[target] += 1
+            return
+        await pacer.wait()
+        await sender.send(letter, target)
+        if sender.pending >= batch:
+            await sender.flush()
 
 
 async def replay(

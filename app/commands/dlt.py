@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -229,10 +230,11 @@ def show(
         async with open_reader(settings) as reader:
             name = await reader.resolve(topic)
             plan = await reader.plan(name, selection)
-            async for letter in reader.select(plan, selection):
-                if len(found) == limit:
-                    return name, sorted_letters(found), True
-                found.append(letter)
+            async with aclosing(reader.select(plan, selection)) as letters:
+                async for letter in letters:
+                    if len(found) == limit:
+                        return name, sorted_letters(found), True
+                    found.append(letter)
         return name, sorted_letters(found), False
 
     name, letters, more = _run(run())
