@@ -57,6 +57,7 @@ def build_broker(
         ack_policy=AckPolicy.NACK_ON_ERROR,
         auto_offset_reset="earliest",
         decoder=raw_body,
+        no_reply=True,  # replies go through the outbox, never straight from the handler
         max_poll_interval_ms=600_000,
         session_timeout_ms=settings.consumer_session_timeout_ms,
         heartbeat_interval_ms=max(settings.consumer_session_timeout_ms // 5, 100),
