@@ -20,12 +20,19 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from app.devstack import free_port
-from app.dlt import PREFIX, REPLAYED_FROM, Origin, dead_letter_headers
+from app.dlt import PREFIX, REPLAYED_FROM, OffsetRange, Origin, dead_letter_headers
 from app.dlt_reader import DltError, Selection, open_reader, summarize
 from app.dlt_replay import ReplayOptions, replay
 from app.errors import InvalidMessage
 from app.kafka import client_options, producer_options
 from app.settings import Settings, get_settings
+from app.store.dlt_replays import (
+    ReplayedOffset,
+    list_replayed,
+    record_replays,
+    try_lock_topic,
+    unlock_topic,
+)
 
 DEADLINE_SECONDS = 20.0
 HOUR_MS = 3600 * 1000
@@ -274,6 +281,35 @@ async def test_concurrent_replays_send_each_record_once(
     assert sum(totals) == 20
     assert len(await read_topic(settings, settings.topic("requests"))) == 20
     assert len(await ledger(engine)) == 20
+
+
+async def test_concurrent_ledger_writes_record_each_offset_exactly_once(
+    engine: AsyncEngine,
+) -> None:
+    rows = [ReplayedOffset(0, offset, "qm.requests") for offset in range(50)]
+
+    async def record() -> set[tuple[int, int]]:
+        async with engine.begin() as conn:
+            return await record_replays(conn, "qm.requests.dlt", rows)
+
+    winners = await asyncio.gather(*(record() for _ in range(5)))
+
+    assert sum(len(won) for won in winners) == 50
+    assert set().union(*winners) == {(0, offset) for offset in range(50)}
+    async with engine.connect() as conn:
+        ranges = [OffsetRange(0, 10, 20)]
+        assert await list_replayed(conn, "qm.requests.dlt", ranges) == {
+            (0, offset) for offset in range(10, 20)
+        }
+
+
+async def test_one_replay_lock_per_topic(engine: AsyncEngine) -> None:
+    async with engine.connect() as first, engine.connect() as second:
+        assert await try_lock_topic(first, "qm.requests.dlt")
+        assert not await try_lock_topic(second, "qm.requests.dlt")
+        assert await try_lock_topic(second, "qm.captures.dlt")
+        await unlock_topic(first, "qm.requests.dlt")
+        assert await try_lock_topic(second, "qm.requests.dlt")
 
 
 async def test_rate_spaces_the_sends(topics: Settings) -> None:
