@@ -7,3 +7,7 @@ import typer
 bench_app = typer.Typer(
     help="Benchmarks against a real Kafka and a real PostgreSQL; they print numbers."
 )
+
+from app.bench.relay import bench_relay  # noqa: E402 - registered after bench_app exists
+
+bench_app.command("relay")(bench_relay)

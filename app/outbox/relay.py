@@ -51,14 +51,13 @@ from app.outbox import metrics
 from app.settings import Settings
 from app.store.outbox import (
     NOTIFY_CHANNEL,
-    RELAY_APPLICATION_NAME,
     UnsentRow,
     backlog,
     count_relays,
     delete_rows,
     fetch_unsent,
     lock_shards,
-    name_session,
+    prepare_relay_session,
     shard_owners,
     unlock_shards,
 )
@@ -86,6 +85,16 @@ class RelayRound:
     @property
     def idle(self) -> bool:
         return self.published == 0 and self.failed == 0 and not self.full
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """The rows of one round, sorted by what the broker did with them."""
+
+    acked: list[UnsentRow] = field(default_factory=list)
+    failed: list[UnsentRow] = field(default_factory=list)
+    waiting: int = 0
+    acked_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -193,15 +202,19 @@ class Relay:
                 round_task.cancel()
 
     async def _on_round_error(self, exc: Exception) -> None:
-        kind = "database" if isinstance(exc, SQLAlchemyError | OSError) else "kafka"
-        if not isinstance(exc, SQLAlchemyError | OSError | KafkaError):
+        """Start over with what failed: a new session (its locks are gone) or a new producer."""
+        if isinstance(exc, KafkaError):
+            kind = "kafka"
+        elif isinstance(exc, SQLAlchemyError | OSError):
+            kind = "database"
+        else:
             kind = "unexpected"
         metrics.ERRORS.labels(kind).inc()
-        log.warning("outbox_round_failed", error_class=type(exc).__name__, error=str(exc))
+        log.warning("outbox_round_failed", kind=kind, error_class=_name(exc), error=str(exc))
+        if kind != "database":
+            await self._drop_producer()
         if kind != "kafka":
             await self._drop_session()
-        else:
-            await self._drop_producer()
 
     # --- one round ------------------------------------------------------------------------
 
@@ -221,45 +234,31 @@ class Relay:
         if not rows:
             return RelayRound(shards=shards)
         fetched_at = time.monotonic()
-        full = _any_shard_full(rows, limit)
         ready = await self._resolve_topics(producer, {row.topic for row in rows})
-        sent, failed, waiting = await self._send(producer, rows, ready)
-        results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
-        acked_at = time.monotonic()
-        acked: list[UnsentRow] = []
-        for (row, _), outcome in zip(sent, results, strict=True):
-            if isinstance(outcome, BaseException):
-                failed.append(row)
-                self._log_failure(row, outcome)
-            else:
-                acked.append(row)
-        if failed:
-            metrics.ERRORS.labels("send").inc(len(failed))
-            self._producer_broken = True  # its sequence numbers refuse the rest of the partition
-        if acked:
+        outcome = await self._publish(producer, rows, ready)
+        if outcome.acked:
             if self.after_ack is not None:
-                await self.after_ack(acked)
-            await delete_rows(session, [row.id for row in acked])
-            self._record(acked, fetched_at, acked_at)
+                await self.after_ack(outcome.acked)
+            await delete_rows(session, [row.id for row in outcome.acked])
+            self._record(outcome.acked, fetched_at, outcome.acked_at)
         return RelayRound(
             shards=shards,
-            published=len(acked),
-            failed=len(failed),
-            waiting=waiting,
-            full=full and not failed,
+            published=len(outcome.acked),
+            failed=len(outcome.failed),
+            waiting=outcome.waiting,
+            full=_any_shard_full(rows, limit) and not outcome.failed,
         )
 
-    async def _send(
+    async def _publish(
         self, producer: AIOKafkaProducer, rows: Sequence[UnsentRow], ready: set[str]
-    ) -> tuple[list[tuple[UnsentRow, asyncio.Future[Any]]], list[UnsentRow], int]:
-        """Hand the rows to the producer in order; a key whose row failed sends nothing more."""
+    ) -> _Outcome:
+        """Send the rows in order and await every ack; sort them into acked, failed, waiting."""
+        outcome = _Outcome()
         sent: list[tuple[UnsentRow, asyncio.Future[Any]]] = []
-        failed: list[UnsentRow] = []
-        held: set[tuple[str, bytes | None]] = set()
-        waiting = 0
+        held: set[tuple[str, bytes | None]] = set()  # (topic, key) of a failed row: send no more
         for index, row in enumerate(rows):
             if row.topic not in ready or (row.topic, row.key) in held:
-                waiting += 1
+                outcome.waiting += 1
                 continue
             try:
                 future = await producer.send(
@@ -267,17 +266,36 @@ class Relay:
                 )
             except KafkaTimeoutError as exc:
                 # the producer's buffer stayed full: the broker is not taking data; stop here
-                failed.append(row)
-                self._log_failure(row, exc)
-                waiting += len(rows) - index - 1
+                self._failed(outcome, row, exc)
+                outcome.waiting += len(rows) - index - 1
                 break
             except KafkaError as exc:
-                failed.append(row)
+                self._failed(outcome, row, exc)
                 held.add((row.topic, row.key))
-                self._log_failure(row, exc)
                 continue
             sent.append((row, future))
-        return sent, failed, waiting
+        results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
+        outcome.acked_at = time.monotonic()
+        for (row, _), result in zip(sent, results, strict=True):
+            if isinstance(result, BaseException):
+                self._failed(outcome, row, result)
+            else:
+                outcome.acked.append(row)
+        return outcome
+
+    def _failed(self, outcome: _Outcome, row: UnsentRow, exc: BaseException) -> None:
+        """A row the broker did not take: it stays in the table; the producer is rebuilt."""
+        outcome.failed.append(row)
+        self._producer_broken = True  # its sequence numbers refuse the rest of the partition
+        metrics.ERRORS.labels("send").inc()
+        log.warning(
+            "outbox_publish_failed",
+            outbox_id=row.id,
+            topic=row.topic,
+            shard=row.shard,
+            error_class=_name(exc),
+            error=str(exc),
+        )
 
     # --- connections ----------------------------------------------------------------------
 
@@ -290,7 +308,7 @@ class Relay:
         conn = await self._engine.connect()
         try:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await name_session(conn, RELAY_APPLICATION_NAME)
+            await prepare_relay_session(conn)
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
@@ -423,16 +441,6 @@ class Relay:
         return topics & self._ready_topics
 
     # --- reporting ------------------------------------------------------------------------
-
-    def _log_failure(self, row: UnsentRow, exc: BaseException) -> None:
-        log.warning(
-            "outbox_publish_failed",
-            outbox_id=row.id,
-            topic=row.topic,
-            shard=row.shard,
-            error_class=_name(exc),
-            error=str(exc),
-        )
 
     def _record(self, acked: Sequence[UnsentRow], fetched_at: float, acked_at: float) -> None:
         """Metrics and logs of one round's acked rows (never their payloads)."""

@@ -116,7 +116,15 @@ class Backlog:
     oldest_age_seconds: float
 
 
-_NAME_SESSION = text("SELECT set_config('application_name', :name, false)")
+_PREPARE_RELAY_SESSION = text(
+    """
+    -- The name lets relays count each other. The relay's only writes are deletes of rows the
+    -- broker already acked: losing one in a crash just publishes the row again (a duplicate,
+    -- which consumers drop), so they need not wait for the WAL flush.
+    SELECT set_config('application_name', :name, false),
+           set_config('synchronous_commit', 'off', false)
+    """
+)
 
 _COUNT_RELAYS = text(
     """
@@ -178,9 +186,11 @@ _BACKLOG = text(
 )
 
 
-async def name_session(conn: AsyncConnection, name: str) -> None:
-    """Set the session's application_name (what pg_stat_activity shows for it)."""
-    await conn.execute(_NAME_SESSION, {"name": name})
+async def prepare_relay_session(
+    conn: AsyncConnection, name: str = RELAY_APPLICATION_NAME
+) -> None:
+    """Name the session (pg_stat_activity shows it) and let its deletes commit asynchronously."""
+    await conn.execute(_PREPARE_RELAY_SESSION, {"name": name})
 
 
 async def count_relays(conn: AsyncConnection, name: str = RELAY_APPLICATION_NAME) -> int:

@@ -53,12 +53,10 @@ async def outbox_rows(engine: AsyncEngine) -> int:
 
 
 @asynccontextmanager
-async def running_relays(
-    settings: Settings, count: int, **options: object
-) -> AsyncIterator[list[Relay]]:
+async def running_relays(settings: Settings, count: int) -> AsyncIterator[list[Relay]]:
     """``count`` relays running as tasks; stopped (and checked for crashes) on exit."""
     stop = asyncio.Event()
-    relays = [Relay(settings, **options) for _ in range(count)]  # type: ignore[arg-type]
+    relays = [Relay(settings) for _ in range(count)]
     tasks = [asyncio.create_task(relay.run(stop)) for relay in relays]
     try:
         yield relays

@@ -7,6 +7,7 @@ import random
 from itertools import count
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -47,14 +48,20 @@ async def test_a_rolled_back_transaction_publishes_nothing_and_a_committed_one_e
     async with engine.begin() as conn:
         await box.flush(conn)
 
+    published_before = _sample("qm_outbox_published_total")
+    latencies_before = _sample("qm_outbox_publish_latency_seconds_count")
     relay = Relay(settings)
     try:
         first = await relay.run_once()
+        backlog_seen = _sample("qm_outbox_backlog_rows")  # read in the round, before publishing
         second = await relay.run_once()
     finally:
         await relay.close()
 
     assert (first.published, first.failed, first.waiting) == (5, 0, 0)
+    assert backlog_seen == 5
+    assert _sample("qm_outbox_published_total") - published_before == 5
+    assert _sample("qm_outbox_publish_latency_seconds_count") - latencies_before == 5
     assert first.shards == tuple(range(settings.outbox_shards))
     assert second.idle
     assert await outbox_rows(engine) == 0
@@ -158,6 +165,10 @@ async def test_rows_for_a_topic_that_cannot_exist_wait_without_blocking_their_sh
     assert (result.published, result.waiting) == (2, 1)
     assert await outbox_rows(engine) == 1
     judge(await read_topic(settings, good)).assert_complete_and_ordered(written)
+
+
+def _sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
 
 
 async def _empty(engine: AsyncEngine) -> bool:

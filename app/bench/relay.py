@@ -1,0 +1,277 @@
+"""`qm bench relay`: the outbox relay next to a plain producer sending the same messages.
+
+Two figures, both against a real broker and a durable PostgreSQL (fsync and synchronous commit on):
+
+- throughput: N messages sent by a plain idempotent producer (acks=all) from memory, versus the same
+  N rows committed to the outbox first and then drained by one relay (read, send, ack, delete);
+- latency at a moderate, steady rate: a plain producer's send to ack, versus the relay's commit to
+  ack (a writer commits one row per transaction; the relay runs its real loop, woken by NOTIFY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import asyncpg
+import typer
+from aiokafka import AIOKafkaProducer
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db.engine import make_engine
+from app.db.migrate import upgrade
+from app.devstack.kafka import KafkaBroker
+from app.devstack.postgres import EmbeddedPostgres
+from app.kafka import ensure_topics, producer_options
+from app.outbox.relay import Relay
+from app.outbox.writer import MESSAGE_ID, Outbox, enqueue
+from app.settings import Settings
+from app.store.outbox import UnsentRow, backlog
+
+WARMUP_SECONDS = 0.5  # latency samples of the first half second are left out
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    key: bytes
+    payload: bytes
+
+
+def bench_relay(
+    messages: Annotated[int, typer.Option(help="Messages of the throughput run.")] = 20_000,
+    size: Annotated[int, typer.Option(help="Payload bytes per message.")] = 256,
+    keys: Annotated[int, typer.Option(help="Distinct keys.")] = 200,
+    rate: Annotated[float, typer.Option(help="Messages per second of the latency run.")] = 500.0,
+    duration: Annotated[float, typer.Option(help="Seconds of the latency run.")] = 10.0,
+    batch_size: Annotated[int, typer.Option(help="Relay rows per shard per round.")] = 500,
+) -> None:
+    """Relay throughput and commit-to-ack latency next to a plain producer's."""
+    with _services() as (bootstrap, database_url):
+        settings = Settings(
+            database_url=database_url,
+            kafka_bootstrap_servers=bootstrap,
+            topic_prefix=f"bench{uuid.uuid4().hex[:8]}.",
+            outbox_batch_size=batch_size,
+        )
+        print(
+            f"relay bench: {messages} messages of {size} B over {keys} keys; "
+            f"{settings.outbox_shards} shards, {batch_size} rows per shard per round; "
+            f"Kafka {bootstrap}, durable PostgreSQL"
+        )
+        asyncio.run(_bench(settings, messages, size, keys, rate, duration))
+
+
+@contextlib.contextmanager
+def _services() -> Iterator[tuple[str, str]]:
+    """A broker and a freshly migrated database, started here unless the environment names them."""
+    with contextlib.ExitStack() as stack:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            bootstrap = stack.enter_context(KafkaBroker()).bootstrap
+        admin_url = os.environ.get("DATABASE_URL")
+        if not admin_url:
+            admin_url = stack.enter_context(EmbeddedPostgres(fast=False)).url()
+        name = f"qm_bench_{uuid.uuid4().hex[:8]}"
+        asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}"))
+        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        try:
+            upgrade(url)
+            yield bootstrap, url
+        finally:
+            asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+async def _admin(url: str, statement: str) -> None:
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _bench(
+    settings: Settings, messages: int, size: int, keys: int, rate: float, duration: float
+) -> None:
+    await ensure_topics(settings)
+    topic = settings.topic("events")
+    batch = [
+        Message(f"key-{n % keys}".encode(), os.urandom(size // 2).hex().encode().ljust(size, b"."))
+        for n in range(messages)
+    ]
+    engine = make_engine(settings, pool_size=8)
+    try:
+        plain = await _plain_throughput(settings, topic, batch)
+        relayed = await _relay_throughput(settings, engine, topic, batch)
+        print(
+            f"throughput  plain producer {plain:>9,.0f} msg/s   relay {relayed:>9,.0f} rows/s"
+            f"   relay/plain {relayed / plain:.0%}"
+        )
+        plain_lat = await _plain_latency(settings, topic, batch, rate, duration)
+        relay_lat = await _relay_latency(settings, engine, topic, batch, rate, duration)
+        print(
+            f"latency at {rate:,.0f} msg/s for {duration:.0f} s"
+            f"   plain send->ack {_percentiles(plain_lat)}"
+            f"   relay commit->ack {_percentiles(relay_lat)}"
+        )
+    finally:
+        await engine.dispose()
+
+
+async def _producer(settings: Settings) -> AIOKafkaProducer:
+    producer = AIOKafkaProducer(**producer_options(settings))
+    await producer.start()
+    return producer
+
+
+def _headers() -> list[tuple[str, bytes]]:
+    return [(MESSAGE_ID, str(uuid.uuid4()).encode())]
+
+
+async def _plain_throughput(settings: Settings, topic: str, batch: Sequence[Message]) -> float:
+    """Messages per second of a plain producer sending ``batch`` from memory (after a warm-up)."""
+    producer = await _producer(settings)
+    try:
+        elapsed = 0.0
+        for timed in (False, True):  # the first pass warms up the broker and the client
+            headers = [_headers() for _ in batch]
+            start = time.perf_counter()
+            futures = [
+                await producer.send(topic, m.payload, key=m.key, headers=h)
+                for m, h in zip(batch, headers, strict=True)
+            ]
+            await asyncio.gather(*futures)
+            elapsed = time.perf_counter() - start if timed else 0.0
+        return len(batch) / elapsed
+    finally:
+        await producer.stop()
+
+
+async def _relay_throughput(
+    settings: Settings, engine: AsyncEngine, topic: str, batch: Sequence[Message]
+) -> float:
+    relay = Relay(settings)
+    try:
+        await _write(engine, settings, topic, [Message(b"warm-up", b"warm-up")])
+        await relay.run_once()  # connects, takes every shard, starts its producer
+        await _write(engine, settings, topic, batch)
+        start = time.perf_counter()
+        published = 0
+        for _ in range(len(batch) + 1):  # each round publishes at least one row while any wait
+            published += (await relay.run_once()).published
+            if published >= len(batch):
+                break
+        elapsed = time.perf_counter() - start
+    finally:
+        await relay.close()
+    async with engine.connect() as conn:
+        left = (await backlog(conn)).rows
+    assert published == len(batch) and left == 0, f"published {published}, {left} left"
+    return len(batch) / elapsed
+
+
+async def _write(
+    engine: AsyncEngine, settings: Settings, topic: str, batch: Sequence[Message]
+) -> None:
+    """Commit ``batch`` to the outbox, 1,000 rows per transaction."""
+    for start in range(0, len(batch), 1000):
+        box = Outbox(settings.outbox_shards)
+        for m in batch[start : start + 1000]:
+            box.add(topic, m.key, m.payload)
+        async with engine.begin() as conn:
+            await box.flush(conn)
+
+
+async def _paced(rate: float, duration: float, send: Any) -> None:
+    """Call ``send(n)`` as a task at a steady ``rate`` for ``duration`` seconds; await them all."""
+    start = time.perf_counter()
+    tasks: list[asyncio.Task[None]] = []
+    for n in range(int(rate * duration)):
+        delay = start + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the load, not waiting for a condition
+        tasks.append(asyncio.create_task(send(n)))
+    await asyncio.gather(*tasks)
+
+
+async def _plain_latency(
+    settings: Settings, topic: str, batch: Sequence[Message], rate: float, duration: float
+) -> list[float]:
+    producer = await _producer(settings)
+    samples: list[float] = []
+    warm_until = time.perf_counter() + WARMUP_SECONDS
+
+    async def send(n: int) -> None:
+        m = batch[n % len(batch)]
+        sent = time.perf_counter()
+        await (await producer.send(topic, m.payload, key=m.key, headers=_headers()))
+        if sent > warm_until:
+            samples.append(time.perf_counter() - sent)
+
+    try:
+        await _paced(rate, duration, send)
+    finally:
+        await producer.stop()
+    return samples
+
+
+async def _relay_latency(
+    settings: Settings,
+    engine: AsyncEngine,
+    topic: str,
+    batch: Sequence[Message],
+    rate: float,
+    duration: float,
+) -> list[float]:
+    committed: dict[bytes, float] = {}
+    acked: dict[bytes, float] = {}
+    expected = [0]  # set once the writer is done: its rows plus the warm-up row
+    all_acked = asyncio.Event()
+
+    async def on_ack(rows: Sequence[UnsentRow]) -> None:
+        now = time.perf_counter()
+        for row in rows:
+            acked[dict(row.headers)[MESSAGE_ID]] = now
+        if expected[0] and len(acked) >= expected[0]:
+            all_acked.set()
+
+    async def write(n: int) -> None:
+        m = batch[n % len(batch)]
+        async with engine.connect() as conn:
+            tx = await conn.begin()
+            message_id = await enqueue(conn, topic, m.key, m.payload, shards=settings.outbox_shards)
+            # timed from the COMMIT call: its fsync counts against the relay, not for it
+            committed[message_id.encode()] = time.perf_counter()
+            await tx.commit()
+
+    stop = asyncio.Event()
+    relay_task = asyncio.create_task(Relay(settings, after_ack=on_ack).run(stop))
+    try:
+        await _write(engine, settings, topic, [Message(b"warm-up", b"warm-up")])
+        warm_until = time.perf_counter() + WARMUP_SECONDS
+        await _paced(rate, duration, write)
+        expected[0] = len(committed) + 1
+        if len(acked) < expected[0]:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_acked.wait(), 30)
+    finally:
+        stop.set()
+        await relay_task
+    missing = len(committed) - len(committed.keys() & acked.keys())
+    assert missing == 0, f"{missing} committed rows were not acked within 30 s"
+    return [acked[mid] - at for mid, at in committed.items() if at > warm_until]
+
+
+def _percentiles(samples: Sequence[float]) -> str:
+    if len(samples) < 2:
+        return "n/a (too few samples)"
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return f"p50 {cuts[49] * 1000:.1f} ms  p99 {cuts[98] * 1000:.1f} ms  (n={len(samples)})"
