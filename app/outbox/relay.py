@@ -41,7 +41,10 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -70,6 +73,12 @@ AfterAck = Callable[[Sequence[UnsentRow]], Awaitable[None]]
 TOPIC_WAIT_SECONDS = 2.0  # how long one round waits for an unknown topic's metadata
 SHUTDOWN_GRACE_SECONDS = 10.0  # how long a stopping relay lets its in-flight round finish
 SUMMARY_SECONDS = 1.0  # outbox_published summaries at info level at most this often
+# the producer's max_request_size: a bigger row can never be published, and waits in the table
+MAX_MESSAGE_BYTES = 1_048_576
+# the key -> partition mapping every Kafka client uses by default (murmur2), so the relay's
+# batches land where a plain producer's messages of the same key would
+_PARTITIONER = DefaultPartitioner()
+PARTITION_CACHE_SIZE = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +104,24 @@ class _Outcome:
     failed: list[UnsentRow] = field(default_factory=list)
     waiting: int = 0
     acked_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One partition's rows in a producer batch, in id order."""
+
+    builder: BatchBuilder
+    rows: list[UnsentRow] = field(default_factory=list)
+
+    def add(self, row: UnsentRow) -> bool:
+        """Append ``row``; False when the batch is full."""
+        if (
+            self.builder.append(timestamp=None, key=row.key, value=row.payload, headers=row.headers)
+            is None
+        ):
+            return False
+        self.rows.append(row)
+        return True
 
 
 @dataclass(slots=True)
@@ -147,6 +174,7 @@ class Relay:
         self._wake = asyncio.Event()
         self._rebalance_at = 0.0
         self._ready_topics: set[str] = set()
+        self._partitions: dict[tuple[bytes, int], int] = {}
         self._topic_backoff: dict[str, tuple[float, _Backoff]] = {}
         self._summary = _Summary()
         self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
@@ -250,49 +278,84 @@ class Relay:
         )
 
     async def _publish(
-        self, producer: AIOKafkaProducer, rows: Sequence[UnsentRow], ready: set[str]
+        self, producer: AIOKafkaProducer, rows: Sequence[UnsentRow], ready: dict[str, list[int]]
     ) -> _Outcome:
-        """Send the rows in order and await every ack; sort them into acked, failed, waiting."""
+        """Send the rows in id order, batched per partition; await every ack; sort the rows."""
         outcome = _Outcome()
-        sent: list[tuple[UnsentRow, asyncio.Future[Any]]] = []
-        held: set[tuple[str, bytes | None]] = set()  # (topic, key) of a failed row: send no more
-        for index, row in enumerate(rows):
-            if row.topic not in ready or (row.topic, row.key) in held:
+        open_batches: dict[tuple[str, int], _Batch] = {}
+        submitted: list[tuple[_Batch, asyncio.Future[Any]]] = []
+        stalled: set[tuple[str, int]] = set()  # partitions whose batch the producer refused
+
+        async def submit(tp: tuple[str, int], batch: _Batch) -> None:
+            try:
+                submitted.append(
+                    (batch, await producer.send_batch(batch.builder, tp[0], partition=tp[1]))
+                )
+            except KafkaError as exc:  # e.g. its queue stayed full: the broker takes nothing
+                stalled.add(tp)
+                self._failed(outcome, batch.rows, exc)
+
+        for row in rows:
+            partitions = ready.get(row.topic)
+            if partitions is None:
                 outcome.waiting += 1
                 continue
-            try:
-                future = await producer.send(
-                    row.topic, row.payload, key=row.key, headers=list(row.headers)
-                )
-            except KafkaTimeoutError as exc:
-                # the producer's buffer stayed full: the broker is not taking data; stop here
-                self._failed(outcome, row, exc)
-                outcome.waiting += len(rows) - index - 1
-                break
-            except KafkaError as exc:
-                self._failed(outcome, row, exc)
-                held.add((row.topic, row.key))
+            tp = (row.topic, self._partition(row.key, partitions))
+            if tp in stalled:  # later rows of its keys must not overtake the refused ones
+                outcome.waiting += 1
                 continue
-            sent.append((row, future))
-        results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
-        outcome.acked_at = time.monotonic()
-        for (row, _), result in zip(sent, results, strict=True):
-            if isinstance(result, BaseException):
-                self._failed(outcome, row, result)
+            if _message_size(row) > MAX_MESSAGE_BYTES:  # the broker would refuse its whole batch
+                stalled.add(tp)
+                self._failed(outcome, [row], MessageSizeTooLargeError(f"{_message_size(row)} B"))
+                continue
+            batch = open_batches.get(tp)
+            if batch is None or not batch.add(row):
+                if batch is not None:
+                    await submit(tp, batch)
+                batch = open_batches[tp] = _Batch(producer.create_batch())
+                if not batch.add(row):  # an empty batch takes any row; never lose one if not
+                    stalled.add(tp)
+                    self._failed(outcome, [row], MessageSizeTooLargeError("refused by a batch"))
+        for tp, batch in open_batches.items():
+            if tp not in stalled:
+                await submit(tp, batch)
             else:
-                outcome.acked.append(row)
+                outcome.waiting += len(batch.rows)
+        for batch, future in submitted:
+            try:
+                await future
+            except KafkaError as exc:
+                self._failed(outcome, batch.rows, exc)
+            else:
+                outcome.acked.extend(batch.rows)
+        outcome.acked_at = time.monotonic()
+        outcome.acked.sort(key=lambda row: row.id)
         return outcome
 
-    def _failed(self, outcome: _Outcome, row: UnsentRow, exc: BaseException) -> None:
-        """A row the broker did not take: it stays in the table; the producer is rebuilt."""
-        outcome.failed.append(row)
+    def _partition(self, key: bytes | None, partitions: list[int]) -> int:
+        """The partition of ``key`` (remembered: hashing in Python costs more than a lookup)."""
+        if key is None:
+            return int(_PARTITIONER(None, partitions, partitions))
+        cached = self._partitions.get((key, len(partitions)))
+        if cached is None:
+            if len(self._partitions) >= PARTITION_CACHE_SIZE:
+                self._partitions.clear()
+            cached = self._partitions[(key, len(partitions))] = _PARTITIONER(
+                key, partitions, partitions
+            )
+        return cached
+
+    def _failed(self, outcome: _Outcome, rows: Sequence[UnsentRow], exc: BaseException) -> None:
+        """Rows the broker did not take: they stay in the table; the producer is rebuilt."""
+        outcome.failed.extend(rows)
         self._producer_broken = True  # its sequence numbers refuse the rest of the partition
-        metrics.ERRORS.labels("send").inc()
+        metrics.ERRORS.labels("send").inc(len(rows))
         log.warning(
             "outbox_publish_failed",
-            outbox_id=row.id,
-            topic=row.topic,
-            shard=row.shard,
+            outbox_id=rows[0].id,
+            rows=len(rows),
+            topic=rows[0].topic,
+            shard=sorted({row.shard for row in rows}),
             error_class=_name(exc),
             error=str(exc),
         )
@@ -347,7 +410,9 @@ class Relay:
             log.info("outbox_producer_rebuilt")
             await self._drop_producer()
         if self._producer is None:
-            producer = AIOKafkaProducer(**producer_options(self.settings))
+            # no linger: a round hands the producer all its rows before it yields, so they
+            # batch anyway, and a lone row leaves at once
+            producer = AIOKafkaProducer(**{**producer_options(self.settings), "linger_ms": 0})
             try:
                 await producer.start()
             except BaseException:
@@ -418,9 +483,13 @@ class Relay:
     def _topics_in_backoff(self, now: float) -> list[str]:
         return [topic for topic, (retry_at, _) in self._topic_backoff.items() if retry_at > now]
 
-    async def _resolve_topics(self, producer: AIOKafkaProducer, topics: set[str]) -> set[str]:
-        """The topics whose metadata the producer has (or gets within TOPIC_WAIT_SECONDS)."""
+    async def _resolve_topics(
+        self, producer: AIOKafkaProducer, topics: set[str]
+    ) -> dict[str, list[int]]:
+        """Partitions of each topic the producer knows (or learns within TOPIC_WAIT_SECONDS)."""
+        known = sorted(topics & self._ready_topics)
         unknown = sorted(topics - self._ready_topics)
+        ready = {topic: sorted(await producer.partitions_for(topic)) for topic in known}
         outcomes = await asyncio.gather(
             *(asyncio.wait_for(producer.partitions_for(t), TOPIC_WAIT_SECONDS) for t in unknown),
             return_exceptions=True,
@@ -438,7 +507,8 @@ class Relay:
             else:
                 self._ready_topics.add(topic)
                 self._topic_backoff.pop(topic, None)
-        return topics & self._ready_topics
+                ready[topic] = sorted(outcome)
+        return ready
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -495,6 +565,10 @@ def _any_shard_full(rows: Sequence[UnsentRow], limit: int) -> bool:
     for row in rows:
         counts[row.shard] = counts.get(row.shard, 0) + 1
     return any(count >= limit for count in counts.values())
+
+
+def _message_size(row: UnsentRow) -> int:
+    return DefaultRecordBatchBuilder.estimate_size_in_bytes(row.key, row.payload, row.headers)
 
 
 def _name(exc: BaseException) -> str:

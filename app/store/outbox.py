@@ -103,7 +103,7 @@ class UnsentRow:
     shard: int
     topic: str
     key: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    headers: list[tuple[str, bytes]]  # a list, as the Kafka client's record builder wants
     payload: bytes
     age_seconds: float
 
@@ -162,8 +162,14 @@ _FETCH_UNSENT = text(
     """
     -- The oldest rows of each shard, in id order, up to :limit per shard. Topics that
     -- cannot be published right now are passed over so their rows do not block the shard.
-    SELECT o.id, o.shard, o.topic, o.key, o.headers, o.payload,
-           extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age_seconds
+    -- Headers come back decoded, as parallel arrays of names and values.
+    SELECT o.id, o.shard, o.topic, o.key, o.payload,
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age_seconds,
+           ARRAY(SELECT h ->> 0 FROM jsonb_array_elements(o.headers) WITH ORDINALITY AS e(h, n)
+                 ORDER BY n) AS header_names,
+           ARRAY(SELECT decode(h ->> 1, 'base64')
+                 FROM jsonb_array_elements(o.headers) WITH ORDINALITY AS e(h, n)
+                 ORDER BY n) AS header_values
     FROM unnest(CAST(:shards AS smallint[])) AS s(shard)
     CROSS JOIN LATERAL (
         SELECT id, shard, topic, key, headers, payload, created_at FROM outbox
@@ -186,9 +192,7 @@ _BACKLOG = text(
 )
 
 
-async def prepare_relay_session(
-    conn: AsyncConnection, name: str = RELAY_APPLICATION_NAME
-) -> None:
+async def prepare_relay_session(conn: AsyncConnection, name: str = RELAY_APPLICATION_NAME) -> None:
     """Name the session (pg_stat_activity shows it) and let its deletes commit asynchronously."""
     await conn.execute(_PREPARE_RELAY_SESSION, {"name": name})
 
@@ -235,16 +239,8 @@ async def fetch_unsent(
         {"shards": list(shards), "limit": limit, "skip_topics": list(skip_topics)},
     )
     return [
-        UnsentRow(
-            id=row.id,
-            shard=row.shard,
-            topic=row.topic,
-            key=row.key,
-            headers=tuple(decode_headers(_as_json(row.headers))),
-            payload=row.payload,
-            age_seconds=row.age_seconds,
-        )
-        for row in result
+        UnsentRow(id_, shard, topic, key, list(zip(names, values, strict=True)), payload, age)
+        for id_, shard, topic, key, payload, age, names, values in result
     ]
 
 
@@ -260,8 +256,3 @@ async def backlog(conn: AsyncConnection) -> Backlog:
     """How many rows wait in the whole outbox and how old the oldest is."""
     row = (await conn.execute(_BACKLOG)).one()
     return Backlog(rows=int(row.rows), oldest_age_seconds=float(row.age))
-
-
-def _as_json(value: object) -> Sequence[Sequence[str]]:
-    """jsonb arrives as text through a plain text() query."""
-    return json.loads(value) if isinstance(value, str | bytes) else value  # type: ignore[return-value]
