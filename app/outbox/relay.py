@@ -5,11 +5,14 @@ What it promises, and why it holds:
 - **At least once.** A row is deleted only after the broker acknowledged it (acks=all). A relay
   that dies between the ack and the delete leaves the row for the next owner of its shard, which
   publishes it again; consumers drop the repeat by its ``message_id`` header. A failed send, a
-  missing topic or a broker that is down deletes nothing: the rows wait and are tried again.
+  missing topic or a broker that is down deletes nothing: the rows wait and are tried again, and
+  so does a row too large for any broker (it holds back the later rows of its partition until an
+  operator deals with it; ``outbox_publish_failed`` and the oldest-row age show it).
 - **Order per key** (per topic and key). A key always hashes to one shard; a shard is owned by one
   relay at a time (a session advisory lock on the relay's own connection, which also does the
   reads and deletes, so a relay that lost its connection cannot read a shard it no longer owns);
-  the owner sends the shard's rows in id order through one idempotent producer. The writer makes
+  the owner sends the shard's rows in id order through one idempotent producer (in producer
+  batches per partition, keys mapped to partitions as Kafka clients do by default). The writer makes
   rows of one key commit in id order, so a relay never sees a later row of a key before an earlier
   one. A row of another key that took a lower id but commits late is simply read by a later round:
   rows are deleted by id, there is no watermark that could pass it by. After a failed send the
@@ -72,7 +75,6 @@ AfterAck = Callable[[Sequence[UnsentRow]], Awaitable[None]]
 
 TOPIC_WAIT_SECONDS = 2.0  # how long one round waits for an unknown topic's metadata
 SHUTDOWN_GRACE_SECONDS = 10.0  # how long a stopping relay lets its in-flight round finish
-SUMMARY_SECONDS = 1.0  # outbox_published summaries at info level at most this often
 # the producer's max_request_size: a bigger row can never be published, and waits in the table
 MAX_MESSAGE_BYTES = 1_048_576
 # the key -> partition mapping every Kafka client uses by default (murmur2), so the relay's
@@ -139,18 +141,6 @@ class _Backoff:
         self.failures = 0
 
 
-@dataclass(slots=True)
-class _Summary:
-    """Counts between two ``outbox_published`` info lines."""
-
-    rows: int = 0
-    rounds: int = 0
-    last_outbox_id: int = 0
-    shards: set[int] = field(default_factory=set)
-    topics: set[str] = field(default_factory=set)
-    since: float = field(default_factory=time.monotonic)
-
-
 class Relay:
     """Owns outbox shards and publishes their rows; ``run`` loops, ``run_once`` does one round."""
 
@@ -176,7 +166,7 @@ class Relay:
         self._ready_topics: set[str] = set()
         self._partitions: dict[tuple[bytes, int], int] = {}
         self._topic_backoff: dict[str, tuple[float, _Backoff]] = {}
-        self._summary = _Summary()
+        self._report = metrics.PublishReport()
         self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
 
     # --- the loop -------------------------------------------------------------------------
@@ -205,7 +195,7 @@ class Relay:
                 else:
                     backoff.reset()
         finally:
-            self._flush_summary(force=True)
+            self._report.flush(force=True)
             await self.close()
             log.info("outbox_relay_stopped")
 
@@ -268,7 +258,7 @@ class Relay:
             if self.after_ack is not None:
                 await self.after_ack(outcome.acked)
             await delete_rows(session, [row.id for row in outcome.acked])
-            self._record(outcome.acked, fetched_at, outcome.acked_at)
+            self._report.published(outcome.acked, outcome.acked_at - fetched_at)
         return RelayRound(
             shards=shards,
             published=len(outcome.acked),
@@ -509,50 +499,6 @@ class Relay:
                 self._topic_backoff.pop(topic, None)
                 ready[topic] = sorted(outcome)
         return ready
-
-    # --- reporting ------------------------------------------------------------------------
-
-    def _record(self, acked: Sequence[UnsentRow], fetched_at: float, acked_at: float) -> None:
-        """Metrics and logs of one round's acked rows (never their payloads)."""
-        in_flight = acked_at - fetched_at
-        for row in acked:
-            # age by the database's clock when read, plus our own clock's time to the ack
-            metrics.PUBLISH_LATENCY.observe(row.age_seconds + in_flight)
-        metrics.PUBLISHED.inc(len(acked))
-        metrics.BATCHES.inc()
-        by_shard: dict[int, list[UnsentRow]] = {}
-        for row in acked:
-            by_shard.setdefault(row.shard, []).append(row)
-        for shard, rows in by_shard.items():
-            log.debug(
-                "outbox_batch_published",
-                shard=shard,
-                rows=len(rows),
-                outbox_id=rows[-1].id,
-                first_outbox_id=rows[0].id,
-                topic=sorted({row.topic for row in rows}),
-            )
-        summary = self._summary
-        summary.rows += len(acked)
-        summary.rounds += 1
-        summary.last_outbox_id = max(summary.last_outbox_id, max(row.id for row in acked))
-        summary.shards.update(by_shard)
-        summary.topics.update(row.topic for row in acked)
-        self._flush_summary()
-
-    def _flush_summary(self, *, force: bool = False) -> None:
-        summary = self._summary
-        if summary.rows == 0 or not (force or time.monotonic() - summary.since >= SUMMARY_SECONDS):
-            return
-        log.info(
-            "outbox_published",
-            rows=summary.rows,
-            rounds=summary.rounds,
-            outbox_id=summary.last_outbox_id,
-            shard=sorted(summary.shards),
-            topic=sorted(summary.topics),
-        )
-        self._summary = _Summary()
 
 
 def takeover_bound(settings: Settings) -> float:
