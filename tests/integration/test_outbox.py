@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.outbox.relay import Relay
 from app.outbox.writer import MESSAGE_ID, Outbox, enqueue, shard_of
 from app.settings import Settings
+from app.store.outbox import count_relays, shard_owners
 from tests.integration.conftest_outbox import (
     Numbered,
     judge,
@@ -165,6 +166,44 @@ async def test_rows_for_a_topic_that_cannot_exist_wait_without_blocking_their_sh
     assert (result.published, result.waiting) == (2, 1)
     assert await outbox_rows(engine) == 1
     judge(await read_topic(settings, good)).assert_complete_and_ordered(written)
+
+
+async def test_a_notify_wakes_the_relay_long_before_its_poll(
+    engine: AsyncEngine, topics: Settings
+) -> None:
+    settings = topics.model_copy(update={"outbox_poll_seconds": 30.0})
+    written: list[Numbered] = [("k", 0)]
+    async with running_relays(settings, 1) as (relay,):
+        await wait_until(lambda: _shares([relay], [16]), 10, "the relay took every shard")
+        await write_numbered(engine, settings, settings.topic("events"), written)
+        took = await wait_until(lambda: _empty(engine), 5, "the row published")
+    assert took < 5 < settings.outbox_poll_seconds
+    judge(await read_topic(settings, settings.topic("events"))).assert_complete_and_ordered(written)
+
+
+async def test_a_stopping_relay_finishes_its_round_then_lets_go_of_its_shards(
+    engine: AsyncEngine, topics: Settings
+) -> None:
+    settings = topics
+    written: list[Numbered] = [(f"k{n}", 0) for n in range(10)]
+    await write_numbered(engine, settings, settings.topic("events"), written)
+    in_flight, stop = asyncio.Event(), asyncio.Event()
+
+    async def hold_until_stopped(rows: object) -> None:
+        in_flight.set()
+        await stop.wait()
+
+    relay = Relay(settings, after_ack=hold_until_stopped)
+    running = asyncio.create_task(relay.run(stop))
+    await asyncio.wait_for(in_flight.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(running, 15)
+
+    assert await outbox_rows(engine) == 0  # the round in flight deleted what was acked
+    async with engine.connect() as conn:
+        assert await count_relays(conn) == 0
+        assert await shard_owners(conn) == {}
+    judge(await read_topic(settings, settings.topic("events"))).assert_complete_and_ordered(written)
 
 
 def _sample(name: str) -> float:
