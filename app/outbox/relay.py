@@ -301,7 +301,11 @@ class Relay:
             batch = open_batches.get(tp)
             if batch is None or not batch.add(row):
                 if batch is not None:
+                    del open_batches[tp]
                     await submit(tp, batch)
+                    if tp in stalled:
+                        outcome.waiting += 1
+                        continue
                 batch = open_batches[tp] = _Batch(producer.create_batch())
                 if not batch.add(row):  # an empty batch takes any row; never lose one if not
                     stalled.add(tp)
