@@ -126,6 +126,7 @@ async def _make_site(settings: Settings) -> None:
         await engine.dispose()
 
 
+@pytest.mark.timeout(600)
 @hypothesis_settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -141,7 +142,6 @@ async def _make_site(settings: Settings) -> None:
         st.one_of(malformed(), malformed(), valid()), min_size=PER_EXAMPLE, max_size=PER_EXAMPLE
     )
 )
-@pytest.mark.timeout(600)
 def test_bad_input_never_stops_the_worker_and_loses_nothing(
     server: Settings, records: list[Record]
 ) -> None:
