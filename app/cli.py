@@ -12,6 +12,7 @@ from app.bench import bench_app
 from app.commands.dlt import dlt_app
 from app.commands.resources import accounts_app, sites_app
 from app.devstack import ServiceUnavailable
+from app.dlt import redact
 from app.logs import configure_logging
 from app.settings import get_settings
 
@@ -54,7 +55,9 @@ def topics_create() -> None:
 
 @app.command()
 def schema(
-    out: Annotated[str | None, typer.Option(help="Directory to write one <name>.schema.json per message kind")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Directory to write one <name>.schema.json per message kind")
+    ] = None,
 ) -> None:
     """Export the Kafka contract (requests, replies, events) as JSON Schema."""
     import json
@@ -118,5 +121,18 @@ def dev() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: operator mistakes and unreachable services get one red line."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    from app.crypto import MissingKey
+
+    try:
+        app()
+    except (ServiceUnavailable, MissingKey, ArgumentError) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise SystemExit(2) from None
+    except (DBAPIError, OSError) as exc:
+        err.print(
+            f"[red]the database or broker cannot be reached: {type(exc).__name__}: {redact(str(exc))}[/]"
+        )
+        raise SystemExit(2) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import structlog
 from cryptography.fernet import Fernet
@@ -14,7 +15,7 @@ from app.devstack.postgres import EmbeddedPostgres
 from app.devstack.tansu import TansuBroker
 from app.kafka import ensure_topics
 from app.runtime import run_processes
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 log = structlog.get_logger()
 
@@ -22,6 +23,24 @@ log = structlog.get_logger()
 def _or_fresh_key(key: SecretStr) -> SecretStr:
     """The configured key, or a fresh one for this dev run."""
     return key if key.get_secret_value() else SecretStr(Fernet.generate_key().decode())
+
+
+ENV_FILE = Path(".qm-dev.env")
+
+
+def write_env_file(settings: Settings, path: Path) -> None:
+    """The settings of this dev stack, readable only by its owner, for `qm` commands in other shells."""
+    values = {
+        "QM_DATABASE_URL": settings.database_url,
+        "QM_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "QM_KAFKA_IDEMPOTENCE": "false",
+        "QM_TOPIC_PREFIX": settings.topic_prefix,
+        "QM_SECRET_KEYS": settings.secret_keys.get_secret_value(),
+        "QM_TRANSPORT_KEY": settings.transport_key.get_secret_value(),
+    }
+    path.touch(mode=0o600)
+    path.write_text("".join(f"{name}='{value}'\n" for name, value in values.items()))
+    log.info("dev_env_written", path=str(path), hint=f"set -a; . ./{path}; set +a")
 
 
 def run_dev() -> None:
@@ -39,10 +58,14 @@ def run_dev() -> None:
         )
         upgrade(settings.database_url)
         asyncio.run(ensure_topics(settings))
+        write_env_file(settings, ENV_FILE)
         log.info(
             "dev_stack_ready",
             database_url=settings.database_url,
             kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
         )
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_processes(settings, ["worker", "relay", "reaper"]))
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(run_processes(settings, ["worker", "relay", "reaper"]))
+        finally:
+            ENV_FILE.unlink(missing_ok=True)
