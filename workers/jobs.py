@@ -25,6 +25,7 @@ from schemas.messages import (
     JobStart,
 )
 from schemas.states import JobStatus
+from workers.sessions import merge_session
 
 log = structlog.get_logger()
 
@@ -108,6 +109,8 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
         return lost.model_dump(mode="json")
     site = await sites.lock_site(tx.conn, slug)
     assert site is not None  # jobs reference sites
+    if req.session_state is not None:  # kept before the lease ends, while the token still holds it
+        await merge_session(tx, req.job_id, req.lease_token, req.session_state)
     status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
     reason = (
         req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"

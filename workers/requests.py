@@ -36,7 +36,7 @@ from schemas.messages import (
     RequestInvalid,
     parse_request,
 )
-from workers import jobs
+from workers import jobs, sessions
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -47,6 +47,7 @@ HANDLERS: dict[str, Handler] = {
     "job.heartbeat": jobs.heartbeat,
     "job.finish": jobs.finish,
     "job.cancel": jobs.cancel,
+    "session.upload": sessions.upload,
 }
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 

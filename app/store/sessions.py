@@ -1,0 +1,47 @@
+"""Sessions: one Playwright storage state per account (sealed at rest), versioned."""
+
+from __future__ import annotations
+
+from sqlalchemy import RowMapping, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+async def held_session(conn: AsyncConnection, job_id: str, lease_token: int) -> RowMapping | None:
+    """The account a live lease holds and its session (if any), locked for this transaction.
+
+    None when the token does not hold a live lease on an account (fencing).
+    """
+    result = await conn.execute(
+        text(
+            """
+            SELECT a.id AS account_id, a.site, s.version, s.storage_state
+            FROM accounts a LEFT JOIN sessions s ON s.account_id = a.id
+            WHERE a.holder_job_id = :job AND a.lease_token = :token AND a.status = 'USING'
+              AND a.lease_expires_at > now()
+            FOR UPDATE OF a
+            """
+        ),
+        {"job": job_id, "token": lease_token},
+    )
+    return result.mappings().first()
+
+
+async def save_session(
+    conn: AsyncConnection, account_id: int, sealed_state: bytes, expected_version: int | None
+) -> int | None:
+    """Write the merged state as the next version; None if another writer got there first."""
+    result = await conn.execute(
+        text(
+            """
+            INSERT INTO sessions AS s (account_id, storage_state, version)
+            VALUES (:account, :state, 1)
+            ON CONFLICT (account_id) DO UPDATE
+            SET storage_state = excluded.storage_state, version = s.version + 1, updated_at = now()
+            WHERE s.version = :expected
+            RETURNING version
+            """
+        ),
+        {"account": account_id, "state": sealed_state, "expected": expected_version},
+    )
+    row = result.first()
+    return None if row is None else int(row[0])
