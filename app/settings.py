@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     consumer_group: str = Field(
         "qm-claim-workers", description="Consumer group of the claim workers."
     )
+    worker_consumers: int = Field(
+        6,
+        description="Kafka consumers of the group in one claim worker process. Each takes its own "
+        "partitions of the requests topic and handles their records in order, so up to this many "
+        "requests run at once; more than the topic's partitions leaves the extra ones idle.",
+    )
     consumer_session_timeout_ms: int = Field(
         10_000, description="Kafka group session timeout: how soon a dead worker's partitions move."
     )
@@ -100,7 +106,9 @@ class Settings(BaseSettings):
         description="Testing only: 'mid_transaction' or 'after_commit' makes the claim worker SIGKILL "
         "itself there while processing a request of QM_FAULT_JOB_ID.",
     )
-    fault_job_id: str | None = Field(None, description="Testing only: the job whose request trips the fault.")
+    fault_job_id: str | None = Field(
+        None, description="Testing only: the job whose request trips the fault."
+    )
 
     # --- operations --------------------------------------------------------------------
     log_format: str = Field(

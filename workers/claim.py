@@ -75,7 +75,7 @@ async def run_claim_worker(settings: Settings, stop: asyncio.Event) -> None:
     """Run the claim worker until ``stop`` is set."""
     db = Database.from_settings(settings)
     processor = RequestProcessor(settings, db)
-    broker = build_broker(settings, processor)
+    broker = build_broker(settings, processor, settings.worker_consumers)
     await broker.start()
     log.info(
         "claim_worker_started", topic=settings.topic("requests"), group=settings.consumer_group

@@ -1,0 +1,609 @@
+"""`qm bench lease`: the leasing path end to end through the SDK, next to a raw Kafka round trip.
+
+One run against real services (a Kafka broker and a durable PostgreSQL, started here unless
+``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` name them) with the real claim worker and outbox
+relay as child processes (`python -m app run worker`, `python -m app run relay`). It prints:
+
+- a raw Kafka round trip: a requester produces to a topic, an echo task in this process consumes
+  each record and produces a reply, the requester consumes the reply; paced like the next figure;
+- ``job.start -> job.granted`` through the SDK at a target rate, open loop: starts leave on
+  schedule whatever the replies do, and each latency counts from the scheduled send (a late
+  sender counts against the result). Every granted job holds its account until the run ends (the
+  sites get enough accounts), so the request rate is the rate of job.start requests;
+- full job cycles (start, then finish) per second at max throughput, ``--concurrency`` job loops
+  back to back.
+
+The CPU each process used in each run is printed under the table (from /proc), to show the
+bottleneck on a small machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import asyncpg
+import typer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import TopicPartition
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.engine import make_url
+
+from app.crypto import SecretBox
+from app.db.engine import make_engine
+from app.db.migrate import upgrade
+from app.devstack import ServiceUnavailable
+from app.devstack.kafka import KafkaBroker, wait_for_metadata
+from app.devstack.postgres import EmbeddedPostgres
+from app.kafka import client_options, ensure_topics, producer_options
+from app.logs import configure_logging
+from app.sdk import QuartermasterClient
+from app.sdk.job import Job
+from app.settings import Settings
+from app.store import accounts, sites
+
+console = Console(width=max(Console().width, 132))  # the table is wider than a pipe's 80
+err = Console(stderr=True)
+
+WARMUP_SECONDS = 1.0  # latency samples scheduled in the first second are left out
+LEASE_SECONDS = 900  # no heartbeat or expiry falls inside a run
+REQUEST_TIMEOUT = 60.0
+ECHO_PAYLOAD = b"x" * 300  # about the size of a job.start
+
+
+class BenchFailed(RuntimeError):
+    """The benchmark could not produce its figures; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one run does."""
+
+    rate: float
+    duration: float
+    collectors: int
+    concurrency: int
+    cycles: int
+    seconds: float
+    sites: int
+    consumers: int | None
+
+    @property
+    def starts(self) -> int:
+        return max(int(self.rate * self.duration), 2)
+
+    @property
+    def accounts_per_site(self) -> int:
+        held = self.starts + 4 * self.sites  # every start holds one until the end; warm-up
+        return max(math.ceil(held / self.sites), math.ceil(self.concurrency / self.sites)) + 2
+
+
+@dataclass(slots=True)
+class Figure:
+    """One row of the table."""
+
+    name: str
+    target_rate: float | None = None
+    samples: list[float] = field(default_factory=list)
+    sent: int = 0
+    seconds: float = 0.0  # from the first send to the last send (paced) or to the end (max)
+    failures: int = 0
+    cycles_per_second: float | None = None
+
+
+def bench_lease(
+    rate: Annotated[
+        float, typer.Option(help="job.start requests per second of the latency run.")
+    ] = 500.0,
+    duration: Annotated[
+        float, typer.Option(help="Seconds of the latency run and of the echo run.")
+    ] = 10.0,
+    collectors: Annotated[int, typer.Option(help="SDK clients (collectors) sharing the load.")] = 4,
+    concurrency: Annotated[int, typer.Option(help="Job loops running cycles back to back.")] = 32,
+    cycles: Annotated[
+        int, typer.Option(help="At most this many cycles in the throughput run.")
+    ] = 50_000,
+    seconds: Annotated[
+        float, typer.Option(help="At most this many seconds of the throughput run.")
+    ] = 10.0,
+    n_sites: Annotated[int, typer.Option("--sites", help="Sites the jobs are spread over.")] = 8,
+    consumers: Annotated[
+        int | None,
+        typer.Option(
+            help="Kafka consumers in the worker process (QM_WORKER_CONSUMERS); default: the setting."
+        ),
+    ] = None,
+) -> None:
+    """job.start -> job.granted latency, job cycles per second, and a raw Kafka round trip."""
+    configure_logging("console", "WARNING")  # the SDK's info line per job would drown the table
+    plan = Plan(rate=rate, duration=duration, collectors=max(collectors, 1),
+                concurrency=max(concurrency, 1), cycles=cycles, seconds=seconds,
+                sites=max(n_sites, 1), consumers=consumers)  # fmt: skip
+    try:
+        with _services() as services:
+            console.print(
+                f"lease bench: Kafka {services.bootstrap}; PostgreSQL {services.durability}; "
+                f"{os.cpu_count()} CPUs; {plan.collectors} collectors; {plan.sites} sites x "
+                f"{plan.accounts_per_site} accounts; claim worker and relay as child processes"
+            )
+            settings = _settings(services.bootstrap, services.database_url)
+            figures, cpu = asyncio.run(_bench(settings, plan, services.pids))
+    except (ServiceUnavailable, BenchFailed) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(_table(figures))
+    for line in cpu:
+        console.print(line)
+
+
+# --- services and processes ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Where the services are; the pids of those started here (their CPU is reported)."""
+
+    bootstrap: str
+    database_url: str
+    durability: str
+    pids: dict[str, int]
+
+
+@contextlib.contextmanager
+def _services() -> Iterator[Services]:
+    """A broker and a freshly migrated database, started here unless the environment names them."""
+    with contextlib.ExitStack() as stack:
+        pids: dict[str, int] = {}
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if bootstrap:
+            asyncio.run(wait_for_metadata(bootstrap, timeout=15))
+        else:
+            broker = stack.enter_context(KafkaBroker())
+            bootstrap, pids["kafka"] = broker.bootstrap, broker.process.pid if broker.process else 0
+        admin_url = os.environ.get("DATABASE_URL")
+        if not admin_url:
+            postgres = stack.enter_context(EmbeddedPostgres(fast=False))
+            admin_url = postgres.url()
+            pid_file = Path(postgres.socket_dir) / "postmaster.pid"
+            pids["postgres"] = int(_read(str(pid_file)).split("\n", 1)[0] or 0)
+        name = f"qm_bench_{uuid.uuid4().hex[:8]}"
+        durability = asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}"))
+        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        try:
+            upgrade(url)
+            yield Services(bootstrap, url, durability, pids)
+        finally:
+            asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+async def _admin(url: str, statement: str) -> str:
+    """Run ``statement``; return the server's durability settings."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=15)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ServiceUnavailable(f"PostgreSQL cannot be reached at DATABASE_URL: {exc}") from exc
+    try:
+        await conn.execute(statement)
+        names = ("fsync", "synchronous_commit", "full_page_writes")
+        return " ".join([f"{n}={await conn.fetchval(f'SHOW {n}')}" for n in names])
+    finally:
+        await conn.close()
+
+
+def _settings(bootstrap: str, database_url: str) -> Settings:
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    return Settings(
+        database_url=database_url,
+        kafka_bootstrap_servers=bootstrap,
+        topic_prefix=prefix,
+        consumer_group=f"{prefix}workers",
+        secret_keys=Fernet.generate_key().decode(),
+        transport_key=Fernet.generate_key().decode(),
+    )
+
+
+class Child:
+    """`python -m app run <process>` reading ``settings``; ``with`` stops it."""
+
+    def __init__(self, settings: Settings, process: str, **overrides: object) -> None:
+        self.process = process
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("QM_")}
+        self.env.pop("DATABASE_URL", None)
+        self.env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+        for name, value in {**settings.model_dump(), **overrides}.items():
+            if value is not None:
+                plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+                self.env[f"QM_{name.upper()}"] = str(plain)
+        self.env["QM_LOG_FORMAT"] = "json"
+        self.log = Path(tempfile.mkstemp(prefix=f"qm-bench-{process}-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Child:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app", "run", self.process],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Raise BenchFailed, with the end of its log, if the process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchFailed(
+                f"the {self.process} process exited with {self.proc.returncode}:\n{self.tail()}"
+            )
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class CpuMeter:
+    """CPU seconds of each process between ``begin`` and ``end``, read from /proc (Linux)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = {"bench": os.getpid(), **pids}
+        self.start: dict[str, float] = {}
+        self.started = 0.0
+        self.stop: tuple[dict[str, float], float] | None = None
+
+    def sample(self) -> dict[str, float]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {name: _cpu_of(pid, ticks) for name, pid in self.pids.items()}
+        if postmaster := self.pids.get("postgres"):  # and its backends
+            for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+                if _parent_of(pid) == postmaster:
+                    out["postgres"] += _cpu_of(pid, ticks)
+        fields = _read("/proc/stat").split("\n", 1)[0].split()[1:]
+        if len(fields) > 4:
+            out["machine"] = (sum(map(int, fields)) - int(fields[3]) - int(fields[4])) / ticks
+        return out
+
+    def begin(self) -> None:
+        self.start, self.started, self.stop = self.sample(), time.monotonic(), None
+
+    def end(self) -> None:
+        """Freeze the figures here (what follows, such as a run's clean-up, is not counted)."""
+        self.stop = (self.sample(), time.monotonic())
+
+    def report(self, label: str) -> str:
+        now, at = self.stop or (self.sample(), time.monotonic())
+        elapsed = at - self.started
+        used = {k: v - self.start.get(k, 0.0) for k, v in now.items()}
+        if "machine" in used:  # the machine's busy time, then what none of the above used
+            used["rest"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
+        shares = ", ".join(f"{name} {100 * cpu / elapsed:.0f}%" for name, cpu in used.items())
+        return f"CPU in {label} ({elapsed:.1f} s; 100% = one core): {shares}"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (state is [0], ppid [1])."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def _parent_of(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if len(fields) > 1 else 0
+
+
+def _cpu_of(pid: int, ticks: int) -> float:
+    """User plus system CPU seconds of a process."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / ticks if len(fields) > 12 else 0.0
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+async def _bench(
+    settings: Settings, plan: Plan, pids: dict[str, int]
+) -> tuple[list[Figure], list[str]]:
+    await ensure_topics(settings)
+    slugs = await _make_sites(settings, plan)
+    extra = {} if plan.consumers is None else {"worker_consumers": plan.consumers}
+    with Child(settings, "worker", **extra) as worker, Child(settings, "relay") as relay:
+        assert worker.proc is not None and relay.proc is not None
+        meter = CpuMeter({"worker": worker.proc.pid, "relay": relay.proc.pid, **pids})
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    QuartermasterClient.from_settings(
+                        settings, collector=f"bench-{n}", request_timeout=REQUEST_TIMEOUT
+                    )
+                )
+                for n in range(plan.collectors)
+            ]
+            await _warm_up(clients, slugs, (worker, relay))
+            figures, cpu = [], []
+            runs: list[tuple[str, Callable[[], Awaitable[Figure]]]] = [
+                ("the echo run", lambda: _echo(settings, plan, meter)),
+                ("the latency run", lambda: _start_latency(clients, slugs, plan, meter)),
+                ("the cycle run", lambda: _cycles(clients, slugs, plan, meter)),
+            ]
+            for label, run in runs:
+                meter.begin()
+                figures.append(await run())
+                cpu.append(meter.report(label))
+                worker.check()
+                relay.check()
+            return figures, cpu
+
+
+async def _make_sites(settings: Settings, plan: Plan) -> list[str]:
+    """``plan.sites`` sites, each with enough ACTIVE accounts that no start has to wait."""
+    sealed = SecretBox.from_settings(settings).seal("bench-secret")  # sealing is not measured
+    engine = make_engine(settings, pool_size=1)
+    slugs = [f"site{n}" for n in range(plan.sites)]
+    try:
+        async with engine.begin() as conn:
+            for slug in slugs:
+                await sites.add_site(
+                    conn, slug=slug, host=f"{slug}.example.com", capacity=plan.accounts_per_site,
+                    lease_seconds=LEASE_SECONDS, cooldown_seconds=0,
+                )  # fmt: skip
+                for n in range(plan.accounts_per_site):
+                    await accounts.add_account(
+                        conn, site=slug, username=f"user{n}@{slug}", sealed_secret=sealed
+                    )
+    finally:
+        await engine.dispose()
+    return slugs
+
+
+async def _cycle(client: QuartermasterClient, site: str) -> None:
+    async with client.job(site=site, lease_seconds=LEASE_SECONDS, wait_seconds=30):
+        pass
+
+
+async def _warm_up(
+    clients: Sequence[QuartermasterClient], slugs: Sequence[str], children: Sequence[Child]
+) -> None:
+    """Cycles on every client and site until they all go through: the consumers have joined."""
+    deadline = time.monotonic() + 90
+    while True:
+        jobs = (_cycle(clients[n % len(clients)], slugs[n % len(slugs)]) for n in range(32))
+        try:
+            await asyncio.wait_for(asyncio.gather(*jobs), timeout=20)
+            return
+        except (TimeoutError, OSError) as exc:
+            for child in children:
+                child.check()
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"{c.process} log:\n{c.tail()}" for c in children)
+                raise BenchFailed(
+                    f"no warm-up job went through in 90 s ({exc!r});\n{tails}"
+                ) from exc
+
+
+async def _paced(
+    rate: float, count: int, send: Callable[[int, float], Coroutine[Any, Any, None]]
+) -> float:
+    """Start ``send(n, scheduled_at)`` as a task at ``start + n / rate``; await them all.
+
+    Open loop: a send never waits for earlier ones. Returns the seconds from the first send to
+    the last.
+    """
+    start = time.monotonic()
+    tasks: list[asyncio.Task[None]] = []
+    for n in range(count):
+        scheduled = start + n / rate
+        delay = scheduled - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the load, not waiting for a condition
+        tasks.append(asyncio.create_task(send(n, scheduled)))
+    spread = time.monotonic() - start
+    await asyncio.gather(*tasks)
+    return spread
+
+
+async def _start_latency(
+    clients: Sequence[QuartermasterClient], slugs: Sequence[str], plan: Plan, meter: CpuMeter
+) -> Figure:
+    """job.start -> job.granted at ``plan.rate``; every job holds its account until the end."""
+    figure = Figure("job.start → job.granted, SDK", target_rate=plan.rate, sent=plan.starts)
+    held: list[Job] = []
+    first = time.monotonic()
+
+    async def start(n: int, scheduled: float) -> None:
+        job = clients[n % len(clients)].job(
+            site=slugs[n % len(slugs)], lease_seconds=LEASE_SECONDS, wait_seconds=30
+        )
+        try:
+            await job.__aenter__()
+        except Exception:  # noqa: BLE001 - counted as a failure; the run goes on
+            figure.failures += 1
+            return
+        if scheduled - first >= WARMUP_SECONDS:
+            figure.samples.append(time.monotonic() - scheduled)
+        held.append(job)
+
+    figure.seconds = await _paced(plan.rate, plan.starts, start)
+    meter.end()  # the releases below are clean-up, not part of the run
+    finished = await asyncio.gather(
+        *(job.__aexit__(None, None, None) for job in held), return_exceptions=True
+    )
+    figure.failures += sum(isinstance(result, BaseException) for result in finished)
+    return figure
+
+
+async def _cycles(
+    clients: Sequence[QuartermasterClient], slugs: Sequence[str], plan: Plan, meter: CpuMeter
+) -> Figure:
+    """Job cycles back to back on ``plan.concurrency`` loops, bounded in count and time."""
+    figure = Figure(f"job cycle (start+finish) x{plan.concurrency}, SDK")
+    begin = time.monotonic()
+    deadline = begin + plan.seconds
+    left = [plan.cycles]
+
+    async def loop(k: int) -> None:
+        client, site = clients[k % len(clients)], slugs[k % len(slugs)]
+        while left[0] > 0 and time.monotonic() < deadline:
+            left[0] -= 1
+            started = time.monotonic()
+            try:
+                await _cycle(client, site)
+            except Exception:  # noqa: BLE001 - counted as a failure; the run goes on
+                figure.failures += 1
+                continue
+            figure.sent += 1
+            if started - begin >= WARMUP_SECONDS:
+                figure.samples.append(time.monotonic() - started)
+
+    await asyncio.gather(*(loop(k) for k in range(plan.concurrency)))
+    figure.seconds = time.monotonic() - begin
+    figure.cycles_per_second = figure.sent / figure.seconds
+    return figure
+
+
+# --- the raw Kafka round trip ---------------------------------------------------------------
+
+
+async def _echo(settings: Settings, plan: Plan, meter: CpuMeter) -> Figure:
+    """Request, echo, reply through the broker at ``plan.rate``: what Kafka alone costs."""
+    figure = Figure("raw Kafka round trip (echo)", target_rate=plan.rate, sent=plan.starts)
+    asks, answers = settings.topic("bench-echo"), settings.topic("bench-echo-replies")
+    await _create_topics(settings, [asks, answers])
+    requester = AIOKafkaProducer(**producer_options(settings))
+    echoer = AIOKafkaProducer(**producer_options(settings))
+    inbound, outbound = _consumer(settings), _consumer(settings)
+    waiting: dict[bytes, asyncio.Future[float]] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for client in (requester, echoer, inbound, outbound):
+            await client.start()
+            stack.push_async_callback(client.stop)
+        await _assign_at_end(inbound, requester, asks)
+        await _assign_at_end(outbound, requester, answers)
+        tasks = [asyncio.create_task(_echo_loop(inbound, echoer, answers)),
+                 asyncio.create_task(_reply_loop(outbound, waiting))]  # fmt: skip
+        for task in tasks:
+            stack.callback(task.cancel)
+        first = time.monotonic()
+
+        async def ask(n: int, scheduled: float) -> None:
+            key = uuid.uuid4().bytes
+            waiting[key] = asyncio.get_running_loop().create_future()
+            try:
+                await requester.send_and_wait(asks, ECHO_PAYLOAD, key=key, headers=[("id", key)])
+                answered = await asyncio.wait_for(waiting[key], REQUEST_TIMEOUT)
+            except (TimeoutError, OSError):
+                figure.failures += 1
+                return
+            finally:
+                waiting.pop(key, None)
+            if scheduled - first >= WARMUP_SECONDS:
+                figure.samples.append(answered - scheduled)
+
+        figure.seconds = await _paced(plan.rate, plan.starts, ask)
+    return figure
+
+
+def _consumer(settings: Settings) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        **client_options(settings), group_id=None, enable_auto_commit=False,
+        auto_offset_reset="latest",
+    )  # fmt: skip
+
+
+async def _create_topics(settings: Settings, names: Sequence[str]) -> None:
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, settings.topic_partitions, 1) for n in names])
+    finally:
+        await admin.close()
+
+
+async def _assign_at_end(
+    consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, topic: str
+) -> None:
+    partitions = await asyncio.wait_for(producer.partitions_for(topic), 30)
+    assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(assigned)
+    await consumer.seek_to_end(*assigned)
+    for partition in assigned:
+        await consumer.position(partition)
+
+
+async def _echo_loop(inbound: AIOKafkaConsumer, producer: AIOKafkaProducer, topic: str) -> None:
+    """The tiny echo service: every request back as a reply with the same key and headers."""
+    while True:
+        for records in (await inbound.getmany(timeout_ms=500)).values():
+            for record in records:
+                await producer.send(
+                    topic, record.value, key=record.key, headers=list(record.headers)
+                )
+
+
+async def _reply_loop(outbound: AIOKafkaConsumer, waiting: dict[bytes, Any]) -> None:
+    while True:
+        for records in (await outbound.getmany(timeout_ms=500)).values():
+            now = time.monotonic()
+            for record in records:
+                future = waiting.get(record.key or b"")
+                if future is not None and not future.done():
+                    future.set_result(now)
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def _ms(samples: Sequence[float], percentile: int) -> str:
+    if len(samples) < 2:
+        return "-"
+    cut = statistics.quantiles(samples, n=100, method="inclusive")[percentile - 1]
+    return f"{cut * 1000:.1f}"
+
+
+def _table(figures: Sequence[Figure]) -> Table:
+    table = Table(title="qm bench lease", title_justify="left")
+    table.add_column("measure")
+    for name in ("target /s", "achieved /s", "samples", "failed", "p50 ms", "p99 ms", "cycles /s"):
+        table.add_column(name, justify="right")
+    for f in figures:
+        achieved = f.sent / f.seconds if f.seconds else 0.0
+        table.add_row(
+            f.name,
+            f"{f.target_rate:,.0f}" if f.target_rate else "max",
+            f"{achieved:,.0f}",
+            f"{len(f.samples):,}",
+            f"{f.failures:,}",
+            _ms(f.samples, 50),
+            _ms(f.samples, 99),
+            "" if f.cycles_per_second is None else f"{f.cycles_per_second:,.0f}",
+        )
+    return table
