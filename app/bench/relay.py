@@ -122,8 +122,9 @@ async def _bench(
         print(
             f"latency at {rate:,.0f} msg/s for {duration:.0f} s"
             f"   plain send->ack {_percentiles(plain_lat)}"
-            f"   relay commit->ack {_percentiles(relay_lat)}"
+            f"   relay commit->ack {_percentiles(relay_lat.commit_to_ack)}"
         )
+        print(f"  (of which the writer's COMMIT call itself: {_percentiles(relay_lat.commit)})")
     finally:
         await engine.dispose()
 
@@ -226,6 +227,12 @@ async def _plain_latency(
 
 
 @dataclass(frozen=True, slots=True)
+class RelayLatency:
+    commit_to_ack: list[float]  # from the writer's COMMIT call to the broker's ack
+    commit: list[float]  # the COMMIT call itself (its WAL flush), for reference
+
+
+@dataclass(frozen=True, slots=True)
 class WriterPlan:
     """What the writer process commits: one row per transaction at a steady rate."""
 
@@ -243,19 +250,20 @@ def _writer_process(plan: WriterPlan, results: Connection) -> None:
     results.close()
 
 
-async def _write_paced(plan: WriterPlan) -> dict[bytes, float]:
+async def _write_paced(plan: WriterPlan) -> dict[bytes, tuple[float, float]]:
+    """Commit the plan's rows; per message id, when its COMMIT was called and when it returned."""
     settings = Settings(database_url=plan.database_url, outbox_shards=plan.shards)
     engine = make_engine(settings, pool_size=8)
-    committed: dict[bytes, float] = {}
+    committed: dict[bytes, tuple[float, float]] = {}
 
     async def write(n: int) -> None:
         m = plan.batch[n % len(plan.batch)]
         async with engine.connect() as conn:
             tx = await conn.begin()
             message_id = await enqueue(conn, plan.topic, m.key, m.payload, shards=plan.shards)
-            # timed from the COMMIT call: its fsync counts against the relay, not for it
-            committed[message_id.encode()] = time.monotonic()
+            called = time.monotonic()
             await tx.commit()
+            committed[message_id.encode()] = (called, time.monotonic())
 
     try:
         await _paced(plan.rate, plan.duration, write)
@@ -271,7 +279,7 @@ async def _relay_latency(
     batch: Sequence[Message],
     rate: float,
     duration: float,
-) -> list[float]:
+) -> RelayLatency:
     """Commit-to-ack of a relay running its real loop while another process commits rows."""
     acked: dict[bytes, float] = {}
     expected = [1]  # the warm-up row; then every row the writer committed
@@ -296,7 +304,7 @@ async def _relay_latency(
         await asyncio.wait_for(all_acked.wait(), 30)
         all_acked.clear()
         writer.start()
-        committed: dict[bytes, float] = await asyncio.to_thread(receiver.recv)
+        committed: dict[bytes, tuple[float, float]] = await asyncio.to_thread(receiver.recv)
         await asyncio.to_thread(writer.join, 30)
         expected[0] = len(committed) + 1
         if len(acked) < expected[0]:
@@ -306,8 +314,12 @@ async def _relay_latency(
         await relay_task
         if writer.is_alive():
             writer.kill()
-    first = min(committed.values())
-    return [acked[mid] - at for mid, at in committed.items() if at > first + WARMUP_SECONDS]
+    warm = min(called for called, _ in committed.values()) + WARMUP_SECONDS
+    # timed from the COMMIT call: the commit's own fsync counts against the relay, not for it
+    return RelayLatency(
+        commit_to_ack=[acked[m] - called for m, (called, _) in committed.items() if called > warm],
+        commit=[done - called for called, done in committed.values() if called > warm],
+    )
 
 
 def _percentiles(samples: Sequence[float]) -> str:
