@@ -442,16 +442,18 @@ class Relay:
         """Hold ``ceil(S / relays)`` shards: release extras, take free ones."""
         relays = await count_relays(session)
         target = math.ceil(self.shard_count / max(relays, 1))
-        owners = await shard_owners(session)
-        held = {shard for shard, pid in owners.items() if pid == self._session_pid}
-        if held != self.owned:  # trust the database over our own bookkeeping
-            self._set_owned(held)
         if len(self.owned) > target:
             extra = sorted(self.owned)[target:]
             await unlock_shards(session, extra)
             self._set_owned(self.owned - set(extra))
             log.info("outbox_shards_released", shards=extra, relays=relays, target=target)
             return
+        if len(self.owned) == target:
+            return
+        owners = await shard_owners(session)
+        held = {shard for shard, pid in owners.items() if pid == self._session_pid}
+        if held != self.owned:  # trust the database over our own bookkeeping
+            self._set_owned(held)
         order = [(self._offset + step) % self.shard_count for step in range(self.shard_count)]
         taken: list[int] = []
         for shard in order:
