@@ -43,6 +43,12 @@ def why_lease_lost(job: Row | None, lease_token: int) -> str:
     return "lease_expired"
 
 
+async def lock_site_of(tx: Tx, job_id: str) -> Row | None:
+    """Lock the site of a job (lock order: site, then job, then account); None for an unknown job."""
+    slug = await jobs.job_site(tx.conn, job_id)
+    return None if slug is None else await sites.lock_site(tx.conn, slug)
+
+
 async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Reply:
     """Queue the job, then grant the site's waiting jobs in FIFO order (this one among them)."""
     rejected = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="")
@@ -104,11 +110,9 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: st
 async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> Reply:
     """End a job for the holder of its live lease; release its account and hand it on (rule 4)."""
     lost = JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
-    slug = await jobs.job_site(tx.conn, req.job_id)
-    if slug is None:
+    site = await lock_site_of(tx, req.job_id)
+    if site is None:
         return lost.model_dump(mode="json")
-    site = await sites.lock_site(tx.conn, slug)
-    assert site is not None  # jobs reference sites
     if req.session_state is not None:  # kept before the lease ends, while the token still holds it
         await merge_session(tx, req.job_id, req.lease_token, req.session_state)
     status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
@@ -125,7 +129,7 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
     )
     tx.events.job("finished", job)
     log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])
-    await grant_waiting(tx, slug)
+    await grant_waiting(tx, site["slug"])
     return JobFinished(
         request_id=req.request_id, job_id=req.job_id, status=job["status"]
     ).model_dump(mode="json")
@@ -134,11 +138,9 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
 async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> Reply:
     """Cancel a waiting or running job; a running one's account goes to the next waiter."""
     refused = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
-    slug = await jobs.job_site(tx.conn, req.job_id)
-    if slug is None:
+    site = await lock_site_of(tx, req.job_id)
+    if site is None:
         return refused.model_dump(mode="json")
-    site = await sites.lock_site(tx.conn, slug)
-    assert site is not None
     job = await jobs.cancel_job(tx.conn, req.job_id)
     if job is None:
         existing = await jobs.describe_job(tx.conn, req.job_id)
@@ -150,5 +152,5 @@ async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> 
         await reject(tx, job, "cancelled")  # the start request's final answer
     tx.events.job("cancelled", job)
     log.info("job_cancelled", job_id=job["id"], was=job["was"])
-    await grant_waiting(tx, slug)
+    await grant_waiting(tx, site["slug"])
     return JobCancelled(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")
