@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,6 +38,7 @@ import asyncpg
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
@@ -61,6 +61,7 @@ from app.store import accounts, sites
 
 console = Console(width=max(Console().width, 132))  # the table is wider than a pipe's 80
 err = Console(stderr=True)
+Opt = typer.Option
 
 WARMUP_SECONDS = 1.0  # latency samples scheduled in the first second are left out
 LEASE_SECONDS = 900  # no heartbeat or expiry falls inside a run
@@ -84,6 +85,8 @@ class Plan:
     seconds: float
     sites: int
     consumers: int | None
+    warmup: float = 15.0
+    workers: int = 1
 
     @property
     def starts(self) -> int:
@@ -106,42 +109,34 @@ class Figure:
     seconds: float = 0.0  # from the first send to the last send (paced) or to the end (max)
     failures: int = 0
     cycles_per_second: float | None = None
+    note: str = ""  # printed under the table
 
 
 def bench_lease(
-    rate: Annotated[
-        float, typer.Option(help="job.start requests per second of the latency run.")
-    ] = 500.0,
-    duration: Annotated[
-        float, typer.Option(help="Seconds of the latency run and of the echo run.")
-    ] = 10.0,
-    collectors: Annotated[int, typer.Option(help="SDK clients (collectors) sharing the load.")] = 4,
-    concurrency: Annotated[int, typer.Option(help="Job loops running cycles back to back.")] = 32,
-    cycles: Annotated[
-        int, typer.Option(help="At most this many cycles in the throughput run.")
-    ] = 50_000,
-    seconds: Annotated[
-        float, typer.Option(help="At most this many seconds of the throughput run.")
-    ] = 10.0,
-    n_sites: Annotated[int, typer.Option("--sites", help="Sites the jobs are spread over.")] = 8,
-    consumers: Annotated[
-        int | None,
-        typer.Option(
-            help="Kafka consumers in the worker process (QM_WORKER_CONSUMERS); default: the setting."
-        ),
-    ] = None,
+    rate: Annotated[float, Opt(help="job.start requests per second of the latency run.")] = 500.0,
+    duration: Annotated[float, Opt(help="Seconds of the latency run and of the echo run.")] = 10.0,
+    collectors: Annotated[int, Opt(help="SDK clients (collectors) sharing the load.")] = 4,
+    concurrency: Annotated[int, Opt(help="Job loops of the cycle run, back to back.")] = 32,
+    cycles: Annotated[int, Opt(help="At most this many cycles in the cycle run.")] = 50_000,
+    seconds: Annotated[float, Opt(help="At most this many seconds of the cycle run.")] = 10.0,
+    n_sites: Annotated[int, Opt("--sites", help="Sites the jobs are spread over.")] = 8,
+    workers: Annotated[int, Opt(help="Claim worker processes (one consumer group).")] = 1,
+    consumers: Annotated[int | None, Opt(help="QM_WORKER_CONSUMERS of each worker.")] = None,
+    warmup: Annotated[float, Opt(help="Seconds of unmeasured cycles before the runs.")] = 15.0,
 ) -> None:
     """job.start -> job.granted latency, job cycles per second, and a raw Kafka round trip."""
     configure_logging("console", "WARNING")  # the SDK's info line per job would drown the table
     plan = Plan(rate=rate, duration=duration, collectors=max(collectors, 1),
                 concurrency=max(concurrency, 1), cycles=cycles, seconds=seconds,
-                sites=max(n_sites, 1), consumers=consumers)  # fmt: skip
+                sites=max(n_sites, 1), consumers=consumers, warmup=warmup,
+                workers=max(workers, 1))  # fmt: skip
     try:
         with _services() as services:
             console.print(
                 f"lease bench: Kafka {services.bootstrap}; PostgreSQL {services.durability}; "
                 f"{os.cpu_count()} CPUs; {plan.collectors} collectors; {plan.sites} sites x "
-                f"{plan.accounts_per_site} accounts; claim worker and relay as child processes"
+                f"{plan.accounts_per_site} accounts; {plan.workers} claim worker(s) and a relay as "
+                "child processes (`python -m app run worker|relay`)"
             )
             settings = _settings(services.bootstrap, services.database_url)
             figures, cpu = asyncio.run(_bench(settings, plan, services.pids))
@@ -149,6 +144,8 @@ def bench_lease(
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     console.print(_table(figures))
+    for note in (f.note for f in figures if f.note):
+        console.print(note)
     for line in cpu:
         console.print(line)
 
@@ -221,32 +218,29 @@ def _settings(bootstrap: str, database_url: str) -> Settings:
 
 
 class Child:
-    """`python -m app run <process>` reading ``settings``; ``with`` stops it."""
+    """`python -m app run <process>` reading ``settings``; ``with`` stops it (SIGTERM)."""
 
     def __init__(self, settings: Settings, process: str, **overrides: object) -> None:
         self.process = process
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("QM_")}
-        self.env.pop("DATABASE_URL", None)
-        self.env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-        for name, value in {**settings.model_dump(), **overrides}.items():
+        ours = ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QM_") and k not in ours}
+        for name, value in {**settings.model_dump(), **overrides, "log_format": "json"}.items():
             if value is not None:
                 plain = value.get_secret_value() if isinstance(value, SecretStr) else value
-                self.env[f"QM_{name.upper()}"] = str(plain)
-        self.env["QM_LOG_FORMAT"] = "json"
+                env[f"QM_{name.upper()}"] = str(plain)
         self.log = Path(tempfile.mkstemp(prefix=f"qm-bench-{process}-", suffix=".log")[1])
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Child:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app", "run", self.process],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "app", "run", process], env=env, stdout=out,
+                stderr=subprocess.STDOUT,
             )  # fmt: skip
+
+    def __enter__(self) -> Child:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.terminate()
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -256,10 +250,8 @@ class Child:
 
     def check(self) -> None:
         """Raise BenchFailed, with the end of its log, if the process has exited."""
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchFailed(
-                f"the {self.process} process exited with {self.proc.returncode}:\n{self.tail()}"
-            )
+        if (code := self.proc.poll()) is not None:
+            raise BenchFailed(f"the {self.process} process exited with {code}:\n{self.tail()}")
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -293,14 +285,18 @@ class CpuMeter:
         """Freeze the figures here (what follows, such as a run's clean-up, is not counted)."""
         self.stop = (self.sample(), time.monotonic())
 
-    def report(self, label: str) -> str:
+    def report(self, label: str, requests: int) -> str:
+        """Each process's share of one core, and its CPU milliseconds per request."""
         now, at = self.stop or (self.sample(), time.monotonic())
         elapsed = at - self.started
         used = {k: v - self.start.get(k, 0.0) for k, v in now.items()}
-        if "machine" in used:  # the machine's busy time, then what none of the above used
-            used["rest"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
-        shares = ", ".join(f"{name} {100 * cpu / elapsed:.0f}%" for name, cpu in used.items())
-        return f"CPU in {label} ({elapsed:.1f} s; 100% = one core): {shares}"
+        if "machine" in used:  # the machine's busy time, and what none of the above used
+            used["others"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
+        shares = ", ".join(
+            f"{name} {100 * cpu / elapsed:.0f}% {1000 * cpu / max(requests, 1):.1f} ms"
+            for name, cpu in used.items()
+        )
+        return f"CPU in {label}, {elapsed:.1f} s, {requests:,} requests: {shares}"
 
 
 def _read(path: str) -> str:
@@ -336,32 +332,49 @@ async def _bench(
     await ensure_topics(settings)
     slugs = await _make_sites(settings, plan)
     extra = {} if plan.consumers is None else {"worker_consumers": plan.consumers}
-    with Child(settings, "worker", **extra) as worker, Child(settings, "relay") as relay:
-        assert worker.proc is not None and relay.proc is not None
-        meter = CpuMeter({"worker": worker.proc.pid, "relay": relay.proc.pid, **pids})
+    names = [f"worker{n}" if plan.workers > 1 else "worker" for n in range(plan.workers)]
+    with contextlib.ExitStack() as processes:
+        children = {name: processes.enter_context(Child(settings, "worker", **extra))
+                    for name in names}  # fmt: skip
+        children["relay"] = processes.enter_context(Child(settings, "relay"))
+        meter = CpuMeter({**{name: c.proc.pid for name, c in children.items()}, **pids})
         async with contextlib.AsyncExitStack() as stack:
             clients = [
                 await stack.enter_async_context(
-                    QuartermasterClient.from_settings(
-                        settings, collector=f"bench-{n}", request_timeout=REQUEST_TIMEOUT
-                    )
+                    QuartermasterClient.from_settings(settings, request_timeout=REQUEST_TIMEOUT)
                 )
-                for n in range(plan.collectors)
+                for _ in range(plan.collectors)
             ]
-            await _warm_up(clients, slugs, (worker, relay))
-            figures, cpu = [], []
-            runs: list[tuple[str, Callable[[], Awaitable[Figure]]]] = [
-                ("the echo run", lambda: _echo(settings, plan, meter)),
-                ("the latency run", lambda: _start_latency(clients, slugs, plan, meter)),
-                ("the cycle run", lambda: _cycles(clients, slugs, plan, meter)),
-            ]
-            for label, run in runs:
-                meter.begin()
-                figures.append(await run())
-                cpu.append(meter.report(label))
-                worker.check()
-                relay.check()
-            return figures, cpu
+            await _warm_up(clients, slugs, list(children.values()))
+            # warm the broker's JIT, the connection pools and prepared statements; not measured
+            await _cycles(clients, slugs, replace(plan, seconds=plan.warmup))
+            return await _runs(settings, plan, clients, slugs, meter, list(children.values()))
+
+
+async def _runs(
+    settings: Settings,
+    plan: Plan,
+    clients: Sequence[QuartermasterClient],
+    slugs: Sequence[str],
+    meter: CpuMeter,
+    children: Sequence[Child],
+) -> tuple[list[Figure], list[str]]:
+    """The three measured runs, each with the CPU every process used in it."""
+    figures, cpu = [], []
+    runs: list[tuple[str, Callable[[], Awaitable[Figure]]]] = [
+        ("the echo run", lambda: _echo(settings, plan)),
+        ("the latency run", lambda: _start_latency(clients, slugs, plan, meter)),
+        ("the cycle run", lambda: _cycles(clients, slugs, plan)),
+    ]
+    for label, run in runs:
+        meter.begin()
+        figure = await run()
+        figures.append(figure)
+        requests = figure.sent * (2 if figure.cycles_per_second is not None else 1)
+        cpu.append(meter.report(label, requests))
+        for child in children:
+            child.check()
+    return figures, cpu
 
 
 async def _make_sites(settings: Settings, plan: Plan) -> list[str]:
@@ -457,12 +470,13 @@ async def _start_latency(
     finished = await asyncio.gather(
         *(job.__aexit__(None, None, None) for job in held), return_exceptions=True
     )
-    figure.failures += sum(isinstance(result, BaseException) for result in finished)
+    if unconfirmed := sum(isinstance(result, BaseException) for result in finished):
+        figure.note = f"{unconfirmed} of {len(held)} finishes after the latency run unconfirmed"
     return figure
 
 
 async def _cycles(
-    clients: Sequence[QuartermasterClient], slugs: Sequence[str], plan: Plan, meter: CpuMeter
+    clients: Sequence[QuartermasterClient], slugs: Sequence[str], plan: Plan
 ) -> Figure:
     """Job cycles back to back on ``plan.concurrency`` loops, bounded in count and time."""
     figure = Figure(f"job cycle (start+finish) x{plan.concurrency}, SDK")
@@ -493,21 +507,19 @@ async def _cycles(
 # --- the raw Kafka round trip ---------------------------------------------------------------
 
 
-async def _echo(settings: Settings, plan: Plan, meter: CpuMeter) -> Figure:
+async def _echo(settings: Settings, plan: Plan) -> Figure:
     """Request, echo, reply through the broker at ``plan.rate``: what Kafka alone costs."""
     figure = Figure("raw Kafka round trip (echo)", target_rate=plan.rate, sent=plan.starts)
     asks, answers = settings.topic("bench-echo"), settings.topic("bench-echo-replies")
     await _create_topics(settings, [asks, answers])
-    requester = AIOKafkaProducer(**producer_options(settings))
-    echoer = AIOKafkaProducer(**producer_options(settings))
-    inbound, outbound = _consumer(settings), _consumer(settings)
     waiting: dict[bytes, asyncio.Future[float]] = {}
     async with contextlib.AsyncExitStack() as stack:
-        for client in (requester, echoer, inbound, outbound):
-            await client.start()
-            stack.push_async_callback(client.stop)
-        await _assign_at_end(inbound, requester, asks)
-        await _assign_at_end(outbound, requester, answers)
+        requester, echoer = [AIOKafkaProducer(**producer_options(settings)) for _ in "ab"]
+        for producer in (requester, echoer):
+            await producer.start()
+            stack.push_async_callback(producer.stop)
+        inbound = await _tail(settings, requester, asks, stack)
+        outbound = await _tail(settings, requester, answers, stack)
         tasks = [asyncio.create_task(_echo_loop(inbound, echoer, answers)),
                  asyncio.create_task(_reply_loop(outbound, waiting))]  # fmt: skip
         for task in tasks:
@@ -532,31 +544,30 @@ async def _echo(settings: Settings, plan: Plan, meter: CpuMeter) -> Figure:
     return figure
 
 
-def _consumer(settings: Settings) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        **client_options(settings), group_id=None, enable_auto_commit=False,
-        auto_offset_reset="latest",
-    )  # fmt: skip
-
-
 async def _create_topics(settings: Settings, names: Sequence[str]) -> None:
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(n, settings.topic_partitions, 1) for n in names])
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic(n, settings.topic_partitions, 1) for n in names])
     finally:
         await admin.close()
 
 
-async def _assign_at_end(
-    consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, topic: str
-) -> None:
+async def _tail(
+    settings: Settings, producer: AIOKafkaProducer, topic: str, stack: contextlib.AsyncExitStack
+) -> AIOKafkaConsumer:
+    """A consumer of every partition of ``topic``, from its end (as the SDK reads replies)."""
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
+    await consumer.start()
+    stack.push_async_callback(consumer.stop)
     partitions = await asyncio.wait_for(producer.partitions_for(topic), 30)
     assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
     consumer.assign(assigned)
     await consumer.seek_to_end(*assigned)
     for partition in assigned:
         await consumer.position(partition)
+    return consumer
 
 
 async def _echo_loop(inbound: AIOKafkaConsumer, producer: AIOKafkaProducer, topic: str) -> None:
@@ -595,7 +606,8 @@ def _table(figures: Sequence[Figure]) -> Table:
     for name in ("target /s", "achieved /s", "samples", "failed", "p50 ms", "p99 ms", "cycles /s"):
         table.add_column(name, justify="right")
     for f in figures:
-        achieved = f.sent / f.seconds if f.seconds else 0.0
+        sends = f.sent - 1 if f.target_rate else f.sent  # paced: from the first send to the last
+        achieved = sends / f.seconds if f.seconds else 0.0
         table.add_row(
             f.name,
             f"{f.target_rate:,.0f}" if f.target_rate else "max",
