@@ -291,7 +291,8 @@ class CpuMeter:
         elapsed = at - self.started
         used = {k: v - self.start.get(k, 0.0) for k, v in now.items()}
         if "machine" in used:  # the machine's busy time, and what none of the above used
-            used["others"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
+            ours = sum(v for k, v in used.items() if k != "machine")
+            used["others"] = max(used["machine"] - ours, 0.0)
         shares = ", ".join(
             f"{name} {100 * cpu / elapsed:.0f}% {1000 * cpu / max(requests, 1):.1f} ms"
             for name, cpu in used.items()
