@@ -29,12 +29,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-import asyncpg
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -44,14 +43,12 @@ from cryptography.fernet import Fernet
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.engine import make_url
 
+from app.bench.services import read_text
+from app.bench.services import services as start_services
 from app.crypto import SecretBox
 from app.db.engine import make_engine
-from app.db.migrate import upgrade
 from app.devstack import ServiceUnavailable
-from app.devstack.kafka import KafkaBroker, wait_for_metadata
-from app.devstack.postgres import EmbeddedPostgres
 from app.kafka import client_options, ensure_topics, producer_options
 from app.logs import configure_logging
 from app.sdk import QuartermasterClient
@@ -131,7 +128,7 @@ def bench_lease(
                 sites=max(n_sites, 1), consumers=consumers, warmup=warmup,
                 workers=max(workers, 1))  # fmt: skip
     try:
-        with _services() as services:
+        with start_services() as services:
             console.print(
                 f"lease bench: Kafka {services.bootstrap}; PostgreSQL {services.durability}; "
                 f"{os.cpu_count()} CPUs; {plan.collectors} collectors; {plan.sites} sites x "
@@ -151,58 +148,6 @@ def bench_lease(
 
 
 # --- services and processes ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """Where the services are; the pids of those started here (their CPU is reported)."""
-
-    bootstrap: str
-    database_url: str
-    durability: str
-    pids: dict[str, int]
-
-
-@contextlib.contextmanager
-def _services() -> Iterator[Services]:
-    """A broker and a freshly migrated database, started here unless the environment names them."""
-    with contextlib.ExitStack() as stack:
-        pids: dict[str, int] = {}
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if bootstrap:
-            asyncio.run(wait_for_metadata(bootstrap, timeout=15))
-        else:
-            broker = stack.enter_context(KafkaBroker())
-            bootstrap, pids["kafka"] = broker.bootstrap, broker.process.pid if broker.process else 0
-        admin_url = os.environ.get("DATABASE_URL")
-        if not admin_url:
-            postgres = stack.enter_context(EmbeddedPostgres(fast=False))
-            admin_url = postgres.url()
-            pid_file = Path(postgres.socket_dir) / "postmaster.pid"
-            pids["postgres"] = int(_read(str(pid_file)).split("\n", 1)[0] or 0)
-        name = f"qm_bench_{uuid.uuid4().hex[:8]}"
-        durability = asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}"))
-        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        try:
-            upgrade(url)
-            yield Services(bootstrap, url, durability, pids)
-        finally:
-            asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-async def _admin(url: str, statement: str) -> str:
-    """Run ``statement``; return the server's durability settings."""
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    try:
-        conn = await asyncpg.connect(dsn, timeout=15)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise ServiceUnavailable(f"PostgreSQL cannot be reached at DATABASE_URL: {exc}") from exc
-    try:
-        await conn.execute(statement)
-        names = ("fsync", "synchronous_commit", "full_page_writes")
-        return " ".join([f"{n}={await conn.fetchval(f'SHOW {n}')}" for n in names])
-    finally:
-        await conn.close()
 
 
 def _settings(bootstrap: str, database_url: str) -> Settings:
@@ -273,7 +218,7 @@ class CpuMeter:
             for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
                 if _parent_of(pid) == postmaster:
                     out["postgres"] += _cpu_of(pid, ticks)
-        fields = _read("/proc/stat").split("\n", 1)[0].split()[1:]
+        fields = read_text("/proc/stat").split("\n", 1)[0].split()[1:]
         if len(fields) > 4:
             out["machine"] = (sum(map(int, fields)) - int(fields[3]) - int(fields[4])) / ticks
         return out
@@ -300,16 +245,9 @@ class CpuMeter:
         return f"CPU in {label}, {elapsed:.1f} s, {requests:,} requests: {shares}"
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
 def _stat(pid: int) -> list[str]:
     """Fields of /proc/<pid>/stat after the command name (state is [0], ppid [1])."""
-    stat = _read(f"/proc/{pid}/stat")
+    stat = read_text(f"/proc/{pid}/stat")
     return stat[stat.rfind(")") + 2 :].split()
 
 

@@ -11,27 +11,22 @@ Two figures, both against a real broker and a durable PostgreSQL (fsync and sync
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import os
 import statistics
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Annotated, Any
 
-import asyncpg
 import typer
 from aiokafka import AIOKafkaProducer
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.bench.services import services
 from app.db.engine import make_engine
-from app.db.migrate import upgrade
-from app.devstack.kafka import KafkaBroker
-from app.devstack.postgres import EmbeddedPostgres
 from app.kafka import ensure_topics, producer_options
 from app.outbox.relay import Relay
 from app.outbox.writer import MESSAGE_ID, Outbox, enqueue
@@ -56,7 +51,8 @@ def bench_relay(
     batch_size: Annotated[int, typer.Option(help="Relay rows per shard per round.")] = 500,
 ) -> None:
     """Relay throughput and commit-to-ack latency next to a plain producer's."""
-    with _services() as (bootstrap, database_url):
+    with services() as found:
+        bootstrap, database_url = found.bootstrap, found.database_url
         settings = Settings(
             database_url=database_url,
             kafka_bootstrap_servers=bootstrap,
@@ -69,35 +65,6 @@ def bench_relay(
             f"Kafka {bootstrap}, durable PostgreSQL"
         )
         asyncio.run(_bench(settings, messages, size, keys, rate, duration))
-
-
-@contextlib.contextmanager
-def _services() -> Iterator[tuple[str, str]]:
-    """A broker and a freshly migrated database, started here unless the environment names them."""
-    with contextlib.ExitStack() as stack:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            bootstrap = stack.enter_context(KafkaBroker()).bootstrap
-        admin_url = os.environ.get("DATABASE_URL")
-        if not admin_url:
-            admin_url = stack.enter_context(EmbeddedPostgres(fast=False)).url()
-        name = f"qm_bench_{uuid.uuid4().hex[:8]}"
-        asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}"))
-        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        try:
-            upgrade(url)
-            yield bootstrap, url
-        finally:
-            asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-async def _admin(url: str, statement: str) -> None:
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def _bench(

@@ -72,6 +72,9 @@ ErrorClassOpt = Annotated[
     typer.Option("--error-class", help="qm.dlt.error_class: the full name or its last part."),
 ]
 KeyOpt = Annotated[str | None, typer.Option("--key", help="Records with exactly this key.")]
+TopicArg = Annotated[
+    str, typer.Argument(help="Dead-letter topic, e.g. qm.requests.dlt or requests.")
+]
 
 
 def _selection(
@@ -203,9 +206,7 @@ def _letter_json(letter: DeadLetter, width: int) -> dict[str, Any]:
 
 @dlt_app.command()
 def show(
-    topic: Annotated[
-        str, typer.Argument(help="Dead-letter topic, e.g. qm.requests.dlt or requests.")
-    ],
+    topic: TopicArg,
     partition: PartitionOpt = None,
     from_offset: FromOffsetOpt = None,
     to_offset: ToOffsetOpt = None,
@@ -320,9 +321,7 @@ def _print_dry_run(report: ReplayReport) -> None:
 
 @dlt_app.command("replay")
 def replay_command(
-    topic: Annotated[
-        str, typer.Argument(help="Dead-letter topic, e.g. qm.requests.dlt or requests.")
-    ],
+    topic: TopicArg,
     partition: PartitionOpt = None,
     from_offset: FromOffsetOpt = None,
     to_offset: ToOffsetOpt = None,

@@ -28,6 +28,7 @@ from schemas.messages import (
     GrantedAccount,
     GrantedSeed,
     GrantedSession,
+    JobCancel,
     JobExtended,
     JobFinished,
     JobGranted,
@@ -307,7 +308,9 @@ async def test_a_lost_lease_sets_lost_stops_heartbeats_and_sends_no_finish(
             await asyncio.sleep(0.8)  # more than two heartbeat intervals
         assert (job.lost, job.lost_reason) == (True, "lease_expired")
         assert len(responder.of_type("job.heartbeat")) == 1
-        await asyncio.sleep(0.3)
+        # a marker on the job's own key: a finish sent on exit would have reached the responder first
+        await client.send(JobCancel(request_id=uuid.uuid4(), job_id=job.job_id))
+        await responder.wait_until(lambda: bool(responder.of_type("job.cancel")))
         assert responder.of_type("job.finish") == []
 
 

@@ -149,7 +149,9 @@ async def test_a_queued_start_whose_caller_is_cancelled_is_cancelled_at_the_serv
         .encode(),
     )
     caller = asyncio.create_task(client.request(start(wait_seconds=60)))
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):  # until the start went out and its job.queued came back
+        while producer.types() != ["job.start"]:  # noqa: ASYNC110 - the recorder has no event
+            await asyncio.sleep(0)
 
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -1,0 +1,80 @@
+"""Where a benchmark runs: a real broker and a freshly migrated database, started here unless the
+environment (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL) names them. Shared by every `qm bench`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from app.db.migrate import upgrade
+from app.devstack import ServiceUnavailable
+from app.devstack.kafka import KafkaBroker, wait_for_metadata
+from app.devstack.postgres import EmbeddedPostgres
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Where the services are; the pids of those started here (their CPU is reported)."""
+
+    bootstrap: str
+    database_url: str
+    durability: str
+    pids: dict[str, int]
+
+
+@contextlib.contextmanager
+def services() -> Iterator[Services]:
+    """A broker and a freshly migrated database, started here unless the environment names them."""
+    with contextlib.ExitStack() as stack:
+        pids: dict[str, int] = {}
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if bootstrap:
+            asyncio.run(wait_for_metadata(bootstrap, timeout=15))
+        else:
+            broker = stack.enter_context(KafkaBroker())
+            bootstrap, pids["kafka"] = broker.bootstrap, broker.process.pid if broker.process else 0
+        admin_url = os.environ.get("DATABASE_URL")
+        if not admin_url:
+            postgres = stack.enter_context(EmbeddedPostgres(fast=False))
+            admin_url = postgres.url()
+            pid_file = Path(postgres.socket_dir) / "postmaster.pid"
+            pids["postgres"] = int(read_text(pid_file).split("\n", 1)[0] or 0)
+        name = f"qm_bench_{uuid.uuid4().hex[:8]}"
+        durability = asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}"))
+        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        try:
+            upgrade(url)
+            yield Services(bootstrap, url, durability, pids)
+        finally:
+            asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+async def _admin(url: str, statement: str) -> str:
+    """Run ``statement``; return the server's durability settings."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=15)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ServiceUnavailable(f"PostgreSQL cannot be reached at DATABASE_URL: {exc}") from exc
+    try:
+        await conn.execute(statement)
+        names = ("fsync", "synchronous_commit", "full_page_writes")
+        return " ".join([f"{n}={await conn.fetchval(f'SHOW {n}')}" for n in names])
+    finally:
+        await conn.close()
+
+
+def read_text(path: str | Path) -> str:
+    """A file's text, or "" when it cannot be read (a process that just exited)."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
