@@ -17,7 +17,7 @@ from app.crypto import SecretBox
 from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import Settings
-from app.store import Conn, Row, accounts, inbox, jobs, sites
+from app.store import Conn, Row, jobs
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
@@ -52,25 +52,30 @@ class Tx:
         """A reply to the job's own start request (its reply topic and correlation id)."""
         self.box.add(job["reply_to"], job["id"], message, [(CORRELATION_ID, job["correlation_id"])])
 
+    def answer_start(self, job: Row, message: dict[str, Any]) -> None:
+        """The final answer to a job's start request, which its inbox row keeps from now on (so
+        a redelivered start gets the grant, not the old job.queued)."""
+        self.reply(job, message)
+        self.box.keep_reply(str(job["request_id"]), job["reply_to"], message)
+
     async def flush(self) -> None:
         await self.box.flush(self.conn)
 
 
-async def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
+def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
     """The ``job.granted`` message of a job just granted: secret encrypted for the collector."""
     account = session = None
     if job["account_id"] is not None:
-        sealed = await accounts.load_secret(tx.conn, job["account_id"])
-        assert sealed is not None
-        secret = tx.services.secrets.for_collector(tx.services.secrets.open(sealed))
+        secrets = tx.services.secrets
         account = GrantedAccount(
-            id=str(job["account_id"]), username=job["account_username"], secret=secret
+            id=str(job["account_id"]),
+            username=job["account_username"],
+            secret=secrets.for_collector(secrets.open(bytes(job["account_secret"]))),
         )
-        stored = await accounts.load_session(tx.conn, job["account_id"])
-        if stored is not None:
+        if job["session_version"] is not None:
             session = GrantedSession(
-                version=stored["version"],
-                storage_state=tx.services.secrets.open_json(bytes(stored["storage_state"])),
+                version=job["session_version"],
+                storage_state=secrets.open_json(bytes(job["session_state"])),
             )
     return JobGranted(
         request_id=job["request_id"],
@@ -86,14 +91,11 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
     """Grant the site's waiting jobs in FIFO order while capacity and accounts allow.
 
     Each granted job gets its ``job.granted`` on its own reply topic, and its start request's
-    inbox row now holds that grant (so a redelivered start gets the grant, not the old queued).
-    Returns the granted job ids.
+    inbox row now holds that grant. Returns the granted job ids.
     """
     granted: list[str] = []
     while (job := await jobs.grant_next_waiting(tx.conn, site, now)) is not None:
-        reply = await granted_reply(tx, job)
-        tx.reply(job, reply)
-        await inbox.record_reply(tx.conn, str(job["request_id"]), job["reply_to"], reply)
+        tx.answer_start(job, granted_reply(tx, job))
         tx.events.job("granted", job)
         log.info(
             "lease_granted",
@@ -103,6 +105,8 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
             lease_token=job["lease_token"],
         )
         granted.append(job["id"])
+        if not job["more_waiting"]:
+            break
     return granted
 
 
@@ -116,32 +120,27 @@ async def release_resources(
     reason: str | None = None,
 ) -> None:
     """Free what a job held: its account (resting or blocked), its capacity slot, its grant."""
-    if job["account_id"] is not None:
-        blocked = outcome == "blocked"
-        default_rest = site["block_cooldown_seconds"] if blocked else site["cooldown_seconds"]
-        account = await accounts.release_account(
-            tx.conn,
-            account_id=job["account_id"],
-            job_id=job["id"],
-            lease_token=job["lease_token"],
-            blocked=blocked,
-            failed=outcome in ("failed", "expired"),
-            rest_seconds=default_rest if cooldown_seconds is None else cooldown_seconds,
-            reason=reason,
-        )
-        if account is not None:
-            tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
-    await sites.release_slot(tx.conn, job["site"])
-    await jobs.end_grant(tx.conn, job["lease_token"], outcome)
+    blocked = outcome == "blocked"
+    default_rest = site["block_cooldown_seconds"] if blocked else site["cooldown_seconds"]
+    account = await jobs.release_lease(
+        tx.conn,
+        job=job,
+        outcome=outcome,
+        blocked=blocked,
+        failed=outcome in ("failed", "expired"),
+        rest_seconds=default_rest if cooldown_seconds is None else cooldown_seconds,
+        reason=reason,
+    )
+    if account is not None:
+        tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
 
 
-async def reject(tx: Tx, job: Row, reason: str) -> None:
+def reject(tx: Tx, job: Row, reason: str) -> None:
     """Answer a job's start request with ``job.rejected`` and record it in its inbox row."""
     message = JobRejected(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(
         mode="json"
     )
-    tx.reply(job, message)
-    await inbox.record_reply(tx.conn, str(job["request_id"]), job["reply_to"], message)
+    tx.answer_start(job, message)
 
 
 def lease_lost(tx: Tx, job: Row, reason: str) -> None:

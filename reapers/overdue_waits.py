@@ -33,7 +33,7 @@ class OverdueWaits(Sweep):
                     await sites.lock_site(conn, stale["site"])
                     job = await jobs.time_out_waiting_job(conn, stale["id"], now)
                     if job is not None:
-                        await reject(tx, job, "timed_out")
+                        reject(tx, job, "timed_out")
                         tx.events.job("timed_out", job)
                         await tx.flush()
                 (result.changed if job else result.lost_races).append(stale["id"])

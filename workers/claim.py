@@ -177,7 +177,7 @@ def build_broker(
 
 async def run_claim_worker(settings: Settings, stop: asyncio.Event) -> None:
     """Run the claim worker until ``stop`` is set."""
-    db = Database.from_settings(settings)
+    db = Database.from_settings(settings, pre_ping=False)  # a failed request is retried anyway
     processor = RequestProcessor(settings, db)
     commits = OffsetCommits()
     broker = build_broker(settings, processor, settings.worker_consumers, commits)

@@ -43,19 +43,13 @@ def why_lease_lost(job: Row | None, lease_token: int) -> str:
     return "lease_expired"
 
 
-async def lock_site_of(tx: Tx, job_id: str) -> Row | None:
-    """Lock the site of a job (lock order: site, then job, then account); None for an unknown job."""
-    slug = await jobs.job_site(tx.conn, job_id)
-    return None if slug is None else await sites.lock_site(tx.conn, slug)
-
-
 async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Reply:
     """Queue the job, then grant the site's waiting jobs in FIFO order (this one among them)."""
     rejected = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="")
     site = await sites.lock_site(tx.conn, req.site)
     if site is None:
         return rejected.model_copy(update={"reason": "unknown_site"}).model_dump(mode="json")
-    if req.needs.account and not await jobs.site_has_accounts(tx.conn, req.site):
+    if req.needs.account and not site["has_accounts"]:
         return rejected.model_copy(update={"reason": "no_accounts"}).model_dump(mode="json")
     lease_seconds = min(req.lease_seconds or site["lease_seconds"], tx.settings.max_lease_seconds)
     job = await jobs.queue_job(
@@ -83,7 +77,7 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
         timed_out = await jobs.reject_waiting_job(tx.conn, req.job_id, "no_capacity")
         assert timed_out is not None  # we hold the site lock and just queued it
         tx.events.job("timed_out", timed_out)
-        await reject(tx, timed_out, "no_capacity")
+        reject(tx, timed_out, "no_capacity")
         return None
     position = await jobs.queue_position(tx.conn, req.job_id)
     return JobQueued(request_id=req.request_id, job_id=req.job_id, position=position).model_dump(
@@ -110,7 +104,7 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: st
 async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> Reply:
     """End a job for the holder of its live lease; release its account and hand it on (rule 4)."""
     lost = JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
-    site = await lock_site_of(tx, req.job_id)
+    site = await sites.lock_site_of_job(tx.conn, req.job_id)
     if site is None:
         return lost.model_dump(mode="json")
     if req.session_state is not None:  # kept before the lease ends, while the token still holds it
@@ -129,7 +123,8 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
     )
     tx.events.job("finished", job)
     log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])
-    await grant_waiting(tx, site["slug"])
+    if site["has_waiting"]:  # as it stood under the site's lock, which this transaction holds
+        await grant_waiting(tx, site["slug"])
     return JobFinished(
         request_id=req.request_id, job_id=req.job_id, status=job["status"]
     ).model_dump(mode="json")
@@ -138,7 +133,7 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
 async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> Reply:
     """Cancel a waiting or running job; a running one's account goes to the next waiter."""
     refused = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
-    site = await lock_site_of(tx, req.job_id)
+    site = await sites.lock_site_of_job(tx.conn, req.job_id)
     if site is None:
         return refused.model_dump(mode="json")
     job = await jobs.cancel_job(tx.conn, req.job_id)
@@ -149,8 +144,9 @@ async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> 
     if job["was"] == JobStatus.RUNNING:
         await release_resources(tx, job, site, outcome="cancelled")
     else:
-        await reject(tx, job, "cancelled")  # the start request's final answer
+        reject(tx, job, "cancelled")  # the start request's final answer
     tx.events.job("cancelled", job)
     log.info("job_cancelled", job_id=job["id"], was=job["was"])
-    await grant_waiting(tx, site["slug"])
+    if site["has_waiting"]:
+        await grant_waiting(tx, site["slug"])
     return JobCancelled(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")

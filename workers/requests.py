@@ -164,7 +164,7 @@ class RequestProcessor:
                     reply = await handler(tx, request, reply_to, correlation_id)
                 if reply is not None:
                     tx.box.add(reply_to, request.job_id, reply, headers)
-                    await inbox.record_reply(conn, request_id, reply_to, reply)
+                    tx.box.keep_reply(request_id, reply_to, reply)
             else:
                 outcome = await self._answer_again(tx, request, reply_to, headers)
             await tx.flush()
@@ -192,7 +192,10 @@ class RequestProcessor:
             tx.box.add(reply_to, request.job_id, conflict.model_dump(mode="json"), headers)
             log.info("request_conflict", request_id=str(request.request_id), job_id=request.job_id)
             return "conflict"
-        if seen["reply"] is not None:
+        kept = tx.box.kept_reply(str(request.request_id))  # answered earlier in this transaction
+        if kept is not None:
+            tx.box.add(kept.topic, request.job_id, kept.reply, headers)
+        elif seen["reply"] is not None:
             tx.box.add(seen["reply_topic"], request.job_id, seen["reply"], headers)
         return "duplicate"
 

@@ -10,8 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from app.settings import Settings
 
 
-def make_engine(settings: Settings, *, pool_size: int | None = None, **kwargs: Any) -> AsyncEngine:
-    """An asyncpg engine; TLS when ``QM_DATABASE_SSL`` is set."""
+def make_engine(
+    settings: Settings, *, pool_size: int | None = None, pre_ping: bool = True, **kwargs: Any
+) -> AsyncEngine:
+    """An asyncpg engine; TLS when ``QM_DATABASE_SSL`` is set.
+
+    ``pre_ping=False`` skips the test query on each checkout; for callers that retry a failed
+    transaction anyway (the claim worker), where it would be one more round trip per request.
+    """
     connect_args: dict[str, Any] = {}
     if settings.database_ssl:
         connect_args["ssl"] = ssl.create_default_context()
@@ -19,7 +25,7 @@ def make_engine(settings: Settings, *, pool_size: int | None = None, **kwargs: A
         settings.database_url,
         pool_size=pool_size or settings.database_pool_size,
         max_overflow=5,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         connect_args=connect_args,
         **kwargs,
     )

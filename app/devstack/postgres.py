@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -68,6 +69,9 @@ class EmbeddedPostgres:
         if self.server is not None:
             self.server.cleanup()
             self.server = None
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()

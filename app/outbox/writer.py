@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.store.outbox import OutboxRow, insert_rows
+from app.store.outbox import InboxReply, OutboxRow, insert_rows
 
 MESSAGE_ID = "message_id"
 
@@ -37,12 +37,14 @@ class Outbox:
     """Collects the messages of one transaction; ``flush`` writes them all in one insert.
 
     Each message gets a ``message_id`` header (a UUID) by which consumers deduplicate the rare
-    republish after a relay crash.
+    republish after a relay crash. ``keep_reply`` notes the reply a request got; the same insert
+    writes it to the request's inbox row.
     """
 
     def __init__(self, shards: int = 16) -> None:
         self.shards = shards
         self.rows: list[OutboxRow] = []
+        self.replies: dict[str, InboxReply] = {}
 
     def add(
         self,
@@ -68,11 +70,21 @@ class Outbox:
         )
         return message_id
 
+    def keep_reply(self, request_id: str, topic: str, reply: dict[str, Any]) -> None:
+        """The reply ``request_id`` got (a later one in this transaction replaces it)."""
+        self.replies[request_id] = InboxReply(request_id, topic, reply)
+
+    def kept_reply(self, request_id: str) -> InboxReply | None:
+        """The reply kept for ``request_id`` in this transaction, not yet written."""
+        return self.replies.get(request_id)
+
     async def flush(self, conn: AsyncConnection) -> int:
-        """Insert the queued messages inside ``conn``'s transaction; returns how many."""
+        """Insert the queued messages (and kept replies) inside ``conn``'s transaction; returns
+        how many messages."""
         count = len(self.rows)
-        await insert_rows(conn, self.rows)
+        await insert_rows(conn, self.rows, list(self.replies.values()))
         self.rows = []
+        self.replies = {}
         return count
 
 

@@ -24,8 +24,10 @@ class Database:
         self.engine = engine
 
     @classmethod
-    def from_settings(cls, settings: Settings, pool_size: int | None = None) -> Database:
-        return cls(make_engine(settings, pool_size=pool_size))
+    def from_settings(
+        cls, settings: Settings, pool_size: int | None = None, *, pre_ping: bool = True
+    ) -> Database:
+        return cls(make_engine(settings, pool_size=pool_size, pre_ping=pre_ping))
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:

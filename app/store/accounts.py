@@ -40,47 +40,6 @@ async def list_accounts(conn: AsyncConnection, site: str | None = None) -> list[
     return list(result.mappings())
 
 
-async def release_account(
-    conn: AsyncConnection,
-    *,
-    account_id: int,
-    job_id: str,
-    lease_token: int,
-    blocked: bool,
-    failed: bool,
-    rest_seconds: int,
-    reason: str | None,
-) -> RowMapping | None:
-    """USING -> ACTIVE (or BLOCKED), resting ``rest_seconds``; only for the holder's token."""
-    result = await conn.execute(
-        text(
-            """
-            UPDATE accounts
-            SET status = CASE WHEN :blocked THEN 'BLOCKED' ELSE 'ACTIVE' END::account_status,
-                holder_job_id = NULL,
-                lease_expires_at = NULL,
-                available_at = now() + make_interval(secs => :rest),
-                error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
-                blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
-                updated_at = now()
-            WHERE id = :account_id AND status = 'USING'
-              AND holder_job_id = :job_id AND lease_token = :lease_token
-            RETURNING id, site, status, available_at
-            """
-        ),
-        {
-            "account_id": account_id,
-            "job_id": job_id,
-            "lease_token": lease_token,
-            "blocked": blocked,
-            "failed": failed,
-            "rest": rest_seconds,
-            "reason": reason,
-        },
-    )
-    return result.mappings().first()
-
-
 async def set_account_status(
     conn: AsyncConnection,
     *,
@@ -115,23 +74,5 @@ async def set_account_status(
                 if s != AccountStatus.USING
             ],
         },
-    )
-    return result.mappings().first()
-
-
-async def load_secret(conn: AsyncConnection, account_id: int) -> bytes | None:
-    """The sealed secret of an account (decrypted only by the caller, only for a grant)."""
-    result = await conn.execute(
-        text("SELECT secret FROM accounts WHERE id = :id"), {"id": account_id}
-    )
-    row = result.first()
-    return None if row is None else bytes(row[0])
-
-
-async def load_session(conn: AsyncConnection, account_id: int) -> RowMapping | None:
-    """The stored browser session of an account (sealed)."""
-    result = await conn.execute(
-        text("SELECT version, storage_state FROM sessions WHERE account_id = :id"),
-        {"id": account_id},
     )
     return result.mappings().first()

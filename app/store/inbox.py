@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -43,15 +40,3 @@ async def seen_request(conn: AsyncConnection, request_id: str) -> RowMapping | N
         {"id": request_id},
     )
     return result.mappings().first()
-
-
-async def record_reply(
-    conn: AsyncConnection, request_id: str, reply_topic: str, reply: dict[str, Any]
-) -> None:
-    """Store the reply a request got (a later grant of a queued job replaces its job.queued)."""
-    await conn.execute(
-        text(
-            "UPDATE inbox SET reply_topic = :topic, reply = CAST(:reply AS jsonb) WHERE request_id = :id"
-        ),
-        {"id": request_id, "topic": reply_topic, "reply": json.dumps(reply, default=str)},
-    )

@@ -16,13 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 NOW = "coalesce(CAST(:now AS timestamptz), now())"
 
 
-async def job_site(conn: AsyncConnection, job_id: str) -> str | None:
-    """The site of a job (immutable once written), to know which site lock to take."""
-    result = await conn.execute(text("SELECT site FROM jobs WHERE id = :id"), {"id": job_id})
-    row = result.first()
-    return None if row is None else str(row[0])
-
-
 async def describe_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
     """A job as it stands, to explain a transition that did not happen."""
     result = await conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id})
@@ -132,14 +125,21 @@ _GRANT_NEXT_WAITING = text(
             updated_at = now()
         FROM job
         WHERE a.id = job.account_id AND a.status = 'ACTIVE'
-        RETURNING a.id, a.username
+        RETURNING a.id, a.username, a.secret
     ),
     history AS (
         -- the grant history, read by operators and by the exclusivity checks of the tests
         INSERT INTO job_grants (lease_token, job_id, site, account_id)
         SELECT lease_token, id, site, account_id FROM job
     )
-    SELECT job.*, account.username AS account_username FROM job LEFT JOIN account ON true
+    -- the grant's message needs the account's sealed secret and stored session; more_waiting
+    -- tells the caller whether another job waits behind this one (the snapshot still sees the
+    -- head as QUEUED, hence the id test)
+    SELECT job.*, account.username AS account_username, account.secret AS account_secret,
+           ses.version AS session_version, ses.storage_state AS session_state,
+           EXISTS (SELECT 1 FROM jobs w WHERE w.site = :site AND w.status = 'QUEUED'
+                   AND w.id <> job.id) AS more_waiting
+    FROM job LEFT JOIN account ON true LEFT JOIN sessions ses ON ses.account_id = account.id
     """
 )
 
@@ -150,7 +150,9 @@ async def grant_next_waiting(
     """The site's oldest QUEUED job -> RUNNING, with an account ACTIVE -> USING if it needs one.
 
     One statement: pick the head, pick an account, take the capacity gate, grant. None when the
-    site has no waiting job, no free capacity, or no rested account for the head job.
+    site has no waiting job, no free capacity, or no rested account for the head job. The row
+    also carries the account's sealed secret and session (``account_secret``,
+    ``session_version``, ``session_state``) and ``more_waiting``.
     """
     result = await conn.execute(_GRANT_NEXT_WAITING, {"site": site, "now": now})
     return result.mappings().first()
@@ -261,26 +263,60 @@ async def reject_waiting_job(
     return result.mappings().first()
 
 
-async def end_grant(conn: AsyncConnection, lease_token: int, reason: str) -> None:
-    """Close a lease in the grant history."""
-    await conn.execute(
+async def release_lease(
+    conn: AsyncConnection,
+    *,
+    job: RowMapping,
+    outcome: str,
+    blocked: bool,
+    failed: bool,
+    rest_seconds: int,
+    reason: str | None,
+) -> RowMapping | None:
+    """A lease ends: its account USING -> ACTIVE | BLOCKED (resting ``rest_seconds``, only for
+    the holder's token), its site's running slot back, its grant closed with ``outcome``.
+
+    One statement; returns the account as released (None when the job held none).
+    """
+    result = await conn.execute(
         text(
             """
-            UPDATE job_grants SET ended_at = now(), end_reason = :reason
-            WHERE lease_token = :token AND ended_at IS NULL
+            WITH account AS (
+                UPDATE accounts
+                SET status = CASE WHEN :blocked THEN 'BLOCKED' ELSE 'ACTIVE' END::account_status,
+                    holder_job_id = NULL,
+                    lease_expires_at = NULL,
+                    available_at = now() + make_interval(secs => :rest),
+                    error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
+                    blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
+                    updated_at = now()
+                WHERE id = :account_id AND status = 'USING'
+                  AND holder_job_id = :job_id AND lease_token = :lease_token
+                RETURNING id, site, status, available_at
+            ),
+            slot AS (
+                UPDATE sites SET running = running - 1 WHERE slug = :site AND running > 0
+            ),
+            grant_ended AS (
+                UPDATE job_grants SET ended_at = now(), end_reason = :outcome
+                WHERE lease_token = :lease_token AND ended_at IS NULL
+            )
+            SELECT * FROM account
             """
         ),
-        {"token": lease_token, "reason": reason},
+        {
+            "account_id": job["account_id"],
+            "job_id": job["id"],
+            "lease_token": job["lease_token"],
+            "site": job["site"],
+            "outcome": outcome,
+            "blocked": blocked,
+            "failed": failed,
+            "rest": rest_seconds,
+            "reason": reason,
+        },
     )
-
-
-async def site_has_accounts(conn: AsyncConnection, site: str) -> bool:
-    """Whether the site has any account that could ever be granted (not INACTIVE)."""
-    result = await conn.execute(
-        text("SELECT EXISTS (SELECT 1 FROM accounts WHERE site = :site AND status <> 'INACTIVE')"),
-        {"site": site},
-    )
-    return bool(result.scalar_one())
+    return result.mappings().first()
 
 
 async def find_expired_leases(

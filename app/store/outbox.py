@@ -6,6 +6,7 @@ import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, SMALLINT, TEXT
@@ -29,22 +30,27 @@ class OutboxRow:
     id: int = 0
 
 
-_LOCK_KEYS_AND_NOTIFY = text(
-    """
-    -- Per-key order: writers of one key commit in id order, because each holds its key's lock
-    -- from before it takes an id until it commits. So a row that took its id first can never
-    -- commit after a later row of the same key. Sorted, so two writers cannot deadlock here.
-    SELECT count(pg_advisory_xact_lock(:lock_class, h)), pg_notify(:channel, '')
-    FROM (SELECT DISTINCT hashtext(encode(k, 'hex')) AS h FROM unnest(:keys) AS k
-          WHERE k IS NOT NULL ORDER BY 1) AS sorted
-    """
-).bindparams(bindparam("keys", type_=ARRAY(BYTEA)))
-
 _INSERT = text(
     """
+    WITH locks AS MATERIALIZED (
+        -- Per-key order: writers of one key commit in id order, because each holds its key's
+        -- lock from before it takes an id until it commits. So a row that took its id first can
+        -- never commit after a later row of the same key. Sorted, so two writers cannot deadlock
+        -- here. The insert below joins this one-row CTE, so every lock is held before the first
+        -- id is drawn.
+        SELECT count(pg_advisory_xact_lock(:lock_class, h)) AS held, pg_notify(:channel, '')
+        FROM (SELECT DISTINCT hashtext(encode(k, 'hex')) AS h FROM unnest(:keys) AS k
+              WHERE k IS NOT NULL ORDER BY 1) AS sorted
+    ),
+    replies AS (
+        -- the inbox keeps the reply each request got, to answer a redelivery the same way
+        UPDATE inbox i SET reply_topic = r.topic, reply = r.reply
+        FROM unnest(:reply_ids, :reply_topics, CAST(:replies AS jsonb[])) AS r(id, topic, reply)
+        WHERE i.request_id = CAST(r.id AS uuid)
+    )
     INSERT INTO outbox (shard, topic, key, headers, payload)
     SELECT r.shard, r.topic, r.key, r.headers, r.payload
-    FROM unnest(:shards, :topics, :keys, CAST(:headers AS jsonb[]), :payloads)
+    FROM locks, unnest(:shards, :topics, :keys, CAST(:headers AS jsonb[]), :payloads)
          WITH ORDINALITY AS r(shard, topic, key, headers, payload, n)
     ORDER BY r.n
     """
@@ -54,7 +60,19 @@ _INSERT = text(
     bindparam("keys", type_=ARRAY(BYTEA)),
     bindparam("headers", type_=ARRAY(TEXT)),
     bindparam("payloads", type_=ARRAY(BYTEA)),
+    bindparam("reply_ids", type_=ARRAY(TEXT)),
+    bindparam("reply_topics", type_=ARRAY(TEXT)),
+    bindparam("replies", type_=ARRAY(TEXT)),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class InboxReply:
+    """The reply a request got, kept in its inbox row by the same statement that sends it."""
+
+    request_id: str
+    topic: str
+    reply: dict[str, Any]
 
 
 def encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
@@ -67,23 +85,28 @@ def decode_headers(stored: Sequence[Sequence[str]]) -> list[tuple[str, bytes]]:
     return [(name, base64.b64decode(value)) for name, value in stored]
 
 
-async def insert_rows(conn: AsyncConnection, rows: Sequence[OutboxRow]) -> None:
-    """Insert ``rows`` in order and NOTIFY the relays; both take effect only if the caller commits."""
+async def insert_rows(
+    conn: AsyncConnection, rows: Sequence[OutboxRow], replies: Sequence[InboxReply] = ()
+) -> None:
+    """Insert ``rows`` in order, NOTIFY the relays and keep ``replies`` in the inbox: one
+    statement, which takes effect only if the caller commits."""
     if not rows:
+        if replies:
+            raise ValueError("an inbox reply is kept only with the outbox row that sends it")
         return
-    keys = [row.key for row in rows]
-    await conn.execute(
-        _LOCK_KEYS_AND_NOTIFY,
-        {"lock_class": KEY_LOCK_CLASS, "channel": NOTIFY_CHANNEL, "keys": keys},
-    )
     await conn.execute(
         _INSERT,
         {
+            "lock_class": KEY_LOCK_CLASS,
+            "channel": NOTIFY_CHANNEL,
             "shards": [row.shard for row in rows],
             "topics": [row.topic for row in rows],
-            "keys": keys,
+            "keys": [row.key for row in rows],
             "headers": [encode_headers(row.headers) for row in rows],
             "payloads": [row.payload for row in rows],
+            "reply_ids": [reply.request_id for reply in replies],
+            "reply_topics": [reply.topic for reply in replies],
+            "replies": [json.dumps(reply.reply, default=str) for reply in replies],
         },
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import RowMapping, text
@@ -67,28 +68,54 @@ async def list_sites(conn: AsyncConnection) -> list[RowMapping]:
     return list(result.mappings())
 
 
+_LOCK_SITE = """
+    SELECT s.*,
+           EXISTS (SELECT 1 FROM accounts a WHERE a.site = s.slug AND a.status <> 'INACTIVE')
+               AS has_accounts,
+           EXISTS (SELECT 1 FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED')
+               AS has_waiting
+    FROM sites s WHERE {which} FOR UPDATE OF s
+"""
+
+
 async def lock_site(conn: AsyncConnection, slug: str) -> RowMapping | None:
     """Lock a site's row for this transaction; None if there is no such site.
 
     Every transaction that queues, grants or releases on a site takes this lock first, so grants
     happen in FIFO order (rule 4) and the capacity gate cannot be raced (rule 3). Lock order
-    everywhere: site, then job, then account.
+    everywhere: site, then job, then account. The row also says whether the site has any account
+    that could ever be granted (``has_accounts``: not INACTIVE) and whether jobs wait on it
+    (``has_waiting``), as they stand under the lock.
     """
+    result = await conn.execute(text(_LOCK_SITE.format(which="s.slug = :slug")), {"slug": slug})
+    return result.mappings().first()
+
+
+async def lock_site_of_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
+    """``lock_site`` for the site of a job (a job's site never changes); None for no such job."""
     result = await conn.execute(
-        text("SELECT * FROM sites WHERE slug = :slug FOR UPDATE"), {"slug": slug}
+        text(_LOCK_SITE.format(which="s.slug = (SELECT site FROM jobs WHERE id = :job_id)")),
+        {"job_id": job_id},
     )
     return result.mappings().first()
 
 
-async def release_slot(conn: AsyncConnection, slug: str) -> bool:
-    """Give back one running slot of the site's capacity gate."""
-    result = await conn.execute(
+async def lock_sites(conn: AsyncConnection, slugs: Sequence[str], job_ids: Sequence[str]) -> None:
+    """Lock the named sites and the sites of the named jobs, in slug order.
+
+    A transaction that works on several sites takes their locks here, all at once and in one
+    order, so two such transactions cannot deadlock on each other's sites.
+    """
+    await conn.execute(
         text(
-            "UPDATE sites SET running = running - 1 WHERE slug = :slug AND running > 0 RETURNING slug"
+            """
+            SELECT 1 FROM sites
+            WHERE slug = ANY(:slugs) OR slug IN (SELECT site FROM jobs WHERE id = ANY(:job_ids))
+            ORDER BY slug FOR UPDATE
+            """
         ),
-        {"slug": slug},
+        {"slugs": list(slugs), "job_ids": list(job_ids)},
     )
-    return result.first() is not None
 
 
 async def sites_with_waiting_jobs(conn: AsyncConnection, now: datetime | None = None) -> list[str]:
