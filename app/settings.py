@@ -64,6 +64,15 @@ class Settings(BaseSettings):
         "partitions of the requests topic and handles their records in order, so up to this many "
         "requests run at once; more than the topic's partitions leaves the extra ones idle.",
     )
+    worker_batch_max: int = Field(
+        32,
+        description="Most requests one claim worker transaction carries. Requests that arrive "
+        "while the worker's transactions run wait and go together into the next one (group "
+        "commit); 1 gives every request a transaction of its own.",
+    )
+    worker_transactions: int = Field(
+        2, description="Request transactions one claim worker process runs at once."
+    )
     consumer_session_timeout_ms: int = Field(
         10_000, description="Kafka group session timeout: how soon a dead worker's partitions move."
     )

@@ -1,4 +1,11 @@
-"""The claim worker's core: one request, one transaction (inbox + transition + outbox reply).
+"""The claim worker's core: each request's inbox row, transition and outbox reply commit together.
+
+Requests that arrive while the worker's transactions run wait and go together into the next one
+(group commit, ``QM_WORKER_BATCH_MAX``): one BEGIN, one outbox insert and one COMMIT for all of
+them. The transaction first locks every site its requests touch, in slug order, so two of them
+cannot deadlock; then it applies the requests one after another, exactly as separate transactions
+would. If it fails for any reason, each of its requests is tried again in a transaction of its own,
+so one bad request never holds up the others.
 
 Failures follow one classification (``app.errors``): invalid input is dead-lettered at once with a
 ``request.invalid`` reply; transient infrastructure errors are retried in place for as long as it
@@ -27,11 +34,12 @@ from app.errors import Disposition, InvalidMessage, classify, describe
 from app.health import REQUEST_SECONDS, REQUESTS, set_ready
 from app.leasing import Services, Tx
 from app.settings import Settings
-from app.store import Database, inbox
+from app.store import Database, inbox, sites
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_TO,
     AnyRequest,
+    JobStart,
     RequestConflict,
     RequestInvalid,
     parse_request,
@@ -65,27 +73,85 @@ class Incoming:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """A request read from its record: where its answer goes and with which correlation id."""
+
+    request: AnyRequest
+    reply_to: str
+    correlation_id: str
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return [(CORRELATION_ID, self.correlation_id)]
+
+
 def fingerprint(request: AnyRequest) -> str:
     """Hash of the request's canonical JSON: equal bodies, equal fingerprints."""
     return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
 
+Waiting = tuple[Parsed, "asyncio.Future[str | None]"]
+
+
 class RequestProcessor:
-    """Processes one request record at a time; ``process`` never raises for a bad record."""
+    """Processes request records; ``process`` never raises for a bad record.
+
+    Callers may call ``process`` concurrently (one caller per partition, each awaiting its record
+    before the next, so requests of one partition keep their order).
+    """
 
     def __init__(self, settings: Settings, db: Database, secrets: SecretBox | None = None) -> None:
         self.settings = settings
         self.db = db
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
         self.ready = True
+        self._waiting: list[Waiting] = []
+        self._committers: set[asyncio.Task[None]] = set()
 
     async def process(self, record: Incoming) -> str:
         """Handle a record; returns what happened (replied, duplicate, conflict, dead_lettered)."""
         started = time.perf_counter()
-        outcome = await self._process(record)
+        outcome = await self._together(record) if self.settings.worker_batch_max > 1 else None
+        if outcome is None:
+            outcome = await self._process(record)
         REQUEST_SECONDS.observe(time.perf_counter() - started)
         REQUESTS.labels(_request_type(record.value), outcome).inc()
         return outcome
+
+    async def _together(self, record: Incoming) -> str | None:
+        """The record's outcome in a transaction shared with the requests waiting beside it;
+        None when it must go alone (it does not parse, or the shared transaction failed)."""
+        try:
+            parsed = self._parse(record)
+        except Exception:  # noqa: BLE001 - the record goes alone, where its failure is classified
+            return None
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((parsed, future))
+        if len(self._committers) < self.settings.worker_transactions:
+            committer = asyncio.create_task(self._commit_waiting(), name="request-transactions")
+            self._committers.add(committer)
+            committer.add_done_callback(self._committers.discard)
+        return await future
+
+    async def _commit_waiting(self) -> None:
+        """Commit the waiting requests, as many per transaction as allowed, until none wait."""
+        while self._waiting:
+            taken = self._waiting[: self.settings.worker_batch_max]
+            del self._waiting[: len(taken)]
+            outcomes: list[str | None] = [None] * len(taken)
+            try:
+                outcomes = list(await self._transact([parsed for parsed, _ in taken]))
+            except Exception as exc:  # noqa: BLE001 - each request is tried again on its own
+                log.info(
+                    "shared_transaction_failed",
+                    error_class=type(exc).__name__,
+                    requests=len(taken),
+                )
+            finally:
+                for (_, future), outcome in zip(taken, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
 
     async def _process(self, record: Incoming) -> str:
         attempts = 0
@@ -132,48 +198,69 @@ class RequestProcessor:
             return wanted
         return self.settings.topic("replies")
 
-    async def _handle(self, record: Incoming) -> str:
+    def _parse(self, record: Incoming) -> Parsed:
         if len(record.value) > self.settings.max_request_bytes:
             raise InvalidMessage(
                 f"request of {len(record.value)} bytes exceeds the limit of {self.settings.max_request_bytes}"
             )
         request = parse_request(record.value)
-        reply_to = self._reply_to(record)
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
-        headers = [(CORRELATION_ID, correlation_id)]
+        return Parsed(request, self._reply_to(record), correlation_id)
+
+    async def _handle(self, record: Incoming) -> str:
+        [outcome] = await self._transact([self._parse(record)])
+        return outcome
+
+    async def _transact(self, requests: list[Parsed]) -> list[str]:
+        """Apply ``requests`` in order in one transaction; their outcomes."""
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            request_id = str(request.request_id)
-            fresh = await inbox.claim_request(
-                conn,
+            if len(requests) > 1:
+                await sites.lock_sites(
+                    conn,
+                    [p.request.site for p in requests if isinstance(p.request, JobStart)],
+                    [p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
+                )
+            outcomes = [await self._apply(tx, parsed) for parsed in requests]
+            await tx.flush()
+            for parsed in requests:
+                self._fault("mid_transaction", parsed.request.job_id)
+        for parsed, outcome in zip(requests, outcomes, strict=True):
+            self._fault("after_commit", parsed.request.job_id)
+            log.debug(
+                "request_processed",
+                request_id=str(parsed.request.request_id),
+                job_id=parsed.request.job_id,
+                outcome=outcome,
+            )
+        return outcomes
+
+    async def _apply(self, tx: Tx, parsed: Parsed) -> str:
+        """The request's inbox row, transition and reply, inside ``tx``; its outcome."""
+        request, reply_to = parsed.request, parsed.reply_to
+        request_id = str(request.request_id)
+        fresh = await inbox.claim_request(
+            tx.conn,
+            request_id=request_id,
+            job_id=request.job_id,
+            request_type=request.type,
+            fingerprint=fingerprint(request),
+        )
+        if not fresh:
+            return await self._answer_again(tx, request, reply_to, parsed.headers)
+        handler = HANDLERS.get(request.type)
+        if handler is None:
+            reply: dict[str, Any] | None = RequestInvalid(
                 request_id=request_id,
                 job_id=request.job_id,
-                request_type=request.type,
-                fingerprint=fingerprint(request),
-            )
-            if fresh:
-                outcome = "replied"
-                handler = HANDLERS.get(request.type)
-                if handler is None:
-                    reply: dict[str, Any] | None = RequestInvalid(
-                        request_id=request_id,
-                        job_id=request.job_id,
-                        error=f"{request.type} is not served by this version",
-                    ).model_dump(mode="json")
-                else:
-                    reply = await handler(tx, request, reply_to, correlation_id)
-                if reply is not None:
-                    tx.box.add(reply_to, request.job_id, reply, headers)
-                    tx.box.keep_reply(request_id, reply_to, reply)
-            else:
-                outcome = await self._answer_again(tx, request, reply_to, headers)
-            await tx.flush()
-            self._fault("mid_transaction", request.job_id)
-        self._fault("after_commit", request.job_id)
-        log.debug(
-            "request_processed", request_id=request_id, job_id=request.job_id, outcome=outcome
-        )
-        return outcome
+                error=f"{request.type} is not served by this version",
+            ).model_dump(mode="json")
+        else:
+            reply = await handler(tx, request, reply_to, parsed.correlation_id)
+        if reply is not None:
+            tx.box.add(reply_to, request.job_id, reply, parsed.headers)
+            tx.box.keep_reply(request_id, reply_to, reply)
+        return "replied"
 
     def _fault(self, point: str, job_id: str) -> None:
         """Chaos testing: die here, as a crash would, when the settings ask for it."""

@@ -1,6 +1,8 @@
 """Leasing against the real database: grants, FIFO, the capacity gate, fencing, idempotency, races.
 
-Races are real concurrent transactions (``asyncio.gather`` over separate pooled connections).
+Every test runs twice: with each request in a transaction of its own, where the races are real
+concurrent transactions (``asyncio.gather`` over separate pooled connections), and with requests
+that arrive together sharing one transaction, as the claim worker's group commit does.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from tests.support.leasing import make_site, replies, request, scalar, start
 from workers.requests import RequestProcessor
 
 
-@pytest.fixture
-async def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
-    return RequestProcessor(settings, Database(engine))
+@pytest.fixture(params=[1, 32], ids=["own-transactions", "shared-transactions"])
+async def processor(
+    request: pytest.FixtureRequest, settings: Settings, engine: AsyncEngine
+) -> RequestProcessor:
+    return RequestProcessor(
+        settings.model_copy(update={"worker_batch_max": request.param}), Database(engine)
+    )
 
 
 async def granted(engine: AsyncEngine, settings: Settings, job_id: str) -> dict:

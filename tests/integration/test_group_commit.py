@@ -1,0 +1,120 @@
+"""The claim worker's group commit against the real database: requests that arrive together share
+a transaction, a failure inside one costs nobody else their answer, and shared transactions over
+many sites run side by side without deadlocks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from cryptography.fernet import Fernet
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.testing import capture_logs
+
+from app.crypto import SecretBox
+from app.settings import Settings
+from app.store import Database, accounts
+from tests.support.leasing import CANARY, make_site, replies, request, scalar, start
+from workers.requests import RequestProcessor
+
+
+def processor(settings: Settings, engine: AsyncEngine, **knobs: int) -> RequestProcessor:
+    return RequestProcessor(settings.model_copy(update=knobs), Database(engine))
+
+
+async def running_jobs(engine: AsyncEngine) -> list[tuple[str, int]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(text("SELECT id, lease_token FROM jobs WHERE status = 'RUNNING'"))
+        return [(job_id, int(token)) for job_id, token in rows]
+
+
+async def transactions_of(engine: AsyncEngine) -> int:
+    """How many transactions wrote the inbox rows (rows written by one share its xmin)."""
+    return int(await scalar(engine, "SELECT count(DISTINCT xmin::text) FROM inbox"))
+
+
+async def test_requests_that_arrive_together_share_transactions_of_at_most_the_batch_size(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    for slug in ("alpha", "beta", "gamma"):
+        await make_site(engine, settings, slug, capacity=2, n_accounts=2)
+    worker = processor(settings, engine, worker_batch_max=8, worker_transactions=1)
+    records = [
+        start(settings, f"job-{n}", site=("alpha", "beta", "gamma")[n % 3]) for n in range(20)
+    ]
+    outcomes = await asyncio.gather(*(worker.process(r) for r in records))
+    assert outcomes == ["replied"] * 20
+    assert await transactions_of(engine) == 3  # 8 + 8 + 4
+    kinds = [r["type"] for r in await replies(engine, settings)]
+    assert kinds.count("job.granted") == 6 and kinds.count("job.queued") == 14
+    assert await scalar(engine, "SELECT max(running) FROM sites") == 2
+
+
+async def test_a_request_that_fails_inside_a_shared_transaction_is_dead_lettered_alone(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings, capacity=6, n_accounts=6)
+    await make_site(engine, settings, "locked", n_accounts=0)
+    foreign = SecretBox(Fernet.generate_key().decode(), transport_key="")
+    async with engine.begin() as conn:  # sealed with a key the worker does not have
+        await accounts.add_account(
+            conn, site="locked", username="lost@locked", sealed_secret=foreign.seal(CANARY)
+        )
+    worker = processor(settings, engine, worker_batch_max=32, worker_transactions=1)
+    records = [start(settings, f"job-{n}") for n in range(6)]
+    records.insert(3, start(settings, "unreadable", site="locked"))
+    with capture_logs() as logs:
+        outcomes = await asyncio.gather(*(worker.process(r) for r in records))
+    assert outcomes == ["replied"] * 3 + ["dead_lettered"] + ["replied"] * 3
+    assert "shared_transaction_failed" in [entry["event"] for entry in logs]
+    granted = [r["job_id"] for r in await replies(engine, settings) if r["type"] == "job.granted"]
+    assert sorted(granted) == [f"job-{n}" for n in range(6)]
+    [invalid] = await replies(engine, settings, "unreadable")
+    assert invalid["type"] == "request.invalid" and CANARY not in invalid["error"]
+    assert await scalar(engine, "SELECT count(*) FROM jobs WHERE id = 'unreadable'") == 0
+    assert await scalar(engine, "SELECT running FROM sites WHERE slug = 'locked'") == 0
+    dead = await scalar(
+        engine, "SELECT count(*) FROM outbox WHERE topic = :t", t=settings.topic("requests.dlt")
+    )
+    assert dead == 1
+
+
+async def test_side_by_side_shared_transactions_over_many_sites_keep_every_rule_and_never_deadlock(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    slugs = [f"site-{n}" for n in range(6)]
+    for slug in slugs:
+        await make_site(engine, settings, slug, capacity=2, n_accounts=3)
+    worker = processor(settings, engine, worker_batch_max=5, worker_transactions=3)
+    rng = random.Random(7)
+    jobs = {f"job-{n}": rng.choice(slugs) for n in range(60)}
+    with capture_logs() as logs:
+        await asyncio.gather(*(worker.process(start(settings, j, site=s)) for j, s in jobs.items()))
+        for _ in range(len(jobs)):  # finish the running jobs in waves; the waiting ones move up
+            running = await running_jobs(engine)
+            if not running:
+                break
+            rng.shuffle(running)
+            finishes = [
+                request(settings, "job.finish", job_id, lease_token=token, outcome=outcome)
+                for job_id, token in running
+                for outcome in [rng.choice(["succeeded", "failed"])]
+            ]
+            await asyncio.gather(*(worker.process(f) for f in finishes))
+    assert "shared_transaction_failed" not in [entry["event"] for entry in logs]
+    assert await scalar(engine, "SELECT count(*) FROM jobs WHERE status = 'QUEUED'") == 0
+    assert await scalar(engine, "SELECT count(*) FROM jobs WHERE status = 'RUNNING'") == 0
+    assert await scalar(engine, "SELECT sum(running) FROM sites") == 0
+    assert await scalar(engine, "SELECT count(*) FROM accounts WHERE status = 'USING'") == 0
+    assert await scalar(engine, "SELECT count(*) FROM jobs WHERE status = 'SUCCEEDED'") > 0
+    overlapping = await scalar(
+        engine,
+        """
+        SELECT count(*) FROM job_grants a JOIN job_grants b
+          ON a.account_id = b.account_id AND a.job_id < b.job_id
+         AND tstzrange(a.granted_at, a.ended_at) && tstzrange(b.granted_at, b.ended_at)
+        """,
+    )
+    assert overlapping == 0
+    assert await transactions_of(engine) < len(jobs)
