@@ -1,8 +1,9 @@
 """The claim worker: a FastStream subscriber on ``qm.requests`` in a consumer group.
 
-Each request is processed in one database transaction; the Kafka offset is committed only after
-that transaction committed (a handler interrupted before it finished is not acknowledged and the
-record is read again).
+Each request is processed in a database transaction (shared with the requests that arrive beside
+it: the group commit of ``workers.requests``); the Kafka offset is committed only after that
+transaction committed (a handler interrupted before it finished is not acknowledged and the record
+is read again).
 
 Several consumers of the group run in one process (``QM_WORKER_CONSUMERS``), each on its own
 partitions, each handling its records in order, so requests of one job stay in order.
