@@ -39,21 +39,26 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.producer.message_accumulator import BatchBuilder
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.engine import make_engine
 from app.kafka import producer_options
 from app.outbox import metrics
+from app.outbox.rounds import (
+    Backoff,
+    Outcome,
+    PartitionBatch,
+    RelayRound,
+    any_shard_full,
+    message_size,
+)
 from app.settings import Settings
 from app.store.outbox import (
     NOTIFY_CHANNEL,
@@ -83,64 +88,6 @@ _PARTITIONER = DefaultPartitioner()
 PARTITION_CACHE_SIZE = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class RelayRound:
-    """What one ``run_once`` did."""
-
-    shards: tuple[int, ...]  # shards owned during the round
-    published: int = 0  # rows acked by the broker and deleted
-    failed: int = 0  # rows whose send failed; they stay for a later round
-    waiting: int = 0  # rows read but not sent (topic unavailable, or an earlier row failed)
-    full: bool = False  # some shard had a full batch: more rows are likely waiting
-
-    @property
-    def idle(self) -> bool:
-        return self.published == 0 and self.failed == 0 and not self.full
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """The rows of one round, sorted by what the broker did with them."""
-
-    acked: list[UnsentRow] = field(default_factory=list)
-    failed: list[UnsentRow] = field(default_factory=list)
-    waiting: int = 0
-    acked_at: float = 0.0
-
-
-@dataclass(slots=True)
-class _Batch:
-    """One partition's rows in a producer batch, in id order."""
-
-    builder: BatchBuilder
-    rows: list[UnsentRow] = field(default_factory=list)
-
-    def add(self, row: UnsentRow) -> bool:
-        """Append ``row``; False when the batch is full."""
-        if (
-            self.builder.append(timestamp=None, key=row.key, value=row.payload, headers=row.headers)
-            is None
-        ):
-            return False
-        self.rows.append(row)
-        return True
-
-
-@dataclass(slots=True)
-class _Backoff:
-    """Capped exponential backoff: 0.1 s, 0.2 s, ... up to ``cap``."""
-
-    cap: float
-    failures: int = 0
-
-    def next_delay(self) -> float:
-        self.failures = min(self.failures + 1, 32)
-        return min(self.cap, 0.1 * 2 ** (self.failures - 1))
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
 class Relay:
     """Owns outbox shards and publishes their rows; ``run`` loops, ``run_once`` does one round."""
 
@@ -165,7 +112,7 @@ class Relay:
         self._rebalance_at = 0.0
         self._ready_topics: set[str] = set()
         self._partitions: dict[tuple[bytes, int], int] = {}
-        self._topic_backoff: dict[str, tuple[float, _Backoff]] = {}
+        self._topic_backoff: dict[str, tuple[float, Backoff]] = {}
         self._report = metrics.PublishReport()
         self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
 
@@ -173,7 +120,7 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run rounds until ``stop`` is set; then finish the round in flight and close."""
-        backoff = _Backoff(cap=self.settings.transient_retry_max_seconds)
+        backoff = Backoff(cap=self.settings.transient_retry_max_seconds)
         log.info("outbox_relay_started", shards=self.shard_count)
         try:
             while not stop.is_set():
@@ -264,19 +211,19 @@ class Relay:
             published=len(outcome.acked),
             failed=len(outcome.failed),
             waiting=outcome.waiting,
-            full=_any_shard_full(rows, limit) and not outcome.failed,
+            full=any_shard_full(rows, limit) and not outcome.failed,
         )
 
     async def _publish(
         self, producer: AIOKafkaProducer, rows: Sequence[UnsentRow], ready: dict[str, list[int]]
-    ) -> _Outcome:
+    ) -> Outcome:
         """Send the rows in id order, batched per partition; await every ack; sort the rows."""
-        outcome = _Outcome()
-        open_batches: dict[tuple[str, int], _Batch] = {}
-        submitted: list[tuple[_Batch, asyncio.Future[Any]]] = []
+        outcome = Outcome()
+        open_batches: dict[tuple[str, int], PartitionBatch] = {}
+        submitted: list[tuple[PartitionBatch, asyncio.Future[Any]]] = []
         stalled: set[tuple[str, int]] = set()  # partitions whose batch the producer refused
 
-        async def submit(tp: tuple[str, int], batch: _Batch) -> None:
+        async def submit(tp: tuple[str, int], batch: PartitionBatch) -> None:
             try:
                 submitted.append(
                     (batch, await producer.send_batch(batch.builder, tp[0], partition=tp[1]))
@@ -294,9 +241,9 @@ class Relay:
             if tp in stalled:  # later rows of its keys must not overtake the refused ones
                 outcome.waiting += 1
                 continue
-            if _message_size(row) > MAX_MESSAGE_BYTES:  # the broker would refuse its whole batch
+            if message_size(row) > MAX_MESSAGE_BYTES:  # the broker would refuse its whole batch
                 stalled.add(tp)
-                self._failed(outcome, [row], MessageSizeTooLargeError(f"{_message_size(row)} B"))
+                self._failed(outcome, [row], MessageSizeTooLargeError(f"{message_size(row)} B"))
                 continue
             batch = open_batches.get(tp)
             if batch is None or not batch.add(row):
@@ -306,7 +253,7 @@ class Relay:
                     if tp in stalled:
                         outcome.waiting += 1
                         continue
-                batch = open_batches[tp] = _Batch(producer.create_batch())
+                batch = open_batches[tp] = PartitionBatch(producer.create_batch())
                 if not batch.add(row):  # an empty batch takes any row; never lose one if not
                     stalled.add(tp)
                     self._failed(outcome, [row], MessageSizeTooLargeError("refused by a batch"))
@@ -339,7 +286,7 @@ class Relay:
             )
         return cached
 
-    def _failed(self, outcome: _Outcome, rows: Sequence[UnsentRow], exc: BaseException) -> None:
+    def _failed(self, outcome: Outcome, rows: Sequence[UnsentRow], exc: BaseException) -> None:
         """Rows the broker did not take: they stay in the table; the producer is rebuilt."""
         outcome.failed.extend(rows)
         self._producer_broken = True  # its sequence numbers refuse the rest of the partition
@@ -494,7 +441,7 @@ class Relay:
         for topic, outcome in zip(unknown, outcomes, strict=True):
             if isinstance(outcome, KafkaError | TimeoutError):
                 entry = self._topic_backoff.get(topic)
-                backoff = entry[1] if entry else _Backoff(self.settings.transient_retry_max_seconds)
+                backoff = entry[1] if entry else Backoff(self.settings.transient_retry_max_seconds)
                 self._topic_backoff[topic] = (now + backoff.next_delay(), backoff)
                 metrics.ERRORS.labels("topic").inc()
                 log.warning("outbox_topic_unavailable", topic=topic, error_class=_name(outcome))
@@ -510,17 +457,6 @@ class Relay:
 def takeover_bound(settings: Settings) -> float:
     """Seconds within which survivors own a dead relay's shards, besides a round in flight."""
     return 2 * settings.outbox_poll_seconds
-
-
-def _any_shard_full(rows: Sequence[UnsentRow], limit: int) -> bool:
-    counts: dict[int, int] = {}
-    for row in rows:
-        counts[row.shard] = counts.get(row.shard, 0) + 1
-    return any(count >= limit for count in counts.values())
-
-
-def _message_size(row: UnsentRow) -> int:
-    return DefaultRecordBatchBuilder.estimate_size_in_bytes(row.key, row.payload, row.headers)
 
 
 def _name(exc: BaseException) -> str:
