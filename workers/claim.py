@@ -198,5 +198,6 @@ async def run_claim_worker(settings: Settings, stop: asyncio.Event) -> None:
             await committer
         await commits.flush()
         await broker.stop()
+        await processor.drain()
         await db.close()
         log.info("claim_worker_stopped")

@@ -153,6 +153,10 @@ class RequestProcessor:
                     if not future.done():
                         future.set_result(outcome)
 
+    async def drain(self) -> None:
+        """Wait for the transactions in flight (when the worker stops, before its pool closes)."""
+        await asyncio.gather(*self._committers, return_exceptions=True)
+
     async def _process(self, record: Incoming) -> str:
         attempts = 0
         while True:
