@@ -42,9 +42,11 @@ COMMIT_INTERVAL_SECONDS = 0.05  # how long done offsets wait, so that one commit
 COMMIT_TIMEOUT_SECONDS = 10.0  # a commit the broker does not answer in this time is given up
 
 
-async def raw_body(message: StreamMessage[Any]) -> bytes:
-    """Decoder that hands the handler the raw bytes: parsing is ours, so bad input is classified."""
-    return message.body
+async def as_message(message: StreamMessage[Any]) -> StreamMessage[Any]:
+    """Decoder that hands the handler the message itself: parsing is ours, so bad input is
+    classified, and the broker runs without dependency injection (which would resolve the
+    message's context in a thread for every record)."""
+    return message
 
 
 def incoming(message: KafkaRecordMessage) -> Incoming:
@@ -142,7 +144,10 @@ def build_broker(
     """The FastStream broker with the requests subscriber wired to ``processor``."""
     commits = commits or OffsetCommits()
     broker = KafkaBroker(
-        settings.kafka_bootstrap_servers, security=faststream_security(settings), logger=None
+        settings.kafka_bootstrap_servers,
+        security=faststream_security(settings),
+        logger=None,
+        apply_types=False,  # the handler takes the message as the decoder hands it over
     )
     extra: dict[str, Any] = {"max_workers": consumers} if consumers > 1 else {}
     subscriber = broker.subscriber(
@@ -150,7 +155,7 @@ def build_broker(
         group_id=settings.consumer_group,
         ack_policy=AckPolicy.MANUAL,  # OffsetCommits commits; on_request seeks back on failure
         auto_offset_reset="earliest",
-        decoder=raw_body,
+        decoder=as_message,
         no_reply=True,  # replies go through the outbox, never straight from the handler
         max_poll_interval_ms=600_000,
         session_timeout_ms=settings.consumer_session_timeout_ms,
@@ -160,7 +165,7 @@ def build_broker(
     )
 
     @subscriber
-    async def on_request(body: bytes, message: KafkaMessage) -> None:
+    async def on_request(message: KafkaMessage) -> None:
         record = incoming(message)
         try:
             await processor.process(record)
