@@ -75,6 +75,7 @@ class Plan:
     consumers: int | None
     warmup: float = 15.0
     workers: int = 1
+    own_reply_topics: bool = False
 
     @property
     def starts(self) -> int:
@@ -111,20 +112,24 @@ def bench_lease(
     workers: Annotated[int, Opt(help="Claim worker processes (one consumer group).")] = 1,
     consumers: Annotated[int | None, Opt(help="QM_WORKER_CONSUMERS of each worker.")] = None,
     warmup: Annotated[float, Opt(help="Seconds of unmeasured cycles before the runs.")] = 15.0,
+    own_reply_topics: Annotated[
+        bool, Opt(help="Each collector gets a reply topic of its own instead of sharing one.")
+    ] = False,
 ) -> None:
     """job.start -> job.granted latency, job cycles per second, and a raw Kafka round trip."""
     configure_logging("console", "WARNING")  # the SDK's info line per job would drown the table
     plan = Plan(rate=rate, duration=duration, collectors=max(collectors, 1),
                 concurrency=max(concurrency, 1), cycles=cycles, seconds=seconds,
                 sites=max(n_sites, 1), consumers=consumers, warmup=warmup,
-                workers=max(workers, 1))  # fmt: skip
+                workers=max(workers, 1), own_reply_topics=own_reply_topics)  # fmt: skip
     try:
         with start_services() as services:
             console.print(
                 f"lease bench: Kafka {services.bootstrap}; PostgreSQL {services.durability}; "
                 f"{os.cpu_count()} CPUs; {plan.collectors} collectors; {plan.sites} sites x "
                 f"{plan.accounts_per_site} accounts; {plan.workers} claim worker(s) and a relay as "
-                "child processes (`python -m app run worker|relay`)"
+                "child processes (`python -m app run worker|relay`); "
+                + ("a reply topic per collector" if own_reply_topics else "one shared reply topic")
             )
             settings = _settings(services.bootstrap, services.database_url)
             figures, cpu = asyncio.run(_bench(settings, plan, services.pids))
@@ -160,6 +165,10 @@ async def _bench(
     settings: Settings, plan: Plan, pids: dict[str, int]
 ) -> tuple[list[Figure], list[str]]:
     await ensure_topics(settings)
+    reply_topics = [settings.topic("replies")] * plan.collectors
+    if plan.own_reply_topics:
+        reply_topics = [settings.topic(f"replies.c{n}") for n in range(plan.collectors)]
+        await _create_topics(settings, reply_topics)
     slugs = await _make_sites(settings, plan)
     extra = {} if plan.consumers is None else {"worker_consumers": plan.consumers}
     names = [f"worker{n}" if plan.workers > 1 else "worker" for n in range(plan.workers)]
@@ -171,9 +180,11 @@ async def _bench(
         async with contextlib.AsyncExitStack() as stack:
             clients = [
                 await stack.enter_async_context(
-                    QuartermasterClient.from_settings(settings, request_timeout=REQUEST_TIMEOUT)
+                    QuartermasterClient.from_settings(
+                        settings, request_timeout=REQUEST_TIMEOUT, reply_topic=topic
+                    )
                 )
-                for _ in range(plan.collectors)
+                for topic in reply_topics
             ]
             await _warm_up(clients, slugs, list(children.values()))
             # warm the broker's JIT, the connection pools and prepared statements; not measured
