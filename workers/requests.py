@@ -128,7 +128,10 @@ class RequestProcessor:
             return None
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._waiting.append((parsed, future))
-        if len(self._committers) < self.settings.worker_transactions:
+        # a committer that found nothing more to do has returned, though its task may still be
+        # in the set until its done-callback runs: count only those still running
+        running = sum(not committer.done() for committer in self._committers)
+        if running < self.settings.worker_transactions:
             committer = asyncio.create_task(self._commit_waiting(), name="request-transactions")
             self._committers.add(committer)
             committer.add_done_callback(self._committers.discard)

@@ -118,3 +118,14 @@ async def test_side_by_side_shared_transactions_over_many_sites_keep_every_rule_
     )
     assert overlapping == 0
     assert await transactions_of(engine) < len(jobs)
+
+
+async def test_a_request_right_after_the_last_transaction_ended_is_not_left_waiting(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings, capacity=3, n_accounts=3)
+    worker = processor(settings, engine, worker_batch_max=32, worker_transactions=1)
+    async with asyncio.timeout(30):  # in this task: each request arrives in the very loop
+        for n in range(3):  # step in which the transaction before it hands back its outcome
+            assert await worker.process(start(settings, f"job-{n}")) == "replied"
+    assert await transactions_of(engine) == 3
