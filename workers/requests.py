@@ -91,6 +91,10 @@ def fingerprint(request: AnyRequest) -> str:
     return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
 
+def _claim(request: AnyRequest) -> inbox.Claim:
+    return inbox.Claim(str(request.request_id), request.job_id, request.type, fingerprint(request))
+
+
 Waiting = tuple[Parsed, "asyncio.Future[str | None]"]
 
 
@@ -228,7 +232,12 @@ class RequestProcessor:
                     [p.request.site for p in requests if isinstance(p.request, JobStart)],
                     [p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
                 )
-            outcomes = [await self._apply(tx, parsed) for parsed in requests]
+            unseen = await inbox.claim_requests(conn, [_claim(p.request) for p in requests])
+            outcomes = []
+            for parsed in requests:  # a request_id twice here: the first is new, then a repeat
+                request_id = str(parsed.request.request_id)
+                outcomes.append(await self._apply(tx, parsed, fresh=request_id in unseen))
+                unseen.discard(request_id)
             await tx.flush()
             for parsed in requests:
                 self._fault("mid_transaction", parsed.request.job_id)
@@ -242,17 +251,11 @@ class RequestProcessor:
             )
         return outcomes
 
-    async def _apply(self, tx: Tx, parsed: Parsed) -> str:
-        """The request's inbox row, transition and reply, inside ``tx``; its outcome."""
+    async def _apply(self, tx: Tx, parsed: Parsed, *, fresh: bool) -> str:
+        """The request's transition and reply inside ``tx`` (``fresh``: its inbox row is new);
+        its outcome."""
         request, reply_to = parsed.request, parsed.reply_to
         request_id = str(request.request_id)
-        fresh = await inbox.claim_request(
-            tx.conn,
-            request_id=request_id,
-            job_id=request.job_id,
-            request_type=request.type,
-            fingerprint=fingerprint(request),
-        )
         if not fresh:
             return await self._answer_again(tx, request, reply_to, parsed.headers)
         handler = HANDLERS.get(request.type)

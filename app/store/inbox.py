@@ -2,35 +2,56 @@
 
 from __future__ import annotations
 
-from sqlalchemy import RowMapping, text
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import RowMapping, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, TEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
-async def claim_request(
-    conn: AsyncConnection, *, request_id: str, job_id: str, request_type: str, fingerprint: str
-) -> bool:
-    """Record a request as seen; False if its ``request_id`` was seen before.
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A request to record as seen: its id, job, type and body fingerprint."""
 
-    A concurrent duplicate waits here on the unique index until the first one's transaction ends,
-    then sees it.
+    request_id: str
+    job_id: str
+    request_type: str
+    fingerprint: str
+
+
+_CLAIM = text(
+    """
+    INSERT INTO inbox (request_id, job_id, request_type, fingerprint)
+    SELECT CAST(id AS uuid), job_id, request_type, fingerprint
+    FROM unnest(:ids, :job_ids, :types, :fingerprints) AS c (id, job_id, request_type, fingerprint)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
+    """
+).bindparams(
+    bindparam("ids", type_=ARRAY(TEXT)),
+    bindparam("job_ids", type_=ARRAY(TEXT)),
+    bindparam("types", type_=ARRAY(TEXT)),
+    bindparam("fingerprints", type_=ARRAY(TEXT)),
+)
+
+
+async def claim_requests(conn: AsyncConnection, claims: Sequence[Claim]) -> set[str]:
+    """Record requests as seen, in order, in one statement; the ids that were not seen before.
+
+    An id seen before (or earlier in ``claims``) keeps its first row. A concurrent duplicate
+    waits on the unique index until the first one's transaction ends, then sees it.
     """
     result = await conn.execute(
-        text(
-            """
-            INSERT INTO inbox (request_id, job_id, request_type, fingerprint)
-            VALUES (:request_id, :job_id, :request_type, :fingerprint)
-            ON CONFLICT (request_id) DO NOTHING
-            RETURNING request_id
-            """
-        ),
+        _CLAIM,
         {
-            "request_id": request_id,
-            "job_id": job_id,
-            "request_type": request_type,
-            "fingerprint": fingerprint,
+            "ids": [c.request_id for c in claims],
+            "job_ids": [c.job_id for c in claims],
+            "types": [c.request_type for c in claims],
+            "fingerprints": [c.fingerprint for c in claims],
         },
     )
-    return result.first() is not None
+    return {str(row[0]) for row in result}
 
 
 async def seen_request(conn: AsyncConnection, request_id: str) -> RowMapping | None:
