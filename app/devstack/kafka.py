@@ -53,6 +53,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QM_KAFKA_CACHE", INFRA / ".cache")) / "libs"
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: 16 random bytes, URL-safe base64 without padding, never
+    starting with "-" (the storage tool would read it as an option, as Kafka's own ids avoid)."""
+    while (cluster_id := urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))[0] == "-":
+        pass
+    return cluster_id
+
+
 def _require(tool: str, why: str) -> str:
     path = shutil.which(tool)
     if path is None:
@@ -135,7 +143,7 @@ class KafkaBroker:
                 port=self.port, controller_port=controller_port, log_dir=self.workdir / "data"
             )
         )
-        cluster_id = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         fmt = subprocess.run(
             [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
              "-c", str(config)],
