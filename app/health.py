@@ -19,6 +19,12 @@ REQUEST_SECONDS = Histogram(
     "Time from reading a request to its committed transaction.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
+REQUESTS_PER_TRANSACTION = Histogram(
+    "qm_requests_per_transaction",
+    "Requests a claim worker's transaction carried (group commit), and whether it committed.",
+    ["committed"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 SWEEP_CHANGES = Counter(
     "qm_reaper_changes_total", "Rows the reapers repaired, by sweep.", ["sweep"]
 )

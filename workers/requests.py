@@ -31,7 +31,7 @@ import structlog
 from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, header, redact
 from app.errors import Disposition, InvalidMessage, classify, describe
-from app.health import REQUEST_SECONDS, REQUESTS, set_ready
+from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION, set_ready
 from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, inbox, sites
@@ -150,11 +150,14 @@ class RequestProcessor:
             try:
                 outcomes = list(await self._transact([parsed for parsed, _ in taken]))
             except Exception as exc:  # noqa: BLE001 - each request is tried again on its own
+                REQUESTS_PER_TRANSACTION.labels("false").observe(len(taken))
                 log.info(
                     "shared_transaction_failed",
                     error_class=type(exc).__name__,
                     requests=len(taken),
                 )
+            else:
+                REQUESTS_PER_TRANSACTION.labels("true").observe(len(taken))
             finally:
                 for (_, future), outcome in zip(taken, outcomes, strict=True):
                     if not future.done():

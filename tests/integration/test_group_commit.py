@@ -8,6 +8,7 @@ import asyncio
 import random
 
 from cryptography.fernet import Fernet
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
@@ -29,6 +30,13 @@ async def running_jobs(engine: AsyncEngine) -> list[tuple[str, int]]:
         return [(job_id, int(token)) for job_id, token in rows]
 
 
+def carried(committed: str) -> tuple[float, float]:
+    """(transactions, requests) the claim worker's transactions metric counted so far."""
+    labels = {"committed": committed}
+    count = REGISTRY.get_sample_value("qm_requests_per_transaction_count", labels) or 0.0
+    return count, REGISTRY.get_sample_value("qm_requests_per_transaction_sum", labels) or 0.0
+
+
 async def transactions_of(engine: AsyncEngine) -> int:
     """How many transactions wrote the inbox rows (rows written by one share its xmin)."""
     return int(await scalar(engine, "SELECT count(DISTINCT xmin::text) FROM inbox"))
@@ -43,9 +51,12 @@ async def test_requests_that_arrive_together_share_transactions_of_at_most_the_b
     records = [
         start(settings, f"job-{n}", site=("alpha", "beta", "gamma")[n % 3]) for n in range(20)
     ]
+    before = carried("true")
     outcomes = await asyncio.gather(*(worker.process(r) for r in records))
     assert outcomes == ["replied"] * 20
     assert await transactions_of(engine) == 3  # 8 + 8 + 4
+    after = carried("true")
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 20)
     kinds = [r["type"] for r in await replies(engine, settings)]
     assert kinds.count("job.granted") == 6 and kinds.count("job.queued") == 14
     assert await scalar(engine, "SELECT max(running) FROM sites") == 2
@@ -64,9 +75,12 @@ async def test_a_request_that_fails_inside_a_shared_transaction_is_dead_lettered
     worker = processor(settings, engine, worker_batch_max=32, worker_transactions=1)
     records = [start(settings, f"job-{n}") for n in range(6)]
     records.insert(3, start(settings, "unreadable", site="locked"))
+    before = carried("false")
     with capture_logs() as logs:
         outcomes = await asyncio.gather(*(worker.process(r) for r in records))
     assert outcomes == ["replied"] * 3 + ["dead_lettered"] + ["replied"] * 3
+    after = carried("false")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 7)
     assert "shared_transaction_failed" in [entry["event"] for entry in logs]
     granted = [r["job_id"] for r in await replies(engine, settings) if r["type"] == "job.granted"]
     assert sorted(granted) == [f"job-{n}" for n in range(6)]
