@@ -73,7 +73,7 @@ class CpuMeter:
         out = {name: _cpu_of(pid, ticks) for name, pid in self.pids.items()}
         if postmaster := self.pids.get("postgres"):  # and its backends
             for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-                if _parent_of(pid) == postmaster:
+                if parent_of(pid) == postmaster:
                     out["postgres"] += _cpu_of(pid, ticks)
         fields = read_text("/proc/stat").split("\n", 1)[0].split()[1:]
         if len(fields) > 4:
@@ -102,18 +102,18 @@ class CpuMeter:
         return f"CPU in {label}, {elapsed:.1f} s, {requests:,} requests: {shares}"
 
 
-def _stat(pid: int) -> list[str]:
+def proc_stat(pid: int) -> list[str]:
     """Fields of /proc/<pid>/stat after the command name (state is [0], ppid [1])."""
     stat = read_text(f"/proc/{pid}/stat")
     return stat[stat.rfind(")") + 2 :].split()
 
 
-def _parent_of(pid: int) -> int:
-    fields = _stat(pid)
+def parent_of(pid: int) -> int:
+    fields = proc_stat(pid)
     return int(fields[1]) if len(fields) > 1 else 0
 
 
 def _cpu_of(pid: int, ticks: int) -> float:
     """User plus system CPU seconds of a process."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / ticks if len(fields) > 12 else 0.0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
+from app.bench.processes import parent_of, proc_stat
 from app.devstack import ServiceUnavailable
 from app.devstack.kafka import KafkaBroker, ensure_jars
 from app.sdk import QuartermasterClient
@@ -55,15 +56,8 @@ def test_the_cli_says_what_is_missing_in_one_line_and_exits_2(tmp_path: Path) ->
 
 
 def _descendants(pid: int) -> set[int]:
-    """Every living process below ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[stat.rfind(")") + 2 :].split()[1])
+    """Every living process below ``pid``."""
+    parents = {int(p): parent_of(int(p)) for p in os.listdir("/proc") if p.isdigit()}
     found, frontier = set(), {pid}
     while frontier:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
@@ -72,11 +66,8 @@ def _descendants(pid: int) -> set[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rfind(")") + 2] != "Z"
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 async def test_qm_dev_serves_a_job_on_embedded_services_and_ctrl_c_leaves_nothing_behind(
