@@ -23,7 +23,8 @@ from app.devstack.postgres import EmbeddedPostgres
 from app.kafka import ensure_topics
 from app.settings import Settings
 
-TEMPLATE = "qm_template"
+# one template per test session, so sessions of several checkouts can share one server
+TEMPLATE = f"qm_template_{uuid.uuid4().hex[:8]}"
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -51,7 +52,7 @@ def postgres_admin_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def template_database(postgres_admin_url: str) -> str:
+def template_database(postgres_admin_url: str) -> Iterator[str]:
     """A migrated template database, made once per session."""
     import asyncio
 
@@ -63,10 +64,18 @@ def template_database(postgres_admin_url: str) -> str:
         finally:
             await conn.close()
 
+    async def drop() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        finally:
+            await conn.close()
+
     asyncio.run(make())
     url = make_url(postgres_admin_url).set(database=TEMPLATE).render_as_string(hide_password=False)
     upgrade(url)
-    return TEMPLATE
+    yield TEMPLATE
+    asyncio.run(drop())
 
 
 @pytest.fixture
