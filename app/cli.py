@@ -10,6 +10,8 @@ from rich.console import Console
 
 from app.bench import bench_app
 from app.commands.dlt import dlt_app
+from app.commands.jobs import jobs_app
+from app.commands.keys import keys_app
 from app.commands.resources import accounts_app, sites_app
 from app.devstack import ServiceUnavailable
 from app.dlt import redact
@@ -23,6 +25,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(keys_app, name="keys")
 console = Console()
 err = Console(stderr=True)
 

@@ -15,6 +15,7 @@ from app.store import Database
 from reapers.base import Sweep
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
+from reapers.inbox_retention import InboxRetention
 from reapers.overdue_waits import OverdueWaits
 
 log = structlog.get_logger()
@@ -22,7 +23,12 @@ log = structlog.get_logger()
 
 def job_sweeps(settings: Settings, db: Database) -> list[Sweep]:
     """The job reaper's sweeps, in the order one round runs them."""
-    return [ExpiredLeases(settings, db), OverdueWaits(settings, db), CapacityBack(settings, db)]
+    return [
+        ExpiredLeases(settings, db),
+        OverdueWaits(settings, db),
+        CapacityBack(settings, db),
+        InboxRetention(settings, db),
+    ]
 
 
 async def run_reapers(settings: Settings, stop: asyncio.Event) -> None:

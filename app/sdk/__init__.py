@@ -1,6 +1,6 @@
 """The collector SDK: acquire an account, its session and seeds from Quartermaster over Kafka.
 
-    async with QuartermasterClient("kafka:9092", transport_key=key) as client:
+    async with QuartermasterClient("kafka:9092") as client:
         async with client.job(site="example", wait_seconds=60) as job:
             ...
 
@@ -11,6 +11,7 @@ from app.sdk.client import QuartermasterClient
 from app.sdk.errors import (
     ClientClosed,
     JobRejected,
+    NoUploadKey,
     QuartermasterError,
     ReplyUnreadable,
     RequestConflict,
@@ -19,13 +20,14 @@ from app.sdk.errors import (
     SecretUndecryptable,
     UnexpectedReply,
 )
-from app.sdk.job import Account, Job
+from app.sdk.job import Account, Job, Session
 
 __all__ = [
     "Account",
     "ClientClosed",
     "Job",
     "JobRejected",
+    "NoUploadKey",
     "QuartermasterClient",
     "QuartermasterError",
     "ReplyUnreadable",
@@ -33,5 +35,6 @@ __all__ = [
     "RequestInvalid",
     "RequestTimeout",
     "SecretUndecryptable",
+    "Session",
     "UnexpectedReply",
 ]

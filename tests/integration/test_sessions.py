@@ -7,7 +7,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
 from app.store import Database
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import (
+    make_site,
+    opened_session,
+    replies,
+    request,
+    scalar,
+    sealed_state,
+    start,
+)
 from workers.requests import RequestProcessor
 
 
@@ -30,14 +38,17 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "one"))
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'one'")
+    [grant] = await replies(engine, settings)
+    token, upload_key = grant["lease_token"], grant["upload_key"]
     await processor.process(
         request(
             settings,
             "session.upload",
             "one",
             lease_token=token,
-            storage_state=state(sid="1", once="x"),
+            storage_state=sealed_state(
+                state(sid="1", once="x"), "session.upload", "one", upload_key
+            ),
         )
     )
     await processor.process(
@@ -47,7 +58,7 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
             "one",
             lease_token=token,
             outcome="succeeded",
-            session_state=state(sid="2"),
+            session_state=sealed_state(state(sid="2"), "job.finish", "one", upload_key),
         )
     )
     await processor.process(start(settings, "two"))
@@ -60,7 +71,7 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
     ]
     session = answers[-1]["session"]
     assert session["version"] == 2
-    assert {c["name"]: c["value"] for c in session["storage_state"]["cookies"]} == {
+    assert {c["name"]: c["value"] for c in opened_session(answers[-1])["cookies"]} == {
         "sid": "2",
         "once": "x",
     }
@@ -73,10 +84,15 @@ async def test_an_upload_without_a_live_lease_changes_nothing(
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "one"))
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'one'")
+    [grant] = await replies(engine, settings)
+    sealed = sealed_state(state(a="1"), "session.upload", "one", grant["upload_key"])
     await processor.process(
         request(
-            settings, "session.upload", "one", lease_token=token + 1, storage_state=state(a="1")
+            settings,
+            "session.upload",
+            "one",
+            lease_token=grant["lease_token"] + 1,
+            storage_state=sealed,
         )
     )
     assert (await replies(engine, settings))[-1]["type"] == "job.lease_lost"
