@@ -13,6 +13,7 @@ from app.health import SWEEP_CHANGES
 from app.settings import Settings
 from app.store import Database
 from reapers.base import Sweep
+from reapers.block_cooldowns import BlockCooldowns
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
 from reapers.overdue_waits import OverdueWaits
@@ -22,7 +23,12 @@ log = structlog.get_logger()
 
 def job_sweeps(settings: Settings, db: Database) -> list[Sweep]:
     """The job reaper's sweeps, in the order one round runs them."""
-    return [ExpiredLeases(settings, db), OverdueWaits(settings, db), CapacityBack(settings, db)]
+    return [
+        ExpiredLeases(settings, db),
+        OverdueWaits(settings, db),
+        BlockCooldowns(settings, db),
+        CapacityBack(settings, db),
+    ]
 
 
 async def run_reapers(settings: Settings, stop: asyncio.Event) -> None:
