@@ -8,7 +8,6 @@ from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.jobs import NOW
-
 from schemas.states import ACCOUNT_TRANSITIONS, AccountStatus, predecessors
 
 
@@ -36,7 +35,8 @@ async def list_accounts(conn: AsyncConnection, site: str | None = None) -> list[
             """
             SELECT a.id, a.site, a.username, a.status, a.available_at, a.blocked_until,
                    a.holder_job_id, j.collector AS holder_collector, a.lease_token,
-                   a.lease_expires_at, a.use_count, a.error_count, a.blocked_reason
+                   a.lease_expires_at, a.use_count, a.error_count, a.blocked_reason,
+                   (a.status = 'ACTIVE' AND a.available_at > now()) AS resting
             FROM accounts a LEFT JOIN jobs j ON j.id = a.holder_job_id
             WHERE (CAST(:site AS text) IS NULL OR a.site = :site) ORDER BY a.site, a.id
             """

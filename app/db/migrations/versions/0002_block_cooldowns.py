@@ -31,5 +31,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP INDEX IF EXISTS accounts_block_ends")
-    op.execute("ALTER TABLE accounts DROP CONSTRAINT IF EXISTS accounts_blocked_until_only_when_blocked")
+    op.execute(
+        "ALTER TABLE accounts DROP CONSTRAINT IF EXISTS accounts_blocked_until_only_when_blocked"
+    )
     op.execute("ALTER TABLE accounts DROP COLUMN IF EXISTS blocked_until")
