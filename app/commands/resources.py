@@ -178,6 +178,13 @@ def _site_json(row: Row) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _accounts_cell(row: Row) -> str:
+    """'2 ready, 1 resting, 1 using': resting ones are ACTIVE but in their cooldown after use."""
+    states = ("ready", "resting", "using", "blocked", "inactive")
+    parts = [f"{row['accounts_' + state]} {state}" for state in states if row["accounts_" + state]]
+    return ", ".join(parts) or "none"
+
+
 @sites_app.command("list")
 def sites_list(as_json: Json = False) -> None:
     """Sites with running and waiting jobs and their accounts: ready, resting after use (cooldown),
@@ -186,17 +193,18 @@ def sites_list(as_json: Json = False) -> None:
     if as_json:
         print_json_lines(_site_json(row) for row in rows)
         return
-    grid = table(
-        "site", "host", "running", "capacity", "waiting", "ready", "resting", "using",
-        "blocked", "inactive", "lease s", "cooldown s", "block cooldown s",
-    )  # fmt: skip
-    counts = (
-        "running", "capacity", "waiting", "accounts_ready", "accounts_resting", "accounts_using",
-        "accounts_blocked", "accounts_inactive", "lease_seconds", "cooldown_seconds",
-        "block_cooldown_seconds",
-    )  # fmt: skip
+    grid = table("site", "host", "running", "waiting", "accounts", "settings")
     for row in rows:
-        grid.add_row(row["slug"], row["host"], *(str(row[key]) for key in counts))
+        grid.add_row(
+            row["slug"],
+            row["host"],
+            f"{row['running']} of {row['capacity']}",
+            str(row["waiting"])
+            + (f" (oldest {row['oldest_wait_seconds']:.0f}s)" if row["waiting"] else ""),
+            _accounts_cell(row),
+            f"lease {row['lease_seconds']}s, rest {row['cooldown_seconds']}s, "
+            f"block rest {row['block_cooldown_seconds']}s, {row['max_attempts']} attempts",
+        )
     out().print(grid)
 
 
