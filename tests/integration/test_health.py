@@ -37,9 +37,7 @@ async def test_a_worker_is_alive_ready_and_measured_once_its_consumer_has_partit
         body = await eventually(ready, timeout=60)
         assert body == {
             "ready": True,
-            "processes": {
-                "worker": {"database": True, "broker": True, "consumer_assigned": True}
-            },
+            "processes": {"worker": {"database": True, "broker": True, "consumer_assigned": True}},
         }
         assert await get_json(f"{base}/healthz") == (200, {"alive": True})
         status, metrics = await get(f"{base}/metrics")
