@@ -10,6 +10,7 @@ from rich.console import Console
 
 from app.bench import bench_app
 from app.commands.dlt import dlt_app
+from app.commands.domains import domains_app
 from app.commands.failures import OneLineErrors
 from app.commands.jobs import jobs_app
 from app.commands.resources import accounts_app, sites_app
@@ -26,6 +27,7 @@ app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(domains_app, name="domains")
 console = Console()
 err = Console(stderr=True)
 

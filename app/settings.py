@@ -99,6 +99,15 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(5.0, description="Pause between reaper sweeps.")
     reaper_page_size: int = Field(200, description="Rows one sweep handles per page.")
 
+    # --- sessions ----------------------------------------------------------------------
+    session_max_cookies: int = Field(
+        500, description="Most cookies one account's session keeps; a larger upload is refused."
+    )
+    session_max_bytes: int = Field(
+        256 * 1024,
+        description="Largest session (compact JSON) one account keeps; a larger upload is refused.",
+    )
+
     # --- secrets -----------------------------------------------------------------------
     secret_keys: SecretStr = Field(
         SecretStr(""),

@@ -4,14 +4,14 @@ A block with a cooldown (the collector's ``cooldown_seconds`` on ``job.finish`` 
 site's ``block_cooldown_seconds``) sets it; the block-cooldowns sweep returns the account to
 ACTIVE once it has passed. NULL on a BLOCKED account: the block stays until an operator acts.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
