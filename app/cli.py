@@ -26,7 +26,7 @@ app.add_typer(accounts_app, name="accounts")
 console = Console()
 err = Console(stderr=True)
 
-PROCESSES = ("worker", "relay", "reaper")
+PROCESSES = ("worker", "relay", "reaper", "handoff")
 
 
 @app.callback()

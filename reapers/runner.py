@@ -15,7 +15,9 @@ from app.store import Database
 from reapers.base import Sweep
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
+from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.overdue_waits import OverdueWaits
+from reapers.undispatched_captures import UndispatchedCaptures
 
 log = structlog.get_logger()
 
@@ -25,10 +27,15 @@ def job_sweeps(settings: Settings, db: Database) -> list[Sweep]:
     return [ExpiredLeases(settings, db), OverdueWaits(settings, db), CapacityBack(settings, db)]
 
 
+def capture_sweeps(settings: Settings, db: Database) -> list[Sweep]:
+    """The capture reaper's sweeps: lapsed handoffs first, so their records go out at once."""
+    return [LapsedHandoffs(settings, db), UndispatchedCaptures(settings, db)]
+
+
 async def run_reapers(settings: Settings, stop: asyncio.Event) -> None:
     """Run one round of every sweep each ``reaper_interval_seconds`` until ``stop`` is set."""
     db = Database.from_settings(settings, pool_size=2)
-    sweeps = job_sweeps(settings, db)
+    sweeps = job_sweeps(settings, db) + capture_sweeps(settings, db)
     log.info(
         "reaper_started", sweeps=[s.name for s in sweeps], interval=settings.reaper_interval_seconds
     )
