@@ -126,6 +126,15 @@ class Settings(BaseSettings):
         10.0, description="Timeout of one webhook delivery (connect, send and answer)."
     )
 
+    # --- sessions ----------------------------------------------------------------------
+    session_max_cookies: int = Field(
+        500, description="Most cookies one account's session keeps; a larger upload is refused."
+    )
+    session_max_bytes: int = Field(
+        256 * 1024,
+        description="Largest session (compact JSON) one account keeps; a larger upload is refused.",
+    )
+
     # --- secrets -----------------------------------------------------------------------
     secret_keys: SecretStr = Field(
         SecretStr(""),

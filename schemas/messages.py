@@ -235,6 +235,14 @@ class SessionMerged(Reply):
     version: int
 
 
+class SessionRejected(Reply):
+    """A session upload that was not kept; the account's session is unchanged."""
+
+    type: Literal["session.rejected"] = "session.rejected"
+    reason: Literal["session_too_large"]
+    detail: str
+
+
 class SeedsClaimed(Reply):
     type: Literal["seeds.claimed"] = "seeds.claimed"
     seeds: list[GrantedSeed] = []
@@ -267,6 +275,7 @@ AnyReply = Annotated[
     | JobFinished
     | JobCancelled
     | SessionMerged
+    | SessionRejected
     | SeedsClaimed
     | CaptureAccepted
     | RequestInvalid

@@ -11,7 +11,7 @@ import structlog
 
 from app.handoff.records import dispatch
 from app.leasing import Tx
-from app.store import captures, jobs
+from app.store import Row, captures, domains, jobs
 from schemas.messages import CaptureAccepted, CaptureSubmit, JobLeaseLost, RequestConflict
 from workers.jobs import why_lease_lost
 
@@ -38,13 +38,31 @@ async def submit(
     with another body is a conflict; a stale token gets ``job.lease_lost``.
     """
     fingerprint = capture_fingerprint(req)
-    url = req.url  # the site's domain rewrites apply here once the store has them
+    existing = await captures.describe_capture(tx.conn, req.capture_id)
+    if existing is None:
+        job = await jobs.describe_job(tx.conn, req.job_id)
+        if job is not None and job["lease_token"] == req.lease_token:
+            capture = await _add(tx, req, job["site"], fingerprint)
+            if capture is not None:
+                return _accepted(req)
+            # a concurrent submission of the same capture_id committed first
+            existing = await captures.describe_capture(tx.conn, req.capture_id)
+        if existing is None:
+            return _lease_lost(req, why_lease_lost(job, req.lease_token))
+    if existing["fingerprint"] != fingerprint:
+        log.info("capture_conflict", capture_id=req.capture_id, job_id=req.job_id)
+        return RequestConflict(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")
+    return _accepted(req)
+
+
+async def _add(tx: Tx, req: CaptureSubmit, site: str, fingerprint: str) -> Row | None:
+    """The capture row (fenced by the job's live lease), its event and its handoff record."""
     capture = await captures.add_capture(
         tx.conn,
         capture_id=req.capture_id,
         job_id=req.job_id,
         lease_token=req.lease_token,
-        url=url,
+        url=await domains.rewrite_url(tx.conn, site, req.url),
         storage_uri=req.storage_uri,
         sha256=req.sha256,
         content_type=req.content_type,
@@ -53,21 +71,20 @@ async def submit(
         meta=req.meta or {},
         fingerprint=fingerprint,
     )
-    accepted = CaptureAccepted(
-        request_id=req.request_id, job_id=req.job_id, capture_id=req.capture_id
-    ).model_dump(mode="json")
     if capture is not None:
         dispatch(tx, capture["id"])
         tx.events.capture("received", capture)
         log.info("capture_received", capture_id=capture["id"], job_id=req.job_id)
-        return accepted
-    existing = await captures.describe_capture(tx.conn, req.capture_id)
-    if existing is not None:
-        if existing["fingerprint"] == fingerprint:
-            return accepted
-        log.info("capture_conflict", capture_id=req.capture_id, job_id=req.job_id)
-        return RequestConflict(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")
-    reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
+    return capture
+
+
+def _accepted(req: CaptureSubmit) -> dict[str, Any]:
+    return CaptureAccepted(
+        request_id=req.request_id, job_id=req.job_id, capture_id=req.capture_id
+    ).model_dump(mode="json")
+
+
+def _lease_lost(req: CaptureSubmit, reason: str) -> dict[str, Any]:
     log.info("capture_refused", capture_id=req.capture_id, job_id=req.job_id, reason=reason)
     return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
         mode="json"

@@ -39,10 +39,10 @@ from app.errors import Disposition, classify, describe
 from app.handoff import Delivery, Target, TargetError, targets_for
 from app.handoff.records import failed, ready
 from app.health import set_ready
-from app.kafka import faststream_security
 from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, Row, captures
+from app.wiring import Wiring, consumer_assigned
 from schemas.messages import CaptureHandoff
 from schemas.states import CaptureStatus
 from workers.claim import OffsetCommits, as_message, incoming
@@ -258,24 +258,20 @@ class HandoffWorker:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def build_broker(settings: Settings, worker: HandoffWorker, commits: OffsetCommits) -> KafkaBroker:
-    """The FastStream broker with the ``qm.captures`` subscriber wired to ``worker``."""
-    broker = KafkaBroker(
-        settings.kafka_bootstrap_servers,
-        security=faststream_security(settings),
-        logger=None,
-        apply_types=False,
-    )
+def subscribe_captures(
+    broker: KafkaBroker, settings: Settings, worker: HandoffWorker, commits: OffsetCommits
+) -> Any:
+    """Subscribe ``worker`` to ``qm.captures`` on ``broker``; return the subscriber."""
     extra: dict[str, Any] = (
         {"max_workers": settings.handoff_consumers} if settings.handoff_consumers > 1 else {}
     )
     subscriber = broker.subscriber(
         settings.topic("captures"),
         group_id=settings.handoff_consumer_group,
-        ack_policy=AckPolicy.MANUAL,
+        ack_policy=AckPolicy.MANUAL,  # OffsetCommits commits once a record is done
         auto_offset_reset="earliest",
         decoder=as_message,
-        no_reply=True,
+        no_reply=True,  # what a handoff publishes goes through the outbox
         max_poll_interval_ms=600_000,
         session_timeout_ms=settings.consumer_session_timeout_ms,
         heartbeat_interval_ms=max(settings.consumer_session_timeout_ms // 5, 100),
@@ -295,15 +291,17 @@ def build_broker(settings: Settings, worker: HandoffWorker, commits: OffsetCommi
         assert isinstance(consumer, AIOKafkaConsumer)
         commits.done(consumer, record.topic, record.partition, record.offset)
 
-    return broker
+    return subscriber
 
 
-async def run_handoff_worker(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the handoff worker until ``stop`` is set."""
-    db = Database.from_settings(settings)
-    worker = HandoffWorker(settings, db)
+async def run_handoff_worker(wiring: Wiring) -> None:
+    """Run the handoff worker until ``wiring.stop`` is set."""
+    settings, stop = wiring.settings, wiring.stop
+    worker = HandoffWorker(settings, wiring.database())
     commits = OffsetCommits()
-    broker = build_broker(settings, worker, commits)
+    broker = wiring.broker()
+    subscriber = subscribe_captures(broker, settings, worker, commits)
+    wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
     await broker.start()
     committer = asyncio.create_task(commits.run(stop), name="handoff-offset-commits")
     log.info(
@@ -319,6 +317,5 @@ async def run_handoff_worker(settings: Settings, stop: asyncio.Event) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await committer
         await commits.flush()
-        await broker.stop()
-        await db.close()
+        await broker.stop()  # the database closes after this, with the wiring
         log.info("handoff_worker_stopped")

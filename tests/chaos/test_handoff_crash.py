@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
 from app.store import Database
+from app.wiring import Wiring
 from reapers.runner import run_reapers
 from tests.integration.conftest_outbox import read_topic, running_relays
 from tests.support.captures import capture_row, running_job, submit, webhook
@@ -30,13 +31,14 @@ ALLOWANCE_SECONDS = 2.0
 
 @contextlib.asynccontextmanager
 async def running_reaper(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_reapers(settings, stop))
+    wiring = Wiring(settings, asyncio.Event(), "reaper")
+    task = asyncio.create_task(run_reapers(wiring))
     try:
         yield
     finally:
-        stop.set()
+        wiring.stop.set()
         await asyncio.wait_for(task, 30)
+        await wiring.close()
 
 
 async def ready_records(settings: Settings) -> list[str]:

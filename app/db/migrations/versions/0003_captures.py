@@ -1,14 +1,14 @@
 """Captures' second stage: who holds a handoff, when its record was last dispatched, the body's
 fingerprint (capture_id is an idempotency key), and a site's webhook.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
