@@ -10,6 +10,7 @@ from rich.console import Console
 
 from app.bench import bench_app
 from app.commands.dlt import dlt_app
+from app.commands.domains import domains_app
 from app.commands.resources import accounts_app, sites_app
 from app.devstack import ServiceUnavailable
 from app.dlt import redact
@@ -23,10 +24,11 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
+app.add_typer(domains_app, name="domains")
 console = Console()
 err = Console(stderr=True)
 
-PROCESSES = ("worker", "relay", "reaper")
+PROCESSES = ("worker", "relay", "reaper", "handoff")
 
 
 @app.callback()

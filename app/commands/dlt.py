@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from app.dlt import redact_bytes, redact_header
-from app.dlt_reader import (
+from app.dlt.reader import (
     DeadLetter,
     DltError,
     Selection,
@@ -38,7 +38,7 @@ from app.dlt_reader import (
     sorted_letters,
     summarize,
 )
-from app.dlt_replay import ReplayOptions, ReplayReport, replay
+from app.dlt.replay import ReplayOptions, ReplayReport, replay
 from app.settings import Settings, get_settings
 
 dlt_app = typer.Typer(help="Dead-letter topics: list, show, replay.", no_args_is_help=True)

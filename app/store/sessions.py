@@ -9,12 +9,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 async def held_session(conn: AsyncConnection, job_id: str, lease_token: int) -> RowMapping | None:
     """The account a live lease holds and its session (if any), locked for this transaction.
 
-    None when the token does not hold a live lease on an account (fencing).
+    ``now_epoch`` is the database's clock (Unix seconds), against which cookies expire. None when the token does not hold a live lease on an account (fencing).
     """
     result = await conn.execute(
         text(
             """
-            SELECT a.id AS account_id, a.site, s.version, s.storage_state
+            SELECT a.id AS account_id, a.site, s.version, s.storage_state,
+                   extract(epoch FROM now()) AS now_epoch
             FROM accounts a LEFT JOIN sessions s ON s.account_id = a.id
             WHERE a.holder_job_id = :job AND a.lease_token = :token AND a.status = 'USING'
               AND a.lease_expires_at > now()

@@ -136,3 +136,22 @@ async def sites_with_waiting_jobs(conn: AsyncConnection, now: datetime | None = 
         {"now": now},
     )
     return [row[0] for row in result]
+
+
+async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:
+    """Every site's running and waiting jobs and its accounts by status (every status, 0 too)."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT s.slug, s.running,
+                   (SELECT count(*) FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED')
+                       AS waiting,
+                   (SELECT jsonb_object_agg(st.status, (SELECT count(*) FROM accounts a
+                                                        WHERE a.site = s.slug
+                                                          AND a.status = st.status))
+                    FROM unnest(enum_range(NULL::account_status)) AS st(status)) AS accounts
+            FROM sites s ORDER BY s.slug
+            """
+        )
+    )
+    return [dict(row) for row in result.mappings()]

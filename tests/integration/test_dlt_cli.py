@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.devstack import free_port
 from app.dlt import PREFIX, REPLAYED_FROM, OffsetRange, Origin, dead_letter_headers
-from app.dlt_reader import DltError, Selection, open_reader, summarize
-from app.dlt_replay import ReplayOptions, replay
+from app.dlt.reader import DltError, Selection, open_reader, summarize
+from app.dlt.replay import ReplayOptions, replay
 from app.errors import InvalidMessage
 from app.kafka import client_options, producer_options
 from app.settings import Settings, get_settings
