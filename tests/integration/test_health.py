@@ -66,6 +66,7 @@ async def test_readiness_names_an_unreachable_database_from_the_start_while_live
             "worker": False,
             "relay": False,
             "reaper": False,
+            "handoff": False,
         }
         assert body["processes"]["relay"]["broker"] is True
         assert await get_json(f"{base}/healthz") == (200, {"alive": True})
