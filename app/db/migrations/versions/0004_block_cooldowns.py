@@ -4,14 +4,14 @@ A block with a cooldown (the collector's ``cooldown_seconds`` on ``job.finish`` 
 site's ``block_cooldown_seconds``) sets it; the block-cooldowns sweep returns the account to
 ACTIVE once it has passed. NULL on a BLOCKED account: the block stays until an operator acts.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
