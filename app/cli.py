@@ -14,6 +14,7 @@ from app.commands.domains import domains_app
 from app.commands.failures import OneLineErrors
 from app.commands.jobs import jobs_app
 from app.commands.resources import accounts_app, sites_app
+from app.commands.top import top
 from app.logs import configure_logging
 from app.settings import get_settings
 
@@ -27,6 +28,7 @@ app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(jobs_app, name="jobs")
+app.command()(top)
 app.add_typer(domains_app, name="domains")
 console = Console()
 err = Console(stderr=True)
