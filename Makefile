@@ -26,7 +26,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: chromium could not be installed; browser tests will fail"; }
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)

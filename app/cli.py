@@ -11,6 +11,7 @@ from rich.console import Console
 from app.bench import bench_app
 from app.commands.dlt import dlt_app
 from app.commands.resources import accounts_app, sites_app
+from app.commands.sessions import sessions_app
 from app.devstack import ServiceUnavailable
 from app.dlt import redact
 from app.logs import configure_logging
@@ -23,6 +24,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
+app.add_typer(sessions_app, name="sessions")
 console = Console()
 err = Console(stderr=True)
 

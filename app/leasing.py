@@ -84,6 +84,7 @@ def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
         lease_expires_at=job["lease_expires_at"],
         account=account,
         session=session,
+        session_check_url=job["session_check_url"],
     ).model_dump(mode="json")
 
 

@@ -199,6 +199,9 @@ class JobGranted(Reply):
     account: GrantedAccount | None = None
     session: GrantedSession | None = None
     seeds: list[GrantedSeed] = []
+    session_check_url: str | None = Field(
+        None, description="The site's page that answers 2xx only to a logged-in session."
+    )
 
 
 class JobQueued(Reply):

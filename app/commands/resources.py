@@ -53,8 +53,13 @@ def sites_add(
     cooldown_seconds: Annotated[int, typer.Option(help="Rest of an account after use")] = 0,
     block_cooldown_seconds: Annotated[int, typer.Option(help="Rest after a block")] = 3600,
     max_attempts: Annotated[int, typer.Option(help="Grants of one job before it fails")] = 3,
+    session_check_url: Annotated[
+        str | None, typer.Option(help="Page that answers 2xx only to a logged-in session")
+    ] = None,
 ) -> None:
     """Add a site."""
+    if session_check_url is not None and not session_check_url.startswith(("http://", "https://")):
+        raise fail("--session-check-url must be an http(s) URL")
 
     async def work(conn: Conn) -> object:
         return await sites.add_site(
@@ -66,6 +71,7 @@ def sites_add(
             cooldown_seconds=cooldown_seconds,
             block_cooldown_seconds=block_cooldown_seconds,
             max_attempts=max_attempts,
+            session_check_url=session_check_url,
         )
 
     if in_transaction(work) is None:

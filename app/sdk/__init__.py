@@ -17,6 +17,7 @@ from app.sdk.errors import (
     RequestInvalid,
     RequestTimeout,
     SecretUndecryptable,
+    SessionDead,
     UnexpectedReply,
 )
 from app.sdk.job import Account, Job
@@ -33,5 +34,6 @@ __all__ = [
     "RequestInvalid",
     "RequestTimeout",
     "SecretUndecryptable",
+    "SessionDead",
     "UnexpectedReply",
 ]

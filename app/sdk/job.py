@@ -21,6 +21,10 @@ from app.sdk import errors
 from schemas import messages as wire
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from playwright.async_api import Browser, BrowserContext
+
     from app.sdk.client import QuartermasterClient
 
 log = structlog.get_logger()
@@ -143,6 +147,16 @@ class Job:
     def set_session_state(self, state: dict[str, Any]) -> None:
         """The browser state (Playwright ``storage_state``) to merge back at finish."""
         self._session_state = _SESSION_STATE.validate_python(state)
+
+    def browser_context(
+        self, browser: Browser, **options: Any
+    ) -> AbstractAsyncContextManager[BrowserContext]:
+        """A Playwright context that starts from the account's session and hands its state back
+        on the way out; ``options`` as ``app.sdk.browser.browser_context`` takes them."""
+        from app.sdk.browser import browser_context
+
+        options.setdefault("check_url", self._granted().session_check_url)
+        return browser_context(self, browser, **options)
 
     def report_seed(self, seed_id: str, ok: bool, next_due_seconds: int | None = None) -> None:
         """Record how one seed went; sent with ``job.finish``."""

@@ -137,6 +137,7 @@ _GRANT_NEXT_WAITING = text(
     -- head as QUEUED, hence the id test)
     SELECT job.*, account.username AS account_username, account.secret AS account_secret,
            ses.version AS session_version, ses.storage_state AS session_state,
+           (SELECT session_check_url FROM sites WHERE slug = :site) AS session_check_url,
            EXISTS (SELECT 1 FROM jobs w WHERE w.site = :site AND w.status = 'QUEUED'
                    AND w.id <> job.id) AS more_waiting
     FROM job LEFT JOIN account ON true LEFT JOIN sessions ses ON ses.account_id = account.id
@@ -152,7 +153,8 @@ async def grant_next_waiting(
     One statement: pick the head, pick an account, take the capacity gate, grant. None when the
     site has no waiting job, no free capacity, or no rested account for the head job. The row
     also carries the account's sealed secret and session (``account_secret``,
-    ``session_version``, ``session_state``) and ``more_waiting``.
+    ``session_version``, ``session_state``), the site's ``session_check_url`` and
+    ``more_waiting``.
     """
     result = await conn.execute(_GRANT_NEXT_WAITING, {"site": site, "now": now})
     return result.mappings().first()
