@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.commands.resources import fail, in_transaction
+from app.commands.common import fail, in_transaction
 from app.crypto import MissingKey, SecretBox
 from app.events import Events
 from app.outbox.writer import Outbox

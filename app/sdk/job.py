@@ -164,6 +164,45 @@ class Job:
             wire.SeedResult(seed_id=seed_id, ok=ok, next_due_seconds=next_due_seconds)
         )
 
+    async def submit_capture(
+        self,
+        *,
+        url: str,
+        storage_uri: str,
+        sha256: str,
+        content_type: str,
+        size: int,
+        captured_at: datetime | None = None,
+        meta: dict[str, Any] | None = None,
+        capture_id: str | None = None,
+    ) -> str:
+        """Hand a capture over for delivery downstream; returns its id once accepted.
+
+        ``capture_id`` is the idempotency key: submitting the same capture again is accepted
+        again, the same id with another body raises ``RequestConflict``. Raises ``LeaseLost``
+        when the job's lease is gone.
+        """
+        submit = wire.CaptureSubmit(
+            request_id=uuid.uuid4(),
+            job_id=self.job_id,
+            lease_token=self.lease_token,
+            capture_id=capture_id or str(uuid.uuid4()),
+            url=url,
+            storage_uri=storage_uri,
+            sha256=sha256,
+            content_type=content_type,
+            size=size,
+            captured_at=captured_at or datetime.now(UTC),
+            meta=meta,
+        )
+        reply = await self._client.request(submit, timeout=self.timeout)
+        if isinstance(reply, wire.CaptureAccepted):
+            return reply.capture_id
+        if isinstance(reply, wire.JobLeaseLost):
+            self._lose(reply.reason)
+            raise errors.LeaseLost(self.job_id, reply.reason)
+        raise _refusal(self.job_id, reply)
+
     # --- acquire -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Job:

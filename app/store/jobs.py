@@ -277,6 +277,7 @@ async def release_lease(
 ) -> RowMapping | None:
     """A lease ends: its account USING -> ACTIVE | BLOCKED (resting ``rest_seconds``, only for
     the holder's token), its site's running slot back, its grant closed with ``outcome``.
+    A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``).
 
     One statement; returns the account as released (None when the job held none).
     """
@@ -291,6 +292,10 @@ async def release_lease(
                     available_at = now() + make_interval(secs => :rest),
                     error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
                     blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
+                    -- a block with a rest ends by itself (the block-cooldowns sweep); without
+                    -- one it stays until an operator acts
+                    blocked_until = CASE WHEN :blocked AND :rest > 0
+                                         THEN now() + make_interval(secs => :rest) END,
                     updated_at = now()
                 WHERE id = :account_id AND status = 'USING'
                   AND holder_job_id = :job_id AND lease_token = :lease_token
