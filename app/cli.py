@@ -28,7 +28,7 @@ app.add_typer(domains_app, name="domains")
 console = Console()
 err = Console(stderr=True)
 
-PROCESSES = ("worker", "relay", "reaper")
+PROCESSES = ("worker", "relay", "reaper", "alerts")
 
 
 @app.callback()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -76,3 +78,11 @@ async def set_account_status(
         },
     )
     return result.mappings().first()
+
+
+async def account_statuses(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, str]:
+    """The status of each named account that exists."""
+    result = await conn.execute(
+        text("SELECT id, status FROM accounts WHERE id = ANY(:ids)"), {"ids": list(ids)}
+    )
+    return {int(row.id): str(row.status) for row in result}
