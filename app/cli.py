@@ -12,6 +12,7 @@ from app.bench import bench_app
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
 from app.commands.resources import accounts_app, sites_app
+from app.commands.seeds import seeds_app
 from app.devstack import ServiceUnavailable
 from app.dlt import redact
 from app.logs import configure_logging
@@ -25,6 +26,7 @@ app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(domains_app, name="domains")
+app.add_typer(seeds_app, name="seeds")
 console = Console()
 err = Console(stderr=True)
 

@@ -108,6 +108,15 @@ class Settings(BaseSettings):
         description="Largest session (compact JSON) one account keeps; a larger upload is refused.",
     )
 
+    # --- seeds -------------------------------------------------------------------------
+    seed_failures_to_disable: int = Field(
+        5, description="Failures in a row after which a seed turns DISABLED (reason kept)."
+    )
+    seed_backoff_seconds: int = Field(
+        300, description="A failed seed is due again after this, doubled per failure in a row."
+    )
+    seed_backoff_max_seconds: int = Field(24 * 3600, description="Cap of a failed seed's backoff.")
+
     # --- secrets -----------------------------------------------------------------------
     secret_keys: SecretStr = Field(
         SecretStr(""),

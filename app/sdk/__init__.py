@@ -11,6 +11,7 @@ from app.sdk.client import QuartermasterClient
 from app.sdk.errors import (
     ClientClosed,
     JobRejected,
+    LeaseLost,
     QuartermasterError,
     ReplyUnreadable,
     RequestConflict,
@@ -26,6 +27,7 @@ __all__ = [
     "ClientClosed",
     "Job",
     "JobRejected",
+    "LeaseLost",
     "QuartermasterClient",
     "QuartermasterError",
     "ReplyUnreadable",

@@ -26,6 +26,15 @@ class JobRejected(QuartermasterError):
         self.reason = reason
 
 
+class LeaseLost(QuartermasterError):
+    """The job's lease is gone (expired, or a newer lease holds the job): ``reason`` says which."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} lost its lease: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
 class RequestInvalid(QuartermasterError):
     """Quartermaster could not accept the request as sent (``request.invalid``)."""
 
