@@ -89,6 +89,7 @@ def granted_reply(tx: Tx, job: Row, seeds: Sequence[GrantedSeed] = ()) -> dict[s
         account=account,
         session=session,
         seeds=list(seeds),
+        session_check_url=job["session_check_url"],
     ).model_dump(mode="json")
 
 

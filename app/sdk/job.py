@@ -21,6 +21,10 @@ from app.sdk import errors
 from schemas import messages as wire
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from playwright.async_api import Browser, BrowserContext
+
     from app.sdk.client import QuartermasterClient
 
 log = structlog.get_logger()
@@ -148,6 +152,16 @@ class Job:
         """The browser state (Playwright ``storage_state``) to merge back at finish."""
         self._session_state = _SESSION_STATE.validate_python(state)
 
+    def browser_context(
+        self, browser: Browser, **options: Any
+    ) -> AbstractAsyncContextManager[BrowserContext]:
+        """A Playwright context that starts from the account's session and hands its state back
+        on the way out; ``options`` as ``app.sdk.browser.browser_context`` takes them."""
+        from app.sdk.browser import browser_context
+
+        options.setdefault("check_url", self._granted().session_check_url)
+        return browser_context(self, browser, **options)
+
     def seed_done(
         self,
         seed_id: str,
@@ -185,6 +199,45 @@ class Job:
         self._seeds.extend(reply.seeds)
         log.info("seeds_claimed", job_id=self.job_id, asked=n, seeds=len(reply.seeds))
         return list(reply.seeds)
+
+    async def submit_capture(
+        self,
+        *,
+        url: str,
+        storage_uri: str,
+        sha256: str,
+        content_type: str,
+        size: int,
+        captured_at: datetime | None = None,
+        meta: dict[str, Any] | None = None,
+        capture_id: str | None = None,
+    ) -> str:
+        """Hand a capture over for delivery downstream; returns its id once accepted.
+
+        ``capture_id`` is the idempotency key: submitting the same capture again is accepted
+        again, the same id with another body raises ``RequestConflict``. Raises ``LeaseLost``
+        when the job's lease is gone.
+        """
+        submit = wire.CaptureSubmit(
+            request_id=uuid.uuid4(),
+            job_id=self.job_id,
+            lease_token=self.lease_token,
+            capture_id=capture_id or str(uuid.uuid4()),
+            url=url,
+            storage_uri=storage_uri,
+            sha256=sha256,
+            content_type=content_type,
+            size=size,
+            captured_at=captured_at or datetime.now(UTC),
+            meta=meta,
+        )
+        reply = await self._client.request(submit, timeout=self.timeout)
+        if isinstance(reply, wire.CaptureAccepted):
+            return reply.capture_id
+        if isinstance(reply, wire.JobLeaseLost):
+            self._lose(reply.reason)
+            raise errors.LeaseLost(self.job_id, reply.reason)
+        raise _refusal(self.job_id, reply)
 
     # --- acquire -------------------------------------------------------------------------
 
