@@ -29,12 +29,14 @@ def registry() -> dict[str, Process]:
     from app.outbox.relay import run_relay
     from reapers.runner import run_reapers
     from workers.claim import run_claim_worker
+    from workers.handoff import run_handoff_worker
 
     return {
         "worker": run_claim_worker,
         "relay": run_relay,
         "reaper": run_reapers,
         "alerts": run_alerts,
+        "handoff": run_handoff_worker,
     }
 
 

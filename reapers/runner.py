@@ -17,16 +17,29 @@ from app.store import Database
 from app.store.sites import site_load
 from app.wiring import Wiring
 from reapers.base import Sweep
+from reapers.block_cooldowns import BlockCooldowns
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
+from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.overdue_waits import OverdueWaits
+from reapers.undispatched_captures import UndispatchedCaptures
 
 log = structlog.get_logger()
 
 
 def job_sweeps(settings: Settings, db: Database) -> list[Sweep]:
     """The job reaper's sweeps, in the order one round runs them."""
-    return [ExpiredLeases(settings, db), OverdueWaits(settings, db), CapacityBack(settings, db)]
+    return [
+        ExpiredLeases(settings, db),
+        OverdueWaits(settings, db),
+        BlockCooldowns(settings, db),
+        CapacityBack(settings, db),
+    ]
+
+
+def capture_sweeps(settings: Settings, db: Database) -> list[Sweep]:
+    """The capture reaper's sweeps: lapsed handoffs first, so their records go out at once."""
+    return [LapsedHandoffs(settings, db), UndispatchedCaptures(settings, db)]
 
 
 async def run_round(sweeps: list[Sweep]) -> None:
@@ -60,7 +73,7 @@ async def run_reapers(wiring: Wiring) -> None:
     """Run one round of every sweep each ``reaper_interval_seconds`` until ``wiring.stop`` is set."""
     settings, stop = wiring.settings, wiring.stop
     db = wiring.database(pool_size=2)
-    sweeps = job_sweeps(settings, db)
+    sweeps = job_sweeps(settings, db) + capture_sweeps(settings, db)
     log.info(
         "reaper_started", sweeps=[s.name for s in sweeps], interval=settings.reaper_interval_seconds
     )
