@@ -406,3 +406,22 @@ async def time_out_waiting_job(
         {"id": job_id, "now": now},
     )
     return result.mappings().first()
+
+
+async def oldest_waiters(conn: AsyncConnection, older_than_seconds: float) -> list[RowMapping]:
+    """Sites whose oldest waiting job has waited longer than ``older_than_seconds`` (by the
+    database clock): slug, how many wait, and the oldest wait in seconds."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT site, count(*) AS waiting,
+                   extract(epoch FROM now() - min(created_at))::float8 AS oldest_seconds
+            FROM jobs WHERE status = 'QUEUED'
+            GROUP BY site
+            HAVING now() - min(created_at) > make_interval(secs => :older_than)
+            ORDER BY site
+            """
+        ),
+        {"older_than": older_than_seconds},
+    )
+    return list(result.mappings())
