@@ -149,6 +149,15 @@ class Settings(BaseSettings):
         description="Largest session (compact JSON) one account keeps; a larger upload is refused.",
     )
 
+    # --- seeds -------------------------------------------------------------------------
+    seed_failures_to_disable: int = Field(
+        5, description="Failures in a row after which a seed turns DISABLED (reason kept)."
+    )
+    seed_backoff_seconds: int = Field(
+        300, description="A failed seed is due again after this, doubled per failure in a row."
+    )
+    seed_backoff_max_seconds: int = Field(24 * 3600, description="Cap of a failed seed's backoff.")
+
     # --- secrets -----------------------------------------------------------------------
     secret_keys: SecretStr = Field(
         SecretStr(""),
@@ -177,6 +186,31 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Minimum log level.")
     metrics_port: int = Field(0, description="Port of the Prometheus and health endpoint (0: off).")
+
+    # --- alerts (`qm run alerts`) ------------------------------------------------------
+    slack_webhook_url: SecretStr | None = Field(
+        None,
+        description="Slack incoming webhook the alerts process posts to (unset: alerts are only "
+        "logged).",
+    )
+    alert_consumer_group: str = Field(
+        "qm-alerts", description="Consumer group of the alerts process on the events topics."
+    )
+    alert_wait_seconds: float = Field(
+        300.0, description="Alert when a site's oldest waiting job has waited longer than this."
+    )
+    alert_outbox_lag_seconds: float = Field(
+        60.0, description="Alert when the oldest unpublished outbox row is older than this."
+    )
+    alert_repeat_seconds: float = Field(
+        900.0,
+        description="One message per cause in this time: a cause that keeps firing is repeated "
+        "at most this often (with how often it fired meanwhile); dead letters count as recovered "
+        "after this long without a new one.",
+    )
+    alert_check_seconds: float = Field(
+        15.0, description="How often the alerts process checks waiters, outbox lag and recoveries."
+    )
 
     def topic(self, name: str) -> str:
         """The full name of a topic, e.g. ``topic('requests') == 'qm.requests'``."""

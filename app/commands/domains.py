@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.commands.resources import fail, in_transaction
+from app.commands.common import fail, in_transaction
 from app.store import Conn, Row, domains
 from schemas.urls import describe_chain
 
