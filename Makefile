@@ -40,7 +40,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: chromium could not be installed; browser tests will fail"; }
 
-test: install airflow
+test: install airflow browser
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)

@@ -14,6 +14,8 @@ from app.commands.domains import domains_app
 from app.commands.failures import OneLineErrors
 from app.commands.jobs import jobs_app
 from app.commands.resources import accounts_app, sites_app
+from app.commands.seeds import seeds_app
+from app.commands.sessions import sessions_app
 from app.commands.top import top
 from app.logs import configure_logging
 from app.settings import get_settings
@@ -30,10 +32,12 @@ app.add_typer(accounts_app, name="accounts")
 app.add_typer(jobs_app, name="jobs")
 app.command()(top)
 app.add_typer(domains_app, name="domains")
+app.add_typer(seeds_app, name="seeds")
+app.add_typer(sessions_app, name="sessions")
 console = Console()
 err = Console(stderr=True)
 
-PROCESSES = ("worker", "relay", "reaper", "handoff")
+PROCESSES = ("worker", "relay", "reaper", "handoff", "alerts")
 
 
 @app.callback()
