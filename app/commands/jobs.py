@@ -15,6 +15,7 @@ from app.commands.common import (
     out,
     plain,
     print_json_lines,
+    relative,
     table,
     when,
 )
@@ -53,10 +54,10 @@ def jobs_list(
 
     rows = in_transaction(work)
     if as_json:
-        print_json_lines(rows)
+        print_json_lines({key: row[key] for key in row if key != "now"} for row in rows)
         return
     grid = table(
-        "job", "site", "collector", "status", "position", "account", "since", "until", "reason"
+        "job", "site", "collector", "status", "pos", "account", "changed", "ends", "reason"
     )
     for row in rows:
         grid.add_row(
@@ -66,8 +67,8 @@ def jobs_list(
             str(row["status"]),
             "" if row["position"] is None else str(row["position"]),
             escape(row["account"] or ""),
-            when(row["updated_at"]),
-            when(_until(row)),
+            relative(row["updated_at"], row["now"]),
+            relative(_until(row), row["now"]),
             escape(row["reason"] or ""),
         )
     out().print(grid)

@@ -350,3 +350,15 @@ async def test_domains_list_answers_json(qm: Qm) -> None:
         "board.example.org",
         "0",
     )
+
+
+async def test_seeds_list_answers_json(qm: Qm) -> None:
+    assert (await qm("sites", "add", "board", "--host", "board.example.com")).exit_code == 0
+    added = await qm("seeds", "add", "board", "https://board.example.com/new", "--priority", "5")
+    assert added.exit_code == 0, added.output
+    (seed,) = json_lines(await qm("seeds", "list", "board", "--json"))
+    assert (seed["url"], seed["priority"], seed["status"]) == (
+        "https://board.example.com/new",
+        5,
+        "ACTIVE",
+    )
