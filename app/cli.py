@@ -11,7 +11,7 @@ from rich.console import Console
 from app.bench import bench_app
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
-from app.commands.failures import OneLineErrors
+from app.commands.failures import OneLineErrors, quiet_kafka_client
 from app.commands.jobs import jobs_app
 from app.commands.resources import accounts_app, sites_app
 from app.commands.seeds import seeds_app
@@ -60,6 +60,7 @@ def topics_create() -> None:
     """Create every Kafka topic Quartermaster uses (existing ones are left alone)."""
     from app.kafka import ensure_topics
 
+    quiet_kafka_client()  # an unreachable broker is the command's one line, not a log per try
     created = asyncio.run(ensure_topics(get_settings()))
     console.print(f"created {len(created)} topics: {', '.join(created) or '-'}")
 
