@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from app.bench import bench_app
+from app.commands.captures import captures_app
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
 from app.commands.resources import accounts_app, sites_app
@@ -25,6 +26,7 @@ app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(domains_app, name="domains")
+app.add_typer(captures_app, name="captures")
 console = Console()
 err = Console(stderr=True)
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from app.crypto import MissingKey, SecretBox
 from app.settings import get_settings
-from app.store import Conn, Database, accounts, sites
+from app.store import Conn, Database, Row, accounts, captures, sites
 from schemas.states import AccountStatus
 
 T = TypeVar("T")
@@ -76,11 +76,17 @@ def sites_add(
 @sites_app.command("list")
 def sites_list() -> None:
     """List sites with their running and waiting jobs and account counts."""
-    rows = in_transaction(sites.list_sites)
+
+    async def work(conn: Conn) -> tuple[list[Row], dict[str, dict[str, int]]]:
+        return await sites.list_sites(conn), await captures.counts_by_site(conn)
+
+    rows, capture_counts = in_transaction(work)
     table = Table(
-        "site", "host", "running", "capacity", "waiting", "active", "using", "blocked", "lease s"
-    )
+        "site", "host", "running", "capacity", "waiting", "active", "using", "blocked", "lease s",
+        "captures pending", "handed off", "failed",
+    )  # fmt: skip
     for row in rows:
+        counts = capture_counts.get(row["slug"], {})
         table.add_row(
             row["slug"],
             row["host"],
@@ -91,6 +97,9 @@ def sites_list() -> None:
             str(row["accounts_using"]),
             str(row["accounts_blocked"]),
             str(row["lease_seconds"]),
+            str(counts.get("RECEIVED", 0) + counts.get("HANDING_OFF", 0)),
+            str(counts.get("HANDED_OFF", 0)),
+            str(counts.get("FAILED", 0)),
         )
     console.print(table)
 
