@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from app.bench import bench_app
+from app.commands.asyncapi import asyncapi
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
 from app.commands.failures import OneLineErrors
@@ -32,6 +33,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(domains_app, name="domains")
 app.add_typer(seeds_app, name="seeds")
 app.add_typer(sessions_app, name="sessions")
+app.command("asyncapi")(asyncapi)
 console = Console()
 err = Console(stderr=True)
 
