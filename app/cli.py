@@ -17,6 +17,7 @@ from app.commands.jobs import jobs_app
 from app.commands.resources import accounts_app, sites_app
 from app.commands.seeds import seeds_app
 from app.commands.sessions import sessions_app
+from app.commands.top import top
 from app.logs import configure_logging
 from app.settings import get_settings
 
@@ -30,6 +31,7 @@ app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(jobs_app, name="jobs")
+app.command()(top)
 app.add_typer(domains_app, name="domains")
 app.add_typer(seeds_app, name="seeds")
 app.add_typer(sessions_app, name="sessions")

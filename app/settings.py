@@ -126,6 +126,20 @@ class Settings(BaseSettings):
         10.0, description="Timeout of one webhook delivery (connect, send and answer)."
     )
 
+    # --- Airflow: the DAG-run target of the capture handoff ------------------------------
+    airflow_url: str | None = Field(
+        None,
+        description="Base URL of Airflow's API server (Airflow 3), e.g. https://airflow.internal. A "
+        "capture of a site with a dag_id triggers a run of that DAG there.",
+    )
+    airflow_username: str | None = Field(
+        None, description="The Airflow user the handoff worker signs in as (POST /auth/token)."
+    )
+    airflow_password: SecretStr | None = Field(None, description="That user's password.")
+    airflow_timeout_seconds: float = Field(
+        10.0, description="Timeout of one call to Airflow's API (connect, send and answer)."
+    )
+
     # --- sessions ----------------------------------------------------------------------
     session_max_cookies: int = Field(
         500, description="Most cookies one account's session keeps; a larger upload is refused."

@@ -61,7 +61,7 @@ async def browser_context(
         if check_url is not None and on_dead_session != "ignore":
             await _ensure_live(job, context, check_url, on_dead_session)
         yield context
-    except BaseException:
+    except Exception:  # a cancellation passes by: the browser is not asked for anything then
         if upload_on_error:
             await _hand_back_after_error(job, context, started, indexed_db)
         raise
