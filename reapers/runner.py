@@ -17,6 +17,7 @@ from app.store import Database
 from app.store.sites import site_load
 from app.wiring import Wiring
 from reapers.base import Sweep
+from reapers.block_cooldowns import BlockCooldowns
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
 from reapers.lapsed_handoffs import LapsedHandoffs
@@ -28,7 +29,12 @@ log = structlog.get_logger()
 
 def job_sweeps(settings: Settings, db: Database) -> list[Sweep]:
     """The job reaper's sweeps, in the order one round runs them."""
-    return [ExpiredLeases(settings, db), OverdueWaits(settings, db), CapacityBack(settings, db)]
+    return [
+        ExpiredLeases(settings, db),
+        OverdueWaits(settings, db),
+        BlockCooldowns(settings, db),
+        CapacityBack(settings, db),
+    ]
 
 
 def capture_sweeps(settings: Settings, db: Database) -> list[Sweep]:

@@ -97,6 +97,7 @@ class SeedResult(BaseModel):
     seed_id: Annotated[str, StringConstraints(min_length=1, max_length=40)]
     ok: bool
     next_due_seconds: Annotated[int, Field(ge=0, le=365 * 24 * 3600)] | None = None
+    reason: Reason | None = None  # why it failed: kept on the seed, and when it disables it
 
 
 class JobFinish(Request):
@@ -199,6 +200,9 @@ class JobGranted(Reply):
     account: GrantedAccount | None = None
     session: GrantedSession | None = None
     seeds: list[GrantedSeed] = []
+    session_check_url: str | None = Field(
+        None, description="The site's page that answers 2xx only to a logged-in session."
+    )
 
 
 class JobQueued(Reply):

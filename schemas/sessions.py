@@ -117,3 +117,32 @@ def session_too_large(state: State, *, max_cookies: int, max_bytes: int) -> str 
     if size > max_bytes:
         return f"the session would take {size} bytes; at most {max_bytes} are kept"
     return None
+
+
+def browser_snapshot(started: State | None, current: State, *, indexed_db: bool = False) -> State:
+    """The upload of a browser context that began from ``started`` and now holds ``current``.
+
+    ``current`` is Playwright's ``storage_state()``, which leaves out what the browser dropped:
+    a cookie the site deleted (or that expired) and an origin whose storage was cleared. So each
+    cookie of ``started`` missing from ``current`` is sent with a past expiry (a deletion), each
+    origin of ``started`` missing from it with an empty localStorage (and IndexedDB, when
+    ``current`` recorded it: ``indexed_db``), and the upload is a full snapshot.
+    """
+    now_keys = {cookie_key(c) for c in _dicts(current, "cookies")}
+    deleted = [
+        {**c, "value": "", "expires": 0}
+        for c in _dicts(started, "cookies")
+        if cookie_key(c) not in now_keys
+    ]
+    now_origins = {o.get("origin") for o in _dicts(current, "origins")}
+    empty: dict[str, list[Any]] = {"localStorage": []} | ({"indexedDB": []} if indexed_db else {})
+    cleared = [
+        {"origin": o["origin"], **empty}
+        for o in _dicts(started, "origins")
+        if isinstance(o.get("origin"), str) and o["origin"] not in now_origins
+    ]
+    return {
+        "cookies": _dicts(current, "cookies") + deleted,
+        "origins": _dicts(current, "origins") + cleared,
+        FULL_SNAPSHOT: True,
+    }

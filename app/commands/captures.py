@@ -7,10 +7,8 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from app.commands.resources import fail, in_transaction
+from app.commands.common import fail, in_transaction, out, print_json_lines, table, when
 from app.crypto import SecretBox
 from app.handoff.records import dispatch
 from app.leasing import Services, Tx
@@ -18,8 +16,10 @@ from app.settings import get_settings
 from app.store import Conn, Row, captures
 from schemas.states import CaptureStatus
 
-captures_app = typer.Typer(help="Captures: their handoff downstream, failures and retries.")
-console = Console()
+captures_app = typer.Typer(
+    help="Captures: their handoff downstream, failures and retries.", no_args_is_help=True
+)
+Json = Annotated[bool, typer.Option("--json", help="JSON Lines (one object a line).")]
 
 SHOWN = (
     "id", "job_id", "site", "status", "attempts", "url", "storage_uri", "sha256", "content_type",
@@ -44,7 +44,8 @@ def _status(value: str | None) -> str | None:
 def captures_list(
     status: Annotated[str | None, typer.Option(help="Only captures in this status")] = None,
     site: Annotated[str | None, typer.Option(help="Only captures of this site")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first")] = 50,
+    as_json: Json = False,
 ) -> None:
     """The newest captures, with their handoff attempts and last error."""
     chosen = _status(status)
@@ -52,22 +53,26 @@ def captures_list(
     async def work(conn: Conn) -> list[Row]:
         return await captures.list_captures(conn, status=chosen, site=site, limit=limit)
 
-    table = Table("capture", "job", "site", "status", "attempts", "next attempt", "last error")
-    for row in in_transaction(work):
-        table.add_row(
+    rows = in_transaction(work)
+    if as_json:
+        print_json_lines(rows)
+        return
+    grid = table("capture", "job", "site", "status", "attempts", "next attempt", "last error")
+    for row in rows:
+        grid.add_row(
             row["id"],
             row["job_id"],
             row["site"],
             str(row["status"]),
             str(row["attempts"]),
-            f"{row['next_attempt_at']:%Y-%m-%d %H:%M:%S}",
+            when(row["next_attempt_at"]),
             row["last_error"] or "",
         )
-    console.print(table)
+    out().print(grid)
 
 
 @captures_app.command("show")
-def captures_show(capture_id: str) -> None:
+def captures_show(capture_id: str, as_json: Json = False) -> None:
     """Everything about one capture, and where its site delivers it."""
 
     async def work(conn: Conn) -> Row | None:
@@ -76,11 +81,14 @@ def captures_show(capture_id: str) -> None:
     row = in_transaction(work)
     if row is None:
         raise fail(f"no capture {capture_id!r}")
-    table = Table("field", "value", show_header=False)
+    if as_json:
+        print_json_lines([{name: row[name] for name in (*SHOWN, "meta")}])
+        return
+    grid = table("field", "value")
     for name in SHOWN:
-        table.add_row(name, "" if row[name] is None else str(row[name]))
-    table.add_row("meta", json.dumps(row["meta"]))
-    console.print(table)
+        grid.add_row(name, "" if row[name] is None else str(row[name]))
+    grid.add_row("meta", json.dumps(row["meta"]))
+    out().print(grid)
 
 
 @captures_app.command("retry")
@@ -110,7 +118,7 @@ def captures_retry(capture_id: str) -> None:
     row = in_transaction(work)
     if row is None:
         raise fail(f"no FAILED capture {capture_id!r}")
-    console.print(f"[green]capture {capture_id} will be handed off again[/]")
+    out().print(f"[green]capture {capture_id} will be handed off again[/]")
 
 
 @captures_app.command("webhook")
@@ -130,4 +138,4 @@ def captures_webhook(
 
     if not in_transaction(work):
         raise fail(f"no site {site!r}")
-    console.print(f"[green]{site}: captures go to {url or 'no webhook'}[/]")
+    out().print(f"[green]{site}: captures go to {url or 'no webhook'}[/]")

@@ -18,6 +18,7 @@ from app.sdk.errors import (
     RequestInvalid,
     RequestTimeout,
     SecretUndecryptable,
+    SessionDead,
     UnexpectedReply,
 )
 from app.sdk.job import Account, Job
@@ -35,5 +36,6 @@ __all__ = [
     "RequestInvalid",
     "RequestTimeout",
     "SecretUndecryptable",
+    "SessionDead",
     "UnexpectedReply",
 ]

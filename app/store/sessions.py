@@ -46,3 +46,38 @@ async def save_session(
     )
     row = result.first()
     return None if row is None else int(row[0])
+
+
+async def session_of_account(conn: AsyncConnection, site: str, username: str) -> RowMapping | None:
+    """An account with its stored session (version, updated_at, sealed state; NULL when none).
+
+    None when the site has no such account.
+    """
+    result = await conn.execute(
+        text(
+            """
+            SELECT a.id AS account_id, a.status, a.holder_job_id,
+                   s.version, s.updated_at, s.storage_state
+            FROM accounts a LEFT JOIN sessions s ON s.account_id = a.id
+            WHERE a.site = :site AND a.username = :username
+            """
+        ),
+        {"site": site, "username": username},
+    )
+    return result.mappings().first()
+
+
+async def clear_session(conn: AsyncConnection, site: str, username: str) -> RowMapping | None:
+    """Delete an account's stored session; its version and the account's holder, or None if
+    it had none. The next grant of the account carries no session."""
+    result = await conn.execute(
+        text(
+            """
+            DELETE FROM sessions s USING accounts a
+            WHERE s.account_id = a.id AND a.site = :site AND a.username = :username
+            RETURNING a.id AS account_id, a.holder_job_id, s.version
+            """
+        ),
+        {"site": site, "username": username},
+    )
+    return result.mappings().first()

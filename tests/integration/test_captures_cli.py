@@ -76,10 +76,8 @@ async def test_an_operator_finds_a_failed_capture_and_retries_it(
     assert "FAILED" in shown.stdout and "refuser: refused for good" in shown.stdout
     sites = await qm("sites", "list")
     assert sites.exit_code == 0, sites.output
-    assert "captures pending" in sites.stdout
     board = next(line for line in sites.stdout.splitlines() if "board" in line)
-    # pending, handed off, failed
-    assert [cell.strip() for cell in board.split("│")[-4:-1]] == ["1", "0", "1"]
+    assert "1 pending, 1 failed" in board
 
     retried = await qm("captures", "retry", "cap-1")
     assert retried.exit_code == 0, retried.output

@@ -3,44 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
-from click.testing import Result
 from sqlalchemy.ext.asyncio import AsyncEngine
-from typer.testing import CliRunner
 
-from app.cli import app
-from app.settings import Settings, get_settings
+from app.settings import Settings
 from app.store import domains
+from tests.support.cli import Qm, assert_one_red_line, qm_fixture  # noqa: F401 - the fixture
 from tests.support.leasing import make_site, scalar
-
-Qm = Callable[..., Awaitable[Result]]
-
-
-@pytest.fixture
-def qm(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Qm]:
-    """Run `qm …` with the test's database."""
-    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("QM_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("COLUMNS", "250")
-    runner = CliRunner()
-
-    async def invoke(*args: str, input: str | None = None) -> Result:
-        get_settings.cache_clear()
-        return await asyncio.to_thread(runner.invoke, app, list(args), input=input)
-
-    yield invoke
-    get_settings.cache_clear()
-
-
-def assert_one_red_line(result: Result, *words: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 async def test_a_chain_rewrites_handed_out_urls_and_each_rule_counts_what_it_changed(

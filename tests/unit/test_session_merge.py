@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from schemas.sessions import (
     FULL_SNAPSHOT,
+    browser_snapshot,
     cookie_key,
     merge_storage_state,
     session_too_large,
@@ -159,6 +160,30 @@ def test_a_session_over_the_byte_bound_is_refused_without_its_values() -> None:
     assert reason is not None and reason.startswith("the session would take ")
     assert reason.endswith("bytes; at most 1000 are kept")
     assert "sid" not in reason and "vvv" not in reason
+
+
+def test_a_browser_snapshot_sends_what_the_browser_dropped_as_deletions() -> None:
+    started = {
+        "cookies": [cookie("auth", "t", expires=NOW + 60), cookie("prefs", "compact")],
+        "origins": [origin("http://127.0.0.1:8000", greeting="hello"), origin("https://b", k="1")],
+    }
+    current = {"cookies": [cookie("prefs", "compact")], "origins": [origin("https://b", k="2")]}
+    snapshot = browser_snapshot(started, current)
+    assert snapshot[FULL_SNAPSHOT] is True
+    assert snapshot["cookies"] == [cookie("prefs", "compact"), cookie("auth", "", expires=0)]
+    assert snapshot["origins"][-1] == {"origin": "http://127.0.0.1:8000", "localStorage": []}
+    merged = merge_storage_state(started, snapshot, now=NOW)
+    assert values(merged) == {("prefs", ".board.example.com"): "compact"}
+    assert storage(merged) == {"https://b": {"k": "2"}}
+
+
+def test_a_browser_snapshot_clears_indexed_db_only_when_it_recorded_it() -> None:
+    db = [{"name": "app", "version": 1, "stores": []}]
+    started = {"origins": [{**origin("https://a", k="1"), "indexedDB": db}]}
+    without = merge_storage_state(started, browser_snapshot(started, {}), now=NOW)
+    assert without["origins"] == [{"origin": "https://a", "localStorage": [], "indexedDB": db}]
+    recorded = browser_snapshot(started, {}, indexed_db=True)
+    assert merge_storage_state(started, recorded, now=NOW)["origins"] == []
 
 
 # --- properties ----------------------------------------------------------------------------
