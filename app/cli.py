@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 
 from app.bench import bench_app
+from app.commands.asyncapi import asyncapi
+from app.commands.captures import captures_app
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
 from app.commands.failures import OneLineErrors
@@ -16,6 +18,7 @@ from app.commands.jobs import jobs_app
 from app.commands.resources import accounts_app, sites_app
 from app.commands.seeds import seeds_app
 from app.commands.sessions import sessions_app
+from app.commands.top import top
 from app.logs import configure_logging
 from app.settings import get_settings
 
@@ -29,9 +32,12 @@ app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(jobs_app, name="jobs")
+app.command()(top)
 app.add_typer(domains_app, name="domains")
 app.add_typer(seeds_app, name="seeds")
 app.add_typer(sessions_app, name="sessions")
+app.command("asyncapi")(asyncapi)
+app.add_typer(captures_app, name="captures")
 console = Console()
 err = Console(stderr=True)
 

@@ -54,9 +54,9 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def table(*columns: str) -> Table:
+def table(*columns: str, title: str | None = None) -> Table:
     """A table whose cells wrap (long words fold) when the terminal or pipe is narrow."""
-    grid = Table()
+    grid = Table(title=title)
     for name in columns:
         grid.add_column(name, overflow="fold")
     return grid

@@ -338,3 +338,15 @@ async def test_a_job_blocked_by_accounts_blocked_for_the_operator_says_so(
     assert waiter["waits_because"] == [
         "no account free: 1 blocked until an operator unblocks (`qm accounts unblock board USER`)"
     ]
+
+
+async def test_domains_list_answers_json(qm: Qm) -> None:
+    assert (await qm("sites", "add", "board", "--host", "board.example.com")).exit_code == 0
+    added = await qm("domains", "add", "board", "board.example.com", "board.example.org")
+    assert added.exit_code == 0, added.output
+    (rewrite,) = json_lines(await qm("domains", "list", "board", "--json"))
+    assert (rewrite["from"], rewrite["to"], rewrite["urls_rewritten"]) == (
+        "board.example.com",
+        "board.example.org",
+        "0",
+    )
