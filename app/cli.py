@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 
 from app.bench import bench_app
+from app.commands.asyncapi import asyncapi
+from app.commands.captures import captures_app
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
 from app.commands.failures import OneLineErrors, quiet_kafka_client
@@ -34,6 +36,8 @@ app.command()(top)
 app.add_typer(domains_app, name="domains")
 app.add_typer(seeds_app, name="seeds")
 app.add_typer(sessions_app, name="sessions")
+app.command("asyncapi")(asyncapi)
+app.add_typer(captures_app, name="captures")
 console = Console()
 err = Console(stderr=True)
 

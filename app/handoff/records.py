@@ -65,7 +65,7 @@ def failed(tx: Tx, capture: Row, origin: Origin, headers: list[tuple[str, bytes]
         ),
     )
     log.warning(
-        "capture_failed",
+        "capture_dead_lettered",
         capture_id=capture["id"],
         attempts=capture["attempts"],
         reason=capture["last_error"],
