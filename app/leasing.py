@@ -7,12 +7,14 @@ together or not at all).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import structlog
 
+from app import seeding
 from app.crypto import SecretBox, load_public_key, seal
 from app.events import Events
 from app.outbox.writer import Outbox
@@ -21,10 +23,12 @@ from app.store import Conn, Row, jobs, sites
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
+    GrantedSeed,
     GrantedSession,
     JobGranted,
     JobLeaseLost,
     JobRejected,
+    SeedResult,
     seal_context,
 )
 
@@ -63,7 +67,7 @@ class Tx:
         await self.box.flush(self.conn)
 
 
-def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
+def granted_reply(tx: Tx, job: Row, seeds: Sequence[GrantedSeed] = ()) -> dict[str, Any]:
     """The ``job.granted`` message of a job just granted: its account secret and session sealed
     to the requester's public key, so no other reader of the reply topic can open them."""
     account = session = None
@@ -94,6 +98,8 @@ def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
         upload_key=secrets.upload_key,
         account=account,
         session=session,
+        seeds=list(seeds),
+        session_check_url=job["session_check_url"],
     ).model_dump(mode="json")
 
 
@@ -105,7 +111,8 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
     """
     granted: list[str] = []
     while (job := await jobs.grant_next_waiting(tx.conn, site, now)) is not None:
-        tx.answer_start(job, granted_reply(tx, job))
+        seeds = await seeding.hand_out_with_grant(tx, job, now)
+        tx.answer_start(job, granted_reply(tx, job, seeds))
         tx.events.job("granted", job)
         log.info(
             "lease_granted",
@@ -128,18 +135,16 @@ async def release_resources(
     outcome: str,
     cooldown_seconds: int | None = None,
     reason: str | None = None,
-    lease_token: int | None = None,
+    seed_results: Sequence[SeedResult] = (),
 ) -> None:
-    """Free what a job held: its account (resting or blocked), its capacity slot, its grant.
-
-    ``lease_token``: the holder's token, when the job's own has moved on (a revoke).
-    """
+    """Free what a job held: its account (resting or blocked), its capacity slot, its grant, and
+    its seeds (settled by ``seed_results``, the rest due again at once)."""
     blocked = outcome == "blocked"
     default_rest = site["block_cooldown_seconds"] if blocked else site["cooldown_seconds"]
     account = await jobs.release_lease(
         tx.conn,
         job=job,
-        lease_token=job["lease_token"] if lease_token is None else lease_token,
+        lease_token=job["lease_token"],
         outcome=outcome,
         blocked=blocked,
         failed=outcome in ("failed", "expired"),
@@ -148,6 +153,7 @@ async def release_resources(
     )
     if account is not None:
         tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
+    await seeding.settle(tx, job, results=seed_results, release_reason=outcome)
 
 
 def reject(tx: Tx, job: Row, reason: str) -> None:
@@ -185,12 +191,11 @@ async def revoke(tx: Tx, job_id: str, reason: str) -> Row | None:
     job = await jobs.revoke_job(tx.conn, job_id, f"revoked: {reason}")
     if job is None:
         return None
-    await release_resources(
-        tx, job, site, outcome="revoked", reason=reason, lease_token=job["revoked_token"]
-    )
+    await release_resources(tx, job, site, outcome="revoked", reason=reason)
+    await jobs.retire_token(tx.conn, job_id, job["lease_token"])
     lease_lost(tx, job, "revoked")
     tx.events.job("revoked", job)
-    log.info("lease_revoked", job_id=job_id, lease_token=job["revoked_token"])
+    log.info("lease_revoked", job_id=job_id, lease_token=job["lease_token"])
     if site["has_waiting"]:
         await grant_waiting(tx, site["slug"])
     return job

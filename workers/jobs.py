@@ -163,7 +163,13 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
         # the account is still the holder's until released below
         await merge_session(tx, req.job_id, req.lease_token, uploaded)
     await release_resources(
-        tx, job, site, outcome=req.outcome, cooldown_seconds=req.cooldown_seconds, reason=req.reason
+        tx,
+        job,
+        site,
+        outcome=req.outcome,
+        cooldown_seconds=req.cooldown_seconds,
+        reason=req.reason,
+        seed_results=req.seed_results or (),
     )
     tx.events.job("finished", job)
     log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])

@@ -39,7 +39,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -72,6 +72,9 @@ from app.store.outbox import (
     shard_owners,
     unlock_shards,
 )
+
+if TYPE_CHECKING:
+    from app.wiring import Wiring
 
 log = structlog.get_logger()
 
@@ -483,6 +486,8 @@ async def _wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:
             waiter.cancel()
 
 
-async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the relay until ``stop`` is set (the entry point of `qm relay` and `qm run all`)."""
-    await Relay(settings).run(stop)
+async def run_relay(wiring: Wiring) -> None:
+    """Run the relay until ``wiring.stop`` is set (the entry point of `qm relay` and `qm run all`)."""
+    db = wiring.database(pool_size=1)  # the shard-owning session, and the readiness ping
+    wiring.needs_kafka()
+    await Relay(wiring.settings, engine=db.engine).run(wiring.stop)

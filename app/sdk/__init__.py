@@ -11,6 +11,7 @@ from app.sdk.client import QuartermasterClient
 from app.sdk.errors import (
     ClientClosed,
     JobRejected,
+    LeaseLost,
     NoUploadKey,
     QuartermasterError,
     ReplyUnreadable,
@@ -18,6 +19,7 @@ from app.sdk.errors import (
     RequestInvalid,
     RequestTimeout,
     SecretUndecryptable,
+    SessionDead,
     UnexpectedReply,
 )
 from app.sdk.job import Account, Job, Session
@@ -27,6 +29,7 @@ __all__ = [
     "ClientClosed",
     "Job",
     "JobRejected",
+    "LeaseLost",
     "NoUploadKey",
     "QuartermasterClient",
     "QuartermasterError",
@@ -36,5 +39,6 @@ __all__ = [
     "RequestTimeout",
     "SecretUndecryptable",
     "Session",
+    "SessionDead",
     "UnexpectedReply",
 ]

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.devstack import free_port
 from app.dlt import PREFIX, REPLAYED_FROM, OffsetRange, Origin, dead_letter_headers
-from app.dlt_reader import DltError, Selection, open_reader, summarize
-from app.dlt_replay import ReplayOptions, replay
+from app.dlt.reader import DltError, Selection, open_reader, summarize
+from app.dlt.replay import ReplayOptions, replay
 from app.errors import InvalidMessage
 from app.kafka import client_options, producer_options
 from app.settings import Settings, get_settings
@@ -429,6 +429,12 @@ async def test_ls_counts_dead_letters_by_error_class(topics: Settings, qm: Qm) -
     assert "2  builtins.KeyError" in result.stdout
     assert "2  builtins.ValueError" in result.stdout
     assert "(2h ago)" in result.stdout
+
+    listed = await qm("ls", "--json")
+    assert listed.exit_code == 0, listed.output
+    by_topic = {row["topic"]: row for row in map(json.loads, listed.stdout.splitlines())}
+    assert by_topic[settings.topic("requests.dlt")]["records"] == 4
+    assert by_topic[settings.topic("captures.dlt")]["by_error_class"] == {"builtins.ValueError": 2}
 
 
 async def test_show_redacts_a_canary_secret(topics: Settings, qm: Qm) -> None:

@@ -20,8 +20,8 @@ from app.dlt import (
     redact_bytes,
     redact_header,
 )
-from app.dlt_reader import DeadLetter, DltError, Selection, TopicSummary, parse_time
-from app.dlt_replay import Pacer, replay_headers, target_of
+from app.dlt.reader import DeadLetter, DltError, Selection, TopicSummary, parse_time
+from app.dlt.replay import Pacer, replay_headers, target_of
 from app.errors import InvalidMessage
 
 CANARY = "CANARY-51c0"

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from app.dlt import PREFIX, OffsetRange, header
+from app.dlt.headers import PREFIX, OffsetRange, header
 from app.kafka import client_options
 from app.settings import Settings
 

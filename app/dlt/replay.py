@@ -31,8 +31,8 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db.engine import make_engine
-from app.dlt import PREFIX, REPLAYED_FROM, OffsetRange
-from app.dlt_reader import (
+from app.dlt.headers import PREFIX, REPLAYED_FROM, OffsetRange
+from app.dlt.reader import (
     CONNECT_TIMEOUT_SECONDS,
     DLT_SUFFIX,
     DeadLetter,
