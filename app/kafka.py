@@ -103,9 +103,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
 
 def topic_partitions(settings: Settings) -> dict[str, int]:
     """Every topic's full name and the partitions it should have."""
-    counts = {
-        settings.topic(name): parts or settings.topic_partitions for name, parts in TOPICS
-    }
+    counts = {settings.topic(name): parts or settings.topic_partitions for name, parts in TOPICS}
     for name, source in DLT_TOPICS:
         counts[settings.topic(name)] = counts[settings.topic(source)]
     return counts
