@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install kafka-jars browser test lint fmt dev bench clean
+.PHONY: install kafka-jars airflow browser test lint fmt dev bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,20 @@ install: $(STAMP) kafka-jars
 kafka-jars: $(STAMP)
 	$(BIN)/python -c "from app.devstack.kafka import ensure_jars; print('kafka jars in', ensure_jars())"
 
+# Apache Airflow and its Kafka provider for the Airflow tests, in a virtual environment of their own
+# (their dependencies never enter Quartermaster's), every package pinned. QM_AIRFLOW_VENV moves it,
+# so CI can cache it like the Kafka jars; the tests find it the same way.
+AIRFLOW_VENV  := $(or $(QM_AIRFLOW_VENV),.venv-airflow)
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
+
+$(AIRFLOW_STAMP): infra/airflow/requirements.txt infra/airflow/constraints.txt
+	test -x $(AIRFLOW_VENV)/bin/python || $(PY) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install -q -r infra/airflow/requirements.txt -c infra/airflow/constraints.txt
+	touch $@
+
+airflow: $(AIRFLOW_STAMP)
+
 # Debian's Chromium, for the Playwright helper's tests (Playwright cannot download browsers here).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -26,7 +40,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: chromium could not be installed; browser tests will fail"; }
 
-test: install
+test: install airflow browser
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
@@ -46,4 +60,4 @@ bench: install
 	$(BIN)/qm bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) infra/kafka/.cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) infra/kafka/.cache .pytest_cache .mypy_cache .ruff_cache

@@ -9,24 +9,39 @@ import typer
 from rich.console import Console
 
 from app.bench import bench_app
+from app.commands.asyncapi import asyncapi
+from app.commands.captures import captures_app
 from app.commands.dlt import dlt_app
+from app.commands.domains import domains_app
+from app.commands.failures import OneLineErrors, quiet_kafka_client
+from app.commands.jobs import jobs_app
 from app.commands.resources import accounts_app, sites_app
-from app.devstack import ServiceUnavailable
-from app.dlt import redact
+from app.commands.seeds import seeds_app
+from app.commands.sessions import sessions_app
+from app.commands.top import top
 from app.logs import configure_logging
 from app.settings import get_settings
 
 app = typer.Typer(
-    help="Quartermaster: accounts, sessions, seeds and capture handoff for collectors."
+    help="Quartermaster: accounts, sessions, seeds and capture handoff for collectors.",
+    cls=OneLineErrors,  # every failure an operator can fix is one line and exit code 2
+    rich_markup_mode=None,  # plain help: no boxes cut when piped, no <bool> after flags
 )
 app.add_typer(bench_app, name="bench")
 app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
+app.add_typer(jobs_app, name="jobs")
+app.command()(top)
+app.add_typer(domains_app, name="domains")
+app.add_typer(seeds_app, name="seeds")
+app.add_typer(sessions_app, name="sessions")
+app.command("asyncapi")(asyncapi)
+app.add_typer(captures_app, name="captures")
 console = Console()
 err = Console(stderr=True)
 
-PROCESSES = ("worker", "relay", "reaper")
+PROCESSES = ("worker", "relay", "reaper", "handoff", "alerts")
 
 
 @app.callback()
@@ -49,6 +64,7 @@ def topics_create() -> None:
     """Create every Kafka topic Quartermaster uses (existing ones are left alone)."""
     from app.kafka import ensure_topics
 
+    quiet_kafka_client()  # an unreachable broker is the command's one line, not a log per try
     created = asyncio.run(ensure_topics(get_settings()))
     console.print(f"created {len(created)} topics: {', '.join(created) or '-'}")
 
@@ -117,18 +133,5 @@ def dev() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: operator mistakes and unreachable services get one red line."""
-    from sqlalchemy.exc import ArgumentError, DBAPIError
-
-    from app.crypto import MissingKey
-
-    try:
-        app()
-    except (ServiceUnavailable, MissingKey, ArgumentError) as exc:
-        err.print(f"[red]{exc}[/]")
-        raise SystemExit(2) from None
-    except (DBAPIError, OSError) as exc:
-        err.print(
-            f"[red]the database or broker cannot be reached: {type(exc).__name__}: {redact(str(exc))}[/]"
-        )
-        raise SystemExit(2) from None
+    """Console-script entry point (failures are answered by ``OneLineErrors``)."""
+    app()

@@ -83,3 +83,15 @@ class Events:
             status=str(account["status"]),
             job_id=job_id,
         )
+
+    def capture(self, what: str, capture: Row) -> None:
+        """A capture event (received, handed_off, retrying, failed, reclaimed, retried)."""
+        self.emit(
+            "capture",
+            what,
+            id=capture["id"],
+            site=capture["site"],
+            status=str(capture["status"]),
+            job_id=capture["job_id"],
+            reason=capture.get("last_error"),
+        )

@@ -20,15 +20,18 @@ TOPICS: tuple[tuple[str, int | None], ...] = (
     ("job-events", 1),
     ("captures", None),
     ("captures.ready", None),
+    ("requests.dlt", None),
+    ("captures.dlt", None),
+    ("outbox.dlt", None),
 )
-# Dead-letter topics: each has as many partitions as its source, so one slow or stuck partition
-# of dead letters holds back no more than one partition of their source did. ``outbox.dlt`` takes
+# Each dead-letter topic has as many partitions as its source, so a slow or stuck partition of
+# dead letters holds back no more than one partition of their source did. ``outbox.dlt`` takes
 # the rows the outbox relay could not publish (their sources are many topics).
-DLT_TOPICS: tuple[tuple[str, str], ...] = (
-    ("requests.dlt", "requests"),
-    ("captures.dlt", "captures"),
-    ("outbox.dlt", "requests"),
-)
+DLT_SOURCES: dict[str, str] = {
+    "requests.dlt": "requests",
+    "captures.dlt": "captures",
+    "outbox.dlt": "requests",
+}
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -104,7 +107,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
 def topic_partitions(settings: Settings) -> dict[str, int]:
     """Every topic's full name and the partitions it should have."""
     counts = {settings.topic(name): parts or settings.topic_partitions for name, parts in TOPICS}
-    for name, source in DLT_TOPICS:
+    for name, source in DLT_SOURCES.items():
         counts[settings.topic(name)] = counts[settings.topic(source)]
     return counts
 
@@ -113,7 +116,7 @@ async def _grow_dead_letter_topics(
     admin: AIOKafkaAdminClient, settings: Settings, existing: set[str], counts: dict[str, int]
 ) -> None:
     """Give an existing dead-letter topic (made by an older version) its source's partitions."""
-    names = [settings.topic(name) for name, _ in DLT_TOPICS if settings.topic(name) in existing]
+    names = [settings.topic(name) for name in DLT_SOURCES if settings.topic(name) in existing]
     if not names:
         return
     described = await admin.describe_topics(names)

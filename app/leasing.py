@@ -7,12 +7,14 @@ together or not at all).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import structlog
 
+from app import seeding
 from app.crypto import SecretBox
 from app.events import Events
 from app.outbox.writer import Outbox
@@ -21,10 +23,12 @@ from app.store import Conn, Row, jobs
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
+    GrantedSeed,
     GrantedSession,
     JobGranted,
     JobLeaseLost,
     JobRejected,
+    SeedResult,
 )
 
 log = structlog.get_logger()
@@ -62,7 +66,7 @@ class Tx:
         await self.box.flush(self.conn)
 
 
-def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
+def granted_reply(tx: Tx, job: Row, seeds: Sequence[GrantedSeed] = ()) -> dict[str, Any]:
     """The ``job.granted`` message of a job just granted: secret encrypted for the collector."""
     account = session = None
     if job["account_id"] is not None:
@@ -84,6 +88,8 @@ def granted_reply(tx: Tx, job: Row) -> dict[str, Any]:
         lease_expires_at=job["lease_expires_at"],
         account=account,
         session=session,
+        seeds=list(seeds),
+        session_check_url=job["session_check_url"],
     ).model_dump(mode="json")
 
 
@@ -95,7 +101,8 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
     """
     granted: list[str] = []
     while (job := await jobs.grant_next_waiting(tx.conn, site, now)) is not None:
-        tx.answer_start(job, granted_reply(tx, job))
+        seeds = await seeding.hand_out_with_grant(tx, job, now)
+        tx.answer_start(job, granted_reply(tx, job, seeds))
         tx.events.job("granted", job)
         log.info(
             "lease_granted",
@@ -118,8 +125,10 @@ async def release_resources(
     outcome: str,
     cooldown_seconds: int | None = None,
     reason: str | None = None,
+    seed_results: Sequence[SeedResult] = (),
 ) -> None:
-    """Free what a job held: its account (resting or blocked), its capacity slot, its grant."""
+    """Free what a job held: its account (resting or blocked), its capacity slot, its grant, and
+    its seeds (settled by ``seed_results``, the rest due again at once)."""
     blocked = outcome == "blocked"
     default_rest = site["block_cooldown_seconds"] if blocked else site["cooldown_seconds"]
     account = await jobs.release_lease(
@@ -133,6 +142,7 @@ async def release_resources(
     )
     if account is not None:
         tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
+    await seeding.settle(tx, job, results=seed_results, release_reason=outcome)
 
 
 def reject(tx: Tx, job: Row, reason: str) -> None:

@@ -99,6 +99,65 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(5.0, description="Pause between reaper sweeps.")
     reaper_page_size: int = Field(200, description="Rows one sweep handles per page.")
 
+    # --- capture handoff ----------------------------------------------------------------
+    handoff_consumer_group: str = Field(
+        "qm-handoff-workers", description="Consumer group of the handoff workers."
+    )
+    handoff_consumers: int = Field(
+        6, description="Kafka consumers of the group in one handoff worker process."
+    )
+    handoff_lease_seconds: float = Field(
+        60.0,
+        description="How long a handoff claim lasts; a capture whose worker died is back within "
+        "this plus one reaper interval. Longer than the slowest target (webhook timeout).",
+    )
+    handoff_max_attempts: int = Field(
+        5, description="Handoff attempts of one capture before it fails and is dead-lettered."
+    )
+    handoff_backoff_seconds: float = Field(
+        2.0, description="Wait before a capture's second attempt; doubles with each attempt."
+    )
+    handoff_backoff_max_seconds: float = Field(300.0, description="Cap of the handoff backoff.")
+    handoff_redispatch_seconds: float = Field(
+        60.0,
+        description="A due capture whose record was not claimed in this time is published again.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, description="Timeout of one webhook delivery (connect, send and answer)."
+    )
+
+    # --- Airflow: the DAG-run target of the capture handoff ------------------------------
+    airflow_url: str | None = Field(
+        None,
+        description="Base URL of Airflow's API server (Airflow 3), e.g. https://airflow.internal. A "
+        "capture of a site with a dag_id triggers a run of that DAG there.",
+    )
+    airflow_username: str | None = Field(
+        None, description="The Airflow user the handoff worker signs in as (POST /auth/token)."
+    )
+    airflow_password: SecretStr | None = Field(None, description="That user's password.")
+    airflow_timeout_seconds: float = Field(
+        10.0, description="Timeout of one call to Airflow's API (connect, send and answer)."
+    )
+
+    # --- sessions ----------------------------------------------------------------------
+    session_max_cookies: int = Field(
+        500, description="Most cookies one account's session keeps; a larger upload is refused."
+    )
+    session_max_bytes: int = Field(
+        256 * 1024,
+        description="Largest session (compact JSON) one account keeps; a larger upload is refused.",
+    )
+
+    # --- seeds -------------------------------------------------------------------------
+    seed_failures_to_disable: int = Field(
+        5, description="Failures in a row after which a seed turns DISABLED (reason kept)."
+    )
+    seed_backoff_seconds: int = Field(
+        300, description="A failed seed is due again after this, doubled per failure in a row."
+    )
+    seed_backoff_max_seconds: int = Field(24 * 3600, description="Cap of a failed seed's backoff.")
+
     # --- secrets -----------------------------------------------------------------------
     secret_keys: SecretStr = Field(
         SecretStr(""),
@@ -128,7 +187,9 @@ class Settings(BaseSettings):
     fault_point: str | None = Field(
         None,
         description="Testing only: 'mid_transaction' or 'after_commit' makes the claim worker SIGKILL "
-        "itself there while processing a request of QM_FAULT_JOB_ID.",
+        "itself there while processing a request of QM_FAULT_JOB_ID; 'handoff_after_claim' or "
+        "'handoff_after_effect' makes the handoff worker do so while handing off a capture of "
+        "that job.",
     )
     fault_job_id: str | None = Field(
         None, description="Testing only: the job whose request trips the fault."
@@ -140,6 +201,31 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Minimum log level.")
     metrics_port: int = Field(0, description="Port of the Prometheus and health endpoint (0: off).")
+
+    # --- alerts (`qm run alerts`) ------------------------------------------------------
+    slack_webhook_url: SecretStr | None = Field(
+        None,
+        description="Slack incoming webhook the alerts process posts to (unset: alerts are only "
+        "logged).",
+    )
+    alert_consumer_group: str = Field(
+        "qm-alerts", description="Consumer group of the alerts process on the events topics."
+    )
+    alert_wait_seconds: float = Field(
+        300.0, description="Alert when a site's oldest waiting job has waited longer than this."
+    )
+    alert_outbox_lag_seconds: float = Field(
+        60.0, description="Alert when the oldest unpublished outbox row is older than this."
+    )
+    alert_repeat_seconds: float = Field(
+        900.0,
+        description="One message per cause in this time: a cause that keeps firing is repeated "
+        "at most this often (with how often it fired meanwhile); dead letters count as recovered "
+        "after this long without a new one.",
+    )
+    alert_check_seconds: float = Field(
+        15.0, description="How often the alerts process checks waiters, outbox lag and recoveries."
+    )
 
     def topic(self, name: str) -> str:
         """The full name of a topic, e.g. ``topic('requests') == 'qm.requests'``."""

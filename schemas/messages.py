@@ -97,6 +97,7 @@ class SeedResult(BaseModel):
     seed_id: Annotated[str, StringConstraints(min_length=1, max_length=40)]
     ok: bool
     next_due_seconds: Annotated[int, Field(ge=0, le=365 * 24 * 3600)] | None = None
+    reason: Reason | None = None  # why it failed: kept on the seed, and when it disables it
 
 
 class JobFinish(Request):
@@ -199,6 +200,9 @@ class JobGranted(Reply):
     account: GrantedAccount | None = None
     session: GrantedSession | None = None
     seeds: list[GrantedSeed] = []
+    session_check_url: str | None = Field(
+        None, description="The site's page that answers 2xx only to a logged-in session."
+    )
 
 
 class JobQueued(Reply):
@@ -235,6 +239,14 @@ class SessionMerged(Reply):
     version: int
 
 
+class SessionRejected(Reply):
+    """A session upload that was not kept; the account's session is unchanged."""
+
+    type: Literal["session.rejected"] = "session.rejected"
+    reason: Literal["session_too_large"]
+    detail: str
+
+
 class SeedsClaimed(Reply):
     type: Literal["seeds.claimed"] = "seeds.claimed"
     seeds: list[GrantedSeed] = []
@@ -267,6 +279,7 @@ AnyReply = Annotated[
     | JobFinished
     | JobCancelled
     | SessionMerged
+    | SessionRejected
     | SeedsClaimed
     | CaptureAccepted
     | RequestInvalid
@@ -310,6 +323,30 @@ class TerminalJobEvent(Message):
     finished_at: datetime
 
 
+class CaptureHandoff(Message):
+    """The record on ``qm.captures`` that starts a capture's next handoff attempt."""
+
+    type: Literal["capture.handoff"] = "capture.handoff"
+    capture_id: str
+
+
+class CaptureReady(Message):
+    """A capture that was handed off, on ``qm.captures.ready`` keyed by ``capture_id``."""
+
+    type: Literal["capture.ready"] = "capture.ready"
+    capture_id: str
+    job_id: str
+    site: str
+    url: str
+    storage_uri: str
+    sha256: str
+    content_type: str
+    size: int
+    captured_at: datetime
+    handed_off_at: datetime
+    meta: dict[str, Any] | None = None
+
+
 # --- headers ---------------------------------------------------------------------------------
 
 CORRELATION_ID = "correlation_id"
@@ -323,4 +360,5 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         "reply": REPLY_ADAPTER.json_schema(),
         "event": LifecycleEvent.model_json_schema(),
         "job_event": TerminalJobEvent.model_json_schema(),
+        "capture_ready": CaptureReady.model_json_schema(),
     }

@@ -69,7 +69,7 @@ CAPTURE_TRANSITIONS: dict[CaptureStatus, frozenset[CaptureStatus]] = {
     C.RECEIVED: frozenset({C.HANDING_OFF}),
     C.HANDING_OFF: frozenset({C.HANDED_OFF, C.RECEIVED, C.FAILED}),
     C.HANDED_OFF: frozenset(),
-    C.FAILED: frozenset(),
+    C.FAILED: frozenset({C.RECEIVED}),  # an operator's retry
 }
 
 TERMINAL_JOB_STATUSES = frozenset(s for s, nxt in JOB_TRANSITIONS.items() if not nxt) | {J.EXPIRED}

@@ -37,9 +37,8 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.message import KafkaMessage as KafkaRecordMessage
 from faststream.message import StreamMessage
 
-from app.kafka import faststream_security
 from app.settings import Settings
-from app.store import Database
+from app.wiring import Wiring, consumer_assigned
 from workers.requests import Incoming, RequestProcessor
 
 log = structlog.get_logger()
@@ -156,20 +155,14 @@ class OffsetCommits(ConsumerRebalanceListener):
         pass
 
 
-def build_broker(
+def subscribe_requests(
+    broker: KafkaBroker,
     settings: Settings,
     processor: RequestProcessor,
+    commits: OffsetCommits,
     consumers: int = 1,
-    commits: OffsetCommits | None = None,
-) -> KafkaBroker:
-    """The FastStream broker with the requests subscriber wired to ``processor``."""
-    commits = commits or OffsetCommits()
-    broker = KafkaBroker(
-        settings.kafka_bootstrap_servers,
-        security=faststream_security(settings),
-        logger=None,
-        apply_types=False,  # the handler takes the message as the decoder hands it over
-    )
+) -> Any:
+    """Subscribe ``processor`` to the requests topic on ``broker``; return the subscriber."""
     extra: dict[str, Any] = {"max_workers": consumers} if consumers > 1 else {}
     subscriber = broker.subscriber(
         settings.topic("requests"),
@@ -200,15 +193,18 @@ def build_broker(
         assert isinstance(consumer, AIOKafkaConsumer)
         commits.done(consumer, record.topic, record.partition, record.offset)
 
-    return broker
+    return subscriber
 
 
-async def run_claim_worker(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the claim worker until ``stop`` is set."""
-    db = Database.from_settings(settings, pre_ping=False)  # a failed request is retried anyway
+async def run_claim_worker(wiring: Wiring) -> None:
+    """Run the claim worker until ``wiring.stop`` is set."""
+    settings, stop = wiring.settings, wiring.stop
+    db = wiring.database(pre_ping=False)  # a failed request is retried anyway
     processor = RequestProcessor(settings, db)
     commits = OffsetCommits()
-    broker = build_broker(settings, processor, settings.worker_consumers, commits)
+    broker = wiring.broker()
+    subscriber = subscribe_requests(broker, settings, processor, commits, settings.worker_consumers)
+    wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
     await broker.start()
     committer = asyncio.create_task(commits.run(stop), name="offset-commits")
     log.info(
@@ -225,6 +221,5 @@ async def run_claim_worker(settings: Settings, stop: asyncio.Event) -> None:
             await committer
         await commits.flush()
         await broker.stop()
-        await processor.drain()
-        await db.close()
+        await processor.drain()  # the database closes after this, with the wiring
         log.info("claim_worker_stopped")

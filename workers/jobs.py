@@ -119,7 +119,13 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
         log.info("finish_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
         return lost.model_copy(update={"reason": why}).model_dump(mode="json")
     await release_resources(
-        tx, job, site, outcome=req.outcome, cooldown_seconds=req.cooldown_seconds, reason=req.reason
+        tx,
+        job,
+        site,
+        outcome=req.outcome,
+        cooldown_seconds=req.cooldown_seconds,
+        reason=req.reason,
+        seed_results=req.seed_results or (),
     )
     tx.events.job("finished", job)
     log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])

@@ -53,7 +53,7 @@ from schemas.messages import (
     RequestInvalid,
     parse_request,
 )
-from workers import jobs, sessions
+from workers import captures, jobs, seeds, sessions
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -65,6 +65,8 @@ HANDLERS: dict[str, Handler] = {
     "job.finish": jobs.finish,
     "job.cancel": jobs.cancel,
     "session.upload": sessions.upload,
+    "capture.submit": captures.submit,
+    "seeds.claim": seeds.claim,
 }
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 

@@ -2,58 +2,84 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from app.leasing import Tx
 from app.store import sessions
-from schemas.messages import JobLeaseLost, SessionMerged, SessionUpload
-from schemas.sessions import merge_storage_state
+from schemas.messages import JobLeaseLost, SessionMerged, SessionRejected, SessionUpload
+from schemas.sessions import merge_storage_state, session_too_large
 
 log = structlog.get_logger()
 
 
+@dataclass(frozen=True)
+class MergeOutcome:
+    """What became of an upload: the session's new version, or why it was not kept.
+
+    ``version`` and ``refused`` are both None when the token holds no live lease.
+    """
+
+    version: int | None = None
+    refused: str | None = None
+
+
 async def merge_session(
     tx: Tx, job_id: str, lease_token: int, uploaded: dict[str, Any]
-) -> int | None:
-    """Merge ``uploaded`` into the session of the account the lease holds; the new version.
+) -> MergeOutcome:
+    """Merge ``uploaded`` into the session of the account the lease holds, within the bounds.
 
-    None when the token holds no live lease on an account. The account row is locked by the
-    read, and the write repeats the version it read, so no concurrent upload is lost.
+    The account row is locked by the read, and the write repeats the version it read, so no
+    concurrent upload is lost. Cookies expire by the database's clock.
     """
     held = await sessions.held_session(tx.conn, job_id, lease_token)
     if held is None:
-        return None
+        return MergeOutcome()
+    secrets = tx.services.secrets
     kept = (
-        None
-        if held["storage_state"] is None
-        else tx.services.secrets.open_json(bytes(held["storage_state"]))
+        None if held["storage_state"] is None else secrets.open_json(bytes(held["storage_state"]))
     )
-    merged = merge_storage_state(kept, uploaded)
+    merged = merge_storage_state(kept, uploaded, now=float(held["now_epoch"]))
+    refused = session_too_large(
+        merged,
+        max_cookies=tx.settings.session_max_cookies,
+        max_bytes=tx.settings.session_max_bytes,
+    )
+    if refused is not None:
+        _emit(tx, held, "rejected", "session_too_large", job_id)
+        log.warning("session_rejected", job_id=job_id, account_id=held["account_id"], why=refused)
+        return MergeOutcome(refused=refused)
     version = await sessions.save_session(
-        tx.conn, held["account_id"], tx.services.secrets.seal_json(merged), held["version"]
+        tx.conn, held["account_id"], secrets.seal_json(merged), held["version"]
     )
     if version is not None:
-        tx.events.emit(
-            "session",
-            "merged",
-            id=str(held["account_id"]),
-            site=held["site"],
-            status=str(version),
-            job_id=job_id,
-        )
+        _emit(tx, held, "merged", str(version), job_id)
         log.info("session_merged", job_id=job_id, account_id=held["account_id"], version=version)
-    return version
+    return MergeOutcome(version=version)
+
+
+def _emit(tx: Tx, held: Any, what: str, status: str, job_id: str) -> None:
+    tx.events.emit(
+        "session", what, id=str(held["account_id"]), site=held["site"], status=status, job_id=job_id
+    )
 
 
 async def upload(tx: Tx, req: SessionUpload, reply_to: str, correlation_id: str) -> dict[str, Any]:
     """Merge a collector's browser state into its account's session while it holds the lease."""
-    version = await merge_session(tx, req.job_id, req.lease_token, req.storage_state)
-    if version is None:
+    outcome = await merge_session(tx, req.job_id, req.lease_token, req.storage_state)
+    if outcome.refused is not None:
+        return SessionRejected(
+            request_id=req.request_id,
+            job_id=req.job_id,
+            reason="session_too_large",
+            detail=outcome.refused,
+        ).model_dump(mode="json")
+    if outcome.version is None:
         return JobLeaseLost(
             request_id=req.request_id, job_id=req.job_id, reason="no_live_lease"
         ).model_dump(mode="json")
-    return SessionMerged(request_id=req.request_id, job_id=req.job_id, version=version).model_dump(
-        mode="json"
-    )
+    return SessionMerged(
+        request_id=req.request_id, job_id=req.job_id, version=outcome.version
+    ).model_dump(mode="json")

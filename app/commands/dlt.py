@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import Callable, Coroutine
 from contextlib import aclosing
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -30,8 +31,9 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
+from app.commands.common import print_json_lines
+from app.commands.common import table as fold_table
 from app.dlt import redact_bytes, redact_header
 from app.dlt.reader import (
     DeadLetter,
@@ -220,7 +222,9 @@ def _quiet_clients() -> None:
 
 
 @dlt_app.command("ls")
-def list_topics() -> None:
+def list_topics(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines (one topic a line).")] = False,
+) -> None:
     """Dead-letter topics under the topic prefix: records by error class and their age range."""
     settings = _settings()
 
@@ -229,10 +233,15 @@ def list_topics() -> None:
             return await summarize(reader)
 
     summaries = _run(run())
+    if as_json:
+        print_json_lines(
+            {**asdict(s), "by_error_class": dict(s.by_error_class.most_common())} for s in summaries
+        )
+        return
     if not summaries:
         _out().print(f"no dead-letter topics under the prefix {escape(settings.topic_prefix)!r}")
         return
-    table = Table("topic", "partitions", "records", "by error class", "oldest", "newest")
+    table = fold_table("topic", "partitions", "records", "by error class", "oldest", "newest")
     for s in summaries:
         classes = "\n".join(
             f"{count:>6}  {escape(name)}" for name, count in s.by_error_class.most_common()
@@ -315,7 +324,9 @@ def show(
     if not letters:
         _out().print("nothing selected")
         return
-    table = Table("partition:offset", "timestamp", "key", "value", "headers", title=escape(name))
+    table = fold_table(
+        "partition:offset", "timestamp", "key", "value", "headers", title=escape(name)
+    )
     for letter in letters:
         headers = "\n".join(
             f"{escape(n)}: {escape(redact_header(n, v, cut))}" for n, v in letter.headers
@@ -370,7 +381,9 @@ class _RichProgress:
 
 def _print_dry_run(report: ReplayReport) -> None:
     out = _out()
-    table = Table("partition:offset", "timestamp", "key", "error class", "to", title="would replay")
+    table = fold_table(
+        "partition:offset", "timestamp", "key", "error class", "to", title="would replay"
+    )
     for letter, target in report.planned[:DRY_RUN_ROWS]:
         table.add_row(
             f"{letter.partition}:{letter.offset}",

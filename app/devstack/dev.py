@@ -14,7 +14,7 @@ from app.db.migrate import upgrade
 from app.devstack.postgres import EmbeddedPostgres
 from app.devstack.tansu import TansuBroker
 from app.kafka import ensure_topics
-from app.runtime import run_processes
+from app.runtime import registry, run_processes
 from app.settings import Settings, get_settings
 
 log = structlog.get_logger()
@@ -66,6 +66,6 @@ def run_dev() -> None:
         )
         try:
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(run_processes(settings, ["worker", "relay", "reaper"]))
+                asyncio.run(run_processes(settings, list(registry())))
         finally:
             ENV_FILE.unlink(missing_ok=True)

@@ -6,10 +6,8 @@ What it promises, and why it holds:
   that dies between the ack and the delete leaves the row for the next owner of its shard, which
   publishes it again; consumers drop the repeat by its ``qm.message_id`` header. A failed send, a
   missing topic or a broker that is down deletes nothing: the rows wait and are tried again.
-- **No row blocks the others for good.** A row the broker refuses for good (too large; or refused
-  ``outbox_max_attempts`` times) becomes a dead letter on ``<prefix>outbox.dlt``, or is parked:
-  ``app.outbox.refusals``. A multi-row batch the broker refuses puts its partition in single-row
-  mode until a row goes through, so the refusal is pinned on one row.
+- **No row blocks the others for good.** A row refused for good is dead-lettered or parked
+  (``app.outbox.refusals``); a refused multi-row batch sends its partition one row a round.
 - **Order per key** (per topic and key). A key always hashes to one shard; a shard is owned by one
   relay at a time (a session advisory lock on the relay's own connection, which also does the
   reads and deletes, so a relay that lost its connection cannot read a shard it no longer owns);
@@ -41,7 +39,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -77,6 +75,9 @@ from app.store.outbox import (
     shard_owners,
     unlock_shards,
 )
+
+if TYPE_CHECKING:
+    from app.wiring import Wiring
 
 log = structlog.get_logger()
 
@@ -118,8 +119,7 @@ class Relay:
         self._ready_topics: set[str] = set()
         self._partitions: dict[tuple[bytes, int], int] = {}
         self._topic_backoff: dict[str, tuple[float, Backoff]] = {}
-        # partitions whose multi-row batch the broker refused: one row at a time until one goes
-        self._single: set[tuple[str, int]] = set()
+        self._single: set[tuple[str, int]] = set()  # refused batch: one row a round till one goes
         self._report = metrics.PublishReport()
         self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
 
@@ -491,6 +491,8 @@ def _name(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the relay until ``stop`` is set (the entry point of `qm relay` and `qm run all`)."""
-    await Relay(settings).run(stop)
+async def run_relay(wiring: Wiring) -> None:
+    """Run the relay until ``wiring.stop`` is set (the entry point of `qm relay` and `qm run all`)."""
+    db = wiring.database(pool_size=1)  # the shard-owning session, and the readiness ping
+    wiring.needs_kafka()
+    await Relay(wiring.settings, engine=db.engine).run(wiring.stop)

@@ -11,12 +11,14 @@ from app.sdk.client import QuartermasterClient
 from app.sdk.errors import (
     ClientClosed,
     JobRejected,
+    LeaseLost,
     QuartermasterError,
     ReplyUnreadable,
     RequestConflict,
     RequestInvalid,
     RequestTimeout,
     SecretUndecryptable,
+    SessionDead,
     UnexpectedReply,
 )
 from app.sdk.job import Account, Job
@@ -26,6 +28,7 @@ __all__ = [
     "ClientClosed",
     "Job",
     "JobRejected",
+    "LeaseLost",
     "QuartermasterClient",
     "QuartermasterError",
     "ReplyUnreadable",
@@ -33,5 +36,6 @@ __all__ = [
     "RequestInvalid",
     "RequestTimeout",
     "SecretUndecryptable",
+    "SessionDead",
     "UnexpectedReply",
 ]

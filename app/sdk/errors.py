@@ -63,3 +63,20 @@ class ClientClosed(QuartermasterError):
 
 class SecretUndecryptable(QuartermasterError):
     """The account secret does not decrypt with the transport key this client was given."""
+
+
+class SessionDead(QuartermasterError):
+    """The account's browser session is not logged in (the site's check URL says so)."""
+
+    def __init__(self, job_id: str, detail: str) -> None:
+        super().__init__(f"job {job_id}: {detail}")
+        self.job_id = job_id
+
+
+class LeaseLost(QuartermasterError):
+    """The job's lease is gone (``job.lease_lost``): a stale token, an expired or ended job."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} lost its lease: {reason}")
+        self.job_id = job_id
+        self.reason = reason

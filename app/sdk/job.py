@@ -21,6 +21,10 @@ from app.sdk import errors
 from schemas import messages as wire
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from playwright.async_api import Browser, BrowserContext
+
     from app.sdk.client import QuartermasterClient
 
 log = structlog.get_logger()
@@ -94,7 +98,8 @@ class Job:
         self.status: str | None = None  # the job's final status once job.finished came back
         self._blocked: tuple[str, int | None] | None = None
         self._session_state: dict[str, Any] | None = None
-        self._seed_results: list[wire.SeedResult] = []
+        self._seeds: list[wire.GrantedSeed] = []
+        self._seed_results: dict[str, wire.SeedResult] = {}
         self._heartbeats: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -131,8 +136,11 @@ class Job:
 
     @property
     def seeds(self) -> list[wire.GrantedSeed]:
-        """The seeds handed out with the job, URLs already rewritten."""
-        return self._granted().seeds
+        """The seeds this lease holds: those of the grant and of every ``claim_seeds``, URLs
+        already rewritten. Each goes back at finish: by its ``seed_done`` result, or due again
+        at once when it has none."""
+        self._granted()
+        return list(self._seeds)
 
     # --- what the body tells ---------------------------------------------------------------
 
@@ -144,11 +152,92 @@ class Job:
         """The browser state (Playwright ``storage_state``) to merge back at finish."""
         self._session_state = _SESSION_STATE.validate_python(state)
 
-    def report_seed(self, seed_id: str, ok: bool, next_due_seconds: int | None = None) -> None:
-        """Record how one seed went; sent with ``job.finish``."""
-        self._seed_results.append(
-            wire.SeedResult(seed_id=seed_id, ok=ok, next_due_seconds=next_due_seconds)
+    def browser_context(
+        self, browser: Browser, **options: Any
+    ) -> AbstractAsyncContextManager[BrowserContext]:
+        """A Playwright context that starts from the account's session and hands its state back
+        on the way out; ``options`` as ``app.sdk.browser.browser_context`` takes them."""
+        from app.sdk.browser import browser_context
+
+        options.setdefault("check_url", self._granted().session_check_url)
+        return browser_context(self, browser, **options)
+
+    def seed_done(
+        self,
+        seed_id: str,
+        *,
+        ok: bool,
+        next_due_seconds: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Record how one seed went; the results are sent with ``job.finish`` (the last one of a
+        seed counts). ``next_due_seconds`` overrides when the seed is due again (its interval
+        after a success, a backoff after a failure); ``reason`` says why it failed."""
+        self._seed_results[seed_id] = wire.SeedResult(
+            seed_id=seed_id,
+            ok=ok,
+            next_due_seconds=next_due_seconds,
+            reason=None if reason is None else reason[:MAX_REASON_CHARS],
         )
+
+    def report_seed(self, seed_id: str, ok: bool, next_due_seconds: int | None = None) -> None:
+        """Same as ``seed_done``."""
+        self.seed_done(seed_id, ok=ok, next_due_seconds=next_due_seconds)
+
+    async def claim_seeds(self, n: int) -> list[wire.GrantedSeed]:
+        """Up to ``n`` more due seeds of the job's site for this lease (an empty list when none
+        is due). Raises ``LeaseLost`` when the lease is gone."""
+        claim = wire.SeedsClaim(
+            request_id=uuid.uuid4(), job_id=self.job_id, lease_token=self.lease_token, limit=n
+        )
+        reply = await self._client.request(claim, timeout=self.timeout)
+        if isinstance(reply, wire.JobLeaseLost):
+            self._lose(reply.reason)
+            raise errors.LeaseLost(self.job_id, reply.reason)
+        if not isinstance(reply, wire.SeedsClaimed):
+            raise _refusal(self.job_id, reply)
+        self._seeds.extend(reply.seeds)
+        log.info("seeds_claimed", job_id=self.job_id, asked=n, seeds=len(reply.seeds))
+        return list(reply.seeds)
+
+    async def submit_capture(
+        self,
+        *,
+        url: str,
+        storage_uri: str,
+        sha256: str,
+        content_type: str,
+        size: int,
+        captured_at: datetime | None = None,
+        meta: dict[str, Any] | None = None,
+        capture_id: str | None = None,
+    ) -> str:
+        """Hand a capture over for delivery downstream; returns its id once accepted.
+
+        ``capture_id`` is the idempotency key: submitting the same capture again is accepted
+        again, the same id with another body raises ``RequestConflict``. Raises ``LeaseLost``
+        when the job's lease is gone.
+        """
+        submit = wire.CaptureSubmit(
+            request_id=uuid.uuid4(),
+            job_id=self.job_id,
+            lease_token=self.lease_token,
+            capture_id=capture_id or str(uuid.uuid4()),
+            url=url,
+            storage_uri=storage_uri,
+            sha256=sha256,
+            content_type=content_type,
+            size=size,
+            captured_at=captured_at or datetime.now(UTC),
+            meta=meta,
+        )
+        reply = await self._client.request(submit, timeout=self.timeout)
+        if isinstance(reply, wire.CaptureAccepted):
+            return reply.capture_id
+        if isinstance(reply, wire.JobLeaseLost):
+            self._lose(reply.reason)
+            raise errors.LeaseLost(self.job_id, reply.reason)
+        raise _refusal(self.job_id, reply)
 
     # --- acquire -------------------------------------------------------------------------
 
@@ -178,6 +267,7 @@ class Job:
             raise
         self._grant = reply
         self._expires_at = reply.lease_expires_at
+        self._seeds = list(reply.seeds)
         log.info(
             "job_granted",
             job_id=self.job_id,
@@ -299,7 +389,7 @@ class Job:
                 "reason": reason,
                 "cooldown_seconds": cooldown,
                 "session_state": self._session_state,
-                "seed_results": self._seed_results or None,
+                "seed_results": list(self._seed_results.values()) or None,
             }
         )
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
+
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.jobs import NOW
 from schemas.states import ACCOUNT_TRANSITIONS, AccountStatus, predecessors
 
 
@@ -26,13 +30,16 @@ async def add_account(
 
 
 async def list_accounts(conn: AsyncConnection, site: str | None = None) -> list[RowMapping]:
-    """Accounts without their secrets."""
+    """Accounts without their secrets, with the collector of the job that holds each."""
     result = await conn.execute(
         text(
             """
-            SELECT id, site, username, status, available_at, holder_job_id, lease_token,
-                   lease_expires_at, use_count, error_count, blocked_reason
-            FROM accounts WHERE (CAST(:site AS text) IS NULL OR site = :site) ORDER BY site, id
+            SELECT a.id, a.site, a.username, a.status, a.available_at, a.blocked_until,
+                   a.holder_job_id, j.collector AS holder_collector, a.lease_token,
+                   a.lease_expires_at, a.use_count, a.error_count, a.blocked_reason,
+                   (a.status = 'ACTIVE' AND a.available_at > now()) AS resting
+            FROM accounts a LEFT JOIN jobs j ON j.id = a.holder_job_id
+            WHERE (CAST(:site AS text) IS NULL OR a.site = :site) ORDER BY a.site, a.id
             """
         ),
         {"site": site},
@@ -55,6 +62,8 @@ async def set_account_status(
             UPDATE accounts
             SET status = CAST(:target AS account_status),
                 blocked_reason = CASE WHEN :target = 'BLOCKED' THEN :reason ELSE NULL END,
+                -- an operator's block stays until an operator ends it
+                blocked_until = NULL,
                 -- an operator's unblock puts the account back in service now
                 available_at = CASE WHEN :target = 'ACTIVE' THEN now() ELSE available_at END,
                 updated_at = now()
@@ -74,5 +83,81 @@ async def set_account_status(
                 if s != AccountStatus.USING
             ],
         },
+    )
+    return result.mappings().first()
+
+
+async def account_statuses(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, str]:
+    """The status of each named account that exists."""
+    result = await conn.execute(
+        text("SELECT id, status FROM accounts WHERE id = ANY(:ids)"), {"ids": list(ids)}
+    )
+    return {int(row.id): str(row.status) for row in result}
+
+
+async def remove_account(conn: AsyncConnection, *, site: str, username: str) -> RowMapping | None:
+    """Delete an account that no job holds (any status but USING), with its session.
+
+    Finished jobs that used it keep their history in ``job_grants``; their ``account_id`` is
+    cleared. None when there is no such account or a job holds it.
+    """
+    result = await conn.execute(
+        text(
+            """
+            WITH gone AS (
+                DELETE FROM accounts
+                WHERE site = :site AND username = :username AND status <> 'USING'
+                RETURNING id, site, username, status
+            ),
+            unlinked AS (
+                -- the foreign key is checked when the statement ends, after this update
+                UPDATE jobs SET account_id = NULL WHERE account_id IN (SELECT id FROM gone)
+            )
+            SELECT * FROM gone
+            """
+        ),
+        {"site": site, "username": username},
+    )
+    return result.mappings().first()
+
+
+async def find_ended_blocks(
+    conn: AsyncConnection, *, now: datetime | None, after: int, limit: int
+) -> list[RowMapping]:
+    """A page (by id) of BLOCKED accounts whose block cooldown has passed."""
+    result = await conn.execute(
+        text(
+            f"""
+            SELECT id, site, lease_token FROM accounts
+            WHERE status = 'BLOCKED' AND blocked_until <= {NOW} AND id > :after
+            ORDER BY id LIMIT :limit
+            """
+        ),
+        {"now": now, "after": after, "limit": limit},
+    )
+    return list(result.mappings())
+
+
+async def end_block(
+    conn: AsyncConnection, account_id: int, lease_token: int, now: datetime | None = None
+) -> RowMapping | None:
+    """BLOCKED -> ACTIVE once its block cooldown has passed.
+
+    Fenced by the lease token read with the page, and the staleness test is repeated: an
+    operator's unblock or block, or a new grant and block since the page was read, makes this
+    a no-op.
+    """
+    result = await conn.execute(
+        text(
+            f"""
+            UPDATE accounts
+            SET status = 'ACTIVE', blocked_until = NULL, blocked_reason = NULL,
+                available_at = greatest(available_at, blocked_until), updated_at = now()
+            WHERE id = :id AND status = 'BLOCKED' AND lease_token = :token
+              AND blocked_until <= {NOW}
+            RETURNING id, site, status, available_at
+            """
+        ),
+        {"id": account_id, "token": lease_token, "now": now},
     )
     return result.mappings().first()

@@ -137,6 +137,7 @@ _GRANT_NEXT_WAITING = text(
     -- head as QUEUED, hence the id test)
     SELECT job.*, account.username AS account_username, account.secret AS account_secret,
            ses.version AS session_version, ses.storage_state AS session_state,
+           (SELECT session_check_url FROM sites WHERE slug = :site) AS session_check_url,
            EXISTS (SELECT 1 FROM jobs w WHERE w.site = :site AND w.status = 'QUEUED'
                    AND w.id <> job.id) AS more_waiting
     FROM job LEFT JOIN account ON true LEFT JOIN sessions ses ON ses.account_id = account.id
@@ -152,7 +153,8 @@ async def grant_next_waiting(
     One statement: pick the head, pick an account, take the capacity gate, grant. None when the
     site has no waiting job, no free capacity, or no rested account for the head job. The row
     also carries the account's sealed secret and session (``account_secret``,
-    ``session_version``, ``session_state``) and ``more_waiting``.
+    ``session_version``, ``session_state``), the site's ``session_check_url`` and
+    ``more_waiting``.
     """
     result = await conn.execute(_GRANT_NEXT_WAITING, {"site": site, "now": now})
     return result.mappings().first()
@@ -275,6 +277,7 @@ async def release_lease(
 ) -> RowMapping | None:
     """A lease ends: its account USING -> ACTIVE | BLOCKED (resting ``rest_seconds``, only for
     the holder's token), its site's running slot back, its grant closed with ``outcome``.
+    A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``).
 
     One statement; returns the account as released (None when the job held none).
     """
@@ -289,6 +292,10 @@ async def release_lease(
                     available_at = now() + make_interval(secs => :rest),
                     error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
                     blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
+                    -- a block with a rest ends by itself (the block-cooldowns sweep); without
+                    -- one it stays until an operator acts
+                    blocked_until = CASE WHEN :blocked AND :rest > 0
+                                         THEN now() + make_interval(secs => :rest) END,
                     updated_at = now()
                 WHERE id = :account_id AND status = 'USING'
                   AND holder_job_id = :job_id AND lease_token = :lease_token
@@ -399,3 +406,22 @@ async def time_out_waiting_job(
         {"id": job_id, "now": now},
     )
     return result.mappings().first()
+
+
+async def oldest_waiters(conn: AsyncConnection, older_than_seconds: float) -> list[RowMapping]:
+    """Sites whose oldest waiting job has waited longer than ``older_than_seconds`` (by the
+    database clock): slug, how many wait, and the oldest wait in seconds."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT site, count(*) AS waiting,
+                   extract(epoch FROM now() - min(created_at))::float8 AS oldest_seconds
+            FROM jobs WHERE status = 'QUEUED'
+            GROUP BY site
+            HAVING now() - min(created_at) > make_interval(secs => :older_than)
+            ORDER BY site
+            """
+        ),
+        {"older_than": older_than_seconds},
+    )
+    return list(result.mappings())

@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.store.dlt_values import StoredValue
 
 NOTIFY_CHANNEL = "qm_outbox"
+# the third item of a stored header whose name is in base64 (it holds a NUL, which jsonb cannot)
+NAME_IN_BASE64 = "name:base64"
 # classid of the advisory locks the writer takes per key; the relay's shard locks use the other
 KEY_LOCK_CLASS = 0x514D
 SHARD_LOCK_CLASS = 0x514E
@@ -78,18 +80,26 @@ class InboxReply:
 
 
 def encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> str:
-    """Headers as stored: a JSON list of [base64 name, base64 value or null], in their order.
-    Names are base64 too: a name may hold characters (NUL) that jsonb text cannot."""
-    return json.dumps(
-        [[_b64(name.encode()), None if value is None else _b64(value)] for name, value in headers]
-    )
+    """Headers as stored: a JSON list of [name, base64 value or null], in their order. A name
+    that jsonb text cannot hold (one with a NUL) is stored in base64, marked by a third item."""
+    return json.dumps([_stored_header(name, value) for name, value in headers])
+
+
+def _stored_header(name: str, value: bytes | None) -> list[str | None]:
+    encoded = None if value is None else _b64(value)
+    if "\x00" in name:
+        return [_b64(name.encode()), encoded, NAME_IN_BASE64]
+    return [name, encoded]
 
 
 def decode_headers(stored: Sequence[Sequence[str | None]]) -> list[tuple[str, bytes | None]]:
     """Headers as Kafka wants them, from the stored JSON list."""
     return [
-        (base64.b64decode(name or "").decode(), None if value is None else base64.b64decode(value))
-        for name, value in stored
+        (
+            base64.b64decode(entry[0] or "").decode() if len(entry) > 2 else str(entry[0]),
+            None if entry[1] is None else base64.b64decode(entry[1]),
+        )
+        for entry in stored
     ]
 
 
@@ -203,7 +213,8 @@ _FETCH_UNSENT = text(
     -- Headers come back decoded, as parallel arrays of names and values (bytes both).
     SELECT o.id, o.shard, o.topic, o.key, o.payload, o.attempts,
            extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age_seconds,
-           ARRAY(SELECT decode(h ->> 0, 'base64')
+           ARRAY(SELECT CASE WHEN jsonb_array_length(h) > 2 THEN decode(h ->> 0, 'base64')
+                             ELSE convert_to(h ->> 0, 'UTF8') END
                  FROM jsonb_array_elements(o.headers) WITH ORDINALITY AS e(h, n)
                  ORDER BY n) AS header_names,
            ARRAY(SELECT decode(h ->> 1, 'base64')

@@ -9,12 +9,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 async def held_session(conn: AsyncConnection, job_id: str, lease_token: int) -> RowMapping | None:
     """The account a live lease holds and its session (if any), locked for this transaction.
 
-    None when the token does not hold a live lease on an account (fencing).
+    ``now_epoch`` is the database's clock (Unix seconds), against which cookies expire. None when the token does not hold a live lease on an account (fencing).
     """
     result = await conn.execute(
         text(
             """
-            SELECT a.id AS account_id, a.site, s.version, s.storage_state
+            SELECT a.id AS account_id, a.site, s.version, s.storage_state,
+                   extract(epoch FROM now()) AS now_epoch
             FROM accounts a LEFT JOIN sessions s ON s.account_id = a.id
             WHERE a.holder_job_id = :job AND a.lease_token = :token AND a.status = 'USING'
               AND a.lease_expires_at > now()
@@ -45,3 +46,38 @@ async def save_session(
     )
     row = result.first()
     return None if row is None else int(row[0])
+
+
+async def session_of_account(conn: AsyncConnection, site: str, username: str) -> RowMapping | None:
+    """An account with its stored session (version, updated_at, sealed state; NULL when none).
+
+    None when the site has no such account.
+    """
+    result = await conn.execute(
+        text(
+            """
+            SELECT a.id AS account_id, a.status, a.holder_job_id,
+                   s.version, s.updated_at, s.storage_state
+            FROM accounts a LEFT JOIN sessions s ON s.account_id = a.id
+            WHERE a.site = :site AND a.username = :username
+            """
+        ),
+        {"site": site, "username": username},
+    )
+    return result.mappings().first()
+
+
+async def clear_session(conn: AsyncConnection, site: str, username: str) -> RowMapping | None:
+    """Delete an account's stored session; its version and the account's holder, or None if
+    it had none. The next grant of the account carries no session."""
+    result = await conn.execute(
+        text(
+            """
+            DELETE FROM sessions s USING accounts a
+            WHERE s.account_id = a.id AND a.site = :site AND a.username = :username
+            RETURNING a.id AS account_id, a.holder_job_id, s.version
+            """
+        ),
+        {"site": site, "username": username},
+    )
+    return result.mappings().first()

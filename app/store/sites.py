@@ -49,23 +49,85 @@ async def add_site(
     return result.mappings().first()
 
 
-async def list_sites(conn: AsyncConnection) -> list[RowMapping]:
-    """Every site with its running count and account counts by status."""
+# The settings an operator may change with `qm sites set`, by column name.
+EDITABLE = (
+    "host",
+    "capacity",
+    "lease_seconds",
+    "cooldown_seconds",
+    "block_cooldown_seconds",
+    "max_attempts",
+    "dag_id",
+    "session_check_url",
+)
+
+
+async def update_site(
+    conn: AsyncConnection, slug: str, changes: dict[str, object]
+) -> RowMapping | None:
+    """Change some of a site's settings (``EDITABLE`` columns); None if there is no such site.
+
+    A capacity raised while jobs wait lets the capacity-back sweep grant them; a capacity
+    lowered below ``running`` lets running jobs finish and grants nothing until it is below.
+    """
+    unknown = set(changes) - set(EDITABLE)
+    if unknown:
+        raise ValueError(f"not editable: {sorted(unknown)}")
+    assignments = ", ".join(f"{column} = :{column}" for column in changes)
+    result = await conn.execute(
+        text(f"UPDATE sites SET {assignments} WHERE slug = :slug RETURNING *"),
+        {**changes, "slug": slug},
+    )
+    return result.mappings().first()
+
+
+async def remove_site(conn: AsyncConnection, slug: str) -> RowMapping | None:
+    """Delete a site with its accounts, seeds and finished jobs, while nothing of it is live.
+
+    None when there is no such site, or a job of it waits or runs, or one of its captures is
+    still to be handed off. The caller holds the site's lock, so no job queues meanwhile.
+    """
     result = await conn.execute(
         text(
             """
-            SELECT s.*,
-                   count(a.id) FILTER (WHERE a.status = 'ACTIVE')  AS accounts_active,
-                   count(a.id) FILTER (WHERE a.status = 'USING')   AS accounts_using,
-                   count(a.id) FILTER (WHERE a.status = 'BLOCKED') AS accounts_blocked,
-                   (SELECT count(*) FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED')
-                       AS waiting
-            FROM sites s LEFT JOIN accounts a ON a.site = s.slug
-            GROUP BY s.slug ORDER BY s.slug
+            WITH gone AS (
+                DELETE FROM sites s
+                WHERE s.slug = :slug
+                  AND NOT EXISTS (SELECT 1 FROM jobs WHERE site = s.slug
+                                                       AND status IN ('QUEUED', 'RUNNING'))
+                  AND NOT EXISTS (SELECT 1 FROM captures WHERE site = s.slug
+                                                           AND status IN ('RECEIVED', 'HANDING_OFF'))
+                RETURNING s.slug
+            ),
+            -- foreign keys are checked when the statement ends, after every delete below
+            captures_gone AS (DELETE FROM captures WHERE site IN (SELECT slug FROM gone)),
+            grants_gone AS (DELETE FROM job_grants WHERE site IN (SELECT slug FROM gone)),
+            jobs_gone AS (DELETE FROM jobs WHERE site IN (SELECT slug FROM gone)),
+            seeds_gone AS (DELETE FROM seeds WHERE site IN (SELECT slug FROM gone)),
+            accounts_gone AS (DELETE FROM accounts WHERE site IN (SELECT slug FROM gone))
+            SELECT slug FROM gone
             """
-        )
+        ),
+        {"slug": slug},
     )
-    return list(result.mappings())
+    return result.mappings().first()
+
+
+async def live_work(conn: AsyncConnection, slug: str) -> RowMapping:
+    """What keeps a site from being removed: its waiting or running jobs, pending captures."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT (SELECT count(*) FROM jobs WHERE site = :slug
+                                                AND status IN ('QUEUED', 'RUNNING')) AS live_jobs,
+                   (SELECT count(*) FROM captures WHERE site = :slug
+                                                    AND status IN ('RECEIVED', 'HANDING_OFF'))
+                       AS pending_captures
+            """
+        ),
+        {"slug": slug},
+    )
+    return result.mappings().one()
 
 
 _LOCK_SITE = """
@@ -136,3 +198,22 @@ async def sites_with_waiting_jobs(conn: AsyncConnection, now: datetime | None = 
         {"now": now},
     )
     return [row[0] for row in result]
+
+
+async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:
+    """Every site's running and waiting jobs and its accounts by status (every status, 0 too)."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT s.slug, s.running,
+                   (SELECT count(*) FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED')
+                       AS waiting,
+                   (SELECT jsonb_object_agg(st.status, (SELECT count(*) FROM accounts a
+                                                        WHERE a.site = s.slug
+                                                          AND a.status = st.status))
+                    FROM unnest(enum_range(NULL::account_status)) AS st(status)) AS accounts
+            FROM sites s ORDER BY s.slug
+            """
+        )
+    )
+    return [dict(row) for row in result.mappings()]

@@ -81,3 +81,52 @@ async def test_an_upload_without_a_live_lease_changes_nothing(
     )
     assert (await replies(engine, settings))[-1]["type"] == "job.lease_lost"
     assert await scalar(engine, "SELECT count(*) FROM sessions") == 0
+
+
+async def test_an_upload_over_the_session_bounds_is_rejected_and_the_session_kept(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    bounded = settings.model_copy(update={"session_max_cookies": 2})
+    processor = RequestProcessor(bounded, Database(engine))
+    await make_site(engine, bounded)
+    await processor.process(start(bounded, "one"))
+    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'one'")
+    upload = dict(settings=bounded, type_="session.upload", job_id="one", lease_token=token)
+    await processor.process(request(**upload, storage_state=state(a="1", b="2")))
+    await processor.process(request(**upload, storage_state=state(c="secret-value")))
+    answers = await replies(engine, bounded)
+    assert [r["type"] for r in answers] == ["job.granted", "session.merged", "session.rejected"]
+    assert answers[-1]["reason"] == "session_too_large"
+    assert answers[-1]["detail"] == "the session would hold 3 cookies; at most 2 are kept"
+    assert await scalar(engine, "SELECT version FROM sessions") == 1
+    events = await scalar(
+        engine, "SELECT string_agg(convert_from(payload, 'UTF8'), ' ') FROM outbox"
+    )
+    assert "session.rejected" in events and "secret-value" not in events
+
+
+async def test_a_cookie_deleted_with_a_past_expiry_is_gone_from_the_next_grant(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    await processor.process(start(settings, "one"))
+    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'one'")
+    await processor.process(
+        request(settings, "session.upload", "one", lease_token=token, storage_state=state(sid="1"))
+    )
+    logout = state(sid="")
+    logout["cookies"][0]["expires"] = 1  # 1970: in the past by the database's clock
+    await processor.process(
+        request(
+            settings,
+            "job.finish",
+            "one",
+            lease_token=token,
+            outcome="succeeded",
+            session_state=logout,
+        )
+    )
+    await processor.process(start(settings, "two"))
+    granted = (await replies(engine, settings))[-1]
+    assert granted["type"] == "job.granted"
+    assert granted["session"]["storage_state"]["cookies"] == []

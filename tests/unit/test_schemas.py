@@ -69,7 +69,7 @@ def test_replies_round_trip_and_schemas_export() -> None:
     )
     assert reply.type == "job.queued"
     schemas = json_schemas()
-    assert set(schemas) == {"request", "reply", "event", "job_event"}
+    assert set(schemas) == {"request", "reply", "event", "job_event", "capture_ready"}
     assert "job.start" in json.dumps(schemas["request"])
 
 

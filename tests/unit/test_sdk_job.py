@@ -112,7 +112,9 @@ async def test_a_body_that_returns_finishes_succeeded_with_session_state_and_see
     finish = server.finish()
     assert (finish["outcome"], finish["reason"], finish["lease_token"]) == ("succeeded", None, 5)
     assert finish["session_state"] == {"cookies": [], "origins": []}
-    assert finish["seed_results"] == [{"seed_id": "seed-1", "ok": True, "next_due_seconds": 3600}]
+    assert finish["seed_results"] == [
+        {"seed_id": "seed-1", "ok": True, "next_due_seconds": 3600, "reason": None}
+    ]
     assert job.status == "SUCCEEDED"
 
 

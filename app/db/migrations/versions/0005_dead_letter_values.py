@@ -4,19 +4,17 @@
 - ``outbox.attempts`` counts the relay's failed tries of a row the broker refused; after
   ``outbox_max_attempts`` the row is dead-lettered (``parked_at`` when even that is refused), so it
   never holds back the rows behind it.
-- ``outbox.headers`` names are stored in base64 like their values (a header name may hold a NUL,
-  which jsonb text cannot).
 - ``dlt_values`` keeps a value too large to travel in its dead letter; the dead letter carries its
   id and SHA-256 digest.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0005
+Revises: 0004
 """
 
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
@@ -24,11 +22,6 @@ UPGRADE = r"""
 ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL;
 ALTER TABLE outbox ADD COLUMN attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0);
 ALTER TABLE outbox ADD COLUMN parked_at timestamptz;
-UPDATE outbox SET headers = (
-    SELECT coalesce(jsonb_agg(jsonb_build_array(encode(convert_to(h ->> 0, 'UTF8'), 'base64'), h -> 1)
-                              ORDER BY n), '[]')
-    FROM jsonb_array_elements(outbox.headers) WITH ORDINALITY AS e(h, n)
-) WHERE headers <> '[]';
 
 CREATE TABLE dlt_values (
     id         uuid PRIMARY KEY,
@@ -43,11 +36,6 @@ DROP TABLE IF EXISTS dlt_values;
 ALTER TABLE outbox DROP COLUMN IF EXISTS parked_at;
 ALTER TABLE outbox DROP COLUMN IF EXISTS attempts;
 DELETE FROM outbox WHERE payload IS NULL;
-UPDATE outbox SET headers = (
-    SELECT coalesce(jsonb_agg(jsonb_build_array(convert_from(decode(h ->> 0, 'base64'), 'UTF8'), h -> 1)
-                              ORDER BY n), '[]')
-    FROM jsonb_array_elements(outbox.headers) WITH ORDINALITY AS e(h, n)
-) WHERE headers <> '[]';
 ALTER TABLE outbox ALTER COLUMN payload SET NOT NULL;
 """
 

@@ -1,0 +1,202 @@
+"""`qm seeds …`: the board entries collectors are handed, per site."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+from itertools import chain
+from pathlib import Path
+from typing import IO, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from app import seeding
+from app.commands.common import fail, in_transaction, print_json_lines
+from app.commands.common import table as fold_table
+from app.settings import get_settings
+from app.store import Conn, Database, seeds
+from schemas.seed_rows import Format, check_url, parse_rows, sniff_format
+from schemas.states import SeedStatus
+
+seeds_app = typer.Typer(help="Seeds: board entries handed out to collectors, due by interval.")
+console = Console()
+err = Console(stderr=True)
+SHOWN_REFUSALS = 20
+
+
+@seeds_app.command("add")
+def seeds_add(
+    site: str,
+    url: str,
+    interval: Annotated[int, typer.Option(min=1, help="Seconds between crawls")] = 3600,
+    priority: Annotated[int, typer.Option(help="Higher goes out first")] = 0,
+) -> None:
+    """Add one seed, due now."""
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+    async def work(conn: Conn) -> object:
+        if not await seeds.site_exists(conn, site):
+            return "no_site"
+        return await seeds.add_seed(
+            conn, site=site, url=url, interval_seconds=interval, priority=priority
+        )
+
+    row = in_transaction(work)
+    if row == "no_site":
+        raise fail(f"no site {site!r}; add it with `qm sites add`")
+    if row is None:
+        raise fail(f"{site} has that seed already (use `qm seeds import` to update it)")
+    console.print(f"[green]seed added to {site}[/]")
+
+
+def _lines(source: Iterator[str]) -> tuple[Format, Iterator[str]]:
+    """The input's format (sniffed from its first non-blank line) and all its lines."""
+    head: list[str] = []
+    for line in source:
+        head.append(line)
+        if line.strip():
+            break
+    return sniff_format(head[-1] if head else ""), chain(head, source)
+
+
+@seeds_app.command("import")
+def seeds_import(
+    site: str,
+    file: Annotated[str, typer.Argument(help="CSV or JSON-lines file; - reads stdin")],
+    interval: Annotated[int, typer.Option(min=1, help="For rows that name none")] = 3600,
+    priority: Annotated[int, typer.Option(help="For rows that name none")] = 0,
+) -> None:
+    """Add or update a site's seeds by URL from CSV (url,interval_seconds,priority) or JSON lines.
+
+    Rows that cannot be read are reported by line number; the others load, in one transaction.
+    """
+    if file != "-" and not Path(file).is_file():
+        raise fail(f"no file {file!r}")
+    source = sys.stdin if file == "-" else open(file, encoding="utf-8", newline="")  # noqa: SIM115
+    size = None if file == "-" else os.path.getsize(file)
+    try:
+        summary = asyncio.run(_import(site, source, size, interval, priority))
+    except UnicodeDecodeError:
+        raise fail(f"{file} is not UTF-8 text") from None
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    if summary is None:
+        raise fail(f"no site {site!r}; add it with `qm sites add`")
+    for refused in summary.refused[:SHOWN_REFUSALS]:
+        err.print(f"line {refused.line}: {refused.reason}", markup=False, highlight=False)
+    if len(summary.refused) > SHOWN_REFUSALS:
+        err.print(f"… and {len(summary.refused) - SHOWN_REFUSALS} more refused lines")
+    console.print(
+        f"{site}: {summary.added} added, {summary.updated} updated, "
+        f"{summary.unchanged} unchanged, {len(summary.refused)} refused"
+    )
+
+
+class _Reading:
+    """The input's lines, counting the characters read so far (the progress bar's measure)."""
+
+    def __init__(self, source: IO[str]) -> None:
+        self.source = source
+        self.read = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.source:
+            self.read += len(line)
+            yield line
+
+
+async def _import(
+    site: str, source: IO[str], size: int | None, interval: int, priority: int
+) -> seeding.ImportSummary | None:
+    """The import in one transaction, with a progress bar on stderr; None for no such site."""
+    reading = _Reading(source)
+    fmt, lines = _lines(iter(reading))
+    rows = parse_rows(lines, fmt, interval_seconds=interval, priority=priority)
+    db = Database.from_settings(get_settings(), pool_size=1)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[rows]} rows"),
+    )
+    try:
+        with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(f"importing into {site}", total=size, rows=0)
+
+            def advance(batch: int) -> None:
+                rows_so_far = bar.tasks[0].fields["rows"] + batch
+                bar.update(task, completed=reading.read, rows=rows_so_far)
+
+            async with db.transaction() as conn:
+                if not await seeds.site_exists(conn, site):
+                    return None
+                return await seeding.import_rows(conn, site, rows, progress=advance)
+    finally:
+        await db.close()
+
+
+@seeds_app.command("list")
+def seeds_list(
+    site: str,
+    status: Annotated[SeedStatus | None, typer.Option(help="Only seeds in this status")] = None,
+    due: Annotated[bool, typer.Option("--due", help="Only ACTIVE seeds due now")] = False,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines (one seed a line).")] = False,
+) -> None:
+    """A site's seeds in the order they go out (highest priority, longest due first)."""
+    rows = in_transaction(
+        lambda conn: seeds.list_seeds(conn, site, status=status, due=due, limit=limit)
+    )
+    if as_json:
+        print_json_lines(rows)
+        return
+    table = fold_table(
+        "id", "url", "status", "priority", "interval s", "next due", "holder", "failures", "reason"
+    )
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            row["url"],
+            str(row["status"]),
+            str(row["priority"]),
+            str(row["interval_seconds"]),
+            row["next_due_at"].isoformat(timespec="seconds"),
+            row["holder_job_id"] or "",
+            str(row["failure_count"]),
+            row["disabled_reason"] or row["last_error"] or "",
+        )
+    console.print(table)
+
+
+def _move(site: str, seed: str, target: SeedStatus, reason: str | None = None) -> None:
+    row = in_transaction(
+        lambda conn: seeds.set_seed_status(conn, site=site, seed=seed, target=target, reason=reason)
+    )
+    if row is None:
+        raise fail(f"{site} has no seed {seed!r} that can become {target}")
+    console.print(f"seed {row['id']} of {site} is now {target}")
+
+
+@seeds_app.command("disable")
+def seeds_disable(
+    site: str,
+    seed: Annotated[str, typer.Argument(help="The seed's id or URL")],
+    reason: Annotated[str, typer.Option()] = "operator",
+) -> None:
+    """Stop handing a seed out (a holder's result for it is then ignored)."""
+    _move(site, seed, SeedStatus.DISABLED, reason)
+
+
+@seeds_app.command("enable")
+def seeds_enable(
+    site: str, seed: Annotated[str, typer.Argument(help="The seed's id or URL")]
+) -> None:
+    """Hand a disabled seed out again, due now, its failures forgotten."""
+    _move(site, seed, SeedStatus.ACTIVE)

@@ -1,0 +1,72 @@
+"""What a capture's transitions publish, through the caller's transaction's outbox (rule 5):
+the record that starts an attempt, ``capture.ready`` with its event, a failure's dead letter."""
+
+from __future__ import annotations
+
+import structlog
+
+from app.dlt import Origin, dead_letter_headers, dlt_topic
+from app.leasing import Tx
+from app.store import Row
+from schemas.messages import CaptureHandoff, CaptureReady
+
+log = structlog.get_logger()
+
+
+class HandoffFailed(Exception):
+    """The error class a failed capture's dead letter names (its message is the reason)."""
+
+
+def dispatch(tx: Tx, capture_id: str) -> bytes:
+    """The record on ``qm.captures`` that starts the capture's next handoff attempt; its value."""
+    value = CaptureHandoff(capture_id=capture_id).model_dump_json().encode()
+    tx.box.add(tx.settings.topic("captures"), capture_id, value)
+    return value
+
+
+def ready(tx: Tx, capture: Row) -> None:
+    """``capture.ready`` on ``qm.captures.ready`` and the ``capture.handed_off`` event."""
+    message = CaptureReady(
+        capture_id=capture["id"],
+        job_id=capture["job_id"],
+        site=capture["site"],
+        url=capture["url"],
+        storage_uri=capture["storage_uri"],
+        sha256=capture["sha256"],
+        content_type=capture["content_type"],
+        size=capture["size"],
+        captured_at=capture["captured_at"],
+        handed_off_at=capture["handed_off_at"],
+        meta=capture["meta"] or None,
+    )
+    tx.box.add(
+        tx.settings.topic("captures.ready"),
+        capture["id"],
+        message.model_dump(mode="json", exclude_none=True),
+    )
+    tx.events.capture("handed_off", capture)
+
+
+def failed(tx: Tx, capture: Row, origin: Origin, headers: list[tuple[str, bytes | None]]) -> None:
+    """A capture that ended FAILED: its terminal event, and a dead letter on
+    ``qm.captures.dlt`` carrying its handoff record and the ``qm.dlt.*`` headers."""
+    tx.events.capture("failed", capture)
+    value = CaptureHandoff(capture_id=capture["id"]).model_dump_json().encode()
+    tx.box.add(
+        dlt_topic(tx.settings.topic("captures")),
+        capture["id"],
+        value,
+        dead_letter_headers(
+            headers,
+            origin,
+            HandoffFailed(capture["last_error"]),
+            capture["attempts"],
+            failed_at=capture["failed_at"],
+        ),
+    )
+    log.warning(
+        "capture_dead_lettered",
+        capture_id=capture["id"],
+        attempts=capture["attempts"],
+        reason=capture["last_error"],
+    )

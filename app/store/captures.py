@@ -1,0 +1,356 @@
+"""Captures: RECEIVED -> HANDING_OFF -> HANDED_OFF; HANDING_OFF -> RECEIVED (retry) | FAILED.
+
+A capture's handoff is a lease like a job's: the claim takes a fresh fencing token
+(``lease_token_seq``), names its holder and an expiry; only that token can finish the handoff.
+``next_attempt_at`` is when the next attempt may start (the retry backoff); ``dispatched_at`` is
+when the record that starts it was written to the outbox (NULL: none is in flight).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import RowMapping, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.store.jobs import NOW
+
+# What the handoff worker needs besides the capture: where the site wants it delivered.
+_WITH_SITE = """
+    SELECT c.*, s.webhook_url, s.dag_id FROM c JOIN sites s ON s.slug = c.site
+"""
+
+
+async def add_capture(
+    conn: AsyncConnection,
+    *,
+    capture_id: str,
+    job_id: str,
+    lease_token: int,
+    url: str,
+    storage_uri: str,
+    sha256: str,
+    content_type: str,
+    size: int,
+    captured_at: datetime,
+    meta: dict[str, Any],
+    fingerprint: str,
+) -> RowMapping | None:
+    """A new capture -> RECEIVED, dispatched now; only for the holder of the job's live lease.
+
+    None when the lease is not live or the capture id exists (``describe_capture`` says which).
+    """
+    result = await conn.execute(
+        text(
+            """
+            WITH live AS (
+                -- fencing (rule 2): only the holder of the job's live lease hands in captures
+                SELECT id, site FROM jobs
+                WHERE id = :job_id AND status = 'RUNNING' AND lease_token = :token
+                  AND lease_expires_at > now()
+            )
+            INSERT INTO captures (id, job_id, site, url, storage_uri, sha256, content_type, size,
+                                  captured_at, meta, fingerprint, dispatched_at)
+            SELECT :id, live.id, live.site, :url, :storage_uri, :sha256, :content_type, :size,
+                   :captured_at, CAST(:meta AS jsonb), :fingerprint, now()
+            FROM live
+            ON CONFLICT (id) DO NOTHING
+            RETURNING *
+            """
+        ),
+        {
+            "id": capture_id,
+            "job_id": job_id,
+            "token": lease_token,
+            "url": url,
+            "storage_uri": storage_uri,
+            "sha256": sha256,
+            "content_type": content_type,
+            "size": size,
+            "captured_at": captured_at,
+            "meta": json.dumps(meta),
+            "fingerprint": fingerprint,
+        },
+    )
+    return result.mappings().first()
+
+
+async def describe_capture(conn: AsyncConnection, capture_id: str) -> RowMapping | None:
+    """A capture as it stands, with its site's delivery settings."""
+    result = await conn.execute(
+        text(f"WITH c AS (SELECT * FROM captures WHERE id = :id) {_WITH_SITE}"), {"id": capture_id}
+    )
+    return result.mappings().first()
+
+
+async def claim_handoff(
+    conn: AsyncConnection,
+    capture_id: str,
+    *,
+    holder: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> RowMapping | None:
+    """RECEIVED -> HANDING_OFF with a fresh token, once its attempt is due; None: not due, or a
+    peer (or a duplicate record) took it first."""
+    result = await conn.execute(
+        text(
+            f"""
+            WITH c AS (
+                UPDATE captures
+                SET status = 'HANDING_OFF', handoff_holder = :holder,
+                    handoff_token = nextval('lease_token_seq'),
+                    handoff_expires_at = {NOW} + make_interval(secs => :lease),
+                    dispatched_at = NULL, updated_at = now()
+                WHERE id = :id AND status = 'RECEIVED' AND next_attempt_at <= {NOW}
+                RETURNING *
+            )
+            {_WITH_SITE}
+            """
+        ),
+        {"id": capture_id, "holder": holder, "lease": lease_seconds, "now": now},
+    )
+    return result.mappings().first()
+
+
+async def finish_handoff(
+    conn: AsyncConnection, capture_id: str, token: int, now: datetime | None = None
+) -> RowMapping | None:
+    """HANDING_OFF -> HANDED_OFF, for the holder of the claim's token only.
+
+    A lapsed claim still finishes while nobody took it over: the token proves nobody did.
+    """
+    result = await conn.execute(
+        text(
+            f"""
+            UPDATE captures
+            SET status = 'HANDED_OFF', handed_off_at = {NOW}, handoff_expires_at = NULL,
+                last_error = NULL, updated_at = now()
+            WHERE id = :id AND status = 'HANDING_OFF' AND handoff_token = :token
+            RETURNING *
+            """
+        ),
+        {"id": capture_id, "token": token, "now": now},
+    )
+    return result.mappings().first()
+
+
+# HANDING_OFF -> RECEIVED, or FAILED at the cap or for a failure no retry can mend. ``retry_in``
+# is the capped exponential backoff: base * 2^attempts, at most :backoff_max seconds.
+_GIVE_BACK = f"""
+    UPDATE captures
+    SET status = CASE WHEN NOT :retryable OR attempts + 1 >= :max_attempts THEN 'FAILED'
+                      ELSE 'RECEIVED' END::capture_status,
+        attempts = attempts + 1,
+        last_error = :reason,
+        next_attempt_at = {NOW} + make_interval(
+            secs => least(:backoff_max, :backoff_base * power(2, attempts))),
+        dispatched_at = {{dispatched_at}},
+        failed_at = CASE WHEN NOT :retryable OR attempts + 1 >= :max_attempts THEN {NOW} END,
+        handoff_expires_at = NULL, updated_at = now()
+    WHERE id = :id AND status = 'HANDING_OFF' AND handoff_token = :token {{stale}}
+    RETURNING *
+"""
+
+
+async def give_back_handoff(
+    conn: AsyncConnection,
+    capture_id: str,
+    token: int,
+    *,
+    reason: str,
+    retryable: bool,
+    max_attempts: int,
+    backoff_base: float,
+    backoff_max: float,
+    now: datetime | None = None,
+) -> RowMapping | None:
+    """HANDING_OFF -> RECEIVED after the backoff (attempts + 1), or -> FAILED with ``reason`` at
+    the attempt cap or when not ``retryable``; for the holder of the claim's token only.
+
+    Nothing is dispatched: the reaper publishes the retry's record once its backoff is over.
+    """
+    result = await conn.execute(
+        text(_GIVE_BACK.format(dispatched_at="NULL", stale="")),
+        {
+            "id": capture_id,
+            "token": token,
+            "reason": reason,
+            "retryable": retryable,
+            "max_attempts": max_attempts,
+            "backoff_base": backoff_base,
+            "backoff_max": backoff_max,
+            "now": now,
+        },
+    )
+    return result.mappings().first()
+
+
+async def find_lapsed_handoffs(
+    conn: AsyncConnection, *, now: datetime | None, after: str, limit: int
+) -> list[RowMapping]:
+    """A page (by id) of HANDING_OFF captures whose claim expired (their holder died)."""
+    result = await conn.execute(
+        text(
+            f"""
+            SELECT id, handoff_token FROM captures
+            WHERE status = 'HANDING_OFF' AND handoff_expires_at < {NOW} AND id > :after
+            ORDER BY id LIMIT :limit
+            """
+        ),
+        {"now": now, "after": after, "limit": limit},
+    )
+    return list(result.mappings())
+
+
+async def reclaim_lapsed_handoff(
+    conn: AsyncConnection,
+    capture_id: str,
+    token: int,
+    *,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> RowMapping | None:
+    """HANDING_OFF -> RECEIVED, dispatched now (attempts + 1), or -> FAILED at the cap; only
+    while the claim of ``token`` is still lapsed (the staleness test, repeated)."""
+    result = await conn.execute(
+        text(
+            _GIVE_BACK.format(
+                dispatched_at=f"CASE WHEN attempts + 1 < :max_attempts THEN {NOW} END",
+                stale=f"AND handoff_expires_at < {NOW}",
+            )
+        ),
+        {
+            "id": capture_id,
+            "token": token,
+            "reason": "handoff_lease_expired",
+            "retryable": True,
+            "max_attempts": max_attempts,
+            "backoff_base": 0.0,  # the holder died: the next attempt may start at once
+            "backoff_max": 0.0,
+            "now": now,
+        },
+    )
+    return result.mappings().first()
+
+
+# A RECEIVED capture whose attempt is due and has no record in flight: none was written since
+# its last attempt, or the one written is older than the redispatch delay and still unclaimed
+# (the seed's "event never published" orphan), and none waits unsent in the outbox.
+_UNDISPATCHED = f"""
+    status = 'RECEIVED' AND next_attempt_at <= {NOW}
+    AND (dispatched_at IS NULL
+         OR dispatched_at < {NOW} - make_interval(secs => :redispatch_seconds))
+"""
+
+
+async def find_undispatched(
+    conn: AsyncConnection,
+    *,
+    now: datetime | None,
+    after: str,
+    limit: int,
+    redispatch_seconds: float,
+    topic: str,
+) -> list[RowMapping]:
+    """A page (by id) of RECEIVED captures that are due and have no record in flight."""
+    result = await conn.execute(
+        text(
+            f"""
+            SELECT c.id FROM captures c
+            WHERE {_UNDISPATCHED} AND c.id > :after
+              AND NOT EXISTS (SELECT 1 FROM outbox o
+                              WHERE o.topic = :topic AND o.key = convert_to(c.id, 'UTF8'))
+            ORDER BY c.id LIMIT :limit
+            """
+        ),
+        {
+            "now": now,
+            "after": after,
+            "limit": limit,
+            "redispatch_seconds": redispatch_seconds,
+            "topic": topic,
+        },
+    )
+    return list(result.mappings())
+
+
+async def mark_dispatched(
+    conn: AsyncConnection,
+    capture_id: str,
+    *,
+    redispatch_seconds: float,
+    now: datetime | None = None,
+) -> RowMapping | None:
+    """RECEIVED -> RECEIVED with a record in flight, while it is still undispatched (repeated
+    staleness test); the caller writes the record in the same transaction."""
+    result = await conn.execute(
+        text(
+            f"""
+            UPDATE captures SET dispatched_at = {NOW}, updated_at = now()
+            WHERE id = :id AND {_UNDISPATCHED}
+            RETURNING *
+            """
+        ),
+        {"id": capture_id, "redispatch_seconds": redispatch_seconds, "now": now},
+    )
+    return result.mappings().first()
+
+
+async def retry_failed(conn: AsyncConnection, capture_id: str) -> RowMapping | None:
+    """FAILED -> RECEIVED with its attempts reset, dispatched now (an operator's retry)."""
+    result = await conn.execute(
+        text(
+            """
+            UPDATE captures
+            SET status = 'RECEIVED', attempts = 0, next_attempt_at = now(), dispatched_at = now(),
+                failed_at = NULL, handoff_holder = NULL, updated_at = now()
+            WHERE id = :id AND status = 'FAILED'
+            RETURNING *
+            """
+        ),
+        {"id": capture_id},
+    )
+    return result.mappings().first()
+
+
+async def list_captures(
+    conn: AsyncConnection, *, status: str | None, site: str | None, limit: int
+) -> list[RowMapping]:
+    """The newest captures, optionally of one status and one site."""
+    result = await conn.execute(
+        text(
+            """
+            SELECT id, job_id, site, status, attempts, next_attempt_at, last_error, created_at,
+                   handed_off_at
+            FROM captures
+            WHERE (CAST(:status AS capture_status) IS NULL OR status = CAST(:status AS capture_status))
+              AND (CAST(:site AS text) IS NULL OR site = :site)
+            ORDER BY created_at DESC, id LIMIT :limit
+            """
+        ),
+        {"status": status, "site": site, "limit": limit},
+    )
+    return list(result.mappings())
+
+
+async def counts_by_site(conn: AsyncConnection) -> dict[str, dict[str, int]]:
+    """How many captures each site has in each status."""
+    result = await conn.execute(
+        text("SELECT site, status::text, count(*) FROM captures GROUP BY site, status")
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for site, status, n in result:
+        counts.setdefault(site, {})[status] = int(n)
+    return counts
+
+
+async def set_site_webhook(conn: AsyncConnection, slug: str, url: str | None) -> bool:
+    """Set (or clear, with None) the webhook a site's captures are delivered to."""
+    result = await conn.execute(
+        text("UPDATE sites SET webhook_url = :url WHERE slug = :slug RETURNING slug"),
+        {"slug": slug, "url": url},
+    )
+    return result.first() is not None

@@ -1,0 +1,52 @@
+"""Block cooldowns: a BLOCKED account whose block had a cooldown returns to ACTIVE when it ends.
+
+The cooldown comes from the collector (``cooldown_seconds`` on ``job.finish`` blocked) or the
+site's ``block_cooldown_seconds``; a block without one (an operator's, or a cooldown of 0)
+stays until an operator unblocks it. The account goes to the site's oldest waiter in the same
+transaction. Recovery bound: the cooldown + one sweep interval.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+
+from app.leasing import Tx, grant_waiting
+from app.store import Row, accounts, sites
+from reapers.base import Sweep, SweepResult
+
+log = structlog.get_logger()
+
+
+class BlockCooldowns(Sweep):
+    name = "block_cooldowns"
+
+    async def run_once(self, now: datetime | None = None) -> SweepResult:
+        result = SweepResult(self.name)
+        after = 0
+        while True:
+            async with self.db.transaction() as conn:
+                page = await accounts.find_ended_blocks(
+                    conn, now=now, after=after, limit=self.settings.reaper_page_size
+                )
+            for stale in page:
+                ended = await self._end(stale, now)
+                (result.changed if ended else result.lost_races).append(str(stale["id"]))
+            if len(page) < self.settings.reaper_page_size:
+                return result
+            after = page[-1]["id"]
+
+    async def _end(self, stale: Row, now: datetime | None) -> bool:
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            await sites.lock_site(conn, stale["site"])  # lock order: site, then account
+            account = await accounts.end_block(conn, stale["id"], stale["lease_token"], now)
+            if account is None:
+                log.info("reap_lost_race", account_id=stale["id"], lease_token=stale["lease_token"])
+                return False
+            tx.events.account("unblocked", account)
+            granted = await grant_waiting(tx, account["site"], now)
+            await tx.flush()
+        log.info("block_ended", account_id=account["id"], site=account["site"], granted=granted)
+        return True

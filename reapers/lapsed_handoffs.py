@@ -1,0 +1,70 @@
+"""Lapsed handoffs: HANDING_OFF captures whose claim expired (their handoff worker died) go back to
+RECEIVED and are published again at once, or end FAILED with a dead letter at the attempt cap.
+
+The bbox-style reaper of the second stage. Recovery bound: the handoff lease + one sweep interval.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+
+from app.dlt import Origin
+from app.handoff.records import dispatch, failed
+from app.leasing import Tx
+from app.store import Row, captures
+from reapers.base import Sweep, SweepResult
+from schemas.states import CaptureStatus
+
+log = structlog.get_logger()
+
+
+class LapsedHandoffs(Sweep):
+    name = "lapsed_handoffs"
+
+    async def run_once(self, now: datetime | None = None) -> SweepResult:
+        result = SweepResult(self.name)
+        after = ""
+        while True:
+            async with self.db.transaction() as conn:
+                page = await captures.find_lapsed_handoffs(
+                    conn, now=now, after=after, limit=self.settings.reaper_page_size
+                )
+            for stale in page:
+                reaped = await self._reap(stale, now)
+                (result.changed if reaped else result.lost_races).append(stale["id"])
+            if len(page) < self.settings.reaper_page_size:
+                return result
+            after = page[-1]["id"]
+
+    async def _reap(self, stale: Row, now: datetime | None) -> bool:
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            capture = await captures.reclaim_lapsed_handoff(
+                conn,
+                stale["id"],
+                stale["handoff_token"],
+                max_attempts=self.settings.handoff_max_attempts,
+                now=now,
+            )
+            if capture is None:  # finalised, or reaped by another replica, since the page
+                log.info("reap_lost_race", capture_id=stale["id"])
+                return False
+            if capture["status"] == CaptureStatus.FAILED:
+                origin = Origin(
+                    self.settings.topic("captures"), -1, -1, 0, self.settings.handoff_consumer_group
+                )
+                failed(tx, capture, origin, [])
+            else:
+                dispatch(tx, capture["id"])
+                tx.events.capture("reclaimed", capture)
+            await tx.flush()
+        log.info(
+            "handoff_reaped",
+            capture_id=capture["id"],
+            handoff_token=stale["handoff_token"],
+            status=capture["status"],
+            attempts=capture["attempts"],
+        )
+        return True

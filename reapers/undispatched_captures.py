@@ -1,0 +1,55 @@
+"""Undispatched captures: RECEIVED captures whose attempt is due and that have no record in
+flight get one on ``qm.captures``: a retry whose backoff is over, or a record that was never
+claimed (the seed's "event never published" orphan).
+
+Recovery bound: a retry starts within its backoff + one sweep interval; an unclaimed record is
+published again after ``handoff_redispatch_seconds`` + one sweep interval.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+
+from app.handoff.records import dispatch
+from app.leasing import Tx
+from app.store import captures
+from reapers.base import Sweep, SweepResult
+
+log = structlog.get_logger()
+
+
+class UndispatchedCaptures(Sweep):
+    name = "undispatched_captures"
+
+    async def run_once(self, now: datetime | None = None) -> SweepResult:
+        result = SweepResult(self.name)
+        redispatch = self.settings.handoff_redispatch_seconds
+        after = ""
+        while True:
+            async with self.db.transaction() as conn:
+                page = await captures.find_undispatched(
+                    conn,
+                    now=now,
+                    after=after,
+                    limit=self.settings.reaper_page_size,
+                    redispatch_seconds=redispatch,
+                    topic=self.settings.topic("captures"),
+                )
+            for due in page:
+                async with self.db.transaction() as conn:
+                    tx = Tx(conn, self.services)
+                    capture = await captures.mark_dispatched(
+                        conn, due["id"], redispatch_seconds=redispatch, now=now
+                    )
+                    if capture is not None:
+                        dispatch(tx, capture["id"])
+                        await tx.flush()
+                (result.changed if capture else result.lost_races).append(due["id"])
+                log.info(
+                    "capture_dispatched" if capture else "reap_lost_race", capture_id=due["id"]
+                )
+            if len(page) < self.settings.reaper_page_size:
+                return result
+            after = page[-1]["id"]

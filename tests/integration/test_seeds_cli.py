@@ -1,0 +1,85 @@
+"""`qm seeds` as an operator runs it, against the real database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.settings import Settings
+from tests.support.cli import Qm, assert_one_red_line, qm_fixture  # noqa: F401 - the fixture
+from tests.support.leasing import make_site, scalar
+
+
+async def test_import_loads_the_good_rows_and_reports_the_bad_ones_by_line(
+    engine: AsyncEngine, settings: Settings, qm: Qm, tmp_path: Path
+) -> None:
+    await make_site(engine, settings, n_accounts=0)
+    await qm("seeds", "add", "board", "https://board.example.com/kept", "--priority", "1")
+    file = tmp_path / "seeds.csv"
+    file.write_text(
+        "url,interval_seconds,priority\n"
+        "https://board.example.com/a,60,2\n"
+        "not a url\n"
+        "https://board.example.com/b\n"
+        "https://board.example.com/kept,120,1\n"
+        "https://board.example.com/c,-5\n"
+        "https://board.example.com/a\n"
+    )
+    result = await qm("seeds", "import", "board", str(file))
+    assert result.exit_code == 0, result.output
+    assert "2 added, 1 updated, 0 unchanged, 3 refused" in result.stdout
+    assert "line 3: url is not http(s) with a host" in result.stderr
+    assert "line 6: interval_seconds must be positive" in result.stderr
+    assert "line 7: repeats the url of line 2" in result.stderr
+    assert await scalar(engine, "SELECT count(*) FROM seeds") == 3
+    assert await scalar(engine, "SELECT interval_seconds FROM seeds WHERE url LIKE '%kept'") == 120
+    again = await qm("seeds", "import", "board", str(file))
+    assert "0 added, 0 updated, 3 unchanged, 3 refused" in again.stdout
+
+
+async def test_import_reads_json_lines_from_stdin(
+    engine: AsyncEngine, settings: Settings, qm: Qm
+) -> None:
+    await make_site(engine, settings, n_accounts=0)
+    lines = "".join(
+        f'{{"url": "https://board.example.com/{n}", "priority": {n}}}\n' for n in range(5)
+    )
+    result = await qm("seeds", "import", "board", "-", input=lines + "{broken\n")
+    assert result.exit_code == 0, result.output
+    assert "5 added, 0 updated, 0 unchanged, 1 refused" in result.stdout
+    assert "line 6: not a JSON object" in result.stderr
+    listed = await qm("seeds", "list", "board", "--due", "--limit", "2")
+    assert "board.example.com/4" in listed.stdout and "board.example.com/3" in listed.stdout
+    assert "board.example.com/0" not in listed.stdout
+
+
+async def test_disable_and_enable_move_a_seed_and_refuse_what_cannot_move(
+    engine: AsyncEngine, settings: Settings, qm: Qm
+) -> None:
+    await make_site(engine, settings, n_accounts=0)
+    url = "https://board.example.com/x"
+    await qm("seeds", "add", "board", url)
+    disabled = await qm("seeds", "disable", "board", url, "--reason", "board closed")
+    assert disabled.exit_code == 0, disabled.output
+    assert await scalar(engine, "SELECT disabled_reason FROM seeds") == "board closed"
+    listed = await qm("seeds", "list", "board", "--status", "DISABLED")
+    assert "board closed" in listed.stdout
+    assert_one_red_line(await qm("seeds", "disable", "board", url), "no seed")
+    seed_id = str(await scalar(engine, "SELECT id FROM seeds"))
+    assert (await qm("seeds", "enable", "board", seed_id)).exit_code == 0
+    assert await scalar(engine, "SELECT status::text FROM seeds") == "ACTIVE"
+    assert_one_red_line(await qm("seeds", "enable", "board", seed_id), "no seed")
+
+
+async def test_operator_mistakes_are_one_red_line(
+    engine: AsyncEngine, settings: Settings, qm: Qm, tmp_path: Path
+) -> None:
+    await make_site(engine, settings, n_accounts=0)
+    assert_one_red_line(await qm("seeds", "add", "nowhere", "https://x.example/"), "no site")
+    assert_one_red_line(await qm("seeds", "add", "board", "ftp://x.example/"), "http(s)")
+    await qm("seeds", "add", "board", "https://x.example/")
+    assert_one_red_line(await qm("seeds", "add", "board", "https://x.example/"), "already")
+    assert_one_red_line(await qm("seeds", "import", "board", str(tmp_path / "none.csv")), "no file")
+    (tmp_path / "s.csv").write_text("https://y.example/\n")
+    assert_one_red_line(await qm("seeds", "import", "nowhere", str(tmp_path / "s.csv")), "no site")

@@ -1,0 +1,322 @@
+"""The handoff worker: the second stage. It consumes ``qm.captures`` in a consumer group and, for
+each record, hands one capture downstream exactly once:
+
+1. claim: RECEIVED -> HANDING_OFF with a lease (holder, fresh token, expiry), its own transaction.
+   A claim that returns nothing bails silently: a peer or a duplicate record was first, or the
+   attempt is not due yet (the reaper publishes it again when it is).
+2. effects: the site's targets (``app.handoff.targets_for``: a webhook, an Airflow DAG run), each
+   idempotent by capture id, since a worker that dies after them repeats them on the next try.
+3. finalise: HANDING_OFF -> HANDED_OFF with the claim's token and, in that transaction only, the
+   ``capture.ready`` record on ``qm.captures.ready`` and its event (so a loser publishes nothing).
+   A failed effect gives the capture back instead: RECEIVED after a backoff, or FAILED (dead
+   letter) at the attempt cap or when the target refused it for good.
+
+A worker that dies anywhere leaves a HANDING_OFF capture whose lease lapses; the capture reaper
+(``reapers.lapsed_handoffs``) brings it back within the lease plus one sweep interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
+
+import structlog
+from aiokafka import AIOKafkaConsumer
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+
+from app.crypto import SecretBox
+from app.dlt import Origin, dead_letter_headers, dlt_topic, redact
+from app.errors import Disposition, classify, describe
+from app.handoff import Delivery, Target, TargetError, targets_for
+from app.handoff.records import failed, ready
+from app.health import set_ready
+from app.leasing import Services, Tx
+from app.settings import Settings
+from app.store import Database, Row, captures
+from app.wiring import Wiring, consumer_assigned
+from schemas.messages import CaptureHandoff
+from schemas.states import CaptureStatus
+from workers.claim import OffsetCommits, as_message, incoming, parse_raw
+from workers.requests import Incoming
+
+log = structlog.get_logger()
+T = TypeVar("T")
+Targets = Callable[[Delivery, Settings], list[Target]]
+
+
+def delivery_of(capture: Row) -> Delivery:
+    """What the targets are handed for a claimed capture (this is attempt ``attempts + 1``)."""
+    return Delivery(
+        capture_id=capture["id"],
+        job_id=capture["job_id"],
+        site=capture["site"],
+        url=capture["url"],
+        storage_uri=capture["storage_uri"],
+        sha256=capture["sha256"],
+        content_type=capture["content_type"],
+        size=capture["size"],
+        captured_at=capture["captured_at"],
+        meta=dict(capture["meta"] or {}),
+        attempt=capture["attempts"] + 1,
+        dag_id=capture["dag_id"],
+        webhook_url=capture["webhook_url"],
+    )
+
+
+class HandoffWorker:
+    """Hands captures off; ``process`` never raises for a bad record."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        secrets: SecretBox | None = None,
+        *,
+        holder: str | None = None,
+        targets: Targets = targets_for,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.services = Services(settings, secrets or SecretBox.from_settings(settings))
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.targets = targets
+        self.ready = True
+
+    async def process(self, record: Incoming) -> str:
+        """Handle one record of ``qm.captures``; returns what happened."""
+        try:
+            capture_id = CaptureHandoff.model_validate_json(record.value or b"").capture_id
+        except Exception as exc:  # noqa: BLE001 - every bad record is dead-lettered
+            await self._retry_transient(partial(self._dead_letter, record, exc))
+            return "dead_lettered"
+        try:
+            return await self.hand_off(capture_id, record)
+        except Exception:  # the lease lapses and the reaper brings the capture back
+            log.exception("handoff_failed_unexpectedly", capture_id=capture_id)
+            return "error"
+
+    async def hand_off(
+        self, capture_id: str, record: Incoming | None = None, now: datetime | None = None
+    ) -> str:
+        """Claim, deliver, finalise one capture: handed_off, retrying, failed, skipped or lost."""
+        capture = await self._retry_transient(partial(self._claim, capture_id, now))
+        if capture is None:
+            log.debug("handoff_claim_skipped", capture_id=capture_id)
+            return "skipped"
+        self._fault("handoff_after_claim", capture)
+        error = await self._deliver(delivery_of(capture))
+        self._fault("handoff_after_effect", capture)
+        return await self._retry_transient(partial(self._finalise, capture, error, record, now))
+
+    async def _claim(self, capture_id: str, now: datetime | None) -> Row | None:
+        async with self.db.transaction() as conn:
+            return await captures.claim_handoff(
+                conn,
+                capture_id,
+                holder=self.holder,
+                lease_seconds=self.settings.handoff_lease_seconds,
+                now=now,
+            )
+
+    async def _deliver(self, delivery: Delivery) -> TargetError | None:
+        """Run the site's targets in order; the first failure, or None when all succeeded.
+
+        They get at most the claim's lease, so a slow target cannot outlive the claim by much.
+        """
+        for target in self.targets(delivery, self.settings):
+            try:
+                async with asyncio.timeout(self.settings.handoff_lease_seconds):
+                    await target.deliver(delivery)
+            except TargetError as exc:
+                return TargetError(f"{target.name}: {exc.reason}", retryable=exc.retryable)
+            except TimeoutError:
+                return TargetError(f"{target.name}: no answer within the lease", retryable=True)
+            except Exception as exc:  # a target's bug is worth another try
+                log.exception("target_failed", target=target.name, capture_id=delivery.capture_id)
+                return TargetError(f"{target.name}: {type(exc).__name__}", retryable=True)
+            log.info("target_delivered", target=target.name, capture_id=delivery.capture_id)
+        return None
+
+    async def _finalise(
+        self,
+        capture: Row,
+        error: TargetError | None,
+        record: Incoming | None,
+        now: datetime | None,
+    ) -> str:
+        """HANDING_OFF -> HANDED_OFF with capture.ready, or back to RECEIVED / FAILED."""
+        capture_id, token = capture["id"], capture["handoff_token"]
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            if error is None:
+                done = await captures.finish_handoff(conn, capture_id, token, now)
+                if done is not None:
+                    ready(tx, done)
+            else:
+                done = await self._give_back(tx, capture_id, token, error, record, now)
+            await tx.flush()
+        if done is None:
+            log.info("handoff_lost", capture_id=capture_id, handoff_token=token)
+            return "lost"
+        outcome = {
+            CaptureStatus.HANDED_OFF: "handed_off",
+            CaptureStatus.RECEIVED: "retrying",
+            CaptureStatus.FAILED: "failed",
+        }[CaptureStatus(done["status"])]
+        log.info(
+            "capture_" + outcome,
+            capture_id=capture_id,
+            handoff_token=token,
+            attempts=done["attempts"],
+            reason=done["last_error"],
+        )
+        return outcome
+
+    async def _give_back(
+        self,
+        tx: Tx,
+        capture_id: str,
+        token: int,
+        error: TargetError,
+        record: Incoming | None,
+        now: datetime | None,
+    ) -> Row | None:
+        settings = self.settings
+        done = await captures.give_back_handoff(
+            tx.conn,
+            capture_id,
+            token,
+            reason=redact(error.reason, 500),
+            retryable=error.retryable,
+            max_attempts=settings.handoff_max_attempts,
+            backoff_base=settings.handoff_backoff_seconds,
+            backoff_max=settings.handoff_backoff_max_seconds,
+            now=now,
+        )
+        if done is not None and done["status"] == CaptureStatus.FAILED:
+            failed(tx, done, self._origin(record), list(record.headers) if record else [])
+        elif done is not None:
+            tx.events.capture("retrying", done)
+        return done
+
+    def _origin(self, record: Incoming | None) -> Origin:
+        group = self.settings.handoff_consumer_group
+        if record is None:
+            return Origin(self.settings.topic("captures"), -1, -1, 0, group)
+        return Origin(record.topic, record.partition, record.offset, record.timestamp_ms, group)
+
+    async def _retry_transient(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run ``step``, retrying transient failures in place with capped backoff."""
+        delay = 0.05
+        while True:
+            try:
+                result = await step()
+            except Exception as exc:
+                if classify(exc) is not Disposition.TRANSIENT:
+                    raise
+                self.ready = False
+                set_ready("handoff", False)
+                log.warning("transient_error", error_class=type(exc).__name__, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.transient_retry_max_seconds)
+                continue
+            if not self.ready:
+                self.ready = True
+                set_ready("handoff", True)
+            return result
+
+    async def _dead_letter(self, record: Incoming, error: BaseException) -> None:
+        """A record that is not a capture handoff: to ``qm.captures.dlt`` with its headers."""
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            headers = dead_letter_headers(
+                record.headers, self._origin(record), error, 1, message=redact(describe(error))
+            )
+            tx.box.add(dlt_topic(record.topic), record.key, record.value, headers)
+            await tx.flush()
+        log.warning(
+            "handoff_record_dead_lettered",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error_class=type(error).__name__,
+        )
+
+    def _fault(self, point: str, capture: Row) -> None:
+        """Chaos testing: die here, as a crash would, when the settings ask for it."""
+        if self.settings.fault_point == point and self.settings.fault_job_id == capture["job_id"]:
+            log.warning("fault_injected", point=point, capture_id=capture["id"])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def subscribe_captures(
+    broker: KafkaBroker, settings: Settings, worker: HandoffWorker, commits: OffsetCommits
+) -> Any:
+    """Subscribe ``worker`` to ``qm.captures`` on ``broker``; return the subscriber."""
+    extra: dict[str, Any] = (
+        {"max_workers": settings.handoff_consumers} if settings.handoff_consumers > 1 else {}
+    )
+    subscriber = broker.subscriber(
+        settings.topic("captures"),
+        group_id=settings.handoff_consumer_group,
+        ack_policy=AckPolicy.MANUAL,  # OffsetCommits commits once a record is done
+        auto_offset_reset="earliest",
+        parser=parse_raw,  # the record's bytes reach the handler untouched (see workers.claim)
+        decoder=as_message,
+        no_reply=True,  # what a handoff publishes goes through the outbox
+        max_poll_interval_ms=600_000,
+        session_timeout_ms=settings.consumer_session_timeout_ms,
+        heartbeat_interval_ms=max(settings.consumer_session_timeout_ms // 5, 100),
+        listener=commits,
+        **extra,
+    )
+
+    @subscriber
+    async def on_capture(message: KafkaMessage) -> None:
+        record = incoming(message)
+        try:
+            await worker.process(record)
+        except BaseException:
+            await message.nack()
+            raise
+        consumer = message.consumer
+        assert isinstance(consumer, AIOKafkaConsumer)
+        commits.done(consumer, record.topic, record.partition, record.offset)
+
+    return subscriber
+
+
+async def run_handoff_worker(wiring: Wiring) -> None:
+    """Run the handoff worker until ``wiring.stop`` is set."""
+    settings, stop = wiring.settings, wiring.stop
+    worker = HandoffWorker(settings, wiring.database())
+    commits = OffsetCommits()
+    broker = wiring.broker()
+    subscriber = subscribe_captures(broker, settings, worker, commits)
+    wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
+    await broker.start()
+    committer = asyncio.create_task(commits.run(stop), name="handoff-offset-commits")
+    log.info(
+        "handoff_worker_started",
+        topic=settings.topic("captures"),
+        group=settings.handoff_consumer_group,
+        holder=worker.holder,
+    )
+    try:
+        await stop.wait()
+    finally:
+        committer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await committer
+        await commits.flush()
+        await broker.stop()  # the database closes after this, with the wiring
+        log.info("handoff_worker_stopped")

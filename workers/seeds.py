@@ -1,0 +1,34 @@
+"""The seeds family: seeds.claim, more seeds for a live lease (the job's own site, due ones only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from app import seeding
+from app.leasing import Tx
+from app.store import jobs
+from schemas.messages import JobLeaseLost, SeedsClaim, SeedsClaimed
+from workers.jobs import why_lease_lost
+
+log = structlog.get_logger()
+
+
+async def claim(tx: Tx, req: SeedsClaim, reply_to: str, correlation_id: str) -> dict[str, Any]:
+    """Hand the live lease up to ``limit`` due seeds (none due: an empty ``seeds.claimed``); a
+    stale token or a lapsed lease gets ``job.lease_lost`` and nothing changes."""
+    granted = await seeding.hand_out(
+        tx, job_id=req.job_id, lease_token=req.lease_token, limit=req.limit
+    )
+    if granted is None:
+        reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
+        log.info(
+            "seeds_claim_refused", job_id=req.job_id, lease_token=req.lease_token, reason=reason
+        )
+        return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
+            mode="json"
+        )
+    return SeedsClaimed(request_id=req.request_id, job_id=req.job_id, seeds=granted).model_dump(
+        mode="json"
+    )
