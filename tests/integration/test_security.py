@@ -85,6 +85,8 @@ def qm(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunne
         monkeypatch.setenv(name, value)
     for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
         monkeypatch.delenv(name, raising=False)
+    # the process-wide logging setup (cached loggers) would outlive this test
+    monkeypatch.setattr("app.cli.configure_logging", lambda *args: None)
     get_settings.cache_clear()
     yield CliRunner()
     get_settings.cache_clear()
