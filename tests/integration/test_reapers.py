@@ -178,7 +178,11 @@ async def test_a_job_whose_holders_keep_dying_stops_at_its_attempt_cap(
     assert named["qm.dlt.original_topic"] == settings.topic("requests")
     assert named["qm.dlt.attempts"] == "2" and "lapsed 2 times" in named["qm.dlt.error_message"]
     dead = json.loads(bytes(payload))
-    assert (dead["id"], dead["status"], dead["reason"]) == ("cursed", "FAILED", "attempts_exhausted")
+    assert (dead["id"], dead["status"], dead["reason"]) == (
+        "cursed",
+        "FAILED",
+        "attempts_exhausted",
+    )
     assert await scalar(engine, "SELECT status::text FROM accounts") == "ACTIVE"
 
 
