@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter
 
 from app.sdk import errors
+from app.sdk.logs import sdk_logger
 from schemas import messages as wire
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from app.sdk.client import QuartermasterClient
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
 MIN_HEARTBEAT_SECONDS = 0.1
 MIN_DERIVED_HEARTBEAT_SECONDS = 1.0
