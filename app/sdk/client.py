@@ -344,15 +344,20 @@ class QuartermasterClient:
         producer = self._producer
         if producer is None:
             raise ClientClosed("the client is closed")
-        await producer.send_and_wait(
-            self.request_topic,
-            value=message.model_dump_json().encode(),
-            key=message.job_id.encode(),
-            headers=[
-                (CORRELATION_ID, correlation_id.encode()),
-                (REPLY_TO, self.reply_topic.encode()),
-            ],
-        )
+        try:
+            await producer.send_and_wait(
+                self.request_topic,
+                value=message.model_dump_json().encode(),
+                key=message.job_id.encode(),
+                headers=[
+                    (CORRELATION_ID, correlation_id.encode()),
+                    (REPLY_TO, self.reply_topic.encode()),
+                ],
+            )
+        except KafkaError as exc:
+            raise BrokerUnavailable(
+                self.bootstrap_servers, f"did not take {message.type}: {exc!r}"
+            ) from exc
         log.debug(
             "request_sent",
             request_type=message.type,
