@@ -17,11 +17,12 @@ from pathlib import Path
 
 import structlog
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from dotenv import dotenv_values
 from pydantic import SecretStr
 from rich.console import Console
 
-from app.crypto import SecretBox
+from app.crypto import SecretBox, private_key_text
 from app.db.migrate import upgrade
 from app.devstack import free_port
 from app.devstack.postgres import EmbeddedPostgres
@@ -57,18 +58,19 @@ def _env_text(values: dict[str, str]) -> str:
 
 
 def dev_keys(base: Settings, state: Path) -> tuple[SecretStr, SecretStr]:
-    """The configured keys, else the ones kept in ``state`` (made on the first run)."""
+    """The configured keys (secrets at rest, session sealing), else the ones kept in ``state``
+    (made on the first run)."""
     kept = {k: v or "" for k, v in dotenv_values(state / KEYS_FILE).items()}
-    if not kept.get("QM_SECRET_KEYS") or not kept.get("QM_TRANSPORT_KEY"):
+    if not kept.get("QM_SECRET_KEYS") or not kept.get("QM_SEALING_KEYS"):
         kept = {
             "QM_SECRET_KEYS": Fernet.generate_key().decode(),
-            "QM_TRANSPORT_KEY": Fernet.generate_key().decode(),
+            "QM_SEALING_KEYS": private_key_text(X25519PrivateKey.generate()),
         }
         _private(state / KEYS_FILE, _env_text(kept))
-    configured = base.secret_keys.get_secret_value(), base.transport_key.get_secret_value()
+    configured = base.secret_keys.get_secret_value(), base.sealing_keys.get_secret_value()
     return (
         SecretStr(configured[0] or kept["QM_SECRET_KEYS"]),
-        SecretStr(configured[1] or kept["QM_TRANSPORT_KEY"]),
+        SecretStr(configured[1] or kept["QM_SEALING_KEYS"]),
     )
 
 
@@ -80,7 +82,7 @@ def write_env_file(settings: Settings, path: Path) -> None:
         "QM_KAFKA_IDEMPOTENCE": "false",
         "QM_TOPIC_PREFIX": settings.topic_prefix,
         "QM_SECRET_KEYS": settings.secret_keys.get_secret_value(),
-        "QM_TRANSPORT_KEY": settings.transport_key.get_secret_value(),
+        "QM_SEALING_KEYS": settings.sealing_keys.get_secret_value(),
     }
     _private(path, _env_text(values))
 
@@ -156,7 +158,7 @@ def run_dev(*, fresh: bool = False, demo: bool = False, state: Path = STATE_DIR)
     if fresh:
         shutil.rmtree(state, ignore_errors=True)
     state.mkdir(mode=0o700, exist_ok=True)
-    secret_keys, transport_key = dev_keys(base, state)
+    secret_keys, sealing_keys = dev_keys(base, state)
     with EmbeddedPostgres(data_dir=(state / "postgres").resolve()) as pg, TansuBroker() as broker:
         settings = base.model_copy(
             update={
@@ -164,7 +166,7 @@ def run_dev(*, fresh: bool = False, demo: bool = False, state: Path = STATE_DIR)
                 "kafka_bootstrap_servers": broker.bootstrap,
                 "kafka_idempotence": False,  # Tansu has no idempotent producer
                 "secret_keys": secret_keys,
-                "transport_key": transport_key,
+                "sealing_keys": sealing_keys,
                 "metrics_port": base.metrics_port or free_port(),
             }
         )

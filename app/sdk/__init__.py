@@ -1,6 +1,6 @@
 """The collector SDK: acquire an account, its session and seeds from Quartermaster over Kafka.
 
-    async with QuartermasterClient("kafka:9092", transport_key=key) as client:
+    async with QuartermasterClient("kafka:9092") as client:
         async with client.job(site="example", wait_seconds=60) as job:
             ...
 
@@ -13,6 +13,7 @@ from app.sdk.errors import (
     ClientClosed,
     JobRejected,
     LeaseLost,
+    NoUploadKey,
     QuartermasterError,
     ReplyUnreadable,
     RequestConflict,
@@ -22,7 +23,7 @@ from app.sdk.errors import (
     SessionDead,
     UnexpectedReply,
 )
-from app.sdk.job import Account, Job
+from app.sdk.job import Account, Job, Session
 
 __all__ = [
     "Account",
@@ -31,6 +32,7 @@ __all__ = [
     "Job",
     "JobRejected",
     "LeaseLost",
+    "NoUploadKey",
     "QuartermasterClient",
     "QuartermasterError",
     "ReplyUnreadable",
@@ -38,6 +40,7 @@ __all__ = [
     "RequestInvalid",
     "RequestTimeout",
     "SecretUndecryptable",
+    "Session",
     "SessionDead",
     "UnexpectedReply",
 ]

@@ -94,7 +94,7 @@ class Dev:
             database_url=values["QM_DATABASE_URL"],
             kafka_bootstrap_servers=values["QM_KAFKA_BOOTSTRAP_SERVERS"],
             secret_keys=values["QM_SECRET_KEYS"],
-            transport_key=values["QM_TRANSPORT_KEY"],
+            sealing_keys=values["QM_SEALING_KEYS"],
         )
 
     async def ctrl_c(self) -> int:
