@@ -9,13 +9,17 @@ import typer
 from rich.console import Console
 
 from app.bench import bench_app
+from app.commands.asyncapi import asyncapi
+from app.commands.captures import captures_app
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
-from app.commands.failures import OneLineErrors
+from app.commands.failures import OneLineErrors, quiet_kafka_client
 from app.commands.jobs import jobs_app
+from app.commands.keys import keys_app
 from app.commands.resources import accounts_app, sites_app
 from app.commands.seeds import seeds_app
 from app.commands.sessions import sessions_app
+from app.commands.top import top
 from app.logs import configure_logging
 from app.settings import get_settings
 
@@ -29,13 +33,17 @@ app.add_typer(dlt_app, name="dlt")
 app.add_typer(sites_app, name="sites")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(jobs_app, name="jobs")
+app.command()(top)
 app.add_typer(domains_app, name="domains")
 app.add_typer(seeds_app, name="seeds")
 app.add_typer(sessions_app, name="sessions")
+app.command("asyncapi")(asyncapi)
+app.add_typer(captures_app, name="captures")
+app.add_typer(keys_app, name="keys")
 console = Console()
 err = Console(stderr=True)
 
-PROCESSES = ("worker", "relay", "reaper", "handoff")
+PROCESSES = ("worker", "relay", "reaper", "handoff", "alerts")
 
 
 @app.callback()
@@ -58,6 +66,7 @@ def topics_create() -> None:
     """Create every Kafka topic Quartermaster uses (existing ones are left alone)."""
     from app.kafka import ensure_topics
 
+    quiet_kafka_client()  # an unreachable broker is the command's one line, not a log per try
     created = asyncio.run(ensure_topics(get_settings()))
     console.print(f"created {len(created)} topics: {', '.join(created) or '-'}")
 

@@ -25,6 +25,7 @@ Process = Callable[[Wiring], Coroutine[Any, Any, None]]
 
 def registry() -> dict[str, Process]:
     """Every process `qm run` knows, by name (imported lazily so each stays optional)."""
+    from app.alerts.watch import run_alerts
     from app.outbox.relay import run_relay
     from reapers.runner import run_reapers
     from workers.claim import run_claim_worker
@@ -34,6 +35,7 @@ def registry() -> dict[str, Process]:
         "worker": run_claim_worker,
         "relay": run_relay,
         "reaper": run_reapers,
+        "alerts": run_alerts,
         "handoff": run_handoff_worker,
     }
 

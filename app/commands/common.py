@@ -54,9 +54,9 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def table(*columns: str) -> Table:
+def table(*columns: str, title: str | None = None) -> Table:
     """A table whose cells wrap (long words fold) when the terminal or pipe is narrow."""
-    grid = Table()
+    grid = Table(title=title)
     for name in columns:
         grid.add_column(name, overflow="fold")
     return grid
@@ -79,6 +79,27 @@ def print_json_lines(rows: Iterable[Mapping[Any, Any]]) -> None:
 
 def when(value: datetime | None) -> str:
     return "" if value is None else value.isoformat(timespec="seconds")
+
+
+def span(seconds: float) -> str:
+    """A duration in its two largest units: 45s, 4m59s, 2h03m, 3d04h."""
+    whole = int(abs(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def relative(value: datetime | None, now: datetime) -> str:
+    """'5s ago' or 'in 4m59s', against the database's clock (``now``)."""
+    if value is None:
+        return ""
+    seconds = (value - now).total_seconds()
+    return f"in {span(seconds)}" if seconds > 0 else f"{span(seconds)} ago"
 
 
 # --- checks of input: each raises a BadParameter saying what is wrong and what is right --

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from app.commands.common import fail, in_transaction
+from app.commands.common import fail, in_transaction, print_json_lines
+from app.commands.common import table as fold_table
 from app.store import Conn, Row, domains
 from schemas.urls import describe_chain
 
@@ -44,7 +44,12 @@ def domains_add(
 
 
 @domains_app.command("list")
-def domains_list(site: str) -> None:
+def domains_list(
+    site: str,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON Lines (one rewrite a line).")
+    ] = False,
+) -> None:
     """A site's rewrites, each with its resolved chain and how many handed-out URLs it changed."""
 
     async def work(conn: Conn) -> list[tuple[str, ...]]:
@@ -62,8 +67,14 @@ def domains_list(site: str) -> None:
             for row in rows
         ]
 
-    table = Table("from", "to", "subdomains", "resolves to", "since", "URLs rewritten")
-    for cells in in_transaction(work):
+    columns = ("from", "to", "subdomains", "resolves to", "since", "URLs rewritten")
+    rows = in_transaction(work)
+    if as_json:
+        keys = [column.replace(" ", "_").lower() for column in columns]
+        print_json_lines(dict(zip(keys, cells, strict=True)) for cells in rows)
+        return
+    table = fold_table(*columns)
+    for cells in rows:
         table.add_row(*cells)
     console.print(table)
 

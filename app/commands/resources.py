@@ -22,7 +22,7 @@ from app.commands.common import (
 )
 from app.crypto import SecretBox
 from app.settings import get_settings
-from app.store import Conn, Row, accounts, sites, views
+from app.store import Conn, Row, accounts, captures, sites, views
 from schemas.states import AccountStatus
 
 sites_app = typer.Typer(help="Sites: capacity, leases, cooldowns.", no_args_is_help=True)
@@ -185,16 +185,33 @@ def _accounts_cell(row: Row) -> str:
     return ", ".join(parts) or "none"
 
 
+def _captures_cell(counts: dict[str, int]) -> str:
+    """'3 pending, 10 handed off, 1 failed': pending ones wait for (or are in) their handoff."""
+    pending = counts.get("RECEIVED", 0) + counts.get("HANDING_OFF", 0)
+    figures = [(pending, "pending"), (counts.get("HANDED_OFF", 0), "handed off")]
+    figures.append((counts.get("FAILED", 0), "failed"))
+    return ", ".join(f"{n} {what}" for n, what in figures if n) or "none"
+
+
 @sites_app.command("list")
 def sites_list(as_json: Json = False) -> None:
     """Sites with running and waiting jobs and their accounts: ready, resting after use (cooldown),
     in use, blocked, inactive."""
-    rows = in_transaction(views.site_overview)
+
+    async def work(conn: Conn) -> tuple[list[Row], dict[str, dict[str, int]]]:
+        return await views.site_overview(conn), await captures.counts_by_site(conn)
+
+    rows, capture_counts = in_transaction(work)
     if as_json:
-        print_json_lines(_site_json(row) for row in rows)
+        print_json_lines(
+            {**_site_json(row), "captures": capture_counts.get(row["slug"], {})} for row in rows
+        )
         return
-    grid = table("site", "host", "running", "waiting", "accounts", "settings")
+    # the captures column only once there are captures: sites without a handoff stay narrow
+    shown = ("captures",) if capture_counts else ()
+    grid = table("site", "host", "running", "waiting", "accounts", *shown, "settings")
     for row in rows:
+        figures = (_captures_cell(capture_counts.get(row["slug"], {})),) if shown else ()
         grid.add_row(
             row["slug"],
             row["host"],
@@ -202,6 +219,7 @@ def sites_list(as_json: Json = False) -> None:
             str(row["waiting"])
             + (f" (oldest {row['oldest_wait_seconds']:.0f}s)" if row["waiting"] else ""),
             _accounts_cell(row),
+            *figures,
             f"lease {row['lease_seconds']}s, rest {row['cooldown_seconds']}s, "
             f"block rest {row['block_cooldown_seconds']}s, {row['max_attempts']} attempts",
         )

@@ -7,6 +7,7 @@ here). ``targets_for`` adds the effects a site asks for, one module each.
 
 from __future__ import annotations
 
+from app.handoff.airflow import AirflowTarget
 from app.handoff.base import Delivery, Target, TargetError
 from app.handoff.webhook import WebhookTarget
 from app.settings import Settings
@@ -19,4 +20,6 @@ def targets_for(delivery: Delivery, settings: Settings) -> list[Target]:
     targets: list[Target] = []
     if delivery.webhook_url:
         targets.append(WebhookTarget(settings.webhook_timeout_seconds))
+    if delivery.dag_id:
+        targets.append(AirflowTarget.from_settings(settings))
     return targets

@@ -55,13 +55,13 @@ async def browser_context(
     """
     if "storage_state" in context_options:
         raise TypeError("browser_context starts from the granted session; drop storage_state")
-    started = job.session.storage_state if job.session is not None else None
+    started = job.session.state() if job.session is not None else None
     context = await browser.new_context(storage_state=started, **context_options)  # type: ignore[arg-type]
     try:
         if check_url is not None and on_dead_session != "ignore":
             await _ensure_live(job, context, check_url, on_dead_session)
         yield context
-    except BaseException:
+    except Exception:  # a cancellation passes by: the browser is not asked for anything then
         if upload_on_error:
             await _hand_back_after_error(job, context, started, indexed_db)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import RowMapping, text
@@ -84,6 +85,14 @@ async def set_account_status(
         },
     )
     return result.mappings().first()
+
+
+async def account_statuses(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, str]:
+    """The status of each named account that exists."""
+    result = await conn.execute(
+        text("SELECT id, status FROM accounts WHERE id = ANY(:ids)"), {"ids": list(ids)}
+    )
+    return {int(row.id): str(row.status) for row in result}
 
 
 async def remove_account(conn: AsyncConnection, *, site: str, username: str) -> RowMapping | None:

@@ -6,8 +6,6 @@ These tests fail (never skip) when Chromium is missing: `make browser` installs 
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,23 +17,20 @@ from app.crypto import SecretBox
 from app.sdk import Job, QuartermasterClient, SessionDead
 from app.settings import Settings
 from app.store import accounts, sites
+from tests.support.chromium import chromium_path
 from tests.support.leasing import scalar
 from tests.support.login_site import PASSWORD, USER, LoginSite
 from tests.support.processes import QmProcess
 
-CHROMIUM = os.environ.get("QM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 SITE = "board"
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     """Debian's Chromium; a missing one fails the test, it does not skip it."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: run `make browser` (apt-get install chromium)"
-        )
+    executable = chromium_path()
     async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM)
+        chromium = await playwright.chromium.launch(executable_path=executable)
         yield chromium
         await chromium.close()
 
@@ -95,7 +90,7 @@ async def visit(context: BrowserContext, url: str) -> tuple[str, str | None]:
 
 def cookie_names(job: Job) -> set[str]:
     assert job.session is not None
-    return {c["name"] for c in job.session.storage_state["cookies"]}
+    return {c["name"] for c in job.session.state()["cookies"]}
 
 
 async def test_a_login_carries_over_to_the_next_job_and_a_logout_to_the_one_after(
@@ -126,7 +121,7 @@ async def test_a_login_carries_over_to_the_next_job_and_a_logout_to_the_one_afte
 
         async with client.job(site=SITE, wait_seconds=30) as job4:
             assert cookie_names(job4) == {"prefs"}  # auth deleted, B kept
-            assert job4.session is not None and job4.session.storage_state["origins"] == []
+            assert job4.session is not None and job4.session.state()["origins"] == []
             async with job4.browser_context(browser, on_dead_session="ignore") as ctx:
                 assert await visit(ctx, members) == (login_site.url("/login"), None)
 

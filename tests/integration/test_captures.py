@@ -190,3 +190,20 @@ async def dead_letter_headers(engine: AsyncEngine, settings: Settings) -> dict[s
         t=settings.topic("captures.dlt"),
     )
     return {name: base64.b64decode(value).decode() for name, value in headers}
+
+
+async def test_a_capture_url_goes_through_the_site_domain_rewrites(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    from app.store import domains
+
+    token = await running_job(processor, engine, settings)
+    async with engine.begin() as conn:
+        await domains.add_rewrite(
+            conn, site="board", from_host="board.example.com", to_host="new.example.com"
+        )
+    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    assert (await capture_row(engine, "cap-1"))["url"] == "https://new.example.com/items/cap-1"
+    # the same submission again is the same capture (its fingerprint is of the body as sent)
+    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    assert (await replies(engine, settings, "job-1"))[-1]["type"] == "capture.accepted"

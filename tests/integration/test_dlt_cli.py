@@ -430,6 +430,12 @@ async def test_ls_counts_dead_letters_by_error_class(topics: Settings, qm: Qm) -
     assert "2  builtins.ValueError" in result.stdout
     assert "(2h ago)" in result.stdout
 
+    listed = await qm("ls", "--json")
+    assert listed.exit_code == 0, listed.output
+    by_topic = {row["topic"]: row for row in map(json.loads, listed.stdout.splitlines())}
+    assert by_topic[settings.topic("requests.dlt")]["records"] == 4
+    assert by_topic[settings.topic("captures.dlt")]["by_error_class"] == {"builtins.ValueError": 2}
+
 
 async def test_show_redacts_a_canary_secret(topics: Settings, qm: Qm) -> None:
     settings = topics

@@ -280,7 +280,9 @@ async def test_a_cancelled_jobs_seeds_go_back_at_once(
     await add_seeds(engine, 2)
     grant = await begin(processor, engine, settings, "job-1", 2)
     assert grant["seeds"]
-    await processor.process(request(settings, "job.cancel", "job-1"))
+    await processor.process(
+        request(settings, "job.cancel", "job-1", lease_token=grant["lease_token"])
+    )
     assert await scalar(engine, "SELECT count(*) FROM seeds WHERE status = 'ACTIVE'") == 2
     assert await scalar(engine, "SELECT array_agg(DISTINCT end_reason) FROM seed_assignments") == [
         "cancelled"

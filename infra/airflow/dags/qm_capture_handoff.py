@@ -1,6 +1,6 @@
 """One run per capture, triggered by Quartermaster's handoff worker through Airflow's REST API.
 
-A site whose ``dag_id`` is ``qm_capture_handoff`` (``qm sites add SITE --dag-id qm_capture_handoff``)
+A site whose ``dag_id`` is ``qm_capture_handoff`` (``qm sites set SITE --dag-id qm_capture_handoff``)
 has each of its captures handed off as a run of this DAG: the run id is ``qm-<capture_id>`` (so a
 repeated handoff never makes a second run) and the run's conf holds the capture's fields.
 """

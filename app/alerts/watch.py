@@ -1,0 +1,181 @@
+"""The `alerts` process: what fires an alert, what clears it.
+
+| cause                    | fires when                                             | clears when                          |
+| ------------------------ | ------------------------------------------------------ | ------------------------------------ |
+| ``account_blocked:<id>`` | an ``account.blocked`` event, the account still BLOCKED | the account is no longer BLOCKED     |
+| ``dead_letters:<topic>`` | a record arrives on a dead-letter topic                | ``alert_repeat_seconds`` without one |
+| ``waiting:<site>``       | the site's oldest waiting job waited > ``alert_wait_seconds`` | no job waits that long          |
+| ``outbox_lag``           | the oldest unpublished outbox row is > ``alert_outbox_lag_seconds`` old | it is not           |
+
+Events and dead letters are consumed as they come (consumer group ``alert_consumer_group``, from
+the earliest record on its first start, so what is still unresolved is reported once);
+``run_once`` checks the database every ``alert_check_seconds``. Times of waits and lag come from
+the database clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import structlog
+from faststream.kafka import KafkaMessage
+from faststream.message import StreamMessage
+
+from app.alerts.book import AlertBook, Post
+from app.alerts.slack import Notifier
+from app.dlt.headers import PREFIX as DLT_PREFIX
+from app.dlt.headers import header
+from app.kafka import TOPICS
+from app.settings import Settings
+from app.store import Database
+from app.store.accounts import account_statuses
+from app.store.jobs import oldest_waiters
+from app.store.outbox import backlog
+from app.wiring import Wiring, consumer_assigned
+
+log = structlog.get_logger()
+
+
+class AlertWatch:
+    """Turns events, dead letters and database checks into posts through one ``AlertBook``."""
+
+    def __init__(self, settings: Settings, db: Database, notifier: Notifier) -> None:
+        self.settings = settings
+        self.db = db
+        self.notifier = notifier
+        self.book = AlertBook(settings.alert_repeat_seconds)
+        self._last_dead_letter: dict[str, float] = {}
+
+    # --- what arrives on the topics ---------------------------------------------------------
+
+    async def on_event(self, value: bytes) -> list[Post]:
+        """An event of ``qm.events``: a blocked account fires if it is still blocked."""
+        try:
+            event = json.loads(value)
+        except ValueError:
+            return []
+        if not isinstance(event, dict) or event.get("type") != "account.blocked":
+            return []
+        account_id = int(event["id"])
+        async with self.db.transaction() as conn:
+            still = (await account_statuses(conn, [account_id])).get(account_id) == "BLOCKED"
+        if not still:
+            return []
+        text = f"Account {account_id} of site {event.get('site')} is blocked"
+        if event.get("job_id"):
+            text += f" (reported by job {event['job_id']})"
+        return await self._send(self.book.fire(f"account_blocked:{account_id}", text, _now()))
+
+    async def on_dead_letter(self, topic: str, headers: list[tuple[str, bytes]]) -> list[Post]:
+        """A dead letter arrived on ``topic``."""
+        self._last_dead_letter[topic] = _now()
+        error = header(headers, f"{DLT_PREFIX}error_class") or "unknown error"
+        text = f"Dead letters arrive on {topic} (latest: {error}); see `qm dlt ls`"
+        return await self._send(self.book.fire(f"dead_letters:{topic}", text, _now()))
+
+    # --- what the database says ------------------------------------------------------------
+
+    async def run_once(self) -> list[Post]:
+        """Check waits, outbox lag, blocked accounts and dead-letter quiet; send what changed."""
+        now = _now()
+        settings = self.settings
+        async with self.db.transaction() as conn:
+            waits = await oldest_waiters(conn, settings.alert_wait_seconds)
+            lag = await backlog(conn)
+            blocked_ids = [int(c.split(":")[1]) for c in self.book.firing("account_blocked")]
+            statuses = await account_statuses(conn, blocked_ids) if blocked_ids else {}
+        posts: list[Post | None] = []
+        waiting = {f"waiting:{w['site']}": w for w in waits}
+        for cause, w in waiting.items():
+            text = (
+                f"Site {w['site']}: {w['waiting']} job(s) waiting, the oldest for "
+                f"{round(w['oldest_seconds'])} s (threshold {settings.alert_wait_seconds:g} s)"
+            )
+            posts.append(self.book.fire(cause, text, now))
+        posts += [self.book.clear(c, now) for c in self.book.firing("waiting") if c not in waiting]
+        if lag.oldest_age_seconds > settings.alert_outbox_lag_seconds:
+            text = (
+                f"Outbox lag: {lag.rows} row(s) unpublished, the oldest "
+                f"{round(lag.oldest_age_seconds)} s old (threshold "
+                f"{settings.alert_outbox_lag_seconds:g} s); is a relay running?"
+            )
+            posts.append(self.book.fire("outbox_lag", text, now))
+        else:
+            posts.append(self.book.clear("outbox_lag", now))
+        for account_id in blocked_ids:
+            if statuses.get(account_id) != "BLOCKED":
+                status = statuses.get(account_id, "removed")
+                text = f"Account {account_id} is no longer blocked ({status})"
+                posts.append(self.book.clear(f"account_blocked:{account_id}", now, text))
+        for cause in self.book.firing("dead_letters"):
+            topic = cause.split(":", 1)[1]
+            if now - self._last_dead_letter.get(topic, 0.0) >= settings.alert_repeat_seconds:
+                text = f"No new dead letters on {topic} for {settings.alert_repeat_seconds:g} s"
+                posts.append(self.book.clear(cause, now, text))
+        return await self._send(*posts)
+
+    async def _send(self, *posts: Post | None) -> list[Post]:
+        sent = [post for post in posts if post is not None]
+        for post in sent:
+            await self.notifier.send(post)
+        return sent
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def dead_letter_topics(settings: Settings) -> list[str]:
+    return [settings.topic(name) for name, _ in TOPICS if name.endswith(".dlt")]
+
+
+async def as_message(message: StreamMessage[Any]) -> StreamMessage[Any]:
+    """The handler gets the message itself (no dependency injection, as the claim worker)."""
+    return message
+
+
+async def run_alerts(wiring: Wiring) -> None:
+    """Run the alerts process until ``wiring.stop`` is set."""
+    settings, stop = wiring.settings, wiring.stop
+    url = settings.slack_webhook_url
+    watch = AlertWatch(
+        settings, wiring.database(pool_size=2), Notifier(url.get_secret_value() if url else None)
+    )
+    broker = wiring.broker()
+    dead_letters = set(dead_letter_topics(settings))
+    subscriber = broker.subscriber(
+        settings.topic("events"),
+        *sorted(dead_letters),
+        group_id=settings.alert_consumer_group,
+        auto_offset_reset="earliest",
+        decoder=as_message,
+        no_reply=True,
+    )
+
+    @subscriber
+    async def on_record(message: KafkaMessage) -> None:
+        record = message.raw_message
+        assert not isinstance(record, tuple)
+        try:
+            if record.topic in dead_letters:
+                await watch.on_dead_letter(record.topic, list(record.headers or ()))
+            else:
+                await watch.on_event(record.value or b"")
+        except Exception as exc:  # noqa: BLE001 - one bad record must not stop the alerts
+            log.warning("alert_record_failed", topic=record.topic, error_class=type(exc).__name__)
+
+    wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
+    await broker.start()
+    log.info("alerts_started", slack=url is not None, dead_letter_topics=sorted(dead_letters))
+    while not stop.is_set():
+        try:
+            await watch.run_once()
+        except Exception as exc:  # noqa: BLE001 - the database may be away; try again next time
+            log.warning("alert_check_failed", error_class=type(exc).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.alert_check_seconds)
+    log.info("alerts_stopped")

@@ -1,0 +1,106 @@
+"""`qm captures …` and the capture figures of `qm sites list`, as an operator runs them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+from click.testing import Result
+from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.testing import CliRunner
+
+from app.cli import app
+from app.handoff import Delivery, TargetError
+from app.settings import Settings, get_settings
+from app.store import Database
+from tests.support.captures import capture_row, outbox_payloads, running_job, submit
+from workers.handoff import HandoffWorker
+from workers.requests import RequestProcessor
+
+Qm = Callable[..., Awaitable[Result]]
+
+
+@pytest.fixture
+def qm(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Qm]:
+    """Run `qm …` with the test's database."""
+    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QM_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("QM_TOPIC_PREFIX", settings.topic_prefix)
+    monkeypatch.setenv("COLUMNS", "250")
+    runner = CliRunner()
+
+    async def invoke(*args: str) -> Result:
+        get_settings.cache_clear()
+        return await asyncio.to_thread(runner.invoke, app, list(args))
+
+    yield invoke
+    get_settings.cache_clear()
+
+
+class Refuser:
+    name = "refuser"
+
+    async def deliver(self, delivery: Delivery) -> None:
+        raise TargetError("refused for good", retryable=False)
+
+
+def assert_one_red_line(result: Result, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+async def failed_capture(engine: AsyncEngine, settings: Settings) -> None:
+    processor = RequestProcessor(settings, Database(engine))
+    token = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    await processor.process(submit(settings, "job-1", token, "cap-2"))
+    worker = HandoffWorker(settings, Database(engine), targets=lambda d, s: [Refuser()])
+    assert await worker.hand_off("cap-1") == "failed"
+
+
+async def test_an_operator_finds_a_failed_capture_and_retries_it(
+    engine: AsyncEngine, settings: Settings, qm: Qm
+) -> None:
+    await failed_capture(engine, settings)
+    listed = await qm("captures", "list", "--status", "failed")
+    assert listed.exit_code == 0, listed.output
+    assert "cap-1" in listed.stdout and "refused for good" in listed.stdout
+    assert "cap-2" not in listed.stdout
+    shown = await qm("captures", "show", "cap-1")
+    assert shown.exit_code == 0, shown.output
+    assert "FAILED" in shown.stdout and "refuser: refused for good" in shown.stdout
+    sites = await qm("sites", "list")
+    assert sites.exit_code == 0, sites.output
+    board = next(line for line in sites.stdout.splitlines() if "board" in line)
+    assert "1 pending, 1 failed" in board
+
+    retried = await qm("captures", "retry", "cap-1")
+    assert retried.exit_code == 0, retried.output
+    row = await capture_row(engine, "cap-1")
+    assert row["status"] == "RECEIVED" and row["attempts"] == 0
+    records = await outbox_payloads(engine, settings.topic("captures"))
+    assert records[-1] == {"type": "capture.handoff", "v": 1, "capture_id": "cap-1"}
+    event = (await outbox_payloads(engine, settings.topic("events")))[-1]
+    assert event["type"] == "capture.retried" and event["reason"].startswith("retried by operator")
+    assert_one_red_line(await qm("captures", "retry", "cap-1"), "no FAILED capture")
+
+
+async def test_qm_captures_refuses_bad_input_in_one_line(
+    engine: AsyncEngine, settings: Settings, qm: Qm
+) -> None:
+    await failed_capture(engine, settings)
+    assert_one_red_line(await qm("captures", "list", "--status", "lost"), "unknown status")
+    assert_one_red_line(await qm("captures", "show", "nope"), "no capture")
+    assert_one_red_line(await qm("captures", "webhook", "board", "ftp://x"), "not an http(s) URL")
+    assert_one_red_line(await qm("captures", "webhook", "nowhere", "https://x.example/"), "no site")
+    assert_one_red_line(await qm("captures", "webhook", "board"), "--clear")
+    set_ = await qm("captures", "webhook", "board", "https://hooks.example/captures")
+    assert set_.exit_code == 0, set_.output
+    assert (await capture_row(engine, "cap-2"))["webhook_url"] == "https://hooks.example/captures"
+    assert (await qm("captures", "webhook", "board", "--clear")).exit_code == 0
+    assert (await capture_row(engine, "cap-2"))["webhook_url"] is None
