@@ -145,6 +145,7 @@ async def _lease(db: Database, slug: str) -> Row:
             request_id=str(uuid.uuid4()),
             reply_to="bench",
             correlation_id="bench",
+            public_key=None,  # no account, nothing to seal
         )
         granted = await jobs.grant_next_waiting(conn, slug)
     assert granted is not None
