@@ -7,7 +7,9 @@ runs them for an ``AwaitMessageSensor`` or an ``AssetWatcher``; the jobs run thr
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.kafka import client_options
-from app.sdk import JobRejected, QuartermasterClient
+from app.kafka import client_options, ensure_topics
+from app.sdk import Job, JobRejected, QuartermasterClient
 from app.settings import Settings
+from tests.integration.conftest_outbox import read_topic
 from tests.support.airflow import DAGS, TriggerRun, airflow_env, run_in_airflow
 from tests.support.leasing import make_site
 from tests.support.processes import QmProcess
+from tests.support.waiting import eventually
 
 # records a foreign producer (or a broken one) could leave on the topic
 MALFORMED: list[bytes | None] = [
@@ -118,38 +122,33 @@ async def test_await_message_trigger_fires_for_the_awaited_job_only_with_its_out
     assert late_events == events["succeeded"]
 
 
-def capture_ready(capture_id: str, site: str, content_type: str = "text/html") -> dict[str, Any]:
-    return {
-        "type": "capture.ready",
-        "v": 1,
-        "capture_id": capture_id,
-        "job_id": f"job-{capture_id}",
-        "site": site,
-        "url": f"https://{site}.example.com/{capture_id}",
-        "storage_uri": f"s3://captures/{capture_id}.html",
-        "sha256": "0" * 64,
-        "content_type": content_type,
-        "size": 1234,
-        "captured_at": "2026-01-01T00:00:00Z",
-        "handed_off_at": "2026-01-01T00:00:01Z",
-        "meta": {"page": 1},
-    }
+async def ready_on_topic(settings: Settings) -> list[dict[str, Any]]:
+    """The capture.ready records on ``qm.captures.ready``, in their order."""
+    records = await read_topic(settings, settings.topic("captures.ready"))
+    values = [r.value for r in records if r.value is not None and r.value not in MALFORMED]
+    return [v for v in map(json.loads, values) if v["type"] == "capture.ready"]
 
 
-async def test_message_queue_trigger_fires_once_per_capture_of_the_site(
-    topics: Settings, tmp_path: Path
+async def submit(job: Job, site: str, content_type: str) -> str:
+    return await job.submit_capture(
+        url=f"https://{site}.example.com/items/{uuid.uuid4().hex[:8]}",
+        storage_uri=f"s3://captures/{uuid.uuid4().hex}",
+        sha256=hashlib.sha256(os.urandom(8)).hexdigest(),
+        content_type=content_type,
+        size=1234,
+        meta={"page": 1},
+    )
+
+
+async def test_message_queue_trigger_fires_once_per_handed_off_capture_of_the_site(
+    settings: Settings, engine: AsyncEngine, tmp_path: Path
 ) -> None:
-    settings = topics
-    records = [
-        capture_ready("c1", "board"),
-        capture_ready("c2", "forum"),
-        capture_ready("c3", "board", "image/png"),
-        {"type": "capture.accepted", "capture_id": "c9", "site": "board"},
-        capture_ready("c4", "board", "text/html; charset=utf-8"),
-    ]
-    values = [json.dumps(r).encode() for r in records]
-    await produce(settings, settings.topic("captures.ready"), [*MALFORMED, *values])
-
+    # one partition, so the records the trigger must pass over come before the ones it must take
+    settings = settings.model_copy(update={"topic_partitions": 1})
+    await ensure_topics(settings)
+    await make_site(engine, settings, "board", capacity=2, n_accounts=2)
+    await make_site(engine, settings, "forum", capacity=2, n_accounts=2)
+    await produce(settings, settings.topic("captures.ready"), MALFORMED)
     run = TriggerRun(
         tmp_path,
         settings.kafka_bootstrap_servers,
@@ -158,15 +157,33 @@ async def test_message_queue_trigger_fires_once_per_capture_of_the_site(
         topics=[settings.topic("captures.ready")],
         apply_function="app.airflow.capture_ready",
         apply_function_kwargs={"site": "board", "content_type": "text/html"},
-        timeout=120,
-    ).start()
+        timeout=150,
+    ).start()  # it waits while collectors submit captures and the handoff worker hands them off
     try:
-        events = run.events(timeout=150)
+        with QmProcess(settings, "all"):
+            async with QuartermasterClient.from_settings(settings, collector="c") as client:
+                async with client.job(site="forum", wait_seconds=30) as job:
+                    await submit(job, "forum", "text/html")
+                async with client.job(site="board", wait_seconds=30) as job:
+                    await submit(job, "board", "image/png")
+                await eventually(lambda: has_records(settings, 2), timeout=60)
+                async with client.job(site="board", wait_seconds=30) as job:
+                    wanted = {
+                        await submit(job, "board", "text/html"),
+                        await submit(job, "board", "text/html; charset=utf-8"),
+                    }
+                await eventually(lambda: has_records(settings, 4), timeout=60)
+            events = run.events(timeout=150)
     finally:
         run.stop()
 
-    expected = [{k: v for k, v in records[i].items() if k not in ("type", "v")} for i in (0, 4)]
-    assert events == expected
+    ready = [r for r in await ready_on_topic(settings) if r["capture_id"] in wanted]
+    assert len(ready) == 2
+    assert events == [{k: v for k, v in r.items() if k not in ("type", "v")} for r in ready]
+
+
+async def has_records(settings: Settings, n: int) -> bool:
+    return len(await ready_on_topic(settings)) >= n
 
 
 def test_example_dags_import_cleanly_in_airflow(tmp_path: Path) -> None:

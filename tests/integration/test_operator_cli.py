@@ -120,6 +120,12 @@ async def test_an_unreachable_database_is_named_without_the_dev_hint_when_settin
     assert "hunter2" not in line and ".qm-dev.env" not in line
 
 
+async def test_an_unreachable_broker_is_one_line_naming_it(qm: Qm) -> None:
+    result = await qm("topics", env={"QM_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"})
+    line = one_red_line(result, "Kafka broker at 127.0.0.1:9", "cannot be reached")
+    assert "database" not in line and ".qm-dev.env" not in line
+
+
 async def test_no_database_settings_at_all_hints_at_the_dev_env_file(qm: Qm) -> None:
     result = await qm("jobs", "list", env={"QM_DATABASE_URL": None})
     one_red_line(
@@ -349,4 +355,16 @@ async def test_domains_list_answers_json(qm: Qm) -> None:
         "board.example.com",
         "board.example.org",
         "0",
+    )
+
+
+async def test_seeds_list_answers_json(qm: Qm) -> None:
+    assert (await qm("sites", "add", "board", "--host", "board.example.com")).exit_code == 0
+    added = await qm("seeds", "add", "board", "https://board.example.com/new", "--priority", "5")
+    assert added.exit_code == 0, added.output
+    (seed,) = json_lines(await qm("seeds", "list", "board", "--json"))
+    assert (seed["url"], seed["priority"], seed["status"]) == (
+        "https://board.example.com/new",
+        5,
+        "ACTIVE",
     )

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
-from app.handoff.airflow import RUN_ID_MAX, classify_status, dag_run_id
+from app.handoff import Delivery, TargetError, targets_for
+from app.handoff.airflow import RUN_ID_MAX, AirflowTarget, classify_status, conf, dag_run_id
+from app.handoff.webhook import WebhookTarget
+from app.settings import Settings
 
 AIRFLOW_RUN_ID = re.compile(r"^[A-Za-z0-9_.~:+-]+$")  # Airflow's default allowed_run_id_pattern
 CAPTURE_ID = st.from_regex(r"[A-Za-z0-9._:@/-]{1,200}", fullmatch=True)
@@ -58,3 +63,50 @@ def test_what_an_answer_means(status: int, retryable: bool, reason: str) -> None
     error = classify_status(status, "d")
     assert error is not None
     assert (error.retryable, error.reason) == (retryable, reason)
+
+
+def delivery(dag_id: str | None, webhook_url: str | None = None) -> Delivery:
+    return Delivery(
+        capture_id="cap-1", job_id="job-1", site="board", url="https://board.example.com/1",
+        storage_uri="s3://b/1", sha256="0" * 64, content_type="text/html", size=1,
+        captured_at=datetime(2026, 1, 1, tzinfo=UTC), meta={"k": "v"}, attempt=2, dag_id=dag_id,
+        webhook_url=webhook_url,
+    )  # fmt: skip
+
+
+def test_a_site_with_a_dag_id_gets_the_airflow_target_after_its_webhook() -> None:
+    settings = Settings(
+        airflow_url="http://airflow:8080/",
+        airflow_username="qm",
+        airflow_password=SecretStr("pw"),
+        airflow_timeout_seconds=4.0,
+    )
+    [target] = targets_for(delivery("d"), settings)
+    assert isinstance(target, AirflowTarget) and target.name == "airflow"
+    assert (target.url, target.username, target.password) == ("http://airflow:8080", "qm", "pw")
+    assert target.timeout.read == 4.0
+    webhook, airflow = targets_for(delivery("d", "https://hooks.example/c"), settings)
+    assert isinstance(webhook, WebhookTarget) and isinstance(airflow, AirflowTarget)
+    assert targets_for(delivery(None), settings) == []
+
+
+def test_the_runs_conf_is_the_capture() -> None:
+    assert conf(delivery("d")) == {
+        "capture_id": "cap-1",
+        "job_id": "job-1",
+        "site": "board",
+        "url": "https://board.example.com/1",
+        "storage_uri": "s3://b/1",
+        "sha256": "0" * 64,
+        "content_type": "text/html",
+        "size": 1,
+        "captured_at": "2026-01-01T00:00:00+00:00",
+        "meta": {"k": "v"},
+    }
+
+
+async def test_without_an_airflow_url_a_capture_fails_for_good_with_the_reason() -> None:
+    with pytest.raises(TargetError) as failed:
+        await AirflowTarget(None, "qm", "pw", 1.0).deliver(delivery("d"))
+    assert not failed.value.retryable
+    assert failed.value.reason == "no Airflow to trigger: QM_AIRFLOW_URL is not set"
