@@ -168,6 +168,21 @@ class Settings(BaseSettings):
         description="Fernet key shared with collectors; encrypts the account secret in job.granted.",
     )
 
+    # --- dead letters: nothing lost, nothing stalls -------------------------------------
+    unexpected_retry_max_seconds: float = Field(
+        2.0, description="Cap of the backoff between tries of a request that failed unexpectedly."
+    )
+    dlt_inline_max_bytes: int = Field(
+        512 * 1024,
+        description="A dead letter whose record would be larger travels without its value, which "
+        "is kept in PostgreSQL (table dlt_values) under the id in its qm.dlt.value_ref header.",
+    )
+    outbox_max_attempts: int = Field(
+        5,
+        description="Failed tries after which the relay dead-letters a row the broker keeps "
+        "refusing (unknown topic, too large) to the outbox.dlt topic, so it never blocks its shard.",
+    )
+
     # --- chaos testing (never set in production) ----------------------------------------
     fault_point: str | None = Field(
         None,

@@ -9,7 +9,14 @@ so one bad request never holds up the others.
 
 Failures follow one classification (``app.errors``): invalid input is dead-lettered at once with a
 ``request.invalid`` reply; transient infrastructure errors are retried in place for as long as it
-takes; unexpected exceptions are retried a few times, then dead-lettered.
+takes; unexpected exceptions are retried a few times with capped backoff, then dead-lettered.
+
+What a collector hears: a reply only once the outcome is final. A request retried in place gets
+its one reply when it finally succeeds. Bad input is final (replaying it fails the same way), so
+it is answered ``request.invalid`` where a correlation id can be read. A request dead-lettered
+after unexpected errors gets no reply: its dead letter may be replayed once the cause is fixed,
+and the reply it gets then is its only one; the collector's own timeout ends its wait meanwhile
+(and the SDK releases a grant that comes after it gave up).
 """
 
 from __future__ import annotations
@@ -27,14 +34,16 @@ from functools import partial
 from typing import Any, TypeVar
 
 import structlog
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from app.crypto import SecretBox
-from app.dlt import Origin, dead_letter_headers, dlt_topic, header, redact
-from app.errors import Disposition, InvalidMessage, classify, describe
+from app.dlt import Origin, dead_letter_headers, dlt_topic, header
+from app.dlt.headers import Header, value_ref_headers
+from app.errors import Disposition, InvalidMessage, classify, describe, unexpected_delay
 from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION, set_ready
 from app.leasing import Services, Tx
 from app.settings import Settings
-from app.store import Database, inbox, sites
+from app.store import Database, dlt_values, inbox, sites
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_TO,
@@ -71,8 +80,8 @@ class Incoming:
     offset: int
     timestamp_ms: int
     key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    value: bytes | None  # None: a null value (a tombstone), kept as such in its dead letter
+    headers: list[Header] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -181,11 +190,18 @@ class RequestProcessor:
                     disposition is Disposition.UNEXPECTED
                     and attempts < self.settings.unexpected_error_attempts
                 ):
+                    delay = unexpected_delay(attempts, self.settings.unexpected_retry_max_seconds)
                     log.warning(
-                        "request_failed_retrying", error_class=type(exc).__name__, attempts=attempts
+                        "request_failed_retrying",
+                        error_class=type(exc).__name__,
+                        attempts=attempts,
+                        retry_in=delay,
                     )
+                    await asyncio.sleep(delay)
                     continue
-                await self._retry_transient(partial(self._dead_letter, record, exc, attempts))
+                await self._retry_transient(
+                    partial(self._dead_letter, record, exc, attempts, disposition)
+                )
                 return "dead_lettered"
 
     async def _retry_transient(self, step: Callable[[], Awaitable[T]]) -> T:
@@ -215,6 +231,8 @@ class RequestProcessor:
         return self.settings.topic("replies")
 
     def _parse(self, record: Incoming) -> Parsed:
+        if record.value is None:
+            raise InvalidMessage("the record's value is null")
         if len(record.value) > self.settings.max_request_bytes:
             raise InvalidMessage(
                 f"request of {len(record.value)} bytes exceeds the limit of {self.settings.max_request_bytes}"
@@ -301,9 +319,12 @@ class RequestProcessor:
             tx.box.add(seen["reply_topic"], request.job_id, seen["reply"], headers)
         return "duplicate"
 
-    async def _dead_letter(self, record: Incoming, error: BaseException, attempts: int) -> None:
-        """The record to ``<topic>.dlt`` with its headers, plus request.invalid where answerable."""
-        message = redact(describe(error))
+    async def _dead_letter(
+        self, record: Incoming, error: BaseException, attempts: int, disposition: Disposition
+    ) -> None:
+        """The record to ``<topic>.dlt`` with its headers; bad input also gets request.invalid
+        where answerable (an unexpected failure is not final, so it gets no reply)."""
+        message = describe(error)
         origin = Origin(
             record.topic,
             record.partition,
@@ -311,17 +332,21 @@ class RequestProcessor:
             record.timestamp_ms,
             self.settings.consumer_group,
         )
+        headers = dead_letter_headers(record.headers, origin, error, attempts, message=message)
+        value, stored = record.value, None
+        if record.value is not None and _record_size(record.key, record.value, headers) > (
+            self.settings.dlt_inline_max_bytes
+        ):
+            stored = dlt_values.StoredValue.of(record.value)
+            value, headers = None, headers + value_ref_headers(stored.ref, record.value)
         ids = _readable_ids(record.value)
         correlation_id = header(record.headers, CORRELATION_ID) or ids.get("request_id")
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            tx.box.add(
-                dlt_topic(record.topic),
-                record.key,
-                record.value,
-                dead_letter_headers(record.headers, origin, error, attempts, message=message),
-            )
-            if correlation_id:
+            if stored is not None:
+                await dlt_values.store_value(conn, stored)
+            tx.box.add(dlt_topic(record.topic), record.key, value, headers)
+            if correlation_id and disposition is Disposition.INVALID:
                 invalid = RequestInvalid(
                     request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
                 )
@@ -340,18 +365,28 @@ class RequestProcessor:
             offset=record.offset,
             error_class=type(error).__name__,
             attempts=attempts,
+            value_ref=stored.ref if stored is not None else None,
         )
 
 
-def _request_type(raw: bytes) -> str:
+def _record_size(key: bytes | None, value: bytes | None, headers: list[Header]) -> int:
+    """Bytes of a record in a batch, plus room for the outbox's own id header."""
+    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) + 128
+
+
+def _request_type(raw: bytes | None) -> str:
     """The request's type for metrics; only known types, so labels stay bounded."""
+    if raw is None:
+        return "other"
     match = re.search(rb'"type"\s*:\s*"([a-z.]{1,32})"', raw[:4096])
     name = match.group(1).decode() if match else ""
     return name if name in HANDLERS else "other"
 
 
-def _readable_ids(raw: bytes) -> dict[str, str]:
+def _readable_ids(raw: bytes | None) -> dict[str, str]:
     """request_id and job_id of a bad record, when they can be read as short strings."""
+    if raw is None:
+        return {}
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

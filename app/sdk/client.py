@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-MESSAGE_ID = "message_id"  # the header every message Quartermaster publishes carries
+MESSAGE_ID = "qm.message_id"  # the header every message Quartermaster publishes carries
 CLOSE_GRACE_SECONDS = 5.0  # how long close() lets pending releases reach the broker
 METADATA_WAIT_SECONDS = 10.0  # how long start() waits for the reply topic to appear
 

@@ -5,7 +5,7 @@ dropped by ``correlation_id`` before they are even parsed. Of its own replies it
 
 - a future per outstanding request (``Waiter``), resolved by the final reply; a ``job.queued`` only
   notes the position, because the final ``job.granted``/``job.rejected`` follows later;
-- the ``message_id`` of recent replies, so that a relay's republish is delivered once;
+- the ``qm.message_id`` of recent replies, so that a relay's republish is delivered once;
 - the correlation ids of ``job.start`` requests whose caller gave up, so that a grant arriving for
   one of them is handed back to the client to release instead of holding an account nobody uses.
 """

@@ -1,7 +1,7 @@
 """The collector SDK against the real broker, answered by a scripted stand-in for the claim worker.
 
 The responder reads ``<prefix>requests`` and answers on the request's ``reply_to`` topic with the
-``correlation_id`` and ``message_id`` headers Quartermaster's relay sets, so what is tested here is
+``correlation_id`` and ``qm.message_id`` headers Quartermaster's relay sets, so what is tested here is
 the SDK's own behaviour: the queued → granted wait, timeouts, the release of a late grant,
 heartbeats, lease loss, duplicates, and the secret.
 """
@@ -116,7 +116,7 @@ class Responder:
             reply.model_dump_json().encode(),
             key=str(request.body["job_id"]).encode(),
             headers=[
-                ("message_id", (message_id or str(uuid.uuid4())).encode()),
+                ("qm.message_id", (message_id or str(uuid.uuid4())).encode()),
                 ("correlation_id", (correlation_id or request.correlation_id).encode()),
             ],
         )

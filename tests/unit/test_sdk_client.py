@@ -61,7 +61,7 @@ def client(producer: RecordingProducer) -> QuartermasterClient:
 def reply_headers(correlation_id: str) -> list[tuple[str, bytes]]:
     return [
         ("correlation_id", correlation_id.encode()),
-        ("message_id", str(uuid.uuid4()).encode()),
+        ("qm.message_id", str(uuid.uuid4()).encode()),
     ]
 
 
