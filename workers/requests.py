@@ -7,6 +7,15 @@ cannot deadlock; then it applies the requests one after another, exactly as sepa
 would. If it fails for any reason, each of its requests is tried again in a transaction of its own,
 so one bad request never holds up the others.
 
+Every transaction takes its locks in one order (docs/design.md): sites (in slug order), inbox
+rows, jobs, accounts, sessions, outbox keys. Locking the sites first also puts the answer to a
+repeated request under the lock of every transition that could change that answer, so a job's
+replies leave in the order its transitions happened.
+
+A ``reply_to`` header must match ``QM_REPLY_TOPIC_PATTERN`` (by default the prefix's replies
+topic and ``replies.*``); a record naming any other topic is refused as invalid, and its
+``request.invalid`` goes to the default replies topic.
+
 Failures follow one classification (``app.errors``): invalid input is dead-lettered at once with a
 ``request.invalid`` reply; transient infrastructure errors are retried in place for as long as it
 takes; unexpected exceptions are retried a few times with capped backoff, then dead-lettered.
@@ -71,6 +80,10 @@ HANDLERS: dict[str, Handler] = {
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
+class ReplyTopicRefused(InvalidMessage):
+    """A ``reply_to`` header that names a topic requests may not reply to."""
+
+
 @dataclass(frozen=True)
 class Incoming:
     """A record as read from Kafka."""
@@ -120,6 +133,7 @@ class RequestProcessor:
         self.settings = settings
         self.db = db
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
+        self._reply_topics = re.compile(settings.reply_topics())
         self.ready = True
         self._waiting: list[Waiting] = []
         self._committers: set[asyncio.Task[None]] = set()
@@ -224,11 +238,19 @@ class RequestProcessor:
                 set_ready("worker", True)
             return result
 
+    def _allowed_reply_to(self, wanted: str | None) -> bool:
+        return (
+            wanted is not None
+            and TOPIC_NAME.match(wanted) is not None
+            and self._reply_topics.fullmatch(wanted) is not None
+        )
+
     def _reply_to(self, record: Incoming) -> str:
+        """Where a record's answer goes: its ``reply_to`` when allowed, else the default."""
         wanted = header(record.headers, REPLY_TO)
-        if wanted and TOPIC_NAME.match(wanted):
-            return wanted
-        return self.settings.topic("replies")
+        return (
+            wanted if wanted and self._allowed_reply_to(wanted) else self.settings.topic("replies")
+        )
 
     def _parse(self, record: Incoming) -> Parsed:
         if record.value is None:
@@ -238,6 +260,12 @@ class RequestProcessor:
                 f"request of {len(record.value)} bytes exceeds the limit of {self.settings.max_request_bytes}"
             )
         request = parse_request(record.value)
+        wanted = header(record.headers, REPLY_TO)
+        if wanted is not None and not self._allowed_reply_to(wanted):
+            raise ReplyTopicRefused(
+                f"reply_to {wanted[:249]!r} does not match the reply topic pattern "
+                f"{self._reply_topics.pattern!r}"
+            )
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
         return Parsed(request, self._reply_to(record), correlation_id)
 
@@ -249,12 +277,12 @@ class RequestProcessor:
         """Apply ``requests`` in order in one transaction; their outcomes."""
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            if len(requests) > 1:
-                await sites.lock_sites(
-                    conn,
-                    [p.request.site for p in requests if isinstance(p.request, JobStart)],
-                    [p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
-                )
+            # the first locks of every transaction, alone or shared: the sites (lock order)
+            await sites.lock_sites(
+                conn,
+                [p.request.site for p in requests if isinstance(p.request, JobStart)],
+                [p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
+            )
             unseen = await inbox.claim_requests(conn, [_claim(p.request) for p in requests])
             outcomes = []
             for parsed in requests:  # a request_id twice here: the first is new, then a repeat
@@ -304,7 +332,11 @@ class RequestProcessor:
     async def _answer_again(
         self, tx: Tx, request: AnyRequest, reply_to: str, headers: list[tuple[str, str]]
     ) -> str:
-        """A request_id seen before: the same body gets the same reply, another body a conflict."""
+        """A request_id seen before: the same body gets the same reply, another body a conflict.
+
+        The stored reply is read under the site's lock (taken first in ``_transact``), the lock
+        every transition that changes it holds, so a stale answer cannot overtake a newer one.
+        """
         seen = await inbox.seen_request(tx.conn, str(request.request_id))
         assert seen is not None
         if seen["fingerprint"] != fingerprint(request):
@@ -333,12 +365,14 @@ class RequestProcessor:
             self.settings.consumer_group,
         )
         headers = dead_letter_headers(record.headers, origin, error, attempts, message=message)
-        value, stored = record.value, None
-        if record.value is not None and _record_size(record.key, record.value, headers) > (
+        # a session state sent in the clear never reaches the dead-letter topic or its table
+        kept = None if record.value is None else sessions.without_clear_sessions(record.value)
+        value, stored = kept, None
+        if kept is not None and _record_size(record.key, kept, headers) > (
             self.settings.dlt_inline_max_bytes
         ):
-            stored = dlt_values.StoredValue.of(record.value)
-            value, headers = None, headers + value_ref_headers(stored.ref, record.value)
+            stored = dlt_values.StoredValue.of(kept)
+            value, headers = None, headers + value_ref_headers(stored.ref, kept)
         ids = _readable_ids(record.value)
         correlation_id = header(record.headers, CORRELATION_ID) or ids.get("request_id")
         async with self.db.transaction() as conn:

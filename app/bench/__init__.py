@@ -10,6 +10,8 @@ bench_app = typer.Typer(
 
 from app.bench.lease import bench_lease  # noqa: E402 - registered after bench_app exists
 from app.bench.relay import bench_relay  # noqa: E402
+from app.bench.seeds import bench_seeds  # noqa: E402
 
 bench_app.command("relay")(bench_relay)
 bench_app.command("lease")(bench_lease)
+bench_app.command("seeds")(bench_seeds)

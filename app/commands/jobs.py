@@ -1,4 +1,4 @@
-"""`qm jobs …`: which jobs run and wait, and why a waiting job waits."""
+"""`qm jobs …`: which jobs run and wait, why a waiting job waits, and ending a live lease."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from app.commands.common import (
     table,
     when,
 )
-from app.store import Conn, Row, views
+from app.crypto import SecretBox
+from app.leasing import Services, Tx, revoke
+from app.settings import get_settings
+from app.store import Conn, Row, jobs, views
 from schemas.states import JobStatus
 
 jobs_app = typer.Typer(help="Jobs: what runs, what waits and why.", no_args_is_help=True)
@@ -190,3 +193,32 @@ def jobs_show(
     for at, what in history:
         grid.add_row(when(at), escape(what))
     console.print(grid)
+
+
+@jobs_app.command("revoke")
+def jobs_revoke(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job whose lease ends")],
+    reason: Annotated[str, typer.Option(help="Why; recorded on the job and in its events")],
+) -> None:
+    """End a RUNNING job's lease now: its token stops working, its holder gets job.lease_lost,
+    its account goes back (after the site's cooldown) and to the next waiting job."""
+    if not reason.strip() or len(reason) > 400:
+        raise fail("--reason must be 1 to 400 characters")
+    settings = get_settings()
+    secrets = SecretBox.from_settings(settings)
+
+    async def work(conn: Conn) -> tuple[Row | None, Row | None]:
+        tx = Tx(conn, Services(settings, secrets))
+        revoked = await revoke(tx, job_id, reason.strip())
+        await tx.flush()
+        return revoked, await jobs.describe_job(conn, job_id)
+
+    revoked, job = in_transaction(work)
+    if job is None:
+        raise fail(f"no job {job_id!r}; `qm jobs list` shows the latest")
+    if revoked is None:
+        raise fail(f"job {job_id} is not running (status {job['status']}); nothing to revoke")
+    out().print(
+        f"[green]lease {revoked['lease_token']} of job {escape(job_id)} revoked[/]; "
+        "its holder is told job.lease_lost"
+    )

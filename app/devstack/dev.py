@@ -8,8 +8,10 @@ from pathlib import Path
 
 import structlog
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import SecretStr
 
+from app.crypto import private_key_text
 from app.db.migrate import upgrade
 from app.devstack.postgres import EmbeddedPostgres
 from app.devstack.tansu import TansuBroker
@@ -25,6 +27,12 @@ def _or_fresh_key(key: SecretStr) -> SecretStr:
     return key if key.get_secret_value() else SecretStr(Fernet.generate_key().decode())
 
 
+def _or_fresh_sealing_key(keys: SecretStr) -> SecretStr:
+    if keys.get_secret_value():
+        return keys
+    return SecretStr(private_key_text(X25519PrivateKey.generate()))
+
+
 ENV_FILE = Path(".qm-dev.env")
 
 
@@ -36,7 +44,7 @@ def write_env_file(settings: Settings, path: Path) -> None:
         "QM_KAFKA_IDEMPOTENCE": "false",
         "QM_TOPIC_PREFIX": settings.topic_prefix,
         "QM_SECRET_KEYS": settings.secret_keys.get_secret_value(),
-        "QM_TRANSPORT_KEY": settings.transport_key.get_secret_value(),
+        "QM_SEALING_KEYS": settings.sealing_keys.get_secret_value(),
     }
     path.touch(mode=0o600)
     path.write_text("".join(f"{name}='{value}'\n" for name, value in values.items()))
@@ -53,7 +61,7 @@ def run_dev() -> None:
                 "kafka_bootstrap_servers": broker.bootstrap,
                 "kafka_idempotence": False,  # Tansu has no idempotent producer
                 "secret_keys": _or_fresh_key(base.secret_keys),
-                "transport_key": _or_fresh_key(base.transport_key),
+                "sealing_keys": _or_fresh_sealing_key(base.sealing_keys),
             }
         )
         upgrade(settings.database_url)

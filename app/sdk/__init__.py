@@ -1,6 +1,6 @@
 """The collector SDK: acquire an account, its session and seeds from Quartermaster over Kafka.
 
-    async with QuartermasterClient("kafka:9092", transport_key=key) as client:
+    async with QuartermasterClient("kafka:9092") as client:
         async with client.job(site="example", wait_seconds=60) as job:
             ...
 
@@ -12,6 +12,7 @@ from app.sdk.errors import (
     ClientClosed,
     JobRejected,
     LeaseLost,
+    NoUploadKey,
     QuartermasterError,
     ReplyUnreadable,
     RequestConflict,
@@ -21,7 +22,7 @@ from app.sdk.errors import (
     SessionDead,
     UnexpectedReply,
 )
-from app.sdk.job import Account, Job
+from app.sdk.job import Account, Job, Session
 
 __all__ = [
     "Account",
@@ -29,6 +30,7 @@ __all__ = [
     "Job",
     "JobRejected",
     "LeaseLost",
+    "NoUploadKey",
     "QuartermasterClient",
     "QuartermasterError",
     "ReplyUnreadable",
@@ -36,6 +38,7 @@ __all__ = [
     "RequestInvalid",
     "RequestTimeout",
     "SecretUndecryptable",
+    "Session",
     "SessionDead",
     "UnexpectedReply",
 ]

@@ -55,7 +55,7 @@ async def browser_context(
     """
     if "storage_state" in context_options:
         raise TypeError("browser_context starts from the granted session; drop storage_state")
-    started = job.session.storage_state if job.session is not None else None
+    started = job.session.state() if job.session is not None else None
     context = await browser.new_context(storage_state=started, **context_options)  # type: ignore[arg-type]
     try:
         if check_url is not None and on_dead_session != "ignore":

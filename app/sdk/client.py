@@ -4,6 +4,11 @@ One producer writes requests to ``<prefix>requests`` (key ``job_id``, headers ``
 ``reply_to``). One consumer reads the reply topic with manual partition assignment (never a consumer
 group, so any number of collector processes can share the topic) starting from its end. Replies are
 matched to their requests by ``correlation_id``; see ``app.sdk.replies`` for the bookkeeping.
+
+Each client makes an X25519 key pair when it is created and sends the public half in every
+``job.start``; the private half never leaves the process. Quartermaster seals the account secret
+and the session of a grant to it (docs/security.md), so the other readers of the shared reply
+topic see only sealed boxes.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
-from pydantic import SecretStr
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from app.sdk.errors import ClientClosed, QuartermasterError, RequestTimeout
-from app.sdk.replies import ReplyRouter, Waiter
+from app.crypto import Unsealable, public_key_text, unseal
+from app.sdk.errors import ClientClosed, QuartermasterError, RequestTimeout, SecretUndecryptable
+from app.sdk.replies import Release, ReplyRouter, Waiter
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_TO,
@@ -66,7 +72,6 @@ class QuartermasterClient:
         *,
         topic_prefix: str = "qm.",
         reply_topic: str | None = None,
-        transport_key: str | bytes | SecretStr | None = None,
         security: Mapping[str, Any] | None = None,
         collector: str | None = None,
         request_timeout: float = 30.0,
@@ -82,7 +87,8 @@ class QuartermasterClient:
         self.reply_topic = reply_topic or f"{topic_prefix}replies"
         self.collector = collector or _default_collector()
         self.request_timeout = request_timeout
-        self._transport_key = _as_secret(transport_key)
+        self._private_key = X25519PrivateKey.generate()
+        self.public_key = public_key_text(self._private_key)
         self._security = dict(security or {})
         self._idempotent = idempotent_producer
         self._router = ReplyRouter(
@@ -103,7 +109,6 @@ class QuartermasterClient:
         bootstrap = options.pop("bootstrap_servers")
         arguments: dict[str, Any] = {
             "topic_prefix": settings.topic_prefix,
-            "transport_key": settings.transport_key,
             "security": options,
             "idempotent_producer": settings.kafka_idempotence,
             **overrides,
@@ -116,10 +121,13 @@ class QuartermasterClient:
             f"request_topic={self.request_topic!r}, reply_topic={self.reply_topic!r})"
         )
 
-    @property
-    def transport_key(self) -> SecretStr | None:
-        """The Fernet key that decrypts account secrets in ``job.granted``."""
-        return self._transport_key
+    def open_sealed(self, sealed: str, context: str) -> bytes:
+        """Open a value of a grant sealed to this client's public key (``SecretUndecryptable``
+        when it does not open: sealed to another key, for another context, or damaged)."""
+        try:
+            return unseal(self._private_key, sealed, context)
+        except Unsealable as exc:
+            raise SecretUndecryptable(str(exc)) from None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -259,11 +267,13 @@ class QuartermasterClient:
             return await self._await_final(waiter, message, timeout)
         except BaseException:
             release_now = self._router.abandon(correlation_id, release_grant=is_start)
-            if is_start:
-                # Still queued, or the grant may be on its way: cancel at once. Requests of one job
-                # share a partition, so the cancel is processed after the start.
-                why = "grant_unclaimed" if release_now else "caller_gave_up"
-                self.release(message.job_id, why)
+            if release_now is not None:  # granted, but the caller never took it
+                self._release_grant(release_now, "grant_unclaimed")
+            elif is_start:
+                # Still queued, or the grant may be on its way: cancel the waiting job at once
+                # (requests of one job share a partition, so the cancel comes after the start).
+                # A grant that beat it is released with its token when it arrives.
+                self.release(message.job_id, "caller_gave_up")
             raise
         finally:
             self._router.forget(correlation_id)
@@ -318,17 +328,20 @@ class QuartermasterClient:
 
     # --- releasing what nobody uses ------------------------------------------------------
 
-    def release(self, job_id: str, why: str) -> None:
+    def release(self, job_id: str, why: str, lease_token: int | None = None) -> None:
         """Send ``job.cancel`` for a job in the background (the caller may be being cancelled).
 
-        The server cancels a waiting job, or frees a running job's account for the next waiter.
+        The server cancels a waiting job, or, given the lease's token, frees a running job's
+        account for the next waiter (without the token a running job's cancel changes nothing).
         """
-        task = asyncio.create_task(self._release(job_id, why), name=f"qm-sdk-release-{job_id}")
+        task = asyncio.create_task(
+            self._release(job_id, why, lease_token), name=f"qm-sdk-release-{job_id}"
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _release(self, job_id: str, why: str) -> None:
-        cancel = JobCancel(request_id=uuid.uuid4(), job_id=job_id)
+    async def _release(self, job_id: str, why: str, lease_token: int | None) -> None:
+        cancel = JobCancel(request_id=uuid.uuid4(), job_id=job_id, lease_token=lease_token)
         try:
             await self._send(cancel, str(cancel.request_id))
         except Exception as exc:  # noqa: BLE001 - the lease expires anyway; say so and go on
@@ -359,13 +372,8 @@ class QuartermasterClient:
         correlation_id = _header(headers, CORRELATION_ID)
         release = self._router.route(correlation_id, _header(headers, MESSAGE_ID), value)
         if release is not None:
-            log.info("late_grant_releasing", job_id=release, correlation_id=correlation_id)
-            self.release(release, "late_grant")
+            log.info("late_grant_releasing", job_id=release.job_id, correlation_id=correlation_id)
+            self._release_grant(release, "late_grant")
 
-
-def _as_secret(key: str | bytes | SecretStr | None) -> SecretStr | None:
-    if isinstance(key, SecretStr):
-        key = key.get_secret_value()
-    if not key:
-        return None
-    return SecretStr(key.decode() if isinstance(key, bytes) else key)
+    def _release_grant(self, release: Release, why: str) -> None:
+        self.release(release.job_id, why, release.lease_token)

@@ -62,7 +62,11 @@ class ClientClosed(QuartermasterError):
 
 
 class SecretUndecryptable(QuartermasterError):
-    """The account secret does not decrypt with the transport key this client was given."""
+    """A sealed secret or session of a grant does not open with this client's private key."""
+
+
+class NoUploadKey(QuartermasterError):
+    """Quartermaster announced no key to seal session states to (``QM_SEALING_KEYS`` unset)."""
 
 
 class SessionDead(QuartermasterError):

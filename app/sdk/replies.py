@@ -81,6 +81,14 @@ class RecentMap:
         return len(self._items)
 
 
+@dataclass(frozen=True)
+class Release:
+    """A grant nobody will use: the job to cancel and the lease token that may cancel it."""
+
+    job_id: str
+    lease_token: int
+
+
 @dataclass
 class Waiter:
     """One outstanding request: its final reply arrives in ``final``."""
@@ -124,11 +132,11 @@ class ReplyRouter:
         """Drop a request whose caller has its final reply."""
         self._waiting.pop(correlation_id, None)
 
-    def abandon(self, correlation_id: str, *, release_grant: bool) -> str | None:
+    def abandon(self, correlation_id: str, *, release_grant: bool) -> Release | None:
         """The caller gave up waiting.
 
         With ``release_grant`` (a ``job.start``) the correlation id is remembered, so a grant that
-        arrives later is released. Returns the job id to release now when the grant had already
+        arrives later is released. Returns what to release now when the grant had already
         arrived but its caller never took it.
         """
         waiter = self._waiting.pop(correlation_id, None)
@@ -137,7 +145,9 @@ class ReplyRouter:
         final = waiter.final
         if final.done() and not final.cancelled() and final.exception() is None:
             reply = final.result()
-            return waiter.job_id if isinstance(reply, JobGranted) else None
+            return (
+                Release(waiter.job_id, reply.lease_token) if isinstance(reply, JobGranted) else None
+            )
         self._abandoned.put(correlation_id, waiter.job_id)
         return None
 
@@ -148,11 +158,13 @@ class ReplyRouter:
                 waiter.final.set_exception(error)
         self._waiting.clear()
 
-    def route(self, correlation_id: str | None, message_id: str | None, value: bytes) -> str | None:
+    def route(
+        self, correlation_id: str | None, message_id: str | None, value: bytes
+    ) -> Release | None:
         """Deliver one record of the reply topic.
 
-        Returns the job id to release when the record is a grant for a request whose caller gave
-        up; None otherwise (delivered, a duplicate, or another client's reply).
+        Returns what to release when the record is a grant for a request whose caller gave up;
+        None otherwise (delivered, a duplicate, or another client's reply).
         """
         if correlation_id is None:
             return None
@@ -196,10 +208,10 @@ class ReplyRouter:
         else:
             waiter.final.set_result(outcome)
 
-    def _settle_abandoned(self, correlation_id: str, reply: AnyReply) -> str | None:
+    def _settle_abandoned(self, correlation_id: str, reply: AnyReply) -> Release | None:
         if reply.type in INTERIM_TYPES:
             return None  # still waiting server-side; the final answer decides
         job_id = self._abandoned.pop(correlation_id)
-        if isinstance(reply, JobGranted):
-            return job_id
+        if isinstance(reply, JobGranted) and job_id is not None:
+            return Release(job_id, reply.lease_token)
         return None

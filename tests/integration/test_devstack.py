@@ -95,7 +95,7 @@ async def test_qm_dev_serves_a_job_on_embedded_services_and_ctrl_c_leaves_nothin
             kafka_bootstrap_servers=env_file["QM_KAFKA_BOOTSTRAP_SERVERS"],
             kafka_idempotence=False,
             secret_keys=env_file["QM_SECRET_KEYS"],
-            transport_key=env_file["QM_TRANSPORT_KEY"],
+            sealing_keys=env_file["QM_SEALING_KEYS"],
         )
         db = Database.from_settings(settings)
         await make_site(db.engine, settings)

@@ -67,7 +67,7 @@ async def test_a_request_that_fails_inside_a_shared_transaction_is_dead_lettered
 ) -> None:
     await make_site(engine, settings, capacity=6, n_accounts=6)
     await make_site(engine, settings, "locked", n_accounts=0)
-    foreign = SecretBox(Fernet.generate_key().decode(), transport_key="")
+    foreign = SecretBox(Fernet.generate_key().decode())
     async with engine.begin() as conn:  # sealed with a key the worker does not have
         await accounts.add_account(
             conn, site="locked", username="lost@locked", sealed_secret=foreign.seal(CANARY)
