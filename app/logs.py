@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -39,8 +40,11 @@ def redact_errors(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
 
 def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
     """Set up structlog (and the stdlib loggers of our libraries) once per process."""
+    # colours only on a terminal: escape codes must not land in log files or pipes
     renderer: Any = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
     structlog.configure(
         processors=[

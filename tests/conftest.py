@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
+import structlog
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy.engine import make_url
@@ -32,6 +33,20 @@ TEMPLATE = f"qm_template_{uuid.uuid4().hex[:8]}"
 def asyncpg_dsn(url: str) -> str:
     """A plain libpq DSN for asyncpg from a SQLAlchemy URL."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(autouse=True)
+def _uncached_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A command run in-process configures structlog; loggers it cached would escape every later
+    test's ``capture_logs``, so tests never cache them, and each test starts from the defaults."""
+    configure = structlog.configure
+    monkeypatch.setattr(
+        structlog,
+        "configure",
+        lambda **options: configure(**{**options, "cache_logger_on_first_use": False}),
+    )
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
