@@ -13,8 +13,9 @@ from app.commands.asyncapi import asyncapi
 from app.commands.captures import captures_app
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
-from app.commands.failures import OneLineErrors
+from app.commands.failures import OneLineErrors, quiet_kafka_client
 from app.commands.jobs import jobs_app
+from app.commands.keys import keys_app
 from app.commands.resources import accounts_app, sites_app
 from app.commands.seeds import seeds_app
 from app.commands.sessions import sessions_app
@@ -38,6 +39,7 @@ app.add_typer(seeds_app, name="seeds")
 app.add_typer(sessions_app, name="sessions")
 app.command("asyncapi")(asyncapi)
 app.add_typer(captures_app, name="captures")
+app.add_typer(keys_app, name="keys")
 console = Console()
 err = Console(stderr=True)
 
@@ -64,6 +66,7 @@ def topics_create() -> None:
     """Create every Kafka topic Quartermaster uses (existing ones are left alone)."""
     from app.kafka import ensure_topics
 
+    quiet_kafka_client()  # an unreachable broker is the command's one line, not a log per try
     created = asyncio.run(ensure_topics(get_settings()))
     console.print(f"created {len(created)} topics: {', '.join(created) or '-'}")
 
@@ -124,11 +127,14 @@ def reaper() -> None:
 
 
 @app.command()
-def dev() -> None:
-    """Everything on embedded services: PostgreSQL, the in-memory broker, then `run all`."""
+def dev(
+    fresh: Annotated[bool, typer.Option(help="Delete the kept state (.qm-dev/) first")] = False,
+    demo: Annotated[bool, typer.Option(help="Add a demo site with three accounts")] = False,
+) -> None:
+    """Everything on embedded services (no Java needed), state kept in .qm-dev/, then `run all`."""
     from app.devstack.dev import run_dev
 
-    run_dev()  # a service that cannot start is one red line (main)
+    run_dev(fresh=fresh, demo=demo)  # a service that cannot start is one red line (main)
 
 
 def main() -> None:

@@ -4,8 +4,12 @@
   Dead-lettered at once; a ``request.invalid`` reply where a reply topic can be read.
 - ``TRANSIENT``: infrastructure (database down, serialization failure, deadlock, broker timeout).
   Retried in place with capped backoff; never dead-lettered, never skipped.
-- ``UNEXPECTED``: anything else. Retried a few times, then dead-lettered with its class and
-  message so one bad record cannot stall a partition.
+- ``UNEXPECTED``: anything else. Retried a few times with capped backoff (``unexpected_delay``),
+  then dead-lettered with its class and message so one bad record cannot stall a partition.
+
+``describe`` says what failed without echoing input: a validation error keeps each field's path
+and redacts only the message; a database error names its class, SQLSTATE and the table,
+column or constraint involved, never the SQL text or its parameters.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotRead
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from app.dlt.headers import redact
 
 
 class Disposition(StrEnum):
@@ -74,16 +80,39 @@ def classify(exc: BaseException) -> Disposition:
     return Disposition.UNEXPECTED
 
 
+def unexpected_delay(attempt: int, cap: float, first: float = 0.1) -> float:
+    """Seconds to wait after the ``attempt``-th unexpected failure: doubling from ``first``,
+    at most ``cap``."""
+    return min(cap, first * 2 ** min(max(attempt - 1, 0), 32))
+
+
 def describe(exc: BaseException) -> str:
     """A short description of a failure that never echoes the input (which may hold secrets)."""
     if isinstance(exc, ValidationError):
         parts = [
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {redact(err['msg'])}"
             for err in exc.errors(include_input=False, include_url=False)[:10]
         ]
         return "; ".join(parts)
+    if isinstance(exc, DBAPIError):
+        return describe_database_error(exc)
     if isinstance(exc, json.JSONDecodeError):
         return f"not JSON: {exc.msg} at position {exc.pos}"
     if isinstance(exc, UnicodeDecodeError):
         return "not UTF-8 text"
-    return str(exc)
+    return redact(str(exc))
+
+
+def describe_database_error(exc: DBAPIError) -> str:
+    """The driver's error class, SQLSTATE and the schema objects it names; no SQL, no values."""
+    orig = exc.orig
+    cause = getattr(orig, "__cause__", None) or orig  # asyncpg's own error under the adapter's
+    parts = [f"database error {type(cause).__name__}"]
+    code = _sqlstate(exc)
+    if code:
+        parts.append(f"SQLSTATE {code}")
+    for attribute in ("table_name", "column_name", "constraint_name"):
+        named = getattr(cause, attribute, None)
+        if isinstance(named, str) and named:
+            parts.append(f"{attribute.removesuffix('_name')} {named}")
+    return ", ".join(parts)

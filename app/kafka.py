@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
@@ -20,9 +20,18 @@ TOPICS: tuple[tuple[str, int | None], ...] = (
     ("job-events", 1),
     ("captures", None),
     ("captures.ready", None),
-    ("requests.dlt", 1),
-    ("captures.dlt", 1),
+    ("requests.dlt", None),
+    ("captures.dlt", None),
+    ("outbox.dlt", None),
 )
+# Each dead-letter topic has as many partitions as its source, so a slow or stuck partition of
+# dead letters holds back no more than one partition of their source did. ``outbox.dlt`` takes
+# the rows the outbox relay could not publish (their sources are many topics).
+DLT_SOURCES: dict[str, str] = {
+    "requests.dlt": "requests",
+    "captures.dlt": "captures",
+    "outbox.dlt": "requests",
+}
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -76,19 +85,45 @@ def producer_options(settings: Settings) -> dict[str, Any]:
 
 
 async def ensure_topics(settings: Settings) -> list[str]:
-    """Create every topic Quartermaster uses (those that exist are left alone); return the created."""
+    """Create every topic Quartermaster uses (those that exist are left alone, but a dead-letter
+    topic with fewer partitions than its source gets more); return the created."""
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        counts = topic_partitions(settings)
         wanted = [
-            NewTopic(settings.topic(name), parts or settings.topic_partitions, 1)
-            for name, parts in TOPICS
-            if settings.topic(name) not in existing
+            NewTopic(name, parts, 1) for name, parts in counts.items() if name not in existing
         ]
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process was first
                 await admin.create_topics(wanted)
+        await _grow_dead_letter_topics(admin, settings, existing, counts)
         return [topic.name for topic in wanted]
     finally:
         await admin.close()
+
+
+def topic_partitions(settings: Settings) -> dict[str, int]:
+    """Every topic's full name and the partitions it should have."""
+    counts = {settings.topic(name): parts or settings.topic_partitions for name, parts in TOPICS}
+    for name, source in DLT_SOURCES.items():
+        counts[settings.topic(name)] = counts[settings.topic(source)]
+    return counts
+
+
+async def _grow_dead_letter_topics(
+    admin: AIOKafkaAdminClient, settings: Settings, existing: set[str], counts: dict[str, int]
+) -> None:
+    """Give an existing dead-letter topic (made by an older version) its source's partitions."""
+    names = [settings.topic(name) for name in DLT_SOURCES if settings.topic(name) in existing]
+    if not names:
+        return
+    described = await admin.describe_topics(names)
+    grow = {
+        entry["topic"]: NewPartitions(counts[entry["topic"]])
+        for entry in described
+        if entry["error_code"] == 0 and len(entry["partitions"]) < counts[entry["topic"]]
+    }
+    if grow:
+        await admin.create_partitions(grow)

@@ -15,11 +15,12 @@ from typing import Any
 import structlog
 
 from app import seeding
-from app.crypto import SecretBox
+from app.crypto import SecretBox, load_public_key, seal
+from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import Settings
-from app.store import Conn, Row, jobs
+from app.store import Conn, Row, jobs, sites
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
@@ -29,6 +30,7 @@ from schemas.messages import (
     JobLeaseLost,
     JobRejected,
     SeedResult,
+    seal_context,
 )
 
 log = structlog.get_logger()
@@ -67,25 +69,34 @@ class Tx:
 
 
 def granted_reply(tx: Tx, job: Row, seeds: Sequence[GrantedSeed] = ()) -> dict[str, Any]:
-    """The ``job.granted`` message of a job just granted: secret encrypted for the collector."""
+    """The ``job.granted`` message of a job just granted: its account secret and session sealed
+    to the requester's public key, so no other reader of the reply topic can open them."""
     account = session = None
+    secrets = tx.services.secrets
     if job["account_id"] is not None:
-        secrets = tx.services.secrets
+        requester = load_public_key(job["public_key"])  # required by job.start with an account
+        secret = secrets.open(bytes(job["account_secret"])).encode()
         account = GrantedAccount(
             id=str(job["account_id"]),
             username=job["account_username"],
-            secret=secrets.for_collector(secrets.open(bytes(job["account_secret"]))),
+            secret=seal(requester, secret, seal_context("account.secret", job["id"])),
         )
         if job["session_version"] is not None:
+            # the stored JSON, re-sealed as it is: never parsed here
+            state = secrets.open(bytes(job["session_state"])).encode()
             session = GrantedSession(
                 version=job["session_version"],
-                storage_state=secrets.open_json(bytes(job["session_state"])),
+                storage_state=seal(
+                    requester, state, seal_context("session.storage_state", job["id"])
+                ),
             )
     return JobGranted(
         request_id=job["request_id"],
         job_id=job["id"],
         lease_token=job["lease_token"],
+        granted_at=job["granted_at"],
         lease_expires_at=job["lease_expires_at"],
+        upload_key=secrets.upload_key,
         account=account,
         session=session,
         seeds=list(seeds),
@@ -134,6 +145,7 @@ async def release_resources(
     account = await jobs.release_lease(
         tx.conn,
         job=job,
+        lease_token=job["lease_token"],
         outcome=outcome,
         blocked=blocked,
         failed=outcome in ("failed", "expired"),
@@ -154,10 +166,75 @@ def reject(tx: Tx, job: Row, reason: str) -> None:
 
 
 def lease_lost(tx: Tx, job: Row, reason: str) -> None:
-    """Tell a job's holder its lease is gone (the reaper took it)."""
+    """Tell a job's holder its lease is gone (the reaper or an operator took it).
+
+    It goes to the start request's reply topic with its correlation id: after the grant, the
+    last reply that request can get (docs/contract.md).
+    """
     tx.reply(
         job,
         JobLeaseLost(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(
             mode="json"
         ),
     )
+
+
+async def revoke(tx: Tx, job_id: str, reason: str) -> Row | None:
+    """An operator ends a live lease: RUNNING -> CANCELLED, whoever holds it.
+
+    The job's token moves on (so the holder's next heartbeat, upload or finish gets
+    ``job.lease_lost``), what it held is released and handed to the next waiter, and the holder
+    is told ``job.lease_lost`` (reason ``revoked``) at once. None when the job is not RUNNING.
+    """
+    site = await sites.lock_site_of_job(tx.conn, job_id)
+    if site is None:
+        return None
+    job = await jobs.revoke_job(tx.conn, job_id, f"revoked: {reason}")
+    if job is None:
+        return None
+    await release_resources(tx, job, site, outcome="revoked", reason=reason)
+    await jobs.retire_token(tx.conn, job_id, job["lease_token"])
+    lease_lost(tx, job, "revoked")
+    tx.events.job("revoked", job)
+    log.info("lease_revoked", job_id=job_id, lease_token=job["lease_token"])
+    if site["has_waiting"]:
+        await grant_waiting(tx, site["slug"])
+    return job
+
+
+DEAD_JOB_FIELDS = (
+    "id",
+    "site",
+    "collector",
+    "status",
+    "reason",
+    "attempts",
+    "request_id",
+    "created_at",
+    "finished_at",
+)
+
+
+class AttemptsExhausted(Exception):
+    """A job's lease lapsed as many times as its site allows; the job will never run again."""
+
+
+def dead_letter_exhausted(tx: Tx, job: Row, consumer: str) -> None:
+    """A job that reached its attempt cap goes to the requests' dead-letter topic, keyed by its
+    id, with the ``qm.dlt.*`` headers: its end, for operators (``qm dlt``), next to its terminal
+    event. The value is the job as it ended (no secret: the job row holds none)."""
+    requests = tx.settings.topic("requests")
+    error = AttemptsExhausted(
+        f"the lease of job {job['id']} lapsed {job['attempts']} times; its site allows "
+        f"{job['attempts']} attempts"
+    )
+    created_ms = int(job["created_at"].timestamp() * 1000)
+    headers = dead_letter_headers(
+        [(CORRELATION_ID, str(job["correlation_id"]).encode())],
+        Origin(requests, -1, -1, created_ms, consumer),
+        error,
+        job["attempts"],
+        failed_at=job["finished_at"],
+    )
+    value = {key: job[key] for key in DEAD_JOB_FIELDS}  # times and ids as strings (Outbox.add)
+    tx.box.add(dlt_topic(requests), job["id"], value, headers)

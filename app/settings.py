@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from functools import lru_cache
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -163,10 +165,44 @@ class Settings(BaseSettings):
         SecretStr(""),
         description="Comma-separated Fernet keys for secrets at rest; the first encrypts, all decrypt.",
     )
-    transport_key: SecretStr = Field(
+    sealing_keys: SecretStr = Field(
         SecretStr(""),
-        description="Fernet key shared with collectors; encrypts the account secret in job.granted.",
+        description="Comma-separated X25519 private keys (base64 of 32 bytes; `qm keys new` makes "
+        "one). Collectors seal the session states they send to the first one's public key, "
+        "announced in every job.granted; all of them open, so keys rotate without downtime.",
     )
+
+    # --- dead letters: nothing lost, nothing stalls -------------------------------------
+    unexpected_retry_max_seconds: float = Field(
+        2.0, description="Cap of the backoff between tries of a request that failed unexpectedly."
+    )
+    dlt_inline_max_bytes: int = Field(
+        512 * 1024,
+        description="A dead letter whose record would be larger travels without its value, which "
+        "is kept in PostgreSQL (table dlt_values) under the id in its qm.dlt.value_ref header.",
+    )
+    outbox_max_attempts: int = Field(
+        5,
+        description="Failed tries after which the relay dead-letters a row the broker keeps "
+        "refusing (unknown topic, too large) to the outbox.dlt topic, so it never blocks its shard.",
+    )
+
+    # --- security: reply topics, lease bounds, inbox retention ----------------------------
+    reply_topic_pattern: str | None = Field(
+        None,
+        description="Regular expression a request's reply_to header must match in full. "
+        "Default: the prefix's replies topic and replies.<anything>.",
+    )
+    min_lease_seconds: int | None = Field(
+        None,
+        description="Shortest lease granted; shorter requests are raised to it. Default: three "
+        "times the consumer session timeout, so a claim worker's death (which stalls requests "
+        "for up to one session timeout) cannot cost a heartbeating holder its lease.",
+    )
+    inbox_retention_seconds: int = Field(
+        7 * 24 * 3600, description="How long the inbox remembers a request_id and its reply."
+    )
+    inbox_prune_batch: int = Field(1000, description="Inbox rows one pruning statement deletes.")
 
     # --- chaos testing (never set in production) ----------------------------------------
     fault_point: str | None = Field(
@@ -211,6 +247,18 @@ class Settings(BaseSettings):
     alert_check_seconds: float = Field(
         15.0, description="How often the alerts process checks waiters, outbox lag and recoveries."
     )
+
+    def reply_topics(self) -> str:
+        """The pattern a ``reply_to`` must match in full."""
+        if self.reply_topic_pattern:
+            return self.reply_topic_pattern
+        return re.escape(self.topic("replies")) + r"(\.[A-Za-z0-9._-]+)?"
+
+    def shortest_lease(self) -> int:
+        """The shortest lease a request gets (``QM_MIN_LEASE_SECONDS``, or its default rule)."""
+        if self.min_lease_seconds is not None:
+            return self.min_lease_seconds
+        return math.ceil(3 * self.consumer_session_timeout_ms / 1000)
 
     def topic(self, name: str) -> str:
         """The full name of a topic, e.g. ``topic('requests') == 'qm.requests'``."""

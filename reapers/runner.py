@@ -20,6 +20,7 @@ from reapers.base import Sweep
 from reapers.block_cooldowns import BlockCooldowns
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
+from reapers.inbox_retention import InboxRetention
 from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.overdue_waits import OverdueWaits
 from reapers.undispatched_captures import UndispatchedCaptures
@@ -34,6 +35,7 @@ def job_sweeps(settings: Settings, db: Database) -> list[Sweep]:
         OverdueWaits(settings, db),
         BlockCooldowns(settings, db),
         CapacityBack(settings, db),
+        InboxRetention(settings, db),
     ]
 
 

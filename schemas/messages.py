@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    model_validator,
 )
 
 VERSION = 1
@@ -49,6 +50,34 @@ def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
+
+# An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes.
+PublicKey = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$"),
+    Field(description="X25519 public key, standard base64 of 32 bytes (docs/security.md)."),
+]
+# A sealed box (docs/security.md): standard base64 of version 1 | ephemeral key | nonce | AES-GCM.
+Sealed = Annotated[
+    str,
+    StringConstraints(min_length=88, max_length=1_400_000, pattern=r"^[A-Za-z0-9+/]+={0,2}$"),
+    Field(
+        description="A sealed box (docs/security.md): standard base64 of version byte 0x01, "
+        "the sender's ephemeral X25519 public key (32 bytes), a 12-byte nonce and the "
+        "AES-256-GCM ciphertext with its 16-byte tag. Key: HKDF-SHA256 over the X25519 shared "
+        "secret, salt = ephemeral public key || recipient public key, info = "
+        "'quartermaster sealed box v1', 32 bytes. Associated data: 'qm.v1:<field>:<job_id>'."
+    ),
+]
+
+
+def seal_context(field: str, job_id: str) -> str:
+    """The associated data a sealed field is bound to: ``qm.v1:<field>:<job_id>``.
+
+    Fields: ``account.secret`` and ``session.storage_state`` of ``job.granted`` (sealed to the
+    requester), ``session.upload`` and ``job.finish`` (session states sealed to Quartermaster).
+    """
+    return f"qm.v1:{field}:{job_id}"
 
 
 class Message(BaseModel):
@@ -83,6 +112,17 @@ class JobStart(Request):
     needs: Needs = Needs()
     lease_seconds: Seconds | None = None
     wait_seconds: Annotated[int, Field(ge=0, le=7 * 24 * 3600)] = 0
+    public_key: PublicKey | None = Field(
+        None,
+        description="The requester's X25519 public key; the grant's secret and session are "
+        "sealed to it. Required when the job needs an account.",
+    )
+
+    @model_validator(mode="after")
+    def _sealable(self) -> JobStart:
+        if self.needs.account and self.public_key is None:
+            raise ValueError("public_key is required when the job needs an account")
+        return self
 
 
 class JobHeartbeat(Request):
@@ -106,18 +146,23 @@ class JobFinish(Request):
     outcome: Literal["succeeded", "failed", "blocked"]
     reason: Reason | None = None
     cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
-    session_state: JsonObject | None = None
+    # Playwright storage_state, sealed to Quartermaster's upload_key (context job.finish)
+    session_state: Sealed | None = None
     seed_results: Annotated[list[SeedResult], Field(max_length=1000)] | None = None
 
 
 class JobCancel(Request):
     type: Literal["job.cancel"] = "job.cancel"
+    lease_token: LeaseToken | None = Field(
+        None, description="Required once the job is RUNNING: only the holder ends its lease."
+    )
 
 
 class SessionUpload(Request):
     type: Literal["session.upload"] = "session.upload"
     lease_token: LeaseToken
-    storage_state: JsonObject
+    # Playwright storage_state, sealed to Quartermaster's upload_key (context session.upload)
+    storage_state: Sealed
 
 
 class SeedsClaim(Request):
@@ -176,14 +221,17 @@ class GrantedAccount(BaseModel):
 
     id: str
     username: str
-    secret: str = Field(description="The account secret, Fernet-encrypted with the transport key.")
+    # the account secret, sealed to the requester's public_key (context account.secret)
+    secret: Sealed
 
 
 class GrantedSession(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: int
-    storage_state: dict[str, Any]
+    # Playwright storage_state as JSON, sealed to the requester's public_key
+    # (context session.storage_state)
+    storage_state: Sealed
 
 
 class GrantedSeed(BaseModel):
@@ -196,7 +244,11 @@ class GrantedSeed(BaseModel):
 class JobGranted(Reply):
     type: Literal["job.granted"] = "job.granted"
     lease_token: int
+    granted_at: datetime
     lease_expires_at: datetime
+    upload_key: str | None = Field(
+        None, description="Quartermaster's X25519 public key: seal session states to it."
+    )
     account: GrantedAccount | None = None
     session: GrantedSession | None = None
     seeds: list[GrantedSeed] = []

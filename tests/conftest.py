@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
+import structlog
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.crypto import private_key_text
 from app.db.engine import make_engine
 from app.db.migrate import upgrade
 from app.devstack.kafka import KafkaBroker
@@ -30,6 +33,20 @@ TEMPLATE = f"qm_template_{uuid.uuid4().hex[:8]}"
 def asyncpg_dsn(url: str) -> str:
     """A plain libpq DSN for asyncpg from a SQLAlchemy URL."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(autouse=True)
+def _uncached_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A command run in-process configures structlog; loggers it cached would escape every later
+    test's ``capture_logs``, so tests never cache them, and each test starts from the defaults."""
+    configure = structlog.configure
+    monkeypatch.setattr(
+        structlog,
+        "configure",
+        lambda **options: configure(**{**options, "cache_logger_on_first_use": False}),
+    )
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +127,8 @@ def settings(database_url: str, kafka_bootstrap: str, topic_prefix: str) -> Sett
         topic_prefix=topic_prefix,
         consumer_group=f"{topic_prefix}workers",
         secret_keys=Fernet.generate_key().decode(),
-        transport_key=Fernet.generate_key().decode(),
+        sealing_keys=private_key_text(X25519PrivateKey.generate()),
+        min_lease_seconds=1,  # tests choose short leases; the default rule has its own test
         outbox_poll_seconds=0.2,
         reaper_interval_seconds=0.2,
         consumer_session_timeout_ms=6000,

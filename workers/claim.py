@@ -1,5 +1,9 @@
 """The claim worker: a FastStream subscriber on ``qm.requests`` in a consumer group.
 
+Every record read gets exactly one outcome: a reply, a dead letter, or a retry in place. The
+record's bytes reach the handler untouched (``parse_raw``): no framework step decodes a header, so
+none can drop a record whose headers are not UTF-8 or whose key or value is null.
+
 Each request is processed in a database transaction (shared with the requests that arrive beside
 it: the group commit of ``workers.requests``); the Kafka offset is committed only after that
 transaction committed (a handler interrupted before it finished is not acknowledged and the record
@@ -21,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -39,6 +45,21 @@ log = structlog.get_logger()
 
 COMMIT_INTERVAL_SECONDS = 0.05  # how long done offsets wait, so that one commit carries many
 COMMIT_TIMEOUT_SECONDS = 10.0  # a commit the broker does not answer in this time is given up
+
+
+async def parse_raw(
+    record: ConsumerRecord[bytes, bytes],
+    default_parser: Callable[[ConsumerRecord[bytes, bytes]], Awaitable[StreamMessage[Any]]],
+) -> StreamMessage[Any]:
+    """Parser that leaves the record's bytes alone: FastStream's own decodes every header value
+    as UTF-8 and fails on a value that is not (or that is null), and then the record would get
+    no outcome at all. Its message is built from a copy without headers; the handler reads the
+    untouched record (``raw_message``)."""
+    bare = copy.copy(record)  # keeps the consumer FastStream set on it, when it did
+    bare.headers = []
+    message = await default_parser(bare)
+    message.raw_message = record
+    return message
 
 
 async def as_message(message: StreamMessage[Any]) -> StreamMessage[Any]:
@@ -57,7 +78,7 @@ def incoming(message: KafkaRecordMessage) -> Incoming:
         offset=record.offset,
         timestamp_ms=record.timestamp,
         key=record.key,
-        value=record.value or b"",
+        value=record.value,
         headers=list(record.headers or ()),
     )
 
@@ -148,6 +169,7 @@ def subscribe_requests(
         group_id=settings.consumer_group,
         ack_policy=AckPolicy.MANUAL,  # OffsetCommits commits; on_request seeks back on failure
         auto_offset_reset="earliest",
+        parser=parse_raw,
         decoder=as_message,
         no_reply=True,  # replies go through the outbox, never straight from the handler
         max_poll_interval_ms=600_000,

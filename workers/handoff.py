@@ -45,7 +45,7 @@ from app.store import Database, Row, captures
 from app.wiring import Wiring, consumer_assigned
 from schemas.messages import CaptureHandoff
 from schemas.states import CaptureStatus
-from workers.claim import OffsetCommits, as_message, incoming
+from workers.claim import OffsetCommits, as_message, incoming, parse_raw
 from workers.requests import Incoming
 
 log = structlog.get_logger()
@@ -94,7 +94,7 @@ class HandoffWorker:
     async def process(self, record: Incoming) -> str:
         """Handle one record of ``qm.captures``; returns what happened."""
         try:
-            capture_id = CaptureHandoff.model_validate_json(record.value).capture_id
+            capture_id = CaptureHandoff.model_validate_json(record.value or b"").capture_id
         except Exception as exc:  # noqa: BLE001 - every bad record is dead-lettered
             await self._retry_transient(partial(self._dead_letter, record, exc))
             return "dead_lettered"
@@ -270,6 +270,7 @@ def subscribe_captures(
         group_id=settings.handoff_consumer_group,
         ack_policy=AckPolicy.MANUAL,  # OffsetCommits commits once a record is done
         auto_offset_reset="earliest",
+        parser=parse_raw,  # the record's bytes reach the handler untouched (see workers.claim)
         decoder=as_message,
         no_reply=True,  # what a handoff publishes goes through the outbox
         max_poll_interval_ms=600_000,

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from app.crypto import Unsealable
 from app.leasing import Tx, grant_waiting, reject, release_resources
 from app.store import Row, jobs, sites
 from schemas.messages import (
@@ -23,9 +24,10 @@ from schemas.messages import (
     JobQueued,
     JobRejected,
     JobStart,
+    RequestInvalid,
 )
 from schemas.states import JobStatus
-from workers.sessions import merge_session
+from workers.sessions import merge_session, open_session_state
 
 log = structlog.get_logger()
 
@@ -43,15 +45,48 @@ def why_lease_lost(job: Row | None, lease_token: int) -> str:
     return "lease_expired"
 
 
+def over_cap(tx: Tx, req: JobStart | JobHeartbeat) -> Reply:
+    """``request.invalid`` for a lease or wait above ``QM_MAX_LEASE_SECONDS``; None when within."""
+    cap = tx.settings.max_lease_seconds
+    asked = (
+        {"lease_seconds": req.lease_seconds, "wait_seconds": req.wait_seconds}
+        if isinstance(req, JobStart)
+        else {"extend_seconds": req.extend_seconds}
+    )
+    for name, value in asked.items():
+        if value is not None and value > cap:
+            error = f"{name} {value} is over the cap of {cap} seconds (QM_MAX_LEASE_SECONDS)"
+            return invalid(req, error)
+    return None
+
+
+def invalid(req: JobStart | JobHeartbeat | JobFinish, error: str) -> dict[str, Any]:
+    return RequestInvalid(
+        request_id=str(req.request_id), job_id=req.job_id, error=error
+    ).model_dump(mode="json")
+
+
+def lease_length(tx: Tx, asked: int | None, site_default: int) -> int:
+    """The lease a request gets: what it asked (or its site's default), within the bounds.
+
+    Over the cap was refused before; the site's own default is held to the cap; anything below
+    the safe minimum (docs/contract.md) is raised to it.
+    """
+    wanted = min(asked or site_default, tx.settings.max_lease_seconds)
+    return max(wanted, tx.settings.shortest_lease())
+
+
 async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Reply:
     """Queue the job, then grant the site's waiting jobs in FIFO order (this one among them)."""
+    if (refused := over_cap(tx, req)) is not None:
+        return refused
     rejected = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="")
     site = await sites.lock_site(tx.conn, req.site)
     if site is None:
         return rejected.model_copy(update={"reason": "unknown_site"}).model_dump(mode="json")
     if req.needs.account and not site["has_accounts"]:
         return rejected.model_copy(update={"reason": "no_accounts"}).model_dump(mode="json")
-    lease_seconds = min(req.lease_seconds or site["lease_seconds"], tx.settings.max_lease_seconds)
+    lease_seconds = lease_length(tx, req.lease_seconds, site["lease_seconds"])
     job = await jobs.queue_job(
         tx.conn,
         job_id=req.job_id,
@@ -60,10 +95,11 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
         needs_account=req.needs.account,
         needs_seeds=req.needs.seeds,
         lease_seconds=lease_seconds,
-        wait_seconds=min(req.wait_seconds, tx.settings.max_lease_seconds),
+        wait_seconds=req.wait_seconds,
         request_id=str(req.request_id),
         reply_to=reply_to,
         correlation_id=correlation_id,
+        public_key=req.public_key,
     )
     if job is None:
         existing = await jobs.describe_job(tx.conn, req.job_id)
@@ -87,7 +123,10 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
 
 async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: str) -> Reply:
     """Extend a live lease; a stale token or a lapsed lease gets job.lease_lost."""
-    job = await jobs.extend_lease(tx.conn, req.job_id, req.lease_token, req.extend_seconds)
+    if (refused := over_cap(tx, req)) is not None:
+        return refused
+    extend = None if req.extend_seconds is None else lease_length(tx, req.extend_seconds, 0)
+    job = await jobs.extend_lease(tx.conn, req.job_id, req.lease_token, extend)
     if job is None:
         reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
         log.info(
@@ -104,11 +143,13 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: st
 async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> Reply:
     """End a job for the holder of its live lease; release its account and hand it on (rule 4)."""
     lost = JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
+    try:
+        uploaded = open_session_state(tx, req.session_state, "job.finish", req.job_id)
+    except Unsealable as exc:
+        return invalid(req, f"session_state: {exc}")
     site = await sites.lock_site_of_job(tx.conn, req.job_id)
     if site is None:
         return lost.model_dump(mode="json")
-    if req.session_state is not None:  # kept before the lease ends, while the token still holds it
-        await merge_session(tx, req.job_id, req.lease_token, req.session_state)
     status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
     reason = (
         req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"
@@ -118,6 +159,9 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
         why = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
         log.info("finish_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
         return lost.model_copy(update={"reason": why}).model_dump(mode="json")
+    if uploaded is not None:  # the job is locked (lock order: job, then account and session);
+        # the account is still the holder's until released below
+        await merge_session(tx, req.job_id, req.lease_token, uploaded)
     await release_resources(
         tx,
         job,
@@ -137,14 +181,22 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
 
 
 async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> Reply:
-    """Cancel a waiting or running job; a running one's account goes to the next waiter."""
+    """Cancel a waiting job, or a running one for the holder of its live lease (its account
+    goes to the next waiter). A running job's cancel without that token changes nothing."""
     refused = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
     site = await sites.lock_site_of_job(tx.conn, req.job_id)
     if site is None:
         return refused.model_dump(mode="json")
-    job = await jobs.cancel_job(tx.conn, req.job_id)
+    job = await jobs.cancel_job(tx.conn, req.job_id, req.lease_token)
     if job is None:
         existing = await jobs.describe_job(tx.conn, req.job_id)
+        if existing is not None and existing["status"] == JobStatus.RUNNING:
+            why = "lease_token_required" if req.lease_token is None else None
+            why = why or why_lease_lost(existing, req.lease_token or 0)
+            log.info("cancel_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
+            return JobLeaseLost(
+                request_id=req.request_id, job_id=req.job_id, reason=why
+            ).model_dump(mode="json")
         reason = f"job_{str(existing['status']).lower()}" if existing else "unknown_job"
         return refused.model_copy(update={"reason": reason}).model_dump(mode="json")
     if job["was"] == JobStatus.RUNNING:

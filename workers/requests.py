@@ -7,9 +7,25 @@ cannot deadlock; then it applies the requests one after another, exactly as sepa
 would. If it fails for any reason, each of its requests is tried again in a transaction of its own,
 so one bad request never holds up the others.
 
+Every transaction takes its locks in one order (docs/design.md): sites (in slug order), inbox
+rows, jobs, accounts, sessions, outbox keys. Locking the sites first also puts the answer to a
+repeated request under the lock of every transition that could change that answer, so a job's
+replies leave in the order its transitions happened.
+
+A ``reply_to`` header must match ``QM_REPLY_TOPIC_PATTERN`` (by default the prefix's replies
+topic and ``replies.*``); a record naming any other topic is refused as invalid, and its
+``request.invalid`` goes to the default replies topic.
+
 Failures follow one classification (``app.errors``): invalid input is dead-lettered at once with a
 ``request.invalid`` reply; transient infrastructure errors are retried in place for as long as it
-takes; unexpected exceptions are retried a few times, then dead-lettered.
+takes; unexpected exceptions are retried a few times with capped backoff, then dead-lettered.
+
+What a collector hears: a reply only once the outcome is final. A request retried in place gets
+its one reply when it finally succeeds. Bad input is final (replaying it fails the same way), so
+it is answered ``request.invalid`` where a correlation id can be read. A request dead-lettered
+after unexpected errors gets no reply: its dead letter may be replayed once the cause is fixed,
+and the reply it gets then is its only one; the collector's own timeout ends its wait meanwhile
+(and the SDK releases a grant that comes after it gave up).
 """
 
 from __future__ import annotations
@@ -27,14 +43,16 @@ from functools import partial
 from typing import Any, TypeVar
 
 import structlog
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from app.crypto import SecretBox
-from app.dlt import Origin, dead_letter_headers, dlt_topic, header, redact
-from app.errors import Disposition, InvalidMessage, classify, describe
+from app.dlt import Origin, dead_letter_headers, dlt_topic, header
+from app.dlt.headers import Header, value_ref_headers
+from app.errors import Disposition, InvalidMessage, classify, describe, unexpected_delay
 from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION, set_ready
 from app.leasing import Services, Tx
 from app.settings import Settings
-from app.store import Database, inbox, sites
+from app.store import Database, dlt_values, inbox, sites
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_TO,
@@ -62,6 +80,10 @@ HANDLERS: dict[str, Handler] = {
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
+class ReplyTopicRefused(InvalidMessage):
+    """A ``reply_to`` header that names a topic requests may not reply to."""
+
+
 @dataclass(frozen=True)
 class Incoming:
     """A record as read from Kafka."""
@@ -71,8 +93,8 @@ class Incoming:
     offset: int
     timestamp_ms: int
     key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    value: bytes | None  # None: a null value (a tombstone), kept as such in its dead letter
+    headers: list[Header] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,7 @@ class RequestProcessor:
         self.settings = settings
         self.db = db
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
+        self._reply_topics = re.compile(settings.reply_topics())
         self.ready = True
         self._waiting: list[Waiting] = []
         self._committers: set[asyncio.Task[None]] = set()
@@ -181,11 +204,18 @@ class RequestProcessor:
                     disposition is Disposition.UNEXPECTED
                     and attempts < self.settings.unexpected_error_attempts
                 ):
+                    delay = unexpected_delay(attempts, self.settings.unexpected_retry_max_seconds)
                     log.warning(
-                        "request_failed_retrying", error_class=type(exc).__name__, attempts=attempts
+                        "request_failed_retrying",
+                        error_class=type(exc).__name__,
+                        attempts=attempts,
+                        retry_in=delay,
                     )
+                    await asyncio.sleep(delay)
                     continue
-                await self._retry_transient(partial(self._dead_letter, record, exc, attempts))
+                await self._retry_transient(
+                    partial(self._dead_letter, record, exc, attempts, disposition)
+                )
                 return "dead_lettered"
 
     async def _retry_transient(self, step: Callable[[], Awaitable[T]]) -> T:
@@ -208,18 +238,34 @@ class RequestProcessor:
                 set_ready("worker", True)
             return result
 
+    def _allowed_reply_to(self, wanted: str | None) -> bool:
+        return (
+            wanted is not None
+            and TOPIC_NAME.match(wanted) is not None
+            and self._reply_topics.fullmatch(wanted) is not None
+        )
+
     def _reply_to(self, record: Incoming) -> str:
+        """Where a record's answer goes: its ``reply_to`` when allowed, else the default."""
         wanted = header(record.headers, REPLY_TO)
-        if wanted and TOPIC_NAME.match(wanted):
-            return wanted
-        return self.settings.topic("replies")
+        return (
+            wanted if wanted and self._allowed_reply_to(wanted) else self.settings.topic("replies")
+        )
 
     def _parse(self, record: Incoming) -> Parsed:
+        if record.value is None:
+            raise InvalidMessage("the record's value is null")
         if len(record.value) > self.settings.max_request_bytes:
             raise InvalidMessage(
                 f"request of {len(record.value)} bytes exceeds the limit of {self.settings.max_request_bytes}"
             )
         request = parse_request(record.value)
+        wanted = header(record.headers, REPLY_TO)
+        if wanted is not None and not self._allowed_reply_to(wanted):
+            raise ReplyTopicRefused(
+                f"reply_to {wanted[:249]!r} does not match the reply topic pattern "
+                f"{self._reply_topics.pattern!r}"
+            )
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
         return Parsed(request, self._reply_to(record), correlation_id)
 
@@ -231,12 +277,12 @@ class RequestProcessor:
         """Apply ``requests`` in order in one transaction; their outcomes."""
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            if len(requests) > 1:
-                await sites.lock_sites(
-                    conn,
-                    [p.request.site for p in requests if isinstance(p.request, JobStart)],
-                    [p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
-                )
+            # the first locks of every transaction, alone or shared: the sites (lock order)
+            await sites.lock_sites(
+                conn,
+                [p.request.site for p in requests if isinstance(p.request, JobStart)],
+                [p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
+            )
             unseen = await inbox.claim_requests(conn, [_claim(p.request) for p in requests])
             outcomes = []
             for parsed in requests:  # a request_id twice here: the first is new, then a repeat
@@ -286,7 +332,11 @@ class RequestProcessor:
     async def _answer_again(
         self, tx: Tx, request: AnyRequest, reply_to: str, headers: list[tuple[str, str]]
     ) -> str:
-        """A request_id seen before: the same body gets the same reply, another body a conflict."""
+        """A request_id seen before: the same body gets the same reply, another body a conflict.
+
+        The stored reply is read under the site's lock (taken first in ``_transact``), the lock
+        every transition that changes it holds, so a stale answer cannot overtake a newer one.
+        """
         seen = await inbox.seen_request(tx.conn, str(request.request_id))
         assert seen is not None
         if seen["fingerprint"] != fingerprint(request):
@@ -301,9 +351,12 @@ class RequestProcessor:
             tx.box.add(seen["reply_topic"], request.job_id, seen["reply"], headers)
         return "duplicate"
 
-    async def _dead_letter(self, record: Incoming, error: BaseException, attempts: int) -> None:
-        """The record to ``<topic>.dlt`` with its headers, plus request.invalid where answerable."""
-        message = redact(describe(error))
+    async def _dead_letter(
+        self, record: Incoming, error: BaseException, attempts: int, disposition: Disposition
+    ) -> None:
+        """The record to ``<topic>.dlt`` with its headers; bad input also gets request.invalid
+        where answerable (an unexpected failure is not final, so it gets no reply)."""
+        message = describe(error)
         origin = Origin(
             record.topic,
             record.partition,
@@ -311,17 +364,23 @@ class RequestProcessor:
             record.timestamp_ms,
             self.settings.consumer_group,
         )
+        headers = dead_letter_headers(record.headers, origin, error, attempts, message=message)
+        # a session state sent in the clear never reaches the dead-letter topic or its table
+        kept = None if record.value is None else sessions.without_clear_sessions(record.value)
+        value, stored = kept, None
+        if kept is not None and _record_size(record.key, kept, headers) > (
+            self.settings.dlt_inline_max_bytes
+        ):
+            stored = dlt_values.StoredValue.of(kept)
+            value, headers = None, headers + value_ref_headers(stored.ref, kept)
         ids = _readable_ids(record.value)
         correlation_id = header(record.headers, CORRELATION_ID) or ids.get("request_id")
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            tx.box.add(
-                dlt_topic(record.topic),
-                record.key,
-                record.value,
-                dead_letter_headers(record.headers, origin, error, attempts, message=message),
-            )
-            if correlation_id:
+            if stored is not None:
+                await dlt_values.store_value(conn, stored)
+            tx.box.add(dlt_topic(record.topic), record.key, value, headers)
+            if correlation_id and disposition is Disposition.INVALID:
                 invalid = RequestInvalid(
                     request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
                 )
@@ -340,18 +399,28 @@ class RequestProcessor:
             offset=record.offset,
             error_class=type(error).__name__,
             attempts=attempts,
+            value_ref=stored.ref if stored is not None else None,
         )
 
 
-def _request_type(raw: bytes) -> str:
+def _record_size(key: bytes | None, value: bytes | None, headers: list[Header]) -> int:
+    """Bytes of a record in a batch, plus room for the outbox's own id header."""
+    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) + 128
+
+
+def _request_type(raw: bytes | None) -> str:
     """The request's type for metrics; only known types, so labels stay bounded."""
+    if raw is None:
+        return "other"
     match = re.search(rb'"type"\s*:\s*"([a-z.]{1,32})"', raw[:4096])
     name = match.group(1).decode() if match else ""
     return name if name in HANDLERS else "other"
 
 
-def _readable_ids(raw: bytes) -> dict[str, str]:
+def _readable_ids(raw: bytes | None) -> dict[str, str]:
     """request_id and job_id of a bad record, when they can be read as short strings."""
+    if raw is None:
+        return {}
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -1,18 +1,46 @@
-"""The session family: session.upload, and the session state a job.finish carries."""
+"""The session family: session.upload, and the session state a job.finish carries.
+
+Collectors send session states sealed to Quartermaster's ``upload_key`` (docs/security.md), so
+neither the requests topic nor its dead-letter topic ever holds a cookie in the clear. They are
+opened here, merged into the account's session and stored encrypted at rest.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from app.crypto import Unsealable
 from app.leasing import Tx
 from app.store import sessions
-from schemas.messages import JobLeaseLost, SessionMerged, SessionRejected, SessionUpload
+from schemas.messages import (
+    JobLeaseLost,
+    RequestInvalid,
+    SessionMerged,
+    SessionRejected,
+    SessionUpload,
+    seal_context,
+)
 from schemas.sessions import merge_storage_state, session_too_large
 
 log = structlog.get_logger()
+
+
+def open_session_state(tx: Tx, sealed: str | None, field: str, job_id: str) -> Any:
+    """A sealed session state opened with Quartermaster's keys (None stays None).
+
+    Raises ``Unsealable`` when it does not open or is not a JSON object.
+    """
+    if sealed is None:
+        return None
+    state = tx.services.secrets.open_upload(sealed, seal_context(field, job_id))
+    if not isinstance(state, dict):
+        raise Unsealable("the sealed session state is not a JSON object")
+    return state
 
 
 @dataclass(frozen=True)
@@ -68,7 +96,13 @@ def _emit(tx: Tx, held: Any, what: str, status: str, job_id: str) -> None:
 
 async def upload(tx: Tx, req: SessionUpload, reply_to: str, correlation_id: str) -> dict[str, Any]:
     """Merge a collector's browser state into its account's session while it holds the lease."""
-    outcome = await merge_session(tx, req.job_id, req.lease_token, req.storage_state)
+    try:
+        uploaded = open_session_state(tx, req.storage_state, "session.upload", req.job_id)
+    except Unsealable as exc:
+        return RequestInvalid(
+            request_id=str(req.request_id), job_id=req.job_id, error=f"storage_state: {exc}"
+        ).model_dump(mode="json")
+    outcome = await merge_session(tx, req.job_id, req.lease_token, uploaded)
     if outcome.refused is not None:
         return SessionRejected(
             request_id=req.request_id,
@@ -83,3 +117,29 @@ async def upload(tx: Tx, req: SessionUpload, reply_to: str, correlation_id: str)
     return SessionMerged(
         request_id=req.request_id, job_id=req.job_id, version=outcome.version
     ).model_dump(mode="json")
+
+
+CLEAR_SESSION_FIELDS = ("storage_state", "session_state")
+SEALED_TEXT = re.compile(r"[A-Za-z0-9+/]+={0,2}")  # base64: what a sealed box looks like
+WITHHELD = "[withheld: a session state must travel sealed]"
+
+
+def without_clear_sessions(raw: bytes) -> bytes:
+    """A request record fit for a dead-letter topic: a session state sent in the clear (not a
+    sealed string, as an old or broken collector might send) is replaced, so the dead letter
+    never holds cookies. Anything else, sealed states included, is kept byte for byte."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return raw
+    if not isinstance(body, dict):
+        return raw
+    clear = [
+        name
+        for name in CLEAR_SESSION_FIELDS
+        if body.get(name) is not None
+        and not (isinstance(body[name], str) and SEALED_TEXT.fullmatch(body[name]))
+    ]
+    if not clear:
+        return raw
+    return json.dumps({**body, **dict.fromkeys(clear, WITHHELD)}).encode()

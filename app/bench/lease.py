@@ -36,12 +36,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
 from app.bench.processes import BenchFailed, Child, CpuMeter
 from app.bench.services import services as start_services
-from app.crypto import SecretBox
+from app.crypto import SecretBox, private_key_text
 from app.db.engine import make_engine
 from app.kafka import client_options, ensure_topics, producer_options
 from app.logs import configure_logging
@@ -153,7 +154,7 @@ def _settings(bootstrap: str, database_url: str) -> Settings:
         topic_prefix=prefix,
         consumer_group=f"{prefix}workers",
         secret_keys=Fernet.generate_key().decode(),
-        transport_key=Fernet.generate_key().decode(),
+        sealing_keys=private_key_text(X25519PrivateKey.generate()),
     )
 
 

@@ -259,7 +259,7 @@ async def _relay_latency(
     async def on_ack(rows: Sequence[UnsentRow]) -> None:
         now = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
         for row in rows:
-            acked[dict(row.headers)[MESSAGE_ID]] = now
+            acked[dict(row.headers)[MESSAGE_ID] or b""] = now
         if len(acked) >= expected[0]:
             all_acked.set()
 

@@ -60,6 +60,13 @@ CHANNELS: dict[str, tuple[str, Any, str]] = {
     "captures.ready": ("send", CaptureReady, "Captures handed off, keyed by capture_id."),
     "requests.dlt": ("send", None, _DEAD_LETTER.format(topic="requests")),
     "captures.dlt": ("send", None, _DEAD_LETTER.format(topic="captures")),
+    "outbox.dlt": (
+        "send",
+        None,
+        "Outbox rows the broker refused for good (unknown topic, too large): the row's key, value "
+        "and headers plus qm.dlt.original_topic (where it was going) and qm.dlt.outbox_id; see "
+        "docs/dead-letters.md.",
+    ),
 }
 
 
@@ -109,4 +116,5 @@ def asyncapi(
         console.print_json(document)
         return
     out.write_text(document)
-    console.print(f"wrote AsyncAPI {len(json.loads(document)['channels'])} channels to {out}")
+    channels = len(json.loads(document)["channels"])
+    console.print(f"wrote an AsyncAPI 3 document ({channels} channels) to {out}")

@@ -81,6 +81,27 @@ def when(value: datetime | None) -> str:
     return "" if value is None else value.isoformat(timespec="seconds")
 
 
+def span(seconds: float) -> str:
+    """A duration in its two largest units: 45s, 4m59s, 2h03m, 3d04h."""
+    whole = int(abs(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def relative(value: datetime | None, now: datetime) -> str:
+    """'5s ago' or 'in 4m59s', against the database's clock (``now``)."""
+    if value is None:
+        return ""
+    seconds = (value - now).total_seconds()
+    return f"in {span(seconds)}" if seconds > 0 else f"{span(seconds)} ago"
+
+
 # --- checks of input: each raises a BadParameter saying what is wrong and what is right --
 
 

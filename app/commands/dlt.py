@@ -2,6 +2,9 @@
 
 Every failure an operator can act on is one red line on stderr and exit code 2. A selection that
 matches nothing is not a failure: it prints "nothing selected" and exits 0.
+
+Every option is read as text and checked here (``_whole``, ``_rate``, ``_topic_name``, the
+times in ``parse_time``), so a bad value is such a line too, never a usage box or a traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Coroutine
+import math
+import re
+from collections.abc import Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -41,6 +46,7 @@ from app.dlt.reader import (
     summarize,
 )
 from app.dlt.replay import ReplayOptions, ReplayReport, replay
+from app.dlt.values import open_values
 from app.settings import Settings, get_settings
 
 dlt_app = typer.Typer(help="Dead-letter topics: list, show, replay.", no_args_is_help=True)
@@ -50,16 +56,19 @@ DRY_RUN_ROWS = 200
 
 # --- the filters show and replay share ---------------------------------------------------
 
+MAX_OFFSET = 2**63 - 1  # Kafka offsets are signed 64-bit
+MAX_PARTITION = 2**31 - 1  # and partitions signed 32-bit
+MAX_RATE = 1_000_000.0
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
 PartitionOpt = Annotated[
-    list[int] | None,
-    typer.Option("--partition", "-p", min=0, help="Only this partition (repeat for more)."),
+    list[str] | None,
+    typer.Option("--partition", "-p", help="Only this partition (repeat for more)."),
 ]
 FromOffsetOpt = Annotated[
-    int | None, typer.Option("--from-offset", min=0, help="First offset, inclusive.")
+    str | None, typer.Option("--from-offset", help="First offset, inclusive.")
 ]
-ToOffsetOpt = Annotated[
-    int | None, typer.Option("--to-offset", min=0, help="Last offset, inclusive.")
-]
+ToOffsetOpt = Annotated[str | None, typer.Option("--to-offset", help="Last offset, inclusive.")]
 SinceOpt = Annotated[
     str | None,
     typer.Option(
@@ -79,25 +88,63 @@ TopicArg = Annotated[
 ]
 
 
+def _whole(option: str, text: str | None, lowest: int, highest: int = MAX_OFFSET) -> int | None:
+    """``text`` as a whole number from ``lowest`` to ``highest``; None stays None."""
+    if text is None:
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise DltError(f"{option} takes a whole number, not {text!r}") from None
+    if not lowest <= value <= highest:
+        raise DltError(f"{option} must be from {lowest} to {highest}, not {value}")
+    return value
+
+
+def _rate(text: str | None) -> float | None:
+    """Records a second: a number above 0 and at most ``MAX_RATE``."""
+    if text is None:
+        return None
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise DltError(f"--rate takes a number of records a second, not {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_RATE):
+        raise DltError(f"--rate must be above 0 and at most {MAX_RATE:.0f}, not {text.strip()}")
+    return value
+
+
+def _topic_name(option: str, text: str | None) -> str | None:
+    if text is not None and not TOPIC_NAME.match(text):
+        raise DltError(f"{option} {text!r} is not a Kafka topic name (letters, digits, . _ -)")
+    return text
+
+
 def _selection(
-    partition: list[int] | None,
-    from_offset: int | None,
-    to_offset: int | None,
+    partition: list[str] | None,
+    from_offset: str | None,
+    to_offset: str | None,
     since: str | None,
     until: str | None,
     error_class: str | None,
     key: str | None,
 ) -> Selection:
-    if from_offset is not None and to_offset is not None and from_offset > to_offset:
+    """The filters, each checked: a bad one is a ``DltError`` naming the option."""
+    partitions = [_whole("--partition", p, 0, MAX_PARTITION) for p in partition or ()]
+    first = _whole("--from-offset", from_offset, 0)
+    last = _whole("--to-offset", to_offset, 0)
+    if first is not None and last is not None and first > last:
         raise DltError("--from-offset is after --to-offset")
-    since_ms = parse_time(since) if since else None
-    until_ms = parse_time(until) if until else None
+    since_ms = parse_time(since, option="--since") if since is not None else None
+    until_ms = parse_time(until, option="--until") if until is not None else None
     if since_ms is not None and until_ms is not None and since_ms >= until_ms:
         raise DltError("--since is not before --until")
+    if error_class is not None and not error_class.strip():
+        raise DltError("--error-class is empty")
     return Selection(
-        partitions=frozenset(partition) if partition else None,
-        from_offset=from_offset,
-        to_offset=to_offset,
+        partitions=frozenset(p for p in partitions if p is not None) or None,
+        from_offset=first,
+        to_offset=last,
         since_ms=since_ms,
         until_ms=until_ms,
         error_class=error_class,
@@ -116,13 +163,26 @@ def _err() -> Console:
     return Console(stderr=True)
 
 
+def _fail(exc: DltError) -> typer.Exit:
+    """Print ``exc`` as one red line; the exit (code 2) to raise."""
+    _err().print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _checked(check: Callable[[], T]) -> T:
+    """``check()``; a ``DltError`` (a bad option) becomes one red line and exit code 2."""
+    try:
+        return check()
+    except DltError as exc:
+        raise _fail(exc) from None
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one command's coroutine; a ``DltError`` becomes one red line and exit code 2."""
     try:
         return asyncio.run(coro)
     except DltError as exc:
-        _err().print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(exc) from None
     except KeyboardInterrupt:
         _err().print(
             "[yellow]interrupted (a replay records every copy the broker acknowledged; "
@@ -223,34 +283,43 @@ def show(
     until: UntilOpt = None,
     error_class: ErrorClassOpt = None,
     key: KeyOpt = None,
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many records.")] = 50,
+    limit: Annotated[str, typer.Option(help="Show at most this many records.")] = "50",
     width: Annotated[
-        int, typer.Option(min=10, help="Cut keys, values and headers to this many characters.")
-    ] = 200,
+        str, typer.Option(help="Cut keys, values and headers to this many characters.")
+    ] = "200",
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON Lines (one record a line) instead of a table.")
     ] = False,
 ) -> None:
-    """Records of a dead-letter topic with their headers; secrets redacted, values cut short."""
+    """Records of a dead-letter topic with their headers; secrets redacted, values cut short.
+    A value kept in PostgreSQL (too large for its dead letter) is read back from there."""
     settings = _settings()
+    selection = _checked(
+        lambda: _selection(partition, from_offset, to_offset, since, until, error_class, key)
+    )
+    most = _checked(lambda: _whole("--limit", limit, 1, 1_000_000)) or 1
+    cut = _checked(lambda: _whole("--width", width, 10, 10_000_000)) or 10
 
     async def run() -> tuple[str, list[DeadLetter], bool]:
-        selection = _selection(partition, from_offset, to_offset, since, until, error_class, key)
         found: list[DeadLetter] = []
+        more = False
         async with open_reader(settings) as reader:
             name = await reader.resolve(topic)
             plan = await reader.plan(name, selection)
             async with aclosing(reader.select(plan, selection)) as letters:
                 async for letter in letters:
-                    if len(found) == limit:
-                        return name, sorted_letters(found), True
+                    if len(found) == most:
+                        more = True
+                        break
                     found.append(letter)
-        return name, sorted_letters(found), False
+        async with open_values(settings) as values:
+            found = await values.restore(found)
+        return name, sorted_letters(found), more
 
     name, letters, more = _run(run())
     if as_json:
         for letter in letters:
-            typer.echo(json.dumps(_letter_json(letter, width), ensure_ascii=False))
+            typer.echo(json.dumps(_letter_json(letter, cut), ensure_ascii=False))
         return
     if not letters:
         _out().print("nothing selected")
@@ -260,19 +329,19 @@ def show(
     )
     for letter in letters:
         headers = "\n".join(
-            f"{escape(n)}: {escape(redact_header(n, v, width))}" for n, v in letter.headers
+            f"{escape(n)}: {escape(redact_header(n, v, cut))}" for n, v in letter.headers
         )
         table.add_row(
             f"{letter.partition}:{letter.offset}",
             _when(letter.timestamp_ms),
-            escape(redact_bytes(letter.key, width) or "-"),
-            escape(redact_bytes(letter.value, width) or "-"),
+            escape(redact_bytes(letter.key, cut) or "-"),
+            escape(redact_bytes(letter.value, cut) or "-"),
             headers,
         )
     out = _out()
     out.print(table)
     if more:
-        out.print(f"first {limit} shown; narrow the filters or raise --limit to see more")
+        out.print(f"first {most} shown; narrow the filters or raise --limit to see more")
 
 
 # --- replay ------------------------------------------------------------------------------
@@ -349,7 +418,7 @@ def replay_command(
         bool, typer.Option("--dry-run", help="List what would go; send nothing.")
     ] = False,
     rate: Annotated[
-        float | None, typer.Option("--rate", min=0.001, help="At most this many records a second.")
+        str | None, typer.Option("--rate", help="At most this many records a second.")
     ] = None,
     again: Annotated[
         bool, typer.Option("--again", help="Also replay records an earlier run replayed.")
@@ -357,10 +426,16 @@ def replay_command(
 ) -> None:
     """Send dead letters back to their original topic (or --to), each at most once unless --again."""
     settings = _settings()
-    options = ReplayOptions(to=to, dry_run=dry_run, again=again, rate=rate)
+    selection = _checked(
+        lambda: _selection(partition, from_offset, to_offset, since, until, error_class, key)
+    )
+    options = _checked(
+        lambda: ReplayOptions(
+            to=_topic_name("--to", to), dry_run=dry_run, again=again, rate=_rate(rate)
+        )
+    )
 
     async def run() -> ReplayReport:
-        selection = _selection(partition, from_offset, to_offset, since, until, error_class, key)
         if dry_run:
             return await replay(settings, topic, selection, options)
         bar = _RichProgress("replaying")
@@ -382,9 +457,14 @@ def replay_command(
         sent = f"[green]{report.replayed} replayed[/] to {targets}"
     else:
         sent = "0 replayed"
+    again_note = (
+        f" ({report.failed_again} of them copies that failed again; --again sends them)"
+        if report.failed_again
+        else ""
+    )
     out.print(
         f"{report.selected} selected, {sent}, "
-        f"{report.already_replayed} skipped as already replayed",
+        f"{report.already_replayed} skipped as already replayed{again_note}",
         highlight=False,
     )
     if report.already_replayed and not report.replayed:

@@ -8,6 +8,7 @@ error that is none of these is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -114,6 +115,11 @@ def usage_line(exc: typer.TyperException) -> str:
     if isinstance(exc, UsageError) and exc.ctx is not None:
         message += f" (see `{exc.ctx.command_path} --help`)"
     return message
+
+
+def quiet_kafka_client() -> None:
+    """Silence the Kafka client's log of every failed connection attempt: a command says it once."""
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 def say(line: str) -> None:

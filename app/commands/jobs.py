@@ -1,4 +1,4 @@
-"""`qm jobs …`: which jobs run and wait, and why a waiting job waits."""
+"""`qm jobs …`: which jobs run and wait, why a waiting job waits, and ending a live lease."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from app.commands.common import (
     out,
     plain,
     print_json_lines,
+    relative,
     table,
     when,
 )
-from app.store import Conn, Row, views
+from app.crypto import SecretBox
+from app.leasing import Services, Tx, revoke
+from app.settings import get_settings
+from app.store import Conn, Row, jobs, views
 from schemas.states import JobStatus
 
 jobs_app = typer.Typer(help="Jobs: what runs, what waits and why.", no_args_is_help=True)
@@ -53,10 +57,10 @@ def jobs_list(
 
     rows = in_transaction(work)
     if as_json:
-        print_json_lines(rows)
+        print_json_lines({key: row[key] for key in row if key != "now"} for row in rows)
         return
     grid = table(
-        "job", "site", "collector", "status", "position", "account", "since", "until", "reason"
+        "job", "site", "collector", "status", "pos", "account", "changed", "ends", "reason"
     )
     for row in rows:
         grid.add_row(
@@ -66,8 +70,8 @@ def jobs_list(
             str(row["status"]),
             "" if row["position"] is None else str(row["position"]),
             escape(row["account"] or ""),
-            when(row["updated_at"]),
-            when(_until(row)),
+            relative(row["updated_at"], row["now"]),
+            relative(_until(row), row["now"]),
             escape(row["reason"] or ""),
         )
     out().print(grid)
@@ -189,3 +193,32 @@ def jobs_show(
     for at, what in history:
         grid.add_row(when(at), escape(what))
     console.print(grid)
+
+
+@jobs_app.command("revoke")
+def jobs_revoke(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job whose lease ends")],
+    reason: Annotated[str, typer.Option(help="Why; recorded on the job and in its events")],
+) -> None:
+    """End a RUNNING job's lease now: its token stops working, its holder gets job.lease_lost,
+    its account goes back (after the site's cooldown) and to the next waiting job."""
+    if not reason.strip() or len(reason) > 400:
+        raise fail("--reason must be 1 to 400 characters")
+    settings = get_settings()
+    secrets = SecretBox.from_settings(settings)
+
+    async def work(conn: Conn) -> tuple[Row | None, Row | None]:
+        tx = Tx(conn, Services(settings, secrets))
+        revoked = await revoke(tx, job_id, reason.strip())
+        await tx.flush()
+        return revoked, await jobs.describe_job(conn, job_id)
+
+    revoked, job = in_transaction(work)
+    if job is None:
+        raise fail(f"no job {job_id!r}; `qm jobs list` shows the latest")
+    if revoked is None:
+        raise fail(f"job {job_id} is not running (status {job['status']}); nothing to revoke")
+    out().print(
+        f"[green]lease {revoked['lease_token']} of job {escape(job_id)} revoked[/]; "
+        "its holder is told job.lease_lost"
+    )

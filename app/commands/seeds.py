@@ -13,10 +13,10 @@ from typing import IO, Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from app import seeding
-from app.commands.resources import fail, in_transaction
+from app.commands.common import fail, in_transaction, print_json_lines
+from app.commands.common import table as fold_table
 from app.settings import get_settings
 from app.store import Conn, Database, seeds
 from schemas.seed_rows import Format, check_url, parse_rows, sniff_format
@@ -148,12 +148,16 @@ def seeds_list(
     status: Annotated[SeedStatus | None, typer.Option(help="Only seeds in this status")] = None,
     due: Annotated[bool, typer.Option("--due", help="Only ACTIVE seeds due now")] = False,
     limit: Annotated[int, typer.Option(min=1)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines (one seed a line).")] = False,
 ) -> None:
     """A site's seeds in the order they go out (highest priority, longest due first)."""
     rows = in_transaction(
         lambda conn: seeds.list_seeds(conn, site, status=status, due=due, limit=limit)
     )
-    table = Table(
+    if as_json:
+        print_json_lines(rows)
+        return
+    table = fold_table(
         "id", "url", "status", "priority", "interval s", "next due", "holder", "failures", "reason"
     )
     for row in rows:

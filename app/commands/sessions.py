@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from app.commands.common import fail, in_transaction
+from app.commands.common import table as fold_table
 from app.crypto import MissingKey, SecretBox
 from app.events import Events
 from app.outbox.writer import Outbox
@@ -69,13 +69,15 @@ def _print(site: str, username: str, row: Any, summary: dict[str, Any]) -> None:
         f"{row['updated_at'].isoformat(timespec='seconds')}, {summary['bytes']} bytes, "
         f"{len(summary['cookies'])} cookies, {len(summary['origins'])} origins"
     )
-    cookies = Table("name", "domain", "path", "expires", "bytes", "httpOnly", "secure")
+    cookies = fold_table("name", "domain", "path", "expires", "bytes", "httpOnly", "secure")
     for c in summary["cookies"]:
         flags = ("yes" if c["http_only"] else "", "yes" if c["secure"] else "")
         cookies.add_row(c["name"], c["domain"], c["path"], c["expires"], str(c["bytes"]), *flags)
     console.print(cookies)
     if summary["origins"]:
-        origins = Table("origin", "localStorage entries", "localStorage bytes", "IndexedDB dbs")
+        origins = fold_table(
+            "origin", "localStorage entries", "localStorage bytes", "IndexedDB dbs"
+        )
         for o in summary["origins"]:
             origins.add_row(
                 o["origin"],

@@ -26,7 +26,7 @@ from rich.text import Text
 from sqlalchemy.exc import DBAPIError
 
 from app.commands.common import out
-from app.commands.failures import explain
+from app.commands.failures import explain, quiet_kafka_client
 from app.dlt.reader import DltError, Selection, open_reader
 from app.settings import Settings, get_settings
 from app.store import Database, Row, outbox, views
@@ -228,5 +228,6 @@ def top(
     """A live view: per site capacity, running, waiting, accounts by state, the oldest waiter's
     age and grants per minute; the outbox backlog and lag; dead letters per topic; reaper repairs.
     Reads the database and the broker only. Quits on q or Ctrl-C."""
+    quiet_kafka_client()  # the view shows a broker outage; log lines would tear it
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_top(get_settings(), interval, once))

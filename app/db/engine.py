@@ -15,6 +15,9 @@ def make_engine(
 ) -> AsyncEngine:
     """An asyncpg engine; TLS when ``QM_DATABASE_SSL`` is set.
 
+    ``hide_parameters``: a database error's text never carries the statement's bound values
+    (sealed secrets, sealed sessions, reasons), so no log line or dead letter can echo them.
+
     ``pre_ping=False`` skips the test query on each checkout; for callers that retry a failed
     transaction anyway (the claim worker), where it would be one more round trip per request.
     """
@@ -26,6 +29,7 @@ def make_engine(
         pool_size=pool_size or settings.database_pool_size,
         max_overflow=5,
         pool_pre_ping=pre_ping,
+        hide_parameters=True,
         connect_args=connect_args,
         **kwargs,
     )

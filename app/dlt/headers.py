@@ -13,10 +13,15 @@ Header mapping for tools people already use (see docs/dead-letters.md):
 | qm.dlt.error_message         | kafka_dlt-exception-message      | __connect.errors.exception.message     |
 | qm.dlt.attempts              | -                                | -                                      |
 | qm.dlt.failed_at             | -                                | -                                      |
+
+A value too large to travel in its dead letter is kept in PostgreSQL (table ``dlt_values``); the
+dead letter's value is then null and ``qm.dlt.value_ref``, ``qm.dlt.value_sha256`` and
+``qm.dlt.value_bytes`` say where it is, which digest it has and how long it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -27,9 +32,18 @@ from typing import Any
 PREFIX = "qm.dlt."
 REPLAYED_FROM = "qm.replayed_from"
 MAX_ERROR_MESSAGE = 1000
+# a value kept in PostgreSQL instead of the dead letter: its row id, SHA-256 and length
+VALUE_REF = PREFIX + "value_ref"
+VALUE_SHA256 = PREFIX + "value_sha256"
+VALUE_BYTES = PREFIX + "value_bytes"
+
+# Kafka header values may be null
+Header = tuple[str, bytes | None]
 
 _SECRET_WORDS = r"secret|password|passwd|token|storage_state|cookies?|authorization|api[_-]?key"
 REDACTED = "[redacted]"
+# what replaces everything after a secret-named key that opens an object or a list
+REDACTED_REST = "[redacted: the rest of the message]"
 
 # a header or JSON field whose name says it holds a secret: its whole value is replaced
 _SECRET_NAME = re.compile(_SECRET_WORDS, re.IGNORECASE)
@@ -37,13 +51,13 @@ _SECRET_NAME = re.compile(_SECRET_WORDS, re.IGNORECASE)
 # key=value or "key": "value" pairs whose key names a secret; the value is replaced
 _SECRET_KEY = r"""(["']?(?:""" + _SECRET_WORDS + r""")["']?\s*[:=]\s*)"""
 _SECRET_PAIR = re.compile(
-    _SECRET_KEY + r"""(?!\[redacted\])("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,}\]]+)""",
+    _SECRET_KEY + r"""(?!\[redacted[\]:])("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,}\]]+)""",
     re.IGNORECASE,
 )
 # a secret-named key opening an object or a list: brackets cannot be matched by a regular
 # expression, so everything from there to the end is replaced
 _SECRET_STRUCTURE = re.compile(
-    _SECRET_KEY + r"(?:\{|\[(?!redacted\])).*", re.IGNORECASE | re.DOTALL
+    _SECRET_KEY + r"(?:\{|\[(?!redacted[\]:])).*", re.IGNORECASE | re.DOTALL
 )
 # pydantic's "field\n  message [type=…, input_value=…, input_type=…]": the value of a
 # secret-named field is on the line after its name
@@ -61,7 +75,7 @@ def _redact_validation_inputs(message: str) -> str:
 def redact(message: str, limit: int = MAX_ERROR_MESSAGE) -> str:
     """A message fit for a header or a log: secret-looking values replaced, length bounded."""
     cleaned = _redact_validation_inputs(message)
-    cleaned = _SECRET_STRUCTURE.sub(lambda m: f"{m.group(1)}{REDACTED}", cleaned)
+    cleaned = _SECRET_STRUCTURE.sub(lambda m: f"{m.group(1)}{REDACTED_REST}", cleaned)
     cleaned = _SECRET_PAIR.sub(lambda m: f"{m.group(1)}{REDACTED}", cleaned)
     return _truncate(cleaned, limit)
 
@@ -124,42 +138,66 @@ def dlt_topic(topic: str) -> str:
 
 
 def dead_letter_headers(
-    original: Sequence[tuple[str, bytes]],
+    original: Sequence[Header],
     origin: Origin,
     error: BaseException | str,
     attempts: int,
     failed_at: datetime | None = None,
     message: str | None = None,
-) -> list[tuple[str, bytes]]:
-    """The original headers (minus stale ``qm.dlt.*`` ones) followed by this failure's."""
-    if isinstance(error, BaseException):
-        error_class = f"{type(error).__module__}.{type(error).__qualname__}"
-        error_message = str(error)
-    else:
-        error_class, error_message = "InvalidMessage", error
-    if message is not None:  # the caller already described (and redacted) the error
-        error_message = message
-    when = (failed_at or datetime.now(UTC)).isoformat()
+) -> list[Header]:
+    """The original headers, exactly as they came (minus stale ``qm.dlt.*`` ones), followed by
+    this failure's. ``message``: the caller's own description of ``error``, already redacted."""
     ours = {
         "original_topic": origin.topic,
         "original_partition": str(origin.partition),
         "original_offset": str(origin.offset),
         "original_timestamp": str(origin.timestamp_ms),
         "consumer_group": origin.consumer_group,
+    }
+    return failure_headers(original, ours, error, attempts, failed_at, message)
+
+
+def failure_headers(
+    original: Sequence[Header],
+    where: dict[str, str],
+    error: BaseException | str,
+    attempts: int,
+    failed_at: datetime | None = None,
+    message: str | None = None,
+) -> list[Header]:
+    """``original`` minus stale ``qm.dlt.*`` headers, then ``where`` and the failure's headers."""
+    if isinstance(error, BaseException):
+        error_class = f"{type(error).__module__}.{type(error).__qualname__}"
+        error_message = redact(str(error))
+    else:
+        error_class, error_message = "InvalidMessage", redact(error)
+    if message is not None:
+        error_message = _truncate(message, MAX_ERROR_MESSAGE)
+    ours = {
+        **where,
         "error_class": error_class,
-        "error_message": redact(error_message),
+        "error_message": error_message,
         "attempts": str(attempts),
-        "failed_at": when,
+        "failed_at": (failed_at or datetime.now(UTC)).isoformat(),
     }
     kept = [(name, value) for name, value in original if not name.startswith(PREFIX)]
     return kept + [(PREFIX + name, value.encode()) for name, value in ours.items()]
 
 
-def header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
-    """The last value of a header, decoded, or None."""
+def value_ref_headers(ref: str, value: bytes) -> list[Header]:
+    """The headers of a dead letter whose value is kept in PostgreSQL under ``ref``."""
+    return [
+        (VALUE_REF, ref.encode()),
+        (VALUE_SHA256, hashlib.sha256(value).hexdigest().encode()),
+        (VALUE_BYTES, str(len(value)).encode()),
+    ]
+
+
+def header(headers: Sequence[Header], name: str) -> str | None:
+    """The last value of a header, decoded leniently, or None (also for a null value)."""
     for key, value in reversed(headers):
         if key == name:
-            return value.decode(errors="replace")
+            return None if value is None else value.decode(errors="replace")
     return None
 
 

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from app.dlt.headers import PREFIX, OffsetRange, header
+from app.dlt.headers import PREFIX, REPLAYED_FROM, VALUE_REF, VALUE_SHA256, OffsetRange, header
 from app.kafka import client_options
 from app.settings import Settings
 
@@ -46,7 +46,7 @@ class DeadLetter:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    headers: tuple[tuple[str, bytes | None], ...]
 
     @property
     def error_class(self) -> str | None:
@@ -60,6 +60,31 @@ class DeadLetter:
     def coordinates(self) -> str:
         """``topic:partition:offset``, the value of ``qm.replayed_from``."""
         return f"{self.topic}:{self.partition}:{self.offset}"
+
+    @property
+    def value_ref(self) -> str | None:
+        """The id under which PostgreSQL keeps the value, when it was too large to travel here."""
+        return header(self.headers, VALUE_REF)
+
+    @property
+    def value_sha256(self) -> str | None:
+        return header(self.headers, VALUE_SHA256)
+
+    @property
+    def parent(self) -> tuple[str, int, int] | None:
+        """The dead letter this one's record was replayed from (it failed again), if any."""
+        return parse_coordinates(header(self.headers, REPLAYED_FROM))
+
+
+def parse_coordinates(text: str | None) -> tuple[str, int, int] | None:
+    """``(topic, partition, offset)`` from ``topic:partition:offset``; None if unreadable."""
+    if not text:
+        return None
+    topic, _, rest = text.rpartition(":")
+    topic, _, partition = topic.rpartition(":")
+    if not topic or not partition.isdigit() or not rest.isdigit():
+        return None
+    return topic, int(partition), int(rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,21 +125,35 @@ _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_time(text: str, now: datetime | None = None) -> int:
-    """Milliseconds since the epoch from ISO 8601 (UTC when no zone) or an age (``30m``, ``2h``)."""
+def parse_time(text: str, now: datetime | None = None, option: str = "a time") -> int:
+    """Milliseconds since the epoch from ISO 8601 (UTC when no zone) or an age (``30m``, ``2h``).
+
+    Anything that is not a time at or after 1970-01-01 (where Kafka timestamps start) is a
+    ``DltError`` naming ``option``: never a ValueError or an OverflowError."""
     age = _AGE.match(text.strip().lower())
+    when: datetime
     if age:
-        delta = timedelta(seconds=float(age.group(1)) * _AGE_SECONDS[age.group(2)])
-        return int(((now or datetime.now(UTC)) - delta).timestamp() * 1000)
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise DltError(
-            f"cannot read the time {text!r}: give ISO 8601 (2024-05-01T10:00Z) or an age (30m, 2h, 7d)"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+        try:
+            delta = timedelta(seconds=float(age.group(1)) * _AGE_SECONDS[age.group(2)])
+            when = (now or datetime.now(UTC)) - delta
+        except (OverflowError, ValueError):
+            when = datetime.min.replace(tzinfo=UTC)
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise DltError(
+                f"{option}: cannot read the time {text!r}: give ISO 8601 (2024-05-01T10:00Z) "
+                "or an age (30m, 2h, 7d)"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+    if when < _EPOCH:
+        raise DltError(f"{option} {text!r} is before 1970-01-01, where Kafka timestamps start")
     return int(when.timestamp() * 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -253,7 +292,7 @@ def _dead_letter(record: ConsumerRecord) -> DeadLetter:
         timestamp_ms=record.timestamp,
         key=record.key,
         value=record.value,
-        headers=tuple((name, value or b"") for name, value in headers),
+        headers=tuple(headers),
     )
 
 

@@ -43,17 +43,21 @@ from app.dlt.reader import (
     kafka_unreachable,
     open_reader,
 )
+from app.dlt.values import ValueStore
 from app.kafka import producer_options
+from app.outbox.writer import MESSAGE_ID
 from app.settings import Settings
 from app.store.dlt_replays import (
     ReplayedOffset,
     list_replayed,
+    list_replayed_at,
     record_replays,
     try_lock_topic,
     unlock_topic,
 )
 
 BATCH_SIZE = 200
+REPLAY_MAX_BYTES = 64 * 1024 * 1024
 # how long one batch may wait for the broker's acks
 ACK_TIMEOUT_SECONDS = 30.0
 
@@ -77,6 +81,8 @@ class ReplayReport:
     selected: int = 0
     replayed: int = 0
     already_replayed: int = 0
+    # of those, dead letters of copies that failed again after an earlier replay (qm.replayed_from)
+    failed_again: int = 0
     # acked copies whose ledger row another run had written first (only if the lock was lost)
     raced: int = 0
     targets: Counter[str] = field(default_factory=Counter)
@@ -120,12 +126,15 @@ class Pacer:
         self._next = now + self._interval
 
 
-def replay_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
-    """The headers of the replayed copy: the original ones and where this copy came from."""
+def replay_headers(letter: DeadLetter) -> list[tuple[str, bytes | None]]:
+    """The headers of the replayed copy: the original ones and where this copy came from.
+
+    Stripped: ``qm.dlt.*``, the last ``qm.replayed_from`` and the outbox's ``qm.message_id``
+    (the copy is a new message); every other header stays, in its order, null values too."""
     kept = [
         (name, value)
         for name, value in letter.headers
-        if not name.startswith(PREFIX) and name != REPLAYED_FROM
+        if not name.startswith(PREFIX) and name not in (REPLAYED_FROM, MESSAGE_ID)
     ]
     return [*kept, (REPLAYED_FROM, letter.coordinates.encode())]
 
@@ -186,6 +195,17 @@ class Ledger:
             found = await list_replayed(self._conn, self.topic, ranges)
             await self._conn.commit()
             return found
+
+    async def replayed_at(self, coordinates: tuple[str, int, int]) -> bool:
+        """Whether the dead letter at ``coordinates`` was replayed before."""
+        with _database_errors(self._settings):
+            found = await list_replayed_at(self._conn, [coordinates])
+            await self._conn.commit()
+            return bool(found)
+
+    def values(self) -> ValueStore:
+        """Values kept by reference, read on this ledger's connection."""
+        return ValueStore(self._settings, self._conn)
 
     async def record(self, rows: list[ReplayedOffset], *, again: bool) -> int:
         """Record acked copies; return how many rows this call wrote."""
@@ -293,7 +313,9 @@ def _failure(future: asyncio.Future[object]) -> BaseException | None:
 @asynccontextmanager
 async def open_producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
     """A started producer (acks=all); a broker that cannot be reached is a ``DltError``."""
-    producer = AIOKafkaProducer(**producer_options(settings))
+    # the broker decides what is too large: a value kept by reference may be larger than the
+    # client's own default limit, and it fitted the original topic once
+    producer = AIOKafkaProducer(**producer_options(settings), max_request_size=REPLAY_MAX_BYTES)
     try:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
@@ -319,6 +341,7 @@ class _Run:
     existing: set[str]
     report: ReplayReport
     progress: ReplayProgress | None
+    ledger: Ledger | None = None
     done: set[tuple[int, int]] = field(default_factory=set)
     checked: set[str] = field(default_factory=set)
 
@@ -337,7 +360,7 @@ class _Run:
         if not self.selection.matches(letter):
             return
         report.selected += 1
-        if (letter.partition, letter.offset) in self.done:
+        if (letter.partition, letter.offset) in self.done or await self._failed_again(letter):
             report.already_replayed += 1
             return
         target = target_of(letter, self.options.to)
@@ -348,10 +371,23 @@ class _Run:
             report.planned.append((letter, target))
             report.targets[target] += 1
             return
+        if letter.value_ref is not None and self.ledger is not None:
+            [letter] = await self.ledger.values().restore([letter])
         await pacer.wait()
         await sender.send(letter, target)
         if sender.pending >= batch:
             await sender.flush()
+
+    async def _failed_again(self, letter: DeadLetter) -> bool:
+        """A copy that failed again: its parent was replayed, so this selection sent it once
+        (only ``--again`` sends it again)."""
+        parent = letter.parent
+        if self.options.again or parent is None or self.ledger is None:
+            return False
+        if await self.ledger.replayed_at(parent):
+            self.report.failed_again += 1
+            return True
+        return False
 
 
 async def replay(
@@ -373,6 +409,7 @@ async def replay(
         report = ReplayReport(topic, dry_run=options.dry_run)
         run = _Run(reader, plan, selection, options, existing, report, progress)
         async with open_ledger(settings, topic, lock=not options.dry_run) as ledger:
+            run.ledger = ledger
             if not options.again:
                 run.done = await ledger.replayed(plan.ranges)
             if progress is not None:

@@ -47,7 +47,7 @@ def ready(tx: Tx, capture: Row) -> None:
     tx.events.capture("handed_off", capture)
 
 
-def failed(tx: Tx, capture: Row, origin: Origin, headers: list[tuple[str, bytes]]) -> None:
+def failed(tx: Tx, capture: Row, origin: Origin, headers: list[tuple[str, bytes | None]]) -> None:
     """A capture that ended FAILED: its terminal event, and a dead letter on
     ``qm.captures.dlt`` carrying its handoff record and the ``qm.dlt.*`` headers."""
     tx.events.capture("failed", capture)

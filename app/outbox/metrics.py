@@ -37,6 +37,16 @@ ERRORS = Counter(
     ["kind"],
 )
 
+DEAD_LETTERED = Counter(
+    "qm_outbox_dead_lettered_total",
+    "Rows the broker refused for good, turned into dead letters on the outbox.dlt topic, by error.",
+    ["error_class"],
+)
+PARKED = Counter(
+    "qm_outbox_parked_total", "Dead letters the broker refused for good too, parked in the table."
+)
+PARKED_ROWS = Gauge("qm_outbox_parked_rows", "Rows parked in the outbox table for an operator.")
+
 
 @dataclass(slots=True)
 class _Summary:

@@ -4,10 +4,10 @@ What it promises, and why it holds:
 
 - **At least once.** A row is deleted only after the broker acknowledged it (acks=all). A relay
   that dies between the ack and the delete leaves the row for the next owner of its shard, which
-  publishes it again; consumers drop the repeat by its ``message_id`` header. A failed send, a
-  missing topic or a broker that is down deletes nothing: the rows wait and are tried again, and
-  so does a row too large for any broker (it holds back the later rows of its partition until an
-  operator deals with it; ``outbox_publish_failed`` and the oldest-row age show it).
+  publishes it again; consumers drop the repeat by its ``qm.message_id`` header. A failed send, a
+  missing topic or a broker that is down deletes nothing: the rows wait and are tried again.
+- **No row blocks the others for good.** A row refused for good is dead-lettered or parked
+  (``app.outbox.refusals``); a refused multi-row batch sends its partition one row a round.
 - **Order per key** (per topic and key). A key always hashes to one shard; a shard is owned by one
   relay at a time (a session advisory lock on the relay's own connection, which also does the
   reads and deletes, so a relay that lost its connection cannot read a shard it no longer owns);
@@ -43,21 +43,25 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.engine import make_engine
+from app.errors import describe
 from app.kafka import producer_options
 from app.outbox import metrics
+from app.outbox.refusals import settle_refusals, unresolved
 from app.outbox.rounds import (
     Backoff,
     Outcome,
     PartitionBatch,
     RelayRound,
     any_shard_full,
+    discard,
     message_size,
+    wait_any,
 )
 from app.settings import Settings
 from app.store.outbox import (
@@ -83,7 +87,7 @@ AfterAck = Callable[[Sequence[UnsentRow]], Awaitable[None]]
 
 TOPIC_WAIT_SECONDS = 2.0  # how long one round waits for an unknown topic's metadata
 SHUTDOWN_GRACE_SECONDS = 10.0  # how long a stopping relay lets its in-flight round finish
-# the producer's max_request_size: a bigger row can never be published, and waits in the table
+# the producer's max_request_size: a bigger row can never be published, and is dead-lettered
 MAX_MESSAGE_BYTES = 1_048_576
 # the key -> partition mapping every Kafka client uses by default (murmur2), so the relay's
 # batches land where a plain producer's messages of the same key would
@@ -116,6 +120,7 @@ class Relay:
         self._ready_topics: set[str] = set()
         self._partitions: dict[tuple[bytes, int], int] = {}
         self._topic_backoff: dict[str, tuple[float, Backoff]] = {}
+        self._single: set[tuple[str, int]] = set()  # refused batch: one row a round till one goes
         self._report = metrics.PublishReport()
         self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
 
@@ -133,15 +138,15 @@ class Relay:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the relay outlives any failure; rows wait
                     await self._on_round_error(exc)
-                    await _wait_any([stop], backoff.next_delay())
+                    await wait_any([stop], backoff.next_delay())
                     continue
                 if result is None:  # stopped
                     break
                 if result.failed:
-                    await _wait_any([stop], backoff.next_delay())
+                    await wait_any([stop], backoff.next_delay())
                 elif not result.full:
                     backoff.reset()
-                    await _wait_any([stop, self._wake], self.settings.outbox_poll_seconds)
+                    await wait_any([stop, self._wake], self.settings.outbox_poll_seconds)
                 else:
                     backoff.reset()
         finally:
@@ -178,7 +183,7 @@ class Relay:
         else:
             kind = "unexpected"
         metrics.ERRORS.labels(kind).inc()
-        log.warning("outbox_round_failed", kind=kind, error_class=_name(exc), error=str(exc))
+        log.warning("outbox_round_failed", kind=kind, error_class=_name(exc), error=describe(exc))
         if kind != "database":
             await self._drop_producer()
         if kind != "kafka":
@@ -209,12 +214,15 @@ class Relay:
                 await self.after_ack(outcome.acked)
             await delete_rows(session, [row.id for row in outcome.acked])
             self._report.published(outcome.acked, outcome.acked_at - fetched_at)
+        dead, parked = await settle_refusals(session, self.settings, outcome)
         return RelayRound(
             shards=shards,
             published=len(outcome.acked),
             failed=len(outcome.failed),
             waiting=outcome.waiting,
             full=any_shard_full(rows, limit) and not outcome.failed,
+            dead_lettered=dead,
+            parked=parked,
         )
 
     async def _publish(
@@ -223,30 +231,32 @@ class Relay:
         """Send the rows in id order, batched per partition; await every ack; sort the rows."""
         outcome = Outcome()
         open_batches: dict[tuple[str, int], PartitionBatch] = {}
-        submitted: list[tuple[PartitionBatch, asyncio.Future[Any]]] = []
+        submitted: list[tuple[tuple[str, int], PartitionBatch, asyncio.Future[Any]]] = []
         stalled: set[tuple[str, int]] = set()  # partitions whose batch the producer refused
 
         async def submit(tp: tuple[str, int], batch: PartitionBatch) -> None:
             try:
-                submitted.append(
-                    (batch, await producer.send_batch(batch.builder, tp[0], partition=tp[1]))
-                )
+                future = await producer.send_batch(batch.builder, tp[0], partition=tp[1])
             except KafkaError as exc:  # e.g. its queue stayed full: the broker takes nothing
                 stalled.add(tp)
                 self._failed(outcome, batch.rows, exc)
+            else:
+                submitted.append((tp, batch, future))
+                if tp in self._single:  # one row a round until one goes through
+                    stalled.add(tp)
 
         for row in rows:
             partitions = ready.get(row.topic)
             if partitions is None:
                 outcome.waiting += 1
+                outcome.refused.append((row, unresolved(row.topic)))
+                continue
+            if message_size(row) > MAX_MESSAGE_BYTES:  # refused for good: it becomes a dead letter
+                outcome.too_large.append(row)
                 continue
             tp = (row.topic, self._partition(row.key, partitions))
             if tp in stalled:  # later rows of its keys must not overtake the refused ones
                 outcome.waiting += 1
-                continue
-            if message_size(row) > MAX_MESSAGE_BYTES:  # the broker would refuse its whole batch
-                stalled.add(tp)
-                self._failed(outcome, [row], MessageSizeTooLargeError(f"{message_size(row)} B"))
                 continue
             batch = open_batches.get(tp)
             if batch is None or not batch.add(row):
@@ -258,23 +268,39 @@ class Relay:
                         continue
                 batch = open_batches[tp] = PartitionBatch(producer.create_batch())
                 if not batch.add(row):  # an empty batch takes any row; never lose one if not
-                    stalled.add(tp)
-                    self._failed(outcome, [row], MessageSizeTooLargeError("refused by a batch"))
+                    del open_batches[tp]
+                    outcome.too_large.append(row)
+                    continue
+            if tp in self._single:
+                del open_batches[tp]
+                await submit(tp, batch)
         for tp, batch in open_batches.items():
             if tp not in stalled:
                 await submit(tp, batch)
             else:
                 outcome.waiting += len(batch.rows)
-        for batch, future in submitted:
-            try:
-                await future
-            except KafkaError as exc:
-                self._failed(outcome, batch.rows, exc)
-            else:
-                outcome.acked.extend(batch.rows)
+        for tp, batch, future in submitted:
+            await self._settle(outcome, tp, batch, future)
         outcome.acked_at = time.monotonic()
         outcome.acked.sort(key=lambda row: row.id)
         return outcome
+
+    async def _settle(
+        self, outcome: Outcome, tp: tuple[str, int], batch: PartitionBatch, future: Any
+    ) -> None:
+        """Sort one batch by its ack: acked, or failed (and, when refused for good, why)."""
+        try:
+            await future
+        except KafkaError as exc:
+            self._failed(outcome, batch.rows, exc)
+            if not exc.retriable:
+                if len(batch.rows) == 1:
+                    outcome.refused.append((batch.rows[0], exc))
+                else:  # which row? send them one at a time to find out
+                    self._single.add(tp)
+        else:
+            outcome.acked.extend(batch.rows)
+            self._single.discard(tp)
 
     def _partition(self, key: bytes | None, partitions: list[int]) -> int:
         """The partition of ``key`` (remembered: hashing in Python costs more than a lookup)."""
@@ -323,7 +349,7 @@ class Relay:
             driver.add_termination_listener(self._on_terminated)
             self._session_pid = int(driver.get_server_pid())
         except BaseException:
-            await _discard(conn)
+            await discard(conn)
             raise
         self._session = conn
         self._rebalance_at = 0.0
@@ -346,7 +372,7 @@ class Relay:
             metrics.SHARDS_OWNED.dec(len(self.owned))
             self.owned.clear()
         if self._session is not None:
-            await _discard(self._session)
+            await discard(self._session)
             self._session = None
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
@@ -464,26 +490,6 @@ def takeover_bound(settings: Settings) -> float:
 
 def _name(exc: BaseException) -> str:
     return type(exc).__name__
-
-
-async def _discard(conn: AsyncConnection) -> None:
-    """Close a connection for good (not back to a pool: it carries locks, a name, a LISTEN)."""
-    with contextlib.suppress(Exception):
-        await conn.invalidate()
-    with contextlib.suppress(Exception):
-        await conn.close()
-
-
-async def _wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:
-    """Return when any of ``events`` is set or after ``timeout`` seconds."""
-    if any(event.is_set() for event in events):
-        return
-    waiters = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 async def run_relay(wiring: Wiring) -> None:

@@ -1,12 +1,16 @@
-"""The bookkeeping of a relay round: what it did, its rows by outcome, its producer batches."""
+"""The bookkeeping of a relay round: what it did, its rows by outcome, its producer batches;
+and the small waits and clean-ups of the relay's loop."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.outbox import UnsentRow
 
@@ -19,6 +23,8 @@ class RelayRound:
     published: int = 0  # rows acked by the broker and deleted
     failed: int = 0  # rows whose send failed; they stay for a later round
     waiting: int = 0  # rows read but not sent (topic unavailable, or an earlier row failed)
+    dead_lettered: int = 0  # rows refused for good, now dead letters on the outbox.dlt topic
+    parked: int = 0  # dead letters refused for good too: parked in the table
     full: bool = False  # some shard had a full batch: more rows are likely waiting
 
     @property
@@ -34,6 +40,11 @@ class Outcome:
     failed: list[UnsentRow] = field(default_factory=list)
     waiting: int = 0
     acked_at: float = 0.0
+    # refused for good at once (too large for any message): dead-lettered this round
+    too_large: list[UnsentRow] = field(default_factory=list)
+    # refused, one more try counted: a row sent alone that the broker refused, or whose topic
+    # could not be resolved; dead-lettered once its tries reach the bound
+    refused: list[tuple[UnsentRow, BaseException]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -77,4 +88,31 @@ def any_shard_full(rows: Sequence[UnsentRow], limit: int) -> bool:
 
 
 def message_size(row: UnsentRow) -> int:
-    return DefaultRecordBatchBuilder.estimate_size_in_bytes(row.key, row.payload, row.headers)
+    return record_size(row.key, row.payload, row.headers)
+
+
+def record_size(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]
+) -> int:
+    """Bytes of one record in a producer batch of its own."""
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers)))
+
+
+async def wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:
+    """Return when any of ``events`` is set or after ``timeout`` seconds."""
+    if any(event.is_set() for event in events):
+        return
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def discard(conn: AsyncConnection) -> None:
+    """Close a connection for good (not back to a pool: it carries locks, a name, a LISTEN)."""
+    with contextlib.suppress(Exception):
+        await conn.invalidate()
+    with contextlib.suppress(Exception):
+        await conn.close()

@@ -12,7 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.outbox import InboxReply, OutboxRow, insert_rows
 
-MESSAGE_ID = "message_id"
+# The outbox's own id of each message, by which consumers drop a republish. Its name is ours
+# (``qm.``), so a dead letter's original headers never collide with it and a replay strips it.
+MESSAGE_ID = "qm.message_id"
 
 
 def shard_of(key: bytes | None, shards: int) -> int:
@@ -26,9 +28,9 @@ def as_bytes(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-def encode(payload: Mapping[str, Any] | bytes) -> bytes:
-    """JSON bytes of a payload (bytes pass through untouched)."""
-    if isinstance(payload, bytes):
+def encode(payload: Mapping[str, Any] | bytes | None) -> bytes | None:
+    """JSON bytes of a payload (bytes and None, a null value, pass through untouched)."""
+    if payload is None or isinstance(payload, bytes):
         return payload
     return json.dumps(payload, separators=(",", ":"), default=str).encode()
 
@@ -36,7 +38,7 @@ def encode(payload: Mapping[str, Any] | bytes) -> bytes:
 class Outbox:
     """Collects the messages of one transaction; ``flush`` writes them all in one insert.
 
-    Each message gets a ``message_id`` header (a UUID) by which consumers deduplicate the rare
+    Each message gets a ``qm.message_id`` header (a UUID) by which consumers deduplicate the rare
     republish after a relay crash. ``keep_reply`` notes the reply a request got; the same insert
     writes it to the request's inbox row.
     """
@@ -50,10 +52,10 @@ class Outbox:
         self,
         topic: str,
         key: str | bytes | None,
-        payload: Mapping[str, Any] | bytes,
-        headers: Iterable[tuple[str, str | bytes]] = (),
+        payload: Mapping[str, Any] | bytes | None,
+        headers: Iterable[tuple[str, str | bytes | None]] = (),
     ) -> str:
-        """Queue one message; returns its message id."""
+        """Queue one message; returns its message id. A header value may be None (null)."""
         message_id = str(uuid.uuid4())
         raw_key = None if key is None else as_bytes(key)
         self.rows.append(
@@ -63,7 +65,10 @@ class Outbox:
                 payload=encode(payload),
                 headers=(
                     (MESSAGE_ID, message_id.encode()),
-                    *((name, as_bytes(value)) for name, value in headers),
+                    *(
+                        (name, None if value is None else as_bytes(value))
+                        for name, value in headers
+                    ),
                 ),
                 shard=shard_of(raw_key, self.shards),
             )

@@ -1,6 +1,6 @@
 """The collector SDK: acquire an account, its session and seeds from Quartermaster over Kafka.
 
-    async with QuartermasterClient("kafka:9092", transport_key=key) as client:
+    async with QuartermasterClient("kafka:9092") as client:
         async with client.job(site="example", wait_seconds=60) as job:
             ...
 
@@ -9,9 +9,11 @@ See docs/sdk.md for the guide.
 
 from app.sdk.client import QuartermasterClient
 from app.sdk.errors import (
+    BrokerUnavailable,
     ClientClosed,
     JobRejected,
     LeaseLost,
+    NoUploadKey,
     QuartermasterError,
     ReplyUnreadable,
     RequestConflict,
@@ -21,14 +23,16 @@ from app.sdk.errors import (
     SessionDead,
     UnexpectedReply,
 )
-from app.sdk.job import Account, Job
+from app.sdk.job import Account, Job, Session
 
 __all__ = [
     "Account",
+    "BrokerUnavailable",
     "ClientClosed",
     "Job",
     "JobRejected",
     "LeaseLost",
+    "NoUploadKey",
     "QuartermasterClient",
     "QuartermasterError",
     "ReplyUnreadable",
@@ -36,6 +40,7 @@ __all__ = [
     "RequestInvalid",
     "RequestTimeout",
     "SecretUndecryptable",
+    "Session",
     "SessionDead",
     "UnexpectedReply",
 ]

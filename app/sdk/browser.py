@@ -15,16 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-import structlog
 from playwright.async_api import Browser, BrowserContext
 
 from app.sdk.errors import SessionDead
+from app.sdk.logs import sdk_logger
 from schemas.sessions import browser_snapshot
 
 if TYPE_CHECKING:
     from app.sdk.job import Job
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
 Relogin = Callable[[BrowserContext], Awaitable[None]]
 DeadSessionPolicy = Relogin | Literal["fail", "block", "ignore"]
@@ -55,7 +55,7 @@ async def browser_context(
     """
     if "storage_state" in context_options:
         raise TypeError("browser_context starts from the granted session; drop storage_state")
-    started = job.session.storage_state if job.session is not None else None
+    started = job.session.state() if job.session is not None else None
     context = await browser.new_context(storage_state=started, **context_options)  # type: ignore[arg-type]
     try:
         if check_url is not None and on_dead_session != "ignore":

@@ -4,6 +4,11 @@ One producer writes requests to ``<prefix>requests`` (key ``job_id``, headers ``
 ``reply_to``). One consumer reads the reply topic with manual partition assignment (never a consumer
 group, so any number of collector processes can share the topic) starting from its end. Replies are
 matched to their requests by ``correlation_id``; see ``app.sdk.replies`` for the bookkeeping.
+
+Each client makes an X25519 key pair when it is created and sends the public half in every
+``job.start``; the private half never leaves the process. Quartermaster seals the account secret
+and the session of a grant to it (docs/security.md), so the other readers of the shared reply
+topic see only sealed boxes.
 """
 
 from __future__ import annotations
@@ -14,15 +19,23 @@ import socket
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.structs import TopicPartition
-from pydantic import SecretStr
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from app.sdk.errors import ClientClosed, QuartermasterError, RequestTimeout
-from app.sdk.replies import ReplyRouter, Waiter
+from app.crypto import Unsealable, public_key_text, unseal
+from app.sdk.errors import (
+    BrokerUnavailable,
+    ClientClosed,
+    QuartermasterError,
+    RequestTimeout,
+    SecretUndecryptable,
+)
+from app.sdk.logs import said_by_us, sdk_logger
+from app.sdk.replies import Release, ReplyRouter, Waiter
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_TO,
@@ -36,9 +49,11 @@ if TYPE_CHECKING:
     from app.sdk.job import Job
     from app.settings import Settings
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
-MESSAGE_ID = "message_id"  # the header every message Quartermaster publishes carries
+_Client = TypeVar("_Client", AIOKafkaProducer, AIOKafkaConsumer)
+
+MESSAGE_ID = "qm.message_id"  # the header every message Quartermaster publishes carries
 CLOSE_GRACE_SECONDS = 5.0  # how long close() lets pending releases reach the broker
 METADATA_WAIT_SECONDS = 10.0  # how long start() waits for the reply topic to appear
 
@@ -66,7 +81,6 @@ class QuartermasterClient:
         *,
         topic_prefix: str = "qm.",
         reply_topic: str | None = None,
-        transport_key: str | bytes | SecretStr | None = None,
         security: Mapping[str, Any] | None = None,
         collector: str | None = None,
         request_timeout: float = 30.0,
@@ -82,7 +96,8 @@ class QuartermasterClient:
         self.reply_topic = reply_topic or f"{topic_prefix}replies"
         self.collector = collector or _default_collector()
         self.request_timeout = request_timeout
-        self._transport_key = _as_secret(transport_key)
+        self._private_key = X25519PrivateKey.generate()
+        self.public_key = public_key_text(self._private_key)
         self._security = dict(security or {})
         self._idempotent = idempotent_producer
         self._router = ReplyRouter(
@@ -103,7 +118,6 @@ class QuartermasterClient:
         bootstrap = options.pop("bootstrap_servers")
         arguments: dict[str, Any] = {
             "topic_prefix": settings.topic_prefix,
-            "transport_key": settings.transport_key,
             "security": options,
             "idempotent_producer": settings.kafka_idempotence,
             **overrides,
@@ -116,10 +130,13 @@ class QuartermasterClient:
             f"request_topic={self.request_topic!r}, reply_topic={self.reply_topic!r})"
         )
 
-    @property
-    def transport_key(self) -> SecretStr | None:
-        """The Fernet key that decrypts account secrets in ``job.granted``."""
-        return self._transport_key
+    def open_sealed(self, sealed: str, context: str) -> bytes:
+        """Open a value of a grant sealed to this client's public key (``SecretUndecryptable``
+        when it does not open: sealed to another key, for another context, or damaged)."""
+        try:
+            return unseal(self._private_key, sealed, context)
+        except Unsealable as exc:
+            raise SecretUndecryptable(str(exc)) from None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -129,13 +146,7 @@ class QuartermasterClient:
             return
         if self._closed:
             raise ClientClosed("a closed client cannot be started again")
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            acks="all",
-            enable_idempotence=self._idempotent,
-            linger_ms=1,
-            **self._security,
-        )
+        producer = await self._start_producer()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
             group_id=None,
@@ -143,20 +154,73 @@ class QuartermasterClient:
             auto_offset_reset="latest",
             **self._security,
         )
-        await producer.start()
         try:
-            await consumer.start()
-            try:
-                await self._assign_reply_partitions(consumer, producer)
-            except BaseException:
-                await consumer.stop()
-                raise
+            await self._started(consumer)
         except BaseException:
             await producer.stop()
+            raise
+        try:
+            await self._assign_reply_partitions(consumer, producer)
+        except BaseException as exc:
+            await consumer.stop()
+            await producer.stop()
+            if isinstance(exc, KafkaError):
+                raise self._unavailable(exc) from exc
             raise
         self._producer, self._consumer = producer, consumer
         self._reader = asyncio.create_task(self._read_replies(consumer), name="qm-sdk-replies")
         log.info("sdk_client_started", reply_topic=self.reply_topic, collector=self.collector)
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        """A started producer: idempotent when asked and the broker has it, else plain.
+
+        A broker without idempotent producers (Tansu, as `qm dev` runs) refuses the producer id
+        at start; requests are then sent without idempotence, which is safe here: a request sent
+        twice is answered from Quartermaster's inbox by its ``request_id``.
+        """
+        try:
+            # aiokafka logs the refused producer id as an error; the warning below says it
+            with said_by_us("aiokafka.producer.sender", "InitProducerId"):
+                return await self._started(self._new_producer(idempotent=self._idempotent))
+        except BrokerUnavailable as refused:
+            cause = refused.__cause__
+            if not self._idempotent or isinstance(cause, KafkaConnectionError | KafkaTimeoutError):
+                raise
+            log.warning(
+                "broker_without_idempotent_producer",
+                bootstrap_servers=self.bootstrap_servers,
+                error_class=type(cause).__name__,
+                hint="requests are sent without idempotence; pass idempotent_producer=False "
+                "(QM_KAFKA_IDEMPOTENCE=false) to skip this check",
+            )
+            self._idempotent = False
+            return await self._started(self._new_producer(idempotent=False))
+
+    def _new_producer(self, *, idempotent: bool) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            acks="all",
+            enable_idempotence=idempotent,
+            linger_ms=1,
+            **self._security,
+        )
+
+    async def _started(self, client: _Client) -> _Client:
+        """``client`` started; else stopped (no "Unclosed" warning) and a ``BrokerUnavailable``."""
+        try:
+            await client.start()
+        except KafkaError as exc:
+            await client.stop()
+            raise self._unavailable(exc) from exc
+        except BaseException:
+            await client.stop()
+            raise
+        return client
+
+    def _unavailable(self, exc: KafkaError) -> BrokerUnavailable:
+        if isinstance(exc, KafkaConnectionError | KafkaTimeoutError):
+            return BrokerUnavailable(self.bootstrap_servers, f"cannot be reached ({exc})")
+        return BrokerUnavailable(self.bootstrap_servers, f"refused the client: {exc!r}")
 
     async def _assign_reply_partitions(
         self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
@@ -259,11 +323,13 @@ class QuartermasterClient:
             return await self._await_final(waiter, message, timeout)
         except BaseException:
             release_now = self._router.abandon(correlation_id, release_grant=is_start)
-            if is_start:
-                # Still queued, or the grant may be on its way: cancel at once. Requests of one job
-                # share a partition, so the cancel is processed after the start.
-                why = "grant_unclaimed" if release_now else "caller_gave_up"
-                self.release(message.job_id, why)
+            if release_now is not None:  # granted, but the caller never took it
+                self._release_grant(release_now, "grant_unclaimed")
+            elif is_start:
+                # Still queued, or the grant may be on its way: cancel the waiting job at once
+                # (requests of one job share a partition, so the cancel comes after the start).
+                # A grant that beat it is released with its token when it arrives.
+                self.release(message.job_id, "caller_gave_up")
             raise
         finally:
             self._router.forget(correlation_id)
@@ -294,15 +360,20 @@ class QuartermasterClient:
         producer = self._producer
         if producer is None:
             raise ClientClosed("the client is closed")
-        await producer.send_and_wait(
-            self.request_topic,
-            value=message.model_dump_json().encode(),
-            key=message.job_id.encode(),
-            headers=[
-                (CORRELATION_ID, correlation_id.encode()),
-                (REPLY_TO, self.reply_topic.encode()),
-            ],
-        )
+        try:
+            await producer.send_and_wait(
+                self.request_topic,
+                value=message.model_dump_json().encode(),
+                key=message.job_id.encode(),
+                headers=[
+                    (CORRELATION_ID, correlation_id.encode()),
+                    (REPLY_TO, self.reply_topic.encode()),
+                ],
+            )
+        except KafkaError as exc:
+            raise BrokerUnavailable(
+                self.bootstrap_servers, f"did not take {message.type}: {exc!r}"
+            ) from exc
         log.debug(
             "request_sent",
             request_type=message.type,
@@ -318,17 +389,20 @@ class QuartermasterClient:
 
     # --- releasing what nobody uses ------------------------------------------------------
 
-    def release(self, job_id: str, why: str) -> None:
+    def release(self, job_id: str, why: str, lease_token: int | None = None) -> None:
         """Send ``job.cancel`` for a job in the background (the caller may be being cancelled).
 
-        The server cancels a waiting job, or frees a running job's account for the next waiter.
+        The server cancels a waiting job, or, given the lease's token, frees a running job's
+        account for the next waiter (without the token a running job's cancel changes nothing).
         """
-        task = asyncio.create_task(self._release(job_id, why), name=f"qm-sdk-release-{job_id}")
+        task = asyncio.create_task(
+            self._release(job_id, why, lease_token), name=f"qm-sdk-release-{job_id}"
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _release(self, job_id: str, why: str) -> None:
-        cancel = JobCancel(request_id=uuid.uuid4(), job_id=job_id)
+    async def _release(self, job_id: str, why: str, lease_token: int | None) -> None:
+        cancel = JobCancel(request_id=uuid.uuid4(), job_id=job_id, lease_token=lease_token)
         try:
             await self._send(cancel, str(cancel.request_id))
         except Exception as exc:  # noqa: BLE001 - the lease expires anyway; say so and go on
@@ -359,13 +433,8 @@ class QuartermasterClient:
         correlation_id = _header(headers, CORRELATION_ID)
         release = self._router.route(correlation_id, _header(headers, MESSAGE_ID), value)
         if release is not None:
-            log.info("late_grant_releasing", job_id=release, correlation_id=correlation_id)
-            self.release(release, "late_grant")
+            log.info("late_grant_releasing", job_id=release.job_id, correlation_id=correlation_id)
+            self._release_grant(release, "late_grant")
 
-
-def _as_secret(key: str | bytes | SecretStr | None) -> SecretStr | None:
-    if isinstance(key, SecretStr):
-        key = key.get_secret_value()
-    if not key:
-        return None
-    return SecretStr(key.decode() if isinstance(key, bytes) else key)
+    def _release_grant(self, release: Release, why: str) -> None:
+        self.release(release.job_id, why, release.lease_token)

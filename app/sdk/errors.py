@@ -62,7 +62,11 @@ class ClientClosed(QuartermasterError):
 
 
 class SecretUndecryptable(QuartermasterError):
-    """The account secret does not decrypt with the transport key this client was given."""
+    """A sealed secret or session of a grant does not open with this client's private key."""
+
+
+class NoUploadKey(QuartermasterError):
+    """Quartermaster announced no key to seal session states to (``QM_SEALING_KEYS`` unset)."""
 
 
 class SessionDead(QuartermasterError):
@@ -80,3 +84,11 @@ class LeaseLost(QuartermasterError):
         super().__init__(f"job {job_id} lost its lease: {reason}")
         self.job_id = job_id
         self.reason = reason
+
+
+class BrokerUnavailable(QuartermasterError):
+    """The Kafka broker cannot be reached, or refused the client (at ``start``)."""
+
+    def __init__(self, bootstrap_servers: object, detail: str) -> None:
+        super().__init__(f"the Kafka broker at {bootstrap_servers} {detail}")
+        self.bootstrap_servers = bootstrap_servers

@@ -8,16 +8,17 @@ async with client.job(site="example", lease_seconds=300, wait_seconds=60) as job
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import structlog
-from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter
 
+from app.crypto import load_public_key, seal_json
 from app.sdk import errors
+from app.sdk.logs import sdk_logger
 from schemas import messages as wire
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from app.sdk.client import QuartermasterClient
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
 MIN_HEARTBEAT_SECONDS = 0.1
 MIN_DERIVED_HEARTBEAT_SECONDS = 1.0
@@ -36,7 +37,7 @@ _SESSION_STATE = TypeAdapter(wire.JsonObject)
 
 
 class Account(BaseModel):
-    """The granted account; ``secret`` is decrypted but prints as ``**********``."""
+    """The granted account; ``secret`` is opened but prints as ``**********``."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -45,19 +46,38 @@ class Account(BaseModel):
     secret: SecretStr
 
 
-def decrypt_account(granted: wire.GrantedAccount, transport_key: SecretStr | None) -> Account:
-    """The account of a ``job.granted`` with its secret decrypted with the transport key."""
-    if transport_key is None:
-        raise errors.SecretUndecryptable(
-            "no transport key configured: the account secret cannot be decrypted"
+class Session(BaseModel):
+    """The account's browser session as granted: Playwright ``storage_state``, opened."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int
+    storage_state: SecretStr  # JSON text; ``state()`` parses it
+
+    def state(self) -> dict[str, Any]:
+        """The storage state, for ``browser.new_context(storage_state=...)``."""
+        return dict(json.loads(self.storage_state.get_secret_value()))
+
+
+def open_grant(
+    client: QuartermasterClient, grant: wire.JobGranted
+) -> tuple[Account | None, Session | None]:
+    """The account and session of a grant, opened with the client's private key."""
+    account = session = None
+    if grant.account is not None:
+        context = wire.seal_context("account.secret", grant.job_id)
+        try:
+            secret = client.open_sealed(grant.account.secret, context).decode()
+        except errors.SecretUndecryptable as exc:
+            raise errors.SecretUndecryptable(f"account {grant.account.id}: {exc}") from None
+        account = Account(
+            id=grant.account.id, username=grant.account.username, secret=SecretStr(secret)
         )
-    try:
-        plain = Fernet(transport_key.get_secret_value()).decrypt(granted.secret.encode())
-    except (InvalidToken, ValueError):
-        raise errors.SecretUndecryptable(
-            f"the secret of account {granted.id} does not decrypt with the transport key"
-        ) from None
-    return Account(id=granted.id, username=granted.username, secret=SecretStr(plain.decode()))
+    if grant.session is not None:
+        context = wire.seal_context("session.storage_state", grant.job_id)
+        state = client.open_sealed(grant.session.storage_state, context).decode()
+        session = Session(version=grant.session.version, storage_state=SecretStr(state))
+    return account, session
 
 
 class Job:
@@ -93,11 +113,12 @@ class Job:
         self._grant: wire.JobGranted | None = None
         self._expires_at: datetime | None = None
         self.account: Account | None = None
+        self._session: Session | None = None
         self.lost = False
         self.lost_reason: str | None = None
         self.status: str | None = None  # the job's final status once job.finished came back
         self._blocked: tuple[str, int | None] | None = None
-        self._session_state: dict[str, Any] | None = None
+        self._session_state: str | None = None  # sealed to Quartermaster
         self._seeds: list[wire.GrantedSeed] = []
         self._seed_results: dict[str, wire.SeedResult] = {}
         self._heartbeats: asyncio.Task[None] | None = None
@@ -130,9 +151,10 @@ class Job:
         return self._expires_at
 
     @property
-    def session(self) -> wire.GrantedSession | None:
+    def session(self) -> Session | None:
         """The account's browser session (Playwright ``storage_state``) and its version."""
-        return self._granted().session
+        self._granted()
+        return self._session
 
     @property
     def seeds(self) -> list[wire.GrantedSeed]:
@@ -149,8 +171,11 @@ class Job:
         self._blocked = (reason[:MAX_REASON_CHARS], cooldown_seconds)
 
     def set_session_state(self, state: dict[str, Any]) -> None:
-        """The browser state (Playwright ``storage_state``) to merge back at finish."""
-        self._session_state = _SESSION_STATE.validate_python(state)
+        """The browser state (Playwright ``storage_state``) to merge back at finish; sealed to
+        Quartermaster at once (``NoUploadKey`` when it announced no key to seal to)."""
+        self._session_state = self._seal_session(
+            _SESSION_STATE.validate_python(state), "job.finish"
+        )
 
     def browser_context(
         self, browser: Browser, **options: Any
@@ -252,18 +277,15 @@ class Job:
             needs=self._needs,
             lease_seconds=self.lease_seconds,
             wait_seconds=self.wait_seconds,
+            public_key=self._client.public_key,
         )
         reply = await self._client.request(start, timeout=self.timeout)
         if not isinstance(reply, wire.JobGranted):
             raise _refusal(self.job_id, reply)
         try:
-            self.account = (
-                decrypt_account(reply.account, self._client.transport_key)
-                if reply.account is not None
-                else None
-            )
+            self.account, self._session = open_grant(self._client, reply)
         except errors.SecretUndecryptable:
-            self._client.release(self.job_id, "secret_undecryptable")
+            self._client.release(self.job_id, "secret_undecryptable", reply.lease_token)
             raise
         self._grant = reply
         self._expires_at = reply.lease_expires_at
@@ -280,6 +302,37 @@ class Job:
             self._heartbeat_loop(self._heartbeat_interval()), name=f"qm-sdk-heartbeat-{self.job_id}"
         )
         return self
+
+    # --- session uploads ------------------------------------------------------------------
+
+    def _seal_session(self, state: dict[str, Any], field: str) -> str:
+        """``state`` sealed to Quartermaster's ``upload_key`` for ``field`` of this job."""
+        upload_key = self._granted().upload_key
+        if upload_key is None:
+            raise errors.NoUploadKey(
+                f"job {self.job_id}: Quartermaster announced no upload_key; "
+                "it cannot take session states"
+            )
+        context = wire.seal_context(field, self.job_id)
+        return seal_json(load_public_key(upload_key), state, context)
+
+    async def upload_session(self, state: dict[str, Any]) -> int:
+        """Merge a browser state (Playwright ``storage_state``) into the account's session now,
+        sealed to Quartermaster; returns the session's new version."""
+        upload = wire.SessionUpload(
+            request_id=uuid.uuid4(),
+            job_id=self.job_id,
+            lease_token=self.lease_token,
+            storage_state=self._seal_session(
+                _SESSION_STATE.validate_python(state), "session.upload"
+            ),
+        )
+        reply = await self._client.request(upload, timeout=self.timeout)
+        if isinstance(reply, wire.SessionMerged):
+            return reply.version
+        if isinstance(reply, wire.JobLeaseLost):
+            self._lose(reply.reason)
+        raise _refusal(self.job_id, reply)
 
     # --- heartbeats ----------------------------------------------------------------------
 
@@ -402,4 +455,6 @@ def _refusal(job_id: str, reply: wire.AnyReply) -> errors.QuartermasterError:
         return errors.RequestInvalid(job_id, reply.error)
     if isinstance(reply, wire.RequestConflict):
         return errors.RequestConflict(job_id, str(reply.request_id))
+    if isinstance(reply, wire.JobLeaseLost):
+        return errors.UnexpectedReply(job_id, f"{reply.type} ({reply.reason})", "a live lease")
     return errors.UnexpectedReply(job_id, reply.type, "a grant or a refusal")

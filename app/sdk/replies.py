@@ -5,7 +5,7 @@ dropped by ``correlation_id`` before they are even parsed. Of its own replies it
 
 - a future per outstanding request (``Waiter``), resolved by the final reply; a ``job.queued`` only
   notes the position, because the final ``job.granted``/``job.rejected`` follows later;
-- the ``message_id`` of recent replies, so that a relay's republish is delivered once;
+- the ``qm.message_id`` of recent replies, so that a relay's republish is delivered once;
 - the correlation ids of ``job.start`` requests whose caller gave up, so that a grant arriving for
   one of them is handed back to the client to release instead of holding an account nobody uses.
 """
@@ -16,13 +16,13 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import structlog
 from pydantic import ValidationError
 
 from app.sdk.errors import ReplyUnreadable
+from app.sdk.logs import sdk_logger
 from schemas.messages import AnyReply, JobGranted, JobQueued, parse_reply
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
 INTERIM_TYPES = frozenset({"job.queued"})
 
@@ -81,6 +81,14 @@ class RecentMap:
         return len(self._items)
 
 
+@dataclass(frozen=True)
+class Release:
+    """A grant nobody will use: the job to cancel and the lease token that may cancel it."""
+
+    job_id: str
+    lease_token: int
+
+
 @dataclass
 class Waiter:
     """One outstanding request: its final reply arrives in ``final``."""
@@ -124,11 +132,11 @@ class ReplyRouter:
         """Drop a request whose caller has its final reply."""
         self._waiting.pop(correlation_id, None)
 
-    def abandon(self, correlation_id: str, *, release_grant: bool) -> str | None:
+    def abandon(self, correlation_id: str, *, release_grant: bool) -> Release | None:
         """The caller gave up waiting.
 
         With ``release_grant`` (a ``job.start``) the correlation id is remembered, so a grant that
-        arrives later is released. Returns the job id to release now when the grant had already
+        arrives later is released. Returns what to release now when the grant had already
         arrived but its caller never took it.
         """
         waiter = self._waiting.pop(correlation_id, None)
@@ -137,7 +145,9 @@ class ReplyRouter:
         final = waiter.final
         if final.done() and not final.cancelled() and final.exception() is None:
             reply = final.result()
-            return waiter.job_id if isinstance(reply, JobGranted) else None
+            return (
+                Release(waiter.job_id, reply.lease_token) if isinstance(reply, JobGranted) else None
+            )
         self._abandoned.put(correlation_id, waiter.job_id)
         return None
 
@@ -148,11 +158,13 @@ class ReplyRouter:
                 waiter.final.set_exception(error)
         self._waiting.clear()
 
-    def route(self, correlation_id: str | None, message_id: str | None, value: bytes) -> str | None:
+    def route(
+        self, correlation_id: str | None, message_id: str | None, value: bytes
+    ) -> Release | None:
         """Deliver one record of the reply topic.
 
-        Returns the job id to release when the record is a grant for a request whose caller gave
-        up; None otherwise (delivered, a duplicate, or another client's reply).
+        Returns what to release when the record is a grant for a request whose caller gave up;
+        None otherwise (delivered, a duplicate, or another client's reply).
         """
         if correlation_id is None:
             return None
@@ -196,10 +208,10 @@ class ReplyRouter:
         else:
             waiter.final.set_result(outcome)
 
-    def _settle_abandoned(self, correlation_id: str, reply: AnyReply) -> str | None:
+    def _settle_abandoned(self, correlation_id: str, reply: AnyReply) -> Release | None:
         if reply.type in INTERIM_TYPES:
             return None  # still waiting server-side; the final answer decides
         job_id = self._abandoned.pop(correlation_id)
-        if isinstance(reply, JobGranted):
-            return job_id
+        if isinstance(reply, JobGranted) and job_id is not None:
+            return Release(job_id, reply.lease_token)
         return None

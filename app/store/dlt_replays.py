@@ -1,6 +1,8 @@
 """The replay ledger (table ``dlt_replays``): which dead letters ``qm dlt replay`` already sent.
 
-A row means "this dead letter's copy was acknowledged by the broker on ``target_topic``". Rows are
+A row means "this dead letter's copy was acknowledged by the broker on ``target_topic``". A copy
+that fails again comes back as a new dead letter whose ``qm.replayed_from`` names its parent; the
+parent's row here is how a replay knows that lineage was replayed already. Rows are
 written only after the ack, so the ledger never claims a replay that did not happen; the window
 between the ack and the insert is the at-least-once window described in docs/dead-letters.md.
 """
@@ -110,6 +112,37 @@ async def list_replayed(
         },
     )
     return {(int(p), int(o)) for p, o in result.all()}
+
+
+_REPLAYED_AT = text(
+    """
+    SELECT r.topic, r."partition", r."offset"
+    FROM dlt_replays AS r
+    JOIN unnest(:topics, :partitions, :offsets) AS w(t, p, o)
+      ON r.topic = w.t AND r."partition" = w.p AND r."offset" = w.o
+    """
+).bindparams(
+    bindparam("topics", type_=ARRAY(TEXT)),
+    bindparam("partitions", type_=ARRAY(INTEGER)),
+    bindparam("offsets", type_=ARRAY(BIGINT)),
+)
+
+
+async def list_replayed_at(
+    conn: AsyncConnection, coordinates: Sequence[tuple[str, int, int]]
+) -> set[tuple[str, int, int]]:
+    """Which of the (topic, partition, offset) dead letters were already replayed."""
+    if not coordinates:
+        return set()
+    result = await conn.execute(
+        _REPLAYED_AT,
+        {
+            "topics": [c[0] for c in coordinates],
+            "partitions": [c[1] for c in coordinates],
+            "offsets": [c[2] for c in coordinates],
+        },
+    )
+    return {(str(t), int(p), int(o)) for t, p, o in result.all()}
 
 
 async def record_replays(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import RowMapping, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, TEXT
@@ -61,3 +62,28 @@ async def seen_request(conn: AsyncConnection, request_id: str) -> RowMapping | N
         {"id": request_id},
     )
     return result.mappings().first()
+
+
+async def prune(
+    conn: AsyncConnection, *, keep_seconds: int, limit: int, now: datetime | None = None
+) -> list[str]:
+    """Forget up to ``limit`` requests older than ``keep_seconds``, oldest first; their ids.
+
+    Rows another transaction holds are passed over (SKIP LOCKED) and taken next time.
+    """
+    result = await conn.execute(
+        text(
+            """
+            DELETE FROM inbox WHERE request_id IN (
+                SELECT request_id FROM inbox
+                WHERE created_at < coalesce(CAST(:now AS timestamptz), now())
+                                   - make_interval(secs => :keep)
+                ORDER BY created_at LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING request_id
+            """
+        ),
+        {"keep": keep_seconds, "limit": limit, "now": now},
+    )
+    return [str(row[0]) for row in result]

@@ -2,6 +2,11 @@
 
 Callers hold the site's lock (``sites.lock_site``) before any statement here that moves a job
 into or out of QUEUED or RUNNING; that is what keeps grants FIFO and the capacity gate exact.
+Lock order (docs/design.md): site, inbox, job, account, session, outbox keys.
+
+A lease runs from the moment it is granted: its times come from ``clock_timestamp()``, not from
+the transaction's start (``now()``), so time a transaction spent waiting on a lock is not taken
+off the holder's lease.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ async def queue_job(
     request_id: str,
     reply_to: str,
     correlation_id: str,
+    public_key: str | None,
 ) -> RowMapping | None:
     """A new job -> QUEUED, or an EXPIRED one queued again; None if the job exists otherwise.
 
@@ -45,16 +51,18 @@ async def queue_job(
         text(
             """
             INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
-                                   lease_seconds, wait_deadline, request_id, reply_to, correlation_id)
+                                   lease_seconds, wait_deadline, request_id, reply_to,
+                                   correlation_id, public_key)
             VALUES (:job_id, :site, :collector, 'QUEUED', :needs_account, :needs_seeds,
                     :lease_seconds, now() + make_interval(secs => :wait_seconds),
-                    :request_id, :reply_to, :correlation_id)
+                    :request_id, :reply_to, :correlation_id, :public_key)
             ON CONFLICT (id) DO UPDATE
             SET status = 'QUEUED', queue_seq = nextval('job_queue_seq'),
                 wait_deadline = excluded.wait_deadline, lease_seconds = excluded.lease_seconds,
                 needs_account = excluded.needs_account, needs_seeds = excluded.needs_seeds,
                 request_id = excluded.request_id, reply_to = excluded.reply_to,
-                correlation_id = excluded.correlation_id, lease_token = NULL,
+                correlation_id = excluded.correlation_id, public_key = excluded.public_key,
+                lease_token = NULL,
                 lease_expires_at = NULL, account_id = NULL, reason = NULL, finished_at = NULL,
                 updated_at = now()
             WHERE j.status = 'EXPIRED' AND j.site = excluded.site
@@ -72,6 +80,7 @@ async def queue_job(
             "request_id": request_id,
             "reply_to": reply_to,
             "correlation_id": correlation_id,
+            "public_key": public_key,
         },
     )
     return result.mappings().first()
@@ -105,15 +114,18 @@ _GRANT_NEXT_WAITING = text(
         RETURNING slug
     ),
     token AS (
-        -- the fencing token: it only ever grows, so an old holder's token never matches again
-        SELECT nextval('lease_token_seq') AS value FROM gate
+        -- the fencing token: it only ever grows, so an old holder's token never matches again;
+        -- and the lease's start, read from the clock now that every lock is held
+        SELECT nextval('lease_token_seq') AS value,
+               coalesce(CAST(:now AS timestamptz), clock_timestamp()) AS at
+        FROM gate
     ),
     job AS (
         UPDATE jobs j
         SET status = 'RUNNING', lease_token = token.value,
-            lease_expires_at = coalesce(CAST(:now AS timestamptz), now()) + make_interval(secs => j.lease_seconds),
+            lease_expires_at = token.at + make_interval(secs => j.lease_seconds),
             account_id = (SELECT id FROM acct), attempts = j.attempts + 1,
-            granted_at = now(), updated_at = now()
+            granted_at = token.at, updated_at = now()
         FROM head, token
         WHERE j.id = head.id AND j.status = 'QUEUED'
         RETURNING j.*
@@ -129,8 +141,8 @@ _GRANT_NEXT_WAITING = text(
     ),
     history AS (
         -- the grant history, read by operators and by the exclusivity checks of the tests
-        INSERT INTO job_grants (lease_token, job_id, site, account_id)
-        SELECT lease_token, id, site, account_id FROM job
+        INSERT INTO job_grants (lease_token, job_id, site, account_id, granted_at)
+        SELECT lease_token, id, site, account_id, granted_at FROM job
     )
     -- the grant's message needs the account's sealed secret and stored session; more_waiting
     -- tells the caller whether another job waits behind this one (the snapshot still sees the
@@ -186,10 +198,10 @@ async def extend_lease(
                 UPDATE jobs
                 SET lease_expires_at = greatest(
                         lease_expires_at,
-                        now() + make_interval(secs => coalesce(:extend, lease_seconds))),
+                        clock_timestamp() + make_interval(secs => coalesce(:extend, lease_seconds))),
                     updated_at = now()
                 WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-                  AND lease_expires_at > now()
+                  AND lease_expires_at > clock_timestamp()
                 RETURNING id, site, lease_token, lease_expires_at
             ),
             account AS (
@@ -217,7 +229,7 @@ async def finish_job(
             SET status = CAST(:status AS job_status), reason = :reason,
                 finished_at = now(), updated_at = now()
             WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-              AND lease_expires_at > now()
+              AND lease_expires_at > clock_timestamp()
             RETURNING *
             """
         ),
@@ -226,8 +238,13 @@ async def finish_job(
     return result.mappings().first()
 
 
-async def cancel_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
-    """QUEUED | RUNNING -> CANCELLED; returns the job with ``was`` (its status before)."""
+async def cancel_job(
+    conn: AsyncConnection, job_id: str, lease_token: int | None
+) -> RowMapping | None:
+    """QUEUED -> CANCELLED; RUNNING -> CANCELLED only for the holder of the live lease (fencing).
+
+    Returns the job with ``was`` (its status before); None when nothing changed.
+    """
     result = await conn.execute(
         text(
             """
@@ -238,13 +255,51 @@ async def cancel_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
             UPDATE jobs j
             SET status = 'CANCELLED', reason = 'cancelled', finished_at = now(), updated_at = now()
             FROM before
-            WHERE j.id = before.id AND j.status IN ('QUEUED', 'RUNNING')
+            WHERE j.id = before.id
+              AND (j.status = 'QUEUED'
+                   OR (j.status = 'RUNNING' AND j.lease_token = :token
+                       AND j.lease_expires_at > clock_timestamp()))
             RETURNING j.*, before.status AS was
             """
         ),
-        {"id": job_id},
+        {"id": job_id, "token": lease_token},
     )
     return result.mappings().first()
+
+
+async def revoke_job(conn: AsyncConnection, job_id: str, reason: str) -> RowMapping | None:
+    """RUNNING -> CANCELLED by an operator, whoever holds the lease; None when not RUNNING.
+
+    The row keeps the holder's token, so the caller can release what it held; then
+    ``retire_token`` moves the token on.
+    """
+    result = await conn.execute(
+        text(
+            """
+            UPDATE jobs
+            SET status = 'CANCELLED', reason = :reason, finished_at = now(), updated_at = now()
+            WHERE id = :id AND status = 'RUNNING'
+            RETURNING *
+            """
+        ),
+        {"id": job_id, "reason": reason},
+    )
+    return result.mappings().first()
+
+
+async def retire_token(conn: AsyncConnection, job_id: str, lease_token: int) -> int | None:
+    """A revoked job's token -> a fresh one, so the holder's token never matches it again."""
+    result = await conn.execute(
+        text(
+            """
+            UPDATE jobs SET lease_token = nextval('lease_token_seq'), updated_at = now()
+            WHERE id = :id AND status = 'CANCELLED' AND lease_token = :token
+            RETURNING lease_token
+            """
+        ),
+        {"id": job_id, "token": lease_token},
+    )
+    return result.scalar()
 
 
 async def reject_waiting_job(
@@ -269,6 +324,7 @@ async def release_lease(
     conn: AsyncConnection,
     *,
     job: RowMapping,
+    lease_token: int,
     outcome: str,
     blocked: bool,
     failed: bool,
@@ -276,7 +332,7 @@ async def release_lease(
     reason: str | None,
 ) -> RowMapping | None:
     """A lease ends: its account USING -> ACTIVE | BLOCKED (resting ``rest_seconds``, only for
-    the holder's token), its site's running slot back, its grant closed with ``outcome``.
+    the holder's ``lease_token``), its site's running slot back, its grant closed with ``outcome``.
     A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``).
 
     One statement; returns the account as released (None when the job held none).
@@ -314,7 +370,7 @@ async def release_lease(
         {
             "account_id": job["account_id"],
             "job_id": job["id"],
-            "lease_token": job["lease_token"],
+            "lease_token": lease_token,
             "site": job["site"],
             "outcome": outcome,
             "blocked": blocked,

@@ -12,7 +12,11 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, SMALLINT, TEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.dlt_values import StoredValue
+
 NOTIFY_CHANNEL = "qm_outbox"
+# the third item of a stored header whose name is in base64 (it holds a NUL, which jsonb cannot)
+NAME_IN_BASE64 = "name:base64"
 # classid of the advisory locks the writer takes per key; the relay's shard locks use the other
 KEY_LOCK_CLASS = 0x514D
 SHARD_LOCK_CLASS = 0x514E
@@ -24,8 +28,8 @@ class OutboxRow:
 
     topic: str
     key: bytes | None
-    payload: bytes
-    headers: tuple[tuple[str, bytes], ...]
+    payload: bytes | None  # None: the record's value is null
+    headers: tuple[tuple[str, bytes | None], ...]
     shard: int
     id: int = 0
 
@@ -75,14 +79,32 @@ class InboxReply:
     reply: dict[str, Any]
 
 
-def encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
-    """Headers as stored: a JSON list of [name, base64 value]."""
-    return json.dumps([[name, base64.b64encode(value).decode()] for name, value in headers])
+def encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> str:
+    """Headers as stored: a JSON list of [name, base64 value or null], in their order. A name
+    that jsonb text cannot hold (one with a NUL) is stored in base64, marked by a third item."""
+    return json.dumps([_stored_header(name, value) for name, value in headers])
 
 
-def decode_headers(stored: Sequence[Sequence[str]]) -> list[tuple[str, bytes]]:
+def _stored_header(name: str, value: bytes | None) -> list[str | None]:
+    encoded = None if value is None else _b64(value)
+    if "\x00" in name:
+        return [_b64(name.encode()), encoded, NAME_IN_BASE64]
+    return [name, encoded]
+
+
+def decode_headers(stored: Sequence[Sequence[str | None]]) -> list[tuple[str, bytes | None]]:
     """Headers as Kafka wants them, from the stored JSON list."""
-    return [(name, base64.b64decode(value)) for name, value in stored]
+    return [
+        (
+            base64.b64decode(entry[0] or "").decode() if len(entry) > 2 else str(entry[0]),
+            None if entry[1] is None else base64.b64decode(entry[1]),
+        )
+        for entry in stored
+    ]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
 
 
 async def insert_rows(
@@ -126,17 +148,19 @@ class UnsentRow:
     shard: int
     topic: str
     key: bytes | None
-    headers: list[tuple[str, bytes]]  # a list, as the Kafka client's record builder wants
-    payload: bytes
+    headers: list[tuple[str, bytes | None]]  # a list, as the Kafka client's record builder wants
+    payload: bytes | None
     age_seconds: float
+    attempts: int = 0  # failed tries so far
 
 
 @dataclass(frozen=True, slots=True)
 class Backlog:
-    """Rows waiting in the outbox and the age of the oldest."""
+    """Rows waiting in the outbox and the age of the oldest; parked rows apart."""
 
     rows: int
     oldest_age_seconds: float
+    parked: int = 0
 
 
 _PREPARE_RELAY_SESSION = text(
@@ -184,19 +208,23 @@ _SHARD_LOCKS = text(
 _FETCH_UNSENT = text(
     """
     -- The oldest rows of each shard, in id order, up to :limit per shard. Topics that
-    -- cannot be published right now are passed over so their rows do not block the shard.
-    -- Headers come back decoded, as parallel arrays of names and values.
-    SELECT o.id, o.shard, o.topic, o.key, o.payload,
+    -- cannot be published right now are passed over so their rows do not block the shard;
+    -- parked rows (refused for good) are never read again.
+    -- Headers come back decoded, as parallel arrays of names and values (bytes both).
+    SELECT o.id, o.shard, o.topic, o.key, o.payload, o.attempts,
            extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age_seconds,
-           ARRAY(SELECT h ->> 0 FROM jsonb_array_elements(o.headers) WITH ORDINALITY AS e(h, n)
+           ARRAY(SELECT CASE WHEN jsonb_array_length(h) > 2 THEN decode(h ->> 0, 'base64')
+                             ELSE convert_to(h ->> 0, 'UTF8') END
+                 FROM jsonb_array_elements(o.headers) WITH ORDINALITY AS e(h, n)
                  ORDER BY n) AS header_names,
            ARRAY(SELECT decode(h ->> 1, 'base64')
                  FROM jsonb_array_elements(o.headers) WITH ORDINALITY AS e(h, n)
                  ORDER BY n) AS header_values
     FROM unnest(CAST(:shards AS smallint[])) AS s(shard)
     CROSS JOIN LATERAL (
-        SELECT id, shard, topic, key, headers, payload, created_at FROM outbox
+        SELECT id, shard, topic, key, headers, payload, attempts, created_at FROM outbox
         WHERE outbox.shard = s.shard AND outbox.topic <> ALL(:skip_topics)
+          AND outbox.parked_at IS NULL
         ORDER BY outbox.id
         LIMIT :limit
     ) AS o
@@ -208,9 +236,48 @@ _DELETE_ROWS = text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))")
 
 _BACKLOG = text(
     """
-    SELECT count(*) AS rows,
-           coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS age
+    SELECT count(*) FILTER (WHERE parked_at IS NULL) AS rows,
+           coalesce(extract(epoch FROM clock_timestamp()
+                    - min(created_at) FILTER (WHERE parked_at IS NULL)), 0)::float8 AS age,
+           count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked
     FROM outbox
+    """
+)
+
+_COUNT_FAILURE = text(
+    """
+    -- One more failed try of each row, unless it was deleted or parked meanwhile.
+    UPDATE outbox SET attempts = attempts + 1
+    WHERE id = ANY(CAST(:ids AS bigint[])) AND parked_at IS NULL
+    RETURNING id, attempts
+    """
+)
+
+_DEAD_LETTER_ROW = text(
+    """
+    -- A row the broker refused for good becomes a dead letter in place: it keeps its id (so
+    -- its shard's order holds) and goes to the dead-letter topic on the relay's next round.
+    -- A value too large for any message moves to dlt_values in the same statement.
+    WITH stored AS (
+        INSERT INTO dlt_values (id, sha256, value)
+        SELECT CAST(:ref AS uuid), CAST(:sha256 AS text), payload FROM outbox
+        WHERE id = :id AND topic = :topic AND parked_at IS NULL AND :by_reference
+          AND payload IS NOT NULL
+    )
+    UPDATE outbox
+    SET topic = :dlt_topic, headers = CAST(:headers AS jsonb), attempts = 0,
+        payload = CASE WHEN :by_reference THEN NULL ELSE payload END
+    WHERE id = :id AND topic = :topic AND parked_at IS NULL
+    RETURNING id
+    """
+)
+
+_PARK_ROWS = text(
+    """
+    -- Refused for good, and so was its dead letter: kept for an operator, never read again.
+    UPDATE outbox SET parked_at = now()
+    WHERE id = ANY(CAST(:ids AS bigint[])) AND parked_at IS NULL
+    RETURNING id
     """
 )
 
@@ -262,8 +329,17 @@ async def fetch_unsent(
         {"shards": list(shards), "limit": limit, "skip_topics": list(skip_topics)},
     )
     return [
-        UnsentRow(id_, shard, topic, key, list(zip(names, values, strict=True)), payload, age)
-        for id_, shard, topic, key, payload, age, names, values in result
+        UnsentRow(
+            id_,
+            shard,
+            topic,
+            key,
+            [(bytes(name).decode(), value) for name, value in zip(names, values, strict=True)],
+            payload,
+            age,
+            attempts,
+        )
+        for id_, shard, topic, key, payload, attempts, age, names, values in result
     ]
 
 
@@ -276,6 +352,46 @@ async def delete_rows(conn: AsyncConnection, ids: Sequence[int]) -> int:
 
 
 async def backlog(conn: AsyncConnection) -> Backlog:
-    """How many rows wait in the whole outbox and how old the oldest is."""
+    """How many rows wait in the whole outbox and how old the oldest is (parked rows apart)."""
     row = (await conn.execute(_BACKLOG)).one()
-    return Backlog(rows=int(row.rows), oldest_age_seconds=float(row.age))
+    return Backlog(rows=int(row.rows), oldest_age_seconds=float(row.age), parked=int(row.parked))
+
+
+async def count_failures(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, int]:
+    """Count one more failed try of each row; returns each row's tries so far."""
+    if not ids:
+        return {}
+    result = await conn.execute(_COUNT_FAILURE, {"ids": list(ids)})
+    return {int(row.id): int(row.attempts) for row in result}
+
+
+async def dead_letter_row(
+    conn: AsyncConnection,
+    row: UnsentRow,
+    dlt_topic: str,
+    headers: Sequence[tuple[str, bytes | None]],
+    stored: StoredValue | None = None,
+) -> bool:
+    """Turn ``row`` (still on ``row.topic``, not parked) into a dead letter on ``dlt_topic``;
+    with ``stored``, its payload moves to ``dlt_values``. False when the row was gone."""
+    result = await conn.execute(
+        _DEAD_LETTER_ROW,
+        {
+            "id": row.id,
+            "topic": row.topic,
+            "dlt_topic": dlt_topic,
+            "headers": encode_headers(headers),
+            "by_reference": stored is not None,
+            "ref": stored.ref if stored is not None else None,
+            "sha256": stored.sha256 if stored is not None else None,
+        },
+    )
+    return result.first() is not None
+
+
+async def park_rows(conn: AsyncConnection, ids: Sequence[int]) -> list[int]:
+    """Park rows for good: the relay reads them no more. Returns the ids it parked."""
+    if not ids:
+        return []
+    result = await conn.execute(_PARK_ROWS, {"ids": list(ids)})
+    return [int(id_) for id_ in result.scalars()]

@@ -18,7 +18,7 @@ async def held_session(conn: AsyncConnection, job_id: str, lease_token: int) -> 
                    extract(epoch FROM now()) AS now_epoch
             FROM accounts a LEFT JOIN sessions s ON s.account_id = a.id
             WHERE a.holder_job_id = :job AND a.lease_token = :token AND a.status = 'USING'
-              AND a.lease_expires_at > now()
+              AND a.lease_expires_at > clock_timestamp()
             FOR UPDATE OF a
             """
         ),

@@ -59,7 +59,7 @@ async def list_jobs(
             """
             SELECT j.id, j.site, j.collector, j.status, j.attempts, j.created_at, j.updated_at,
                    j.granted_at, j.finished_at, j.lease_expires_at, j.wait_deadline, j.reason,
-                   a.username AS account,
+                   a.username AS account, now() AS now,
                    CASE WHEN j.status = 'QUEUED' THEN
                        (SELECT count(*) FROM jobs w WHERE w.site = j.site AND w.status = 'QUEUED'
                                                       AND w.queue_seq <= j.queue_seq)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.kafka import producer_options
 from app.settings import Settings
 from tests.support.kafka import lag_returns_to_zero
-from tests.support.leasing import make_site, scalar
+from tests.support.leasing import COLLECTOR_PUBLIC_KEY, make_site, scalar
 from tests.support.processes import QmProcess, settings_env
 from tests.support.waiting import eventually
 
@@ -40,7 +40,7 @@ async def test_a_dead_lettered_request_replayed_after_the_fix_is_processed_once(
     await make_site(engine, settings)
     request_id = str(uuid.uuid4())
     body = {"type": "job.start", "v": 1, "request_id": request_id, "job_id": "unlucky", "site": "board",
-            "collector": "c", "wait_seconds": 30}  # fmt: skip
+            "collector": "c", "wait_seconds": 30, "public_key": COLLECTOR_PUBLIC_KEY}  # fmt: skip
     producer = AIOKafkaProducer(**producer_options(settings))
     await producer.start()
     try:

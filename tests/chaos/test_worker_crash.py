@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.kafka import producer_options
 from app.settings import Settings
-from tests.support.leasing import make_site, scalar
+from tests.support.leasing import COLLECTOR_PUBLIC_KEY, make_site, scalar
 from tests.support.processes import QmProcess
 from tests.support.waiting import eventually
 
@@ -23,7 +23,7 @@ async def send_start(settings: Settings, job_id: str) -> str:
     request_id = str(uuid.uuid4())
     body = {
         "type": "job.start", "v": 1, "request_id": request_id, "job_id": job_id,
-        "site": "board", "collector": "chaos", "wait_seconds": 60,
+        "site": "board", "collector": "chaos", "wait_seconds": 60, "public_key": COLLECTOR_PUBLIC_KEY,
     }  # fmt: skip
     producer = AIOKafkaProducer(**producer_options(settings))
     await producer.start()

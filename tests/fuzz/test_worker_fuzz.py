@@ -24,7 +24,7 @@ from app.kafka import client_options, producer_options
 from app.settings import Settings
 from schemas.messages import parse_request
 from tests.support.kafka import lag_returns_to_zero
-from tests.support.leasing import make_site
+from tests.support.leasing import COLLECTOR_PUBLIC_KEY, make_site
 from tests.support.processes import QmProcess
 
 pytestmark = pytest.mark.chaos
@@ -45,6 +45,7 @@ def valid_body(kind: str, job_id: str) -> dict[str, Any]:
             "site": "board",
             "collector": "fuzz",
             "wait_seconds": 0,
+            "public_key": COLLECTOR_PUBLIC_KEY,
         }
     return {**base, "type": "job.cancel"}
 

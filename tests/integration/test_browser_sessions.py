@@ -90,7 +90,7 @@ async def visit(context: BrowserContext, url: str) -> tuple[str, str | None]:
 
 def cookie_names(job: Job) -> set[str]:
     assert job.session is not None
-    return {c["name"] for c in job.session.storage_state["cookies"]}
+    return {c["name"] for c in job.session.state()["cookies"]}
 
 
 async def test_a_login_carries_over_to_the_next_job_and_a_logout_to_the_one_after(
@@ -121,7 +121,7 @@ async def test_a_login_carries_over_to_the_next_job_and_a_logout_to_the_one_afte
 
         async with client.job(site=SITE, wait_seconds=30) as job4:
             assert cookie_names(job4) == {"prefs"}  # auth deleted, B kept
-            assert job4.session is not None and job4.session.storage_state["origins"] == []
+            assert job4.session is not None and job4.session.state()["origins"] == []
             async with job4.browser_context(browser, on_dead_session="ignore") as ctx:
                 assert await visit(ctx, members) == (login_site.url("/login"), None)
 

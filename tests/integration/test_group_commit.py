@@ -67,7 +67,7 @@ async def test_a_request_that_fails_inside_a_shared_transaction_is_dead_lettered
 ) -> None:
     await make_site(engine, settings, capacity=6, n_accounts=6)
     await make_site(engine, settings, "locked", n_accounts=0)
-    foreign = SecretBox(Fernet.generate_key().decode(), transport_key="")
+    foreign = SecretBox(Fernet.generate_key().decode())
     async with engine.begin() as conn:  # sealed with a key the worker does not have
         await accounts.add_account(
             conn, site="locked", username="lost@locked", sealed_secret=foreign.seal(CANARY)
@@ -84,8 +84,8 @@ async def test_a_request_that_fails_inside_a_shared_transaction_is_dead_lettered
     assert "shared_transaction_failed" in [entry["event"] for entry in logs]
     granted = [r["job_id"] for r in await replies(engine, settings) if r["type"] == "job.granted"]
     assert sorted(granted) == [f"job-{n}" for n in range(6)]
-    [invalid] = await replies(engine, settings, "unreadable")
-    assert invalid["type"] == "request.invalid" and CANARY not in invalid["error"]
+    # an unexpected failure is not final (its dead letter may be replayed): no reply yet
+    assert await replies(engine, settings, "unreadable") == []
     assert await scalar(engine, "SELECT count(*) FROM jobs WHERE id = 'unreadable'") == 0
     assert await scalar(engine, "SELECT running FROM sites WHERE slug = 'locked'") == 0
     dead = await scalar(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 from itertools import count
 
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.outbox.relay import Relay
 from app.outbox.writer import MESSAGE_ID, Outbox, enqueue, shard_of
 from app.settings import Settings
+from app.store.dlt_values import fetch_values
 from app.store.outbox import count_relays, shard_owners
 from tests.integration.conftest_outbox import (
     Numbered,
@@ -204,38 +206,91 @@ async def test_a_stopping_relay_finishes_its_round_then_lets_go_of_its_shards(
     judge(await read_topic(settings, settings.topic("events"))).assert_complete_and_ordered(written)
 
 
-def _sample(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_a_row_too_large_to_publish_waits_and_holds_back_only_its_partition(
+async def test_a_row_too_large_to_publish_is_dead_lettered_by_reference_and_blocks_nothing(
     engine: AsyncEngine, topics: Settings
 ) -> None:
     settings = topics
     topic = settings.topic("events")
+    huge = b"x" * 2_000_000  # over the producer's 1 MiB request limit
     keys = [f"k{n}" for n in range(30)]
-    written: list[Numbered] = [(key, 0) for key in keys]
     box = Outbox(settings.outbox_shards)
-    box.add(topic, "huge", b"x" * 2_000_000)  # over the producer's 1 MiB request limit
-    for key, seq in written:
-        box.add(topic, key, {"key": key, "seq": seq})
+    box.add(topic, "huge", huge, headers=[("trace", "t-1")])
+    for key in keys:
+        box.add(topic, key, {"key": key, "seq": 0})
     async with engine.begin() as conn:
         await box.flush(conn)
+    dead_before = _sample(
+        "qm_outbox_dead_lettered_total", {"error_class": "MessageSizeTooLargeError"}
+    )
 
     relay = Relay(settings)
     try:
         first = await relay.run_once()
-        second = await relay.run_once()  # with a new producer, the same again: nothing is lost
+        second = await relay.run_once()  # the dead letter itself
     finally:
         await relay.close()
 
-    assert first.failed == second.failed == 1
-    assert 0 < first.published < len(keys)  # keys of the other partitions went through
-    assert first.published + first.waiting == len(keys)
-    assert second.published == 0 and second.waiting == first.waiting
-    assert await outbox_rows(engine) == 1 + first.waiting
+    assert (first.published, first.failed, first.dead_lettered) == (len(keys), 0, 1)
+    assert second.published == 1
+    assert await outbox_rows(engine) == 0
     seen = judge(await read_topic(settings, topic)).seen
-    assert len(seen) == first.published and all(seqs == [0] for seqs in seen.values())
+    assert sorted(seen) == sorted(keys)
+    [letter] = await read_topic(settings, settings.topic("outbox.dlt"))
+    headers = dict(letter.headers)
+    assert letter.key == b"huge" and letter.value is None
+    assert headers["trace"] == b"t-1"
+    assert headers["qm.dlt.original_topic"] == topic.encode()
+    assert headers["qm.dlt.error_class"].endswith(b"MessageSizeTooLargeError")
+    assert headers["qm.dlt.value_sha256"] == hashlib.sha256(huge).hexdigest().encode()
+    async with engine.connect() as conn:
+        stored = await fetch_values(conn, [headers["qm.dlt.value_ref"].decode()])
+    assert [value.value for value in stored.values()] == [huge]
+    dead_after = _sample(
+        "qm_outbox_dead_lettered_total", {"error_class": "MessageSizeTooLargeError"}
+    )
+    assert dead_after - dead_before == 1
+
+
+async def test_a_row_for_a_topic_that_cannot_exist_is_dead_lettered_and_rows_behind_it_publish(
+    engine: AsyncEngine, topics: Settings
+) -> None:
+    settings = topics.model_copy(update={"outbox_max_attempts": 2})
+    good = settings.topic("events")
+    bad = settings.topic("no such topic!")  # a name the broker refuses: never created
+    box = Outbox(settings.outbox_shards)
+    box.add(bad, "k", {"n": 0})
+    for n in range(1, 6):  # the same key, so the same shard, behind the refused row
+        box.add(good, "k", {"n": n})
+    async with engine.begin() as conn:
+        await box.flush(conn)
+
+    relay = Relay(settings)
+    rounds = []
+    try:
+        rounds.append(await relay.run_once())
+
+        async def dead_lettered() -> bool:
+            rounds.append(await relay.run_once())
+            return await outbox_rows(engine) == 0
+
+        await wait_until(dead_lettered, timeout=60, what="the refused row to be dead-lettered")
+    finally:
+        await relay.close()
+
+    assert rounds[0].published == 5  # the rows behind it did not wait for it
+    assert sum(r.dead_lettered for r in rounds) == 1
+    assert [r.value for r in await read_topic(settings, good)] == [
+        f'{{"n":{n}}}'.encode() for n in range(1, 6)
+    ]
+    [letter] = await read_topic(settings, settings.topic("outbox.dlt"))
+    headers = dict(letter.headers)
+    assert letter.value == b'{"n":0}' and letter.key == b"k"
+    assert headers["qm.dlt.original_topic"] == bad.encode()
+    assert headers["qm.dlt.attempts"] == b"2"
 
 
 async def _empty(engine: AsyncEngine) -> bool:

@@ -1,7 +1,7 @@
 """The collector SDK against the real broker, answered by a scripted stand-in for the claim worker.
 
 The responder reads ``<prefix>requests`` and answers on the request's ``reply_to`` topic with the
-``correlation_id`` and ``message_id`` headers Quartermaster's relay sets, so what is tested here is
+``correlation_id`` and ``qm.message_id`` headers Quartermaster's relay sets, so what is tested here is
 the SDK's own behaviour: the queued → granted wait, timeouts, the release of a late grant,
 heartbeats, lease loss, duplicates, and the secret.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
-from cryptography.fernet import Fernet
 
+from app.crypto import load_public_key, seal
 from app.kafka import client_options, producer_options
 from app.sdk import JobRejected, QuartermasterClient, RequestTimeout
 from app.settings import Settings
@@ -35,6 +35,7 @@ from schemas.messages import (
     JobLeaseLost,
     JobQueued,
     Message,
+    seal_context,
 )
 from schemas.messages import JobRejected as Rejected
 
@@ -116,7 +117,7 @@ class Responder:
             reply.model_dump_json().encode(),
             key=str(request.body["job_id"]).encode(),
             headers=[
-                ("message_id", (message_id or str(uuid.uuid4())).encode()),
+                ("qm.message_id", (message_id or str(uuid.uuid4())).encode()),
                 ("correlation_id", (correlation_id or request.correlation_id).encode()),
             ],
         )
@@ -132,16 +133,27 @@ class Responder:
 
 
 def grant(settings: Settings, request: Received, lease_token: int = 7) -> JobGranted:
-    key = settings.transport_key.get_secret_value()
+    """A grant as Quartermaster makes it: sealed to the public key of the start request."""
+    # a start from before the client existed has no key: seal to a stranger's
+    public_key = request.body.get("public_key") or QuartermasterClient("127.0.0.1:1").public_key
+    requester = load_public_key(public_key)
+    job_id = request.body["job_id"]
+    state = b'{"cookies":[],"origins":[]}'
     return JobGranted(
         request_id=request.body["request_id"],
-        job_id=request.body["job_id"],
+        job_id=job_id,
         lease_token=lease_token,
+        granted_at=datetime.now(UTC),
         lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
         account=GrantedAccount(
-            id="acc-1", username="alice", secret=Fernet(key).encrypt(SECRET.encode()).decode()
+            id="acc-1",
+            username="alice",
+            secret=seal(requester, SECRET.encode(), seal_context("account.secret", job_id)),
         ),
-        session=GrantedSession(version=3, storage_state={"cookies": [], "origins": []}),
+        session=GrantedSession(
+            version=3,
+            storage_state=seal(requester, state, seal_context("session.storage_state", job_id)),
+        ),
         seeds=[GrantedSeed(id="seed-1", url="https://example.org/board/1")],
     )
 
@@ -180,6 +192,7 @@ async def test_a_queued_start_is_granted_later_with_the_secret_decrypted_and_nev
         assert job.account.secret.get_secret_value() == SECRET
         assert (job.account.id, job.account.username, job.lease_token) == ("acc-1", "alice", 7)
         assert job.session is not None and job.session.version == 3
+        assert job.session.state() == {"cookies": [], "origins": []}
         assert [seed.url for seed in job.seeds] == ["https://example.org/board/1"]
         printed = f"{job!r} {job} {job.account!r} {job.account}"
         assert SECRET not in printed
@@ -364,7 +377,13 @@ async def test_replies_written_before_the_client_started_are_not_read(topics: Se
         async with QuartermasterClient.from_settings(topics, request_timeout=5.0) as qm:
             from schemas.messages import JobStart
 
-            start = JobStart(request_id=request_id, job_id="job-old", site="example", collector="c")
+            start = JobStart(
+                request_id=request_id,
+                job_id="job-old",
+                site="example",
+                collector="c",
+                public_key=qm.public_key,
+            )
             reply = await qm.request(start)
 
     assert isinstance(reply, Rejected) and reply.reason == "fresh"

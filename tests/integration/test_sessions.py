@@ -7,7 +7,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
 from app.store import Database
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import (
+    make_site,
+    opened_session,
+    replies,
+    request,
+    scalar,
+    sealed_state,
+    start,
+)
 from workers.requests import RequestProcessor
 
 
@@ -30,14 +38,17 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "one"))
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'one'")
+    [grant] = await replies(engine, settings)
+    token, upload_key = grant["lease_token"], grant["upload_key"]
     await processor.process(
         request(
             settings,
             "session.upload",
             "one",
             lease_token=token,
-            storage_state=state(sid="1", once="x"),
+            storage_state=sealed_state(
+                state(sid="1", once="x"), "session.upload", "one", upload_key
+            ),
         )
     )
     await processor.process(
@@ -47,7 +58,7 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
             "one",
             lease_token=token,
             outcome="succeeded",
-            session_state=state(sid="2"),
+            session_state=sealed_state(state(sid="2"), "job.finish", "one", upload_key),
         )
     )
     await processor.process(start(settings, "two"))
@@ -60,7 +71,7 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
     ]
     session = answers[-1]["session"]
     assert session["version"] == 2
-    assert {c["name"]: c["value"] for c in session["storage_state"]["cookies"]} == {
+    assert {c["name"]: c["value"] for c in opened_session(answers[-1])["cookies"]} == {
         "sid": "2",
         "once": "x",
     }
@@ -73,10 +84,15 @@ async def test_an_upload_without_a_live_lease_changes_nothing(
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "one"))
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'one'")
+    [grant] = await replies(engine, settings)
+    sealed = sealed_state(state(a="1"), "session.upload", "one", grant["upload_key"])
     await processor.process(
         request(
-            settings, "session.upload", "one", lease_token=token + 1, storage_state=state(a="1")
+            settings,
+            "session.upload",
+            "one",
+            lease_token=grant["lease_token"] + 1,
+            storage_state=sealed,
         )
     )
     assert (await replies(engine, settings))[-1]["type"] == "job.lease_lost"
@@ -90,10 +106,13 @@ async def test_an_upload_over_the_session_bounds_is_rejected_and_the_session_kep
     processor = RequestProcessor(bounded, Database(engine))
     await make_site(engine, bounded)
     await processor.process(start(bounded, "one"))
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'one'")
+    [grant] = await replies(engine, bounded)
+    token, key = grant["lease_token"], grant["upload_key"]
     upload = dict(settings=bounded, type_="session.upload", job_id="one", lease_token=token)
-    await processor.process(request(**upload, storage_state=state(a="1", b="2")))
-    await processor.process(request(**upload, storage_state=state(c="secret-value")))
+    first = sealed_state(state(a="1", b="2"), "session.upload", "one", key)
+    await processor.process(request(**upload, storage_state=first))
+    second = sealed_state(state(c="secret-value"), "session.upload", "one", key)
+    await processor.process(request(**upload, storage_state=second))
     answers = await replies(engine, bounded)
     assert [r["type"] for r in answers] == ["job.granted", "session.merged", "session.rejected"]
     assert answers[-1]["reason"] == "session_too_large"
@@ -110,9 +129,11 @@ async def test_a_cookie_deleted_with_a_past_expiry_is_gone_from_the_next_grant(
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "one"))
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'one'")
+    [grant] = await replies(engine, settings)
+    token, key = grant["lease_token"], grant["upload_key"]
+    login = sealed_state(state(sid="1"), "session.upload", "one", key)
     await processor.process(
-        request(settings, "session.upload", "one", lease_token=token, storage_state=state(sid="1"))
+        request(settings, "session.upload", "one", lease_token=token, storage_state=login)
     )
     logout = state(sid="")
     logout["cookies"][0]["expires"] = 1  # 1970: in the past by the database's clock
@@ -123,10 +144,10 @@ async def test_a_cookie_deleted_with_a_past_expiry_is_gone_from_the_next_grant(
             "one",
             lease_token=token,
             outcome="succeeded",
-            session_state=logout,
+            session_state=sealed_state(logout, "job.finish", "one", key),
         )
     )
     await processor.process(start(settings, "two"))
     granted = (await replies(engine, settings))[-1]
     assert granted["type"] == "job.granted"
-    assert granted["session"]["storage_state"]["cookies"] == []
+    assert opened_session(granted)["cookies"] == []

@@ -6,15 +6,20 @@ import json
 import uuid
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.crypto import SecretBox
+from app.crypto import SecretBox, load_public_key, public_key_text, seal_json, unseal
 from app.settings import Settings
 from app.store import accounts, sites
+from schemas.messages import seal_context
 from workers.requests import Incoming
 
 CANARY = "canary-s3cr3t-do-not-leak"
+# the private key of the test's collector: every start() sends its public half
+COLLECTOR_KEY = X25519PrivateKey.generate()
+COLLECTOR_PUBLIC_KEY = public_key_text(COLLECTOR_KEY)
 
 
 async def make_site(
@@ -75,7 +80,25 @@ def request(
 def start(settings: Settings, job_id: str, site: str = "board", **fields: Any) -> Incoming:
     fields.setdefault("collector", "test-collector")
     fields.setdefault("wait_seconds", 60)
+    fields.setdefault("public_key", COLLECTOR_PUBLIC_KEY)
     return request(settings, "job.start", job_id, site=site, **fields)
+
+
+def opened_secret(grant: dict[str, Any], key: X25519PrivateKey = COLLECTOR_KEY) -> str:
+    """The account secret of a ``job.granted``, opened as its collector does."""
+    context = seal_context("account.secret", grant["job_id"])
+    return unseal(key, grant["account"]["secret"], context).decode()
+
+
+def opened_session(grant: dict[str, Any], key: X25519PrivateKey = COLLECTOR_KEY) -> Any:
+    """The storage state of a ``job.granted``, opened as its collector does."""
+    context = seal_context("session.storage_state", grant["job_id"])
+    return json.loads(unseal(key, grant["session"]["storage_state"], context))
+
+
+def sealed_state(state: dict[str, Any], field: str, job_id: str, upload_key: str) -> str:
+    """A storage state sealed to Quartermaster, as a collector sends it."""
+    return seal_json(load_public_key(upload_key), state, seal_context(field, job_id))
 
 
 async def replies(

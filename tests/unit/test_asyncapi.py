@@ -6,6 +6,7 @@ jsonschema validates real messages (made by the pydantic models) against its pay
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from datetime import UTC, datetime
@@ -68,7 +69,13 @@ def _messages() -> dict[str, list[wire.Message]]:
     request_id, job_id = uuid.uuid4(), "job-1"
     return {
         "requests": [
-            wire.JobStart(request_id=request_id, job_id=job_id, site="board", collector="c1"),
+            wire.JobStart(
+                request_id=request_id,
+                job_id=job_id,
+                site="board",
+                collector="c1",
+                public_key=base64.b64encode(bytes(32)).decode(),
+            ),
             wire.JobFinish(request_id=request_id, job_id=job_id, lease_token=3, outcome="blocked"),
         ],
         "replies": [

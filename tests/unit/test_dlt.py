@@ -20,9 +20,17 @@ from app.dlt import (
     redact_bytes,
     redact_header,
 )
-from app.dlt.reader import DeadLetter, DltError, Selection, TopicSummary, parse_time
+from app.dlt.reader import (
+    DeadLetter,
+    DltError,
+    Selection,
+    TopicSummary,
+    parse_coordinates,
+    parse_time,
+)
 from app.dlt.replay import Pacer, replay_headers, target_of
-from app.errors import InvalidMessage
+from app.errors import InvalidMessage, describe, unexpected_delay
+from app.outbox.writer import MESSAGE_ID
 
 CANARY = "CANARY-51c0"
 
@@ -99,7 +107,7 @@ def test_a_string_error_is_an_invalid_message_and_its_text_is_redacted_and_bound
 def test_redact_hides_secret_values(message: str) -> None:
     cleaned = redact(message)
     assert CANARY not in cleaned
-    assert REDACTED in cleaned
+    assert "[redacted" in cleaned  # it says what was removed
     assert redact(cleaned) == cleaned
 
 
@@ -251,3 +259,43 @@ def test_summary_counts_by_error_class_and_keeps_the_age_range() -> None:
 def test_offset_range_size_is_never_negative() -> None:
     assert OffsetRange(0, 3, 10).size == 7
     assert OffsetRange(0, 10, 3).size == 0
+
+
+# --- what was removed, and what stays ---------------------------------------------------
+
+
+def test_a_validation_message_keeps_its_field_path_and_every_word() -> None:
+    class Start(BaseModel, extra="forbid"):
+        site: str
+
+    with pytest.raises(ValidationError) as caught:
+        Start.model_validate({"site": "s", "password": CANARY})
+
+    described = describe(caught.value)
+    assert described == "password: Extra inputs are not permitted"
+    assert CANARY not in described
+
+
+def test_a_secret_object_is_replaced_by_a_marker_that_says_what_went() -> None:
+    cleaned = redact(f'bad {{"storage_state": {{"cookies": ["{CANARY}"]}}, "site": "s"}}')
+    assert cleaned == 'bad {"storage_state": [redacted: the rest of the message]'
+
+
+def test_unexpected_errors_back_off_doubling_up_to_the_cap() -> None:
+    assert [unexpected_delay(n, cap=1.0) for n in range(1, 7)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert unexpected_delay(10_000, cap=2.0) == 2.0
+
+
+def test_a_replayed_copy_drops_the_outbox_id_and_keeps_null_and_duplicate_headers() -> None:
+    original = (("dup", b"1"), ("dup", b"2"), ("null", None), (MESSAGE_ID, b"old-id"))
+    copy = replay_headers(letter(headers=original))  # type: ignore[arg-type]
+    assert copy == [("dup", b"1"), ("dup", b"2"), ("null", None),
+                    (REPLAYED_FROM, b"qm.requests.dlt:0:0")]  # fmt: skip
+
+
+def test_a_dead_letter_knows_the_one_it_was_replayed_from() -> None:
+    child = letter(headers=((REPLAYED_FROM, b"qm.requests.dlt:2:17"),))
+    assert child.parent == ("qm.requests.dlt", 2, 17)
+    assert parse_coordinates("nonsense") is None
+    assert parse_coordinates("a:b:c") is None
+    assert header([("x", None)], "x") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 
@@ -11,11 +12,18 @@ from pydantic import ValidationError
 from app.errors import Disposition, InvalidMessage, classify, describe
 from schemas.messages import JobStart, json_schemas, parse_reply, parse_request
 
+KEY = base64.b64encode(bytes(32)).decode()
+
 
 def body(**fields: object) -> bytes:
     base = {"type": "job.start", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j-1",
-            "site": "board", "collector": "c"}  # fmt: skip
+            "site": "board", "collector": "c", "public_key": KEY}  # fmt: skip
     return json.dumps({**base, **fields}).encode()
+
+
+def test_a_start_without_an_account_needs_no_public_key() -> None:
+    request = parse_request(body(public_key=None, needs={"account": False, "seeds": 1}))
+    assert isinstance(request, JobStart) and request.public_key is None
 
 
 def test_a_valid_start_parses_with_defaults() -> None:
@@ -34,6 +42,8 @@ def test_a_valid_start_parses_with_defaults() -> None:
         body(site="Not A Slug"),
         body(lease_seconds=0),
         body(needs={"account": True, "seeds": 1000}),
+        body(public_key=None),  # an account is only ever sent sealed to the requester
+        body(public_key="c2hvcnQ="),  # not 32 bytes
         b"{not json",
         b"[1, 2]",
     ],
@@ -71,6 +81,14 @@ def test_replies_round_trip_and_schemas_export() -> None:
     schemas = json_schemas()
     assert set(schemas) == {"request", "reply", "event", "job_event", "capture_ready"}
     assert "job.start" in json.dumps(schemas["request"])
+    assert "quartermaster sealed box v1" in json.dumps(schemas["reply"])
+
+
+def test_session_states_travel_only_sealed() -> None:
+    raw = json.dumps({"type": "session.upload", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j",
+                      "lease_token": 1, "storage_state": {"cookies": []}}).encode()  # fmt: skip
+    with pytest.raises(ValidationError, match="storage_state"):
+        parse_request(raw)
 
 
 def test_infrastructure_errors_are_transient_and_others_unexpected() -> None:

@@ -7,6 +7,7 @@ checked quickly: waiting through job.queued, timing out, releasing what the call
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from collections.abc import Callable
@@ -14,13 +15,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from app.crypto import public_key_text
 from app.sdk import ClientClosed, QuartermasterClient, RequestTimeout
 from app.settings import Settings
 from schemas.messages import JobGranted, JobHeartbeat, JobQueued, JobRejected, JobStart
 
 Responder = Callable[[dict[str, Any], str], None]
+
+PUBLIC_KEY = public_key_text(X25519PrivateKey.generate())
 
 
 class RecordingProducer:
@@ -61,7 +65,7 @@ def client(producer: RecordingProducer) -> QuartermasterClient:
 def reply_headers(correlation_id: str) -> list[tuple[str, bytes]]:
     return [
         ("correlation_id", correlation_id.encode()),
-        ("message_id", str(uuid.uuid4()).encode()),
+        ("qm.message_id", str(uuid.uuid4()).encode()),
     ]
 
 
@@ -72,6 +76,7 @@ def start(wait_seconds: int = 0) -> JobStart:
         site="example",
         collector="c",
         wait_seconds=wait_seconds,
+        public_key=PUBLIC_KEY,
     )
 
 
@@ -81,6 +86,7 @@ def grant_for(message: dict[str, Any]) -> bytes:
             request_id=message["request_id"],
             job_id=message["job_id"],
             lease_token=1,
+            granted_at=datetime(2030, 1, 1, tzinfo=UTC),
             lease_expires_at=datetime(2030, 1, 1, tzinfo=UTC),
         )
         .model_dump_json()
@@ -214,12 +220,10 @@ async def test_a_request_before_start_or_after_close_raises_client_closed() -> N
         await qm.start()
 
 
-def test_from_settings_takes_prefix_transport_key_and_security() -> None:
-    key = Fernet.generate_key().decode()
+def test_from_settings_takes_prefix_and_security() -> None:
     settings = Settings(
         kafka_bootstrap_servers="k1:9093",
         topic_prefix="x.",
-        transport_key=key,
         kafka_security_protocol="SASL_PLAINTEXT",
         kafka_sasl_mechanism="PLAIN",
         kafka_sasl_username="qm",
@@ -230,10 +234,15 @@ def test_from_settings_takes_prefix_transport_key_and_security() -> None:
 
     assert qm.bootstrap_servers == "k1:9093"
     assert (qm.request_topic, qm.reply_topic) == ("x.requests", "x.replies")
-    assert qm.transport_key is not None and qm.transport_key.get_secret_value() == key
     assert qm._security["sasl_plain_username"] == "qm"
     assert qm.collector == "crawler-1"
-    assert "pw" not in repr(qm) and key not in repr(qm)
+    assert "pw" not in repr(qm)
+
+
+def test_every_client_has_a_key_pair_of_its_own() -> None:
+    one, two = QuartermasterClient("127.0.0.1:1"), QuartermasterClient("127.0.0.1:1")
+    assert one.public_key != two.public_key
+    assert len(base64.b64decode(one.public_key)) == 32
 
 
 def test_an_explicit_reply_topic_is_used() -> None:

@@ -3,38 +3,61 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
-from pydantic import SecretStr, ValidationError
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import ValidationError
 
-from app.sdk import Account, JobRejected, QuartermasterClient, SecretUndecryptable
-from app.sdk.job import decrypt_account
-from schemas.messages import GrantedAccount, JobFinished, JobGranted
+from app.crypto import load_public_key, private_key_text, public_key_text, seal, unseal_json
+from app.sdk import Account, JobRejected, NoUploadKey, QuartermasterClient, SecretUndecryptable
+from app.sdk.job import open_grant
+from schemas.messages import GrantedAccount, JobFinished, JobGranted, seal_context
 from schemas.messages import JobRejected as Rejected
 from tests.unit.test_sdk_client import RecordingProducer, reply_headers
 
-KEY = Fernet.generate_key().decode()
 SECRET = "correct-horse-battery-staple"
+QUARTERMASTER = X25519PrivateKey.generate()  # the server's sealing key
 
 
-def sealed(secret: str = SECRET, key: str = KEY) -> GrantedAccount:
+def sealed(public_key: str, job_id: str, secret: str = SECRET) -> GrantedAccount:
+    context = seal_context("account.secret", job_id)
     return GrantedAccount(
-        id="acc-1", username="alice", secret=Fernet(key).encrypt(secret.encode()).decode()
+        id="acc-1",
+        username="alice",
+        secret=seal(load_public_key(public_key), secret.encode(), context),
     )
 
 
-def test_the_account_secret_is_decrypted_with_the_transport_key() -> None:
-    account = decrypt_account(sealed(), SecretStr(KEY))
+def grant(
+    client: QuartermasterClient, job_id: str = "job-1", upload_key: str | None = None
+) -> JobGranted:
+    return JobGranted(
+        request_id=uuid.uuid4(),
+        job_id=job_id,
+        lease_token=5,
+        granted_at=datetime.now(UTC),
+        lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
+        upload_key=upload_key,
+        account=sealed(client.public_key, job_id),
+    )
+
+
+def test_the_account_secret_opens_with_the_clients_own_key() -> None:
+    client = QuartermasterClient("127.0.0.1:1")
+    account, session = open_grant(client, grant(client))
+    assert account is not None and session is None
     assert (account.id, account.username) == ("acc-1", "alice")
     assert account.secret.get_secret_value() == SECRET
 
 
 def test_the_decrypted_secret_never_shows_in_repr_or_str() -> None:
-    account = decrypt_account(sealed(), SecretStr(KEY))
+    client = QuartermasterClient("127.0.0.1:1")
+    account, _ = open_grant(client, grant(client))
+    assert account is not None
     for text in (
         repr(account),
         str(account),
@@ -45,14 +68,17 @@ def test_the_decrypted_secret_never_shows_in_repr_or_str() -> None:
         assert SECRET not in text
 
 
-def test_a_secret_sealed_with_another_key_raises_secret_undecryptable() -> None:
+def test_a_secret_sealed_to_another_client_raises_secret_undecryptable() -> None:
+    mine, other = QuartermasterClient("127.0.0.1:1"), QuartermasterClient("127.0.0.1:1")
     with pytest.raises(SecretUndecryptable, match="acc-1"):
-        decrypt_account(sealed(key=Fernet.generate_key().decode()), SecretStr(KEY))
+        open_grant(mine, grant(other))
 
 
-def test_a_client_without_transport_key_cannot_decrypt() -> None:
-    with pytest.raises(SecretUndecryptable, match="no transport key"):
-        decrypt_account(sealed(), None)
+def test_a_secret_sealed_for_another_job_does_not_open() -> None:
+    client = QuartermasterClient("127.0.0.1:1")
+    moved = grant(client, job_id="job-1").model_copy(update={"job_id": "job-2"})
+    with pytest.raises(SecretUndecryptable):
+        open_grant(client, moved)
 
 
 class Server:
@@ -63,6 +89,8 @@ class Server:
     ) -> None:
         self.client = client
         self.reject = reject
+        self.upload_key: str | None = public_key_text(QUARTERMASTER)
+        self.sealed_to: str | None = None  # seal grants to this key instead of the requester's
         producer.respond = self.answer
         self.producer = producer
 
@@ -77,8 +105,10 @@ class Server:
                 request_id=body["request_id"],
                 job_id=body["job_id"],
                 lease_token=5,
+                granted_at=datetime.now(UTC),
                 lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
-                account=sealed(),
+                upload_key=self.upload_key,
+                account=sealed(self.sealed_to or body["public_key"], body["job_id"]),
             )
         elif body["type"] == "job.finish":
             reply = JobFinished(
@@ -96,7 +126,7 @@ class Server:
 @pytest.fixture
 def server() -> Server:
     producer = RecordingProducer()
-    client = QuartermasterClient("127.0.0.1:1", transport_key=KEY, request_timeout=1.0)
+    client = QuartermasterClient("127.0.0.1:1", request_timeout=1.0)
     client._producer = producer  # type: ignore[assignment]
     return Server(client, producer)
 
@@ -111,7 +141,11 @@ async def test_a_body_that_returns_finishes_succeeded_with_session_state_and_see
 
     finish = server.finish()
     assert (finish["outcome"], finish["reason"], finish["lease_token"]) == ("succeeded", None, 5)
-    assert finish["session_state"] == {"cookies": [], "origins": []}
+    context = seal_context("job.finish", job.job_id)
+    assert unseal_json(QUARTERMASTER, finish["session_state"], context) == {
+        "cookies": [],
+        "origins": [],
+    }
     assert finish["seed_results"] == [
         {"seed_id": "seed-1", "ok": True, "next_due_seconds": 3600, "reason": None}
     ]
@@ -181,14 +215,31 @@ async def test_session_state_that_is_not_an_object_is_refused_in_the_body(server
 
 
 async def test_a_grant_whose_secret_does_not_decrypt_raises_and_is_released(server: Server) -> None:
-    server.client._transport_key = SecretStr(Fernet.generate_key().decode())
+    server.sealed_to = QuartermasterClient("127.0.0.1:1").public_key
     with pytest.raises(SecretUndecryptable):
         async with server.client.job(site="example", job_id="job-9"):
             pytest.fail("the body must not run")
     await asyncio.gather(*server.client._background)
 
     assert server.producer.types() == ["job.start", "job.cancel"]
-    assert server.producer.sent[1][2]["job_id"] == "job-9"
+    cancel = server.producer.sent[1][2]
+    assert (cancel["job_id"], cancel["lease_token"]) == ("job-9", 5)
+
+
+async def test_a_session_state_without_an_upload_key_is_refused_in_the_body(
+    server: Server,
+) -> None:
+    server.upload_key = None
+    async with server.client.job(site="example", lease_seconds=60) as job:
+        with pytest.raises(NoUploadKey):
+            job.set_session_state({"cookies": []})
+
+
+def test_a_private_key_round_trips_through_its_text() -> None:
+    key = X25519PrivateKey.generate()
+    assert public_key_text(key) == public_key_text(
+        X25519PrivateKey.from_private_bytes(base64.b64decode(private_key_text(key)))
+    )
 
 
 def test_a_job_not_yet_entered_has_no_lease() -> None:

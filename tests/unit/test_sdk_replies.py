@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from app.sdk.errors import ReplyUnreadable
-from app.sdk.replies import RecentIds, RecentMap, ReplyRouter
+from app.sdk.replies import RecentIds, RecentMap, Release, ReplyRouter
 from schemas.messages import JobGranted, JobQueued, JobRejected
 
 
@@ -18,6 +18,7 @@ def granted(correlation_id: str, job_id: str = "job-1") -> bytes:
             request_id=uuid.UUID(correlation_id),
             job_id=job_id,
             lease_token=1,
+            granted_at=datetime(2030, 1, 1, tzinfo=UTC),
             lease_expires_at=datetime(2030, 1, 1, tzinfo=UTC),
         )
         .model_dump_json()
@@ -130,7 +131,7 @@ async def test_a_grant_for_an_abandoned_start_is_handed_back_for_release_once() 
     assert router.abandon(cid, release_grant=True) is None
     assert router.is_abandoned(cid)
 
-    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == "job-7"
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1)
     assert not router.is_abandoned(cid)
     assert router.route(cid, new_id(), granted(cid, job_id="job-7")) is None
 
@@ -143,7 +144,7 @@ async def test_an_abandoned_start_stays_remembered_through_queued_until_its_gran
 
     assert router.route(cid, new_id(), queued(cid, job_id="job-7")) is None
     assert router.is_abandoned(cid)
-    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == "job-7"
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1)
 
 
 async def test_a_rejection_for_an_abandoned_start_releases_nothing_and_is_forgotten() -> None:
@@ -165,7 +166,7 @@ async def test_a_duplicate_late_grant_is_released_once() -> None:
     router.route(cid, message_id, queued(cid, job_id="job-7"))
 
     assert router.route(cid, message_id, granted(cid, job_id="job-7")) is None  # same id: dup
-    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == "job-7"
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1)
 
 
 async def test_abandoning_a_start_whose_grant_arrived_but_was_never_taken_releases_it_now() -> None:
@@ -179,7 +180,7 @@ async def test_abandoning_a_start_whose_grant_arrived_but_was_never_taken_releas
     cid = new_id()
     waiter = router.expect(cid, "job-8")
     waiter.final.set_result(JobGranted.model_validate_json(granted(cid, job_id="job-8")))
-    assert router.abandon(cid, release_grant=True) == "job-8"
+    assert router.abandon(cid, release_grant=True) == Release("job-8", 1)
 
 
 async def test_abandoned_requests_other_than_starts_are_not_remembered() -> None:

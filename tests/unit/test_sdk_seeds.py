@@ -9,7 +9,7 @@ import pytest
 from app.sdk import LeaseLost, QuartermasterClient
 from schemas.messages import GrantedSeed, JobLeaseLost, SeedsClaimed
 from tests.unit.test_sdk_client import RecordingProducer, reply_headers
-from tests.unit.test_sdk_job import KEY, Server
+from tests.unit.test_sdk_job import Server
 
 
 class SeedServer(Server):
@@ -39,7 +39,7 @@ class SeedServer(Server):
 @pytest.fixture
 def server() -> SeedServer:
     producer = RecordingProducer()
-    client = QuartermasterClient("127.0.0.1:1", transport_key=KEY, request_timeout=1.0)
+    client = QuartermasterClient("127.0.0.1:1", request_timeout=1.0)
     client._producer = producer  # type: ignore[assignment]
     seed_server = SeedServer(client, producer)
     seed_server.claims = []

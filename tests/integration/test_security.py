@@ -1,0 +1,263 @@
+"""Security of leasing against the real database: fencing of cancel, operator revoke, reply
+topics, caps and the safe minimum lease, and the inbox's retention."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.testing import CliRunner
+
+from app.cli import app
+from app.settings import Settings, get_settings
+from app.store import Database
+from reapers.inbox_retention import InboxRetention
+from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.processes import settings_env
+from tests.support.waiting import eventually
+from workers.requests import Incoming, RequestProcessor
+
+
+@pytest.fixture
+def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
+    return RequestProcessor(settings, Database(engine))
+
+
+async def outbox(engine: AsyncEngine, topic: str) -> list[dict]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT payload FROM outbox WHERE topic = :t ORDER BY id"), {"t": topic}
+        )
+        return [json.loads(bytes(r[0])) for r in rows]
+
+
+async def granted_token(engine: AsyncEngine, settings: Settings, job_id: str) -> int:
+    [grant] = [r for r in await replies(engine, settings, job_id) if r["type"] == "job.granted"]
+    return int(grant["lease_token"])
+
+
+# --- fencing of cancel, and the operator's revoke ------------------------------------------
+
+
+async def test_cancel_of_a_running_job_needs_its_live_token(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    await processor.process(start(settings, "held"))
+    token = await granted_token(engine, settings, "held")
+    await processor.process(request(settings, "job.cancel", "held"))
+    await processor.process(request(settings, "job.cancel", "held", lease_token=token + 1))
+    answers = await replies(engine, settings, "held")
+    assert [(r["type"], r.get("reason")) for r in answers[1:]] == [
+        ("job.lease_lost", "lease_token_required"),
+        ("job.lease_lost", "stale_token"),
+    ]
+    assert await scalar(engine, "SELECT status::text FROM jobs") == "RUNNING"
+    assert await scalar(engine, "SELECT holder_job_id FROM accounts") == "held"
+
+    await processor.process(request(settings, "job.cancel", "held", lease_token=token))
+    assert (await replies(engine, settings, "held"))[-1]["type"] == "job.cancelled"
+    assert await scalar(engine, "SELECT status::text FROM jobs") == "CANCELLED"
+    assert await scalar(engine, "SELECT status::text FROM accounts") == "ACTIVE"
+    assert await scalar(engine, "SELECT running FROM sites") == 0
+
+
+async def test_cancel_of_a_waiting_job_needs_no_token(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    await processor.process(start(settings, "holder"))
+    await processor.process(start(settings, "waiter"))
+    await processor.process(request(settings, "job.cancel", "waiter"))
+    kinds = [(r["type"], r.get("reason")) for r in await replies(engine, settings, "waiter")]
+    assert kinds == [("job.queued", None), ("job.rejected", "cancelled"), ("job.cancelled", None)]
+
+
+@pytest.fixture
+def qm(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    """`qm …` as an operator runs it, with the test's settings in the environment."""
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+    # the process-wide logging setup (cached loggers) would outlive this test
+    monkeypatch.setattr("app.cli.configure_logging", lambda *args: None)
+    get_settings.cache_clear()
+    yield CliRunner()
+    get_settings.cache_clear()
+
+
+async def test_an_operator_revokes_a_lease_and_the_holder_hears_lease_lost(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings, qm: CliRunner
+) -> None:
+    await make_site(engine, settings)
+    await processor.process(start(settings, "holder"))
+    await processor.process(start(settings, "next"))
+    token = await granted_token(engine, settings, "holder")
+
+    result = await asyncio.to_thread(
+        qm.invoke, app, ["jobs", "revoke", "holder", "--reason", "account misuse"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"lease {token} of job holder revoked" in result.output
+    holder = await replies(engine, settings, "holder")
+    assert (holder[-1]["type"], holder[-1]["reason"]) == ("job.lease_lost", "revoked")
+    assert holder[-1]["request_id"] == holder[0]["request_id"]  # on the start's own reply path
+    assert await scalar(engine, "SELECT holder_job_id FROM accounts") == "next"  # handed on
+    assert await scalar(engine, "SELECT reason FROM jobs WHERE id = 'holder'") == (
+        "revoked: account misuse"
+    )
+
+    await processor.process(request(settings, "job.heartbeat", "holder", lease_token=token))
+    [*_, answer] = await replies(engine, settings, "holder")
+    assert (answer["type"], answer["reason"]) == ("job.lease_lost", "job_cancelled")
+    again = await asyncio.to_thread(
+        qm.invoke, app, ["jobs", "revoke", "holder", "--reason", "again"]
+    )
+    assert again.exit_code == 2 and "not running" in again.output
+    missing = await asyncio.to_thread(qm.invoke, app, ["jobs", "revoke", "ghost", "--reason", "x"])
+    assert missing.exit_code == 2 and "no job 'ghost'" in missing.output
+
+
+# --- reply topics ----------------------------------------------------------------------------
+
+
+def with_reply_to(record: Incoming, topic: str) -> Incoming:
+    return Incoming(
+        record.topic,
+        record.partition,
+        record.offset,
+        record.timestamp_ms,
+        record.key,
+        record.value,
+        [*record.headers, ("reply_to", topic.encode())],
+    )
+
+
+@pytest.mark.parametrize("where", ["job-events", "captures.ready", "no-such-topic"])
+async def test_a_reply_to_outside_the_reply_topics_is_refused_as_invalid(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings, where: str
+) -> None:
+    await make_site(engine, settings)
+    target = settings.topic(where)
+    outcome = await processor.process(with_reply_to(start(settings, "job-1"), target))
+    assert outcome == "dead_lettered"
+    assert await outbox(engine, target) == []
+    [invalid] = await replies(engine, settings, "job-1")  # answered on the default topic
+    assert invalid["type"] == "request.invalid" and "reply_to" in invalid["error"]
+    assert len(await outbox(engine, settings.topic("requests.dlt"))) == 1
+    assert await scalar(engine, "SELECT count(*) FROM jobs") == 0
+
+
+async def test_a_reply_topic_of_the_pattern_is_used(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    own = settings.topic("replies.collector-7")
+    assert await processor.process(with_reply_to(start(settings, "job-1"), own)) == "replied"
+    assert [r["type"] for r in await outbox(engine, own)] == ["job.granted"]
+
+
+# --- caps and the safe minimum -------------------------------------------------------------
+
+
+async def test_a_lease_wait_or_extension_over_the_cap_is_refused_with_a_reason(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    capped = settings.model_copy(update={"max_lease_seconds": 600})
+    processor = RequestProcessor(capped, Database(engine))
+    await make_site(engine, settings)
+    await processor.process(start(settings, "long", lease_seconds=601))
+    await processor.process(start(settings, "patient", wait_seconds=601))
+    await processor.process(start(settings, "fine", lease_seconds=600))
+    token = await granted_token(engine, settings, "fine")
+    await processor.process(
+        request(settings, "job.heartbeat", "fine", lease_token=token, extend_seconds=601)
+    )
+    errors = [r["error"] for r in await replies(engine, settings) if r["type"] == "request.invalid"]
+    assert errors == [
+        "lease_seconds 601 is over the cap of 600 seconds (QM_MAX_LEASE_SECONDS)",
+        "wait_seconds 601 is over the cap of 600 seconds (QM_MAX_LEASE_SECONDS)",
+        "extend_seconds 601 is over the cap of 600 seconds (QM_MAX_LEASE_SECONDS)",
+    ]
+    assert await scalar(engine, "SELECT count(*) FROM jobs") == 1
+
+
+async def test_a_lease_runs_from_its_grant_and_short_leases_are_raised_to_the_safe_minimum(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    safe = settings.model_copy(update={"min_lease_seconds": None})  # the default rule
+    assert safe.shortest_lease() == 3 * settings.consumer_session_timeout_ms // 1000
+    processor = RequestProcessor(safe, Database(engine))
+    await make_site(engine, settings)
+    await processor.process(start(settings, "brief", lease_seconds=1))
+    [grant] = await replies(engine, settings, "brief")
+    granted_at = await scalar(engine, "SELECT granted_at FROM jobs")
+    assert datetime.fromisoformat(grant["granted_at"]) == granted_at
+    lease = await scalar(engine, "SELECT lease_expires_at - granted_at FROM jobs")
+    assert lease == timedelta(seconds=safe.shortest_lease())
+    token = grant["lease_token"]
+    await processor.process(
+        request(settings, "job.heartbeat", "brief", lease_token=token, extend_seconds=1)
+    )
+    extended = (await replies(engine, settings, "brief"))[-1]
+    assert extended["type"] == "job.extended"
+    assert extended["lease_expires_at"] >= grant["lease_expires_at"]
+
+
+async def test_time_spent_waiting_on_the_site_lock_is_not_taken_off_the_lease(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings, lease_seconds=60)
+    async with engine.connect() as blocker:
+        await blocker.execute(text("SELECT 1 FROM sites WHERE slug = 'board' FOR UPDATE"))
+        started = asyncio.create_task(processor.process(start(settings, "patient")))
+        await eventually(lambda: waiting_on_a_lock(engine), timeout=10)
+        released_at = await blocker.scalar(text("SELECT clock_timestamp()"))
+        await blocker.commit()
+    assert await started == "replied"
+    async with engine.connect() as conn:
+        row = await conn.execute(text("SELECT created_at, granted_at, lease_expires_at FROM jobs"))
+        created_at, granted_at, expires_at = row.one()
+    assert created_at < released_at <= granted_at  # the transaction began before the wait
+    assert expires_at - granted_at == timedelta(seconds=60)
+
+
+async def waiting_on_a_lock(engine: AsyncEngine) -> bool:
+    return bool(
+        await scalar(
+            engine,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()",
+        )
+    )
+
+
+# --- the inbox keeps only what is safe, for a while ----------------------------------------
+
+
+async def test_the_inbox_keeps_no_secret_and_forgets_requests_after_the_retention(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    first = start(settings, "job-1")
+    await processor.process(first)
+    kept = await scalar(engine, "SELECT reply::text FROM inbox")
+    assert "job.granted" in kept and "canary" not in kept
+    db = Database(engine)
+    small = settings.model_copy(update={"inbox_prune_batch": 1})
+    now = await scalar(engine, "SELECT now()")
+    assert (await InboxRetention(small, db).run_once(now=now)).changed == []
+    later = now + timedelta(seconds=settings.inbox_retention_seconds + 1)
+    await processor.process(start(settings, "job-2"))
+    pruned = await InboxRetention(small, db).run_once(now=later)
+    assert len(pruned.changed) == 2  # in batches of one
+    assert await scalar(engine, "SELECT count(*) FROM inbox") == 0
+    # a repeat after the retention is a new request: the job exists, so it is refused
+    await processor.process(first)
+    assert (await replies(engine, settings, "job-1"))[-1]["reason"] == "job_exists"
