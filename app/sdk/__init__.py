@@ -20,6 +20,7 @@ from app.sdk.errors import (
     RequestTimeout,
     SecretUndecryptable,
     SessionDead,
+    SessionRejected,
     UnexpectedReply,
 )
 from app.sdk.job import Account, Job, Session
@@ -40,5 +41,6 @@ __all__ = [
     "SecretUndecryptable",
     "Session",
     "SessionDead",
+    "SessionRejected",
     "UnexpectedReply",
 ]
