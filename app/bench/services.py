@@ -31,12 +31,15 @@ class Services:
 
 
 @contextlib.contextmanager
-def services() -> Iterator[Services]:
-    """A broker and a freshly migrated database, started here unless the environment names them."""
+def services(*, kafka: bool = True) -> Iterator[Services]:
+    """A broker and a freshly migrated database, started here unless the environment names them
+    (``kafka=False``: no broker, for benchmarks of the database alone)."""
     with contextlib.ExitStack() as stack:
         pids: dict[str, int] = {}
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if bootstrap:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+        if not kafka:
+            pass
+        elif bootstrap:
             asyncio.run(wait_for_metadata(bootstrap, timeout=15))
         else:
             broker = stack.enter_context(KafkaBroker())

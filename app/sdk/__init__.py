@@ -9,6 +9,7 @@ See docs/sdk.md for the guide.
 
 from app.sdk.client import QuartermasterClient
 from app.sdk.errors import (
+    BrokerUnavailable,
     ClientClosed,
     JobRejected,
     LeaseLost,
@@ -27,6 +28,7 @@ from app.sdk.job import Account, Job, Session
 
 __all__ = [
     "Account",
+    "BrokerUnavailable",
     "ClientClosed",
     "Job",
     "JobRejected",

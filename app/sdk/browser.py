@@ -15,16 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-import structlog
 from playwright.async_api import Browser, BrowserContext
 
 from app.sdk.errors import SessionDead
+from app.sdk.logs import sdk_logger
 from schemas.sessions import browser_snapshot
 
 if TYPE_CHECKING:
     from app.sdk.job import Job
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
 Relogin = Callable[[BrowserContext], Awaitable[None]]
 DeadSessionPolicy = Relogin | Literal["fail", "block", "ignore"]

@@ -94,3 +94,11 @@ class LeaseLost(QuartermasterError):
         super().__init__(f"job {job_id} lost its lease: {reason}")
         self.job_id = job_id
         self.reason = reason
+
+
+class BrokerUnavailable(QuartermasterError):
+    """The Kafka broker cannot be reached, or refused the client (at ``start``)."""
+
+    def __init__(self, bootstrap_servers: object, detail: str) -> None:
+        super().__init__(f"the Kafka broker at {bootstrap_servers} {detail}")
+        self.bootstrap_servers = bootstrap_servers

@@ -61,6 +61,10 @@ _CLAIM = text(
         -- who held which seed when: read by operators and by the exclusivity tests
         INSERT INTO seed_assignments (seed_id, lease_token, job_id)
         SELECT id, :token, :job_id FROM assigned
+        -- the same lease holds a seed again only after an operator disabled and enabled it
+        -- while it was held: its row then tells the latest hold
+        ON CONFLICT (seed_id, lease_token) DO UPDATE
+        SET assigned_at = clock_timestamp(), ended_at = NULL, end_reason = NULL
     )
     -- one row with live = false when the lease is not live; one row per seed otherwise (a row
     -- with no seed when none is due)
@@ -341,3 +345,25 @@ async def finish_import(conn: AsyncConnection, site: str) -> tuple[int, int]:
 async def site_exists(conn: AsyncConnection, site: str) -> bool:
     result = await conn.execute(text("SELECT 1 FROM sites WHERE slug = :site"), {"site": site})
     return result.first() is not None
+
+
+async def generate_seeds(conn: AsyncConnection, site: str, count: int, priorities: int) -> None:
+    """``count`` due seeds for a site in one statement (benchmarks and load tests), spread over
+    ``priorities`` priority levels and a day of past due times."""
+    await conn.execute(
+        text(
+            """
+            INSERT INTO seeds (site, url, priority, next_due_at)
+            SELECT :site, 'https://' || :site || '.example.com/board/' || n, n % :priorities,
+                   now() - make_interval(secs => n % 86400)
+            FROM generate_series(1, :count) AS n
+            """
+        ),
+        {"site": site, "count": count, "priorities": priorities},
+    )
+
+
+async def vacuum_seeds(conn: AsyncConnection) -> None:
+    """VACUUM (ANALYZE) the seeds table and its history (on an autocommit connection), so a
+    benchmark run starts without the dead rows of the one before."""
+    await conn.execute(text("VACUUM (ANALYZE) seeds, seed_assignments"))

@@ -314,3 +314,26 @@ async def test_granted_and_claimed_urls_are_rewritten_and_the_rule_counts_them(
         t=settings.topic("events"),
     )
     assert events == 3
+
+
+async def test_a_claim_racing_the_finish_of_its_job_never_leaves_a_seed_with_a_finished_holder(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings, capacity=1, n_accounts=0)
+    await add_seeds(engine, 50)
+    for n in range(10):
+        grant = await begin(processor, engine, settings, f"job-{n}", 0)
+        token = grant["lease_token"]
+        await asyncio.gather(
+            processor.process(claim(settings, f"job-{n}", token, 5)),
+            processor.process(finish(settings, f"job-{n}", token, [])),
+        )
+        answer = [
+            r for r in await replies(engine, settings, f"job-{n}") if r["type"] != "job.granted"
+        ]
+        assert sorted(r["type"] for r in answer) in (
+            ["job.finished", "seeds.claimed"],  # the claim went first: the finish released it
+            ["job.finished", "job.lease_lost"],  # the finish went first: the claim took nothing
+        )
+        assert await scalar(engine, "SELECT count(*) FROM seeds WHERE status = 'ASSIGNED'") == 0
+    await assert_no_seed_held_twice(engine)

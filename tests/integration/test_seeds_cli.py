@@ -29,7 +29,7 @@ async def test_import_loads_the_good_rows_and_reports_the_bad_ones_by_line(
     result = await qm("seeds", "import", "board", str(file))
     assert result.exit_code == 0, result.output
     assert "2 added, 1 updated, 0 unchanged, 3 refused" in result.stdout
-    assert "line 3: url is not http(s) with a host" in result.stderr
+    assert "line 3: not an http(s) URL with a host and no white space" in result.stderr
     assert "line 6: interval_seconds must be positive" in result.stderr
     assert "line 7: repeats the url of line 2" in result.stderr
     assert await scalar(engine, "SELECT count(*) FROM seeds") == 3

@@ -38,7 +38,7 @@ def test_json_lines_are_read_and_bad_ones_refused_by_line() -> None:
     assert rows == [
         SeedRow(1, "https://a.example/1", 30, 0),
         Refused(2, "not a JSON object"),
-        Refused(3, "url is not http(s) with a host"),
+        Refused(3, "not an http(s) URL with a host and no white space"),
         Refused(4, "unknown field 'colour'"),
         Refused(5, "interval_seconds must be positive"),
         Refused(6, "repeats the url of line 1"),
@@ -50,6 +50,6 @@ def test_a_url_too_long_or_without_host_and_too_many_columns_are_refused() -> No
     rows = parse(f"https://a.example/{'x' * 5000}\nhttps:///path\nhttps://a.example/,1,2,3\n")
     assert [r.reason for r in rows if isinstance(r, Refused)] == [
         "url longer than 4096 characters",
-        "url is not http(s) with a host",
+        "not an http(s) URL with a host and no white space",
         "more than 3 columns (url, interval_seconds, priority)",
     ]
