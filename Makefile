@@ -53,8 +53,9 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-dev: install
-	$(BIN)/qm dev
+# qm dev needs no Java and no Maven: embedded PostgreSQL and Tansu come from wheels
+dev: $(STAMP)
+	$(BIN)/qm dev $(ARGS)
 
 bench: install
 	$(BIN)/qm bench $(ARGS)

@@ -127,11 +127,14 @@ def reaper() -> None:
 
 
 @app.command()
-def dev() -> None:
-    """Everything on embedded services: PostgreSQL, the in-memory broker, then `run all`."""
+def dev(
+    fresh: Annotated[bool, typer.Option(help="Delete the kept state (.qm-dev/) first")] = False,
+    demo: Annotated[bool, typer.Option(help="Add a demo site with three accounts")] = False,
+) -> None:
+    """Everything on embedded services (no Java needed), state kept in .qm-dev/, then `run all`."""
     from app.devstack.dev import run_dev
 
-    run_dev()  # a service that cannot start is one red line (main)
+    run_dev(fresh=fresh, demo=demo)  # a service that cannot start is one red line (main)
 
 
 def main() -> None:

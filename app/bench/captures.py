@@ -1,0 +1,216 @@
+"""`qm bench captures`: the second stage end to end, next to the job cycle of `qm bench lease`.
+
+One run against real services (started here unless ``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL``
+name them) with the real claim worker, outbox relay and handoff worker as child processes. It
+prints, in the same run:
+
+- job cycles (start, then finish) per second at max throughput through the SDK, ``--concurrency``
+  loops back to back: the reference the capture stage is measured against;
+- captures through the whole stage: ``--concurrency`` loops, each holding one job and submitting
+  captures back to back (``job.submit_capture``, which waits for ``capture.accepted``), while a
+  consumer of ``qm.captures.ready`` notes when each capture arrives there. Latency is submit ->
+  ``capture.ready``; captures/s is the captures that reached ``qm.captures.ready`` over the time
+  from the first submit to the last arrival. Sites have no webhook: the downstream is the
+  ``qm.captures.ready`` topic itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Annotated
+
+import typer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from rich.console import Console
+from rich.table import Table
+
+from app.bench.lease import (
+    LEASE_SECONDS,
+    REQUEST_TIMEOUT,
+    WARMUP_SECONDS,
+    Figure,
+    Plan,
+    _cycles,
+    _make_sites,
+    _ms,
+    _settings,
+    _tail,
+    _warm_up,
+)
+from app.bench.processes import BenchFailed, Child, CpuMeter
+from app.bench.services import services as start_services
+from app.kafka import ensure_topics, producer_options
+from app.logs import configure_logging
+from app.sdk import QuartermasterClient
+from app.sdk.job import Job
+from app.settings import Settings
+
+Opt = typer.Option
+console = Console(width=max(Console().width, 120))  # the table is wider than a pipe's 80
+DRAIN_SECONDS = 60.0  # how long the run waits for the last captures to reach the ready topic
+
+
+def bench_captures(
+    concurrency: Annotated[int, Opt(help="Loops of each run, back to back.")] = 32,
+    seconds: Annotated[float, Opt(help="Seconds of each run.")] = 10.0,
+    collectors: Annotated[int, Opt(help="SDK clients (collectors) sharing the load.")] = 4,
+    n_sites: Annotated[int, Opt("--sites", help="Sites the jobs are spread over.")] = 8,
+    warmup: Annotated[float, Opt(help="Seconds of unmeasured cycles before the runs.")] = 10.0,
+) -> None:
+    """submit -> capture.ready latency and captures/s, next to job cycles/s of the same run."""
+    configure_logging("console", "WARNING")
+    plan = Plan(rate=1.0, duration=1.0, collectors=max(collectors, 1),
+                concurrency=max(concurrency, 1), cycles=10_000_000, seconds=seconds,
+                sites=max(n_sites, 1), consumers=None, warmup=warmup)  # fmt: skip
+    try:
+        with start_services() as services:
+            console.print(
+                f"captures bench: Kafka {services.bootstrap}; PostgreSQL {services.durability}; "
+                f"{os.cpu_count()} CPUs; {plan.collectors} collectors; {plan.concurrency} loops; "
+                "claim worker, relay and handoff worker as child processes"
+            )
+            settings = _settings(services.bootstrap, services.database_url)
+            figures, cpu = asyncio.run(_bench(settings, plan, services.pids))
+    except BenchFailed as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(_table(figures))
+    cycles, captures = figures
+    if cycles.cycles_per_second and captures.cycles_per_second:
+        share = captures.cycles_per_second / cycles.cycles_per_second
+        console.print(f"captures/s are {share:.0%} of job cycles/s in this run")
+    for line in cpu:
+        console.print(line)
+
+
+async def _bench(
+    settings: Settings, plan: Plan, pids: dict[str, int]
+) -> tuple[list[Figure], list[str]]:
+    await ensure_topics(settings)
+    slugs = await _make_sites(settings, plan)
+    with contextlib.ExitStack() as processes:
+        children = {name: processes.enter_context(Child(settings, name))
+                    for name in ("worker", "relay", "handoff")}  # fmt: skip
+        meter = CpuMeter({**{name: c.proc.pid for name, c in children.items()}, **pids})
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    QuartermasterClient.from_settings(settings, request_timeout=REQUEST_TIMEOUT)
+                )
+                for _ in range(plan.collectors)
+            ]
+            await _warm_up(clients, slugs, list(children.values()))
+            await _cycles(clients, slugs, replace(plan, seconds=plan.warmup))
+            figures, cpu = [], []
+            meter.begin()
+            figures.append(await _cycles(clients, slugs, plan))
+            cpu.append(meter.report("the cycle run", figures[-1].sent * 2))
+            meter.begin()
+            figures.append(await _captures(settings, clients, slugs, plan, meter))
+            cpu.append(meter.report("the capture run", figures[-1].sent))  # one request each
+            for child in children.values():
+                child.check()
+            return figures, cpu
+
+
+async def _captures(
+    settings: Settings,
+    clients: Sequence[QuartermasterClient],
+    slugs: Sequence[str],
+    plan: Plan,
+    meter: CpuMeter,
+) -> Figure:
+    """Captures submitted back to back on ``plan.concurrency`` loops; each one's arrival on
+    ``qm.captures.ready`` timed by a consumer of that topic."""
+    figure = Figure(f"capture submit → capture.ready x{plan.concurrency}, SDK")
+    submitted: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        producer = AIOKafkaProducer(**producer_options(settings))
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        ready = await _tail(settings, producer, settings.topic("captures.ready"), stack)
+        reader = asyncio.create_task(_arrivals(ready, arrived))
+        stack.callback(reader.cancel)
+        jobs = [clients[k % len(clients)].job(site=slugs[k % len(slugs)],
+                                              lease_seconds=LEASE_SECONDS, wait_seconds=30)
+                for k in range(plan.concurrency)]  # fmt: skip
+        for job in jobs:
+            await stack.enter_async_context(job)
+        begin = time.monotonic()
+        deadline = begin + plan.seconds
+        await asyncio.gather(*(_submit_loop(job, deadline, submitted, figure) for job in jobs))
+        drain_until = time.monotonic() + DRAIN_SECONDS
+        while len(arrived.keys() & submitted.keys()) < len(submitted):
+            if time.monotonic() > drain_until:
+                break
+            await asyncio.sleep(0.05)  # polling the reader's tally, bounded by the drain time
+        meter.end()
+    done = [cid for cid in submitted if cid in arrived]
+    figure.sent = len(done)
+    figure.failures += len(submitted) - len(done)  # never reached the ready topic in time
+    figure.samples = [
+        arrived[c] - submitted[c] for c in done if submitted[c] - begin >= WARMUP_SECONDS
+    ]
+    last = max((arrived[c] for c in done), default=begin)
+    figure.seconds = last - begin
+    figure.cycles_per_second = len(done) / figure.seconds if figure.seconds else 0.0
+    return figure
+
+
+async def _submit_loop(
+    job: Job, deadline: float, submitted: dict[str, float], figure: Figure
+) -> None:
+    while time.monotonic() < deadline:
+        capture_id = uuid.uuid4().hex
+        started = time.monotonic()
+        submitted[capture_id] = started
+        try:
+            await job.submit_capture(
+                capture_id=capture_id,
+                url=f"https://{job.site}.example.com/items/{capture_id}",
+                storage_uri=f"s3://bench/{capture_id}.html",
+                sha256=hashlib.sha256(capture_id.encode()).hexdigest(),
+                content_type="text/html",
+                size=1024,
+            )
+        except Exception:  # noqa: BLE001 - counted as a failure; the run goes on
+            del submitted[capture_id]
+            figure.failures += 1
+
+
+async def _arrivals(consumer: AIOKafkaConsumer, arrived: dict[str, float]) -> None:
+    """Note when each capture reaches ``qm.captures.ready`` (the first time only)."""
+    while True:
+        for records in (await consumer.getmany(timeout_ms=200)).values():
+            now = time.monotonic()
+            for record in records:
+                capture_id = json.loads(record.value or b"{}").get("capture_id")
+                if capture_id is not None:
+                    arrived.setdefault(capture_id, now)
+
+
+def _table(figures: Sequence[Figure]) -> Table:
+    table = Table(title="qm bench captures", title_justify="left")
+    table.add_column("measure")
+    for name in ("done", "failed", "seconds", "p50 ms", "p99 ms", "per second"):
+        table.add_column(name, justify="right")
+    for f in figures:
+        table.add_row(
+            f.name,
+            f"{f.sent:,}",
+            f"{f.failures:,}",
+            f"{f.seconds:.1f}",
+            _ms(f.samples, 50),
+            _ms(f.samples, 99),
+            f"{f.cycles_per_second or 0:,.1f}",
+        )
+    return table
