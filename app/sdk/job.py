@@ -453,6 +453,8 @@ def _refusal(job_id: str, reply: wire.AnyReply) -> errors.QuartermasterError:
         return errors.RequestInvalid(job_id, reply.error)
     if isinstance(reply, wire.RequestConflict):
         return errors.RequestConflict(job_id, str(reply.request_id))
+    if isinstance(reply, wire.SessionRejected):
+        return errors.SessionRejected(job_id, reply.detail)
     if isinstance(reply, wire.JobLeaseLost):
         return errors.UnexpectedReply(job_id, f"{reply.type} ({reply.reason})", "a live lease")
     return errors.UnexpectedReply(job_id, reply.type, "a grant or a refusal")

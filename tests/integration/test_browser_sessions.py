@@ -14,7 +14,7 @@ from playwright.async_api import Browser, BrowserContext, async_playwright
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import SecretBox
-from app.sdk import Job, QuartermasterClient, SessionDead
+from app.sdk import Job, QuartermasterClient, SessionDead, SessionRejected
 from app.settings import Settings
 from app.store import accounts, sites
 from tests.support.chromium import chromium_path
@@ -42,8 +42,17 @@ def login_site() -> Iterator[LoginSite]:
 
 
 @pytest.fixture
+def server_overrides() -> dict[str, object]:
+    """Settings of the `qm` processes that a test changes (by parametrizing this name)."""
+    return {}
+
+
+@pytest.fixture
 async def server(
-    topics: Settings, engine: AsyncEngine, login_site: LoginSite
+    topics: Settings,
+    engine: AsyncEngine,
+    login_site: LoginSite,
+    server_overrides: dict[str, object],
 ) -> AsyncIterator[Settings]:
     """The `qm` processes, and a site whose session check is the login site's /api/me."""
     async with engine.begin() as conn:
@@ -57,7 +66,7 @@ async def server(
         )
         sealed = SecretBox.from_settings(topics).seal(PASSWORD)
         await accounts.add_account(conn, site=SITE, username=USER, sealed_secret=sealed)
-    with QmProcess(topics, "all") as process:
+    with QmProcess(topics, "all", **server_overrides) as process:
         yield topics
         assert process.proc is not None and process.proc.poll() is None
 
@@ -190,3 +199,18 @@ async def test_two_collectors_finishing_with_different_cookies_in_turn_keep_both
             await context.close()
         async with second.job(site=SITE, wait_seconds=30) as job:
             assert cookie_names(job) == {"from_first", "from_second"}
+
+
+@pytest.mark.parametrize("server_overrides", [{"session_max_cookies": 1}])
+async def test_a_browser_state_over_the_session_bounds_is_refused_and_the_session_kept(
+    server: Settings, browser: Browser, login_site: LoginSite, engine: AsyncEngine
+) -> None:
+    async with QuartermasterClient.from_settings(server) as client:
+        with pytest.raises(SessionRejected, match="would hold 2 cookies; at most 1 are kept"):
+            async with (
+                client.job(site=SITE, wait_seconds=30) as job,
+                job.browser_context(browser, on_dead_session=logging_in(login_site, job)),
+            ):
+                pass  # logged in: cookies A and B
+    assert job.status == "FAILED"
+    assert await scalar(engine, "SELECT count(*) FROM sessions") == 0
