@@ -30,8 +30,13 @@ class KafkaProbe:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._admin: AIOKafkaAdminClient | None = None
+        self._lock = asyncio.Lock()  # the periodic check and /readyz may ask at once
 
     async def __call__(self) -> bool:
+        async with self._lock:
+            return await self._ask()
+
+    async def _ask(self) -> bool:
         if self._admin is None:
             admin = AIOKafkaAdminClient(**client_options(self.settings), request_timeout_ms=2_000)
             try:

@@ -116,4 +116,5 @@ def asyncapi(
         console.print_json(document)
         return
     out.write_text(document)
-    console.print(f"wrote AsyncAPI {len(json.loads(document)['channels'])} channels to {out}")
+    channels = len(json.loads(document)["channels"])
+    console.print(f"wrote an AsyncAPI 3 document ({channels} channels) to {out}")

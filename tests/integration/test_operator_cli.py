@@ -9,18 +9,23 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 from click.testing import Result
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from app.cli import app
 from app.settings import Settings, get_settings
 from app.store import Database
+from reapers.capacity_back import CapacityBack
+from tests.conftest import asyncpg_dsn
 from tests.support.leasing import make_site, request, scalar, start
 from workers.requests import RequestProcessor
 
@@ -136,9 +141,18 @@ async def test_no_database_settings_at_all_hints_at_the_dev_env_file(qm: Qm) -> 
 async def test_a_database_without_the_schema_says_to_migrate(
     qm: Qm, postgres_admin_url: str
 ) -> None:
-    result = await qm("sites", "list", env={"QM_DATABASE_URL": postgres_admin_url})
-    line = one_red_line(result, "not migrated", "qm migrate")
-    assert "SELECT" not in line
+    name = f"qm_empty_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        empty = make_url(postgres_admin_url).set(database=name)
+        url = empty.render_as_string(hide_password=False)
+        result = await qm("sites", "list", env={"QM_DATABASE_URL": url})
+        line = one_red_line(result, "not migrated", "qm migrate")
+        assert "SELECT" not in line
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
 
 
 async def test_help_shows_no_type_after_flags(qm: Qm) -> None:
@@ -190,6 +204,19 @@ async def test_sites_set_changes_only_what_is_given_and_list_shows_it_as_json(qm
         "exists already",
         "qm sites set",
     )
+
+
+async def test_a_raised_capacity_lets_a_waiting_job_through_within_one_sweep(
+    qm: Qm, settings: Settings, engine: AsyncEngine, processor: RequestProcessor
+) -> None:
+    await make_site(engine, settings, n_accounts=2)
+    await processor.process(start(settings, "first"))
+    await processor.process(start(settings, "second"))
+    assert (await CapacityBack(settings, Database(engine)).run_once()).changed == []
+
+    assert (await qm("sites", "set", "board", "--capacity", "2")).exit_code == 0
+
+    assert (await CapacityBack(settings, Database(engine)).run_once()).changed == ["second"]
 
 
 async def test_a_site_with_a_running_job_is_not_removed_and_one_without_is_removed_with_its_history(
