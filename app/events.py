@@ -16,9 +16,10 @@ TERMINAL_EVENT_TYPES: dict[str, Any] = {
     "SUCCEEDED": "job.succeeded",
     "FAILED": "job.failed",
     "CANCELLED": "job.cancelled",
-    "EXPIRED": "job.expired",
     "TIMED_OUT": "job.timed_out",
 }
+# EXPIRED is not terminal: its collector may start the job again (below the attempt cap; at the
+# cap the reaper makes it FAILED). So job.expired goes to qm.events only, never to qm.job-events.
 
 
 class Events:

@@ -16,6 +16,7 @@ import structlog
 
 from app import seeding
 from app.crypto import SecretBox, load_public_key, seal
+from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import Settings
@@ -199,3 +200,41 @@ async def revoke(tx: Tx, job_id: str, reason: str) -> Row | None:
     if site["has_waiting"]:
         await grant_waiting(tx, site["slug"])
     return job
+
+
+DEAD_JOB_FIELDS = (
+    "id",
+    "site",
+    "collector",
+    "status",
+    "reason",
+    "attempts",
+    "request_id",
+    "created_at",
+    "finished_at",
+)
+
+
+class AttemptsExhausted(Exception):
+    """A job's lease lapsed as many times as its site allows; the job will never run again."""
+
+
+def dead_letter_exhausted(tx: Tx, job: Row, consumer: str) -> None:
+    """A job that reached its attempt cap goes to the requests' dead-letter topic, keyed by its
+    id, with the ``qm.dlt.*`` headers: its end, for operators (``qm dlt``), next to its terminal
+    event. The value is the job as it ended (no secret: the job row holds none)."""
+    requests = tx.settings.topic("requests")
+    error = AttemptsExhausted(
+        f"the lease of job {job['id']} lapsed {job['attempts']} times; its site allows "
+        f"{job['attempts']} attempts"
+    )
+    created_ms = int(job["created_at"].timestamp() * 1000)
+    headers = dead_letter_headers(
+        [(CORRELATION_ID, str(job["correlation_id"]).encode())],
+        Origin(requests, -1, -1, created_ms, consumer),
+        error,
+        job["attempts"],
+        failed_at=job["finished_at"],
+    )
+    value = {key: job[key] for key in DEAD_JOB_FIELDS}  # times and ids as strings (Outbox.add)
+    tx.box.add(dlt_topic(requests), job["id"], value, headers)

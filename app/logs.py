@@ -10,6 +10,8 @@ from typing import Any
 
 import structlog
 
+from app.dlt.headers import redact
+
 _SECRET_FIELDS = re.compile(r"(secret|password|storage_state|token_plain|cookie)", re.IGNORECASE)
 
 
@@ -18,6 +20,21 @@ def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     for key in list(event):
         if _SECRET_FIELDS.search(key):
             event[key] = "[redacted]"
+    return event
+
+
+# fields that carry an error's text; a traceback is one (``exception``, after format_exc_info)
+_ERROR_FIELDS = ("exception", "error", "error_message", "detail")
+_TRACEBACK_LIMIT = 20_000
+
+
+def redact_errors(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Pass every error text and traceback through the one redaction dead-letter headers get,
+    so no process logs a secret an exception happened to carry."""
+    for key in _ERROR_FIELDS:
+        value = event.get(key)
+        if isinstance(value, str):
+            event[key] = redact(value, limit=_TRACEBACK_LIMIT)
     return event
 
 
@@ -36,6 +53,7 @@ def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_secrets,
             structlog.processors.format_exc_info,
+            redact_errors,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -76,7 +76,10 @@ class Settings(BaseSettings):
         2, description="Request transactions one claim worker process runs at once."
     )
     consumer_session_timeout_ms: int = Field(
-        10_000, description="Kafka group session timeout: how soon a dead worker's partitions move."
+        6_000,
+        description="Kafka group session timeout: how soon a dead worker's partitions move (and "
+        "so how long its requests stall). 6 s is the broker's default minimum "
+        "(group.min.session.timeout.ms); the shortest lease is three times this.",
     )
     max_request_bytes: int = Field(
         256 * 1024, description="Requests larger than this are dead-lettered."

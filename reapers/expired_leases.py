@@ -1,8 +1,11 @@
 """Expired leases: RUNNING jobs whose lease passed become EXPIRED (or FAILED at the attempt cap).
 
 Their account goes back to ACTIVE after the site's cooldown, their capacity slot is handed to the
-oldest waiting job in the same transaction, the holder gets ``job.lease_lost`` and the events
-topics get ``job.expired`` (or ``job.failed``). Recovery bound: lease + one sweep interval.
+oldest waiting job in the same transaction, and the holder gets ``job.lease_lost``. Events are
+honest about what happens next: an EXPIRED job may be started again, so ``job.expired`` goes to
+``qm.events`` only; a job at its attempt cap never runs again, so it gets its terminal
+``job.failed`` on ``qm.job-events`` and a dead letter with the ``qm.dlt.*`` headers.
+Recovery bound: lease + one sweep interval.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from datetime import datetime
 
 import structlog
 
-from app.leasing import Tx, grant_waiting, lease_lost, release_resources
+from app.leasing import Tx, dead_letter_exhausted, grant_waiting, lease_lost, release_resources
 from app.store import Row, jobs, sites
 from reapers.base import Sweep, SweepResult
+from schemas.states import JobStatus
 
 log = structlog.get_logger()
 
@@ -49,7 +53,9 @@ class ExpiredLeases(Sweep):
                 return False
             await release_resources(tx, job, site, outcome="expired")
             lease_lost(tx, job, job["reason"])
-            tx.events.job("expired", job)
+            tx.events.job("expired", job)  # terminal (on qm.job-events) only when FAILED
+            if job["status"] == JobStatus.FAILED:
+                dead_letter_exhausted(tx, job, f"{self.settings.consumer_group}.reaper")
             await grant_waiting(tx, job["site"], now)
             await tx.flush()
         log.info(

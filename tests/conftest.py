@@ -24,7 +24,7 @@ from app.db.migrate import upgrade
 from app.devstack.kafka import KafkaBroker
 from app.devstack.postgres import EmbeddedPostgres
 from app.kafka import ensure_topics
-from app.settings import Settings
+from app.settings import Settings, get_settings
 
 # one template per test session, so sessions of several checkouts can share one server
 TEMPLATE = f"qm_template_{uuid.uuid4().hex[:8]}"
@@ -47,6 +47,15 @@ def _uncached_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     )
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    """Commands read their settings once per process (cached); a test that changed the
+    environment must not leave its settings to the next one."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from app.sdk.errors import (
     RequestTimeout,
     SecretUndecryptable,
     SessionDead,
+    SessionRejected,
     UnexpectedReply,
 )
 from app.sdk.job import Account, Job, Session
@@ -42,5 +43,6 @@ __all__ = [
     "SecretUndecryptable",
     "Session",
     "SessionDead",
+    "SessionRejected",
     "UnexpectedReply",
 ]

@@ -102,13 +102,16 @@ async def _ensure_live(
 async def _hand_back(
     job: Job, context: BrowserContext, started: dict[str, Any] | None, indexed_db: bool
 ) -> None:
-    """Send the context's state, with what the browser dropped since ``started`` as deletions."""
+    """Upload the context's state (sealed, merged at once), with what the browser dropped since
+    ``started`` as deletions. Raises ``SessionRejected`` when the session would be over its
+    bounds, another ``QuartermasterError`` when the upload was not taken (a lost lease)."""
     current = await context.storage_state(indexed_db=indexed_db)
     snapshot = browser_snapshot(started, dict(current), indexed_db=indexed_db)
-    job.set_session_state(snapshot)
+    version = await job.upload_session(snapshot)
     log.info(
         "browser_state_handed_back",
         job_id=job.job_id,
+        version=version,
         cookies=len(snapshot["cookies"]),
         origins=len(snapshot["origins"]),
     )

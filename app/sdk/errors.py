@@ -69,6 +69,16 @@ class NoUploadKey(QuartermasterError):
     """Quartermaster announced no key to seal session states to (``QM_SEALING_KEYS`` unset)."""
 
 
+class SessionRejected(QuartermasterError):
+    """Quartermaster did not keep an uploaded session (``session.rejected``): it is over the
+    bounds of one session; ``detail`` names the counts, never a value."""
+
+    def __init__(self, job_id: str, detail: str) -> None:
+        super().__init__(f"job {job_id}: session not kept: {detail}")
+        self.job_id = job_id
+        self.detail = detail
+
+
 class SessionDead(QuartermasterError):
     """The account's browser session is not logged in (the site's check URL says so)."""
 

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 log = sdk_logger(__name__)
 
 MIN_HEARTBEAT_SECONDS = 0.1
-MIN_DERIVED_HEARTBEAT_SECONDS = 1.0
 MAX_REASON_CHARS = 500
 _SESSION_STATE = TypeAdapter(wire.JsonObject)
 
@@ -337,12 +336,11 @@ class Job:
     # --- heartbeats ----------------------------------------------------------------------
 
     def _heartbeat_interval(self) -> float:
-        if self.lease_seconds is not None:
-            return max(self.lease_seconds / 3, MIN_HEARTBEAT_SECONDS)
-        # The site's default lease: judged from the expiry, with a floor so that a clock ahead of
-        # the server's cannot turn heartbeats into a flood.
-        remaining = (self.lease_expires_at - datetime.now(UTC)).total_seconds()
-        return max(remaining / 3, MIN_DERIVED_HEARTBEAT_SECONDS)
+        """A third of the lease as granted (both times from Quartermaster's clock, so no clock
+        skew), which may be longer than asked: short leases are raised to a safe minimum."""
+        grant = self._granted()
+        granted = (grant.lease_expires_at - grant.granted_at).total_seconds()
+        return max(granted / 3, MIN_HEARTBEAT_SECONDS)
 
     async def _heartbeat_loop(self, interval: float) -> None:
         """Extend the lease every ``interval`` until it is lost or the job ends."""
@@ -455,6 +453,8 @@ def _refusal(job_id: str, reply: wire.AnyReply) -> errors.QuartermasterError:
         return errors.RequestInvalid(job_id, reply.error)
     if isinstance(reply, wire.RequestConflict):
         return errors.RequestConflict(job_id, str(reply.request_id))
+    if isinstance(reply, wire.SessionRejected):
+        return errors.SessionRejected(job_id, reply.detail)
     if isinstance(reply, wire.JobLeaseLost):
         return errors.UnexpectedReply(job_id, f"{reply.type} ({reply.reason})", "a live lease")
     return errors.UnexpectedReply(job_id, reply.type, "a grant or a refusal")

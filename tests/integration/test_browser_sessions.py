@@ -14,7 +14,7 @@ from playwright.async_api import Browser, BrowserContext, async_playwright
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import SecretBox
-from app.sdk import Job, QuartermasterClient, SessionDead
+from app.sdk import Job, QuartermasterClient, SessionDead, SessionRejected
 from app.settings import Settings
 from app.store import accounts, sites
 from tests.support.chromium import chromium_path
@@ -42,8 +42,17 @@ def login_site() -> Iterator[LoginSite]:
 
 
 @pytest.fixture
+def server_overrides() -> dict[str, object]:
+    """Settings of the `qm` processes that a test changes (by parametrizing this name)."""
+    return {}
+
+
+@pytest.fixture
 async def server(
-    topics: Settings, engine: AsyncEngine, login_site: LoginSite
+    topics: Settings,
+    engine: AsyncEngine,
+    login_site: LoginSite,
+    server_overrides: dict[str, object],
 ) -> AsyncIterator[Settings]:
     """The `qm` processes, and a site whose session check is the login site's /api/me."""
     async with engine.begin() as conn:
@@ -57,7 +66,7 @@ async def server(
         )
         sealed = SecretBox.from_settings(topics).seal(PASSWORD)
         await accounts.add_account(conn, site=SITE, username=USER, sealed_secret=sealed)
-    with QmProcess(topics, "all") as process:
+    with QmProcess(topics, "all", **server_overrides) as process:
         yield topics
         assert process.proc is not None and process.proc.poll() is None
 
@@ -190,3 +199,80 @@ async def test_two_collectors_finishing_with_different_cookies_in_turn_keep_both
             await context.close()
         async with second.job(site=SITE, wait_seconds=30) as job:
             assert cookie_names(job) == {"from_first", "from_second"}
+
+
+@pytest.mark.parametrize("server_overrides", [{"session_max_cookies": 1}])
+async def test_a_browser_state_over_the_session_bounds_is_refused_and_the_session_kept(
+    server: Settings, browser: Browser, login_site: LoginSite, engine: AsyncEngine
+) -> None:
+    async with QuartermasterClient.from_settings(server) as client:
+        with pytest.raises(SessionRejected, match="would hold 2 cookies; at most 1 are kept"):
+            async with (
+                client.job(site=SITE, wait_seconds=30) as job,
+                job.browser_context(browser, on_dead_session=logging_in(login_site, job)),
+            ):
+                pass  # logged in: cookies A and B
+    assert job.status == "FAILED"
+    assert await scalar(engine, "SELECT count(*) FROM sessions") == 0
+
+
+PUT_RECORD = """() => new Promise((done, failed) => {
+    const open = indexedDB.open("app", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("kv");
+    open.onerror = () => failed(open.error);
+    open.onsuccess = () => {
+        const tx = open.result.transaction("kv", "readwrite");
+        tx.objectStore("kv").put("draft", "note");
+        tx.oncomplete = () => { open.result.close(); done(true); };
+    };
+})"""
+GET_RECORD = """() => new Promise((done) => {
+    const open = indexedDB.open("app", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("kv");
+    open.onsuccess = () => {
+        const get = open.result.transaction("kv").objectStore("kv").get("note");
+        get.onsuccess = () => { open.result.close(); done(get.result ?? null); };
+    };
+})"""
+DROP_DATABASE = """() => new Promise((done) => {
+    const drop = indexedDB.deleteDatabase("app");
+    drop.onsuccess = () => done(true);
+})"""
+
+
+async def run_script(context: BrowserContext, url: str, script: str) -> Any:
+    page = await context.new_page()
+    await page.goto(url)
+    result = await page.evaluate(script)
+    await page.close()
+    return result
+
+
+async def test_indexed_db_recorded_by_one_job_is_there_for_the_next_until_one_drops_it(
+    server: Settings, browser: Browser, login_site: LoginSite
+) -> None:
+    page = login_site.url("/login")
+    options: dict[str, Any] = {"on_dead_session": "ignore"}
+    async with QuartermasterClient.from_settings(server) as client:
+        async with (
+            client.job(site=SITE, wait_seconds=30) as job,
+            job.browser_context(browser, indexed_db=True, **options) as ctx,
+        ):
+            assert await run_script(ctx, page, PUT_RECORD) is True
+        async with (  # a job that does not record IndexedDB leaves the kept one alone
+            client.job(site=SITE, wait_seconds=30) as job,
+            job.browser_context(browser, **options) as ctx,
+        ):
+            assert await run_script(ctx, page, GET_RECORD) == "draft"
+        async with (
+            client.job(site=SITE, wait_seconds=30) as job,
+            job.browser_context(browser, indexed_db=True, **options) as ctx,
+        ):
+            assert await run_script(ctx, page, GET_RECORD) == "draft"
+            assert await run_script(ctx, page, DROP_DATABASE) is True
+        async with (
+            client.job(site=SITE, wait_seconds=30) as job,
+            job.browser_context(browser, **options) as ctx,
+        ):
+            assert job.session is not None and job.session.state()["origins"] == []
+            assert await run_script(ctx, page, GET_RECORD) is None

@@ -132,7 +132,9 @@ class Responder:
                 await asyncio.sleep(0.02)
 
 
-def grant(settings: Settings, request: Received, lease_token: int = 7) -> JobGranted:
+def grant(
+    settings: Settings, request: Received, lease_token: int = 7, lease_seconds: float = 60
+) -> JobGranted:
     """A grant as Quartermaster makes it: sealed to the public key of the start request."""
     # a start from before the client existed has no key: seal to a stranger's
     public_key = request.body.get("public_key") or QuartermasterClient("127.0.0.1:1").public_key
@@ -144,7 +146,7 @@ def grant(settings: Settings, request: Received, lease_token: int = 7) -> JobGra
         job_id=job_id,
         lease_token=lease_token,
         granted_at=datetime.now(UTC),
-        lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
+        lease_expires_at=datetime.now(UTC) + timedelta(seconds=lease_seconds),
         account=GrantedAccount(
             id="acc-1",
             username="alice",
@@ -280,7 +282,7 @@ async def test_heartbeats_extend_the_lease_with_the_lease_token(
     async def script(responder: Responder, request: Received) -> None:
         body = request.body
         if request.type == "job.start":
-            await responder.reply(request, grant(topics, request, lease_token=11))
+            await responder.reply(request, grant(topics, request, lease_token=11, lease_seconds=1))
         elif request.type == "job.heartbeat":
             extended = JobExtended(
                 request_id=body["request_id"], job_id=body["job_id"], lease_expires_at=extended_to
@@ -308,7 +310,7 @@ async def test_a_lost_lease_sets_lost_stops_heartbeats_and_sends_no_finish(
     async def script(responder: Responder, request: Received) -> None:
         body = request.body
         if request.type == "job.start":
-            await responder.reply(request, grant(topics, request))
+            await responder.reply(request, grant(topics, request, lease_seconds=1))
         elif request.type == "job.heartbeat":
             lost = JobLeaseLost(
                 request_id=body["request_id"], job_id=body["job_id"], reason="lease_expired"

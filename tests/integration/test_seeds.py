@@ -192,6 +192,8 @@ async def test_a_zombie_with_a_stale_token_cannot_claim_report_or_release_seeds(
     assert (await last_reply(engine, settings, "zombie"))["reason"] == "stale_token"
     await processor.process(finish(settings, "zombie", old, results))
     assert (await last_reply(engine, settings, "zombie"))["type"] == "job.lease_lost"
+    await processor.process(request(settings, "job.cancel", "zombie", lease_token=old))
+    assert (await last_reply(engine, settings, "zombie"))["type"] == "job.lease_lost"
     async with engine.connect() as conn:
         rows = (
             await conn.execute(text("SELECT status::text, holder_job_id, failure_count FROM seeds"))

@@ -7,11 +7,13 @@ repository root so Airflow can import ``app.airflow``, as an Airflow image that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -120,6 +122,55 @@ class TriggerRun:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate(timeout=10)
+
+
+class DagTests:
+    """``airflow dags test`` runs of the example DAGs in one Airflow home: a whole DAG run in one
+    process, deferred tasks included (their triggers run in it), on a SQLite metadata database."""
+
+    def __init__(self, home: Path, **env: str) -> None:
+        self.home = home
+        self.env = airflow_env(home, **env)
+        done = subprocess.run(
+            [str(airflow_venv() / "bin" / "airflow"), "db", "migrate"],
+            env=self.env, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    def start(self, dag_id: str, conf: dict[str, Any], **env: str) -> subprocess.Popen[str]:
+        """Start one run of ``dag_id`` with ``conf`` (and ``env``); it ends when the run ends."""
+        return subprocess.Popen(
+            [str(airflow_venv() / "bin" / "airflow"), "dags", "test", dag_id, "--conf",
+             json.dumps(conf)],
+            env={**self.env, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    @staticmethod
+    def finish(run: subprocess.Popen[str], timeout: float) -> None:
+        output, _ = run.communicate(timeout=timeout)
+        assert run.returncode == 0, output[-4000:]
+
+    def run_with(self, dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
+        """The run of ``dag_id`` whose conf was ``conf``: its state, task states and returns."""
+        with contextlib.closing(sqlite3.connect(self.home / "airflow.db")) as db:
+            runs = db.execute(
+                "SELECT run_id, state, conf FROM dag_run WHERE dag_id = ?", (dag_id,)
+            ).fetchall()
+            [(run_id, state)] = [(r, s) for r, s, c in runs if json.loads(c) == conf]
+            tasks = db.execute(
+                "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                (dag_id, run_id),
+            ).fetchall()
+            returns = db.execute(
+                "SELECT task_id, value FROM xcom WHERE dag_id = ? AND run_id = ?"
+                " AND key = 'return_value'",
+                (dag_id, run_id),
+            ).fetchall()
+        return {
+            "state": state,
+            "tasks": dict(tasks),
+            "returns": {task: json.loads(value) for task, value in returns},
+        }
 
 
 class ApiServer:
