@@ -207,6 +207,13 @@ class Settings(BaseSettings):
     )
     inbox_prune_batch: int = Field(1000, description="Inbox rows one pruning statement deletes.")
 
+    # --- job retention ----------------------------------------------------------------------
+    job_retention_seconds: int = Field(
+        30 * 24 * 3600,
+        description="How long a finished job and its grants are kept before the reaper deletes them.",
+    )
+    job_prune_batch: int = Field(1000, description="Finished jobs one pruning statement deletes.")
+
     # --- chaos testing (never set in production) ----------------------------------------
     fault_point: str | None = Field(
         None,

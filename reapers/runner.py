@@ -21,6 +21,7 @@ from reapers.block_cooldowns import BlockCooldowns
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
 from reapers.inbox_retention import InboxRetention
+from reapers.job_retention import JobRetention
 from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.overdue_waits import OverdueWaits
 from reapers.undispatched_captures import UndispatchedCaptures
@@ -36,6 +37,7 @@ def job_sweeps(settings: Settings, db: Database) -> list[Sweep]:
         BlockCooldowns(settings, db),
         CapacityBack(settings, db),
         InboxRetention(settings, db),
+        JobRetention(settings, db),
     ]
 
 

@@ -214,3 +214,65 @@ async def test_a_browser_state_over_the_session_bounds_is_refused_and_the_sessio
                 pass  # logged in: cookies A and B
     assert job.status == "FAILED"
     assert await scalar(engine, "SELECT count(*) FROM sessions") == 0
+
+
+PUT_RECORD = """() => new Promise((done, failed) => {
+    const open = indexedDB.open("app", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("kv");
+    open.onerror = () => failed(open.error);
+    open.onsuccess = () => {
+        const tx = open.result.transaction("kv", "readwrite");
+        tx.objectStore("kv").put("draft", "note");
+        tx.oncomplete = () => { open.result.close(); done(true); };
+    };
+})"""
+GET_RECORD = """() => new Promise((done) => {
+    const open = indexedDB.open("app", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("kv");
+    open.onsuccess = () => {
+        const get = open.result.transaction("kv").objectStore("kv").get("note");
+        get.onsuccess = () => { open.result.close(); done(get.result ?? null); };
+    };
+})"""
+DROP_DATABASE = """() => new Promise((done) => {
+    const drop = indexedDB.deleteDatabase("app");
+    drop.onsuccess = () => done(true);
+})"""
+
+
+async def run_script(context: BrowserContext, url: str, script: str) -> Any:
+    page = await context.new_page()
+    await page.goto(url)
+    result = await page.evaluate(script)
+    await page.close()
+    return result
+
+
+async def test_indexed_db_recorded_by_one_job_is_there_for_the_next_until_one_drops_it(
+    server: Settings, browser: Browser, login_site: LoginSite
+) -> None:
+    page = login_site.url("/login")
+    options: dict[str, Any] = {"on_dead_session": "ignore"}
+    async with QuartermasterClient.from_settings(server) as client:
+        async with (
+            client.job(site=SITE, wait_seconds=30) as job,
+            job.browser_context(browser, indexed_db=True, **options) as ctx,
+        ):
+            assert await run_script(ctx, page, PUT_RECORD) is True
+        async with (  # a job that does not record IndexedDB leaves the kept one alone
+            client.job(site=SITE, wait_seconds=30) as job,
+            job.browser_context(browser, **options) as ctx,
+        ):
+            assert await run_script(ctx, page, GET_RECORD) == "draft"
+        async with (
+            client.job(site=SITE, wait_seconds=30) as job,
+            job.browser_context(browser, indexed_db=True, **options) as ctx,
+        ):
+            assert await run_script(ctx, page, GET_RECORD) == "draft"
+            assert await run_script(ctx, page, DROP_DATABASE) is True
+        async with (
+            client.job(site=SITE, wait_seconds=30) as job,
+            job.browser_context(browser, **options) as ctx,
+        ):
+            assert job.session is not None and job.session.state()["origins"] == []
+            assert await run_script(ctx, page, GET_RECORD) is None
