@@ -17,7 +17,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -129,6 +129,14 @@ class QuartermasterClient:
             f"QuartermasterClient(bootstrap_servers={self.bootstrap_servers!r}, "
             f"request_topic={self.request_topic!r}, reply_topic={self.reply_topic!r})"
         )
+
+    def watch_lease(self, start_request_id: str, on_lost: Callable[[str], None] | None) -> None:
+        """Call ``on_lost(reason)`` when a ``job.lease_lost`` comes for a granted start (None:
+        stop watching)."""
+        if on_lost is None:
+            self._router.unwatch_lease(start_request_id)
+        else:
+            self._router.watch_lease(start_request_id, on_lost)
 
     def open_sealed(self, sealed: str, context: str) -> bytes:
         """Open a value of a grant sealed to this client's public key (``SecretUndecryptable``

@@ -297,6 +297,10 @@ class Job:
             account_id=self.account.id if self.account else None,
             seeds=len(reply.seeds),
         )
+        # the lease may be taken back before this job ends (expiry, an operator's revoke): the
+        # start request's later job.lease_lost says so at once
+        self._start_request_id = str(start.request_id)
+        self._client.watch_lease(self._start_request_id, self._lose)
         self._heartbeats = asyncio.create_task(
             self._heartbeat_loop(self._heartbeat_interval()), name=f"qm-sdk-heartbeat-{self.job_id}"
         )
@@ -396,6 +400,7 @@ class Job:
         await self._stop_heartbeats()
         if self._grant is None:
             return
+        self._client.watch_lease(self._start_request_id, None)
         if self.lost:
             log.info("job_finish_skipped", job_id=self.job_id, reason=self.lost_reason)
             return

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from app.sdk.errors import ReplyUnreadable
 from app.sdk.logs import sdk_logger
-from schemas.messages import AnyReply, JobGranted, JobQueued, parse_reply
+from schemas.messages import AnyReply, JobGranted, JobLeaseLost, JobQueued, parse_reply
 
 log = sdk_logger(__name__)
 
@@ -111,6 +112,15 @@ class ReplyRouter:
         self._waiting: dict[str, Waiter] = {}
         self._seen = RecentIds(seen_capacity)
         self._abandoned = RecentMap(abandoned_capacity)
+        self._leases: dict[str, Callable[[str], None]] = {}
+
+    def watch_lease(self, correlation_id: str, on_lost: Callable[[str], None]) -> None:
+        """After a grant: a ``job.lease_lost`` that later comes for the start request (the
+        reaper or an operator took the lease) calls ``on_lost`` with its reason."""
+        self._leases[correlation_id] = on_lost
+
+    def unwatch_lease(self, correlation_id: str) -> None:
+        self._leases.pop(correlation_id, None)
 
     @property
     def outstanding(self) -> int:
@@ -169,6 +179,9 @@ class ReplyRouter:
         if correlation_id is None:
             return None
         waiter = self._waiting.get(correlation_id)
+        if waiter is None and correlation_id in self._leases:
+            self._lease_news(correlation_id, message_id, value)
+            return None
         if waiter is None and correlation_id not in self._abandoned:
             return None  # another client's reply, or one whose caller already has its answer
         if message_id is not None and not self._seen.add(message_id):
@@ -191,6 +204,17 @@ class ReplyRouter:
             self._deliver(waiter, reply)
             return None
         return self._settle_abandoned(correlation_id, reply)
+
+    def _lease_news(self, correlation_id: str, message_id: str | None, value: bytes) -> None:
+        """A reply to a granted start: only a later ``job.lease_lost`` means anything."""
+        if message_id is not None and not self._seen.add(message_id):
+            return
+        try:
+            reply = parse_reply(value)
+        except ValidationError:
+            return
+        if isinstance(reply, JobLeaseLost):
+            self._leases.pop(correlation_id)(reply.reason)
 
     def _deliver(self, waiter: Waiter, reply: AnyReply) -> None:
         if isinstance(reply, JobQueued):

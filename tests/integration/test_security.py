@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
+import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from app.cli import app
+from app.db.migrate import upgrade
 from app.settings import Settings, get_settings
 from app.store import Database
 from reapers.inbox_retention import InboxRetention
+from tests.conftest import asyncpg_dsn
 from tests.support.leasing import make_site, replies, request, scalar, start
 from tests.support.processes import settings_env
 from tests.support.waiting import eventually
@@ -261,3 +266,37 @@ async def test_the_inbox_keeps_no_secret_and_forgets_requests_after_the_retentio
     # a repeat after the retention is a new request: the job exists, so it is refused
     await processor.process(first)
     assert (await replies(engine, settings, "job-1"))[-1]["reason"] == "job_exists"
+
+
+# --- the upgrade to sealed grants ------------------------------------------------------------
+
+
+async def test_the_upgrade_forgets_clear_grants_and_ends_jobs_that_cannot_be_sealed_to(
+    postgres_admin_url: str,
+) -> None:
+    name = f"qm_mig_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        await asyncio.to_thread(upgrade, url, "0005")
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            await conn.execute(
+                "INSERT INTO sites (slug, host, capacity) VALUES ('s', 's.example.com', 1);"
+                "INSERT INTO jobs (id, site, collector, status, lease_seconds, wait_deadline,"
+                " request_id, reply_to, correlation_id) VALUES ('old', 's', 'c', 'QUEUED', 60,"
+                " now() + interval '1 hour', gen_random_uuid(), 'qm.replies', 'c');"
+                "INSERT INTO inbox (request_id, job_id, request_type, fingerprint, reply_topic,"
+                " reply) VALUES (gen_random_uuid(), 'old', 'job.start', 'f', 'qm.replies',"
+                ' \'{"type": "job.granted", "account": {"secret": "canary"}}\')'
+            )
+            await asyncio.to_thread(upgrade, url)
+            job = await conn.fetchrow("SELECT status::text, reason FROM jobs")
+            assert tuple(job) == ("TIMED_OUT", "public_key_required")
+            assert await conn.fetchval("SELECT reply IS NULL FROM inbox")
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()

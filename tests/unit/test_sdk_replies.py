@@ -9,7 +9,7 @@ import pytest
 
 from app.sdk.errors import ReplyUnreadable
 from app.sdk.replies import RecentIds, RecentMap, Release, ReplyRouter
-from schemas.messages import JobGranted, JobQueued, JobRejected
+from schemas.messages import JobGranted, JobLeaseLost, JobQueued, JobRejected
 
 
 def granted(correlation_id: str, job_id: str = "job-1") -> bytes:
@@ -226,3 +226,33 @@ async def test_fail_all_fails_every_outstanding_request() -> None:
     for waiter in waiters:
         with pytest.raises(RuntimeError):
             waiter.final.result()
+
+
+def lease_lost(correlation_id: str, reason: str = "revoked") -> bytes:
+    return (
+        JobLeaseLost(request_id=uuid.UUID(correlation_id), job_id="job-1", reason=reason)
+        .model_dump_json()
+        .encode()
+    )
+
+
+async def test_a_later_lease_lost_for_a_granted_start_reaches_its_job_once() -> None:
+    router = ReplyRouter()
+    cid, heard = new_id(), []
+    router.watch_lease(cid, heard.append)
+    message_id = new_id()
+    assert router.route(cid, new_id(), granted(cid)) is None  # a republished grant: nothing
+    assert router.route(cid, message_id, lease_lost(cid)) is None
+    router.route(cid, message_id, lease_lost(cid))  # the relay's duplicate
+    router.route(cid, new_id(), lease_lost(cid, "lease_expired"))  # no longer watched
+    router.route(new_id(), new_id(), lease_lost(new_id()))  # another job's
+    assert heard == ["revoked"]
+
+
+async def test_an_unwatched_start_hears_nothing() -> None:
+    router = ReplyRouter()
+    cid, heard = new_id(), []
+    router.watch_lease(cid, heard.append)
+    router.unwatch_lease(cid)
+    router.route(cid, new_id(), lease_lost(cid))
+    assert heard == []

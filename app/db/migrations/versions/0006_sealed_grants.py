@@ -1,4 +1,5 @@
-"""Sealed grants: the requester's public key on its job; no plaintext grant left in the inbox.
+"""Sealed grants: the requester's public key on its job; no plaintext grant left in the inbox;
+no job left waiting for a grant that could not be sealed.
 
 Revision ID: 0006
 Revises: 0005
@@ -19,6 +20,13 @@ def upgrade() -> None:
     # (a repeat of such a request gets no reply again; its collector has long had one)
     op.execute(
         "UPDATE inbox SET reply = NULL, reply_topic = NULL WHERE reply ->> 'type' = 'job.granted'"
+    )
+    # a job waiting for an account from before has no key to seal its grant to: it ends here
+    # (its collector, of the old contract, could not open a sealed grant anyway)
+    op.execute(
+        "UPDATE jobs SET status = 'TIMED_OUT', reason = 'public_key_required',"
+        " finished_at = now(), updated_at = now()"
+        " WHERE status = 'QUEUED' AND needs_account AND public_key IS NULL"
     )
 
 
