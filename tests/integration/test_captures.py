@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.handoff import Delivery, TargetError
@@ -18,11 +17,6 @@ from tests.support.captures import capture_row, outbox_payloads, relayed, runnin
 from tests.support.leasing import replies, scalar
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
-
-
-@pytest.fixture
-def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
-    return RequestProcessor(settings, Database(engine))
 
 
 class Recorder:
