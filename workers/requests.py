@@ -38,9 +38,9 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -49,7 +49,7 @@ from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, header
 from app.dlt.headers import Header, value_ref_headers
 from app.errors import Disposition, InvalidMessage, classify, describe, unexpected_delay
-from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION, set_ready
+from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION
 from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, dlt_values, inbox, sites
@@ -63,9 +63,10 @@ from schemas.messages import (
     parse_request,
 )
 from workers import captures, jobs, seeds, sessions
+from workers.consuming import Incoming
+from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
-T = TypeVar("T")
 
 Handler = Callable[[Tx, Any, str, str], Awaitable[dict[str, Any] | None]]
 HANDLERS: dict[str, Handler] = {
@@ -82,19 +83,6 @@ TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 class ReplyTopicRefused(InvalidMessage):
     """A ``reply_to`` header that names a topic requests may not reply to."""
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A record as read from Kafka."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None  # None: a null value (a tombstone), kept as such in its dead letter
-    headers: list[Header] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -134,7 +122,7 @@ class RequestProcessor:
         self.db = db
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
         self._reply_topics = re.compile(settings.reply_topics())
-        self.ready = True
+        self._retry_transient = TransientRetry("worker", settings.transient_retry_max_seconds)
         self._waiting: list[Waiting] = []
         self._committers: set[asyncio.Task[None]] = set()
 
@@ -218,26 +206,6 @@ class RequestProcessor:
                 )
                 return "dead_lettered"
 
-    async def _retry_transient(self, step: Callable[[], Awaitable[T]]) -> T:
-        """Run ``step``, retrying transient failures in place with capped backoff, never skipping."""
-        delay = 0.05
-        while True:
-            try:
-                result = await step()
-            except Exception as exc:
-                if classify(exc) is not Disposition.TRANSIENT:
-                    raise
-                self.ready = False
-                set_ready("worker", False)
-                log.warning("transient_error", error_class=type(exc).__name__, retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.transient_retry_max_seconds)
-                continue
-            if not self.ready:
-                self.ready = True
-                set_ready("worker", True)
-            return result
-
     def _allowed_reply_to(self, wanted: str | None) -> bool:
         return (
             wanted is not None
@@ -267,7 +235,7 @@ class RequestProcessor:
                 f"{self._reply_topics.pattern!r}"
             )
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
-        return Parsed(request, self._reply_to(record), correlation_id)
+        return Parsed(request, wanted or self.settings.topic("replies"), correlation_id)
 
     async def _handle(self, record: Incoming) -> str:
         [outcome] = await self._transact([self._parse(record)])

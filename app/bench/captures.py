@@ -32,18 +32,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from app.bench.lease import (
+from app.bench.echo import tail
+from app.bench.history import make_sites
+from app.bench.lease import Plan, bench_settings
+from app.bench.lease_report import ms
+from app.bench.lease_runs import (
     LEASE_SECONDS,
     REQUEST_TIMEOUT,
     WARMUP_SECONDS,
     Figure,
-    Plan,
-    _cycles,
-    _make_sites,
-    _ms,
-    _settings,
-    _tail,
-    _warm_up,
+    cycles,
+    warm_up,
 )
 from app.bench.processes import BenchFailed, Child, CpuMeter
 from app.bench.services import services as start_services
@@ -77,7 +76,7 @@ def bench_captures(
                 f"{os.cpu_count()} CPUs; {plan.collectors} collectors; {plan.concurrency} loops; "
                 "claim worker, relay and handoff worker as child processes"
             )
-            settings = _settings(services.bootstrap, services.database_url)
+            settings = bench_settings(services.bootstrap, services.database_url)
             figures, cpu = asyncio.run(_bench(settings, plan, services.pids))
     except BenchFailed as exc:
         console.print(f"[red]{exc}[/]")
@@ -91,11 +90,22 @@ def bench_captures(
         console.print(line)
 
 
+async def _cycles(
+    clients: Sequence[QuartermasterClient], slugs: Sequence[str], plan: Plan
+) -> Figure:
+    return await cycles(
+        clients, slugs, concurrency=plan.concurrency, count=plan.cycles, seconds=plan.seconds
+    )
+
+
 async def _bench(
     settings: Settings, plan: Plan, pids: dict[str, int]
 ) -> tuple[list[Figure], list[str]]:
     await ensure_topics(settings)
-    slugs = await _make_sites(settings, plan)
+    slugs = [f"site{n}" for n in range(plan.sites)]
+    await make_sites(
+        settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS
+    )
     with contextlib.ExitStack() as processes:
         children = {name: processes.enter_context(Child(settings, name))
                     for name in ("worker", "relay", "handoff")}  # fmt: skip
@@ -107,12 +117,12 @@ async def _bench(
                 )
                 for _ in range(plan.collectors)
             ]
-            await _warm_up(clients, slugs, list(children.values()))
+            await warm_up(clients, slugs, list(children.values()))
             await _cycles(clients, slugs, replace(plan, seconds=plan.warmup))
             figures, cpu = [], []
             meter.begin()
             figures.append(await _cycles(clients, slugs, plan))
-            cpu.append(meter.report("the cycle run", figures[-1].sent * 2))
+            cpu.append(meter.report("the cycle run", figures[-1].requests))
             meter.begin()
             figures.append(await _captures(settings, clients, slugs, plan, meter))
             cpu.append(meter.report("the capture run", figures[-1].sent))  # one request each
@@ -137,7 +147,7 @@ async def _captures(
         producer = AIOKafkaProducer(**producer_options(settings))
         await producer.start()
         stack.push_async_callback(producer.stop)
-        ready = await _tail(settings, producer, settings.topic("captures.ready"), stack)
+        ready = await tail(settings, producer, settings.topic("captures.ready"), stack)
         reader = asyncio.create_task(_arrivals(ready, arrived))
         stack.callback(reader.cancel)
         jobs = [clients[k % len(clients)].job(site=slugs[k % len(slugs)],
@@ -209,8 +219,8 @@ def _table(figures: Sequence[Figure]) -> Table:
             f"{f.sent:,}",
             f"{f.failures:,}",
             f"{f.seconds:.1f}",
-            _ms(f.samples, 50),
-            _ms(f.samples, 99),
+            ms(f.samples, 50),
+            ms(f.samples, 99),
             f"{f.cycles_per_second or 0:,.1f}",
         )
     return table

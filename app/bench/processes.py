@@ -87,14 +87,23 @@ class CpuMeter:
         """Freeze the figures here (what follows, such as a run's clean-up, is not counted)."""
         self.stop = (self.sample(), time.monotonic())
 
-    def report(self, label: str, requests: int) -> str:
-        """Each process's share of one core, and its CPU milliseconds per request."""
+    def used(self) -> tuple[dict[str, float], float]:
+        """CPU seconds of each process since ``begin`` (to ``end`` if called), and the seconds."""
         now, at = self.stop or (self.sample(), time.monotonic())
-        elapsed = at - self.started
         used = {k: v - self.start.get(k, 0.0) for k, v in now.items()}
         if "machine" in used:  # the machine's busy time, and what none of the above used
             ours = sum(v for k, v in used.items() if k != "machine")
             used["others"] = max(used["machine"] - ours, 0.0)
+        return used, at - self.started
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        """CPU milliseconds of each process per request since ``begin``."""
+        used, _ = self.used()
+        return {name: 1000 * cpu / max(requests, 1) for name, cpu in used.items()}
+
+    def report(self, label: str, requests: int) -> str:
+        """Each process's share of one core, and its CPU milliseconds per request."""
+        used, elapsed = self.used()
         shares = ", ".join(
             f"{name} {100 * cpu / elapsed:.0f}% {1000 * cpu / max(requests, 1):.1f} ms"
             for name, cpu in used.items()
@@ -117,3 +126,11 @@ def _cpu_of(pid: int, ticks: int) -> float:
     """User plus system CPU seconds of a process."""
     fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / ticks if len(fields) > 12 else 0.0
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (0 if it is gone)."""
+    for line in read_text(f"/proc/{pid}/status").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

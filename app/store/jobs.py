@@ -391,6 +391,7 @@ async def find_expired_leases(
             f"""
             SELECT id, site, lease_token FROM jobs
             WHERE status = 'RUNNING' AND lease_expires_at < {NOW} AND id > :after
+              AND granted_at IS NOT NULL  -- always true; names jobs_lease_expiry's predicate
             ORDER BY id LIMIT :limit
             """
         ),

@@ -132,10 +132,10 @@ async def live_work(conn: AsyncConnection, slug: str) -> RowMapping:
 
 _LOCK_SITE = """
     SELECT s.*,
-           -- min(id), not EXISTS: only the accounts_grantable index yields it without reading
-           -- every account of the site, so no statistics can make this a sequential scan
-           (SELECT min(a.id) FROM accounts a WHERE a.site = s.slug AND a.status <> 'INACTIVE')
-               IS NOT NULL AS has_accounts,
+           -- min(available_at), not EXISTS: only the accounts_grantable index yields it without
+           -- reading every account, so no statistics make this a scan of the site's accounts
+           (SELECT min(a.available_at) FROM accounts a
+            WHERE a.site = s.slug AND a.status <> 'INACTIVE') IS NOT NULL AS has_accounts,
            EXISTS (SELECT 1 FROM jobs j WHERE j.site = s.slug AND j.status = 'QUEUED')
                AS has_waiting
     FROM sites s WHERE {which} FOR UPDATE OF s

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.handoff import Delivery, TargetError
@@ -19,11 +18,6 @@ from tests.support.leasing import replies, scalar
 from tests.support.waiting import eventually
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
-
-
-@pytest.fixture
-def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
-    return RequestProcessor(settings, Database(engine))
 
 
 class Recorder:
