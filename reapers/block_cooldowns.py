@@ -23,19 +23,12 @@ class BlockCooldowns(Sweep):
     name = "block_cooldowns"
 
     async def run_once(self, now: datetime | None = None) -> SweepResult:
-        result = SweepResult(self.name)
-        after = 0
-        while True:
-            async with self.db.transaction() as conn:
-                page = await accounts.find_ended_blocks(
-                    conn, now=now, after=after, limit=self.settings.reaper_page_size
-                )
-            for stale in page:
-                ended = await self._end(stale, now)
-                (result.changed if ended else result.lost_races).append(str(stale["id"]))
-            if len(page) < self.settings.reaper_page_size:
-                return result
-            after = page[-1]["id"]
+        limit = self.settings.reaper_page_size
+        return await self.reap_pages(
+            lambda conn, after: accounts.find_ended_blocks(conn, now=now, after=after, limit=limit),
+            lambda stale: self._end(stale, now),
+            after=0,  # account ids are integers
+        )
 
     async def _end(self, stale: Row, now: datetime | None) -> bool:
         async with self.db.transaction() as conn:

@@ -24,19 +24,13 @@ class LapsedHandoffs(Sweep):
     name = "lapsed_handoffs"
 
     async def run_once(self, now: datetime | None = None) -> SweepResult:
-        result = SweepResult(self.name)
-        after = ""
-        while True:
-            async with self.db.transaction() as conn:
-                page = await captures.find_lapsed_handoffs(
-                    conn, now=now, after=after, limit=self.settings.reaper_page_size
-                )
-            for stale in page:
-                reaped = await self._reap(stale, now)
-                (result.changed if reaped else result.lost_races).append(stale["id"])
-            if len(page) < self.settings.reaper_page_size:
-                return result
-            after = page[-1]["id"]
+        limit = self.settings.reaper_page_size
+        return await self.reap_pages(
+            lambda conn, after: captures.find_lapsed_handoffs(
+                conn, now=now, after=after, limit=limit
+            ),
+            lambda stale: self._reap(stale, now),
+        )
 
     async def _reap(self, stale: Row, now: datetime | None) -> bool:
         async with self.db.transaction() as conn:

@@ -10,7 +10,7 @@ from datetime import datetime
 import structlog
 
 from app.leasing import Tx, reject
-from app.store import jobs, sites
+from app.store import Row, jobs, sites
 from reapers.base import Sweep, SweepResult
 
 log = structlog.get_logger()
@@ -20,24 +20,20 @@ class OverdueWaits(Sweep):
     name = "overdue_waits"
 
     async def run_once(self, now: datetime | None = None) -> SweepResult:
-        result = SweepResult(self.name)
-        after = ""
-        while True:
-            async with self.db.transaction() as conn:
-                page = await jobs.find_overdue_waiting(
-                    conn, now=now, after=after, limit=self.settings.reaper_page_size
-                )
-            for stale in page:
-                async with self.db.transaction() as conn:
-                    tx = Tx(conn, self.services)
-                    await sites.lock_site(conn, stale["site"])
-                    job = await jobs.time_out_waiting_job(conn, stale["id"], now)
-                    if job is not None:
-                        reject(tx, job, "timed_out")
-                        tx.events.job("timed_out", job)
-                        await tx.flush()
-                (result.changed if job else result.lost_races).append(stale["id"])
-                log.info("wait_timed_out" if job else "reap_lost_race", job_id=stale["id"])
-            if len(page) < self.settings.reaper_page_size:
-                return result
-            after = page[-1]["id"]
+        limit = self.settings.reaper_page_size
+        return await self.reap_pages(
+            lambda conn, after: jobs.find_overdue_waiting(conn, now=now, after=after, limit=limit),
+            lambda stale: self._time_out(stale, now),
+        )
+
+    async def _time_out(self, stale: Row, now: datetime | None) -> bool:
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            await sites.lock_site(conn, stale["site"])
+            job = await jobs.time_out_waiting_job(conn, stale["id"], now)
+            if job is not None:
+                reject(tx, job, "timed_out")
+                tx.events.job("timed_out", job)
+                await tx.flush()
+        log.info("wait_timed_out" if job else "reap_lost_race", job_id=stale["id"])
+        return job is not None

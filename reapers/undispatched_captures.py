@@ -14,7 +14,7 @@ import structlog
 
 from app.handoff.records import dispatch
 from app.leasing import Tx
-from app.store import captures
+from app.store import Row, captures
 from reapers.base import Sweep, SweepResult
 
 log = structlog.get_logger()
@@ -24,32 +24,30 @@ class UndispatchedCaptures(Sweep):
     name = "undispatched_captures"
 
     async def run_once(self, now: datetime | None = None) -> SweepResult:
-        result = SweepResult(self.name)
+        limit = self.settings.reaper_page_size
         redispatch = self.settings.handoff_redispatch_seconds
-        after = ""
-        while True:
-            async with self.db.transaction() as conn:
-                page = await captures.find_undispatched(
-                    conn,
-                    now=now,
-                    after=after,
-                    limit=self.settings.reaper_page_size,
-                    redispatch_seconds=redispatch,
-                    topic=self.settings.topic("captures"),
-                )
-            for due in page:
-                async with self.db.transaction() as conn:
-                    tx = Tx(conn, self.services)
-                    capture = await captures.mark_dispatched(
-                        conn, due["id"], redispatch_seconds=redispatch, now=now
-                    )
-                    if capture is not None:
-                        dispatch(tx, capture["id"])
-                        await tx.flush()
-                (result.changed if capture else result.lost_races).append(due["id"])
-                log.info(
-                    "capture_dispatched" if capture else "reap_lost_race", capture_id=due["id"]
-                )
-            if len(page) < self.settings.reaper_page_size:
-                return result
-            after = page[-1]["id"]
+        topic = self.settings.topic("captures")
+        return await self.reap_pages(
+            lambda conn, after: captures.find_undispatched(
+                conn,
+                now=now,
+                after=after,
+                limit=limit,
+                redispatch_seconds=redispatch,
+                topic=topic,
+            ),
+            lambda due: self._dispatch(due, now),
+        )
+
+    async def _dispatch(self, due: Row, now: datetime | None) -> bool:
+        redispatch = self.settings.handoff_redispatch_seconds
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            capture = await captures.mark_dispatched(
+                conn, due["id"], redispatch_seconds=redispatch, now=now
+            )
+            if capture is not None:
+                dispatch(tx, capture["id"])
+                await tx.flush()
+        log.info("capture_dispatched" if capture else "reap_lost_race", capture_id=due["id"])
+        return capture is not None

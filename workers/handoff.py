@@ -18,53 +18,38 @@ A worker that dies anywhere leaves a HANDING_OFF capture whose lease lapses; the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
-from typing import Any, TypeVar
 
 import structlog
-from aiokafka import AIOKafkaConsumer
-from faststream import AckPolicy
-from faststream.kafka import KafkaBroker, KafkaMessage
 
 from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, redact
-from app.errors import Disposition, classify, describe
+from app.errors import describe
 from app.handoff import Delivery, Target, TargetError, targets_for
-from app.handoff.records import failed, ready
-from app.health import set_ready
+from app.handoff.records import capture_fields, failed, ready
 from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, Row, captures
-from app.wiring import Wiring, consumer_assigned
+from app.wiring import Wiring
 from schemas.messages import CaptureHandoff
 from schemas.states import CaptureStatus
-from workers.claim import OffsetCommits, as_message, incoming, parse_raw
-from workers.requests import Incoming
+from workers.consuming import Incoming, Subscription, consuming
+from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
-T = TypeVar("T")
 Targets = Callable[[Delivery, Settings], list[Target]]
 
 
 def delivery_of(capture: Row) -> Delivery:
     """What the targets are handed for a claimed capture (this is attempt ``attempts + 1``)."""
     return Delivery(
-        capture_id=capture["id"],
-        job_id=capture["job_id"],
-        site=capture["site"],
-        url=capture["url"],
-        storage_uri=capture["storage_uri"],
-        sha256=capture["sha256"],
-        content_type=capture["content_type"],
-        size=capture["size"],
-        captured_at=capture["captured_at"],
+        **capture_fields(capture),
         meta=dict(capture["meta"] or {}),
         attempt=capture["attempts"] + 1,
         dag_id=capture["dag_id"],
@@ -89,7 +74,7 @@ class HandoffWorker:
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.targets = targets
-        self.ready = True
+        self._retry_transient = TransientRetry("handoff", settings.transient_retry_max_seconds)
 
     async def process(self, record: Incoming) -> str:
         """Handle one record of ``qm.captures``; returns what happened."""
@@ -214,26 +199,6 @@ class HandoffWorker:
             return Origin(self.settings.topic("captures"), -1, -1, 0, group)
         return Origin(record.topic, record.partition, record.offset, record.timestamp_ms, group)
 
-    async def _retry_transient(self, step: Callable[[], Awaitable[T]]) -> T:
-        """Run ``step``, retrying transient failures in place with capped backoff."""
-        delay = 0.05
-        while True:
-            try:
-                result = await step()
-            except Exception as exc:
-                if classify(exc) is not Disposition.TRANSIENT:
-                    raise
-                self.ready = False
-                set_ready("handoff", False)
-                log.warning("transient_error", error_class=type(exc).__name__, retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.transient_retry_max_seconds)
-                continue
-            if not self.ready:
-                self.ready = True
-                set_ready("handoff", True)
-            return result
-
     async def _dead_letter(self, record: Incoming, error: BaseException) -> None:
         """A record that is not a capture handoff: to ``qm.captures.dlt`` with its headers."""
         async with self.db.transaction() as conn:
@@ -258,65 +223,21 @@ class HandoffWorker:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def subscribe_captures(
-    broker: KafkaBroker, settings: Settings, worker: HandoffWorker, commits: OffsetCommits
-) -> Any:
-    """Subscribe ``worker`` to ``qm.captures`` on ``broker``; return the subscriber."""
-    extra: dict[str, Any] = (
-        {"max_workers": settings.handoff_consumers} if settings.handoff_consumers > 1 else {}
-    )
-    subscriber = broker.subscriber(
-        settings.topic("captures"),
-        group_id=settings.handoff_consumer_group,
-        ack_policy=AckPolicy.MANUAL,  # OffsetCommits commits once a record is done
-        auto_offset_reset="earliest",
-        parser=parse_raw,  # the record's bytes reach the handler untouched (see workers.claim)
-        decoder=as_message,
-        no_reply=True,  # what a handoff publishes goes through the outbox
-        max_poll_interval_ms=600_000,
-        session_timeout_ms=settings.consumer_session_timeout_ms,
-        heartbeat_interval_ms=max(settings.consumer_session_timeout_ms // 5, 100),
-        listener=commits,
-        **extra,
-    )
-
-    @subscriber
-    async def on_capture(message: KafkaMessage) -> None:
-        record = incoming(message)
-        try:
-            await worker.process(record)
-        except BaseException:
-            await message.nack()
-            raise
-        consumer = message.consumer
-        assert isinstance(consumer, AIOKafkaConsumer)
-        commits.done(consumer, record.topic, record.partition, record.offset)
-
-    return subscriber
-
-
 async def run_handoff_worker(wiring: Wiring) -> None:
     """Run the handoff worker until ``wiring.stop`` is set."""
-    settings, stop = wiring.settings, wiring.stop
+    settings = wiring.settings
     worker = HandoffWorker(settings, wiring.database())
-    commits = OffsetCommits()
-    broker = wiring.broker()
-    subscriber = subscribe_captures(broker, settings, worker, commits)
-    wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
-    await broker.start()
-    committer = asyncio.create_task(commits.run(stop), name="handoff-offset-commits")
-    log.info(
-        "handoff_worker_started",
-        topic=settings.topic("captures"),
-        group=settings.handoff_consumer_group,
-        holder=worker.holder,
+    captures_topic = Subscription(
+        settings.topic("captures"), settings.handoff_consumer_group, settings.handoff_consumers
     )
     try:
-        await stop.wait()
+        async with consuming(wiring, captures_topic, worker.process):
+            log.info(
+                "handoff_worker_started",
+                topic=captures_topic.topic,
+                group=captures_topic.group,
+                holder=worker.holder,
+            )
+            await wiring.stop.wait()
     finally:
-        committer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await committer
-        await commits.flush()
-        await broker.stop()  # the database closes after this, with the wiring
-        log.info("handoff_worker_stopped")
+        log.info("handoff_worker_stopped")  # the database closes after this, with the wiring

@@ -38,9 +38,9 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -49,7 +49,7 @@ from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, header
 from app.dlt.headers import Header, value_ref_headers
 from app.errors import Disposition, InvalidMessage, classify, describe, unexpected_delay
-from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION, set_ready
+from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION
 from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, dlt_values, inbox, sites
@@ -63,9 +63,10 @@ from schemas.messages import (
     parse_request,
 )
 from workers import captures, jobs, seeds, sessions
+from workers.consuming import Incoming
+from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
-T = TypeVar("T")
 
 Handler = Callable[[Tx, Any, str, str], Awaitable[dict[str, Any] | None]]
 HANDLERS: dict[str, Handler] = {
@@ -82,19 +83,6 @@ TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 class ReplyTopicRefused(InvalidMessage):
     """A ``reply_to`` header that names a topic requests may not reply to."""
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A record as read from Kafka."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None  # None: a null value (a tombstone), kept as such in its dead letter
-    headers: list[Header] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -134,7 +122,7 @@ class RequestProcessor:
         self.db = db
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
         self._reply_topics = re.compile(settings.reply_topics())
-        self.ready = True
+        self._retry_transient = TransientRetry("worker", settings.transient_retry_max_seconds)
         self._waiting: list[Waiting] = []
         self._committers: set[asyncio.Task[None]] = set()
 
@@ -218,26 +206,6 @@ class RequestProcessor:
                 )
                 return "dead_lettered"
 
-    async def _retry_transient(self, step: Callable[[], Awaitable[T]]) -> T:
-        """Run ``step``, retrying transient failures in place with capped backoff, never skipping."""
-        delay = 0.05
-        while True:
-            try:
-                result = await step()
-            except Exception as exc:
-                if classify(exc) is not Disposition.TRANSIENT:
-                    raise
-                self.ready = False
-                set_ready("worker", False)
-                log.warning("transient_error", error_class=type(exc).__name__, retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.transient_retry_max_seconds)
-                continue
-            if not self.ready:
-                self.ready = True
-                set_ready("worker", True)
-            return result
-
     def _allowed_reply_to(self, wanted: str | None) -> bool:
         return (
             wanted is not None
@@ -267,7 +235,7 @@ class RequestProcessor:
                 f"{self._reply_topics.pattern!r}"
             )
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
-        return Parsed(request, self._reply_to(record), correlation_id)
+        return Parsed(request, wanted or self.settings.topic("replies"), correlation_id)
 
     async def _handle(self, record: Incoming) -> str:
         [outcome] = await self._transact([self._parse(record)])
@@ -357,6 +325,30 @@ class RequestProcessor:
         """The record to ``<topic>.dlt`` with its headers; bad input also gets request.invalid
         where answerable (an unexpected failure is not final, so it gets no reply)."""
         message = describe(error)
+        value, headers, stored = self._dead_letter_value(record, error, attempts, message)
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            if stored is not None:
+                await dlt_values.store_value(conn, stored)
+            tx.box.add(dlt_topic(record.topic), record.key, value, headers)
+            if disposition is Disposition.INVALID:
+                self._answer_invalid(tx, record, message)
+            await tx.flush()
+        log.warning(
+            "request_dead_lettered",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error_class=type(error).__name__,
+            attempts=attempts,
+            value_ref=stored.ref if stored is not None else None,
+        )
+
+    def _dead_letter_value(
+        self, record: Incoming, error: BaseException, attempts: int, message: str
+    ) -> tuple[bytes | None, list[Header], dlt_values.StoredValue | None]:
+        """The dead letter's value and headers. A value too large to travel inline is left out
+        and referenced by a header; it is returned to be stored beside the dead letter."""
         origin = Origin(
             record.topic,
             record.partition,
@@ -367,39 +359,27 @@ class RequestProcessor:
         headers = dead_letter_headers(record.headers, origin, error, attempts, message=message)
         # a session state sent in the clear never reaches the dead-letter topic or its table
         kept = None if record.value is None else sessions.without_clear_sessions(record.value)
-        value, stored = kept, None
-        if kept is not None and _record_size(record.key, kept, headers) > (
-            self.settings.dlt_inline_max_bytes
+        if kept is None or (
+            _record_size(record.key, kept, headers) <= self.settings.dlt_inline_max_bytes
         ):
-            stored = dlt_values.StoredValue.of(kept)
-            value, headers = None, headers + value_ref_headers(stored.ref, kept)
+            return kept, headers, None
+        stored = dlt_values.StoredValue.of(kept)
+        return None, headers + value_ref_headers(stored.ref, kept), stored
+
+    def _answer_invalid(self, tx: Tx, record: Incoming, message: str) -> None:
+        """``request.invalid`` for bad input, where a correlation id can be read."""
         ids = _readable_ids(record.value)
         correlation_id = header(record.headers, CORRELATION_ID) or ids.get("request_id")
-        async with self.db.transaction() as conn:
-            tx = Tx(conn, self.services)
-            if stored is not None:
-                await dlt_values.store_value(conn, stored)
-            tx.box.add(dlt_topic(record.topic), record.key, value, headers)
-            if correlation_id and disposition is Disposition.INVALID:
-                invalid = RequestInvalid(
-                    request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
-                )
-                key = ids.get("job_id") or record.key
-                tx.box.add(
-                    self._reply_to(record),
-                    key,
-                    invalid.model_dump(mode="json"),
-                    [(CORRELATION_ID, correlation_id)],
-                )
-            await tx.flush()
-        log.warning(
-            "request_dead_lettered",
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            error_class=type(error).__name__,
-            attempts=attempts,
-            value_ref=stored.ref if stored is not None else None,
+        if not correlation_id:
+            return
+        invalid = RequestInvalid(
+            request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
+        )
+        tx.box.add(
+            self._reply_to(record),
+            ids.get("job_id") or record.key,
+            invalid.model_dump(mode="json"),
+            [(CORRELATION_ID, correlation_id)],
         )
 
 

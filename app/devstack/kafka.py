@@ -36,7 +36,7 @@ listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 log.dirs={log_dir}
 num.partitions=1
-auto.create.topics.enable=true
+auto.create.topics.enable={auto_create_topics}
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=4
 transaction.state.log.replication.factor=1
@@ -114,8 +114,11 @@ async def wait_for_metadata(bootstrap: str, timeout: float = 60.0) -> None:
 class KafkaBroker:
     """A running single-node KRaft broker on free loopback ports; ``with`` stops it."""
 
-    def __init__(self, *, heap: str = "768m") -> None:
+    def __init__(self, *, heap: str = "768m", auto_create_topics: bool = True) -> None:
+        """``auto_create_topics=False`` makes it refuse unknown topics, as production brokers
+        usually do (a deleted topic then stays deleted)."""
         self.heap = heap
+        self.auto_create_topics = auto_create_topics
         self.port = 0
         self.workdir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -140,7 +143,10 @@ class KafkaBroker:
         config = self.workdir / "server.properties"
         config.write_text(
             SERVER_PROPERTIES.format(
-                port=self.port, controller_port=controller_port, log_dir=self.workdir / "data"
+                port=self.port,
+                controller_port=controller_port,
+                log_dir=self.workdir / "data",
+                auto_create_topics=str(self.auto_create_topics).lower(),
             )
         )
         cluster_id = new_cluster_id()

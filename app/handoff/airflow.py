@@ -19,13 +19,13 @@ from urllib.parse import quote
 import httpx
 
 from app.handoff.base import Delivery, TargetError
+from app.handoff.http import call_errors, capture_fields, retryable_status
 from app.settings import Settings
 
 # what Airflow accepts in a run id given through the API (its default allowed_run_id_pattern) ...
 RUN_ID_SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 # ... and the length of its run_id column
 RUN_ID_MAX = 250
-RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
 
 # one JWT per (API server, user) in this process; dropped when Airflow refuses it
 _tokens: dict[tuple[str, str], str] = {}
@@ -46,18 +46,7 @@ def dag_run_id(capture_id: str) -> str:
 
 def conf(delivery: Delivery) -> dict[str, Any]:
     """The run's conf: the capture's fields, as in its ``capture.ready`` record."""
-    return {
-        "capture_id": delivery.capture_id,
-        "job_id": delivery.job_id,
-        "site": delivery.site,
-        "url": delivery.url,
-        "storage_uri": delivery.storage_uri,
-        "sha256": delivery.sha256,
-        "content_type": delivery.content_type,
-        "size": delivery.size,
-        "captured_at": delivery.captured_at.isoformat(),
-        "meta": delivery.meta,
-    }
+    return capture_fields(delivery)
 
 
 def classify_status(status: int, dag_id: str) -> TargetError | None:
@@ -69,8 +58,7 @@ def classify_status(status: int, dag_id: str) -> TargetError | None:
     if status in (401, 403):
         # a permission an operator may be granting right now
         return TargetError(f"Airflow refused to trigger {dag_id!r} (HTTP {status})", retryable=True)
-    retryable = status >= 500 or status in RETRYABLE_CLIENT_ERRORS
-    return TargetError(f"Airflow answered HTTP {status}", retryable=retryable)
+    return TargetError(f"Airflow answered HTTP {status}", retryable=retryable_status(status))
 
 
 class AirflowTarget:
@@ -101,15 +89,11 @@ class AirflowTarget:
             raise TargetError("the site has no dag_id", retryable=False)
         if not self.url:
             raise TargetError("no Airflow to trigger: QM_AIRFLOW_URL is not set", retryable=False)
-        try:
-            async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout) as client:
-                status = await self._trigger(client, delivery)
-        except httpx.TimeoutException:
-            raise TargetError("Airflow timed out", retryable=True) from None
-        except httpx.TransportError as exc:
-            raise TargetError(
-                f"Airflow unreachable: {type(exc).__name__}", retryable=True
-            ) from None
+        async with (
+            call_errors("Airflow"),
+            httpx.AsyncClient(base_url=self.url, timeout=self.timeout) as client,
+        ):
+            status = await self._trigger(client, delivery)
         error = classify_status(status, delivery.dag_id)
         if error is not None:
             raise error

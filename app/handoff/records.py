@@ -3,6 +3,8 @@ the record that starts an attempt, ``capture.ready`` with its event, a failure's
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from app.dlt import Origin, dead_letter_headers, dlt_topic
@@ -24,18 +26,25 @@ def dispatch(tx: Tx, capture_id: str) -> bytes:
     return value
 
 
+def capture_fields(capture: Row) -> dict[str, Any]:
+    """The capture as every downstream sees it (``capture.ready`` and each target's delivery)."""
+    return {
+        "capture_id": capture["id"],
+        "job_id": capture["job_id"],
+        "site": capture["site"],
+        "url": capture["url"],
+        "storage_uri": capture["storage_uri"],
+        "sha256": capture["sha256"],
+        "content_type": capture["content_type"],
+        "size": capture["size"],
+        "captured_at": capture["captured_at"],
+    }
+
+
 def ready(tx: Tx, capture: Row) -> None:
     """``capture.ready`` on ``qm.captures.ready`` and the ``capture.handed_off`` event."""
     message = CaptureReady(
-        capture_id=capture["id"],
-        job_id=capture["job_id"],
-        site=capture["site"],
-        url=capture["url"],
-        storage_uri=capture["storage_uri"],
-        sha256=capture["sha256"],
-        content_type=capture["content_type"],
-        size=capture["size"],
-        captured_at=capture["captured_at"],
+        **capture_fields(capture),
         handed_off_at=capture["handed_off_at"],
         meta=capture["meta"] or None,
     )

@@ -11,8 +11,7 @@ from __future__ import annotations
 import httpx
 
 from app.handoff.base import Delivery, TargetError
-
-RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
+from app.handoff.http import call_errors, capture_fields, retryable_status
 
 
 def payload(delivery: Delivery) -> dict[str, object]:
@@ -20,16 +19,7 @@ def payload(delivery: Delivery) -> dict[str, object]:
     return {
         "type": "capture.ready",
         "v": 1,
-        "capture_id": delivery.capture_id,
-        "job_id": delivery.job_id,
-        "site": delivery.site,
-        "url": delivery.url,
-        "storage_uri": delivery.storage_uri,
-        "sha256": delivery.sha256,
-        "content_type": delivery.content_type,
-        "size": delivery.size,
-        "captured_at": delivery.captured_at.isoformat(),
-        "meta": delivery.meta,
+        **capture_fields(delivery),
         "attempt": delivery.attempt,
     }
 
@@ -38,8 +28,7 @@ def classify_status(status: int) -> TargetError | None:
     """None for success; otherwise the error an HTTP status stands for."""
     if 200 <= status < 300:
         return None
-    retryable = status >= 500 or status in RETRYABLE_CLIENT_ERRORS
-    return TargetError(f"webhook answered HTTP {status}", retryable=retryable)
+    return TargetError(f"webhook answered HTTP {status}", retryable=retryable_status(status))
 
 
 class WebhookTarget:
@@ -55,18 +44,12 @@ class WebhookTarget:
         if delivery.webhook_url is None:
             raise TargetError("the site has no webhook_url", retryable=False)
         headers = {"Idempotency-Key": delivery.capture_id}
-        try:
+        async with call_errors("webhook"):
             if self._client is not None:
                 response = await self._post(self._client, delivery, headers)
             else:
                 async with httpx.AsyncClient(timeout=self.timeout) as client:
                     response = await self._post(client, delivery, headers)
-        except httpx.TimeoutException:
-            raise TargetError("webhook timed out", retryable=True) from None
-        except httpx.TransportError as exc:
-            raise TargetError(
-                f"webhook unreachable: {type(exc).__name__}", retryable=True
-            ) from None
         error = classify_status(response.status_code)
         if error is not None:
             raise error

@@ -86,6 +86,11 @@ log = structlog.get_logger()
 AfterAck = Callable[[Sequence[UnsentRow]], Awaitable[None]]
 
 TOPIC_WAIT_SECONDS = 2.0  # how long one round waits for an unknown topic's metadata
+# The producer's request_timeout_ms, which is also how long aiokafka keeps a sent batch whose
+# partition lost its leader. A topic deleted after the producer learned it is such a case: its
+# batch fails only then, and the round waits for it. aiokafka's 40 s would hold every shard's
+# round that long; 10 s is still far above a produce round trip (acks=all).
+REQUEST_TIMEOUT_MS = 10_000
 SHUTDOWN_GRACE_SECONDS = 10.0  # how long a stopping relay lets its in-flight round finish
 # the producer's max_request_size: a bigger row can never be published, and is dead-lettered
 MAX_MESSAGE_BYTES = 1_048_576
@@ -382,7 +387,9 @@ class Relay:
         if self._producer is None:
             # no linger: a round hands the producer all its rows before it yields, so they
             # batch anyway, and a lone row leaves at once
-            producer = AIOKafkaProducer(**{**producer_options(self.settings), "linger_ms": 0})
+            options = producer_options(self.settings)
+            options.update(linger_ms=0, request_timeout_ms=REQUEST_TIMEOUT_MS)
+            producer = AIOKafkaProducer(**options)
             try:
                 await producer.start()
             except BaseException:

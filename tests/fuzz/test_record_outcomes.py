@@ -34,6 +34,7 @@ from schemas.messages import parse_request
 from tests.support.kafka import lag_returns_to_zero
 from tests.support.leasing import make_site
 from tests.support.processes import QmProcess
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.chaos
 
@@ -233,7 +234,7 @@ async def collect(settings: Settings, expect_dead: int, expect_answered: set[str
         for _ in range(4):
             for batch in (await consumer.getmany(timeout_ms=500)).values():
                 for record in batch:
-                    note(outcomes, record.topic, list(record.headers))
+                    note(outcomes, record.topic, list(record.headers), record.value)
     finally:
         await consumer.stop()
     return outcomes
@@ -254,13 +255,13 @@ def note(outcomes: Outcomes, topic: str, headers: list[Header], value: bytes | N
 
 async def outbox_empties(settings: Settings) -> None:
     engine = create_async_engine(settings.database_url)
+
+    async def empty() -> bool:
+        async with engine.connect() as conn:
+            left = (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one()
+        return bool(left == 0)
+
     try:
-        async with asyncio.timeout(60):
-            while True:
-                async with engine.connect() as conn:
-                    left = (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one()
-                if left == 0:
-                    return
-                await asyncio.sleep(0.2)
+        await eventually(empty, timeout=60, every=0.2)
     finally:
         await engine.dispose()

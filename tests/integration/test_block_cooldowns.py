@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -17,24 +16,8 @@ from app.settings import Settings
 from app.store import Database, accounts
 from reapers.block_cooldowns import BlockCooldowns
 from schemas.states import AccountStatus
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import db_now, make_site, replies, request, scalar, start
 from workers.requests import RequestProcessor
-
-
-@pytest.fixture
-def db(engine: AsyncEngine) -> Database:
-    return Database(engine)
-
-
-@pytest.fixture
-def processor(settings: Settings, db: Database) -> RequestProcessor:
-    return RequestProcessor(settings, db)
-
-
-async def db_now(engine: AsyncEngine) -> datetime:
-    value = await scalar(engine, "SELECT now()")
-    assert isinstance(value, datetime)
-    return value
 
 
 async def block(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
@@ -22,11 +21,6 @@ from tests.support.captures import (
 )
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
-
-
-@pytest.fixture
-def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
-    return RequestProcessor(settings, Database(engine))
 
 
 async def test_a_webhook_failing_twice_is_retried_after_its_backoff_then_handed_off(

@@ -4,7 +4,6 @@ the leasing path's costs flat as history grows exist."""
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -14,11 +13,6 @@ from reapers.job_retention import JobRetention
 from reapers.runner import job_sweeps
 from tests.support.leasing import make_site, replies, request, scalar, start
 from workers.requests import RequestProcessor
-
-
-@pytest.fixture
-def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
-    return RequestProcessor(settings, Database(engine))
 
 
 async def run_job(

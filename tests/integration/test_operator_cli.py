@@ -61,11 +61,6 @@ def qm(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Qm]:
     get_settings.cache_clear()
 
 
-@pytest.fixture
-def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
-    return RequestProcessor(settings, Database(engine))
-
-
 def one_red_line(result: Result, *words: str) -> str:
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]

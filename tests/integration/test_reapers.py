@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -19,24 +18,8 @@ from app.store import Database
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
 from reapers.overdue_waits import OverdueWaits
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import db_now, make_site, replies, request, scalar, start
 from workers.requests import RequestProcessor
-
-
-@pytest.fixture
-def db(engine: AsyncEngine) -> Database:
-    return Database(engine)
-
-
-@pytest.fixture
-def processor(settings: Settings, db: Database) -> RequestProcessor:
-    return RequestProcessor(settings, db)
-
-
-async def db_now(engine: AsyncEngine) -> datetime:
-    value = await scalar(engine, "SELECT now()")
-    assert isinstance(value, datetime)
-    return value
 
 
 async def token_of(engine: AsyncEngine, job_id: str) -> int:

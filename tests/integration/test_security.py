@@ -28,11 +28,6 @@ from tests.support.waiting import eventually
 from workers.requests import Incoming, RequestProcessor
 
 
-@pytest.fixture
-def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
-    return RequestProcessor(settings, Database(engine))
-
-
 async def outbox(engine: AsyncEngine, topic: str) -> list[dict]:
     async with engine.connect() as conn:
         rows = await conn.execute(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
@@ -17,11 +16,6 @@ from tests.support.leasing import (
     start,
 )
 from workers.requests import RequestProcessor
-
-
-@pytest.fixture
-def processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
-    return RequestProcessor(settings, Database(engine))
 
 
 def state(**cookies: str) -> dict:

@@ -16,7 +16,6 @@ import signal
 import sqlite3
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 
 from app.devstack import free_port
+from tests.support.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "infra" / "airflow" / "dags"
@@ -231,20 +231,18 @@ class ApiServer:
         return self
 
     def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"airflow api-server exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=2):
-                    return
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"airflow api-server not healthy within {timeout}s"
-                    ) from None
-                time.sleep(0.2)
+        eventually_sync(self.healthy, timeout=timeout, every=0.2)
+
+    def healthy(self) -> bool:
+        """Whether the API server answers its health check; fails at once if it exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"airflow api-server exited: {self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=2):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
 
     def token(self) -> str:
         """A JWT from the server's token endpoint."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -117,3 +118,10 @@ async def replies(
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
     async with engine.connect() as conn:
         return (await conn.execute(text(sql), params)).scalar()
+
+
+async def db_now(engine: AsyncEngine) -> datetime:
+    """The database clock's now (every state change reads its time from there)."""
+    value = await scalar(engine, "SELECT now()")
+    assert isinstance(value, datetime)
+    return value

@@ -22,3 +22,15 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {check}")
         await asyncio.sleep(every)
+
+
+def eventually_sync(check: Callable[[], T], timeout: float = 30.0, every: float = 0.1) -> T:
+    """``eventually`` for code outside an event loop (a subprocess coming up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        time.sleep(every)

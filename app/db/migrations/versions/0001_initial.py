@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 """
 
-from alembic import op
+from app.db.scripts import execute_script
 
 revision = "0001"
 down_revision = None
@@ -204,16 +204,9 @@ DROP TYPE IF EXISTS capture_status, job_status, seed_status, account_status;
 """
 
 
-def _statements(script: str) -> list[str]:
-    """Split a script on statement-ending semicolons (asyncpg prepares one statement at a time)."""
-    return [part.strip() for part in script.split(";\n") if part.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    execute_script(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    execute_script(DOWNGRADE)

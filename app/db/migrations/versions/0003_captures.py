@@ -5,7 +5,7 @@ Revision ID: 0003
 Revises: 0002
 """
 
-from alembic import op
+from app.db.scripts import execute_script
 
 revision = "0003"
 down_revision = "0002"
@@ -47,16 +47,9 @@ ALTER TABLE captures
 """
 
 
-def _statements(script: str) -> list[str]:
-    """Split a script on statement-ending semicolons (asyncpg prepares one statement at a time)."""
-    return [part.strip() for part in script.split(";\n") if part.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    execute_script(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    execute_script(DOWNGRADE)

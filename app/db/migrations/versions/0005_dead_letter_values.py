@@ -11,7 +11,7 @@ Revision ID: 0005
 Revises: 0004
 """
 
-from alembic import op
+from app.db.scripts import execute_script
 
 revision = "0005"
 down_revision = "0004"
@@ -40,15 +40,9 @@ ALTER TABLE outbox ALTER COLUMN payload SET NOT NULL;
 """
 
 
-def _statements(script: str) -> list[str]:
-    return [part.strip() for part in script.split(";\n") if part.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    execute_script(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    execute_script(DOWNGRADE)
