@@ -12,8 +12,8 @@ import structlog
 from app.handoff.records import dispatch
 from app.leasing import Tx
 from app.store import Row, captures, domains, jobs
-from schemas.messages import CaptureAccepted, CaptureSubmit, JobLeaseLost, RequestConflict
-from workers.jobs import why_lease_lost
+from schemas.messages import CaptureAccepted, CaptureSubmit, RequestConflict
+from workers.jobs import lease_lost, why_lease_lost
 
 log = structlog.get_logger()
 
@@ -86,6 +86,4 @@ def _accepted(req: CaptureSubmit) -> dict[str, Any]:
 
 def _lease_lost(req: CaptureSubmit, reason: str) -> dict[str, Any]:
     log.info("capture_refused", capture_id=req.capture_id, job_id=req.job_id, reason=reason)
-    return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
-        mode="json"
-    )
+    return lease_lost(req, reason)

@@ -14,6 +14,7 @@ from app.crypto import Unsealable
 from app.leasing import Tx, grant_waiting, reject, release_resources
 from app.store import Row, jobs, sites
 from schemas.messages import (
+    CaptureSubmit,
     JobCancel,
     JobCancelled,
     JobExtended,
@@ -25,6 +26,7 @@ from schemas.messages import (
     JobRejected,
     JobStart,
     RequestInvalid,
+    SeedsClaim,
 )
 from schemas.states import JobStatus
 from workers.sessions import merge_session, open_session_state
@@ -32,6 +34,7 @@ from workers.sessions import merge_session, open_session_state
 log = structlog.get_logger()
 
 Reply = dict[str, Any] | None
+FollowUp = JobHeartbeat | JobFinish | SeedsClaim  # requests that present a live lease's token
 
 
 def why_lease_lost(job: Row | None, lease_token: int) -> str:
@@ -43,6 +46,21 @@ def why_lease_lost(job: Row | None, lease_token: int) -> str:
     if job["lease_token"] != lease_token:
         return "stale_token"
     return "lease_expired"
+
+
+def lease_lost(req: FollowUp | JobCancel | CaptureSubmit, reason: str) -> dict[str, Any]:
+    """The ``job.lease_lost`` reply to a request whose lease is not live."""
+    return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
+        mode="json"
+    )
+
+
+async def refuse_follow_up(tx: Tx, req: FollowUp, event: str) -> dict[str, Any]:
+    """``job.lease_lost`` for a follow-up that matched no live lease, saying why (logged as
+    ``event``)."""
+    reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
+    log.info(event, job_id=req.job_id, lease_token=req.lease_token, reason=reason)
+    return lease_lost(req, reason)
 
 
 def over_cap(tx: Tx, req: JobStart | JobHeartbeat) -> Reply:
@@ -128,13 +146,7 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: st
     extend = None if req.extend_seconds is None else lease_length(tx, req.extend_seconds, 0)
     job = await jobs.extend_lease(tx.conn, req.job_id, req.lease_token, extend)
     if job is None:
-        reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
-        log.info(
-            "lease_extend_refused", job_id=req.job_id, lease_token=req.lease_token, reason=reason
-        )
-        return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
-            mode="json"
-        )
+        return await refuse_follow_up(tx, req, "lease_extend_refused")
     return JobExtended(
         request_id=req.request_id, job_id=req.job_id, lease_expires_at=job["lease_expires_at"]
     ).model_dump(mode="json")
@@ -142,23 +154,20 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: st
 
 async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> Reply:
     """End a job for the holder of its live lease; release its account and hand it on (rule 4)."""
-    lost = JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
     try:
         uploaded = open_session_state(tx, req.session_state, "job.finish", req.job_id)
     except Unsealable as exc:
         return invalid(req, f"session_state: {exc}")
     site = await sites.lock_site_of_job(tx.conn, req.job_id)
     if site is None:
-        return lost.model_dump(mode="json")
+        return lease_lost(req, "unknown_job")
     status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
     reason = (
         req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"
     )
     job = await jobs.finish_job(tx.conn, req.job_id, req.lease_token, status, reason)
     if job is None:
-        why = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
-        log.info("finish_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
-        return lost.model_copy(update={"reason": why}).model_dump(mode="json")
+        return await refuse_follow_up(tx, req, "finish_refused")
     if uploaded is not None:  # the job is locked (lock order: job, then account and session);
         # the account is still the holder's until released below
         await merge_session(tx, req.job_id, req.lease_token, uploaded)
@@ -194,9 +203,7 @@ async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> 
             why = "lease_token_required" if req.lease_token is None else None
             why = why or why_lease_lost(existing, req.lease_token or 0)
             log.info("cancel_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
-            return JobLeaseLost(
-                request_id=req.request_id, job_id=req.job_id, reason=why
-            ).model_dump(mode="json")
+            return lease_lost(req, why)
         reason = f"job_{str(existing['status']).lower()}" if existing else "unknown_job"
         return refused.model_copy(update={"reason": reason}).model_dump(mode="json")
     if job["was"] == JobStatus.RUNNING:

@@ -325,6 +325,30 @@ class RequestProcessor:
         """The record to ``<topic>.dlt`` with its headers; bad input also gets request.invalid
         where answerable (an unexpected failure is not final, so it gets no reply)."""
         message = describe(error)
+        value, headers, stored = self._dead_letter_value(record, error, attempts, message)
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            if stored is not None:
+                await dlt_values.store_value(conn, stored)
+            tx.box.add(dlt_topic(record.topic), record.key, value, headers)
+            if disposition is Disposition.INVALID:
+                self._answer_invalid(tx, record, message)
+            await tx.flush()
+        log.warning(
+            "request_dead_lettered",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error_class=type(error).__name__,
+            attempts=attempts,
+            value_ref=stored.ref if stored is not None else None,
+        )
+
+    def _dead_letter_value(
+        self, record: Incoming, error: BaseException, attempts: int, message: str
+    ) -> tuple[bytes | None, list[Header], dlt_values.StoredValue | None]:
+        """The dead letter's value and headers. A value too large to travel inline is left out
+        and referenced by a header; it is returned to be stored beside the dead letter."""
         origin = Origin(
             record.topic,
             record.partition,
@@ -335,39 +359,27 @@ class RequestProcessor:
         headers = dead_letter_headers(record.headers, origin, error, attempts, message=message)
         # a session state sent in the clear never reaches the dead-letter topic or its table
         kept = None if record.value is None else sessions.without_clear_sessions(record.value)
-        value, stored = kept, None
-        if kept is not None and _record_size(record.key, kept, headers) > (
-            self.settings.dlt_inline_max_bytes
+        if kept is None or (
+            _record_size(record.key, kept, headers) <= self.settings.dlt_inline_max_bytes
         ):
-            stored = dlt_values.StoredValue.of(kept)
-            value, headers = None, headers + value_ref_headers(stored.ref, kept)
+            return kept, headers, None
+        stored = dlt_values.StoredValue.of(kept)
+        return None, headers + value_ref_headers(stored.ref, kept), stored
+
+    def _answer_invalid(self, tx: Tx, record: Incoming, message: str) -> None:
+        """``request.invalid`` for bad input, where a correlation id can be read."""
         ids = _readable_ids(record.value)
         correlation_id = header(record.headers, CORRELATION_ID) or ids.get("request_id")
-        async with self.db.transaction() as conn:
-            tx = Tx(conn, self.services)
-            if stored is not None:
-                await dlt_values.store_value(conn, stored)
-            tx.box.add(dlt_topic(record.topic), record.key, value, headers)
-            if correlation_id and disposition is Disposition.INVALID:
-                invalid = RequestInvalid(
-                    request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
-                )
-                key = ids.get("job_id") or record.key
-                tx.box.add(
-                    self._reply_to(record),
-                    key,
-                    invalid.model_dump(mode="json"),
-                    [(CORRELATION_ID, correlation_id)],
-                )
-            await tx.flush()
-        log.warning(
-            "request_dead_lettered",
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            error_class=type(error).__name__,
-            attempts=attempts,
-            value_ref=stored.ref if stored is not None else None,
+        if not correlation_id:
+            return
+        invalid = RequestInvalid(
+            request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
+        )
+        tx.box.add(
+            self._reply_to(record),
+            ids.get("job_id") or record.key,
+            invalid.model_dump(mode="json"),
+            [(CORRELATION_ID, correlation_id)],
         )
 
 

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import structlog
-
 from app import seeding
 from app.leasing import Tx
-from app.store import jobs
-from schemas.messages import JobLeaseLost, SeedsClaim, SeedsClaimed
-from workers.jobs import why_lease_lost
-
-log = structlog.get_logger()
+from schemas.messages import SeedsClaim, SeedsClaimed
+from workers.jobs import refuse_follow_up
 
 
 async def claim(tx: Tx, req: SeedsClaim, reply_to: str, correlation_id: str) -> dict[str, Any]:
@@ -22,13 +17,7 @@ async def claim(tx: Tx, req: SeedsClaim, reply_to: str, correlation_id: str) -> 
         tx, job_id=req.job_id, lease_token=req.lease_token, limit=req.limit
     )
     if granted is None:
-        reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
-        log.info(
-            "seeds_claim_refused", job_id=req.job_id, lease_token=req.lease_token, reason=reason
-        )
-        return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
-            mode="json"
-        )
+        return await refuse_follow_up(tx, req, "seeds_claim_refused")
     return SeedsClaimed(request_id=req.request_id, job_id=req.job_id, seeds=granted).model_dump(
         mode="json"
     )

@@ -46,10 +46,13 @@ async def add_capture(
         text(
             """
             WITH live AS (
-                -- fencing (rule 2): only the holder of the job's live lease hands in captures
+                -- fencing (rule 2): only the holder of the job's live lease hands in captures.
+                -- FOR SHARE waits for a finish, cancel or expiry of the job in flight and then
+                -- tests the job again, so no capture joins a job that ended first.
                 SELECT id, site FROM jobs
                 WHERE id = :job_id AND status = 'RUNNING' AND lease_token = :token
-                  AND lease_expires_at > now()
+                  AND lease_expires_at > clock_timestamp()
+                FOR SHARE
             )
             INSERT INTO captures (id, job_id, site, url, storage_uri, sha256, content_type, size,
                                   captured_at, meta, fingerprint, dispatched_at)

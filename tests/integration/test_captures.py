@@ -10,11 +10,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.handoff import Delivery, TargetError
 from app.settings import Settings
-from app.store import Database
+from app.store import Database, jobs
 from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.undispatched_captures import UndispatchedCaptures
 from tests.support.captures import capture_row, outbox_payloads, relayed, running_job, submit
 from tests.support.leasing import replies, scalar
+from tests.support.waiting import eventually
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
 
@@ -87,6 +88,28 @@ async def test_submit_with_a_stale_token_changes_nothing(
     await processor.process(submit(settings, "job-1", token + 1000, "cap-1"))
     reply = (await replies(engine, settings, "job-1"))[-1]
     assert reply["type"] == "job.lease_lost" and reply["reason"] == "stale_token"
+    assert await scalar(engine, "SELECT count(*) FROM captures") == 0
+    assert await outbox_payloads(engine, settings.topic("captures")) == []
+
+
+async def test_a_submit_racing_a_finish_that_commits_first_records_nothing(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    token = await running_job(processor, engine, settings)
+    async with engine.connect() as finisher:
+        await finisher.begin()
+        assert await jobs.finish_job(finisher, "job-1", token, "SUCCEEDED", None) is not None
+        submitting = asyncio.create_task(processor.process(submit(settings, "job-1", token, "c1")))
+
+        async def blocked_or_done() -> bool:
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            return submitting.done() or await scalar(engine, waiting) > 0
+
+        await eventually(blocked_or_done)
+        await finisher.commit()
+    assert await submitting == "replied"
+    reply = (await replies(engine, settings, "job-1"))[-1]
+    assert reply["type"] == "job.lease_lost"
     assert await scalar(engine, "SELECT count(*) FROM captures") == 0
     assert await outbox_payloads(engine, settings.topic("captures")) == []
 
