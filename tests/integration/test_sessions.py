@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
@@ -18,6 +20,16 @@ from tests.support.leasing import (
 from workers.requests import RequestProcessor
 
 
+async def granted_on_a_fresh_site(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> dict[str, Any]:
+    """Job "one" started on a fresh site: its ``job.granted`` reply."""
+    await make_site(engine, settings)
+    await processor.process(start(settings, "one"))
+    [grant] = await replies(engine, settings)
+    return grant
+
+
 def state(**cookies: str) -> dict:
     return {
         "cookies": [
@@ -30,9 +42,7 @@ def state(**cookies: str) -> dict:
 async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    await make_site(engine, settings)
-    await processor.process(start(settings, "one"))
-    [grant] = await replies(engine, settings)
+    grant = await granted_on_a_fresh_site(processor, engine, settings)
     token, upload_key = grant["lease_token"], grant["upload_key"]
     await processor.process(
         request(
@@ -76,9 +86,7 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
 async def test_an_upload_without_a_live_lease_changes_nothing(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    await make_site(engine, settings)
-    await processor.process(start(settings, "one"))
-    [grant] = await replies(engine, settings)
+    grant = await granted_on_a_fresh_site(processor, engine, settings)
     sealed = sealed_state(state(a="1"), "session.upload", "one", grant["upload_key"])
     await processor.process(
         request(
@@ -98,9 +106,7 @@ async def test_an_upload_over_the_session_bounds_is_rejected_and_the_session_kep
 ) -> None:
     bounded = settings.model_copy(update={"session_max_cookies": 2})
     processor = RequestProcessor(bounded, Database(engine))
-    await make_site(engine, bounded)
-    await processor.process(start(bounded, "one"))
-    [grant] = await replies(engine, bounded)
+    grant = await granted_on_a_fresh_site(processor, engine, bounded)
     token, key = grant["lease_token"], grant["upload_key"]
     upload = dict(settings=bounded, type_="session.upload", job_id="one", lease_token=token)
     first = sealed_state(state(a="1", b="2"), "session.upload", "one", key)
@@ -121,9 +127,7 @@ async def test_an_upload_over_the_session_bounds_is_rejected_and_the_session_kep
 async def test_a_cookie_deleted_with_a_past_expiry_is_gone_from_the_next_grant(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    await make_site(engine, settings)
-    await processor.process(start(settings, "one"))
-    [grant] = await replies(engine, settings)
+    grant = await granted_on_a_fresh_site(processor, engine, settings)
     token, key = grant["lease_token"], grant["upload_key"]
     login = sealed_state(state(sid="1"), "session.upload", "one", key)
     await processor.process(
