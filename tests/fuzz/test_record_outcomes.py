@@ -32,8 +32,7 @@ from app.kafka import client_options, producer_options
 from app.settings import Settings
 from schemas.messages import parse_request
 from tests.support.kafka import lag_returns_to_zero
-from tests.support.leasing import make_site
-from tests.support.processes import QmProcess
+from tests.support.processes import serving
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.chaos
@@ -157,18 +156,8 @@ def server(topics: Settings) -> Iterator[Settings]:
     settings = topics.model_copy(
         update={"max_request_bytes": MAX_BYTES, "dlt_inline_max_bytes": INLINE_BYTES}
     )
-    asyncio.run(_make_site(settings))
-    with QmProcess(settings, "all") as process:
+    with serving(settings, capacity=1000, n_accounts=100):
         yield settings
-        assert process.proc is not None and process.proc.poll() is None, "the worker stopped"
-
-
-async def _make_site(settings: Settings) -> None:
-    engine = create_async_engine(settings.database_url)
-    try:
-        await make_site(engine, settings, capacity=1000, n_accounts=100)
-    finally:
-        await engine.dispose()
 
 
 @pytest.mark.timeout(900)

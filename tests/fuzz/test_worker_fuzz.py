@@ -17,15 +17,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.dlt import header
 from app.kafka import client_options, producer_options
 from app.settings import Settings
 from schemas.messages import parse_request
 from tests.support.kafka import lag_returns_to_zero
-from tests.support.leasing import COLLECTOR_PUBLIC_KEY, make_site
-from tests.support.processes import QmProcess
+from tests.support.leasing import COLLECTOR_PUBLIC_KEY
+from tests.support.processes import serving
 
 pytestmark = pytest.mark.chaos
 
@@ -113,18 +112,8 @@ def is_valid(raw: bytes) -> bool:
 def server(topics: Settings) -> Iterator[Settings]:
     """The real processes, started once for every Hypothesis example of the test."""
     settings = topics.model_copy(update={"max_request_bytes": MAX_BYTES})
-    asyncio.run(_make_site(settings))
-    with QmProcess(settings, "all") as process:
+    with serving(settings, capacity=50, n_accounts=50):
         yield settings
-        assert process.proc is not None and process.proc.poll() is None, "the worker stopped"
-
-
-async def _make_site(settings: Settings) -> None:
-    engine = create_async_engine(settings.database_url)
-    try:
-        await make_site(engine, settings, capacity=50, n_accounts=50)
-    finally:
-        await engine.dispose()
 
 
 @pytest.mark.timeout(600)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.settings import Settings
+from tests.support.leasing import make_site
 
 
 def settings_env(settings: Settings, **overrides: object) -> dict[str, str]:
@@ -77,3 +82,21 @@ class QmProcess:
     ) -> None:
         self.stop()
         self.log.unlink(missing_ok=True)
+
+
+@contextmanager
+def serving(settings: Settings, *, capacity: int, n_accounts: int) -> Iterator[None]:
+    """Site "board" with ``n_accounts`` accounts, and every qm process running on ``settings``
+    until the block ends; fails if the processes died before then."""
+    asyncio.run(_make_site(settings, capacity, n_accounts))
+    with QmProcess(settings, "all") as process:
+        yield
+        assert process.proc is not None and process.proc.poll() is None, "the worker stopped"
+
+
+async def _make_site(settings: Settings, capacity: int, n_accounts: int) -> None:
+    engine = create_async_engine(settings.database_url)
+    try:
+        await make_site(engine, settings, capacity=capacity, n_accounts=n_accounts)
+    finally:
+        await engine.dispose()
