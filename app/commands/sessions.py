@@ -18,9 +18,8 @@ from app.crypto import MissingKey, SecretBox
 from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import get_settings
-from app.store import Conn
+from app.store import Conn, sites
 from app.store import sessions as store
-from app.store import sites
 from schemas.sessions import SESSION_COOKIE_EXPIRES, state_bytes
 
 sessions_app = typer.Typer(help="Browser sessions of accounts: show (never values), clear.")
