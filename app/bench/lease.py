@@ -170,7 +170,9 @@ async def _bench(settings: Settings, plan: Plan, pids: dict[str, int], console: 
     await history.make_sites(
         settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS
     )
-    took = await history.preload(settings, slugs, plan.history)  # ANALYZE even without history
+    took = await history.preload(
+        settings, slugs, plan.history
+    )  # VACUUM (ANALYZE) even without history
     if plan.history:
         console.print(f"preloaded {plan.history:,} finished jobs in {took:.0f} s")
     extra = {} if plan.consumers is None else {"worker_consumers": plan.consumers}

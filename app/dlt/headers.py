@@ -59,6 +59,9 @@ _SECRET_PAIR = re.compile(
 _SECRET_STRUCTURE = re.compile(
     _SECRET_KEY + r"(?:\{|\[(?!redacted[\]:])).*", re.IGNORECASE | re.DOTALL
 )
+# the password of a URL's user (``postgresql://user:password@host``, as a connection error or
+# an unparsable QM_DATABASE_URL may show it)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+(@)", re.IGNORECASE)
 # pydantic's "field\n  message [type=…, input_value=…, input_type=…]": the value of a
 # secret-named field is on the line after its name
 _INPUT_VALUE = re.compile(r"(input_value=).*?(?=, input_type=|\]$|$)")
@@ -77,6 +80,7 @@ def redact(message: str, limit: int = MAX_ERROR_MESSAGE) -> str:
     cleaned = _redact_validation_inputs(message)
     cleaned = _SECRET_STRUCTURE.sub(lambda m: f"{m.group(1)}{REDACTED_REST}", cleaned)
     cleaned = _SECRET_PAIR.sub(lambda m: f"{m.group(1)}{REDACTED}", cleaned)
+    cleaned = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}{m.group(2)}", cleaned)
     return _truncate(cleaned, limit)
 
 

@@ -4,9 +4,7 @@ the capture back within its handoff lease + one sweep, and it is handed off once
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from datetime import datetime
 
 import pytest
@@ -14,10 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
 from app.store import Database
-from app.wiring import Wiring
-from reapers.runner import run_reapers
 from tests.integration.conftest_outbox import read_topic, running_relays
-from tests.support.captures import capture_row, running_job, submit, webhook
+from tests.support.captures import capture_row, running_job, running_reaper, submit, webhook
 from tests.support.processes import QmProcess
 from tests.support.waiting import eventually
 from workers.requests import RequestProcessor
@@ -27,18 +23,6 @@ pytestmark = pytest.mark.chaos
 LEASE_SECONDS = 3.0
 # what a loaded 2-core machine may add to the bound (a sweep in flight, scheduling)
 ALLOWANCE_SECONDS = 2.0
-
-
-@contextlib.asynccontextmanager
-async def running_reaper(settings: Settings) -> AsyncIterator[None]:
-    wiring = Wiring(settings, asyncio.Event(), "reaper")
-    task = asyncio.create_task(run_reapers(wiring))
-    try:
-        yield
-    finally:
-        wiring.stop.set()
-        await asyncio.wait_for(task, 30)
-        await wiring.close()
 
 
 async def ready_records(settings: Settings) -> list[str]:

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -19,11 +18,16 @@ from app.handoff import airflow as airflow_target
 from app.handoff.airflow import AirflowTarget, dag_run_id
 from app.settings import Settings
 from app.store import Database
-from app.wiring import Wiring
-from reapers.runner import run_reapers
 from tests.integration.conftest_outbox import read_topic, running_relays
 from tests.support.airflow import ApiServer
-from tests.support.captures import capture_body, capture_row, outbox_payloads, running_job, submit
+from tests.support.captures import (
+    capture_body,
+    capture_row,
+    outbox_payloads,
+    running_job,
+    running_reaper,
+    submit,
+)
 from tests.support.leasing import make_site
 from tests.support.processes import QmProcess
 from tests.support.waiting import eventually
@@ -141,18 +145,6 @@ async def test_a_refused_token_is_fetched_again_and_a_wrong_password_is_a_retrya
     assert refused.value.reason == "Airflow refused the login of 'intruder' (HTTP 401)"
     assert "guess" not in str(refused.value)
     assert await asyncio.to_thread(runs_of, airflow_api, f"{capture_id}-2") == []
-
-
-@contextlib.asynccontextmanager
-async def running_reaper(settings: Settings) -> AsyncIterator[None]:
-    wiring = Wiring(settings, asyncio.Event(), "reaper")
-    task = asyncio.create_task(run_reapers(wiring))
-    try:
-        yield
-    finally:
-        wiring.stop.set()
-        await asyncio.wait_for(task, 30)
-        await wiring.close()
 
 
 async def handed_off(engine: AsyncEngine, capture_id: str) -> bool:

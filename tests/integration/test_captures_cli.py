@@ -15,6 +15,7 @@ from app.handoff import Delivery, TargetError
 from app.settings import Settings, get_settings
 from app.store import Database
 from tests.support.captures import capture_row, outbox_payloads, running_job, submit
+from tests.support.cli import assert_one_red_line
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
 
@@ -44,14 +45,6 @@ class Refuser:
 
     async def deliver(self, delivery: Delivery) -> None:
         raise TargetError("refused for good", retryable=False)
-
-
-def assert_one_red_line(result: Result, *words: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 async def failed_capture(engine: AsyncEngine, settings: Settings) -> None:

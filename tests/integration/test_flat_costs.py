@@ -37,7 +37,7 @@ async def preload(engine: AsyncEngine, settings: Settings) -> None:
         )
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await history.analyze(conn)
+        await history.vacuum_analyze(conn)
 
 
 async def test_the_leasing_path_uses_the_key_and_the_holder_index_whatever_the_statistics(

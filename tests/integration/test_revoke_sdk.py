@@ -12,22 +12,17 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from app.sdk import QuartermasterClient
-from app.settings import Settings, get_settings
+from app.settings import Settings
+from tests.support.cli import operator_cli
 from tests.support.leasing import make_site, scalar
-from tests.support.processes import QmProcess, settings_env
+from tests.support.processes import QmProcess
 from tests.support.waiting import eventually
 
 
 @pytest.fixture
 def qm(topics: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
-    for name, value in settings_env(topics).items():
-        monkeypatch.setenv(name, value)
-    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr("app.cli.configure_logging", lambda *args: None)
-    get_settings.cache_clear()
-    yield CliRunner()
-    get_settings.cache_clear()
+    with operator_cli(topics, monkeypatch) as runner:
+        yield runner
 
 
 async def test_a_revoked_holder_hears_lease_lost_at_once_and_finishes_nothing(

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from app.db.migrate import upgrade
-from app.settings import Settings, get_settings
+from app.settings import Settings
 from app.store import Database
 from reapers.inbox_retention import InboxRetention
 from tests.conftest import asyncpg_dsn
+from tests.support.cli import operator_cli
 from tests.support.leasing import make_site, replies, request, scalar, start
-from tests.support.processes import settings_env
 from tests.support.waiting import eventually
 from workers.requests import Incoming, RequestProcessor
 
@@ -80,16 +80,8 @@ async def test_cancel_of_a_waiting_job_needs_no_token(
 
 @pytest.fixture
 def qm(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
-    """`qm …` as an operator runs it, with the test's settings in the environment."""
-    for name, value in settings_env(settings).items():
-        monkeypatch.setenv(name, value)
-    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
-        monkeypatch.delenv(name, raising=False)
-    # the process-wide logging setup (cached loggers) would outlive this test
-    monkeypatch.setattr("app.cli.configure_logging", lambda *args: None)
-    get_settings.cache_clear()
-    yield CliRunner()
-    get_settings.cache_clear()
+    with operator_cli(settings, monkeypatch) as runner:
+        yield runner
 
 
 async def test_an_operator_revokes_a_lease_and_the_holder_hears_lease_lost(

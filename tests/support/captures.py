@@ -3,11 +3,13 @@ counts, and a real webhook receiver on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
 from app.store import captures
+from app.wiring import Wiring
+from reapers.runner import run_reapers
 from tests.support.leasing import make_site, replies, request, scalar, start
 from workers.requests import Incoming, RequestProcessor
 
@@ -149,3 +153,16 @@ def webhook(*statuses: int) -> Iterator[Webhook]:
         hook.released.set()
         server.shutdown()
         server.server_close()
+
+
+@contextlib.asynccontextmanager
+async def running_reaper(settings: Settings) -> AsyncIterator[None]:
+    """The reaper process's sweeps running in this event loop until the block ends."""
+    wiring = Wiring(settings, asyncio.Event(), "reaper")
+    task = asyncio.create_task(run_reapers(wiring))
+    try:
+        yield
+    finally:
+        wiring.stop.set()
+        await asyncio.wait_for(task, 30)
+        await wiring.close()

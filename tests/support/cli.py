@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from click.testing import Result
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from app.settings import Settings, get_settings
+from tests.support.processes import settings_env
 
 Qm = Callable[..., Awaitable[Result]]
 
@@ -40,3 +42,20 @@ def assert_one_red_line(result: Result, *words: str) -> None:
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+@contextmanager
+def operator_cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    """A runner for `qm …` as an operator runs it: every one of the test's settings in the
+    environment, and nothing of the machine's own."""
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+    # the process-wide logging setup (cached loggers) would outlive this test
+    monkeypatch.setattr("app.cli.configure_logging", lambda *args: None)
+    get_settings.cache_clear()
+    try:
+        yield CliRunner()
+    finally:
+        get_settings.cache_clear()

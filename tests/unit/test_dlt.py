@@ -102,6 +102,8 @@ def test_a_string_error_is_an_invalid_message_and_its_text_is_redacted_and_bound
         f"api-key: '{CANARY}' next",
         f'x {{"storage_state": {{"cookies": [{{"value": "{CANARY}"}}]}}}}',
         f"cookies=[{{'value': '{CANARY}'}}]",
+        f"cannot connect to postgresql+asyncpg://qm:{CANARY}@db:5432/qm",
+        f"POST https://hooks:{CANARY}@example.com/in failed",
     ],
 )
 def test_redact_hides_secret_values(message: str) -> None:
