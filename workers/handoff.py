@@ -44,6 +44,12 @@ from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
 Targets = Callable[[Delivery, Settings], list[Target]]
+# what a finalised handoff returns (and logs, as ``capture_<outcome>``), by the capture's status
+OUTCOMES = {
+    CaptureStatus.HANDED_OFF: "handed_off",
+    CaptureStatus.RECEIVED: "retrying",
+    CaptureStatus.FAILED: "failed",
+}
 
 
 def delivery_of(capture: Row) -> Delivery:
@@ -152,11 +158,7 @@ class HandoffWorker:
         if done is None:
             log.info("handoff_lost", capture_id=capture_id, handoff_token=token)
             return "lost"
-        outcome = {
-            CaptureStatus.HANDED_OFF: "handed_off",
-            CaptureStatus.RECEIVED: "retrying",
-            CaptureStatus.FAILED: "failed",
-        }[CaptureStatus(done["status"])]
+        outcome = OUTCOMES[CaptureStatus(done["status"])]
         log.info(
             "capture_" + outcome,
             capture_id=capture_id,

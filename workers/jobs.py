@@ -78,6 +78,13 @@ def over_cap(tx: Tx, req: JobStart | JobHeartbeat) -> Reply:
     return None
 
 
+def rejected(req: JobStart | JobCancel, reason: str) -> dict[str, Any]:
+    """The ``job.rejected`` reply with ``reason``."""
+    return JobRejected(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
+        mode="json"
+    )
+
+
 def invalid(req: JobStart | JobHeartbeat | JobFinish, error: str) -> dict[str, Any]:
     return RequestInvalid(
         request_id=str(req.request_id), job_id=req.job_id, error=error
@@ -98,32 +105,16 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
     """Queue the job, then grant the site's waiting jobs in FIFO order (this one among them)."""
     if (refused := over_cap(tx, req)) is not None:
         return refused
-    rejected = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="")
     site = await sites.lock_site(tx.conn, req.site)
     if site is None:
-        return rejected.model_copy(update={"reason": "unknown_site"}).model_dump(mode="json")
+        return rejected(req, "unknown_site")
     if req.needs.account and not site["has_accounts"]:
-        return rejected.model_copy(update={"reason": "no_accounts"}).model_dump(mode="json")
-    lease_seconds = lease_length(tx, req.lease_seconds, site["lease_seconds"])
-    job = await jobs.queue_job(
-        tx.conn,
-        job_id=req.job_id,
-        site=req.site,
-        collector=req.collector,
-        needs_account=req.needs.account,
-        needs_seeds=req.needs.seeds,
-        lease_seconds=lease_seconds,
-        wait_seconds=req.wait_seconds,
-        request_id=str(req.request_id),
-        reply_to=reply_to,
-        correlation_id=correlation_id,
-        public_key=req.public_key,
-    )
+        return rejected(req, "no_accounts")
+    job = await _queue(tx, req, site, reply_to, correlation_id)
     if job is None:
         existing = await jobs.describe_job(tx.conn, req.job_id)
         exhausted = existing is not None and existing["reason"] == "attempts_exhausted"
-        reason = "attempts_exhausted" if exhausted else "job_exists"
-        return rejected.model_copy(update={"reason": reason}).model_dump(mode="json")
+        return rejected(req, "attempts_exhausted" if exhausted else "job_exists")
     tx.events.job("queued", job)
     if req.job_id in await grant_waiting(tx, req.site):
         return None  # grant_waiting sent job.granted to this request
@@ -136,6 +127,26 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
     position = await jobs.queue_position(tx.conn, req.job_id)
     return JobQueued(request_id=req.request_id, job_id=req.job_id, position=position).model_dump(
         mode="json"
+    )
+
+
+async def _queue(
+    tx: Tx, req: JobStart, site: Row, reply_to: str, correlation_id: str
+) -> Row | None:
+    """The job's row, WAITING; None when the job_id is taken."""
+    return await jobs.queue_job(
+        tx.conn,
+        job_id=req.job_id,
+        site=req.site,
+        collector=req.collector,
+        needs_account=req.needs.account,
+        needs_seeds=req.needs.seeds,
+        lease_seconds=lease_length(tx, req.lease_seconds, site["lease_seconds"]),
+        wait_seconds=req.wait_seconds,
+        request_id=str(req.request_id),
+        reply_to=reply_to,
+        correlation_id=correlation_id,
+        public_key=req.public_key,
     )
 
 
@@ -192,10 +203,9 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
 async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> Reply:
     """Cancel a waiting job, or a running one for the holder of its live lease (its account
     goes to the next waiter). A running job's cancel without that token changes nothing."""
-    refused = JobRejected(request_id=req.request_id, job_id=req.job_id, reason="unknown_job")
     site = await sites.lock_site_of_job(tx.conn, req.job_id)
     if site is None:
-        return refused.model_dump(mode="json")
+        return rejected(req, "unknown_job")
     job = await jobs.cancel_job(tx.conn, req.job_id, req.lease_token)
     if job is None:
         existing = await jobs.describe_job(tx.conn, req.job_id)
@@ -205,7 +215,7 @@ async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> 
             log.info("cancel_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
             return lease_lost(req, why)
         reason = f"job_{str(existing['status']).lower()}" if existing else "unknown_job"
-        return refused.model_copy(update={"reason": reason}).model_dump(mode="json")
+        return rejected(req, reason)
     if job["was"] == JobStatus.RUNNING:
         await release_resources(tx, job, site, outcome="cancelled")
     else:

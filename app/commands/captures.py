@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -27,6 +28,22 @@ SHOWN = (
     "handoff_token", "handoff_expires_at", "handed_off_at", "failed_at", "last_error",
     "webhook_url", "dag_id",
 )  # fmt: skip
+
+
+def webhook_shown(url: str | None) -> str | None:
+    """A webhook URL as operators see it: scheme and host only (its path or query may hold a
+    token, like a Slack or Airflow hook's)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    rest = "/…" if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{rest}"
+
+
+def _shown(row: Row) -> dict[str, object]:
+    return {
+        name: webhook_shown(row[name]) if name == "webhook_url" else row[name] for name in SHOWN
+    }
 
 
 def _status(value: str | None) -> str | None:
@@ -82,11 +99,11 @@ def captures_show(capture_id: str, as_json: Json = False) -> None:
     if row is None:
         raise fail(f"no capture {capture_id!r}")
     if as_json:
-        print_json_lines([{name: row[name] for name in (*SHOWN, "meta")}])
+        print_json_lines([{**_shown(row), "meta": row["meta"]}])
         return
     grid = table("field", "value")
-    for name in SHOWN:
-        grid.add_row(name, "" if row[name] is None else str(row[name]))
+    for name, value in _shown(row).items():
+        grid.add_row(name, "" if value is None else str(value))
     grid.add_row("meta", json.dumps(row["meta"]))
     out().print(grid)
 
@@ -138,4 +155,4 @@ def captures_webhook(
 
     if not in_transaction(work):
         raise fail(f"no site {site!r}")
-    out().print(f"[green]{site}: captures go to {url or 'no webhook'}[/]")
+    out().print(f"[green]{site}: captures go to {webhook_shown(url) or 'no webhook'}[/]")

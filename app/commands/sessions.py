@@ -18,7 +18,7 @@ from app.crypto import MissingKey, SecretBox
 from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import get_settings
-from app.store import Conn
+from app.store import Conn, sites
 from app.store import sessions as store
 from schemas.sessions import SESSION_COOKIE_EXPIRES, state_bytes
 
@@ -125,6 +125,9 @@ def sessions_clear(
     settings = get_settings()
 
     async def work(conn: Conn) -> Any:
+        # the site's lock first, as every request's transaction takes it: an upload or finish
+        # merging into this session ends before the delete, or starts after it and sees it
+        await sites.lock_site(conn, site)
         row = await store.clear_session(conn, site, username)
         if row is not None:
             box = Outbox(settings.outbox_shards)

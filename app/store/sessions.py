@@ -30,16 +30,28 @@ async def held_session(conn: AsyncConnection, job_id: str, lease_token: int) -> 
 async def save_session(
     conn: AsyncConnection, account_id: int, sealed_state: bytes, expected_version: int | None
 ) -> int | None:
-    """Write the merged state as the next version; None if another writer got there first."""
+    """Write the merged state as the next version; None if another writer got there first.
+
+    ``expected_version`` None means "no session yet": only a first insert is allowed then, so a
+    session cleared (deleted) after the caller read it is never brought back by an update.
+    """
     result = await conn.execute(
         text(
             """
-            INSERT INTO sessions AS s (account_id, storage_state, version)
-            VALUES (:account, :state, 1)
-            ON CONFLICT (account_id) DO UPDATE
-            SET storage_state = excluded.storage_state, version = s.version + 1, updated_at = now()
-            WHERE s.version = :expected
-            RETURNING version
+            WITH updated AS (
+                -- the next version, only over the version the caller merged into
+                UPDATE sessions
+                SET storage_state = :state, version = version + 1, updated_at = now()
+                WHERE account_id = :account AND version = CAST(:expected AS integer)
+                RETURNING version
+            ), inserted AS (
+                -- the first version, only when the caller saw none
+                INSERT INTO sessions (account_id, storage_state, version)
+                SELECT :account, :state, 1 WHERE CAST(:expected AS integer) IS NULL
+                ON CONFLICT (account_id) DO NOTHING
+                RETURNING version
+            )
+            SELECT version FROM updated UNION ALL SELECT version FROM inserted
             """
         ),
         {"account": account_id, "state": sealed_state, "expected": expected_version},

@@ -102,7 +102,10 @@ async def test_a_submit_racing_a_finish_that_commits_first_records_nothing(
         submitting = asyncio.create_task(processor.process(submit(settings, "job-1", token, "c1")))
 
         async def blocked_or_done() -> bool:
-            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
             return submitting.done() or await scalar(engine, waiting) > 0
 
         await eventually(blocked_or_done)

@@ -92,8 +92,17 @@ async def test_qm_captures_refuses_bad_input_in_one_line(
     assert_one_red_line(await qm("captures", "webhook", "board", "ftp://x"), "not an http(s) URL")
     assert_one_red_line(await qm("captures", "webhook", "nowhere", "https://x.example/"), "no site")
     assert_one_red_line(await qm("captures", "webhook", "board"), "--clear")
-    set_ = await qm("captures", "webhook", "board", "https://hooks.example/captures")
+    hook = "https://hooks.example/captures/T0KEN?key=S3CRET"
+    set_ = await qm("captures", "webhook", "board", hook)
     assert set_.exit_code == 0, set_.output
-    assert (await capture_row(engine, "cap-2"))["webhook_url"] == "https://hooks.example/captures"
+    assert (await capture_row(engine, "cap-2"))["webhook_url"] == hook
+    shown = await qm("captures", "show", "cap-2")
+    for output in (
+        set_.stdout,
+        shown.stdout,
+        (await qm("captures", "show", "cap-2", "--json")).stdout,
+    ):
+        assert "https://hooks.example/" in output  # what the operator sees: scheme and host
+        assert "T0KEN" not in output and "S3CRET" not in output
     assert (await qm("captures", "webhook", "board", "--clear")).exit_code == 0
     assert (await capture_row(engine, "cap-2"))["webhook_url"] is None

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
-from app.store import Database
+from app.store import Database, sessions
 from tests.support.leasing import (
     make_site,
     opened_session,
@@ -149,3 +149,21 @@ async def test_a_cookie_deleted_with_a_past_expiry_is_gone_from_the_next_grant(
     granted = (await replies(engine, settings))[-1]
     assert granted["type"] == "job.granted"
     assert opened_session(granted)["cookies"] == []
+
+
+async def test_a_save_over_a_session_cleared_since_it_was_read_changes_nothing(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings, n_accounts=1)
+    account = await scalar(engine, "SELECT min(id) FROM accounts")
+    async with engine.begin() as conn:
+        assert await sessions.save_session(conn, account, b"first", None) == 1
+        assert await sessions.save_session(conn, account, b"again", None) is None  # not first
+        assert await sessions.save_session(conn, account, b"second", 1) == 2
+    async with engine.begin() as conn:  # an operator clears it after a merge read version 2
+        await sessions.clear_session(
+            conn, "board", await scalar(engine, "SELECT min(username) FROM accounts")
+        )
+    async with engine.begin() as conn:
+        assert await sessions.save_session(conn, account, b"stale", 2) is None
+    assert await scalar(engine, "SELECT count(*) FROM sessions") == 0

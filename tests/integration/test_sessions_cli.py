@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.crypto import SecretBox
 from app.settings import Settings, get_settings
-from app.store import sessions
+from app.store import sessions, sites
 from tests.support.leasing import make_site, scalar
+from tests.support.waiting import eventually
 
 Qm = Callable[..., Awaitable[Result]]
 COOKIE_VALUE = "cookie-value-never-shown"
@@ -90,6 +91,33 @@ async def test_clear_deletes_the_session_and_says_so_on_the_events_topic(
     assert again.exit_code == 2 and "has no session" in again.output
     shown = await qm("sessions", "show", "board", "user0@board")
     assert shown.exit_code == 0 and "has no session" in shown.output
+
+
+async def test_a_clear_racing_a_session_merge_is_not_undone_by_it(
+    qm: Qm, engine: AsyncEngine, settings: Settings
+) -> None:
+    await with_session(engine, settings)
+    account = await scalar(engine, "SELECT id FROM accounts WHERE username = 'user0@board'")
+    async with engine.connect() as merger:  # a claim worker's transaction merging an upload
+        await merger.begin()
+        await sites.lock_site(merger, "board")
+        kept = await scalar(engine, "SELECT version FROM sessions")
+        clearing = asyncio.create_task(qm("sessions", "clear", "board", "user0@board"))
+
+        async def blocked_or_done() -> bool:
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            return clearing.done() or await scalar(engine, waiting) > 0
+
+        await eventually(blocked_or_done)
+        sealed = SecretBox.from_settings(settings).seal_json(STATE)
+        assert await sessions.save_session(merger, account, sealed, kept) is not None
+        await merger.commit()
+    cleared = await clearing
+    assert cleared.exit_code == 0, cleared.output
+    assert await scalar(engine, "SELECT count(*) FROM sessions") == 0
 
 
 async def test_an_unknown_account_is_one_line_and_exit_2(
