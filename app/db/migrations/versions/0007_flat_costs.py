@@ -22,6 +22,8 @@ Revises: 0006
 
 from alembic import op
 
+from app.db.scripts import execute_script
+
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
@@ -53,13 +55,8 @@ ALTER TABLE jobs DROP CONSTRAINT IF EXISTS jobs_running_granted
 """
 
 
-def _statements(script: str) -> list[str]:
-    return [part.strip() for part in script.split(";\n") if part.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    execute_script(UPGRADE)
     for table in HOT_TABLES:
         op.execute(
             f"ALTER TABLE {table} SET (autovacuum_analyze_scale_factor = 0.02, "
@@ -73,5 +70,4 @@ def downgrade() -> None:
             f"ALTER TABLE {table} RESET (autovacuum_analyze_scale_factor, "
             "autovacuum_vacuum_scale_factor)"
         )
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    execute_script(DOWNGRADE)
