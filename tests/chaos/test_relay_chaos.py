@@ -115,6 +115,12 @@ async def test_a_relay_process_killed_mid_stream_under_load_loses_nothing(
             written.extend(rows)
 
     with QmProcess(settings, "relay", outbox_batch_size=50) as doomed:
+        # the relay is up and publishing before the load starts, so its start-up (a cold
+        # interpreter, a broker that just started) is not raced against the load
+        first = numbered(keys, 1, numbers)
+        await write_numbered(engine, settings, topic, first)
+        written.extend(first)
+        await wait_until(lambda: _empty(engine), 60, "the relay's first rows published")
         writer = asyncio.create_task(load())
         # kill it while it streams: rows being published, more being written
         await wait_until(lambda: _published_some(engine, writer, 1000), 60, "1000 published")
