@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     worker_transactions: int = Field(
         2, description="Request transactions one claim worker process runs at once."
     )
+    # pipelined consumption: records handed over without waiting for their outcome
+    worker_max_in_flight: int = Field(
+        128,
+        ge=1,
+        description="Most request records one claim worker process holds between reading them and "
+        "their final outcome. Consumers read on while earlier records wait for or run in a "
+        "transaction; at this many they wait (backpressure). Offsets are committed only up to "
+        "the first record whose outcome is not final.",
+    )
     consumer_session_timeout_ms: int = Field(
         6_000,
         description="Kafka group session timeout: how soon a dead worker's partitions move (and "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import structlog
 
 from app.wiring import Wiring
-from workers.consuming import Subscription, consuming
+from workers.consuming import Subscription, pipelined
 from workers.requests import RequestProcessor
 
 log = structlog.get_logger()
@@ -32,7 +32,7 @@ async def run_claim_worker(wiring: Wiring) -> None:
         settings.topic("requests"), settings.consumer_group, settings.worker_consumers
     )
     try:
-        async with consuming(wiring, requests, processor.process):
+        async with pipelined(wiring, requests, processor.submit, settings.worker_max_in_flight):
             log.info(
                 "claim_worker_started",
                 topic=requests.topic,
@@ -41,5 +41,6 @@ async def run_claim_worker(wiring: Wiring) -> None:
             )
             await wiring.stop.wait()
     finally:
+        processor.close()  # records still waiting are read again by the partitions' next owner
         await processor.drain()  # the database closes after this, with the wiring
         log.info("claim_worker_stopped")
