@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     worker_consumers: int = Field(
         6,
         description="Kafka consumers of the group in one claim worker process. Each takes its own "
-        "partitions of the requests topic and handles their records in order, so up to this many "
-        "requests run at once; more than the topic's partitions leaves the extra ones idle.",
+        "partitions of the requests topic and hands their records over in order; more than the "
+        "topic's partitions leaves the extra ones idle.",
     )
     worker_batch_max: int = Field(
         32,

@@ -2,18 +2,23 @@
 
 Every record read gets exactly one outcome. The record's bytes reach the handler untouched
 (``parse_raw``): no framework step decodes a header, so none can drop a record whose headers are
-not UTF-8 or whose key or value is null. Its offset is committed only after the handler returned
-(a handler interrupted before it finished is not acknowledged and the record is read again).
+not UTF-8 or whose key or value is null.
 
-Several consumers of the group may run in one process, each on its own partitions, each handling
-its records in order.
+``pipelined``: a consumer hands each record over (``Submit``) and reads the next without waiting
+for its outcome, up to a bound of records in flight (then it waits: backpressure). The handler is
+told when a record's outcome is final, in any order; ``OffsetCommits`` commits each partition only
+up to its first record not final (``workers.pipeline.Positions``), so a record handed over is
+never lost: a crash, or a partition moving to another consumer, reads again every record not
+final (and those after it), and the handlers' own idempotence answers them. ``consuming``: one
+record at a time per consumer (each is final when its handler returned).
 
-Offsets are committed in the background (``OffsetCommits``): a handler marks its record done and
-takes the next one at once instead of waiting for the broker to confirm the commit, which costs a
-group-coordinator write (5 ms or more on Kafka 4 brokers, whose coordinator lingers to batch
-writes) and would double the time each record holds its partition. Only offsets of records whose
-handler returned are ever committed. A crash before the commit means the records done since the
-last commit are read again (and the handlers' own idempotence answers them as before).
+Several consumers of the group may run in one process, each on its own partitions, each handing
+its records over in order.
+
+Offsets are committed in the background: a record's outcome does not wait for the broker to
+confirm the commit, which costs a group-coordinator write (5 ms or more on Kafka 4 brokers, whose
+coordinator lingers to batch writes). A record that could not be handed over (the handler raised
+before it did) is not registered: the consumer seeks back to it, and nothing after it was taken.
 """
 
 from __future__ import annotations
@@ -123,21 +128,21 @@ class Ticket:
         if self.open:
             self.open = False
             self._positions.finish(self.offset)
-            self._commits.moved()
+            self._commits.closed_one()
 
     def forget(self) -> None:
         """The record was not handed over after all: it is read again, nothing is committed."""
         if self.open:
             self.open = False
             self._positions.forget(self.offset)
-            self._commits.moved()
+            self._commits.closed_one()
 
 
 class OffsetCommits(ConsumerRebalanceListener):
     """The records in flight of each partition, and their offsets committed in the background.
 
-    ``take`` registers a record before it is handed over (waiting while ``max_in_flight`` are in
-    flight: backpressure); its ticket's ``finish`` marks its outcome final, in any order. A
+    ``take`` registers a record before it is handed over (waiting while ``max_in_flight`` have no
+    final outcome yet: backpressure); its ticket's ``finish`` marks its outcome final, in any order. A
     partition is committed up to its first record not finished (``workers.pipeline.Positions``),
     every ``COMMIT_INTERVAL_SECONDS`` while records finish; ``flush`` commits now. Before
     partitions are revoked, and when the worker stops, the records in flight are given up to
@@ -159,8 +164,14 @@ class OffsetCommits(ConsumerRebalanceListener):
         self._moved = asyncio.Event()  # something finished or was forgotten: room, or settled
         self._lock = asyncio.Lock()
         self._closed = False
+        self._open = 0  # records handed over whose outcome is not final yet
+
+    @property
+    def open(self) -> int:
+        return self._open
 
     def in_flight(self, only: set[TopicPartition] | None = None) -> int:
+        """Records not committed yet (of ``only``): those not final and those after them."""
         return sum(
             len(positions)
             for partitions in self._positions.values()
@@ -172,7 +183,7 @@ class OffsetCommits(ConsumerRebalanceListener):
         """Register ``record`` as in flight once there is room; None when it must not be handed
         over (its partition was revoked meanwhile, or the worker stops): it is read again."""
         tp = TopicPartition(record.topic, record.partition)
-        while not self._closed and self.in_flight() >= self.max_in_flight:
+        while not self._closed and self._open >= self.max_in_flight:
             self._moved.clear()
             await self._moved.wait()
         if self._closed:
@@ -181,7 +192,12 @@ class OffsetCommits(ConsumerRebalanceListener):
             return None
         positions = self._positions.setdefault(consumer, {}).setdefault(tp, Positions())
         positions.take(record.offset)
+        self._open += 1
         return Ticket(self, positions, record.offset)
+
+    def closed_one(self) -> None:
+        self._open -= 1
+        self.moved()
 
     def moved(self) -> None:
         self._wake.set()

@@ -1,11 +1,17 @@
 """The claim worker's core: each request's inbox row, transition and outbox reply commit together.
 
-Requests that arrive while the worker's transactions run wait and go together into the next one
-(group commit, ``QM_WORKER_BATCH_MAX``): one BEGIN, one outbox insert and one COMMIT for all of
-them. The transaction first locks every site its requests touch, in slug order, so two of them
-cannot deadlock; then it applies the requests one after another, exactly as separate transactions
-would. If it fails for any reason, each of its requests is tried again in a transaction of its own,
-so one bad request never holds up the others.
+Records are handed over in the order they were read and wait for the worker's transactions
+(``QM_WORKER_TRANSACTIONS``), which take them in that order (group commit, ``QM_WORKER_BATCH_MAX``):
+one BEGIN, one outbox insert and one COMMIT for all of them. Two requests of one job are never in
+two running transactions (``workers.pipeline.KeyedQueue``), so a job's requests commit in the
+order they were read. The transaction first locks every site its requests touch, in slug order, so
+two of them cannot deadlock; then it applies the requests one after another, exactly as separate
+transactions would. If it fails for any reason, each of its requests goes again alone, in order,
+in a transaction of its own, so one bad request never holds up the others for long.
+
+A request whose ``request_id`` was seen before is answered again from the inbox, unless it is the
+very record that first claimed it (same partition and offset), read again after a crash: its reply
+was committed with its transition, so it gets no second one.
 
 Every transaction takes its locks in one order (docs/design.md): sites (in slug order), inbox
 rows, jobs, accounts, sessions, outbox keys. Locking the sites first also puts the answer to a
