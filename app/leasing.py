@@ -53,10 +53,20 @@ class Tx:
         self.settings = services.settings
         self.box = Outbox(services.settings.outbox_shards)
         self.events = Events(services.settings, self.box)
+        # the reply partition the request being applied asked for (its qm.reply_partition
+        # header); a job.start stores it on its job for the replies that come later
+        self.reply_partition: int | None = None
 
     def reply(self, job: Row, message: dict[str, Any]) -> None:
-        """A reply to the job's own start request (its reply topic and correlation id)."""
-        self.box.add(job["reply_to"], job["id"], message, [(CORRELATION_ID, job["correlation_id"])])
+        """A reply to the job's own start request (its reply topic, partition and correlation
+        id)."""
+        self.box.add(
+            job["reply_to"],
+            job["id"],
+            message,
+            [(CORRELATION_ID, job["correlation_id"])],
+            partition=job["reply_partition"],
+        )
 
     def answer_start(self, job: Row, message: dict[str, Any]) -> None:
         """The final answer to a job's start request, which its inbox row keeps from now on (so
