@@ -56,7 +56,7 @@ from app.errors import Disposition, InvalidMessage, classify, describe, unexpect
 from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION
 from app.leasing import Services, Tx
 from app.settings import Settings
-from app.store import Database, dlt_values, inbox, sites
+from app.store import Database, dlt_values, inbox
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_PARTITION,
@@ -261,13 +261,16 @@ class RequestProcessor:
         """Apply ``requests`` in order in one transaction; their outcomes."""
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            # the first locks of every transaction, alone or shared: the sites (lock order)
-            await sites.lock_sites(
+            # the first locks of every transaction, alone or shared: the sites (lock order),
+            # then the requests' inbox rows, in one statement
+            claimed = await inbox.claim_requests(
                 conn,
-                [p.request.site for p in requests if isinstance(p.request, JobStart)],
-                [p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
+                [_claim(p.request) for p in requests],
+                slugs=[p.request.site for p in requests if isinstance(p.request, JobStart)],
+                job_ids=[p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
             )
-            unseen = await inbox.claim_requests(conn, [_claim(p.request) for p in requests])
+            tx.locked_sites, tx.job_sites = claimed.sites, claimed.job_sites
+            unseen = claimed.fresh
             outcomes = []
             for parsed in requests:  # a request_id twice here: the first is new, then a repeat
                 request_id = str(parsed.request.request_id)

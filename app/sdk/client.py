@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import uuid
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,6 +38,7 @@ from app.sdk.errors import (
     RequestTimeout,
     SecretUndecryptable,
 )
+from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import said_by_us, sdk_logger
 from app.sdk.replies import Release, ReplyRouter, Waiter
 from app.sdk.routing import partition_to_read
@@ -111,7 +111,7 @@ class QuartermasterClient:
         self.topic_prefix = topic_prefix
         self.request_topic = f"{topic_prefix}requests"
         self.reply_topic = reply_topic or f"{topic_prefix}replies"
-        self.client_id = uuid.uuid4().hex  # picks the reply partition of the shared topic
+        self.client_id = os.urandom(16).hex()  # picks the reply partition of the shared topic
         self.reply_partition = reply_partition  # the one partition read (None: all, or unknown)
         self._asked_partition = reply_partition
         self._route_replies = route_replies
@@ -352,7 +352,7 @@ class QuartermasterClient:
             needs_account=needs_account,
             seeds=seeds,
             collector=collector or self.collector,
-            job_id=job_id or str(uuid.uuid4()),
+            job_id=job_id or new_id(),
             timeout=self.request_timeout if timeout is None else timeout,
         )
 
@@ -454,7 +454,7 @@ class QuartermasterClient:
         task.add_done_callback(self._background.discard)
 
     async def _release(self, job_id: str, why: str, lease_token: int | None) -> None:
-        cancel = JobCancel(request_id=uuid.uuid4(), job_id=job_id, lease_token=lease_token)
+        cancel = JobCancel(request_id=new_uuid(), job_id=job_id, lease_token=lease_token)
         try:
             await self._send(cancel, str(cancel.request_id))
         except Exception as exc:  # noqa: BLE001 - the lease expires anyway; say so and go on

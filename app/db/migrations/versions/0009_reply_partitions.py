@@ -1,14 +1,14 @@
 """Reply routing: the partition of its reply topic a job's start request asked for, and the
 partition an outbox row is sent to (NULL in both: keyed by job id, Kafka's partitioner picks).
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 """
 
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
