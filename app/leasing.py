@@ -53,10 +53,40 @@ class Tx:
         self.settings = services.settings
         self.box = Outbox(services.settings.outbox_shards)
         self.events = Events(services.settings, self.box)
+        # the reply partition the request being applied asked for (its qm.reply_partition
+        # header); a job.start stores it on its job for the replies that come later
+        self.reply_partition: int | None = None
+        # the sites this transaction locked first (their settings cannot change while it holds
+        # them), and the site of each job it named then
+        self.locked_sites: dict[str, Row] = {}
+        self.job_sites: dict[str, str] = {}
+
+    async def site(self, slug: str) -> Row | None:
+        """The site's row, locked: as the transaction's first statement read it, or locked now.
+
+        Its ``has_accounts`` holds for the whole transaction (no request makes an account
+        INACTIVE or brings one back); ``has_waiting`` is not in it, since it changes as jobs
+        queue and are granted."""
+        if (site := self.locked_sites.get(slug)) is not None:
+            return site
+        return await sites.lock_site(self.conn, slug)
+
+    async def site_of_job(self, job_id: str) -> Row | None:
+        """``site`` of the job's site; None when there is no such job."""
+        if (slug := self.job_sites.get(job_id)) is not None:
+            return await self.site(slug)
+        return await sites.lock_site_of_job(self.conn, job_id)
 
     def reply(self, job: Row, message: dict[str, Any]) -> None:
-        """A reply to the job's own start request (its reply topic and correlation id)."""
-        self.box.add(job["reply_to"], job["id"], message, [(CORRELATION_ID, job["correlation_id"])])
+        """A reply to the job's own start request (its reply topic, partition and correlation
+        id)."""
+        self.box.add(
+            job["reply_to"],
+            job["id"],
+            message,
+            [(CORRELATION_ID, job["correlation_id"])],
+            partition=job["reply_partition"],
+        )
 
     def answer_start(self, job: Row, message: dict[str, Any]) -> None:
         """The final answer to a job's start request, which its inbox row keeps from now on (so
@@ -142,7 +172,7 @@ async def release_resources(
     its seeds (settled by ``seed_results``, the rest due again at once)."""
     blocked = outcome == "blocked"
     default_rest = site["block_cooldown_seconds"] if blocked else site["cooldown_seconds"]
-    account = await jobs.release_lease(
+    account, holds_seeds = await jobs.release_lease(
         tx.conn,
         job=job,
         lease_token=job["lease_token"],
@@ -154,7 +184,8 @@ async def release_resources(
     )
     if account is not None:
         tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
-    await seeding.settle(tx, job, results=seed_results, release_reason=outcome)
+    if holds_seeds:  # a lease without seeds has nothing to settle: no statement
+        await seeding.settle(tx, job, results=seed_results, release_reason=outcome)
 
 
 def reject(tx: Tx, job: Row, reason: str) -> None:

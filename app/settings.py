@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(
         6, description="Partitions of the topics `qm topics create` makes."
     )
+    # --- reply routing: each client of the shared replies topic reads one partition ----
+    reply_topic_partitions: int = Field(
+        32,
+        description="Partitions of the replies topic `qm topics create` makes. Each SDK client "
+        "of the shared replies topic reads one of them, so with more partitions than "
+        "collectors each fetches little besides its own replies.",
+        ge=1,
+    )
 
     # --- outbox ------------------------------------------------------------------------
     outbox_shards: int = Field(16, description="Shards of the outbox table (hash of key mod S).")

@@ -155,3 +155,13 @@ def describe_chain(rules: Sequence[Rule], host: str) -> str:
         current = rule.apply(current) or current
         hops.append(current)
     return " -> ".join(hops)
+
+
+def webhook_shown(url: str | None) -> str | None:
+    """A webhook URL as operators see it: scheme and host only (its path or query may hold a
+    token, like a Slack or Airflow hook's)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    rest = "/…" if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{rest}"

@@ -45,8 +45,10 @@ async def submit(
             capture = await _add(tx, req, job["site"], fingerprint)
             if capture is not None:
                 return _accepted(req)
-            # a concurrent submission of the same capture_id committed first
+            # a concurrent submission of the same capture_id committed first, or the lease
+            # ended: the fence waited for that and then refused, so read again why
             existing = await captures.describe_capture(tx.conn, req.capture_id)
+            job = await jobs.describe_job(tx.conn, req.job_id)
         if existing is None:
             return _lease_lost(req, why_lease_lost(job, req.lease_token))
     if existing["fingerprint"] != fingerprint:
@@ -56,13 +58,15 @@ async def submit(
 
 
 async def _add(tx: Tx, req: CaptureSubmit, site: str, fingerprint: str) -> Row | None:
-    """The capture row (fenced by the job's live lease), its event and its handoff record."""
+    """The capture row (fenced by the job's live lease), its event and its handoff record; the
+    rewrite rules its URL went through count a use only when the capture is added."""
+    rewritten = await domains.plan_rewrites(tx.conn, site, [req.url])
     capture = await captures.add_capture(
         tx.conn,
         capture_id=req.capture_id,
         job_id=req.job_id,
         lease_token=req.lease_token,
-        url=await domains.rewrite_url(tx.conn, site, req.url),
+        url=rewritten.urls[0],
         storage_uri=req.storage_uri,
         sha256=req.sha256,
         content_type=req.content_type,
@@ -72,6 +76,7 @@ async def _add(tx: Tx, req: CaptureSubmit, site: str, fingerprint: str) -> Row |
         fingerprint=fingerprint,
     )
     if capture is not None:
+        await domains.record_uses(tx.conn, rewritten)
         dispatch(tx, capture["id"])
         tx.events.capture("received", capture)
         log.info("capture_received", capture_id=capture["id"], job_id=req.job_id)

@@ -52,14 +52,16 @@ OUTCOMES = {
 }
 
 
-def delivery_of(capture: Row) -> Delivery:
-    """What the targets are handed for a claimed capture (this is attempt ``attempts + 1``)."""
+def delivery_of(capture: Row, secrets: SecretBox) -> Delivery:
+    """What the targets are handed for a claimed capture (this is attempt ``attempts + 1``);
+    the site's webhook URL is opened here, just before it is called."""
+    sealed = capture["webhook_sealed"]
     return Delivery(
         **capture_fields(capture),
         meta=dict(capture["meta"] or {}),
         attempt=capture["attempts"] + 1,
         dag_id=capture["dag_id"],
-        webhook_url=capture["webhook_url"],
+        webhook_url=None if sealed is None else secrets.open(bytes(sealed)),
     )
 
 
@@ -104,7 +106,7 @@ class HandoffWorker:
             log.debug("handoff_claim_skipped", capture_id=capture_id)
             return "skipped"
         self._fault("handoff_after_claim", capture)
-        error = await self._deliver(delivery_of(capture))
+        error = await self._deliver(delivery_of(capture, self.services.secrets))
         self._fault("handoff_after_effect", capture)
         return await self._retry_transient(partial(self._finalise, capture, error, record, now))
 

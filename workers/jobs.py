@@ -105,7 +105,7 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
     """Queue the job, then grant the site's waiting jobs in FIFO order (this one among them)."""
     if (refused := over_cap(tx, req)) is not None:
         return refused
-    site = await sites.lock_site(tx.conn, req.site)
+    site = await tx.site(req.site)
     if site is None:
         return rejected(req, "unknown_site")
     if req.needs.account and not site["has_accounts"]:
@@ -147,6 +147,7 @@ async def _queue(
         reply_to=reply_to,
         correlation_id=correlation_id,
         public_key=req.public_key,
+        reply_partition=tx.reply_partition,
     )
 
 
@@ -169,7 +170,7 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
         uploaded = open_session_state(tx, req.session_state, "job.finish", req.job_id)
     except Unsealable as exc:
         return invalid(req, f"session_state: {exc}")
-    site = await sites.lock_site_of_job(tx.conn, req.job_id)
+    site = await tx.site_of_job(req.job_id)
     if site is None:
         return lease_lost(req, "unknown_job")
     status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
@@ -193,7 +194,7 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
     )
     tx.events.job("finished", job)
     log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])
-    if site["has_waiting"]:  # as it stood under the site's lock, which this transaction holds
+    if job["has_waiting"]:  # as it stood under the site's lock, which this transaction holds
         await grant_waiting(tx, site["slug"])
     return JobFinished(
         request_id=req.request_id, job_id=req.job_id, status=job["status"]

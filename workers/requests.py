@@ -20,7 +20,10 @@ replies leave in the order its transitions happened.
 
 A ``reply_to`` header must match ``QM_REPLY_TOPIC_PATTERN`` (by default the prefix's replies
 topic and ``replies.*``); a record naming any other topic is refused as invalid, and its
-``request.invalid`` goes to the default replies topic.
+``request.invalid`` goes to the default replies topic. A ``qm.reply_partition`` header sends the
+request's replies to that partition of its reply topic (and a job.start's job keeps it for its
+later replies); one that is not a non-negative integer is refused as invalid, and its
+``request.invalid`` goes where the job id's key sends it.
 
 Failures follow one classification (``app.errors``): invalid input is dead-lettered at once with a
 ``request.invalid`` reply; transient infrastructure errors are retried in place for as long as it
@@ -37,6 +40,7 @@ and the reply it gets then is its only one; the collector's own timeout ends its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -58,14 +62,16 @@ from app.errors import Disposition, InvalidMessage, classify, describe, unexpect
 from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION
 from app.leasing import Services, Tx
 from app.settings import Settings
-from app.store import Database, dlt_values, inbox, sites
+from app.store import Database, dlt_values, inbox
 from schemas.messages import (
     CORRELATION_ID,
+    REPLY_PARTITION,
     REPLY_TO,
     AnyRequest,
     JobStart,
     RequestConflict,
     RequestInvalid,
+    parse_reply_partition,
     parse_request,
 )
 from workers import captures, jobs, seeds, sessions
@@ -92,6 +98,10 @@ class ReplyTopicRefused(InvalidMessage):
     """A ``reply_to`` header that names a topic requests may not reply to."""
 
 
+class ReplyPartitionRefused(InvalidMessage):
+    """A ``qm.reply_partition`` header that names no partition."""
+
+
 @dataclass(frozen=True)
 class Parsed:
     """A request read from its record: where its answer goes and with which correlation id."""
@@ -101,6 +111,7 @@ class Parsed:
     correlation_id: str
     partition: int  # where its record was read (a redelivery of the record is told apart)
     offset: int
+    reply_partition: int | None = None  # None: the job id's key picks the partition
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -289,8 +300,14 @@ class RequestProcessor:
                 f"{self._reply_topics.pattern!r}"
             )
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
-        reply_to = wanted or self.settings.topic("replies")
-        return Parsed(request, reply_to, correlation_id, record.partition, record.offset)
+        return Parsed(
+            request,
+            wanted or self.settings.topic("replies"),
+            correlation_id,
+            record.partition,
+            record.offset,
+            _reply_partition(record),
+        )
 
     async def _handle(self, record: Incoming) -> str:
         [outcome] = await self._transact([self._parse(record)])
@@ -300,13 +317,16 @@ class RequestProcessor:
         """Apply ``requests`` in order in one transaction; their outcomes."""
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            # the first locks of every transaction, alone or shared: the sites (lock order)
-            await sites.lock_sites(
+            # the first locks of every transaction, alone or shared: the sites (lock order),
+            # then the requests' inbox rows, in one statement
+            claimed = await inbox.claim_requests(
                 conn,
-                [p.request.site for p in requests if isinstance(p.request, JobStart)],
-                [p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
+                [_claim(p) for p in requests],
+                slugs=[p.request.site for p in requests if isinstance(p.request, JobStart)],
+                job_ids=[p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
             )
-            unseen = await inbox.claim_requests(conn, [_claim(p) for p in requests])
+            tx.locked_sites, tx.job_sites = claimed.sites, claimed.job_sites
+            unseen = claimed.fresh
             outcomes = []
             for parsed in requests:  # a request_id twice here: the first is new, then a repeat
                 request_id = str(parsed.request.request_id)
@@ -340,9 +360,15 @@ class RequestProcessor:
                 error=f"{request.type} is not served by this version",
             ).model_dump(mode="json")
         else:
-            reply = await handler(tx, request, reply_to, parsed.correlation_id)
+            tx.reply_partition = parsed.reply_partition
+            try:
+                reply = await handler(tx, request, reply_to, parsed.correlation_id)
+            finally:
+                tx.reply_partition = None
         if reply is not None:
-            tx.box.add(reply_to, request.job_id, reply, parsed.headers)
+            tx.box.add(
+                reply_to, request.job_id, reply, parsed.headers, partition=parsed.reply_partition
+            )
             tx.box.keep_reply(request_id, reply_to, reply)
         return "replied"
 
@@ -359,23 +385,31 @@ class RequestProcessor:
 
         The stored reply is read under the site's lock (taken first in ``_transact``), the lock
         every transition that changes it holds, so a stale answer cannot overtake a newer one.
+        The answer goes to the partition this repeat asks for, when it goes to this repeat's
+        reply topic.
         """
-        request, reply_to, headers = parsed.request, parsed.reply_to, parsed.headers
+        request, headers = parsed.request, parsed.headers
         seen = await inbox.seen_request(tx.conn, str(request.request_id))
         assert seen is not None
         if seen["fingerprint"] != fingerprint(request):
             conflict = RequestConflict(request_id=request.request_id, job_id=request.job_id)
-            tx.box.add(reply_to, request.job_id, conflict.model_dump(mode="json"), headers)
+            tx.box.add(
+                parsed.reply_to,
+                request.job_id,
+                conflict.model_dump(mode="json"),
+                headers,
+                partition=parsed.reply_partition,
+            )
             log.info("request_conflict", request_id=str(request.request_id), job_id=request.job_id)
             return "conflict"
         if (seen["record_partition"], seen["record_offset"]) == (parsed.partition, parsed.offset):
             log.info("request_redelivered", request_id=str(request.request_id))
             return "redelivered"
         kept = tx.box.kept_reply(str(request.request_id))  # answered earlier in this transaction
-        if kept is not None:
-            tx.box.add(kept.topic, request.job_id, kept.reply, headers)
-        elif seen["reply"] is not None:
-            tx.box.add(seen["reply_topic"], request.job_id, seen["reply"], headers)
+        topic, reply = (kept.topic, kept.reply) if kept else (seen["reply_topic"], seen["reply"])
+        if reply is not None:
+            partition = parsed.reply_partition if topic == parsed.reply_to else None
+            tx.box.add(topic, request.job_id, reply, headers, partition=partition)
         return "duplicate"
 
     async def _dead_letter(
@@ -434,12 +468,28 @@ class RequestProcessor:
         invalid = RequestInvalid(
             request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
         )
+        wanted, partition = header(record.headers, REPLY_TO), None
+        if wanted is None or self._allowed_reply_to(wanted):  # a partition of that topic
+            with contextlib.suppress(ReplyPartitionRefused):  # else the key picks the partition
+                partition = _reply_partition(record)
         tx.box.add(
             self._reply_to(record),
             ids.get("job_id") or record.key,
             invalid.model_dump(mode="json"),
             [(CORRELATION_ID, correlation_id)],
+            partition=partition,
         )
+
+
+def _reply_partition(record: Incoming) -> int | None:
+    """The partition the record's ``qm.reply_partition`` header asks replies to go to."""
+    wanted = header(record.headers, REPLY_PARTITION)
+    if wanted is None:
+        return None
+    try:
+        return parse_reply_partition(wanted)
+    except ValueError as exc:
+        raise ReplyPartitionRefused(str(exc)) from None
 
 
 def _record_size(key: bytes | None, value: bytes | None, headers: list[Header]) -> int:

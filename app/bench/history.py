@@ -64,7 +64,11 @@ async def preload(settings: Settings, slugs: Sequence[str], jobs: int) -> float:
 
 class WalMeter:
     """WAL bytes the cluster wrote between ``begin`` and ``end`` (every database on the server:
-    on a shared server other work counts too)."""
+    on a shared server other work counts too).
+
+    ``begin`` takes a checkpoint first, so every run starts where a running server is after
+    each of its checkpoints: the first change of each page writes a full-page image. Runs are
+    compared on equal terms, whenever the server's own checkpoints happen to fall."""
 
     def __init__(self, settings: Settings) -> None:
         self.engine = make_engine(settings, pool_size=1)
@@ -75,6 +79,9 @@ class WalMeter:
             return await history.wal_lsn(conn)
 
     async def begin(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await history.checkpoint(conn)
         self.started = await self.position()
 
     async def end(self) -> int:

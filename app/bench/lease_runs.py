@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.bench.processes import BenchFailed, Child
 from app.sdk import QuartermasterClient
+from app.sdk.ids import new_uuid
 from app.sdk.job import Job
 from schemas import messages as wire
 
@@ -65,7 +65,7 @@ async def cycle(client: QuartermasterClient, site: str) -> None:
     async with client.job(site=site, lease_seconds=CYCLE_LEASE_SECONDS, wait_seconds=30) as job:
         reply = await client.request(
             wire.JobHeartbeat(
-                request_id=uuid.uuid4(),
+                request_id=new_uuid(),
                 job_id=job.job_id,
                 lease_token=job.lease_token,
                 extend_seconds=CYCLE_LEASE_SECONDS,

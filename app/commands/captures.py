@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import json
 from typing import Annotated
-from urllib.parse import urlsplit
 
 import typer
 
@@ -16,6 +15,7 @@ from app.leasing import Services, Tx
 from app.settings import get_settings
 from app.store import Conn, Row, captures
 from schemas.states import CaptureStatus
+from schemas.urls import webhook_shown
 
 captures_app = typer.Typer(
     help="Captures: their handoff downstream, failures and retries.", no_args_is_help=True
@@ -30,20 +30,8 @@ SHOWN = (
 )  # fmt: skip
 
 
-def webhook_shown(url: str | None) -> str | None:
-    """A webhook URL as operators see it: scheme and host only (its path or query may hold a
-    token, like a Slack or Airflow hook's)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    rest = "/…" if parts.path.strip("/") or parts.query else ""
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{rest}"
-
-
 def _shown(row: Row) -> dict[str, object]:
-    return {
-        name: webhook_shown(row[name]) if name == "webhook_url" else row[name] for name in SHOWN
-    }
+    return {name: row["webhook_shown"] if name == "webhook_url" else row[name] for name in SHOWN}
 
 
 def _status(value: str | None) -> str | None:
@@ -150,8 +138,12 @@ def captures_webhook(
     if url is not None and not url.startswith(("http://", "https://")):
         raise fail(f"{url!r} is not an http(s) URL")
 
+    # the URL's path or query may hold a token: the table keeps it sealed, and its scheme and
+    # host for operators to see
+    sealed = None if url is None else SecretBox.from_settings(get_settings()).seal(url)
+
     async def work(conn: Conn) -> bool:
-        return await captures.set_site_webhook(conn, site, url)
+        return await captures.set_site_webhook(conn, site, webhook_shown(url), sealed)
 
     if not in_transaction(work):
         raise fail(f"no site {site!r}")

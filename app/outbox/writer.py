@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import uuid
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
+from uuid_utils import uuid7
 
 from app.store.outbox import InboxReply, OutboxRow, insert_rows
 
@@ -38,8 +38,8 @@ def encode(payload: Mapping[str, Any] | bytes | None) -> bytes | None:
 class Outbox:
     """Collects the messages of one transaction; ``flush`` writes them all in one insert.
 
-    Each message gets a ``qm.message_id`` header (a UUID) by which consumers deduplicate the rare
-    republish after a relay crash. ``keep_reply`` notes the reply a request got; the same insert
+    Each message gets a ``qm.message_id`` header (a UUIDv7, made in native code: a tenth of the
+    cost of ``uuid.uuid4``) by which consumers deduplicate the rare republish after a relay crash. ``keep_reply`` notes the reply a request got; the same insert
     writes it to the request's inbox row.
     """
 
@@ -54,9 +54,12 @@ class Outbox:
         key: str | bytes | None,
         payload: Mapping[str, Any] | bytes | None,
         headers: Iterable[tuple[str, str | bytes | None]] = (),
+        *,
+        partition: int | None = None,
     ) -> str:
-        """Queue one message; returns its message id. A header value may be None (null)."""
-        message_id = str(uuid.uuid4())
+        """Queue one message; returns its message id. A header value may be None (null).
+        ``partition``: the topic's partition it goes to (None: its key's, as Kafka picks)."""
+        message_id = str(uuid7())
         raw_key = None if key is None else as_bytes(key)
         self.rows.append(
             OutboxRow(
@@ -71,6 +74,7 @@ class Outbox:
                     ),
                 ),
                 shard=shard_of(raw_key, self.shards),
+                partition=partition,
             )
         )
         return message_id

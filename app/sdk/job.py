@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter
 
 from app.crypto import load_public_key, seal_json
 from app.sdk import errors
+from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import sdk_logger
 from schemas import messages as wire
 
@@ -212,7 +212,7 @@ class Job:
         """Up to ``n`` more due seeds of the job's site for this lease (an empty list when none
         is due). Raises ``LeaseLost`` when the lease is gone."""
         claim = wire.SeedsClaim(
-            request_id=uuid.uuid4(), job_id=self.job_id, lease_token=self.lease_token, limit=n
+            request_id=new_uuid(), job_id=self.job_id, lease_token=self.lease_token, limit=n
         )
         reply = await self._client.request(claim, timeout=self.timeout)
         if isinstance(reply, wire.JobLeaseLost):
@@ -243,10 +243,10 @@ class Job:
         when the job's lease is gone.
         """
         submit = wire.CaptureSubmit(
-            request_id=uuid.uuid4(),
+            request_id=new_uuid(),
             job_id=self.job_id,
             lease_token=self.lease_token,
-            capture_id=capture_id or str(uuid.uuid4()),
+            capture_id=capture_id or new_id(),
             url=url,
             storage_uri=storage_uri,
             sha256=sha256,
@@ -269,7 +269,7 @@ class Job:
         if self._grant is not None:
             raise RuntimeError("a job is entered once; ask the client for a new one")
         start = wire.JobStart(
-            request_id=uuid.uuid4(),
+            request_id=new_uuid(),
             job_id=self.job_id,
             site=self.site,
             collector=self.collector,
@@ -323,7 +323,7 @@ class Job:
         """Merge a browser state (Playwright ``storage_state``) into the account's session now,
         sealed to Quartermaster; returns the session's new version."""
         upload = wire.SessionUpload(
-            request_id=uuid.uuid4(),
+            request_id=new_uuid(),
             job_id=self.job_id,
             lease_token=self.lease_token,
             storage_state=self._seal_session(
@@ -351,7 +351,7 @@ class Job:
         while not self.lost:
             await asyncio.sleep(interval)
             heartbeat = wire.JobHeartbeat(
-                request_id=uuid.uuid4(),
+                request_id=new_uuid(),
                 job_id=self.job_id,
                 lease_token=self.lease_token,
                 extend_seconds=self.lease_seconds,
@@ -438,7 +438,7 @@ class Job:
             outcome, reason = "failed", type(exc).__name__[:MAX_REASON_CHARS]
         return wire.JobFinish.model_validate(
             {
-                "request_id": uuid.uuid4(),
+                "request_id": new_uuid(),
                 "job_id": self.job_id,
                 "lease_token": self.lease_token,
                 "outcome": outcome,

@@ -19,7 +19,7 @@ from app.store.jobs import NOW
 
 # What the handoff worker needs besides the capture: where the site wants it delivered.
 _WITH_SITE = """
-    SELECT c.*, s.webhook_url, s.dag_id FROM c JOIN sites s ON s.slug = c.site
+    SELECT c.*, s.webhook_shown, s.webhook_sealed, s.dag_id FROM c JOIN sites s ON s.slug = c.site
 """
 
 
@@ -350,10 +350,16 @@ async def counts_by_site(conn: AsyncConnection) -> dict[str, dict[str, int]]:
     return counts
 
 
-async def set_site_webhook(conn: AsyncConnection, slug: str, url: str | None) -> bool:
-    """Set (or clear, with None) the webhook a site's captures are delivered to."""
+async def set_site_webhook(
+    conn: AsyncConnection, slug: str, shown: str | None, sealed: bytes | None
+) -> bool:
+    """Set (or clear, with None) the webhook a site's captures are delivered to: its URL sealed
+    (``SecretBox.seal``), and the scheme and host operators are shown."""
     result = await conn.execute(
-        text("UPDATE sites SET webhook_url = :url WHERE slug = :slug RETURNING slug"),
-        {"slug": slug, "url": url},
+        text(
+            "UPDATE sites SET webhook_shown = :shown, webhook_sealed = :sealed"
+            " WHERE slug = :slug RETURNING slug"
+        ),
+        {"slug": slug, "shown": shown, "sealed": sealed},
     )
     return result.first() is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -91,37 +92,52 @@ async def list_rewrites(conn: AsyncConnection, site: str) -> list[RowMapping]:
     return list(result.mappings())
 
 
-async def rewrite_urls(conn: AsyncConnection, site: str, urls: Sequence[str]) -> list[str]:
-    """``urls`` of a site as they are handed out: each host resolved through the site's rules.
+@dataclass(frozen=True)
+class Rewritten:
+    """URLs as they are handed out, and how many of them each rule changed (not yet recorded)."""
 
-    Records, in this transaction, how many of the URLs each rule changed (every rule of a chain
-    counts). A URL whose chain would loop is handed out as it is (adding a rule checks for cycles,
-    so only rules written around that check can loop).
+    urls: list[str]
+    uses: Counter[int] = field(default_factory=Counter)
+
+
+async def plan_rewrites(conn: AsyncConnection, site: str, urls: Sequence[str]) -> Rewritten:
+    """``urls`` of a site with each host resolved through the site's rules; nothing recorded.
+
+    A URL whose chain would loop is handed out as it is (adding a rule checks for cycles, so only
+    rules written around that check can loop).
     """
-    if not urls:
-        return []
-    rules = await site_rules(conn, site)
+    rules = await site_rules(conn, site) if urls else []
     if not rules:
-        return list(urls)
+        return Rewritten(list(urls))
     rewrites = Rewrites(rules)
-    uses: Counter[int] = Counter()
-    out = []
+    rewritten = Rewritten([])
     for url in urls:
         try:
             new, applied = rewrites.rewrite(url)
         except RewriteCycle:
             new, applied = url, ()
-        uses.update(rule.id for rule in applied)
-        out.append(new)
-    if uses:
+        rewritten.uses.update(rule.id for rule in applied)
+        rewritten.urls.append(new)
+    return rewritten
+
+
+async def record_uses(conn: AsyncConnection, rewritten: Rewritten) -> None:
+    """Count, in this transaction, the URLs each rule changed (every rule of a chain counts)."""
+    if rewritten.uses:
         await conn.execute(
             text(
                 "INSERT INTO domain_rewrite_uses (rewrite_id, urls) "
                 "SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:counts AS integer[]))"
             ),
-            {"ids": list(uses), "counts": list(uses.values())},
+            {"ids": list(rewritten.uses), "counts": list(rewritten.uses.values())},
         )
-    return out
+
+
+async def rewrite_urls(conn: AsyncConnection, site: str, urls: Sequence[str]) -> list[str]:
+    """``urls`` of a site as they are handed out (``plan_rewrites``), their rule uses recorded."""
+    rewritten = await plan_rewrites(conn, site, urls)
+    await record_uses(conn, rewritten)
+    return rewritten.urls
 
 
 async def rewrite_url(conn: AsyncConnection, site: str, url: str) -> str:

@@ -73,3 +73,9 @@ async def wal_lsn(conn: AsyncConnection) -> int:
     """The current WAL position in bytes (what a run's WAL volume is measured against)."""
     result = await conn.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
     return int(result.scalar_one())
+
+
+async def checkpoint(conn: AsyncConnection) -> None:
+    """A checkpoint now: from here on, the first change of each page writes a full-page image
+    into the WAL, as after every checkpoint of a running server."""
+    await conn.execute(text("CHECKPOINT"))

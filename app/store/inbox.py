@@ -24,19 +24,49 @@ class Claim:
     offset: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What the first statement of a request transaction found: the request ids not seen
+    before, the sites it locked (each row as ``sites.lock_site`` gives it, without
+    ``has_waiting``) and the site of each named job that exists."""
+
+    fresh: set[str]
+    sites: dict[str, RowMapping]
+    job_sites: dict[str, str]
+
+
 _CLAIM = text(
     """
-    INSERT INTO inbox (request_id, job_id, request_type, fingerprint, record_partition,
-                       record_offset)
-    SELECT CAST(id AS uuid), job_id, request_type, fingerprint, part, position
-    FROM unnest(:ids, :job_ids, :types, :fingerprints, :partitions, :offsets)
-        AS c (id, job_id, request_type, fingerprint, part, position)
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id
+    WITH locked AS MATERIALIZED (
+        -- the first locks of the transaction (lock order): the sites, in slug order
+        SELECT s.*,
+               (SELECT min(a.available_at) FROM accounts a
+                WHERE a.site = s.slug AND a.status <> 'INACTIVE') IS NOT NULL AS has_accounts,
+               ARRAY(SELECT j.id FROM jobs j WHERE j.id = ANY(:job_ids) AND j.site = s.slug)
+                   AS job_ids
+        FROM sites s
+        WHERE s.slug = ANY(:slugs) OR s.slug IN (SELECT site FROM jobs WHERE id = ANY(:job_ids))
+        ORDER BY s.slug FOR UPDATE OF s
+    ),
+    claimed AS (
+        -- then the inbox rows; the sub-select makes every site lock come first
+        INSERT INTO inbox (request_id, job_id, request_type, fingerprint, record_partition,
+                           record_offset)
+        SELECT CAST(c.id AS uuid), c.job_id, c.request_type, c.fingerprint, c.part, c.position
+        FROM unnest(:ids, :claim_job_ids, :types, :fingerprints, :partitions, :offsets)
+             AS c (id, job_id, request_type, fingerprint, part, position)
+        WHERE (SELECT count(*) FROM locked) >= 0
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING request_id
+    )
+    SELECT (SELECT array_agg(CAST(request_id AS text)) FROM claimed) AS fresh, locked.*
+    FROM (SELECT 1) AS one LEFT JOIN locked ON true
     """
 ).bindparams(
-    bindparam("ids", type_=ARRAY(TEXT)),
+    bindparam("slugs", type_=ARRAY(TEXT)),
     bindparam("job_ids", type_=ARRAY(TEXT)),
+    bindparam("ids", type_=ARRAY(TEXT)),
+    bindparam("claim_job_ids", type_=ARRAY(TEXT)),
     bindparam("types", type_=ARRAY(TEXT)),
     bindparam("fingerprints", type_=ARRAY(TEXT)),
     bindparam("partitions", type_=ARRAY(INTEGER)),
@@ -44,36 +74,53 @@ _CLAIM = text(
 )
 
 
-async def claim_requests(conn: AsyncConnection, claims: Sequence[Claim]) -> set[str]:
-    """Record requests as seen, in order, in one statement; the ids that were not seen before.
+async def claim_requests(
+    conn: AsyncConnection,
+    claims: Sequence[Claim],
+    *,
+    slugs: Sequence[str] = (),
+    job_ids: Sequence[str] = (),
+) -> Claimed:
+    """Lock the named sites and the sites of the named jobs, in slug order, then record the
+    requests as seen, in order: one statement, the first of a request transaction.
 
-    An id seen before (or earlier in ``claims``) keeps its first row. A concurrent duplicate
-    waits on the unique index until the first one's transaction ends, then sees it.
+    Locking every site a transaction works on at once and in one order means two such
+    transactions cannot deadlock on each other's sites. An id seen before (or earlier in
+    ``claims``) keeps its first row. A concurrent duplicate waits on the unique index until the
+    first one's transaction ends, then sees it.
     """
     result = await conn.execute(
         _CLAIM,
         {
+            "slugs": list(slugs),
+            "job_ids": list(job_ids),
             "ids": [c.request_id for c in claims],
-            "job_ids": [c.job_id for c in claims],
+            "claim_job_ids": [c.job_id for c in claims],
             "types": [c.request_type for c in claims],
             "fingerprints": [c.fingerprint for c in claims],
             "partitions": [c.partition for c in claims],
             "offsets": [c.offset for c in claims],
         },
     )
-    return {str(row[0]) for row in result}
+    rows = result.mappings().all()
+    sites = {row["slug"]: row for row in rows if row["slug"] is not None}
+    return Claimed(
+        fresh=set(rows[0]["fresh"] or ()),
+        sites=sites,
+        job_sites={job_id: slug for slug, row in sites.items() for job_id in row["job_ids"]},
+    )
+
+
+_SEEN = text(
+    "SELECT fingerprint, reply_topic, reply, record_partition, record_offset"
+    " FROM inbox WHERE request_id = :id"
+)
 
 
 async def seen_request(conn: AsyncConnection, request_id: str) -> RowMapping | None:
     """The inbox row of a request seen before: its fingerprint, the reply it got and the
     position of the record that first claimed it."""
-    result = await conn.execute(
-        text(
-            "SELECT fingerprint, reply_topic, reply, record_partition, record_offset"
-            " FROM inbox WHERE request_id = :id"
-        ),
-        {"id": request_id},
-    )
+    result = await conn.execute(_SEEN, {"id": request_id})
     return result.mappings().first()
 
 

@@ -21,10 +21,36 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 NOW = "coalesce(CAST(:now AS timestamptz), now())"
 
 
+_DESCRIBE = text("SELECT * FROM jobs WHERE id = :id")
+
+
 async def describe_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
     """A job as it stands, to explain a transition that did not happen."""
-    result = await conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id})
+    result = await conn.execute(_DESCRIBE, {"id": job_id})
     return result.mappings().first()
+
+
+_QUEUE = text(
+    """
+    INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
+                           lease_seconds, wait_deadline, request_id, reply_to,
+                           correlation_id, public_key, reply_partition)
+    VALUES (:job_id, :site, :collector, 'QUEUED', :needs_account, :needs_seeds,
+            :lease_seconds, now() + make_interval(secs => :wait_seconds),
+            :request_id, :reply_to, :correlation_id, :public_key, :reply_partition)
+    ON CONFLICT (id) DO UPDATE
+    SET status = 'QUEUED', queue_seq = nextval('job_queue_seq'),
+        wait_deadline = excluded.wait_deadline, lease_seconds = excluded.lease_seconds,
+        needs_account = excluded.needs_account, needs_seeds = excluded.needs_seeds,
+        request_id = excluded.request_id, reply_to = excluded.reply_to,
+        correlation_id = excluded.correlation_id, public_key = excluded.public_key,
+        reply_partition = excluded.reply_partition, lease_token = NULL,
+        lease_expires_at = NULL, account_id = NULL, reason = NULL, finished_at = NULL,
+        updated_at = now()
+    WHERE j.status = 'EXPIRED' AND j.site = excluded.site
+    RETURNING j.*
+    """
+)
 
 
 async def queue_job(
@@ -41,6 +67,7 @@ async def queue_job(
     reply_to: str,
     correlation_id: str,
     public_key: str | None,
+    reply_partition: int | None = None,
 ) -> RowMapping | None:
     """A new job -> QUEUED, or an EXPIRED one queued again; None if the job exists otherwise.
 
@@ -48,27 +75,7 @@ async def queue_job(
     job at its cap into FAILED, so EXPIRED here always has attempts left).
     """
     result = await conn.execute(
-        text(
-            """
-            INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
-                                   lease_seconds, wait_deadline, request_id, reply_to,
-                                   correlation_id, public_key)
-            VALUES (:job_id, :site, :collector, 'QUEUED', :needs_account, :needs_seeds,
-                    :lease_seconds, now() + make_interval(secs => :wait_seconds),
-                    :request_id, :reply_to, :correlation_id, :public_key)
-            ON CONFLICT (id) DO UPDATE
-            SET status = 'QUEUED', queue_seq = nextval('job_queue_seq'),
-                wait_deadline = excluded.wait_deadline, lease_seconds = excluded.lease_seconds,
-                needs_account = excluded.needs_account, needs_seeds = excluded.needs_seeds,
-                request_id = excluded.request_id, reply_to = excluded.reply_to,
-                correlation_id = excluded.correlation_id, public_key = excluded.public_key,
-                lease_token = NULL,
-                lease_expires_at = NULL, account_id = NULL, reason = NULL, finished_at = NULL,
-                updated_at = now()
-            WHERE j.status = 'EXPIRED' AND j.site = excluded.site
-            RETURNING j.*
-            """
-        ),
+        _QUEUE,
         {
             "job_id": job_id,
             "site": site,
@@ -81,6 +88,7 @@ async def queue_job(
             "reply_to": reply_to,
             "correlation_id": correlation_id,
             "public_key": public_key,
+            "reply_partition": reply_partition,
         },
     )
     return result.mappings().first()
@@ -172,19 +180,45 @@ async def grant_next_waiting(
     return result.mappings().first()
 
 
+_QUEUE_POSITION = text(
+    """
+    SELECT count(*) FROM jobs w, jobs me
+    WHERE me.id = :id AND w.site = me.site AND w.status = 'QUEUED'
+      AND w.queue_seq <= me.queue_seq
+    """
+)
+
+
 async def queue_position(conn: AsyncConnection, job_id: str) -> int:
     """1 for the next job to be granted on its site."""
     result = await conn.execute(
-        text(
-            """
-            SELECT count(*) FROM jobs w, jobs me
-            WHERE me.id = :id AND w.site = me.site AND w.status = 'QUEUED'
-              AND w.queue_seq <= me.queue_seq
-            """
-        ),
+        _QUEUE_POSITION,
         {"id": job_id},
     )
     return int(result.scalar_one())
+
+
+_EXTEND = text(
+    """
+    WITH job AS (
+        UPDATE jobs
+        SET lease_expires_at = greatest(
+                lease_expires_at,
+                clock_timestamp() + make_interval(secs => coalesce(:extend, lease_seconds))),
+            updated_at = now()
+        WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
+          AND lease_expires_at > clock_timestamp()
+        RETURNING id, site, lease_token, lease_expires_at
+    ),
+    account AS (
+        -- the account's lease follows the job's
+        UPDATE accounts a SET lease_expires_at = job.lease_expires_at
+        FROM job WHERE a.holder_job_id = job.id AND a.lease_token = job.lease_token
+        RETURNING a.id
+    )
+    SELECT job.* FROM job
+    """
+)
 
 
 async def extend_lease(
@@ -192,50 +226,56 @@ async def extend_lease(
 ) -> RowMapping | None:
     """RUNNING -> RUNNING with a later expiry, for the holder of a live lease only (fencing)."""
     result = await conn.execute(
-        text(
-            """
-            WITH job AS (
-                UPDATE jobs
-                SET lease_expires_at = greatest(
-                        lease_expires_at,
-                        clock_timestamp() + make_interval(secs => coalesce(:extend, lease_seconds))),
-                    updated_at = now()
-                WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-                  AND lease_expires_at > clock_timestamp()
-                RETURNING id, site, lease_token, lease_expires_at
-            ),
-            account AS (
-                -- the account's lease follows the job's
-                UPDATE accounts a SET lease_expires_at = job.lease_expires_at
-                FROM job WHERE a.holder_job_id = job.id AND a.lease_token = job.lease_token
-                RETURNING a.id
-            )
-            SELECT job.* FROM job
-            """
-        ),
+        _EXTEND,
         {"id": job_id, "token": lease_token, "extend": extend_seconds},
     )
     return result.mappings().first()
 
 
+_FINISH = text(
+    """
+    UPDATE jobs j
+    SET status = CAST(:status AS job_status), reason = :reason,
+        finished_at = now(), updated_at = now()
+    WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
+      AND lease_expires_at > clock_timestamp()
+    RETURNING j.*,
+              EXISTS (SELECT 1 FROM jobs w WHERE w.site = j.site AND w.status = 'QUEUED')
+                  AS has_waiting
+    """
+)
+
+
 async def finish_job(
     conn: AsyncConnection, job_id: str, lease_token: int, status: str, reason: str | None
 ) -> RowMapping | None:
-    """RUNNING -> SUCCEEDED | FAILED, for the holder of a live lease only."""
+    """RUNNING -> SUCCEEDED | FAILED, for the holder of a live lease only.
+
+    The row also says whether jobs wait on its site (``has_waiting``), as they stand under the
+    site's lock, which the caller holds.
+    """
     result = await conn.execute(
-        text(
-            """
-            UPDATE jobs
-            SET status = CAST(:status AS job_status), reason = :reason,
-                finished_at = now(), updated_at = now()
-            WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-              AND lease_expires_at > clock_timestamp()
-            RETURNING *
-            """
-        ),
-        {"id": job_id, "token": lease_token, "status": status, "reason": reason},
+        _FINISH, {"id": job_id, "token": lease_token, "status": status, "reason": reason}
     )
     return result.mappings().first()
+
+
+_CANCEL = text(
+    """
+    WITH before AS (
+        -- the row is locked here, so ``was`` is the status this update replaces
+        SELECT id, status FROM jobs WHERE id = :id FOR UPDATE
+    )
+    UPDATE jobs j
+    SET status = 'CANCELLED', reason = 'cancelled', finished_at = now(), updated_at = now()
+    FROM before
+    WHERE j.id = before.id
+      AND (j.status = 'QUEUED'
+           OR (j.status = 'RUNNING' AND j.lease_token = :token
+               AND j.lease_expires_at > clock_timestamp()))
+    RETURNING j.*, before.status AS was
+    """
+)
 
 
 async def cancel_job(
@@ -246,22 +286,7 @@ async def cancel_job(
     Returns the job with ``was`` (its status before); None when nothing changed.
     """
     result = await conn.execute(
-        text(
-            """
-            WITH before AS (
-                -- the row is locked here, so ``was`` is the status this update replaces
-                SELECT id, status FROM jobs WHERE id = :id FOR UPDATE
-            )
-            UPDATE jobs j
-            SET status = 'CANCELLED', reason = 'cancelled', finished_at = now(), updated_at = now()
-            FROM before
-            WHERE j.id = before.id
-              AND (j.status = 'QUEUED'
-                   OR (j.status = 'RUNNING' AND j.lease_token = :token
-                       AND j.lease_expires_at > clock_timestamp()))
-            RETURNING j.*, before.status AS was
-            """
-        ),
+        _CANCEL,
         {"id": job_id, "token": lease_token},
     )
     return result.mappings().first()
@@ -320,6 +345,42 @@ async def reject_waiting_job(
     return result.mappings().first()
 
 
+_RELEASE = text(
+    """
+    WITH account AS (
+        UPDATE accounts
+        SET status = CASE WHEN :blocked THEN 'BLOCKED' ELSE 'ACTIVE' END::account_status,
+            holder_job_id = NULL,
+            lease_expires_at = NULL,
+            available_at = now() + make_interval(secs => :rest),
+            error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
+            blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
+            -- a block with a rest ends by itself (the block-cooldowns sweep); without
+            -- one it stays until an operator acts
+            blocked_until = CASE WHEN :blocked AND :rest > 0
+                                 THEN now() + make_interval(secs => :rest) END,
+            updated_at = now()
+        WHERE id = :account_id AND status = 'USING'
+          AND holder_job_id = :job_id AND lease_token = :lease_token
+        RETURNING id, site, status, available_at
+    ),
+    slot AS (
+        UPDATE sites SET running = running - 1 WHERE slug = :site AND running > 0
+    ),
+    grant_ended AS (
+        UPDATE job_grants SET ended_at = now(), end_reason = :outcome
+        WHERE lease_token = :lease_token AND ended_at IS NULL
+    )
+    -- this statement starts after the job's row was locked by its transition, so it sees every
+    -- seed a claim of this lease took before (the claim fences the job with FOR SHARE)
+    SELECT account.*,
+           EXISTS (SELECT 1 FROM seeds s WHERE s.holder_job_id = :job_id
+                   AND s.lease_token = :lease_token AND s.status = 'ASSIGNED') AS holds_seeds
+    FROM (SELECT 1) AS one LEFT JOIN account ON true
+    """
+)
+
+
 async def release_lease(
     conn: AsyncConnection,
     *,
@@ -330,43 +391,16 @@ async def release_lease(
     failed: bool,
     rest_seconds: int,
     reason: str | None,
-) -> RowMapping | None:
+) -> tuple[RowMapping | None, bool]:
     """A lease ends: its account USING -> ACTIVE | BLOCKED (resting ``rest_seconds``, only for
     the holder's ``lease_token``), its site's running slot back, its grant closed with ``outcome``.
     A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``).
 
-    One statement; returns the account as released (None when the job held none).
+    One statement; returns the account as released (None when the job held none) and whether
+    the lease still holds seeds (to settle them; the caller holds the job's row).
     """
     result = await conn.execute(
-        text(
-            """
-            WITH account AS (
-                UPDATE accounts
-                SET status = CASE WHEN :blocked THEN 'BLOCKED' ELSE 'ACTIVE' END::account_status,
-                    holder_job_id = NULL,
-                    lease_expires_at = NULL,
-                    available_at = now() + make_interval(secs => :rest),
-                    error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
-                    blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
-                    -- a block with a rest ends by itself (the block-cooldowns sweep); without
-                    -- one it stays until an operator acts
-                    blocked_until = CASE WHEN :blocked AND :rest > 0
-                                         THEN now() + make_interval(secs => :rest) END,
-                    updated_at = now()
-                WHERE id = :account_id AND status = 'USING'
-                  AND holder_job_id = :job_id AND lease_token = :lease_token
-                RETURNING id, site, status, available_at
-            ),
-            slot AS (
-                UPDATE sites SET running = running - 1 WHERE slug = :site AND running > 0
-            ),
-            grant_ended AS (
-                UPDATE job_grants SET ended_at = now(), end_reason = :outcome
-                WHERE lease_token = :lease_token AND ended_at IS NULL
-            )
-            SELECT * FROM account
-            """
-        ),
+        _RELEASE,
         {
             "account_id": job["account_id"],
             "job_id": job["id"],
@@ -379,7 +413,8 @@ async def release_lease(
             "reason": reason,
         },
     )
-    return result.mappings().first()
+    row = result.mappings().one()
+    return (row if row["id"] is not None else None), bool(row["holds_seeds"])
 
 
 async def find_expired_leases(

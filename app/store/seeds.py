@@ -343,7 +343,11 @@ async def finish_import(conn: AsyncConnection, site: str) -> tuple[int, int]:
 
 
 async def site_exists(conn: AsyncConnection, site: str) -> bool:
-    result = await conn.execute(text("SELECT 1 FROM sites WHERE slug = :site"), {"site": site})
+    """Whether the site exists; it then stays until this transaction ends (a removal, which
+    locks the site first, waits), so seeds added next never meet a site removed meanwhile."""
+    result = await conn.execute(
+        text("SELECT 1 FROM sites WHERE slug = :site FOR KEY SHARE"), {"site": site}
+    )
     return result.first() is not None
 
 

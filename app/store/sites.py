@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import RowMapping, text
@@ -162,24 +161,6 @@ async def lock_site_of_job(conn: AsyncConnection, job_id: str) -> RowMapping | N
         {"job_id": job_id},
     )
     return result.mappings().first()
-
-
-async def lock_sites(conn: AsyncConnection, slugs: Sequence[str], job_ids: Sequence[str]) -> None:
-    """Lock the named sites and the sites of the named jobs, in slug order.
-
-    A transaction that works on several sites takes their locks here, all at once and in one
-    order, so two such transactions cannot deadlock on each other's sites.
-    """
-    await conn.execute(
-        text(
-            """
-            SELECT 1 FROM sites
-            WHERE slug = ANY(:slugs) OR slug IN (SELECT site FROM jobs WHERE id = ANY(:job_ids))
-            ORDER BY slug FOR UPDATE
-            """
-        ),
-        {"slugs": list(slugs), "job_ids": list(job_ids)},
-    )
 
 
 async def sites_with_waiting_jobs(conn: AsyncConnection, now: datetime | None = None) -> list[str]:

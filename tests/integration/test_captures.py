@@ -10,11 +10,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.handoff import Delivery, TargetError
 from app.settings import Settings
-from app.store import Database, jobs
+from app.store import Database, domains, jobs
 from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.undispatched_captures import UndispatchedCaptures
 from tests.support.captures import capture_row, outbox_payloads, relayed, running_job, submit
-from tests.support.leasing import replies, scalar
+from tests.support.leasing import replies, request, scalar
 from tests.support.waiting import eventually
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
@@ -227,3 +227,21 @@ async def test_a_capture_url_goes_through_the_site_domain_rewrites(
     # the same submission again is the same capture (its fingerprint is of the body as sent)
     await processor.process(submit(settings, "job-1", token, "cap-1"))
     assert (await replies(engine, settings, "job-1"))[-1]["type"] == "capture.accepted"
+
+
+async def test_a_capture_refused_by_the_fence_counts_no_rewrite_and_says_why(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    token = await running_job(processor, engine, settings)
+    async with engine.begin() as conn:
+        await domains.add_rewrite(
+            conn, site="board", from_host="board.example.com", to_host="mirror.example.com"
+        )
+    finish = request(settings, "job.finish", "job-1", lease_token=token, outcome="succeeded")
+    assert await processor.process(finish) == "replied"
+    # the job has ended but its token is the one the collector holds: the fence refuses
+    assert await processor.process(submit(settings, "job-1", token, "cap-1")) == "replied"
+    reply = (await replies(engine, settings, "job-1"))[-1]
+    assert reply["type"] == "job.lease_lost" and reply["reason"] == "job_succeeded"
+    assert await scalar(engine, "SELECT count(*) FROM captures") == 0
+    assert await scalar(engine, "SELECT count(*) FROM domain_rewrite_uses") == 0

@@ -2,42 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Iterator
-
-import pytest
-from click.testing import Result
 from sqlalchemy.ext.asyncio import AsyncEngine
-from typer.testing import CliRunner
 
-from app.cli import app
+from app.crypto import SecretBox
 from app.handoff import Delivery, TargetError
-from app.settings import Settings, get_settings
+from app.settings import Settings
 from app.store import Database
 from tests.support.captures import capture_row, outbox_payloads, running_job, submit
-from tests.support.cli import assert_one_red_line
+from tests.support.cli import Qm, assert_one_red_line, qm_fixture  # noqa: F401 - the fixture
+from tests.support.leasing import scalar
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
-
-Qm = Callable[..., Awaitable[Result]]
-
-
-@pytest.fixture
-def qm(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Qm]:
-    """Run `qm …` with the test's database."""
-    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("QM_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("QM_TOPIC_PREFIX", settings.topic_prefix)
-    monkeypatch.setenv("COLUMNS", "250")
-    runner = CliRunner()
-
-    async def invoke(*args: str) -> Result:
-        get_settings.cache_clear()
-        return await asyncio.to_thread(runner.invoke, app, list(args))
-
-    yield invoke
-    get_settings.cache_clear()
 
 
 class Refuser:
@@ -95,7 +70,10 @@ async def test_qm_captures_refuses_bad_input_in_one_line(
     hook = "https://hooks.example/captures/T0KEN?key=S3CRET"
     set_ = await qm("captures", "webhook", "board", hook)
     assert set_.exit_code == 0, set_.output
-    assert (await capture_row(engine, "cap-2"))["webhook_url"] == hook
+    row = await capture_row(engine, "cap-2")  # the table holds the URL sealed, and its host
+    assert row["webhook_shown"] == "https://hooks.example/…"
+    assert SecretBox.from_settings(settings).open(bytes(row["webhook_sealed"])) == hook
+    assert await scalar(engine, "SELECT count(*) FROM sites WHERE sites::text LIKE '%T0KEN%'") == 0
     shown = await qm("captures", "show", "cap-2")
     for output in (
         set_.stdout,
@@ -105,4 +83,5 @@ async def test_qm_captures_refuses_bad_input_in_one_line(
         assert "https://hooks.example/" in output  # what the operator sees: scheme and host
         assert "T0KEN" not in output and "S3CRET" not in output
     assert (await qm("captures", "webhook", "board", "--clear")).exit_code == 0
-    assert (await capture_row(engine, "cap-2"))["webhook_url"] is None
+    row = await capture_row(engine, "cap-2")
+    assert row["webhook_shown"] is None and row["webhook_sealed"] is None

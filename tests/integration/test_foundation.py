@@ -8,10 +8,11 @@ import uuid
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db.migrate import downgrade, upgrade
+from app.db.migrate import alembic_config, downgrade, upgrade
 from app.kafka import client_options, producer_options
 from app.settings import Settings
 from schemas.states import AccountStatus, CaptureStatus, JobStatus, SeedStatus
@@ -108,3 +109,45 @@ async def test_a_running_job_without_a_lease_is_refused_by_the_schema(engine: As
                     " gen_random_uuid(), 'r', 'c')"
                 )
             )
+
+
+async def test_webhooks_set_before_sealing_are_sealed_by_the_migration_and_opened_by_its_downgrade(
+    postgres_admin_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
+
+    script = ScriptDirectory.from_config(alembic_config(postgres_admin_url))
+    [sealing] = [r for r in script.walk_revisions() if r.path.endswith("_sealed_webhooks.py")]
+    before = sealing.down_revision
+    assert isinstance(before, str)
+    key = Fernet.generate_key().decode()
+    monkeypatch.setenv("QM_SECRET_KEYS", key)
+    hook = "https://hooks.example/captures/T0KEN?key=S3CRET"
+    name = f"qm_mig_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        await asyncio.to_thread(upgrade, url, before)
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            await conn.execute(
+                "INSERT INTO sites (slug, host, capacity, webhook_url) VALUES ('board', 'b', 1, $1)",
+                hook,
+            )
+            await asyncio.to_thread(upgrade, url, sealing.revision)
+            row = await conn.fetchrow("SELECT webhook_shown, webhook_sealed FROM sites")
+            assert row["webhook_shown"] == "https://hooks.example/…"
+            assert Fernet(key).decrypt(row["webhook_sealed"]).decode() == hook
+            assert (
+                await conn.fetchval("SELECT count(*) FROM sites WHERE sites::text LIKE '%T0KEN%'")
+                == 0
+            )
+            await asyncio.to_thread(downgrade, url, before)
+            assert await conn.fetchval("SELECT webhook_url FROM sites") == hook
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()

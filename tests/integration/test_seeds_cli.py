@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
+from app.store import seeds, sites
 from tests.support.cli import Qm, assert_one_red_line, qm_fixture  # noqa: F401 - the fixture
 from tests.support.leasing import make_site, scalar
+from tests.support.waiting import eventually
 
 
 async def test_import_loads_the_good_rows_and_reports_the_bad_ones_by_line(
@@ -83,3 +86,33 @@ async def test_operator_mistakes_are_one_red_line(
     assert_one_red_line(await qm("seeds", "import", "board", str(tmp_path / "none.csv")), "no file")
     (tmp_path / "s.csv").write_text("https://y.example/\n")
     assert_one_red_line(await qm("seeds", "import", "nowhere", str(tmp_path / "s.csv")), "no site")
+
+
+async def test_a_site_removed_while_a_seed_is_added_waits_for_the_seed_and_takes_it_along(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings, n_accounts=0)
+
+    async def remove() -> bool:
+        async with engine.begin() as conn:
+            assert await sites.lock_site(conn, "board") is not None
+            return await sites.remove_site(conn, "board") is not None
+
+    async def waiting_on_a_lock() -> bool:
+        return bool(
+            await scalar(
+                engine,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+        )
+
+    async with engine.begin() as conn:  # what `qm seeds add` does, with a removal in between
+        assert await seeds.site_exists(conn, "board")
+        removal = asyncio.create_task(remove())
+        await eventually(waiting_on_a_lock, timeout=10)
+        assert await seeds.add_seed(
+            conn, site="board", url="https://board.example/1", interval_seconds=60, priority=0
+        )
+    assert await removal  # went ahead once the seed was in, and took it along
+    assert await scalar(engine, "SELECT count(*) FROM seeds") == 0

@@ -17,10 +17,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.crypto import SecretBox
 from app.settings import Settings
 from app.store import captures
 from app.wiring import Wiring
 from reapers.runner import run_reapers
+from schemas.urls import webhook_shown
 from tests.support.leasing import make_site, replies, request, scalar, start
 from workers.requests import Incoming, RequestProcessor
 
@@ -38,7 +40,8 @@ async def running_job(
         await make_site(engine, settings, capacity=10, n_accounts=10)
     if webhook_url is not None:
         async with engine.begin() as conn:
-            await captures.set_site_webhook(conn, "board", webhook_url)
+            sealed = SecretBox.from_settings(settings).seal(webhook_url)
+            await captures.set_site_webhook(conn, "board", webhook_shown(webhook_url), sealed)
     assert await processor.process(start(settings, job_id)) == "replied"
     [grant] = [r for r in await replies(engine, settings, job_id) if r["type"] == "job.granted"]
     return int(grant["lease_token"])

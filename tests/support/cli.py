@@ -24,6 +24,8 @@ def qm_fixture(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QM_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("QM_TOPIC_PREFIX", settings.topic_prefix)
+    monkeypatch.setenv("QM_SECRET_KEYS", settings.secret_keys.get_secret_value())
     monkeypatch.setenv("COLUMNS", "250")  # wide tables: nothing wraps
     runner = CliRunner()
 

@@ -5,14 +5,14 @@ offset did) is recognised by them and adds no second reply; a client's retry is 
 and is answered again. Both are null on rows written before (those are answered again, as
 before).
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0010
+Revises: 0009
 """
 
 from app.db.scripts import execute_script
 
-revision = "0008"
-down_revision = "0007"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
