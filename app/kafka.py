@@ -107,6 +107,8 @@ async def ensure_topics(settings: Settings) -> list[str]:
 def topic_partitions(settings: Settings) -> dict[str, int]:
     """Every topic's full name and the partitions it should have."""
     counts = {settings.topic(name): parts or settings.topic_partitions for name, parts in TOPICS}
+    # each SDK client of the shared replies topic reads one partition (app.sdk.routing)
+    counts[settings.topic("replies")] = settings.reply_topic_partitions
     for name, source in DLT_SOURCES.items():
         counts[settings.topic(name)] = counts[settings.topic(source)]
     return counts

@@ -53,6 +53,9 @@ class Tx:
         self.settings = services.settings
         self.box = Outbox(services.settings.outbox_shards)
         self.events = Events(services.settings, self.box)
+        # the reply partition the request being applied asked for (its qm.reply_partition
+        # header); a job.start stores it on its job for the replies that come later
+        self.reply_partition: int | None = None
         # the sites this transaction locked first (their settings cannot change while it holds
         # them), and the site of each job it named then
         self.locked_sites: dict[str, Row] = {}
@@ -75,8 +78,15 @@ class Tx:
         return await sites.lock_site_of_job(self.conn, job_id)
 
     def reply(self, job: Record, message: dict[str, Any]) -> None:
-        """A reply to the job's own start request (its reply topic and correlation id)."""
-        self.box.add(job["reply_to"], job["id"], message, [(CORRELATION_ID, job["correlation_id"])])
+        """A reply to the job's own start request (its reply topic, partition and correlation
+        id)."""
+        self.box.add(
+            job["reply_to"],
+            job["id"],
+            message,
+            [(CORRELATION_ID, job["correlation_id"])],
+            partition=job["reply_partition"],
+        )
 
     def answer_start(self, job: Record, message: dict[str, Any]) -> None:
         """The final answer to a job's start request, which its inbox row keeps from now on (so

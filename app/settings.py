@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(
         6, description="Partitions of the topics `qm topics create` makes."
     )
+    # --- reply routing: each client of the shared replies topic reads one partition ----
+    reply_topic_partitions: int = Field(
+        32,
+        description="Partitions of the replies topic `qm topics create` makes. Each SDK client "
+        "of the shared replies topic reads one of them, so with more partitions than "
+        "collectors each fetches little besides its own replies.",
+        ge=1,
+    )
 
     # --- outbox ------------------------------------------------------------------------
     outbox_shards: int = Field(16, description="Shards of the outbox table (hash of key mod S).")
@@ -63,8 +71,8 @@ class Settings(BaseSettings):
     worker_consumers: int = Field(
         6,
         description="Kafka consumers of the group in one claim worker process. Each takes its own "
-        "partitions of the requests topic and handles their records in order, so up to this many "
-        "requests run at once; more than the topic's partitions leaves the extra ones idle.",
+        "partitions of the requests topic and hands their records over in order; more than the "
+        "topic's partitions leaves the extra ones idle.",
     )
     worker_batch_max: int = Field(
         32,
@@ -74,6 +82,15 @@ class Settings(BaseSettings):
     )
     worker_transactions: int = Field(
         2, description="Request transactions one claim worker process runs at once."
+    )
+    # pipelined consumption: records handed over without waiting for their outcome
+    worker_max_in_flight: int = Field(
+        128,
+        ge=1,
+        description="Most request records one claim worker process holds between reading them and "
+        "their final outcome. Consumers read on while earlier records wait for or run in a "
+        "transaction; at this many they wait (backpressure). Offsets are committed only up to "
+        "the first record whose outcome is not final.",
     )
     consumer_session_timeout_ms: int = Field(
         6_000,

@@ -2,14 +2,15 @@
 
 Every record read gets exactly one outcome: a reply, a dead letter, or a retry in place.
 
-Each request is processed in a database transaction (shared with the requests that arrive beside
-it: the group commit of ``workers.requests``); the Kafka offset is committed only after that
-transaction committed (a handler interrupted before it finished is not acknowledged and the record
-is read again). Records done but not yet committed when the worker crashes are read again and
-answered from the inbox.
+Records are pipelined: a consumer hands each one to the processor (``workers.requests``) and reads
+on, up to ``QM_WORKER_MAX_IN_FLIGHT`` records in flight. Requests are processed in database
+transactions shared with the requests waiting beside them (group commit), a job's requests in
+order; a partition's offset is committed only up to its first record whose transaction has not
+committed. Records done but not yet committed when the worker crashes are read again; the inbox
+knows them by their position and adds no second reply.
 
-Several consumers of the group run in one process (``QM_WORKER_CONSUMERS``), each on its own
-partitions, each handling its records in order, so requests of one job stay in order.
+Several consumers of the group may run in one process (``QM_WORKER_CONSUMERS``), each on its own
+partitions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import structlog
 
 from app.wiring import Wiring
-from workers.consuming import Subscription, consuming
+from workers.consuming import Subscription, pipelined
 from workers.requests import RequestProcessor
 
 log = structlog.get_logger()
@@ -32,7 +33,7 @@ async def run_claim_worker(wiring: Wiring) -> None:
         settings.topic("requests"), settings.consumer_group, settings.worker_consumers
     )
     try:
-        async with consuming(wiring, requests, processor.process):
+        async with pipelined(wiring, requests, processor.submit, settings.worker_max_in_flight):
             log.info(
                 "claim_worker_started",
                 topic=requests.topic,
@@ -41,5 +42,6 @@ async def run_claim_worker(wiring: Wiring) -> None:
             )
             await wiring.stop.wait()
     finally:
+        processor.close()  # records still waiting are read again by the partitions' next owner
         await processor.drain()  # the database closes after this, with the wiring
         log.info("claim_worker_stopped")

@@ -2,18 +2,23 @@
 
 Every record read gets exactly one outcome. The record's bytes reach the handler untouched
 (``parse_raw``): no framework step decodes a header, so none can drop a record whose headers are
-not UTF-8 or whose key or value is null. Its offset is committed only after the handler returned
-(a handler interrupted before it finished is not acknowledged and the record is read again).
+not UTF-8 or whose key or value is null.
 
-Several consumers of the group may run in one process, each on its own partitions, each handling
-its records in order.
+``pipelined``: a consumer hands each record over (``Submit``) and reads the next without waiting
+for its outcome, up to a bound of records in flight (then it waits: backpressure). The handler is
+told when a record's outcome is final, in any order; ``OffsetCommits`` commits each partition only
+up to its first record not final (``workers.pipeline.Positions``), so a record handed over is
+never lost: a crash, or a partition moving to another consumer, reads again every record not
+final (and those after it), and the handlers' own idempotence answers them. ``consuming``: one
+record at a time per consumer (each is final when its handler returned).
 
-Offsets are committed in the background (``OffsetCommits``): a handler marks its record done and
-takes the next one at once instead of waiting for the broker to confirm the commit, which costs a
-group-coordinator write (5 ms or more on Kafka 4 brokers, whose coordinator lingers to batch
-writes) and would double the time each record holds its partition. Only offsets of records whose
-handler returned are ever committed. A crash before the commit means the records done since the
-last commit are read again (and the handlers' own idempotence answers them as before).
+Several consumers of the group may run in one process, each on its own partitions, each handing
+its records over in order.
+
+Offsets are committed in the background: a record's outcome does not wait for the broker to
+confirm the commit, which costs a group-coordinator write (5 ms or more on Kafka 4 brokers, whose
+coordinator lingers to batch writes). A record that could not be handed over (the handler raised
+before it did) is not registered: the consumer seeks back to it, and nothing after it was taken.
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ from faststream.message import StreamMessage
 from app.dlt.headers import Header
 from app.settings import Settings
 from app.wiring import Wiring, consumer_assigned
+from workers.pipeline import Positions
 
 log = structlog.get_logger()
 
 COMMIT_INTERVAL_SECONDS = 0.05  # how long done offsets wait, so that one commit carries many
 COMMIT_TIMEOUT_SECONDS = 10.0  # a commit the broker does not answer in this time is given up
+SETTLE_SECONDS = 10.0  # how long records in flight may finish before their partition is given up
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class Incoming:
 
 
 Handle = Callable[[Incoming], Awaitable[object]]
+# hands a record over, waiting only for room; calls its second argument once the outcome is final
+Submit = Callable[[Incoming, Callable[[], None]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -104,25 +113,113 @@ def incoming(message: KafkaMessage) -> Incoming:
     )
 
 
-class OffsetCommits(ConsumerRebalanceListener):
-    """The next offset of each partition whose records are done, committed in the background.
+class Ticket:
+    """A record handed over: ``finish`` it once its outcome is final (only the first call counts)."""
 
-    ``done`` records a processed record; ``run`` commits what is done every
-    ``COMMIT_INTERVAL_SECONDS`` while records come in; ``flush`` commits now (before partitions
-    are revoked, and when the worker stops). Commits are serialized, so a committed offset never
-    goes back.
+    __slots__ = ("_commits", "_positions", "offset", "open")
+
+    def __init__(self, commits: OffsetCommits, positions: Positions, offset: int) -> None:
+        self._commits = commits
+        self._positions = positions
+        self.offset = offset
+        self.open = True
+
+    def finish(self) -> None:
+        if self.open:
+            self.open = False
+            self._positions.finish(self.offset)
+            self._commits.closed_one()
+
+    def forget(self) -> None:
+        """The record was not handed over after all: it is read again, nothing is committed."""
+        if self.open:
+            self.open = False
+            self._positions.forget(self.offset)
+            self._commits.closed_one()
+
+
+class OffsetCommits(ConsumerRebalanceListener):
+    """The records in flight of each partition, and their offsets committed in the background.
+
+    ``take`` registers a record before it is handed over (waiting while ``max_in_flight`` have no
+    final outcome yet: backpressure); its ticket's ``finish`` marks its outcome final, in any order. A
+    partition is committed up to its first record not finished (``workers.pipeline.Positions``),
+    every ``COMMIT_INTERVAL_SECONDS`` while records finish; ``flush`` commits now. Before
+    partitions are revoked, and when the worker stops, the records in flight are given up to
+    ``settle_seconds`` to finish, then what is done is committed; the rest is read again by the
+    next owner. Commits are serialized, so a committed offset never goes back.
     """
 
-    def __init__(self, interval: float = COMMIT_INTERVAL_SECONDS) -> None:
+    def __init__(
+        self,
+        max_in_flight: int = 1,
+        interval: float = COMMIT_INTERVAL_SECONDS,
+        settle_seconds: float = SETTLE_SECONDS,
+    ) -> None:
+        self.max_in_flight = max_in_flight
         self.interval = interval
-        self._done: dict[AIOKafkaConsumer, dict[TopicPartition, int]] = {}
-        self._wake = asyncio.Event()
+        self.settle_seconds = settle_seconds
+        self._positions: dict[AIOKafkaConsumer, dict[TopicPartition, Positions]] = {}
+        self._wake = asyncio.Event()  # something finished: a commit may move
+        self._moved = asyncio.Event()  # something finished or was forgotten: room, or settled
         self._lock = asyncio.Lock()
+        self._closed = False
+        self._open = 0  # records handed over whose outcome is not final yet
 
-    def done(self, consumer: AIOKafkaConsumer, topic: str, partition: int, offset: int) -> None:
-        """A record's handler returned: its partition may be committed past it."""
-        self._done.setdefault(consumer, {})[TopicPartition(topic, partition)] = offset + 1
+    @property
+    def open(self) -> int:
+        return self._open
+
+    def in_flight(self, only: set[TopicPartition] | None = None) -> int:
+        """Records not committed yet (of ``only``): those not final and those after them."""
+        return sum(
+            len(positions)
+            for partitions in self._positions.values()
+            for tp, positions in partitions.items()
+            if only is None or tp in only
+        )
+
+    async def take(self, consumer: AIOKafkaConsumer, record: Incoming) -> Ticket | None:
+        """Register ``record`` as in flight once there is room; None when it must not be handed
+        over (its partition was revoked meanwhile, or the worker stops): it is read again."""
+        tp = TopicPartition(record.topic, record.partition)
+        while not self._closed and self._open >= self.max_in_flight:
+            self._moved.clear()
+            await self._moved.wait()
+        if self._closed:
+            await asyncio.Future()  # taking no more: wait here until the broker stops
+        if tp not in consumer.assignment():
+            return None
+        positions = self._positions.setdefault(consumer, {}).setdefault(tp, Positions())
+        positions.take(record.offset)
+        self._open += 1
+        return Ticket(self, positions, record.offset)
+
+    def closed_one(self) -> None:
+        self._open -= 1
+        self.moved()
+
+    def moved(self) -> None:
         self._wake.set()
+        self._moved.set()
+
+    def close(self) -> None:
+        """Take no more records: a handler waiting for room, or arriving, waits for the end."""
+        self._closed = True
+        self._moved.set()
+
+    async def settle(self, only: set[TopicPartition] | None = None) -> bool:
+        """Wait up to ``settle_seconds`` for the records in flight (of ``only``) to finish;
+        whether they did."""
+        try:
+            async with asyncio.timeout(self.settle_seconds):
+                while self.in_flight(only):
+                    self._moved.clear()
+                    await self._moved.wait()
+        except TimeoutError:
+            log.warning("records_still_in_flight", records=self.in_flight(only))
+            return False
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Commit what is done, at most every ``interval``, until ``stop`` is set."""
@@ -137,53 +234,73 @@ class OffsetCommits(ConsumerRebalanceListener):
             await self.flush()
 
     async def flush(self, only: set[TopicPartition] | None = None) -> None:
-        """Commit the done offsets (of the ``only`` partitions, when given) now."""
+        """Commit the partitions (the ``only`` ones, when given) up to their first record in
+        flight, now."""
         async with self._lock:
             self._wake.clear()
-            taken: dict[AIOKafkaConsumer, dict[TopicPartition, int]] = {}
-            for consumer, offsets in self._done.items():
-                chosen = {tp: o for tp, o in offsets.items() if only is None or tp in only}
-                for tp in chosen:
-                    del offsets[tp]
+            for consumer, partitions in list(self._positions.items()):
+                chosen = {
+                    tp: positions
+                    for tp, positions in partitions.items()
+                    if (only is None or tp in only) and positions.to_commit() is not None
+                }
                 if chosen:
-                    taken[consumer] = chosen
-            for consumer, offsets in taken.items():
-                await self._commit(consumer, offsets)
+                    await self._commit(consumer, chosen)
 
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, chosen: dict[TopicPartition, Positions]
+    ) -> None:
         assigned = consumer.assignment()
-        mine = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        mine = {tp: positions for tp, positions in chosen.items() if tp in assigned}
+        offsets = {tp: positions.to_commit() for tp, positions in mine.items()}
         try:
-            if mine:
-                await asyncio.wait_for(consumer.commit(mine), COMMIT_TIMEOUT_SECONDS)
+            if offsets:
+                await asyncio.wait_for(consumer.commit(offsets), COMMIT_TIMEOUT_SECONDS)
         except (KafkaError, TimeoutError) as exc:
             # the partitions moved to another consumer (or the broker is away): their new owner
             # reads these records again and answers them as before
             log.warning(
                 "offset_commit_failed", error_class=type(exc).__name__, partitions=len(mine)
             )
-        except asyncio.CancelledError:
-            pending = self._done.setdefault(consumer, {})
-            for tp, offset in mine.items():  # keep them for the final flush (unless overtaken)
-                pending[tp] = max(offset, pending.get(tp, 0))
-            raise
+            return
+        for tp, positions in mine.items():
+            offset = offsets[tp]
+            assert offset is not None
+            positions.committed(offset)
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Commit what is done of the partitions this consumer is about to give up."""
-        await self.flush(only=set(revoked))
+        """Let the records in flight of the partitions this consumer gives up finish (for a
+        while), commit what is done, and forget the rest: the next owner reads it again."""
+        only = set(revoked)
+        await self.settle(only)
+        await self.flush(only=only)
+        for partitions in self._positions.values():
+            for tp in only:
+                partitions.pop(tp, None)
+        self.moved()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         pass
+
+
+def one_at_a_time(handle: Handle) -> Submit:
+    """Hand records to ``handle`` one at a time: each is final once ``handle`` returned."""
+
+    async def submit(record: Incoming, finished: Callable[[], None]) -> None:
+        await handle(record)
+        finished()
+
+    return submit
 
 
 def subscribe(
     broker: KafkaBroker,
     settings: Settings,
     subscription: Subscription,
-    handle: Handle,
+    submit: Submit,
     commits: OffsetCommits,
 ) -> Any:
-    """Subscribe ``handle`` to the subscription's topic on ``broker``; return the subscriber."""
+    """Subscribe ``submit`` to the subscription's topic on ``broker``; return the subscriber."""
     extra: dict[str, Any] = (
         {"max_workers": subscription.consumers} if subscription.consumers > 1 else {}
     )
@@ -205,16 +322,19 @@ def subscribe(
     @subscriber
     async def on_record(message: KafkaMessage) -> None:
         record = incoming(message)
-        try:
-            await handle(record)
-        except BaseException:
-            # not done: the consumer goes back to this record, and nothing after it is committed
-            # before it is handled
-            await message.nack()
-            raise
         consumer = message.consumer
         assert isinstance(consumer, AIOKafkaConsumer)
-        commits.done(consumer, record.topic, record.partition, record.offset)
+        ticket = await commits.take(consumer, record)
+        if ticket is None:
+            return  # its partition moved on: its next owner reads it
+        try:
+            await submit(record, ticket.finish)
+        except BaseException:
+            # not handed over: the consumer goes back to this record, and nothing after it is
+            # committed before it is handled
+            ticket.forget()
+            await message.nack()
+            raise
 
     return subscriber
 
@@ -223,11 +343,24 @@ def subscribe(
 async def consuming(
     wiring: Wiring, subscription: Subscription, handle: Handle
 ) -> AsyncIterator[None]:
-    """Consume ``subscription`` with ``handle`` while the block runs; on leaving it, commit
-    what is done and stop the broker."""
-    commits = OffsetCommits()
+    """Consume ``subscription`` with ``handle``, one record at a time per consumer, while the
+    block runs; on leaving it, commit what is done and stop the broker."""
+    async with pipelined(
+        wiring, subscription, one_at_a_time(handle), max_in_flight=subscription.consumers
+    ):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def pipelined(
+    wiring: Wiring, subscription: Subscription, submit: Submit, max_in_flight: int
+) -> AsyncIterator[None]:
+    """Consume ``subscription`` with ``submit``, up to ``max_in_flight`` records in flight, while
+    the block runs. On leaving it: take no more records, give those in flight time to finish,
+    commit what is done and stop the broker."""
+    commits = OffsetCommits(max_in_flight)
     broker = wiring.broker()
-    subscriber = subscribe(broker, wiring.settings, subscription, handle, commits)
+    subscriber = subscribe(broker, wiring.settings, subscription, submit, commits)
     wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
     await broker.start()
     committer = asyncio.create_task(
@@ -236,6 +369,8 @@ async def consuming(
     try:
         yield
     finally:
+        commits.close()
+        await commits.settle()
         committer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await committer

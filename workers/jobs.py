@@ -147,6 +147,7 @@ async def _queue(
         reply_to=reply_to,
         correlation_id=correlation_id,
         public_key=req.public_key,
+        reply_partition=tx.reply_partition,
     )
 
 

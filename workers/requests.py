@@ -1,11 +1,17 @@
 """The claim worker's core: each request's inbox row, transition and outbox reply commit together.
 
-Requests that arrive while the worker's transactions run wait and go together into the next one
-(group commit, ``QM_WORKER_BATCH_MAX``): one BEGIN, one outbox insert and one COMMIT for all of
-them. The transaction first locks every site its requests touch, in slug order, so two of them
-cannot deadlock; then it applies the requests one after another, exactly as separate transactions
-would. If it fails for any reason, each of its requests is tried again in a transaction of its own,
-so one bad request never holds up the others.
+Records are handed over in the order they were read and wait for the worker's transactions
+(``QM_WORKER_TRANSACTIONS``), which take them in that order (group commit, ``QM_WORKER_BATCH_MAX``):
+one BEGIN, one outbox insert and one COMMIT for all of them. Two requests of one job are never in
+two running transactions (``workers.pipeline.KeyedQueue``), so a job's requests commit in the
+order they were read. The transaction first locks every site its requests touch, in slug order, so
+two of them cannot deadlock; then it applies the requests one after another, exactly as separate
+transactions would. If it fails for any reason, each of its requests goes again alone, in order,
+in a transaction of its own, so one bad request never holds up the others for long.
+
+A request whose ``request_id`` was seen before is answered again from the inbox, unless it is the
+very record that first claimed it (same partition and offset), read again after a crash: its reply
+was committed with its transition, so it gets no second one.
 
 Every transaction takes its locks in one order (docs/design.md): sites (in slug order), inbox
 rows, jobs, accounts, sessions, outbox keys. Locking the sites first also puts the answer to a
@@ -14,7 +20,10 @@ replies leave in the order its transitions happened.
 
 A ``reply_to`` header must match ``QM_REPLY_TOPIC_PATTERN`` (by default the prefix's replies
 topic and ``replies.*``); a record naming any other topic is refused as invalid, and its
-``request.invalid`` goes to the default replies topic.
+``request.invalid`` goes to the default replies topic. A ``qm.reply_partition`` header sends the
+request's replies to that partition of its reply topic (and a job.start's job keeps it for its
+later replies); one that is not a non-negative integer is refused as invalid, and its
+``request.invalid`` goes where the job id's key sends it.
 
 Failures follow one classification (``app.errors``): invalid input is dead-lettered at once with a
 ``request.invalid`` reply; transient infrastructure errors are retried in place for as long as it
@@ -31,6 +40,7 @@ and the reply it gets then is its only one; the collector's own timeout ends its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -55,15 +65,18 @@ from app.settings import Settings
 from app.store import Database, dlt_values, inbox
 from schemas.messages import (
     CORRELATION_ID,
+    REPLY_PARTITION,
     REPLY_TO,
     AnyRequest,
     JobStart,
     RequestConflict,
     RequestInvalid,
+    parse_reply_partition,
     parse_request,
 )
 from workers import captures, jobs, seeds, sessions
 from workers.consuming import Incoming
+from workers.pipeline import KeyedQueue, Waiting
 from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
@@ -85,6 +98,10 @@ class ReplyTopicRefused(InvalidMessage):
     """A ``reply_to`` header that names a topic requests may not reply to."""
 
 
+class ReplyPartitionRefused(InvalidMessage):
+    """A ``qm.reply_partition`` header that names no partition."""
+
+
 @dataclass(frozen=True)
 class Parsed:
     """A request read from its record: where its answer goes and with which correlation id."""
@@ -92,6 +109,9 @@ class Parsed:
     request: AnyRequest
     reply_to: str
     correlation_id: str
+    partition: int  # where its record was read (a redelivery of the record is told apart)
+    offset: int
+    reply_partition: int | None = None  # None: the job id's key picks the partition
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -103,18 +123,36 @@ def fingerprint(request: AnyRequest) -> str:
     return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
 
-def _claim(request: AnyRequest) -> inbox.Claim:
-    return inbox.Claim(str(request.request_id), request.job_id, request.type, fingerprint(request))
+def _claim(parsed: Parsed) -> inbox.Claim:
+    request = parsed.request
+    return inbox.Claim(
+        str(request.request_id),
+        request.job_id,
+        request.type,
+        fingerprint(request),
+        parsed.partition,
+        parsed.offset,
+    )
 
 
-Waiting = tuple[Parsed, "asyncio.Future[str | None]"]
+@dataclass(eq=False)
+class Pending:
+    """A record handed over and its outcome to come."""
+
+    record: Incoming
+    parsed: Parsed | None  # None: it does not parse (it goes alone, where that is classified)
+    outcome: asyncio.Future[str]
+    started: float
 
 
 class RequestProcessor:
-    """Processes request records; ``process`` never raises for a bad record.
+    """Processes request records; a record's outcome is never an exception.
 
-    Callers may call ``process`` concurrently (one caller per partition, each awaiting its record
-    before the next, so requests of one partition keep their order).
+    ``submit`` hands a record over and returns at once (the consumer reads on); ``process``
+    also waits for the outcome. Records wait in the order they were handed over and go into
+    the shared transactions in that order (``workers.pipeline.KeyedQueue``): two requests of
+    one job are never in two running transactions, and a later one never commits before an
+    earlier one, also when a failed shared transaction's requests go alone.
     """
 
     def __init__(self, settings: Settings, db: Database, secrets: SecretBox | None = None) -> None:
@@ -123,58 +161,85 @@ class RequestProcessor:
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
         self._reply_topics = re.compile(settings.reply_topics())
         self._retry_transient = TransientRetry("worker", settings.transient_retry_max_seconds)
-        self._waiting: list[Waiting] = []
+        self._waiting: KeyedQueue[Pending] = KeyedQueue()
         self._committers: set[asyncio.Task[None]] = set()
 
+    async def submit(self, record: Incoming, finished: Callable[[], None]) -> None:
+        """Hand ``record`` over; ``finished`` is called once its outcome is final."""
+        outcome = self.enqueue(record)
+        outcome.add_done_callback(lambda done: None if done.cancelled() else finished())
+
     async def process(self, record: Incoming) -> str:
-        """Handle a record; returns what happened (replied, duplicate, conflict, dead_lettered)."""
-        started = time.perf_counter()
-        outcome = await self._together(record) if self.settings.worker_batch_max > 1 else None
-        if outcome is None:
-            outcome = await self._process(record)
-        REQUEST_SECONDS.observe(time.perf_counter() - started)
-        REQUESTS.labels(_request_type(record.value), outcome).inc()
+        """Handle a record; returns what happened (replied, duplicate, redelivered, conflict,
+        dead_lettered)."""
+        return await self.enqueue(record)
+
+    def enqueue(self, record: Incoming) -> asyncio.Future[str]:
+        """Put ``record`` in line for a transaction; its outcome, once it has one."""
+        try:
+            parsed: Parsed | None = self._parse(record)
+        except Exception:  # noqa: BLE001 - the record goes alone, where its failure is classified
+            parsed = None
+        outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        alone = parsed is None or self.settings.worker_batch_max <= 1
+        key = None if parsed is None else parsed.request.job_id
+        self._waiting.put(Pending(record, parsed, outcome, time.perf_counter()), key, alone=alone)
+        self._start_committers()
         return outcome
 
-    async def _together(self, record: Incoming) -> str | None:
-        """The record's outcome in a transaction shared with the requests waiting beside it;
-        None when it must go alone (it does not parse, or the shared transaction failed)."""
-        try:
-            parsed = self._parse(record)
-        except Exception:  # noqa: BLE001 - the record goes alone, where its failure is classified
-            return None
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((parsed, future))
+    def _start_committers(self) -> None:
         # a committer that found nothing more to do has returned, though its task may still be
         # in the set until its done-callback runs: count only those still running
         running = sum(not committer.done() for committer in self._committers)
-        if running < self.settings.worker_transactions:
+        if running < self.settings.worker_transactions and len(self._waiting):
             committer = asyncio.create_task(self._commit_waiting(), name="request-transactions")
             self._committers.add(committer)
             committer.add_done_callback(self._committers.discard)
-        return await future
 
     async def _commit_waiting(self) -> None:
-        """Commit the waiting requests, as many per transaction as allowed, until none wait."""
-        while self._waiting:
-            taken = self._waiting[: self.settings.worker_batch_max]
-            del self._waiting[: len(taken)]
-            outcomes: list[str | None] = [None] * len(taken)
-            try:
-                outcomes = list(await self._transact([parsed for parsed, _ in taken]))
-            except Exception as exc:  # noqa: BLE001 - each request is tried again on its own
-                REQUESTS_PER_TRANSACTION.labels("false").observe(len(taken))
-                log.info(
-                    "shared_transaction_failed",
-                    error_class=type(exc).__name__,
-                    requests=len(taken),
-                )
+        """Commit the waiting requests, as many per transaction as allowed, until none can go."""
+        while taken := self._waiting.take(self.settings.worker_batch_max):
+            if taken[0].alone:
+                [entry] = taken
+                try:
+                    self._settle(entry.item, await self._process(entry.item.record))
+                finally:
+                    self._waiting.release(entry)
             else:
-                REQUESTS_PER_TRANSACTION.labels("true").observe(len(taken))
-            finally:
-                for (_, future), outcome in zip(taken, outcomes, strict=True):
-                    if not future.done():
-                        future.set_result(outcome)
+                await self._commit_shared(taken)
+            self._start_committers()  # keys freed: more may go side by side now
+
+    async def _commit_shared(self, taken: list[Waiting[Pending]]) -> None:
+        """One transaction for the taken requests; if it fails, each goes alone, in order."""
+        try:
+            outcomes = await self._transact([entry.item.parsed for entry in taken])  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - each request is tried again on its own
+            REQUESTS_PER_TRANSACTION.labels("false").observe(len(taken))
+            log.info(
+                "shared_transaction_failed", error_class=type(exc).__name__, requests=len(taken)
+            )
+            self._waiting.put_back(taken)  # at the front: later requests of theirs wait
+            return
+        except BaseException:
+            for entry in taken:
+                self._waiting.release(entry)
+            raise
+        REQUESTS_PER_TRANSACTION.labels("true").observe(len(taken))
+        for entry, outcome in zip(taken, outcomes, strict=True):
+            self._settle(entry.item, outcome)
+            self._waiting.release(entry)
+
+    def _settle(self, pending: Pending, outcome: str) -> None:
+        REQUEST_SECONDS.observe(time.perf_counter() - pending.started)
+        REQUESTS.labels(_request_type(pending.record.value), outcome).inc()
+        if not pending.outcome.done():
+            pending.outcome.set_result(outcome)
+
+    def close(self) -> None:
+        """Take no more waiting records (the worker stops): they get no outcome here and are
+        read again."""
+        for entry in self._waiting.drop():
+            entry.item.outcome.cancel()
 
     async def drain(self) -> None:
         """Wait for the transactions in flight (when the worker stops, before its pool closes)."""
@@ -235,7 +300,14 @@ class RequestProcessor:
                 f"{self._reply_topics.pattern!r}"
             )
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
-        return Parsed(request, wanted or self.settings.topic("replies"), correlation_id)
+        return Parsed(
+            request,
+            wanted or self.settings.topic("replies"),
+            correlation_id,
+            record.partition,
+            record.offset,
+            _reply_partition(record),
+        )
 
     async def _handle(self, record: Incoming) -> str:
         [outcome] = await self._transact([self._parse(record)])
@@ -249,7 +321,7 @@ class RequestProcessor:
             # then the requests' inbox rows, in one statement
             claimed = await inbox.claim_requests(
                 conn,
-                [_claim(p.request) for p in requests],
+                [_claim(p) for p in requests],
                 slugs=[p.request.site for p in requests if isinstance(p.request, JobStart)],
                 job_ids=[p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
             )
@@ -279,7 +351,7 @@ class RequestProcessor:
         request, reply_to = parsed.request, parsed.reply_to
         request_id = str(request.request_id)
         if not fresh:
-            return await self._answer_again(tx, request, reply_to, parsed.headers)
+            return await self._answer_again(tx, parsed)
         handler = HANDLERS.get(request.type)
         if handler is None:
             reply: dict[str, Any] | None = RequestInvalid(
@@ -288,9 +360,15 @@ class RequestProcessor:
                 error=f"{request.type} is not served by this version",
             ).model_dump(mode="json")
         else:
-            reply = await handler(tx, request, reply_to, parsed.correlation_id)
+            tx.reply_partition = parsed.reply_partition
+            try:
+                reply = await handler(tx, request, reply_to, parsed.correlation_id)
+            finally:
+                tx.reply_partition = None
         if reply is not None:
-            tx.box.add(reply_to, request.job_id, reply, parsed.headers)
+            tx.box.add(
+                reply_to, request.job_id, reply, parsed.headers, partition=parsed.reply_partition
+            )
             tx.box.keep_reply(request_id, reply_to, reply)
         return "replied"
 
@@ -300,26 +378,38 @@ class RequestProcessor:
             log.warning("fault_injected", point=point, job_id=job_id)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    async def _answer_again(
-        self, tx: Tx, request: AnyRequest, reply_to: str, headers: list[tuple[str, str]]
-    ) -> str:
+    async def _answer_again(self, tx: Tx, parsed: Parsed) -> str:
         """A request_id seen before: the same body gets the same reply, another body a conflict.
+        The very record that first claimed it, read again (its worker died before committing its
+        offset), gets nothing more: its reply was committed with its transition.
 
         The stored reply is read under the site's lock (taken first in ``_transact``), the lock
         every transition that changes it holds, so a stale answer cannot overtake a newer one.
+        The answer goes to the partition this repeat asks for, when it goes to this repeat's
+        reply topic.
         """
+        request, headers = parsed.request, parsed.headers
         seen = await inbox.seen_request(tx.conn, str(request.request_id))
         assert seen is not None
         if seen["fingerprint"] != fingerprint(request):
             conflict = RequestConflict(request_id=request.request_id, job_id=request.job_id)
-            tx.box.add(reply_to, request.job_id, conflict.model_dump(mode="json"), headers)
+            tx.box.add(
+                parsed.reply_to,
+                request.job_id,
+                conflict.model_dump(mode="json"),
+                headers,
+                partition=parsed.reply_partition,
+            )
             log.info("request_conflict", request_id=str(request.request_id), job_id=request.job_id)
             return "conflict"
+        if (seen["record_partition"], seen["record_offset"]) == (parsed.partition, parsed.offset):
+            log.info("request_redelivered", request_id=str(request.request_id))
+            return "redelivered"
         kept = tx.box.kept_reply(str(request.request_id))  # answered earlier in this transaction
-        if kept is not None:
-            tx.box.add(kept.topic, request.job_id, kept.reply, headers)
-        elif seen["reply"] is not None:
-            tx.box.add(seen["reply_topic"], request.job_id, seen["reply"], headers)
+        topic, reply = (kept.topic, kept.reply) if kept else (seen["reply_topic"], seen["reply"])
+        if reply is not None:
+            partition = parsed.reply_partition if topic == parsed.reply_to else None
+            tx.box.add(topic, request.job_id, reply, headers, partition=partition)
         return "duplicate"
 
     async def _dead_letter(
@@ -378,12 +468,28 @@ class RequestProcessor:
         invalid = RequestInvalid(
             request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
         )
+        wanted, partition = header(record.headers, REPLY_TO), None
+        if wanted is None or self._allowed_reply_to(wanted):  # a partition of that topic
+            with contextlib.suppress(ReplyPartitionRefused):  # else the key picks the partition
+                partition = _reply_partition(record)
         tx.box.add(
             self._reply_to(record),
             ids.get("job_id") or record.key,
             invalid.model_dump(mode="json"),
             [(CORRELATION_ID, correlation_id)],
+            partition=partition,
         )
+
+
+def _reply_partition(record: Incoming) -> int | None:
+    """The partition the record's ``qm.reply_partition`` header asks replies to go to."""
+    wanted = header(record.headers, REPLY_PARTITION)
+    if wanted is None:
+        return None
+    try:
+        return parse_reply_partition(wanted)
+    except ValueError as exc:
+        raise ReplyPartitionRefused(str(exc)) from None
 
 
 def _record_size(key: bytes | None, value: bytes | None, headers: list[Header]) -> int:

@@ -18,7 +18,9 @@ relay as child processes (`python -m app run worker`, `python -m app run relay`)
 The CPU each process used in each run is printed under the table (from /proc), with the WAL
 bytes per request (``pg_current_wal_lsn`` before and after) and the claim worker's RSS.
 ``--history N`` preloads N finished jobs (grants, inbox rows) and 10,000 accounts per site;
-``--json`` prints one JSON object instead of the table.
+``--json`` prints one JSON object instead of the table. The collectors share one reply topic,
+each reading one partition of it, as the SDK does by default (``--no-route-replies``: each reads
+the whole topic, as clients that do not route do; ``--own-reply-topics``: a topic each).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Plan:
     warmup: float = 15.0
     workers: int = 1
     own_reply_topics: bool = False
+    route_replies: bool = True  # each collector of the shared reply topic reads one partition
     history: int = 0
     search_steps: int = 0
     search_seconds: float = 3.0
@@ -107,6 +110,13 @@ def bench_lease(
     own_reply_topics: Annotated[
         bool, Opt(help="Each collector gets a reply topic of its own instead of sharing one.")
     ] = False,
+    route_replies: Annotated[
+        bool,
+        Opt(
+            help="Collectors of the shared reply topic each read one partition of it (as the "
+            "SDK does by default); --no-route-replies: each reads all of it."
+        ),
+    ] = True,
     history_jobs: Annotated[
         int, Opt("--history", help="Finished jobs (with grants, inbox rows) preloaded first.")
     ] = 0,
@@ -123,6 +133,7 @@ def bench_lease(
                 concurrency=max(concurrency, 1), cycles=cycles, seconds=seconds,
                 sites=max(n_sites, 1), consumers=consumers, warmup=warmup,
                 workers=max(workers, 1), own_reply_topics=own_reply_topics,
+                route_replies=route_replies,
                 history=max(history_jobs, 0), search_steps=max(search_steps, 0),
                 search_seconds=search_seconds, search_ceiling=search_ceiling)  # fmt: skip
     console = err if as_json else Console(width=max(Console().width, 132))
@@ -134,6 +145,7 @@ def bench_lease(
                 f"{plan.accounts_per_site} accounts; {plan.workers} claim worker(s) and a relay as "
                 "child processes (`python -m app run worker|relay`); "
                 + ("a reply topic per collector" if own_reply_topics else "one shared reply topic")
+                + ("" if own_reply_topics or not route_replies else ", a partition per collector")
             )
             settings = bench_settings(services.bootstrap, services.database_url)
             report = asyncio.run(_bench(settings, plan, services.pids, console))
@@ -186,7 +198,10 @@ async def _bench(settings: Settings, plan: Plan, pids: dict[str, int], console: 
             clients = [
                 await stack.enter_async_context(
                     QuartermasterClient.from_settings(
-                        settings, request_timeout=REQUEST_TIMEOUT, reply_topic=topic
+                        settings,
+                        request_timeout=REQUEST_TIMEOUT,
+                        reply_topic=topic,
+                        route_replies=plan.route_replies,
                     )
                 )
                 for topic in reply_topics

@@ -37,13 +37,15 @@ CHANNELS: dict[str, tuple[str, Any, str]] = {
         "receive",
         AnyRequest,
         "Requests from collectors, keyed by job_id (per-job order). Headers: correlation_id, and "
-        "optionally reply_to (the replies topic or replies.*).",
+        "optionally reply_to (the replies topic or replies.*) and qm.reply_partition (the "
+        "partition of reply_to the replies go to, in decimal digits).",
     ),
     "replies": (
         "send",
         AnyReply,
-        "Replies, keyed by job_id, on the request's reply_to (default this topic); the "
-        "correlation_id header echoes the request's.",
+        "Replies, keyed by job_id, on the request's reply_to (default this topic) and on the "
+        "partition its qm.reply_partition header names (else the key's); the correlation_id "
+        "header echoes the request's.",
     ),
     "events": ("send", LifecycleEvent, "Every lifecycle event, keyed by the entity's id."),
     "job-events": (

@@ -33,7 +33,8 @@ BATCHES = Counter("qm_outbox_batches_total", "Relay rounds that published at lea
 ERRORS = Counter(
     "qm_outbox_errors_total",
     "Relay failures by kind: send (a row the broker did not ack), topic (a topic that could"
-    " not be resolved), database, kafka (producer could not start).",
+    " not be resolved), database, kafka (producer could not start), partition (a row asked for"
+    " a partition its topic does not have, and went to its key's instead).",
     ["kind"],
 )
 

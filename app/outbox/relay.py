@@ -12,7 +12,8 @@ What it promises, and why it holds:
   relay at a time (a session advisory lock on the relay's own connection, which also does the
   reads and deletes, so a relay that lost its connection cannot read a shard it no longer owns);
   the owner sends the shard's rows in id order through one idempotent producer (in producer
-  batches per partition, keys mapped to partitions as Kafka clients do by default). The writer makes
+  batches per partition, keys mapped to partitions as Kafka clients do by default, unless the row
+  names its partition: a reply routed to its client's partition). The writer makes
   rows of one key commit in id order, so a relay never sees a later row of a key before an earlier
   one. A row of another key that took a lower id but commits late is simply read by a later round:
   rows are deleted by id, there is no watermark that could pass it by. After a failed send the
@@ -259,7 +260,7 @@ class Relay:
             if message_size(row) > MAX_MESSAGE_BYTES:  # refused for good: it becomes a dead letter
                 outcome.too_large.append(row)
                 continue
-            tp = (row.topic, self._partition(row.key, partitions))
+            tp = (row.topic, self._target(row, partitions))
             if tp in stalled:  # later rows of its keys must not overtake the refused ones
                 outcome.waiting += 1
                 continue
@@ -306,6 +307,24 @@ class Relay:
         else:
             outcome.acked.extend(batch.rows)
             self._single.discard(tp)
+
+    def _target(self, row: UnsentRow, partitions: list[int]) -> int:
+        """The partition ``row`` goes to: the one it asks for, else its key's. A partition the
+        topic does not have (a reply partition chosen for a topic since recreated smaller) is
+        no reason to lose the row: it goes to its key's partition, with a warning."""
+        if row.partition is None:
+            return self._partition(row.key, partitions)
+        if row.partition in partitions:
+            return row.partition
+        metrics.ERRORS.labels("partition").inc()
+        log.warning(
+            "outbox_partition_missing",
+            outbox_id=row.id,
+            topic=row.topic,
+            partition=row.partition,
+            partitions=len(partitions),
+        )
+        return self._partition(row.key, partitions)
 
     def _partition(self, key: bytes | None, partitions: list[int]) -> int:
         """The partition of ``key`` (remembered: hashing in Python costs more than a lookup)."""

@@ -54,8 +54,11 @@ class Outbox:
         key: str | bytes | None,
         payload: Mapping[str, Any] | bytes | None,
         headers: Iterable[tuple[str, str | bytes | None]] = (),
+        *,
+        partition: int | None = None,
     ) -> str:
-        """Queue one message; returns its message id. A header value may be None (null)."""
+        """Queue one message; returns its message id. A header value may be None (null).
+        ``partition``: the topic's partition it goes to (None: its key's, as Kafka picks)."""
         message_id = str(uuid7())
         raw_key = None if key is None else as_bytes(key)
         self.rows.append(
@@ -71,6 +74,7 @@ class Outbox:
                     ),
                 ),
                 shard=shard_of(raw_key, self.shards),
+                partition=partition,
             )
         )
         return message_id

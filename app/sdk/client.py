@@ -5,6 +5,11 @@ One producer writes requests to ``<prefix>requests`` (key ``job_id``, headers ``
 group, so any number of collector processes can share the topic) starting from its end. Replies are
 matched to their requests by ``correlation_id``; see ``app.sdk.replies`` for the bookkeeping.
 
+On the shared ``<prefix>replies`` topic a client reads one partition only: it picks one when it
+starts (``app.sdk.routing``; or takes ``reply_partition``), and every request carries it in the
+``qm.reply_partition`` header, so Quartermaster sends the replies there. A client with a reply
+topic of its own (or ``route_replies=False``) sends no such header and reads the whole topic.
+
 Each client makes an X25519 key pair when it is created and sends the public half in every
 ``job.start``; the private half never leaves the process. Quartermaster seals the account secret
 and the session of a grant to it (docs/security.md), so the other readers of the shared reply
@@ -36,13 +41,16 @@ from app.sdk.errors import (
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import said_by_us, sdk_logger
 from app.sdk.replies import Release, ReplyRouter, Waiter
+from app.sdk.routing import partition_to_read
 from schemas.messages import (
     CORRELATION_ID,
+    REPLY_PARTITION,
     REPLY_TO,
     AnyReply,
     AnyRequest,
     JobCancel,
     JobStart,
+    reply_partition_value,
 )
 
 if TYPE_CHECKING:
@@ -87,13 +95,26 @@ class QuartermasterClient:
         idempotent_producer: bool = True,
         dedup_capacity: int = 10_000,
         abandoned_capacity: int = 10_000,
+        reply_partition: int | None = None,
+        route_replies: bool = True,
     ) -> None:
         """``security``: aiokafka options such as ``security_protocol``, ``ssl_context``,
-        ``sasl_mechanism``, ``sasl_plain_username``, ``sasl_plain_password``."""
+        ``sasl_mechanism``, ``sasl_plain_username``, ``sasl_plain_password``.
+
+        ``reply_partition``: the partition of the reply topic this client reads, and its replies
+        are sent to (it must exist when the client starts). Without it, a client of the shared
+        ``<prefix>replies`` topic picks one itself, unless ``route_replies`` is False; a client
+        of a reply topic of its own reads all of it."""
+        if reply_partition is not None:
+            reply_partition_value(reply_partition)  # ValueError when it cannot be a partition
         self.bootstrap_servers = bootstrap_servers
         self.topic_prefix = topic_prefix
         self.request_topic = f"{topic_prefix}requests"
         self.reply_topic = reply_topic or f"{topic_prefix}replies"
+        self.client_id = os.urandom(16).hex()  # picks the reply partition of the shared topic
+        self.reply_partition = reply_partition  # the one partition read (None: all, or unknown)
+        self._asked_partition = reply_partition
+        self._route_replies = route_replies
         self.collector = collector or _default_collector()
         self.request_timeout = request_timeout
         self._private_key = X25519PrivateKey.generate()
@@ -177,7 +198,12 @@ class QuartermasterClient:
             raise
         self._producer, self._consumer = producer, consumer
         self._reader = asyncio.create_task(self._read_replies(consumer), name="qm-sdk-replies")
-        log.info("sdk_client_started", reply_topic=self.reply_topic, collector=self.collector)
+        log.info(
+            "sdk_client_started",
+            reply_topic=self.reply_topic,
+            reply_partition=self.reply_partition,
+            collector=self.collector,
+        )
 
     async def _start_producer(self) -> AIOKafkaProducer:
         """A started producer: idempotent when asked and the broker has it, else plain.
@@ -242,14 +268,32 @@ class QuartermasterClient:
                     f"reply topic {self.reply_topic} does not exist (create it with `qm topics`)"
                 )
             await asyncio.sleep(0.2)
-        partitions = await producer.partitions_for(self.reply_topic)
-        assigned = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+        partitions = sorted(await producer.partitions_for(self.reply_topic))
+        self.reply_partition = self._partition_to_read(len(partitions))
+        if self.reply_partition is not None:
+            partitions = [self.reply_partition]
+        assigned = [TopicPartition(self.reply_topic, p) for p in partitions]
         consumer.assign(assigned)
         await consumer.seek_to_end(*assigned)
         # Resolve the end offsets now: a reply to the first request must not be skipped by a
         # lazy offset reset that happens after it was written.
         for partition in assigned:
             await consumer.position(partition)
+
+    def _partition_to_read(self, partitions: int) -> int | None:
+        """The one partition of the reply topic (of ``partitions``) this client reads; None:
+        all of them."""
+        shared = self.reply_topic == f"{self.topic_prefix}replies"
+        try:
+            return partition_to_read(
+                self.reply_topic,
+                partitions,
+                asked=self._asked_partition,
+                route=self._route_replies and shared,
+                client_id=self.client_id,
+            )
+        except ValueError as exc:
+            raise QuartermasterError(str(exc)) from None
 
     async def close(self) -> None:
         """Let pending releases go out (bounded), then stop the reader, consumer and producer."""
@@ -368,15 +412,15 @@ class QuartermasterClient:
         producer = self._producer
         if producer is None:
             raise ClientClosed("the client is closed")
+        headers = [(CORRELATION_ID, correlation_id.encode()), (REPLY_TO, self.reply_topic.encode())]
+        if self.reply_partition is not None:
+            headers.append((REPLY_PARTITION, reply_partition_value(self.reply_partition)))
         try:
             await producer.send_and_wait(
                 self.request_topic,
                 value=message.model_dump_json().encode(),
                 key=message.job_id.encode(),
-                headers=[
-                    (CORRELATION_ID, correlation_id.encode()),
-                    (REPLY_TO, self.reply_topic.encode()),
-                ],
+                headers=headers,
             )
         except KafkaError as exc:
             raise BrokerUnavailable(

@@ -7,18 +7,21 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import RowMapping, bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY, TEXT
+from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, INTEGER, TEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A request to record as seen: its id, job, type and body fingerprint."""
+    """A request to record as seen: its id, job, type, body fingerprint and the position of its
+    record on the requests topic (so a redelivery of that very record can be told apart)."""
 
     request_id: str
     job_id: str
     request_type: str
     fingerprint: str
+    partition: int | None = None
+    offset: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +50,11 @@ _CLAIM = text(
     ),
     claimed AS (
         -- then the inbox rows; the sub-select makes every site lock come first
-        INSERT INTO inbox (request_id, job_id, request_type, fingerprint)
-        SELECT CAST(c.id AS uuid), c.job_id, c.request_type, c.fingerprint
-        FROM unnest(:ids, :claim_job_ids, :types, :fingerprints)
-             AS c (id, job_id, request_type, fingerprint)
+        INSERT INTO inbox (request_id, job_id, request_type, fingerprint, record_partition,
+                           record_offset)
+        SELECT CAST(c.id AS uuid), c.job_id, c.request_type, c.fingerprint, c.part, c.position
+        FROM unnest(:ids, :claim_job_ids, :types, :fingerprints, :partitions, :offsets)
+             AS c (id, job_id, request_type, fingerprint, part, position)
         WHERE (SELECT count(*) FROM locked) >= 0
         ON CONFLICT (request_id) DO NOTHING
         RETURNING request_id
@@ -65,6 +69,8 @@ _CLAIM = text(
     bindparam("claim_job_ids", type_=ARRAY(TEXT)),
     bindparam("types", type_=ARRAY(TEXT)),
     bindparam("fingerprints", type_=ARRAY(TEXT)),
+    bindparam("partitions", type_=ARRAY(INTEGER)),
+    bindparam("offsets", type_=ARRAY(BIGINT)),
 )
 
 
@@ -92,6 +98,8 @@ async def claim_requests(
             "claim_job_ids": [c.job_id for c in claims],
             "types": [c.request_type for c in claims],
             "fingerprints": [c.fingerprint for c in claims],
+            "partitions": [c.partition for c in claims],
+            "offsets": [c.offset for c in claims],
         },
     )
     rows = result.mappings().all()
@@ -103,11 +111,15 @@ async def claim_requests(
     )
 
 
-_SEEN = text("SELECT fingerprint, reply_topic, reply FROM inbox WHERE request_id = :id")
+_SEEN = text(
+    "SELECT fingerprint, reply_topic, reply, record_partition, record_offset"
+    " FROM inbox WHERE request_id = :id"
+)
 
 
 async def seen_request(conn: AsyncConnection, request_id: str) -> RowMapping | None:
-    """The inbox row of a request seen before: its fingerprint and the reply it got."""
+    """The inbox row of a request seen before: its fingerprint, the reply it got and the
+    position of the record that first claimed it."""
     result = await conn.execute(_SEEN, {"id": request_id})
     return result.mappings().first()
 

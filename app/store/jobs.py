@@ -37,17 +37,17 @@ _QUEUE = Hot(
         """
         INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
                                lease_seconds, wait_deadline, request_id, reply_to,
-                               correlation_id, public_key)
+                               correlation_id, public_key, reply_partition)
         VALUES (:job_id, :site, :collector, 'QUEUED', :needs_account, :needs_seeds,
                 :lease_seconds, now() + make_interval(secs => :wait_seconds),
-                :request_id, :reply_to, :correlation_id, :public_key)
+                :request_id, :reply_to, :correlation_id, :public_key, :reply_partition)
         ON CONFLICT (id) DO UPDATE
         SET status = 'QUEUED', queue_seq = nextval('job_queue_seq'),
             wait_deadline = excluded.wait_deadline, lease_seconds = excluded.lease_seconds,
             needs_account = excluded.needs_account, needs_seeds = excluded.needs_seeds,
             request_id = excluded.request_id, reply_to = excluded.reply_to,
             correlation_id = excluded.correlation_id, public_key = excluded.public_key,
-            lease_token = NULL,
+            reply_partition = excluded.reply_partition, lease_token = NULL,
             lease_expires_at = NULL, account_id = NULL, reason = NULL, finished_at = NULL,
             updated_at = now()
         WHERE j.status = 'EXPIRED' AND j.site = excluded.site
@@ -71,6 +71,7 @@ async def queue_job(
     reply_to: str,
     correlation_id: str,
     public_key: str | None,
+    reply_partition: int | None = None,
 ) -> Row | None:
     """A new job -> QUEUED, or an EXPIRED one queued again; None if the job exists otherwise.
 
@@ -91,6 +92,7 @@ async def queue_job(
             "reply_to": reply_to,
             "correlation_id": correlation_id,
             "public_key": public_key,
+            "reply_partition": reply_partition,
         },
     )
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, SMALLINT, TEXT
+from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, INTEGER, SMALLINT, TEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.dlt_values import StoredValue
@@ -33,6 +33,7 @@ class OutboxRow:
     headers: tuple[tuple[str, bytes | None], ...]
     shard: int
     id: int = 0
+    partition: int | None = None  # None: the key picks it (Kafka's default partitioner)
 
 
 _INSERT = Hot(
@@ -54,10 +55,11 @@ _INSERT = Hot(
             FROM unnest(:reply_ids, :reply_topics, CAST(:replies AS jsonb[])) AS r(id, topic, reply)
             WHERE i.request_id = CAST(r.id AS uuid)
         )
-        INSERT INTO outbox (shard, topic, key, headers, payload)
-        SELECT r.shard, r.topic, r.key, r.headers, r.payload
-        FROM locks, unnest(:shards, :topics, :keys, CAST(:headers AS jsonb[]), :payloads)
-             WITH ORDINALITY AS r(shard, topic, key, headers, payload, n)
+        INSERT INTO outbox (shard, topic, key, headers, payload, partition)
+        SELECT r.shard, r.topic, r.key, r.headers, r.payload, r.partition
+        FROM locks, unnest(:shards, :topics, :keys, CAST(:headers AS jsonb[]), :payloads,
+                           :partitions)
+             WITH ORDINALITY AS r(shard, topic, key, headers, payload, partition, n)
         ORDER BY r.n
         """
     ).bindparams(
@@ -66,6 +68,7 @@ _INSERT = Hot(
         bindparam("keys", type_=ARRAY(BYTEA)),
         bindparam("headers", type_=ARRAY(TEXT)),
         bindparam("payloads", type_=ARRAY(BYTEA)),
+        bindparam("partitions", type_=ARRAY(INTEGER)),
         bindparam("reply_ids", type_=ARRAY(TEXT)),
         bindparam("reply_topics", type_=ARRAY(TEXT)),
         bindparam("replies", type_=ARRAY(TEXT)),
@@ -129,6 +132,7 @@ async def insert_rows(
             "keys": [row.key for row in rows],
             "headers": [encode_headers(row.headers) for row in rows],
             "payloads": [row.payload for row in rows],
+            "partitions": [row.partition for row in rows],
             "reply_ids": [reply.request_id for reply in replies],
             "reply_topics": [reply.topic for reply in replies],
             "replies": [json.dumps(reply.reply, default=str) for reply in replies],
@@ -155,6 +159,7 @@ class UnsentRow:
     payload: bytes | None
     age_seconds: float
     attempts: int = 0  # failed tries so far
+    partition: int | None = None  # the partition it asks for; None: its key's
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +219,7 @@ _FETCH_UNSENT = text(
     -- cannot be published right now are passed over so their rows do not block the shard;
     -- parked rows (refused for good) are never read again.
     -- Headers come back decoded, as parallel arrays of names and values (bytes both).
-    SELECT o.id, o.shard, o.topic, o.key, o.payload, o.attempts,
+    SELECT o.id, o.shard, o.topic, o.key, o.payload, o.attempts, o.partition,
            extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age_seconds,
            ARRAY(SELECT CASE WHEN jsonb_array_length(h) > 2 THEN decode(h ->> 0, 'base64')
                              ELSE convert_to(h ->> 0, 'UTF8') END
@@ -225,7 +230,8 @@ _FETCH_UNSENT = text(
                  ORDER BY n) AS header_values
     FROM unnest(CAST(:shards AS smallint[])) AS s(shard)
     CROSS JOIN LATERAL (
-        SELECT id, shard, topic, key, headers, payload, attempts, created_at FROM outbox
+        SELECT id, shard, topic, key, headers, payload, attempts, partition, created_at
+        FROM outbox
         WHERE outbox.shard = s.shard AND outbox.topic <> ALL(:skip_topics)
           AND outbox.parked_at IS NULL
         ORDER BY outbox.id
@@ -267,8 +273,9 @@ _DEAD_LETTER_ROW = text(
         WHERE id = :id AND topic = :topic AND parked_at IS NULL AND :by_reference
           AND payload IS NOT NULL
     )
+    -- The dead-letter topic has partitions of its own: the key picks one, as for any row.
     UPDATE outbox
-    SET topic = :dlt_topic, headers = CAST(:headers AS jsonb), attempts = 0,
+    SET topic = :dlt_topic, headers = CAST(:headers AS jsonb), attempts = 0, partition = NULL,
         payload = CASE WHEN :by_reference THEN NULL ELSE payload END
     WHERE id = :id AND topic = :topic AND parked_at IS NULL
     RETURNING id
@@ -341,8 +348,9 @@ async def fetch_unsent(
             payload,
             age,
             attempts,
+            partition,
         )
-        for id_, shard, topic, key, payload, attempts, age, names, values in result
+        for id_, shard, topic, key, payload, attempts, partition, age, names, values in result
     ]
 
 

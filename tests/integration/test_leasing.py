@@ -17,7 +17,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.crypto import Unsealable
 from app.settings import Settings
 from app.store import Database
-from tests.support.leasing import make_site, opened_secret, replies, request, scalar, start
+from tests.support.leasing import (
+    make_site,
+    opened_secret,
+    replies,
+    request,
+    retried,
+    scalar,
+    start,
+)
 from workers.requests import RequestProcessor
 
 
@@ -193,7 +201,7 @@ async def test_the_same_request_twice_gets_the_identical_reply_and_a_changed_bod
     await make_site(engine, settings)
     first = start(settings, "job-1", request_id="6f1c1d52-0d6e-4d0e-9d86-6c2f5d6c0a01")
     assert await processor.process(first) == "replied"
-    assert await processor.process(first) == "duplicate"
+    assert await processor.process(retried(first)) == "duplicate"
     changed = start(
         settings, "job-1", request_id="6f1c1d52-0d6e-4d0e-9d86-6c2f5d6c0a01", collector="other"
     )
@@ -204,11 +212,29 @@ async def test_the_same_request_twice_gets_the_identical_reply_and_a_changed_bod
     assert await scalar(engine, "SELECT count(*) FROM job_grants") == 1
 
 
+async def test_the_very_record_read_again_adds_no_second_reply_and_a_retry_is_answered_again(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    first = start(settings, "job-1")
+    assert await processor.process(first) == "replied"
+    # its worker died before committing the offset: the same record, read again
+    assert await processor.process(first) == "redelivered"
+    assert [r["type"] for r in await replies(engine, settings, "job-1")] == ["job.granted"]
+    assert await processor.process(retried(first)) == "duplicate"  # the client asked again
+    answers = await replies(engine, settings, "job-1")
+    assert len(answers) == 2 and answers[0] == answers[1]
+    assert await scalar(engine, "SELECT count(*) FROM job_grants") == 1
+
+
 async def test_concurrent_duplicates_of_one_request_grant_once(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
     await make_site(engine, settings, capacity=3, n_accounts=3)
     same = start(settings, "job-1")
-    outcomes = await asyncio.gather(*(processor.process(same) for _ in range(5)))
+    # five workers at once (one worker keeps a job's requests in order, never side by side)
+    workers = [RequestProcessor(processor.settings, processor.db) for _ in range(5)]
+    copies = [same] + [retried(same) for _ in range(4)]
+    outcomes = await asyncio.gather(*(w.process(c) for w, c in zip(workers, copies, strict=True)))
     assert sorted(outcomes) == ["duplicate"] * 4 + ["replied"]
     assert await scalar(engine, "SELECT count(*) FROM job_grants") == 1

@@ -1,6 +1,7 @@
 """The collector SDK against the real broker, answered by a scripted stand-in for the claim worker.
 
-The responder reads ``<prefix>requests`` and answers on the request's ``reply_to`` topic with the
+The responder reads ``<prefix>requests`` and answers on the request's ``reply_to`` topic (on the
+partition its ``qm.reply_partition`` header names, if any) with the
 ``correlation_id`` and ``qm.message_id`` headers Quartermaster's relay sets, so what is tested here is
 the SDK's own behaviour: the queued → granted wait, timeouts, the release of a late grant,
 heartbeats, lease loss, duplicates, and the secret.
@@ -49,6 +50,7 @@ class Received:
     correlation_id: str
     reply_to: str
     at: float
+    reply_partition: int | None = None
 
     @property
     def type(self) -> str:
@@ -98,6 +100,7 @@ class Responder:
                 headers["correlation_id"],
                 headers["reply_to"],
                 loop.time(),
+                int(headers["qm.reply_partition"]) if "qm.reply_partition" in headers else None,
             )
             self.received.append(request)
             task = asyncio.create_task(self.script(self, request))
@@ -116,6 +119,7 @@ class Responder:
             request.reply_to,
             reply.model_dump_json().encode(),
             key=str(request.body["job_id"]).encode(),
+            partition=request.reply_partition,
             headers=[
                 ("qm.message_id", (message_id or str(uuid.uuid4())).encode()),
                 ("correlation_id", (correlation_id or request.correlation_id).encode()),
@@ -391,7 +395,7 @@ async def test_replies_written_before_the_client_started_are_not_read(topics: Se
     assert isinstance(reply, Rejected) and reply.reason == "fresh"
 
 
-async def test_collectors_share_the_reply_topic_each_with_all_partitions_and_no_group(
+async def test_collectors_share_the_reply_topic_each_on_one_partition_and_no_group(
     topics: Settings,
 ) -> None:
     async def script(responder: Responder, request: Received) -> None:
@@ -406,14 +410,18 @@ async def test_collectors_share_the_reply_topic_each_with_all_partitions_and_no_
             return job.lease_token
 
     async with (
-        Responder(topics, script),
+        Responder(topics, script) as responder,
         QuartermasterClient.from_settings(topics, request_timeout=5.0) as one,
         QuartermasterClient.from_settings(topics, request_timeout=5.0) as two,
     ):
         tokens = await asyncio.gather(*(collect((one, two)[n % 2], n) for n in range(1, 9)))
         for qm in (one, two):
-            assert qm._consumer is not None
+            assert qm._consumer is not None and qm.reply_partition is not None
             assignment = {tp.partition for tp in qm._consumer.assignment()}
-            assert assignment == set(range(topics.topic_partitions))
+            assert assignment == {qm.reply_partition}
+        requests = responder.received
+        assert {r.reply_partition for r in requests if r.body["job_id"] == "job-1"} == {
+            two.reply_partition
+        }
 
     assert tokens == list(range(1, 9))

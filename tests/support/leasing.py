@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import uuid
 from datetime import datetime
@@ -21,6 +23,8 @@ CANARY = "canary-s3cr3t-do-not-leak"
 # the private key of the test's collector: every start() sends its public half
 COLLECTOR_KEY = X25519PrivateKey.generate()
 COLLECTOR_PUBLIC_KEY = public_key_text(COLLECTOR_KEY)
+# every record made here is a record of its own: it sits at an offset no other one has
+OFFSETS = itertools.count()
 
 
 async def make_site(
@@ -70,12 +74,17 @@ def request(
     return Incoming(
         topic=settings.topic("requests"),
         partition=0,
-        offset=0,
+        offset=next(OFFSETS),
         timestamp_ms=0,
         key=job_id.encode(),
         value=json.dumps(body).encode(),
         headers=[("correlation_id", body["request_id"].encode())],
     )
+
+
+def retried(record: Incoming) -> Incoming:
+    """The same request sent again by its client: a new record, at an offset of its own."""
+    return dataclasses.replace(record, offset=next(OFFSETS))
 
 
 def start(settings: Settings, job_id: str, site: str = "board", **fields: Any) -> Incoming:
