@@ -15,11 +15,12 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.outbox.relay import Relay
+from app.outbox.relay import MAX_MESSAGE_BYTES, Relay
+from app.outbox.writer import Outbox
 from app.settings import Settings
 from app.store import Database
 from reapers.expired_leases import ExpiredLeases
-from tests.integration.conftest_outbox import outbox_rows, read_topic
+from tests.integration.conftest_outbox import outbox_rows, read_topic, wait_until
 from tests.support.leasing import db_now, make_site, replies, request, scalar, start
 from workers.requests import Incoming, RequestProcessor
 
@@ -51,7 +52,8 @@ async def test_every_reply_of_a_routed_request_goes_to_its_partition(
     await make_site(engine, settings)
     first = routed(start(settings, "job-1"), 5)
     assert await processor.process(first) == "replied"
-    assert await processor.process(first) == "duplicate"  # a redelivery: answered again there
+    repeat = replace(first, offset=first.offset + 1)  # the client sent it again
+    assert await processor.process(repeat) == "duplicate"  # answered again, there
     token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'job-1'")
     finish = request(settings, "job.finish", "job-1", lease_token=token, outcome="succeeded")
     assert await processor.process(routed(finish, 3)) == "replied"
@@ -155,3 +157,30 @@ async def test_the_relay_sends_a_row_to_the_partition_it_names_and_a_missing_one
 
 def _sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_routed_row_refused_for_good_is_dead_lettered_where_its_key_sends_it(
+    engine: AsyncEngine, topics: Settings
+) -> None:
+    settings = topics
+    box = Outbox(settings.outbox_shards)
+    too_large = b"x" * (MAX_MESSAGE_BYTES + 1)
+    box.add(settings.topic("replies"), "big", too_large, partition=7)  # outbox.dlt has 6
+    async with engine.begin() as conn:
+        await box.flush(conn)
+    missing_before = _sample("qm_outbox_errors_total", {"kind": "partition"})
+    relay = Relay(settings)
+    try:
+
+        async def drained() -> bool:
+            await relay.run_once()
+            return await outbox_rows(engine) == 0
+
+        await wait_until(drained, timeout=60, what="the row dead-lettered and published")
+    finally:
+        await relay.close()
+
+    [letter] = await read_topic(settings, settings.topic("outbox.dlt"))
+    every = list(range(settings.topic_partitions))
+    assert letter.key == b"big" and letter.partition == DefaultPartitioner()(b"big", every, every)
+    assert _sample("qm_outbox_errors_total", {"kind": "partition"}) == missing_before
