@@ -327,15 +327,17 @@ def subscribe(
         record = incoming(message)
         consumer = message.consumer
         assert isinstance(consumer, AIOKafkaConsumer)
-        ticket = await commits.take(consumer, record)
-        if ticket is None:
-            return  # its partition moved on: its next owner reads it
+        ticket = None
         try:
+            ticket = await commits.take(consumer, record)
+            if ticket is None:
+                return  # its partition moved on: its next owner reads it
             await submit(record, ticket.finish)
         except BaseException:
             # not handed over: the consumer goes back to this record, and nothing after it is
             # committed before it is handled
-            ticket.forget()
+            if ticket is not None:
+                ticket.forget()
             await message.nack()
             raise
 
