@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from app.outbox.writer import Outbox
 from app.settings import Settings
-from app.store import Row
+from app.store import Record, Row
 from schemas.messages import LifecycleEvent, TerminalJobEvent
 
 Entity = Literal["job", "account", "seed", "session", "capture"]
@@ -55,7 +55,7 @@ class Events:
             self.settings.topic("events"), id, event.model_dump(mode="json", exclude_none=True)
         )
 
-    def job(self, what: str, job: Row) -> None:
+    def job(self, what: str, job: Record) -> None:
         """A job event; a terminal one also goes to ``qm.job-events`` for Airflow sensors."""
         status = str(job["status"])
         self.emit(
@@ -75,7 +75,7 @@ class Events:
                 self.settings.topic("job-events"), job["id"], event.model_dump(mode="json")
             )
 
-    def account(self, what: str, account: Row, job_id: str | None = None) -> None:
+    def account(self, what: str, account: Record, job_id: str | None = None) -> None:
         self.emit(
             "account",
             what,

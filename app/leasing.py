@@ -20,7 +20,7 @@ from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import Settings
-from app.store import Conn, Row, jobs, sites
+from app.store import Conn, Record, Row, jobs, sites
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
@@ -77,7 +77,7 @@ class Tx:
             return await self.site(slug)
         return await sites.lock_site_of_job(self.conn, job_id)
 
-    def reply(self, job: Row, message: dict[str, Any]) -> None:
+    def reply(self, job: Record, message: dict[str, Any]) -> None:
         """A reply to the job's own start request (its reply topic, partition and correlation
         id)."""
         self.box.add(
@@ -88,7 +88,7 @@ class Tx:
             partition=job["reply_partition"],
         )
 
-    def answer_start(self, job: Row, message: dict[str, Any]) -> None:
+    def answer_start(self, job: Record, message: dict[str, Any]) -> None:
         """The final answer to a job's start request, which its inbox row keeps from now on (so
         a redelivered start gets the grant, not the old job.queued)."""
         self.reply(job, message)
@@ -98,7 +98,7 @@ class Tx:
         await self.box.flush(self.conn)
 
 
-def granted_reply(tx: Tx, job: Row, seeds: Sequence[GrantedSeed] = ()) -> dict[str, Any]:
+def granted_reply(tx: Tx, job: Record, seeds: Sequence[GrantedSeed] = ()) -> dict[str, Any]:
     """The ``job.granted`` message of a job just granted: its account secret and session sealed
     to the requester's public key, so no other reader of the reply topic can open them."""
     account = session = None
@@ -160,7 +160,7 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
 
 async def release_resources(
     tx: Tx,
-    job: Row,
+    job: Record,
     site: Row,
     *,
     outcome: str,

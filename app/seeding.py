@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from app.store import Conn, Row, domains, seeds
+from app.store import Conn, Record, Row, domains, seeds
 from schemas.messages import GrantedSeed, SeedResult
 from schemas.seed_rows import Refused, SeedRow
 
@@ -50,7 +50,9 @@ async def hand_out(
     ]
 
 
-async def hand_out_with_grant(tx: Tx, job: Row, now: datetime | None = None) -> list[GrantedSeed]:
+async def hand_out_with_grant(
+    tx: Tx, job: Record, now: datetime | None = None
+) -> list[GrantedSeed]:
     """The seeds a job just granted asked for (``needs.seeds``), in the grant's transaction."""
     if not job["needs_seeds"]:
         return []
@@ -74,7 +76,7 @@ def _outcomes(results: Sequence[SeedResult]) -> list[seeds.Outcome]:
 
 async def settle(
     tx: Tx,
-    job: Row,
+    job: Record,
     *,
     results: Sequence[SeedResult] = (),
     release_reason: str,

@@ -12,7 +12,7 @@ import structlog
 
 from app.crypto import Unsealable
 from app.leasing import Tx, grant_waiting, reject, release_resources
-from app.store import Row, jobs, sites
+from app.store import Record, Row, jobs, sites
 from schemas.messages import (
     CaptureSubmit,
     JobCancel,
@@ -132,7 +132,7 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
 
 async def _queue(
     tx: Tx, req: JobStart, site: Row, reply_to: str, correlation_id: str
-) -> Row | None:
+) -> Record | None:
     """The job's row, WAITING; None when the job_id is taken."""
     return await jobs.queue_job(
         tx.conn,

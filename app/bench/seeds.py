@@ -33,7 +33,7 @@ from app.db.engine import make_engine
 from app.leasing import Services, Tx
 from app.logs import configure_logging
 from app.settings import Settings
-from app.store import Database, Row, domains, jobs, seeds, sites
+from app.store import Database, Record, domains, jobs, seeds, sites
 from schemas.messages import SeedResult
 from schemas.seed_rows import parse_rows
 
@@ -129,7 +129,7 @@ async def _vacuum(db: Database) -> None:
         await seeds.vacuum_seeds(await conn.execution_options(isolation_level="AUTOCOMMIT"))
 
 
-async def _lease(db: Database, slug: str) -> Row:
+async def _lease(db: Database, slug: str) -> Record:
     """A live lease on the site for a job that needs no account."""
     async with db.transaction() as conn:
         await sites.lock_site(conn, slug)
@@ -162,7 +162,7 @@ async def _claim_run(
     leases = [await _lease(db, slug) for _ in range(claimers)]
     deadline = time.perf_counter() + seconds
 
-    async def claimer(job: Row) -> None:
+    async def claimer(job: Record) -> None:
         while time.perf_counter() < deadline:
             began = time.perf_counter()
             async with db.transaction() as conn:

@@ -10,11 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.engine import make_engine
 from app.settings import Settings
+from app.store.hot import Row as HotRow
 
 # The connection a transaction runs on; workers and reapers pass it along without touching SQL.
 Conn = AsyncConnection
 # A row as the store returns it: read by column name.
 Row = RowMapping
+# A row of a hot statement (a dict by column name, app.store.hot), or any row of the store.
+Record = HotRow
 
 
 class Database:

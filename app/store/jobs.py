@@ -16,6 +16,8 @@ from datetime import datetime
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.hot import Hot, Row
+
 # Used by reapers and tests to move the clock: ``coalesce(:now, now())`` is the database clock
 # unless a test passes a time.
 NOW = "coalesce(CAST(:now AS timestamptz), now())"
@@ -30,26 +32,28 @@ async def describe_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
     return result.mappings().first()
 
 
-_QUEUE = text(
-    """
-    INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
-                           lease_seconds, wait_deadline, request_id, reply_to,
-                           correlation_id, public_key, reply_partition)
-    VALUES (:job_id, :site, :collector, 'QUEUED', :needs_account, :needs_seeds,
-            :lease_seconds, now() + make_interval(secs => :wait_seconds),
-            :request_id, :reply_to, :correlation_id, :public_key, :reply_partition)
-    ON CONFLICT (id) DO UPDATE
-    SET status = 'QUEUED', queue_seq = nextval('job_queue_seq'),
-        wait_deadline = excluded.wait_deadline, lease_seconds = excluded.lease_seconds,
-        needs_account = excluded.needs_account, needs_seeds = excluded.needs_seeds,
-        request_id = excluded.request_id, reply_to = excluded.reply_to,
-        correlation_id = excluded.correlation_id, public_key = excluded.public_key,
-        reply_partition = excluded.reply_partition, lease_token = NULL,
-        lease_expires_at = NULL, account_id = NULL, reason = NULL, finished_at = NULL,
-        updated_at = now()
-    WHERE j.status = 'EXPIRED' AND j.site = excluded.site
-    RETURNING j.*
-    """
+_QUEUE = Hot(
+    text(
+        """
+        INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
+                               lease_seconds, wait_deadline, request_id, reply_to,
+                               correlation_id, public_key, reply_partition)
+        VALUES (:job_id, :site, :collector, 'QUEUED', :needs_account, :needs_seeds,
+                :lease_seconds, now() + make_interval(secs => :wait_seconds),
+                :request_id, :reply_to, :correlation_id, :public_key, :reply_partition)
+        ON CONFLICT (id) DO UPDATE
+        SET status = 'QUEUED', queue_seq = nextval('job_queue_seq'),
+            wait_deadline = excluded.wait_deadline, lease_seconds = excluded.lease_seconds,
+            needs_account = excluded.needs_account, needs_seeds = excluded.needs_seeds,
+            request_id = excluded.request_id, reply_to = excluded.reply_to,
+            correlation_id = excluded.correlation_id, public_key = excluded.public_key,
+            reply_partition = excluded.reply_partition, lease_token = NULL,
+            lease_expires_at = NULL, account_id = NULL, reason = NULL, finished_at = NULL,
+            updated_at = now()
+        WHERE j.status = 'EXPIRED' AND j.site = excluded.site
+        RETURNING j.*
+        """
+    )
 )
 
 
@@ -68,14 +72,14 @@ async def queue_job(
     correlation_id: str,
     public_key: str | None,
     reply_partition: int | None = None,
-) -> RowMapping | None:
+) -> Row | None:
     """A new job -> QUEUED, or an EXPIRED one queued again; None if the job exists otherwise.
 
     An EXPIRED job below its attempt cap may be started again by its collector (the reaper turns a
     job at its cap into FAILED, so EXPIRED here always has attempts left).
     """
-    result = await conn.execute(
-        _QUEUE,
+    return await _QUEUE.first(
+        conn,
         {
             "job_id": job_id,
             "site": site,
@@ -91,83 +95,84 @@ async def queue_job(
             "reply_partition": reply_partition,
         },
     )
-    return result.mappings().first()
 
 
-_GRANT_NEXT_WAITING = text(
-    """
-    WITH head AS (
-        -- the oldest waiting job of the site: FIFO per site (rule 4). The caller holds the site
-        -- lock, so no other transaction is choosing a head for this site at the same time.
-        SELECT id, needs_account FROM jobs
-        WHERE site = :site AND status = 'QUEUED'
-        ORDER BY queue_seq LIMIT 1
-    ),
-    acct AS (
-        -- a rested account of the site, the one free the longest first; SKIP LOCKED passes over
-        -- an account an operator is changing right now
-        SELECT a.id FROM accounts a
-        WHERE a.site = :site AND a.status = 'ACTIVE' AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())
-          AND coalesce((SELECT needs_account FROM head), false)
-        ORDER BY a.available_at, a.id LIMIT 1
-        FOR UPDATE SKIP LOCKED
-    ),
-    gate AS (
-        -- the capacity gate (rule 3): one more running job only while under capacity, and only
-        -- when the head job's need for an account can be met
-        UPDATE sites SET running = running + 1
-        WHERE slug = :site AND running < capacity
-          AND EXISTS (SELECT 1 FROM head)
-          AND (NOT (SELECT needs_account FROM head) OR EXISTS (SELECT 1 FROM acct))
-        RETURNING slug
-    ),
-    token AS (
-        -- the fencing token: it only ever grows, so an old holder's token never matches again;
-        -- and the lease's start, read from the clock now that every lock is held
-        SELECT nextval('lease_token_seq') AS value,
-               coalesce(CAST(:now AS timestamptz), clock_timestamp()) AS at
-        FROM gate
-    ),
-    job AS (
-        UPDATE jobs j
-        SET status = 'RUNNING', lease_token = token.value,
-            lease_expires_at = token.at + make_interval(secs => j.lease_seconds),
-            account_id = (SELECT id FROM acct), attempts = j.attempts + 1,
-            granted_at = token.at, updated_at = now()
-        FROM head, token
-        WHERE j.id = head.id AND j.status = 'QUEUED'
-        RETURNING j.*
-    ),
-    account AS (
-        UPDATE accounts a
-        SET status = 'USING', holder_job_id = job.id, lease_token = job.lease_token,
-            lease_expires_at = job.lease_expires_at, use_count = a.use_count + 1,
-            updated_at = now()
-        FROM job
-        WHERE a.id = job.account_id AND a.status = 'ACTIVE'
-        RETURNING a.id, a.username, a.secret
-    ),
-    history AS (
-        -- the grant history, read by operators and by the exclusivity checks of the tests
-        INSERT INTO job_grants (lease_token, job_id, site, account_id, granted_at)
-        SELECT lease_token, id, site, account_id, granted_at FROM job
+_GRANT_NEXT_WAITING = Hot(
+    text(
+        """
+        WITH head AS (
+            -- the oldest waiting job of the site: FIFO per site (rule 4). The caller holds the site
+            -- lock, so no other transaction is choosing a head for this site at the same time.
+            SELECT id, needs_account FROM jobs
+            WHERE site = :site AND status = 'QUEUED'
+            ORDER BY queue_seq LIMIT 1
+        ),
+        acct AS (
+            -- a rested account of the site, the one free the longest first; SKIP LOCKED passes over
+            -- an account an operator is changing right now
+            SELECT a.id FROM accounts a
+            WHERE a.site = :site AND a.status = 'ACTIVE' AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())
+              AND coalesce((SELECT needs_account FROM head), false)
+            ORDER BY a.available_at, a.id LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        ),
+        gate AS (
+            -- the capacity gate (rule 3): one more running job only while under capacity, and only
+            -- when the head job's need for an account can be met
+            UPDATE sites SET running = running + 1
+            WHERE slug = :site AND running < capacity
+              AND EXISTS (SELECT 1 FROM head)
+              AND (NOT (SELECT needs_account FROM head) OR EXISTS (SELECT 1 FROM acct))
+            RETURNING slug
+        ),
+        token AS (
+            -- the fencing token: it only ever grows, so an old holder's token never matches again;
+            -- and the lease's start, read from the clock now that every lock is held
+            SELECT nextval('lease_token_seq') AS value,
+                   coalesce(CAST(:now AS timestamptz), clock_timestamp()) AS at
+            FROM gate
+        ),
+        job AS (
+            UPDATE jobs j
+            SET status = 'RUNNING', lease_token = token.value,
+                lease_expires_at = token.at + make_interval(secs => j.lease_seconds),
+                account_id = (SELECT id FROM acct), attempts = j.attempts + 1,
+                granted_at = token.at, updated_at = now()
+            FROM head, token
+            WHERE j.id = head.id AND j.status = 'QUEUED'
+            RETURNING j.*
+        ),
+        account AS (
+            UPDATE accounts a
+            SET status = 'USING', holder_job_id = job.id, lease_token = job.lease_token,
+                lease_expires_at = job.lease_expires_at, use_count = a.use_count + 1,
+                updated_at = now()
+            FROM job
+            WHERE a.id = job.account_id AND a.status = 'ACTIVE'
+            RETURNING a.id, a.username, a.secret
+        ),
+        history AS (
+            -- the grant history, read by operators and by the exclusivity checks of the tests
+            INSERT INTO job_grants (lease_token, job_id, site, account_id, granted_at)
+            SELECT lease_token, id, site, account_id, granted_at FROM job
+        )
+        -- the grant's message needs the account's sealed secret and stored session; more_waiting
+        -- tells the caller whether another job waits behind this one (the snapshot still sees the
+        -- head as QUEUED, hence the id test)
+        SELECT job.*, account.username AS account_username, account.secret AS account_secret,
+               ses.version AS session_version, ses.storage_state AS session_state,
+               (SELECT session_check_url FROM sites WHERE slug = :site) AS session_check_url,
+               EXISTS (SELECT 1 FROM jobs w WHERE w.site = :site AND w.status = 'QUEUED'
+                       AND w.id <> job.id) AS more_waiting
+        FROM job LEFT JOIN account ON true LEFT JOIN sessions ses ON ses.account_id = account.id
+        """
     )
-    -- the grant's message needs the account's sealed secret and stored session; more_waiting
-    -- tells the caller whether another job waits behind this one (the snapshot still sees the
-    -- head as QUEUED, hence the id test)
-    SELECT job.*, account.username AS account_username, account.secret AS account_secret,
-           ses.version AS session_version, ses.storage_state AS session_state,
-           (SELECT session_check_url FROM sites WHERE slug = :site) AS session_check_url,
-           EXISTS (SELECT 1 FROM jobs w WHERE w.site = :site AND w.status = 'QUEUED'
-                   AND w.id <> job.id) AS more_waiting
-    FROM job LEFT JOIN account ON true LEFT JOIN sessions ses ON ses.account_id = account.id
-    """
 )
 
 
 async def grant_next_waiting(
     conn: AsyncConnection, site: str, now: datetime | None = None
-) -> RowMapping | None:
+) -> Row | None:
     """The site's oldest QUEUED job -> RUNNING, with an account ACTIVE -> USING if it needs one.
 
     One statement: pick the head, pick an account, take the capacity gate, grant. None when the
@@ -176,8 +181,7 @@ async def grant_next_waiting(
     ``session_version``, ``session_state``), the site's ``session_check_url`` and
     ``more_waiting``.
     """
-    result = await conn.execute(_GRANT_NEXT_WAITING, {"site": site, "now": now})
-    return result.mappings().first()
+    return await _GRANT_NEXT_WAITING.first(conn, {"site": site, "now": now})
 
 
 _QUEUE_POSITION = text(
@@ -198,66 +202,68 @@ async def queue_position(conn: AsyncConnection, job_id: str) -> int:
     return int(result.scalar_one())
 
 
-_EXTEND = text(
-    """
-    WITH job AS (
-        UPDATE jobs
-        SET lease_expires_at = greatest(
-                lease_expires_at,
-                clock_timestamp() + make_interval(secs => coalesce(:extend, lease_seconds))),
-            updated_at = now()
-        WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-          AND lease_expires_at > clock_timestamp()
-        RETURNING id, site, lease_token, lease_expires_at
-    ),
-    account AS (
-        -- the account's lease follows the job's
-        UPDATE accounts a SET lease_expires_at = job.lease_expires_at
-        FROM job WHERE a.holder_job_id = job.id AND a.lease_token = job.lease_token
-        RETURNING a.id
+_EXTEND = Hot(
+    text(
+        """
+        WITH job AS (
+            UPDATE jobs
+            SET lease_expires_at = greatest(
+                    lease_expires_at,
+                    clock_timestamp() + make_interval(secs => coalesce(:extend, lease_seconds))),
+                updated_at = now()
+            WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
+              AND lease_expires_at > clock_timestamp()
+            RETURNING id, site, lease_token, lease_expires_at
+        ),
+        account AS (
+            -- the account's lease follows the job's
+            UPDATE accounts a SET lease_expires_at = job.lease_expires_at
+            FROM job WHERE a.holder_job_id = job.id AND a.lease_token = job.lease_token
+            RETURNING a.id
+        )
+        SELECT job.* FROM job
+        """
     )
-    SELECT job.* FROM job
-    """
 )
 
 
 async def extend_lease(
     conn: AsyncConnection, job_id: str, lease_token: int, extend_seconds: int | None
-) -> RowMapping | None:
+) -> Row | None:
     """RUNNING -> RUNNING with a later expiry, for the holder of a live lease only (fencing)."""
-    result = await conn.execute(
-        _EXTEND,
+    return await _EXTEND.first(
+        conn,
         {"id": job_id, "token": lease_token, "extend": extend_seconds},
     )
-    return result.mappings().first()
 
 
-_FINISH = text(
-    """
-    UPDATE jobs j
-    SET status = CAST(:status AS job_status), reason = :reason,
-        finished_at = now(), updated_at = now()
-    WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-      AND lease_expires_at > clock_timestamp()
-    RETURNING j.*,
-              EXISTS (SELECT 1 FROM jobs w WHERE w.site = j.site AND w.status = 'QUEUED')
-                  AS has_waiting
-    """
+_FINISH = Hot(
+    text(
+        """
+        UPDATE jobs j
+        SET status = CAST(:status AS job_status), reason = :reason,
+            finished_at = now(), updated_at = now()
+        WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
+          AND lease_expires_at > clock_timestamp()
+        RETURNING j.*,
+                  EXISTS (SELECT 1 FROM jobs w WHERE w.site = j.site AND w.status = 'QUEUED')
+                      AS has_waiting
+        """
+    )
 )
 
 
 async def finish_job(
     conn: AsyncConnection, job_id: str, lease_token: int, status: str, reason: str | None
-) -> RowMapping | None:
+) -> Row | None:
     """RUNNING -> SUCCEEDED | FAILED, for the holder of a live lease only.
 
     The row also says whether jobs wait on its site (``has_waiting``), as they stand under the
     site's lock, which the caller holds.
     """
-    result = await conn.execute(
-        _FINISH, {"id": job_id, "token": lease_token, "status": status, "reason": reason}
+    return await _FINISH.first(
+        conn, {"id": job_id, "token": lease_token, "status": status, "reason": reason}
     )
-    return result.mappings().first()
 
 
 _CANCEL = text(
@@ -345,53 +351,55 @@ async def reject_waiting_job(
     return result.mappings().first()
 
 
-_RELEASE = text(
-    """
-    WITH account AS (
-        UPDATE accounts
-        SET status = CASE WHEN :blocked THEN 'BLOCKED' ELSE 'ACTIVE' END::account_status,
-            holder_job_id = NULL,
-            lease_expires_at = NULL,
-            available_at = now() + make_interval(secs => :rest),
-            error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
-            blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
-            -- a block with a rest ends by itself (the block-cooldowns sweep); without
-            -- one it stays until an operator acts
-            blocked_until = CASE WHEN :blocked AND :rest > 0
-                                 THEN now() + make_interval(secs => :rest) END,
-            updated_at = now()
-        WHERE id = :account_id AND status = 'USING'
-          AND holder_job_id = :job_id AND lease_token = :lease_token
-        RETURNING id, site, status, available_at
-    ),
-    slot AS (
-        UPDATE sites SET running = running - 1 WHERE slug = :site AND running > 0
-    ),
-    grant_ended AS (
-        UPDATE job_grants SET ended_at = now(), end_reason = :outcome
-        WHERE lease_token = :lease_token AND ended_at IS NULL
+_RELEASE = Hot(
+    text(
+        """
+        WITH account AS (
+            UPDATE accounts
+            SET status = CASE WHEN :blocked THEN 'BLOCKED' ELSE 'ACTIVE' END::account_status,
+                holder_job_id = NULL,
+                lease_expires_at = NULL,
+                available_at = now() + make_interval(secs => :rest),
+                error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
+                blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
+                -- a block with a rest ends by itself (the block-cooldowns sweep); without
+                -- one it stays until an operator acts
+                blocked_until = CASE WHEN :blocked AND :rest > 0
+                                     THEN now() + make_interval(secs => :rest) END,
+                updated_at = now()
+            WHERE id = :account_id AND status = 'USING'
+              AND holder_job_id = :job_id AND lease_token = :lease_token
+            RETURNING id, site, status, available_at
+        ),
+        slot AS (
+            UPDATE sites SET running = running - 1 WHERE slug = :site AND running > 0
+        ),
+        grant_ended AS (
+            UPDATE job_grants SET ended_at = now(), end_reason = :outcome
+            WHERE lease_token = :lease_token AND ended_at IS NULL
+        )
+        -- this statement starts after the job's row was locked by its transition, so it sees every
+        -- seed a claim of this lease took before (the claim fences the job with FOR SHARE)
+        SELECT account.*,
+               EXISTS (SELECT 1 FROM seeds s WHERE s.holder_job_id = :job_id
+                       AND s.lease_token = :lease_token AND s.status = 'ASSIGNED') AS holds_seeds
+        FROM (SELECT 1) AS one LEFT JOIN account ON true
+        """
     )
-    -- this statement starts after the job's row was locked by its transition, so it sees every
-    -- seed a claim of this lease took before (the claim fences the job with FOR SHARE)
-    SELECT account.*,
-           EXISTS (SELECT 1 FROM seeds s WHERE s.holder_job_id = :job_id
-                   AND s.lease_token = :lease_token AND s.status = 'ASSIGNED') AS holds_seeds
-    FROM (SELECT 1) AS one LEFT JOIN account ON true
-    """
 )
 
 
 async def release_lease(
     conn: AsyncConnection,
     *,
-    job: RowMapping,
+    job: Row,
     lease_token: int,
     outcome: str,
     blocked: bool,
     failed: bool,
     rest_seconds: int,
     reason: str | None,
-) -> tuple[RowMapping | None, bool]:
+) -> tuple[Row | None, bool]:
     """A lease ends: its account USING -> ACTIVE | BLOCKED (resting ``rest_seconds``, only for
     the holder's ``lease_token``), its site's running slot back, its grant closed with ``outcome``.
     A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``).
@@ -399,8 +407,8 @@ async def release_lease(
     One statement; returns the account as released (None when the job held none) and whether
     the lease still holds seeds (to settle them; the caller holds the job's row).
     """
-    result = await conn.execute(
-        _RELEASE,
+    row = await _RELEASE.first(
+        conn,
         {
             "account_id": job["account_id"],
             "job_id": job["id"],
@@ -413,7 +421,7 @@ async def release_lease(
             "reason": reason,
         },
     )
-    row = result.mappings().one()
+    assert row is not None  # one row, with or without an account
     return (row if row["id"] is not None else None), bool(row["holds_seeds"])
 
 

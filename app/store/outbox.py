@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, INTEGER, SMALLINT, TEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.dlt_values import StoredValue
+from app.store.hot import Hot
 
 NOTIFY_CHANNEL = "qm_outbox"
 # the third item of a stored header whose name is in base64 (it holds a NUL, which jsonb cannot)
@@ -35,41 +36,43 @@ class OutboxRow:
     partition: int | None = None  # None: the key picks it (Kafka's default partitioner)
 
 
-_INSERT = text(
-    """
-    WITH locks AS MATERIALIZED (
-        -- Per-key order: writers of one key commit in id order, because each holds its key's
-        -- lock from before it takes an id until it commits. So a row that took its id first can
-        -- never commit after a later row of the same key. Sorted, so two writers cannot deadlock
-        -- here. The insert below joins this one-row CTE, so every lock is held before the first
-        -- id is drawn.
-        SELECT count(pg_advisory_xact_lock(:lock_class, h)) AS held, pg_notify(:channel, '')
-        FROM (SELECT DISTINCT hashtext(encode(k, 'hex')) AS h FROM unnest(:keys) AS k
-              WHERE k IS NOT NULL ORDER BY 1) AS sorted
-    ),
-    replies AS (
-        -- the inbox keeps the reply each request got, to answer a redelivery the same way
-        UPDATE inbox i SET reply_topic = r.topic, reply = r.reply
-        FROM unnest(:reply_ids, :reply_topics, CAST(:replies AS jsonb[])) AS r(id, topic, reply)
-        WHERE i.request_id = CAST(r.id AS uuid)
+_INSERT = Hot(
+    text(
+        """
+        WITH locks AS MATERIALIZED (
+            -- Per-key order: writers of one key commit in id order, because each holds its key's
+            -- lock from before it takes an id until it commits. So a row that took its id first can
+            -- never commit after a later row of the same key. Sorted, so two writers cannot deadlock
+            -- here. The insert below joins this one-row CTE, so every lock is held before the first
+            -- id is drawn.
+            SELECT count(pg_advisory_xact_lock(:lock_class, h)) AS held, pg_notify(:channel, '')
+            FROM (SELECT DISTINCT hashtext(encode(k, 'hex')) AS h FROM unnest(:keys) AS k
+                  WHERE k IS NOT NULL ORDER BY 1) AS sorted
+        ),
+        replies AS (
+            -- the inbox keeps the reply each request got, to answer a redelivery the same way
+            UPDATE inbox i SET reply_topic = r.topic, reply = r.reply
+            FROM unnest(:reply_ids, :reply_topics, CAST(:replies AS jsonb[])) AS r(id, topic, reply)
+            WHERE i.request_id = CAST(r.id AS uuid)
+        )
+        INSERT INTO outbox (shard, topic, key, headers, payload, partition)
+        SELECT r.shard, r.topic, r.key, r.headers, r.payload, r.partition
+        FROM locks, unnest(:shards, :topics, :keys, CAST(:headers AS jsonb[]), :payloads,
+                           :partitions)
+             WITH ORDINALITY AS r(shard, topic, key, headers, payload, partition, n)
+        ORDER BY r.n
+        """
+    ).bindparams(
+        bindparam("shards", type_=ARRAY(SMALLINT)),
+        bindparam("topics", type_=ARRAY(TEXT)),
+        bindparam("keys", type_=ARRAY(BYTEA)),
+        bindparam("headers", type_=ARRAY(TEXT)),
+        bindparam("payloads", type_=ARRAY(BYTEA)),
+        bindparam("partitions", type_=ARRAY(INTEGER)),
+        bindparam("reply_ids", type_=ARRAY(TEXT)),
+        bindparam("reply_topics", type_=ARRAY(TEXT)),
+        bindparam("replies", type_=ARRAY(TEXT)),
     )
-    INSERT INTO outbox (shard, topic, key, headers, payload, partition)
-    SELECT r.shard, r.topic, r.key, r.headers, r.payload, r.partition
-    FROM locks, unnest(:shards, :topics, :keys, CAST(:headers AS jsonb[]), :payloads,
-                       :partitions)
-         WITH ORDINALITY AS r(shard, topic, key, headers, payload, partition, n)
-    ORDER BY r.n
-    """
-).bindparams(
-    bindparam("shards", type_=ARRAY(SMALLINT)),
-    bindparam("topics", type_=ARRAY(TEXT)),
-    bindparam("keys", type_=ARRAY(BYTEA)),
-    bindparam("headers", type_=ARRAY(TEXT)),
-    bindparam("payloads", type_=ARRAY(BYTEA)),
-    bindparam("partitions", type_=ARRAY(INTEGER)),
-    bindparam("reply_ids", type_=ARRAY(TEXT)),
-    bindparam("reply_topics", type_=ARRAY(TEXT)),
-    bindparam("replies", type_=ARRAY(TEXT)),
 )
 
 
@@ -119,8 +122,8 @@ async def insert_rows(
         if replies:
             raise ValueError("an inbox reply is kept only with the outbox row that sends it")
         return
-    await conn.execute(
-        _INSERT,
+    await _INSERT.execute(
+        conn,
         {
             "lock_class": KEY_LOCK_CLASS,
             "channel": NOTIFY_CHANNEL,

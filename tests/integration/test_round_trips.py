@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db.engine import make_engine
 from app.settings import Settings
 from app.store import Database
 from tests.support.leasing import make_site, replies, request, start
@@ -21,50 +22,70 @@ from workers.requests import Incoming, RequestProcessor
 
 JOBS = 8
 SITES = 4
+# asyncpg's look-up of a type a connection has not met yet (an enum, an array; it turns jit off
+# around it): once per connection and type, not per request
+INTROSPECTION = ("typeinfo_tree", "'jit'")
 
 
-@contextmanager
-def round_trips(engine: AsyncEngine) -> Iterator[Counter[str]]:
-    """Statements sent on ``engine`` while the block runs, by their first words; BEGIN and
-    COMMIT too."""
-    counts: Counter[str] = Counter()
+def words(sql: str) -> str:
+    """A statement by its first words (BEGIN and COMMIT by their first)."""
+    first = sql.split()[:3]
+    return first[0].rstrip(";") if first[0].rstrip(";") in ("BEGIN", "COMMIT") else " ".join(first)
 
-    def statement(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        counts[" ".join(sql.split()[:3])] += 1
 
-    def begin(conn: Any) -> None:
-        counts["BEGIN"] += 1
+class Statements:
+    """Counts every statement sent on an engine's connections, by its first words: those
+    SQLAlchemy sends (its events) and those asyncpg sends itself (its query logger: BEGIN,
+    COMMIT and the hot statements of app.store.hot)."""
 
-    def commit(conn: Any) -> None:
-        counts["COMMIT"] += 1
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.counts: Counter[str] | None = None
+        event.listen(engine.sync_engine, "before_cursor_execute", self._sqlalchemy)
+        event.listen(engine.sync_engine, "connect", self._connected)
 
-    listeners = [("before_cursor_execute", statement), ("begin", begin), ("commit", commit)]
-    for name, listener in listeners:
-        event.listen(engine.sync_engine, name, listener)
-    try:
-        yield counts
-    finally:
-        for name, listener in listeners:
-            event.remove(engine.sync_engine, name, listener)
+    def _connected(self, dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(self._asyncpg)
+
+    def _sqlalchemy(self, conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        self._note(sql)
+
+    def _asyncpg(self, logged: Any) -> None:
+        self._note(logged.query)
+
+    def _note(self, sql: str) -> None:
+        if self.counts is not None and not any(mark in sql for mark in INTROSPECTION):
+            self.counts[words(sql)] += 1
+
+    @contextmanager
+    def counting(self) -> Iterator[Counter[str]]:
+        self.counts = Counter()
+        try:
+            yield self.counts
+        finally:
+            self.counts = None
 
 
 async def cycle_round_trips(
     engine: AsyncEngine, settings: Settings, batch: int
-) -> dict[str, Counter[str]]:
+) -> dict[str, dict[str, int]]:
     """Round trips of JOBS starts (each granted), then their heartbeats, then their finishes,
     each kind sent together to a worker that shares a transaction among ``batch`` requests."""
+    ids = [f"b{batch}-job-{n}" for n in range(JOBS)]
+    counted: dict[str, dict[str, int]] = {}
+    own = make_engine(settings, pool_size=JOBS, pre_ping=False)  # as the claim worker's
+    statements = Statements(own)  # before the worker's first connection
+    # the connections' own set-up is not a request's: each is made before counting
+    await asyncio.gather(*(Database(own).ping() for _ in range(JOBS)))
     worker = RequestProcessor(
         settings.model_copy(update={"worker_batch_max": batch, "worker_transactions": 1}),
-        Database(engine),
+        Database(own),
     )
-    ids = [f"b{batch}-job-{n}" for n in range(JOBS)]
-    counted: dict[str, Counter[str]] = {}
 
     async def send(kind: str, records: list[Incoming]) -> None:
-        with round_trips(engine) as counts:
+        with statements.counting() as counts:
             outcomes = await asyncio.gather(*(worker.process(r) for r in records))
         assert outcomes == ["replied"] * JOBS
-        counted[kind] = counts
+        counted[kind] = dict(counts)
 
     starts = [
         start(settings, job_id, site=f"site{n % SITES}", needs={"account": True})
@@ -90,6 +111,7 @@ async def cycle_round_trips(
     )
     kinds = [r["type"] for r in await replies(engine, settings) if r["job_id"] in tokens]
     assert Counter(kinds) == {"job.granted": JOBS, "job.extended": JOBS, "job.finished": JOBS}
+    await own.dispose()
     return counted
 
 
