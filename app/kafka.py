@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from app.settings import Settings
+
+log = structlog.get_logger()
 
 # (name, partitions or None for the configured default): every topic Quartermaster uses.
 TOPICS: tuple[tuple[str, int | None], ...] = (
@@ -99,6 +102,8 @@ async def ensure_topics(settings: Settings) -> list[str]:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process was first
                 await admin.create_topics(wanted)
         await _grow_dead_letter_topics(admin, settings, existing, counts)
+        if settings.topic("replies") in existing:
+            await _check_reply_partitions(admin, settings)
         return [topic.name for topic in wanted]
     finally:
         await admin.close()
@@ -129,3 +134,21 @@ async def _grow_dead_letter_topics(
     }
     if grow:
         await admin.create_partitions(grow)
+
+
+async def _check_reply_partitions(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    """Warn when the existing replies topic has fewer partitions than asked for: it is not grown
+    here (a job's replies keyed to one partition would move mid-job), so clients sharing it
+    spread over fewer partitions (docs/sdk.md says how to grow it)."""
+    topic = settings.topic("replies")
+    [entry] = await admin.describe_topics([topic])
+    has = len(entry["partitions"])
+    if entry["error_code"] == 0 and has < settings.reply_topic_partitions:
+        log.warning(
+            "reply_topic_has_fewer_partitions",
+            topic=topic,
+            partitions=has,
+            reply_topic_partitions=settings.reply_topic_partitions,
+            hint="SDK clients sharing it spread over fewer partitions; grow it with "
+            "kafka-topics --alter (docs/sdk.md)",
+        )

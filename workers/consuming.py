@@ -314,6 +314,9 @@ def subscribe(
         no_reply=True,  # what a handler publishes goes through the outbox
         max_poll_interval_ms=600_000,
         session_timeout_ms=settings.consumer_session_timeout_ms,
+        # a consumer giving partitions up first lets their records in flight finish (up to
+        # SETTLE_SECONDS): the group waits that long for it to rejoin, so it is not kicked out
+        rebalance_timeout_ms=settings.consumer_session_timeout_ms + int(SETTLE_SECONDS * 1000),
         heartbeat_interval_ms=max(settings.consumer_session_timeout_ms // 5, 100),
         listener=commits,
         **extra,
@@ -324,15 +327,17 @@ def subscribe(
         record = incoming(message)
         consumer = message.consumer
         assert isinstance(consumer, AIOKafkaConsumer)
-        ticket = await commits.take(consumer, record)
-        if ticket is None:
-            return  # its partition moved on: its next owner reads it
+        ticket = None
         try:
+            ticket = await commits.take(consumer, record)
+            if ticket is None:
+                return  # its partition moved on: its next owner reads it
             await submit(record, ticket.finish)
         except BaseException:
             # not handed over: the consumer goes back to this record, and nothing after it is
             # committed before it is handled
-            ticket.forget()
+            if ticket is not None:
+                ticket.forget()
             await message.nack()
             raise
 

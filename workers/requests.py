@@ -59,7 +59,7 @@ from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, header
 from app.dlt.headers import Header, value_ref_headers
 from app.errors import Disposition, InvalidMessage, classify, describe, unexpected_delay
-from app.health import REQUEST_SECONDS, REQUESTS, REQUESTS_PER_TRANSACTION
+from app.health import REQUEST_SECONDS, REQUESTS
 from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, dlt_values, inbox
@@ -76,7 +76,7 @@ from schemas.messages import (
 )
 from workers import captures, jobs, seeds, sessions
 from workers.consuming import Incoming
-from workers.pipeline import KeyedQueue, Waiting
+from workers.group_commit import GroupCommit
 from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
@@ -135,24 +135,20 @@ def _claim(parsed: Parsed) -> inbox.Claim:
     )
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Pending:
-    """A record handed over and its outcome to come."""
+    """A record handed over, waiting for its transaction."""
 
     record: Incoming
     parsed: Parsed | None  # None: it does not parse (it goes alone, where that is classified)
-    outcome: asyncio.Future[str]
-    started: float
 
 
 class RequestProcessor:
     """Processes request records; a record's outcome is never an exception.
 
     ``submit`` hands a record over and returns at once (the consumer reads on); ``process``
-    also waits for the outcome. Records wait in the order they were handed over and go into
-    the shared transactions in that order (``workers.pipeline.KeyedQueue``): two requests of
-    one job are never in two running transactions, and a later one never commits before an
-    earlier one, also when a failed shared transaction's requests go alone.
+    also waits for the outcome. Records go into the shared transactions in the order they were
+    handed over, a job's requests never in two at once (``workers.group_commit``).
     """
 
     def __init__(self, settings: Settings, db: Database, secrets: SecretBox | None = None) -> None:
@@ -161,8 +157,12 @@ class RequestProcessor:
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
         self._reply_topics = re.compile(settings.reply_topics())
         self._retry_transient = TransientRetry("worker", settings.transient_retry_max_seconds)
-        self._waiting: KeyedQueue[Pending] = KeyedQueue()
-        self._committers: set[asyncio.Task[None]] = set()
+        self._group: GroupCommit[Pending] = GroupCommit(
+            batch_max=settings.worker_batch_max,
+            transactions=settings.worker_transactions,
+            shared=lambda taken: self._transact([p.parsed for p in taken if p.parsed]),
+            alone=lambda pending: self._process(pending.record),
+        )
 
     async def submit(self, record: Incoming, finished: Callable[[], None]) -> None:
         """Hand ``record`` over; ``finished`` is called once its outcome is final."""
@@ -176,74 +176,24 @@ class RequestProcessor:
 
     def enqueue(self, record: Incoming) -> asyncio.Future[str]:
         """Put ``record`` in line for a transaction; its outcome, once it has one."""
+        started = time.perf_counter()
         try:
             parsed: Parsed | None = self._parse(record)
         except Exception:  # noqa: BLE001 - the record goes alone, where its failure is classified
             parsed = None
-        outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        alone = parsed is None or self.settings.worker_batch_max <= 1
         key = None if parsed is None else parsed.request.job_id
-        self._waiting.put(Pending(record, parsed, outcome, time.perf_counter()), key, alone=alone)
-        self._start_committers()
+        outcome = self._group.put(Pending(record, parsed), key, alone=parsed is None)
+        outcome.add_done_callback(partial(_count, record, started))
         return outcome
 
-    def _start_committers(self) -> None:
-        # a committer that found nothing more to do has returned, though its task may still be
-        # in the set until its done-callback runs: count only those still running
-        running = sum(not committer.done() for committer in self._committers)
-        if running < self.settings.worker_transactions and len(self._waiting):
-            committer = asyncio.create_task(self._commit_waiting(), name="request-transactions")
-            self._committers.add(committer)
-            committer.add_done_callback(self._committers.discard)
-
-    async def _commit_waiting(self) -> None:
-        """Commit the waiting requests, as many per transaction as allowed, until none can go."""
-        while taken := self._waiting.take(self.settings.worker_batch_max):
-            if taken[0].alone:
-                [entry] = taken
-                try:
-                    self._settle(entry.item, await self._process(entry.item.record))
-                finally:
-                    self._waiting.release(entry)
-            else:
-                await self._commit_shared(taken)
-            self._start_committers()  # keys freed: more may go side by side now
-
-    async def _commit_shared(self, taken: list[Waiting[Pending]]) -> None:
-        """One transaction for the taken requests; if it fails, each goes alone, in order."""
-        try:
-            outcomes = await self._transact([entry.item.parsed for entry in taken])  # type: ignore[misc]
-        except Exception as exc:  # noqa: BLE001 - each request is tried again on its own
-            REQUESTS_PER_TRANSACTION.labels("false").observe(len(taken))
-            log.info(
-                "shared_transaction_failed", error_class=type(exc).__name__, requests=len(taken)
-            )
-            self._waiting.put_back(taken)  # at the front: later requests of theirs wait
-            return
-        except BaseException:
-            for entry in taken:
-                self._waiting.release(entry)
-            raise
-        REQUESTS_PER_TRANSACTION.labels("true").observe(len(taken))
-        for entry, outcome in zip(taken, outcomes, strict=True):
-            self._settle(entry.item, outcome)
-            self._waiting.release(entry)
-
-    def _settle(self, pending: Pending, outcome: str) -> None:
-        REQUEST_SECONDS.observe(time.perf_counter() - pending.started)
-        REQUESTS.labels(_request_type(pending.record.value), outcome).inc()
-        if not pending.outcome.done():
-            pending.outcome.set_result(outcome)
-
     def close(self) -> None:
-        """Take no more waiting records (the worker stops): they get no outcome here and are
-        read again."""
-        for entry in self._waiting.drop():
-            entry.item.outcome.cancel()
+        """Start no more transactions (the worker stops): the records still waiting get no
+        outcome here and are read again."""
+        self._group.close()
 
     async def drain(self) -> None:
         """Wait for the transactions in flight (when the worker stops, before its pool closes)."""
-        await asyncio.gather(*self._committers, return_exceptions=True)
+        await self._group.drain()
 
     async def _process(self, record: Incoming) -> str:
         attempts = 0
@@ -490,6 +440,12 @@ def _reply_partition(record: Incoming) -> int | None:
         return parse_reply_partition(wanted)
     except ValueError as exc:
         raise ReplyPartitionRefused(str(exc)) from None
+
+
+def _count(record: Incoming, started: float, outcome: asyncio.Future[str]) -> None:
+    if not outcome.cancelled():
+        REQUEST_SECONDS.observe(time.perf_counter() - started)
+        REQUESTS.labels(_request_type(record.value), outcome.result()).inc()
 
 
 def _record_size(key: bytes | None, value: bytes | None, headers: list[Header]) -> int:

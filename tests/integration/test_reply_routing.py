@@ -8,9 +8,12 @@ import asyncio
 from collections import defaultdict
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.testing import capture_logs
 
+from app.kafka import client_options, ensure_topics
 from app.sdk import QuartermasterClient, QuartermasterError
 from app.settings import Settings
 from tests.integration.conftest_outbox import read_topic
@@ -113,3 +116,30 @@ async def test_a_reply_partition_the_topic_does_not_have_stops_the_client_from_s
     with pytest.raises(QuartermasterError, match=f"reply partition {beyond} does not exist"):
         await client.start()
     await client.close()
+
+
+async def test_an_existing_reply_topic_with_fewer_partitions_is_kept_and_named_in_a_warning(
+    settings: Settings,
+) -> None:
+    replies = settings.topic("replies")  # as an older version made it
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(replies, 2, 1)])
+
+        async def listed() -> bool:  # the broker's metadata shows a new topic within moments
+            return replies in await admin.list_topics()
+
+        await eventually(listed, timeout=30)
+        with capture_logs() as logs:
+            assert replies not in await ensure_topics(settings)
+        [described] = await admin.describe_topics([replies])
+    finally:
+        await admin.close()
+
+    assert len(described["partitions"]) == 2
+    [warning] = [e for e in logs if e["event"] == "reply_topic_has_fewer_partitions"]
+    assert (warning["topic"], warning["partitions"]) == (replies, 2)
+    assert warning["reply_topic_partitions"] == settings.reply_topic_partitions
+    async with QuartermasterClient.from_settings(settings) as client:
+        assert client.reply_partition in (0, 1)  # it picks among the partitions there are

@@ -11,6 +11,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from workers.consuming import Incoming, OffsetCommits
+from workers.group_commit import GroupCommit
 from workers.pipeline import KeyedQueue, Positions
 
 
@@ -211,3 +212,46 @@ async def test_a_closed_pipeline_takes_no_more_records() -> None:
     assert await commits.settle()  # nothing left in flight
     assert not late.done()
     late.cancel()
+
+
+async def test_group_commit_keeps_each_keys_order_through_failed_shared_transactions() -> None:
+    rng = random.Random(5)
+    applied: dict[str, list[int]] = {}
+    running: list[set[str]] = []
+    most_running = 0
+
+    async def run(items: list[tuple[str, int]], *, shared: bool) -> list[str]:
+        nonlocal most_running
+        keys = {key for key, _ in items}
+        assert not any(keys & other for other in running), "a key in two transactions"
+        running.append(keys)
+        most_running = max(most_running, len(running))
+        try:
+            for _ in range(rng.randint(0, 5)):
+                await asyncio.sleep(0)  # let the other transaction run meanwhile
+            if shared and any(n % 7 == 3 for _, n in items):
+                raise RuntimeError("a bad request fails the shared transaction")
+            for key, n in items:
+                applied.setdefault(key, []).append(n)
+            return ["replied"] * len(items)
+        finally:
+            running.remove(keys)
+
+    async def alone(item: tuple[str, int]) -> str:
+        [outcome] = await run([item], shared=False)
+        return outcome
+
+    group: GroupCommit[tuple[str, int]] = GroupCommit(
+        batch_max=4, transactions=2, shared=lambda items: run(items, shared=True), alone=alone
+    )
+    sent: dict[str, int] = {}
+    outcomes = []
+    for _ in range(300):
+        key = rng.choice("abcdefgh")
+        sent[key] = sent.get(key, 0) + 1
+        outcomes.append(group.put((key, sent[key]), key))
+        if rng.random() < 0.3:
+            await asyncio.sleep(0)
+    assert await asyncio.wait_for(asyncio.gather(*outcomes), 30) == ["replied"] * 300
+    assert applied == {key: list(range(1, n + 1)) for key, n in sent.items()}
+    assert most_running == 2

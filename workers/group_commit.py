@@ -1,0 +1,108 @@
+"""Group commit with per-key order: items wait in the order they were put and go, up to
+``batch_max`` at a time, into at most ``transactions`` shared transactions running at once.
+
+Takes follow ``workers.pipeline.KeyedQueue``: two items of one key are never in two running
+transactions, and a later one never commits before an earlier one. A shared transaction that fails
+puts its items back at the front, in order, each to go alone (where its failure is handled), and
+their keys hold back the later items of those keys until each has gone. Nothing waits for a timer:
+a lone item goes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+import structlog
+
+from app.health import REQUESTS_PER_TRANSACTION
+from workers.pipeline import KeyedQueue, Waiting
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+
+class GroupCommit(Generic[T]):
+    """Runs ``shared`` over lists of waiting items and ``alone`` over single ones; each item's
+    outcome is the future ``put`` returned (cancelled when ``close`` drops it unstarted)."""
+
+    def __init__(
+        self,
+        *,
+        batch_max: int,
+        transactions: int,
+        shared: Callable[[list[T]], Awaitable[list[str]]],
+        alone: Callable[[T], Awaitable[str]],
+    ) -> None:
+        self.batch_max = batch_max
+        self.transactions = transactions
+        self._shared = shared
+        self._alone = alone
+        self._waiting: KeyedQueue[tuple[T, asyncio.Future[str]]] = KeyedQueue()
+        self._committers: set[asyncio.Task[None]] = set()
+
+    def put(self, item: T, key: Hashable | None, *, alone: bool = False) -> asyncio.Future[str]:
+        """Put ``item`` in line (``alone``: it never shares a transaction); its outcome to come."""
+        outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.put((item, outcome), key, alone=alone or self.batch_max <= 1)
+        self._start_committers()
+        return outcome
+
+    def close(self) -> None:
+        """Start nothing more: the items still waiting get no outcome (their futures are
+        cancelled)."""
+        for entry in self._waiting.drop():
+            entry.item[1].cancel()
+
+    async def drain(self) -> None:
+        """Wait for the transactions running."""
+        await asyncio.gather(*self._committers, return_exceptions=True)
+
+    def _start_committers(self) -> None:
+        # a committer that found nothing more to do has returned, though its task may still be
+        # in the set until its done-callback runs: count only those still running
+        running = sum(not committer.done() for committer in self._committers)
+        if running < self.transactions and len(self._waiting):
+            committer = asyncio.create_task(self._commit_waiting(), name="group-commit")
+            self._committers.add(committer)
+            committer.add_done_callback(self._committers.discard)
+
+    async def _commit_waiting(self) -> None:
+        """Commit what may go, as many per transaction as allowed, until nothing can."""
+        while taken := self._waiting.take(self.batch_max):
+            if taken[0].alone:
+                [entry] = taken
+                try:
+                    _settle(entry, await self._alone(entry.item[0]))
+                finally:
+                    self._waiting.release(entry)
+            else:
+                await self._commit_shared(taken)
+            self._start_committers()  # keys freed: more may go side by side now
+
+    async def _commit_shared(self, taken: list[Waiting[tuple[T, asyncio.Future[str]]]]) -> None:
+        """One transaction for the taken items; if it fails, each goes again alone, in order."""
+        try:
+            outcomes = await self._shared([entry.item[0] for entry in taken])
+        except Exception as exc:  # noqa: BLE001 - each item is tried again on its own
+            REQUESTS_PER_TRANSACTION.labels("false").observe(len(taken))
+            log.info(
+                "shared_transaction_failed", error_class=type(exc).__name__, requests=len(taken)
+            )
+            self._waiting.put_back(taken)  # at the front: later items of their keys wait
+            return
+        except BaseException:
+            for entry in taken:
+                self._waiting.release(entry)
+            raise
+        REQUESTS_PER_TRANSACTION.labels("true").observe(len(taken))
+        for entry, outcome in zip(taken, outcomes, strict=True):
+            _settle(entry, outcome)
+            self._waiting.release(entry)
+
+
+def _settle(entry: Waiting[tuple[T, asyncio.Future[str]]], outcome: str) -> None:
+    future = entry.item[1]
+    if not future.done():  # a caller that stopped waiting may have cancelled it
+        future.set_result(outcome)
