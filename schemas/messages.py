@@ -80,6 +80,16 @@ def seal_context(field: str, job_id: str) -> str:
     return f"qm.v1:{field}:{job_id}"
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
 class Message(BaseModel):
     """Every message: a ``type`` and a schema version ``v``."""
 
@@ -93,6 +103,15 @@ class Request(Message):
 
     request_id: UUID
     job_id: JobId
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """No text of a request, nested keys and values included, holds a NUL character: the
+        database stores none, so such a request is bad input, refused here with a reason."""
+        if _holds_nul(data):
+            raise ValueError("text must not contain the NUL character (U+0000)")
+        return data
 
 
 # --- requests --------------------------------------------------------------------------------

@@ -96,3 +96,27 @@ def test_infrastructure_errors_are_transient_and_others_unexpected() -> None:
     assert classify(TimeoutError()) is Disposition.TRANSIENT
     assert classify(InvalidMessage("too big")) is Disposition.INVALID
     assert classify(KeyError("x")) is Disposition.UNEXPECTED
+
+
+def capture(**fields: object) -> bytes:
+    return json.dumps(
+        {"type": "capture.submit", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j-1",
+         "lease_token": 1, "capture_id": "c-1", "url": "https://a.example/",
+         "storage_uri": "s3://b/k", "sha256": "0" * 64, "content_type": "text/html", "size": 1,
+         "captured_at": "2026-01-01T00:00:00Z", **fields}
+    ).encode()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body(collector="c\u0000"),
+        capture(meta={"deep": [{"k\u0000": 1}]}),
+    ],
+    ids=["field", "nested key"],
+)
+def test_text_with_a_nul_character_is_bad_input_with_a_reason(raw: bytes) -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse_request(raw)
+    assert classify(caught.value) is Disposition.INVALID
+    assert "NUL" in describe(caught.value)
