@@ -210,6 +210,7 @@ async def _bench(settings: Settings, plan: Plan, pids: dict[str, int], console: 
             # warm the broker's JIT, the connection pools and prepared statements; not measured
             await cycles(clients, slugs, concurrency=plan.concurrency, count=plan.cycles,
                          seconds=plan.warmup)  # fmt: skip
+            await history.restat(settings)  # statistics of tables with rows, as a server's
             runner = _Runner(settings, plan, clients, slugs, meter, children)
             return await runner.run()
 
