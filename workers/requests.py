@@ -10,8 +10,8 @@ transactions would. If it fails for any reason, each of its requests goes again 
 in a transaction of its own, so one bad request never holds up the others for long.
 
 A request whose ``request_id`` was seen before is answered again from the inbox, unless it is the
-very record that first claimed it (same partition and offset), read again after a crash: its reply
-was committed with its transition, so it gets no second one.
+very record that first claimed it (same topic, partition, offset and timestamp), read again after a
+crash: its reply was committed with its transition, so it gets no second one.
 
 Every transaction takes its locks in one order (docs/design.md): sites (in slug order), inbox
 rows, jobs, accounts, sessions, outbox keys. Locking the sites first also puts the answer to a
@@ -112,6 +112,13 @@ class Parsed:
     partition: int  # where its record was read (a redelivery of the record is told apart)
     offset: int
     reply_partition: int | None = None  # None: the job id's key picks the partition
+    topic: str = ""  # the record's topic and timestamp: a topic made again reuses offsets
+    timestamp_ms: int = 0
+
+    @property
+    def position(self) -> tuple[str, int, int, int]:
+        """Where the record was read: a redelivery of the very record has the same."""
+        return (self.topic, self.partition, self.offset, self.timestamp_ms)
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -132,6 +139,8 @@ def _claim(parsed: Parsed) -> inbox.Claim:
         fingerprint(request),
         parsed.partition,
         parsed.offset,
+        parsed.topic,
+        parsed.timestamp_ms,
     )
 
 
@@ -257,6 +266,8 @@ class RequestProcessor:
             record.partition,
             record.offset,
             _reply_partition(record),
+            record.topic,
+            record.timestamp_ms,
         )
 
     async def _handle(self, record: Incoming) -> str:
@@ -352,7 +363,13 @@ class RequestProcessor:
             )
             log.info("request_conflict", request_id=str(request.request_id), job_id=request.job_id)
             return "conflict"
-        if (seen["record_partition"], seen["record_offset"]) == (parsed.partition, parsed.offset):
+        first = (
+            seen["record_topic"],
+            seen["record_partition"],
+            seen["record_offset"],
+            seen["record_timestamp"],
+        )
+        if first == parsed.position:
             log.info("request_redelivered", request_id=str(request.request_id))
             return "redelivered"
         kept = tx.box.kept_reply(str(request.request_id))  # answered earlier in this transaction

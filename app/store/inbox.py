@@ -13,8 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A request to record as seen: its id, job, type, body fingerprint and the position of its
-    record on the requests topic (so a redelivery of that very record can be told apart)."""
+    """A request to record as seen: its id, job, type, body fingerprint and where its record
+    was read (topic, partition, offset and the record's timestamp), so a redelivery of that very
+    record can be told apart, even from a retry at the same place of a topic made again."""
 
     request_id: str
     job_id: str
@@ -22,6 +23,8 @@ class Claim:
     fingerprint: str
     partition: int | None = None
     offset: int | None = None
+    topic: str | None = None
+    timestamp_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +54,12 @@ _CLAIM = text(
     claimed AS (
         -- then the inbox rows; the sub-select makes every site lock come first
         INSERT INTO inbox (request_id, job_id, request_type, fingerprint, record_partition,
-                           record_offset)
-        SELECT CAST(c.id AS uuid), c.job_id, c.request_type, c.fingerprint, c.part, c.position
-        FROM unnest(:ids, :claim_job_ids, :types, :fingerprints, :partitions, :offsets)
-             AS c (id, job_id, request_type, fingerprint, part, position)
+                           record_offset, record_topic, record_timestamp)
+        SELECT CAST(c.id AS uuid), c.job_id, c.request_type, c.fingerprint, c.part, c.position,
+               c.topic, c.stamp
+        FROM unnest(:ids, :claim_job_ids, :types, :fingerprints, :partitions, :offsets,
+                    :topics, :timestamps)
+             AS c (id, job_id, request_type, fingerprint, part, position, topic, stamp)
         WHERE (SELECT count(*) FROM locked) >= 0
         ON CONFLICT (request_id) DO NOTHING
         RETURNING request_id
@@ -71,6 +76,8 @@ _CLAIM = text(
     bindparam("fingerprints", type_=ARRAY(TEXT)),
     bindparam("partitions", type_=ARRAY(INTEGER)),
     bindparam("offsets", type_=ARRAY(BIGINT)),
+    bindparam("topics", type_=ARRAY(TEXT)),
+    bindparam("timestamps", type_=ARRAY(BIGINT)),
 )
 
 
@@ -100,6 +107,8 @@ async def claim_requests(
             "fingerprints": [c.fingerprint for c in claims],
             "partitions": [c.partition for c in claims],
             "offsets": [c.offset for c in claims],
+            "topics": [c.topic for c in claims],
+            "timestamps": [c.timestamp_ms for c in claims],
         },
     )
     rows = result.mappings().all()
@@ -112,14 +121,14 @@ async def claim_requests(
 
 
 _SEEN = text(
-    "SELECT fingerprint, reply_topic, reply, record_partition, record_offset"
-    " FROM inbox WHERE request_id = :id"
+    "SELECT fingerprint, reply_topic, reply, record_partition, record_offset, record_topic,"
+    " record_timestamp FROM inbox WHERE request_id = :id"
 )
 
 
 async def seen_request(conn: AsyncConnection, request_id: str) -> RowMapping | None:
-    """The inbox row of a request seen before: its fingerprint, the reply it got and the
-    position of the record that first claimed it."""
+    """The inbox row of a request seen before: its fingerprint, the reply it got and where the
+    record that first claimed it was read."""
     result = await conn.execute(_SEEN, {"id": request_id})
     return result.mappings().first()
 

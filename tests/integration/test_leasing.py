@@ -8,6 +8,7 @@ that arrive together sharing one transaction, as the claim worker's group commit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -238,3 +239,21 @@ async def test_concurrent_duplicates_of_one_request_grant_once(
     outcomes = await asyncio.gather(*(w.process(c) for w, c in zip(workers, copies, strict=True)))
     assert sorted(outcomes) == ["duplicate"] * 4 + ["replied"]
     assert await scalar(engine, "SELECT count(*) FROM job_grants") == 1
+
+
+async def test_a_retry_at_the_same_position_of_a_recreated_or_other_requests_topic_is_answered(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    first = dataclasses.replace(start(settings, "job-1"), timestamp_ms=1_700_000_000_000)
+    assert await processor.process(first) == "replied"
+    # the topic was deleted and made again: the client's retry is a new record that happens
+    # to take the same partition and offset, written later
+    recreated = dataclasses.replace(first, timestamp_ms=first.timestamp_ms + 5_000)
+    assert await processor.process(recreated) == "duplicate"
+    # the same position of another topic (requests under another prefix) is another record
+    elsewhere = dataclasses.replace(first, topic=f"other.{first.topic}")
+    assert await processor.process(elsewhere) == "duplicate"
+    assert await processor.process(first) == "redelivered"  # the very record, read again
+    answers = await replies(engine, settings, "job-1")
+    assert len(answers) == 3 and answers[0] == answers[1] == answers[2]
