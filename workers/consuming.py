@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,8 @@ class OffsetCommits(ConsumerRebalanceListener):
         self._lock = asyncio.Lock()
         self._closed = False
         self._open = 0  # records handed over whose outcome is not final yet
+        # revocations of each partition so far: a record read before one is not taken after it
+        self._revocations: Counter[TopicPartition] = Counter()
 
     @property
     def open(self) -> int:
@@ -181,14 +184,20 @@ class OffsetCommits(ConsumerRebalanceListener):
 
     async def take(self, consumer: AIOKafkaConsumer, record: Incoming) -> Ticket | None:
         """Register ``record`` as in flight once there is room; None when it must not be handed
-        over (its partition was revoked meanwhile, or the worker stops): it is read again."""
+        over (its partition was revoked meanwhile, or the worker stops): it is read again.
+
+        A partition revoked while the record waited for room may have come straight back: its
+        consumer reads again from the committed offset, and the records still in flight from
+        before are no longer counted, so this record would let its new commits pass them.
+        """
         tp = TopicPartition(record.topic, record.partition)
+        revocations = self._revocations[tp]
         while not self._closed and self._open >= self.max_in_flight:
             self._moved.clear()
             await self._moved.wait()
         if self._closed:
             await asyncio.Future()  # taking no more: wait here until the broker stops
-        if tp not in consumer.assignment():
+        if self._revocations[tp] != revocations or tp not in consumer.assignment():
             return None
         positions = self._positions.setdefault(consumer, {}).setdefault(tp, Positions())
         positions.take(record.offset)
@@ -272,6 +281,7 @@ class OffsetCommits(ConsumerRebalanceListener):
         """Let the records in flight of the partitions this consumer gives up finish (for a
         while), commit what is done, and forget the rest: the next owner reads it again."""
         only = set(revoked)
+        self._revocations.update(only)  # a record waiting for room is read again, not taken
         await self.settle(only)
         await self.flush(only=only)
         for partitions in self._positions.values():

@@ -255,3 +255,39 @@ async def test_group_commit_keeps_each_keys_order_through_failed_shared_transact
     assert await asyncio.wait_for(asyncio.gather(*outcomes), 30) == ["replied"] * 300
     assert applied == {key: list(range(1, n + 1)) for key, n in sent.items()}
     assert most_running == 2
+
+
+class Committing(Assigned):
+    """Stands in for a consumer whose offsets are committed: records what it was asked to."""
+
+    def __init__(self, *partitions: TopicPartition) -> None:
+        super().__init__(*partitions)
+        self.committed: list[dict[TopicPartition, int]] = []
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.committed.append(dict(offsets))
+
+
+async def test_a_record_waiting_for_room_across_a_revocation_is_not_taken_into_the_new_assignment() -> (
+    None
+):
+    # records 0 and 1 are in flight past the settle time when the partition is revoked, and the
+    # partition comes straight back; record 2, read before the revocation and waiting for room,
+    # must not be registered in the new assignment, whose commit would then pass 0 and 1
+    tp = TopicPartition("requests", 0)
+    commits = OffsetCommits(max_in_flight=2, settle_seconds=0)
+    consumer: Any = Committing(tp)
+    first, second = [await commits.take(consumer, record(n)) for n in range(2)]
+    assert first is not None and second is not None
+    stale = asyncio.create_task(commits.take(consumer, record(2)))
+    for _ in range(5):
+        await asyncio.sleep(0)  # let it run as far as it can: it waits for room
+    assert not stale.done()
+    await commits.on_partitions_revoked({tp})  # 0 and 1 do not settle in time
+    await commits.on_partitions_assigned({tp})  # the same partition comes back
+    first.finish()  # room: the stale record goes on
+    ticket = await asyncio.wait_for(stale, 5)
+    if ticket is not None:
+        ticket.finish()
+    await commits.flush()
+    assert consumer.committed == []  # 1 is not final: nothing may be committed past it
