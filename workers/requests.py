@@ -259,6 +259,8 @@ class RequestProcessor:
                 f"{self._reply_topics.pattern!r}"
             )
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
+        if "\x00" in correlation_id:  # a job keeps it in a text column, which holds no NUL
+            raise InvalidMessage("correlation_id must not contain the NUL character (U+0000)")
         return Parsed(
             request,
             wanted or self.settings.topic("replies"),

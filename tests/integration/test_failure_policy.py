@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -22,7 +23,7 @@ from app.errors import describe
 from app.settings import Settings
 from app.store import Database
 from app.store.outbox import decode_headers
-from tests.support.leasing import make_site, replies, request, start
+from tests.support.leasing import make_site, replies, request, scalar, start
 from workers import requests as requests_module
 from workers.requests import Incoming, RequestProcessor
 
@@ -133,3 +134,21 @@ async def test_a_database_error_is_described_without_sql_or_parameters(
     assert "SQLSTATE 23514" in described
     assert "dlt_values" in described
     assert "INSERT" not in described and marker not in described
+
+
+async def test_a_correlation_id_with_a_nul_character_is_bad_input_answered_at_once(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    # the job keeps its start's correlation id in a text column, which holds no NUL: refused
+    # as bad input with a reason, not failed in the database and dead-lettered unanswered
+    await make_site(engine, settings)
+    base = start(settings, "j-nul")
+    record = dataclasses.replace(base, headers=[("correlation_id", b"corr\x00elation")])
+
+    assert await processor.process(record) == "dead_lettered"
+
+    [reply] = await replies(engine, settings)
+    assert reply["type"] == "request.invalid" and "NUL" in reply["error"]
+    [letter] = await dead_letters(engine, settings)
+    assert letter["headers"]["qm.dlt.attempts"] == b"1"
+    assert await scalar(engine, "SELECT count(*) FROM jobs") == 0
