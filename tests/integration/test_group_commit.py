@@ -7,16 +7,21 @@ from __future__ import annotations
 import asyncio
 import random
 
-from cryptography.fernet import Fernet
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
-from app.crypto import SecretBox
 from app.settings import Settings
-from app.store import Database, accounts
-from tests.support.leasing import CANARY, make_site, replies, request, scalar, start
+from app.store import Database
+from tests.support.leasing import (
+    make_site,
+    make_unreadable_site,
+    replies,
+    request,
+    scalar,
+    start,
+)
 from workers.requests import RequestProcessor
 
 
@@ -66,12 +71,7 @@ async def test_a_request_that_fails_inside_a_shared_transaction_is_dead_lettered
     engine: AsyncEngine, settings: Settings
 ) -> None:
     await make_site(engine, settings, capacity=6, n_accounts=6)
-    await make_site(engine, settings, "locked", n_accounts=0)
-    foreign = SecretBox(Fernet.generate_key().decode())
-    async with engine.begin() as conn:  # sealed with a key the worker does not have
-        await accounts.add_account(
-            conn, site="locked", username="lost@locked", sealed_secret=foreign.seal(CANARY)
-        )
+    await make_unreadable_site(engine, settings, "locked")
     worker = processor(settings, engine, worker_batch_max=32, worker_transactions=1)
     records = [start(settings, f"job-{n}") for n in range(6)]
     records.insert(3, start(settings, "unreadable", site="locked"))

@@ -10,16 +10,21 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.crypto import SecretBox
 from app.kafka import client_options, ensure_topics, producer_options
 from app.settings import Settings
-from app.store import Database, accounts
+from app.store import Database
 from app.wiring import Wiring
-from tests.support.leasing import CANARY, make_site, replies, request, scalar, start
+from tests.support.leasing import (
+    make_site,
+    make_unreadable_site,
+    replies,
+    request,
+    scalar,
+    start,
+)
 from tests.support.waiting import eventually
 from workers.consuming import Subscription, pipelined
 from workers.requests import Parsed, RequestProcessor
@@ -129,12 +134,7 @@ async def test_a_failed_shared_transactions_requests_go_alone_in_each_jobs_order
     engine: AsyncEngine, settings: Settings
 ) -> None:
     await make_site(engine, settings, capacity=1, n_accounts=1)
-    await make_site(engine, settings, "locked", n_accounts=0)
-    foreign = SecretBox(Fernet.generate_key().decode())
-    async with engine.begin() as conn:  # sealed with a key the worker does not have
-        await accounts.add_account(
-            conn, site="locked", username="lost@locked", sealed_secret=foreign.seal(CANARY)
-        )
+    await make_unreadable_site(engine, settings, "locked")
     knobs = {"worker_batch_max": 32, "worker_transactions": 2, "unexpected_error_attempts": 1}
     processor = RequestProcessor(settings.model_copy(update=knobs), Database(engine))
     assert await processor.process(start(settings, "holder")) == "replied"

@@ -9,6 +9,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -58,6 +59,17 @@ async def make_site(
             assert row is not None
             ids.append(int(row["id"]))
     return ids
+
+
+async def make_unreadable_site(engine: AsyncEngine, settings: Settings, slug: str) -> None:
+    """A site whose one account's secret is sealed with a key the worker does not have: a
+    job.start there fails unexpectedly (it cannot open the secret to grant it)."""
+    await make_site(engine, settings, slug, n_accounts=0)
+    foreign = SecretBox(Fernet.generate_key().decode())
+    async with engine.begin() as conn:
+        await accounts.add_account(
+            conn, site=slug, username=f"lost@{slug}", sealed_secret=foreign.seal(CANARY)
+        )
 
 
 def request(
