@@ -15,7 +15,7 @@ from datetime import datetime
 import structlog
 
 from app.leasing import Tx, dead_letter_exhausted, grant_waiting, lease_lost, release_resources
-from app.store import Row, jobs, sites
+from app.store import Row, job_sweeps, sites
 from reapers.base import Sweep, SweepResult
 from schemas.states import JobStatus
 
@@ -28,7 +28,9 @@ class ExpiredLeases(Sweep):
     async def run_once(self, now: datetime | None = None) -> SweepResult:
         limit = self.settings.reaper_page_size
         return await self.reap_pages(
-            lambda conn, after: jobs.find_expired_leases(conn, now=now, after=after, limit=limit),
+            lambda conn, after: job_sweeps.find_expired_leases(
+                conn, now=now, after=after, limit=limit
+            ),
             lambda stale: self._reap(stale, now),
         )
 
@@ -37,7 +39,7 @@ class ExpiredLeases(Sweep):
             tx = Tx(conn, self.services)
             site = await sites.lock_site(conn, stale["site"])
             assert site is not None
-            job = await jobs.expire_job(
+            job = await job_sweeps.expire_job(
                 conn, stale["id"], stale["lease_token"], site["max_attempts"], now
             )
             if job is None:

@@ -10,7 +10,7 @@ from datetime import datetime
 import structlog
 
 from app.leasing import Tx, reject
-from app.store import Row, jobs, sites
+from app.store import Row, job_sweeps, sites
 from reapers.base import Sweep, SweepResult
 
 log = structlog.get_logger()
@@ -22,7 +22,9 @@ class OverdueWaits(Sweep):
     async def run_once(self, now: datetime | None = None) -> SweepResult:
         limit = self.settings.reaper_page_size
         return await self.reap_pages(
-            lambda conn, after: jobs.find_overdue_waiting(conn, now=now, after=after, limit=limit),
+            lambda conn, after: job_sweeps.find_overdue_waiting(
+                conn, now=now, after=after, limit=limit
+            ),
             lambda stale: self._time_out(stale, now),
         )
 
@@ -30,7 +32,7 @@ class OverdueWaits(Sweep):
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
             await sites.lock_site(conn, stale["site"])
-            job = await jobs.time_out_waiting_job(conn, stale["id"], now)
+            job = await job_sweeps.time_out_waiting_job(conn, stale["id"], now)
             if job is not None:
                 reject(tx, job, "timed_out")
                 tx.events.job("timed_out", job)

@@ -33,7 +33,7 @@ from app.kafka import TOPICS
 from app.settings import Settings
 from app.store import Database
 from app.store.accounts import account_statuses
-from app.store.jobs import oldest_waiters
+from app.store.job_sweeps import oldest_waiters
 from app.store.outbox import backlog
 from app.wiring import Wiring, consumer_assigned
 
