@@ -64,6 +64,7 @@ from app.outbox.rounds import (
     message_size,
     wait_any,
 )
+from app.outbox.topics import TopicPartitions
 from app.settings import Settings
 from app.store.outbox import (
     NOTIFY_CHANNEL,
@@ -86,7 +87,6 @@ log = structlog.get_logger()
 # Called with the rows the broker acknowledged, before they are deleted.
 AfterAck = Callable[[Sequence[UnsentRow]], Awaitable[None]]
 
-TOPIC_WAIT_SECONDS = 2.0  # how long one round waits for an unknown topic's metadata
 # The producer's request_timeout_ms, which is also how long aiokafka keeps a sent batch whose
 # partition lost its leader. A topic deleted after the producer learned it is such a case: its
 # batch fails only then, and the round waits for it. aiokafka's 40 s would hold every shard's
@@ -123,9 +123,8 @@ class Relay:
         self._producer_broken = False
         self._wake = asyncio.Event()
         self._rebalance_at = 0.0
-        self._ready_topics: set[str] = set()
+        self._topics = TopicPartitions(settings.transient_retry_max_seconds)
         self._partitions: dict[tuple[bytes, int], int] = {}
-        self._topic_backoff: dict[str, tuple[float, Backoff]] = {}
         self._single: set[tuple[str, int]] = set()  # refused batch: one row a round till one goes
         self._report = metrics.PublishReport()
         self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
@@ -209,11 +208,11 @@ class Relay:
             self._rebalance_at = now + self.settings.outbox_poll_seconds
         shards = tuple(sorted(self.owned))
         limit = self.settings.outbox_batch_size
-        rows = await fetch_unsent(session, shards, limit, self._topics_in_backoff(now))
+        rows = await fetch_unsent(session, shards, limit, self._topics.in_backoff(now))
         if not rows:
             return RelayRound(shards=shards)
         fetched_at = time.monotonic()
-        ready = await self._resolve_topics(producer, {row.topic for row in rows})
+        ready = await self._topics.resolve(producer, rows)
         outcome = await self._publish(producer, rows, ready)
         if outcome.acked:
             if self.after_ack is not None:
@@ -417,7 +416,7 @@ class Relay:
                 raise
             self._producer = producer
             self._producer_broken = False
-            self._ready_topics.clear()
+            self._topics.forget()  # a new producer learns every topic again
         return self._producer
 
     async def _drop_producer(self) -> None:
@@ -475,38 +474,6 @@ class Relay:
         stats = await backlog(session)
         metrics.BACKLOG_ROWS.set(stats.rows)
         metrics.OLDEST_AGE.set(stats.oldest_age_seconds)
-
-    # --- topics ---------------------------------------------------------------------------
-
-    def _topics_in_backoff(self, now: float) -> list[str]:
-        return [topic for topic, (retry_at, _) in self._topic_backoff.items() if retry_at > now]
-
-    async def _resolve_topics(
-        self, producer: AIOKafkaProducer, topics: set[str]
-    ) -> dict[str, list[int]]:
-        """Partitions of each topic the producer knows (or learns within TOPIC_WAIT_SECONDS)."""
-        known = sorted(topics & self._ready_topics)
-        unknown = sorted(topics - self._ready_topics)
-        ready = {topic: sorted(await producer.partitions_for(topic)) for topic in known}
-        outcomes = await asyncio.gather(
-            *(asyncio.wait_for(producer.partitions_for(t), TOPIC_WAIT_SECONDS) for t in unknown),
-            return_exceptions=True,
-        )
-        now = time.monotonic()
-        for topic, outcome in zip(unknown, outcomes, strict=True):
-            if isinstance(outcome, KafkaError | TimeoutError):
-                entry = self._topic_backoff.get(topic)
-                backoff = entry[1] if entry else Backoff(self.settings.transient_retry_max_seconds)
-                self._topic_backoff[topic] = (now + backoff.next_delay(), backoff)
-                metrics.ERRORS.labels("topic").inc()
-                log.warning("outbox_topic_unavailable", topic=topic, error_class=_name(outcome))
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                self._ready_topics.add(topic)
-                self._topic_backoff.pop(topic, None)
-                ready[topic] = sorted(outcome)
-        return ready
 
 
 def takeover_bound(settings: Settings) -> float:

@@ -10,11 +10,13 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.kafka import client_options
 from app.outbox.relay import MAX_MESSAGE_BYTES, Relay
 from app.outbox.writer import Outbox
 from app.settings import Settings
@@ -184,3 +186,48 @@ async def test_a_routed_row_refused_for_good_is_dead_lettered_where_its_key_send
     every = list(range(settings.topic_partitions))
     assert letter.key == b"big" and letter.partition == DefaultPartitioner()(b"big", every, every)
     assert _sample("qm_outbox_errors_total", {"kind": "partition"}) == missing_before
+
+
+async def test_a_row_for_a_partition_the_replies_topic_was_grown_by_reaches_it(
+    engine: AsyncEngine, topics: Settings
+) -> None:
+    # a client started after the topic was grown picks a new partition from fresh metadata; the
+    # relay, which read the topic's partitions before, must send its replies there too
+    settings = topics
+    replies_topic, grown = settings.topic("replies"), settings.reply_topic_partitions + 2
+    relay = Relay(settings)
+    try:
+        await _relay_row(engine, relay, settings, "before", partition=1)  # partitions now known
+        admin = AIOKafkaAdminClient(**client_options(settings))
+        await admin.start()
+        try:
+            await admin.create_partitions({replies_topic: NewPartitions(total_count=grown)})
+
+            async def listed() -> bool:  # as a client starting now sees the topic
+                [entry] = await admin.describe_topics([replies_topic])
+                return len(entry["partitions"]) == grown
+
+            await wait_until(listed, timeout=30, what="the new partitions in the metadata")
+        finally:
+            await admin.close()
+        await _relay_row(engine, relay, settings, "after", partition=grown - 1)
+    finally:
+        await relay.close()
+
+    where = {r.key: r.partition for r in await read_topic(settings, replies_topic)}
+    assert where == {b"before": 1, b"after": grown - 1}
+
+
+async def _relay_row(
+    engine: AsyncEngine, relay: Relay, settings: Settings, key: str, *, partition: int
+) -> None:
+    box = Outbox(settings.outbox_shards)
+    box.add(settings.topic("replies"), key, {"type": "job.granted"}, partition=partition)
+    async with engine.begin() as conn:
+        await box.flush(conn)
+
+    async def sent() -> bool:  # a partition just added may still be electing its leader
+        await relay.run_once()
+        return await outbox_rows(engine) == 0
+
+    await wait_until(sent, timeout=30, what=f"the row of {key} published")
