@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import termios
 import time
@@ -189,14 +190,18 @@ async def run_top(settings: Settings, interval: float, once: bool) -> None:
         await db.close()
         return
     quit_pressed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Ctrl-C quits as q does, by the event: no cancellation for a refresh to swallow
+    loop.add_signal_handler(signal.SIGINT, quit_pressed.set)
     broker = asyncio.create_task(watch_dead_letters(settings, dead, interval))
     try:
         with keys() as fd, Live(render(snapshot, dead), auto_refresh=False, screen=False) as live:
             if fd is not None:
-                asyncio.get_running_loop().add_reader(fd, _on_key, fd, quit_pressed)
+                loop.add_reader(fd, _on_key, fd, quit_pressed)
             while not quit_pressed.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(quit_pressed.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await quit_pressed.wait()
                 problem = None
                 try:
                     snapshot = await read_snapshot(db)
@@ -204,8 +209,9 @@ async def run_top(settings: Settings, interval: float, once: bool) -> None:
                     problem = explain(exc)
                 live.update(render(snapshot, dead, problem), refresh=True)
             if fd is not None:
-                asyncio.get_running_loop().remove_reader(fd)
+                loop.remove_reader(fd)
     finally:
+        loop.remove_signal_handler(signal.SIGINT)
         broker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await broker
