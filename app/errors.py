@@ -2,7 +2,8 @@
 
 - ``INVALID``: the input itself is bad (not JSON, unknown type/v, schema violation, too large).
   Dead-lettered at once; a ``request.invalid`` reply where a reply topic can be read.
-- ``TRANSIENT``: infrastructure (database down, serialization failure, deadlock, broker timeout).
+- ``TRANSIENT``: infrastructure (database down, serialization failure, deadlock, broker timeout,
+  a statement prepared before a migration changed its table).
   Retried in place with capped backoff; never dead-lettered, never skipped.
 - ``UNEXPECTED``: anything else. Retried a few times with capped backoff (``unexpected_delay``),
   then dead-lettered with its class and message so one bad record cannot stall a partition.
@@ -18,6 +19,7 @@ import json
 from enum import StrEnum
 
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+from asyncpg.exceptions import InvalidCachedStatementError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -67,7 +69,7 @@ def classify(exc: BaseException) -> Disposition:
     ):
         return Disposition.TRANSIENT
     if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
+        if exc.connection_invalidated or _cached_plan_outdated(exc):
             return Disposition.TRANSIENT
         code = _sqlstate(exc)
         if code and code.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
@@ -78,6 +80,16 @@ def classify(exc: BaseException) -> Disposition:
     if isinstance(exc, OSError):
         return Disposition.TRANSIENT
     return Disposition.UNEXPECTED
+
+
+def _cached_plan_outdated(exc: DBAPIError) -> bool:
+    """A statement prepared before a migration changed its table (a rolling upgrade): the driver
+    drops its statement cache, so the next try prepares it again and succeeds."""
+    orig = exc.orig
+    return any(
+        isinstance(candidate, InvalidCachedStatementError)
+        for candidate in (orig, getattr(orig, "__cause__", None))
+    )
 
 
 def unexpected_delay(attempt: int, cap: float, first: float = 0.1) -> float:

@@ -79,3 +79,31 @@ async def test_a_hot_statement_takes_effect_only_if_its_transaction_commits(
         assert await jobs.queue_job(conn, **queue("kept")) is not None  # type: ignore[arg-type]
     ids = await scalar(engine, "SELECT string_agg(id, ',' ORDER BY id) FROM jobs")
     assert ids == "kept"
+
+
+async def test_a_statement_cached_before_a_migration_changed_its_table_fails_transiently(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    # a migration run while workers run (a rolling upgrade) changes what a cached statement
+    # returns: the driver drops its cache and the next try prepares it again, so it is retried
+    # in place, never dead-lettered as unexpected
+    await make_site(engine, settings)
+    async with engine.connect() as conn:
+        async with conn.begin():
+            await conn.execute(text("SELECT 1"))
+            assert await jobs.queue_job(conn, **queue("job-1")) is not None  # type: ignore[arg-type]
+            assert await jobs.describe_job(conn, "job-1") is not None  # through SQLAlchemy
+        async with engine.begin() as other:
+            await other.execute(text("ALTER TABLE jobs ADD COLUMN added_later integer"))
+        with pytest.raises(DBAPIError) as caught:
+            async with conn.begin():
+                await conn.execute(text("SELECT 1"))
+                await jobs.queue_job(conn, **queue("job-2"))  # type: ignore[arg-type]
+        assert classify(caught.value) is Disposition.TRANSIENT
+        with pytest.raises(DBAPIError) as caught:
+            async with conn.begin():
+                await jobs.describe_job(conn, "job-1")
+        assert classify(caught.value) is Disposition.TRANSIENT
+        async with conn.begin():  # the next try prepares the statement again
+            await conn.execute(text("SELECT 1"))
+            assert await jobs.queue_job(conn, **queue("job-2")) is not None  # type: ignore[arg-type]
