@@ -5,7 +5,9 @@ Takes follow ``workers.pipeline.KeyedQueue``: two items of one key are never in 
 transactions, and a later one never commits before an earlier one. A shared transaction that fails
 puts its items back at the front, in order, each to go alone (where its failure is handled), and
 their keys hold back the later items of those keys until each has gone. Nothing waits for a timer:
-a lone item goes at once.
+a lone item goes at once. A lone run is expected to settle its item whatever happens; if it raises
+all the same, the item goes again after a capped backoff (its key held meanwhile), so it is neither
+settled wrongly nor left in flight for good, and the failure is logged each time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
+from app.errors import unexpected_delay
 from app.health import REQUESTS_PER_TRANSACTION
 from workers.pipeline import KeyedQueue, Waiting
 
@@ -34,9 +37,11 @@ class GroupCommit(Generic[T]):
         transactions: int,
         shared: Callable[[list[T]], Awaitable[list[str]]],
         alone: Callable[[T], Awaitable[str]],
+        retry_max_seconds: float = 30.0,
     ) -> None:
         self.batch_max = batch_max
         self.transactions = transactions
+        self.retry_max_seconds = retry_max_seconds
         self._shared = shared
         self._alone = alone
         self._waiting: KeyedQueue[tuple[T, asyncio.Future[str]]] = KeyedQueue()
@@ -74,12 +79,29 @@ class GroupCommit(Generic[T]):
             if taken[0].alone:
                 [entry] = taken
                 try:
-                    _settle(entry, await self._alone(entry.item[0]))
+                    _settle(entry, await self._run_alone(entry.item[0]))
                 finally:
                     self._waiting.release(entry)
             else:
                 await self._commit_shared(taken)
             self._start_committers()  # keys freed: more may go side by side now
+
+    async def _run_alone(self, item: T) -> str:
+        """The item's lone run, again after a capped backoff for as long as it raises."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await self._alone(item)
+            except Exception as exc:  # noqa: BLE001 - never settled wrongly, never dropped
+                delay = unexpected_delay(attempts, self.retry_max_seconds)
+                log.error(
+                    "lone_run_failed",
+                    error_class=type(exc).__name__,
+                    attempts=attempts,
+                    retry_in=delay,
+                )
+                await asyncio.sleep(delay)
 
     async def _commit_shared(self, taken: list[Waiting[tuple[T, asyncio.Future[str]]]]) -> None:
         """One transaction for the taken items; if it fails, each goes again alone, in order."""

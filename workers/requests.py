@@ -171,6 +171,7 @@ class RequestProcessor:
             transactions=settings.worker_transactions,
             shared=lambda taken: self._transact([p.parsed for p in taken if p.parsed]),
             alone=lambda pending: self._process(pending.record),
+            retry_max_seconds=settings.unexpected_retry_max_seconds,
         )
 
     async def submit(self, record: Incoming, finished: Callable[[], None]) -> None:

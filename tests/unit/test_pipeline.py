@@ -291,3 +291,28 @@ async def test_a_record_waiting_for_room_across_a_revocation_is_not_taken_into_t
         ticket.finish()
     await commits.flush()
     assert consumer.committed == []  # 1 is not final: nothing may be committed past it
+
+
+async def test_a_lone_run_that_raises_goes_again_and_its_keys_later_items_wait_for_it() -> None:
+    applied: list[tuple[str, int]] = []
+    failures = [RuntimeError("a bug in the dead-lettering")] * 2
+
+    async def alone(item: tuple[str, int]) -> str:
+        if item == ("a", 1) and failures:
+            raise failures.pop()
+        applied.append(item)
+        return "dead_lettered"
+
+    async def shared(items: list[tuple[str, int]]) -> list[str]:
+        applied.extend(items)
+        return ["replied"] * len(items)
+
+    group: GroupCommit[tuple[str, int]] = GroupCommit(
+        batch_max=4, transactions=2, shared=shared, alone=alone, retry_max_seconds=0.01
+    )
+    first = group.put(("a", 1), "a", alone=True)  # e.g. a record that does not parse
+    later = [group.put(("a", 2), "a"), group.put(("b", 1), "b")]
+    assert await asyncio.wait_for(first, 10) == "dead_lettered"
+    assert await asyncio.wait_for(asyncio.gather(*later), 10) == ["replied", "replied"]
+    assert applied.index(("a", 1)) < applied.index(("a", 2))
+    assert not failures
