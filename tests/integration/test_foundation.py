@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import asyncpg
 import pytest
@@ -17,6 +16,7 @@ from app.kafka import client_options, producer_options
 from app.settings import Settings
 from schemas.states import AccountStatus, CaptureStatus, JobStatus, SeedStatus
 from tests.conftest import asyncpg_dsn
+from tests.support.databases import empty_database
 
 
 async def test_message_round_trips_through_the_real_broker_with_a_consumer_group(
@@ -66,13 +66,7 @@ async def test_database_enums_equal_the_python_enums(
 async def test_migrations_apply_and_downgrade_on_the_real_database(
     postgres_admin_url: str,
 ) -> None:
-    from sqlalchemy.engine import make_url
-
-    name = f"qm_mig_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
-    await admin.execute(f"CREATE DATABASE {name}")
-    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    async with empty_database(postgres_admin_url) as url:
         await asyncio.to_thread(upgrade, url)
         conn = await asyncpg.connect(asyncpg_dsn(url))
         tables = {
@@ -90,9 +84,6 @@ async def test_migrations_apply_and_downgrade_on_the_real_database(
         }
         await conn.close()
         assert left == {"alembic_version"}
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def test_a_running_job_without_a_lease_is_refused_by_the_schema(engine: AsyncEngine) -> None:
@@ -115,7 +106,6 @@ async def test_webhooks_set_before_sealing_are_sealed_by_the_migration_and_opene
     postgres_admin_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from alembic.script import ScriptDirectory
-    from sqlalchemy.engine import make_url
 
     script = ScriptDirectory.from_config(alembic_config(postgres_admin_url))
     [sealing] = [r for r in script.walk_revisions() if r.path.endswith("_sealed_webhooks.py")]
@@ -124,11 +114,7 @@ async def test_webhooks_set_before_sealing_are_sealed_by_the_migration_and_opene
     key = Fernet.generate_key().decode()
     monkeypatch.setenv("QM_SECRET_KEYS", key)
     hook = "https://hooks.example/captures/T0KEN?key=S3CRET"
-    name = f"qm_mig_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
-    await admin.execute(f"CREATE DATABASE {name}")
-    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    async with empty_database(postgres_admin_url) as url:
         await asyncio.to_thread(upgrade, url, before)
         conn = await asyncpg.connect(asyncpg_dsn(url))
         try:
@@ -148,6 +134,3 @@ async def test_webhooks_set_before_sealing_are_sealed_by_the_migration_and_opene
             assert await conn.fetchval("SELECT webhook_url FROM sites") == hook
         finally:
             await conn.close()
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()

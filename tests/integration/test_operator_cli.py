@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-import asyncpg
 import pytest
 from click.testing import Result
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
@@ -25,7 +22,7 @@ from app.cli import app
 from app.settings import Settings, get_settings
 from app.store import Database
 from reapers.capacity_back import CapacityBack
-from tests.conftest import asyncpg_dsn
+from tests.support.databases import empty_database
 from tests.support.leasing import make_site, request, scalar, start
 from workers.requests import RequestProcessor
 
@@ -136,18 +133,10 @@ async def test_no_database_settings_at_all_hints_at_the_dev_env_file(qm: Qm) -> 
 async def test_a_database_without_the_schema_says_to_migrate(
     qm: Qm, postgres_admin_url: str
 ) -> None:
-    name = f"qm_empty_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        empty = make_url(postgres_admin_url).set(database=name)
-        url = empty.render_as_string(hide_password=False)
+    async with empty_database(postgres_admin_url) as url:
         result = await qm("sites", "list", env={"QM_DATABASE_URL": url})
         line = one_red_line(result, "not migrated", "qm migrate")
         assert "SELECT" not in line
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def test_help_shows_no_type_after_flags(qm: Qm) -> None:

@@ -105,15 +105,17 @@ async def test_one_partition_keeps_many_records_in_flight_and_commits_them_in_or
             assert await committed_offset(admin, settings) == 0
             await blocker.rollback()
             await blocker.close()
-            async with asyncio.timeout(120):
-                while not seen or seen[-1][0] < RECORDS:
-                    committed = await committed_offset(admin, settings)
-                    # read after the commit: every record before it has its inbox row
-                    done = await scalar(
-                        engine, "SELECT count(*) FROM inbox WHERE record_offset < :c", c=committed
-                    )
-                    seen.append((committed, int(done)))
-                    await asyncio.sleep(0.02)
+
+            async def all_committed() -> bool:
+                """Sample the committed offset and, read after it, the inbox rows before it."""
+                committed = await committed_offset(admin, settings)
+                done = await scalar(
+                    engine, "SELECT count(*) FROM inbox WHERE record_offset < :c", c=committed
+                )
+                seen.append((committed, int(done)))
+                return committed >= RECORDS
+
+            await eventually(all_committed, timeout=120, every=0.02)
         processor.close()
         await processor.drain()
     finally:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
@@ -23,6 +21,7 @@ from app.store import Database
 from reapers.inbox_retention import InboxRetention
 from tests.conftest import asyncpg_dsn
 from tests.support.cli import operator_cli
+from tests.support.databases import empty_database
 from tests.support.leasing import make_site, replies, request, scalar, start
 from tests.support.waiting import eventually
 from workers.requests import Incoming, RequestProcessor
@@ -261,11 +260,7 @@ async def test_the_inbox_keeps_no_secret_and_forgets_requests_after_the_retentio
 async def test_the_upgrade_forgets_clear_grants_and_ends_jobs_that_cannot_be_sealed_to(
     postgres_admin_url: str,
 ) -> None:
-    name = f"qm_mig_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
-    await admin.execute(f"CREATE DATABASE {name}")
-    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    async with empty_database(postgres_admin_url) as url:
         await asyncio.to_thread(upgrade, url, "0005")
         conn = await asyncpg.connect(asyncpg_dsn(url))
         try:
@@ -284,6 +279,3 @@ async def test_the_upgrade_forgets_clear_grants_and_ends_jobs_that_cannot_be_sea
             assert await conn.fetchval("SELECT reply IS NULL FROM inbox")
         finally:
             await conn.close()
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
