@@ -1,8 +1,10 @@
 """Rows the broker refuses for good: dead-lettered (or parked) so they never block their shard.
 
-A row too large for any message is refused at once; any other refusal (a topic that cannot be
-resolved, a row the broker refuses when sent alone) counts one try in ``outbox.attempts``, and
-at ``outbox_max_attempts`` the row is given up. A given-up row is rewritten in place, by one
+A row too large for any message is refused at once; any other refusal (a topic the broker's own
+metadata says it does not have or will not take, a row the broker refuses when sent alone)
+counts one try in ``outbox.attempts``, and at ``outbox_max_attempts`` the row is given up. No
+answer is no refusal: a metadata or request time-out, a broker away, a leader being elected
+spend no try, whatever their number (``app.outbox.topics``, ``definite``); the rows wait. A given-up row is rewritten in place, by one
 conditional UPDATE, into a dead letter on ``<prefix>outbox.dlt``: the original headers, then
 ``qm.dlt.original_topic`` (where it was going), ``qm.dlt.outbox_id`` and the failure's headers; a
 value too large for the dead letter moves to ``dlt_values``. A dead letter that is refused for
@@ -12,7 +14,12 @@ good itself has nowhere to go: it is parked (``parked_at``), counted and logged.
 from __future__ import annotations
 
 import structlog
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RequestTimedOutError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.dlt.headers import failure_headers, value_ref_headers
@@ -27,9 +34,10 @@ log = structlog.get_logger()
 DLT_SUFFIX = ".dlt"
 
 
-def unresolved(topic: str) -> KafkaError:
-    """The refusal of a row whose topic could not be resolved."""
-    return UnknownTopicOrPartitionError(f"topic {topic} could not be resolved")
+def definite(exc: KafkaError) -> bool:
+    """Whether a failed send is the broker's refusal, not a failure to hear from it in time
+    (aiokafka's own time-out is not marked retriable, yet it is no answer at all)."""
+    return not (exc.retriable or isinstance(exc, KafkaTimeoutError | RequestTimedOutError))
 
 
 async def settle_refusals(

@@ -53,7 +53,7 @@ from app.db.engine import make_engine
 from app.errors import describe
 from app.kafka import producer_options
 from app.outbox import metrics
-from app.outbox.refusals import settle_refusals, unresolved
+from app.outbox.refusals import definite, settle_refusals
 from app.outbox.rounds import (
     Backoff,
     Outcome,
@@ -64,7 +64,7 @@ from app.outbox.rounds import (
     message_size,
     wait_any,
 )
-from app.outbox.topics import TopicPartitions
+from app.outbox.topics import Resolved, TopicPartitions
 from app.settings import Settings
 from app.store.outbox import (
     NOTIFY_CHANNEL,
@@ -212,8 +212,8 @@ class Relay:
         if not rows:
             return RelayRound(shards=shards)
         fetched_at = time.monotonic()
-        ready = await self._topics.resolve(producer, rows)
-        outcome = await self._publish(producer, rows, ready)
+        resolved = await self._topics.resolve(producer, rows)
+        outcome = await self._publish(producer, rows, resolved)
         if outcome.acked:
             if self.after_ack is not None:
                 await self.after_ack(outcome.acked)
@@ -231,7 +231,7 @@ class Relay:
         )
 
     async def _publish(
-        self, producer: AIOKafkaProducer, rows: Sequence[UnsentRow], ready: dict[str, list[int]]
+        self, producer: AIOKafkaProducer, rows: Sequence[UnsentRow], resolved: Resolved
     ) -> Outcome:
         """Send the rows in id order, batched per partition; await every ack; sort the rows."""
         outcome = Outcome()
@@ -251,10 +251,11 @@ class Relay:
                     stalled.add(tp)
 
         for row in rows:
-            partitions = ready.get(row.topic)
-            if partitions is None:
+            partitions = resolved.ready.get(row.topic)
+            if partitions is None:  # it waits; it spends a try only if the broker refused it
                 outcome.waiting += 1
-                outcome.refused.append((row, unresolved(row.topic)))
+                if row.topic in resolved.refused:
+                    outcome.refused.append((row, resolved.refused[row.topic]))
                 continue
             if message_size(row) > MAX_MESSAGE_BYTES:  # refused for good: it becomes a dead letter
                 outcome.too_large.append(row)
@@ -298,7 +299,7 @@ class Relay:
             await future
         except KafkaError as exc:
             self._failed(outcome, batch.rows, exc)
-            if not exc.retriable:
+            if definite(exc):  # a time-out is no answer, never a refusal
                 if len(batch.rows) == 1:
                     outcome.refused.append((batch.rows[0], exc))
                 else:  # which row? send them one at a time to find out
