@@ -16,6 +16,7 @@ from app.commands.domains import domains_app
 from app.commands.failures import OneLineErrors, quiet_kafka_client
 from app.commands.jobs import jobs_app
 from app.commands.keys import keys_app
+from app.commands.outbox import outbox_app
 from app.commands.resources import accounts_app, sites_app
 from app.commands.seeds import seeds_app
 from app.commands.sessions import sessions_app
@@ -40,6 +41,7 @@ app.add_typer(sessions_app, name="sessions")
 app.command("asyncapi")(asyncapi)
 app.add_typer(captures_app, name="captures")
 app.add_typer(keys_app, name="keys")
+app.add_typer(outbox_app, name="outbox")
 console = Console()
 err = Console(stderr=True)
 

@@ -83,6 +83,8 @@ async def _dead_letter(
     """Rewrite ``row`` as a dead letter on the outbox's dead-letter topic."""
     name = type(exc).__name__
     where = {"original_topic": row.topic, "outbox_id": str(row.id)}
+    if row.partition is not None:  # a reply routed to its client's partition: `qm outbox retry`
+        where["original_partition"] = str(row.partition)  # sends it back there
     headers = failure_headers(row.headers, where, exc, attempts, message=f"{name}: {exc}")
     stored = None
     if row.payload is not None and (
