@@ -144,7 +144,8 @@ class SecretBox:
 
     def __init__(self, secret_keys: str, sealing_keys: str = "") -> None:
         keys = [k.strip() for k in secret_keys.split(",") if k.strip()]
-        self._at_rest = MultiFernet([Fernet(k) for k in keys]) if keys else None
+        self._keys = [Fernet(k) for k in keys]  # newest first, as QM_SECRET_KEYS lists them
+        self._at_rest = MultiFernet(self._keys) if keys else None
         self._sealing = [load_private_key(k) for k in sealing_keys.split(",") if k.strip()]
 
     @classmethod
@@ -184,6 +185,18 @@ class SecretBox:
     def rotate(self, token: bytes) -> bytes:
         """Re-encrypt a stored secret with the newest key."""
         return self._rest().rotate(token)
+
+    def key_of(self, token: bytes) -> int | None:
+        """Which key of ``QM_SECRET_KEYS`` opens a stored secret (0: the newest, which `rotate`
+        encrypts with); None when none does (its key was dropped, or it is damaged)."""
+        self._rest()
+        for index, key in enumerate(self._keys):
+            try:
+                key.decrypt(token)
+            except InvalidToken:
+                continue
+            return index
+        return None
 
     @property
     def upload_key(self) -> str | None:
