@@ -43,7 +43,7 @@ class Outcome:
     # refused for good at once (too large for any message): dead-lettered this round
     too_large: list[UnsentRow] = field(default_factory=list)
     # refused, one more try counted: a row sent alone that the broker refused, or whose topic
-    # could not be resolved; dead-lettered once its tries reach the bound
+    # the broker's metadata refused; dead-lettered once its tries reach the bound
     refused: list[tuple[UnsentRow, BaseException]] = field(default_factory=list)
 
 
