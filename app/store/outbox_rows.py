@@ -15,8 +15,10 @@ from app.store.outbox import NOTIFY_CHANNEL
 PARKED, REFUSED, DEAD_LETTER = "parked", "refused", "dead letter"
 STATES = (PARKED, REFUSED, DEAD_LETTER)
 
-# The columns both statements read of a row: where it goes now, where it was going before it
-# was dead-lettered (its qm.dlt.* headers), and the state an operator sees it in.
+# The columns both statements read of a row: where it goes now, the state an operator sees it
+# in and, for a row the relay rewrote into a dead letter on the outbox's dead-letter topic, where
+# it was going and why it was refused (the qm.dlt.* headers the relay wrote, all UTF-8 text).
+# Dead letters of other topics that the outbox carries keep those headers to themselves.
 _STUCK = """
     WITH stuck AS (
         SELECT o.id, o.shard, o.topic, o.partition, o.key, o.attempts, o.created_at,
@@ -36,7 +38,10 @@ _STUCK = """
             FROM (SELECT e.h ->> 0 AS n,
                          convert_from(decode(e.h ->> 1, 'base64'), 'UTF8') AS v
                   FROM jsonb_array_elements(o.headers) AS e(h)
-                  WHERE left(e.h ->> 0, 7) = 'qm.dlt.' AND jsonb_array_length(e.h) = 2
+                  WHERE o.topic = :dlt_topic AND jsonb_array_length(e.h) = 2
+                    AND e.h ->> 0 IN ('qm.dlt.original_topic', 'qm.dlt.original_partition',
+                                      'qm.dlt.error_class', 'qm.dlt.attempts',
+                                      'qm.dlt.value_ref')
                     AND e.h ->> 1 IS NOT NULL) AS dlt
         ) AS h
         WHERE (o.parked_at IS NOT NULL OR o.attempts > 0 OR o.topic = :dlt_topic)

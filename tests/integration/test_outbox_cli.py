@@ -77,13 +77,14 @@ async def _relay_until(settings: Settings, engine: AsyncEngine, what: str, done:
 async def test_a_parked_row_is_listed_retried_and_published_where_it_was_going(
     topics: Settings, engine: AsyncEngine, qm: Qm
 ) -> None:
-    settings = topics.model_copy(update={"outbox_max_attempts": 2})
+    # its value too large for its dead letter too: kept in dlt_values, the dead letter's is null
+    settings = topics.model_copy(update={"outbox_max_attempts": 2, "dlt_inline_max_bytes": 1_000})
     strict, dlt = settings.topic("strict"), settings.topic("outbox.dlt")
     await _strict_topics(settings, strict)
-    # the outbox's dead-letter topic refuses it too (ensure_topics made it: set its limit)
+    # the outbox's dead-letter topic refuses even that (ensure_topics made it: set its limit)
     admin = await _admin(settings)
     try:
-        config = {"max.message.bytes": str(LIMIT)}
+        config = {"max.message.bytes": "200"}
         await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, dlt, config)])
     finally:
         await admin.close()
@@ -102,6 +103,7 @@ async def test_a_parked_row_is_listed_retried_and_published_where_it_was_going(
     assert row["state"] == "parked" and row["topic"] == dlt and row["original_topic"] == strict
     assert row["error_class"].endswith("MessageSizeTooLargeError")
     assert row["attempts_before_dead_letter"] == 2 and row["key"] == "k"
+    assert row["value_bytes"] is None  # its value waits in dlt_values
     assert _lines(await qm("outbox", "ls", "--json", "--parked", "--topic", "strict")) == [row]
     assert _lines(await qm("outbox", "ls", "--json", "--refused")) == []
     table = await qm("outbox", "ls")
