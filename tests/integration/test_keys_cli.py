@@ -145,3 +145,30 @@ async def test_a_value_changed_meanwhile_is_read_again_never_overwritten(
         row = (await conn.execute(text("SELECT storage_state, version FROM sessions"))).one()
     assert SecretBox(new_key).open_json(bytes(row[0])) == merged  # the merge stands, rotated
     assert row[1] == 2
+
+
+async def test_a_rotation_cut_short_is_finished_by_running_it_again(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    new_key = Fernet.generate_key().decode()
+    box = SecretBox(f"{new_key},{settings.secret_keys.get_secret_value()}")
+    ids = await make_site(engine, settings, "board", n_accounts=5)
+    [column] = [c for c in SEALED_COLUMNS if c.name == "accounts.secret"]
+    db = Database(engine)
+    writes = 0
+
+    async def cut_short(column: SealedColumn, value: SealedValue) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 3:  # the run dies in its third batch (its transaction rolls back)
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        await rotate_column(db, box, column, batch_size=1, before_write=cut_short)
+
+    report = await rotate_column(db, box, column, batch_size=2)
+    assert (report.rows, report.current, report.rotated) == (5, 2, 3)
+    sealed = await _sealed(engine)
+    assert [SecretBox(new_key).open(sealed[f"accounts.secret:{id_}"]) for id_ in ids] == [
+        f"{CANARY}-{n}" for n in range(5)
+    ]
