@@ -90,7 +90,12 @@ def _every_column(
     settings = get_settings()
     if not settings.secret_keys.get_secret_value().strip():
         raise fail("QM_SECRET_KEYS is not set: give the keys the secrets at rest were sealed with")
-    box = SecretBox.from_settings(settings)
+    try:  # only the keys at rest: a sealing key has nothing to do here
+        box = SecretBox(settings.secret_keys.get_secret_value())
+    except ValueError:  # Fernet's own message is safe, but say which setting and what it wants
+        raise fail(
+            "QM_SECRET_KEYS holds a value that is not a Fernet key (32 bytes, url-safe base64)"
+        ) from None
 
     async def main() -> list[ColumnReport]:
         db = Database.from_settings(settings, pool_size=2)

@@ -18,7 +18,7 @@ from app.crypto import SecretBox
 from app.settings import Settings
 from app.store import Database, accounts, captures, sessions
 from app.store.sealed_columns import SEALED_COLUMNS, SealedColumn, SealedValue
-from tests.support.cli import Qm, qm_fixture  # noqa: F401 - the fixture
+from tests.support.cli import Qm, assert_one_red_line, qm_fixture  # noqa: F401 - the fixture
 from tests.support.leasing import CANARY, make_site
 
 WEBHOOK = "https://hooks.example.com/deliver?token=hook-canary"
@@ -172,3 +172,12 @@ async def test_a_rotation_cut_short_is_finished_by_running_it_again(
     assert [SecretBox(new_key).open(sealed[f"accounts.secret:{id_}"]) for id_ in ids] == [
         f"{CANARY}-{n}" for n in range(5)
     ]
+
+
+@pytest.mark.parametrize("keys", ["", "not-a-fernet-key"])
+async def test_keys_that_cannot_be_used_are_one_line(
+    keys: str, qm: Qm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QM_SECRET_KEYS", keys)
+    for command in ("rotate", "check"):
+        assert_one_red_line(await qm("keys", command), "QM_SECRET_KEYS")
