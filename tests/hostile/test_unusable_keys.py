@@ -172,7 +172,9 @@ async def test_capacity_back_and_block_cooldowns_go_on_past_a_waiter_that_cannot
         await processor.process(start(settings, f"{slug}-holder", site=slug))
         await processor.process(start(settings, f"{slug}-first", site=slug))
         await processor.process(start(settings, f"{slug}-second", site=slug))
-        blocked = {"outcome": "blocked", "cooldown_seconds": 60} if slug in ("c-site", "d-site") else {}
+        blocked = (
+            {"outcome": "blocked", "cooldown_seconds": 60} if slug in ("c-site", "d-site") else {}
+        )
         await finish(processor, engine, settings, f"{slug}-holder", **blocked)
     await poison(engine, "a-site-first")
     await poison(engine, "c-site-first")
