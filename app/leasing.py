@@ -17,6 +17,7 @@ import structlog
 from app import seeding
 from app.crypto import MissingKey, NoSecretKeys, SecretBox, Unsealable, load_public_key, seal
 from app.dlt import Origin, dead_letter_headers, dlt_topic
+from app.errors import Disposition, classify
 from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import Settings
@@ -226,6 +227,22 @@ async def refuse_grant(tx: Tx, job: Record, reason: str, now: datetime | None = 
         lease_token=job["lease_token"],
         reason=reason,
     )
+
+
+async def hand_off(tx: Tx, site: str, now: datetime | None = None) -> list[str]:
+    """``grant_waiting`` for a sweep, in a savepoint: a grant that fails on the database rolls
+    back alone (with the messages it queued), so the sweep's own repair still commits and the
+    waiters are left for the capacity-back sweep. A transient error is not a grant's: it raises."""
+    mark = tx.box.mark()
+    try:
+        async with tx.conn.begin_nested():
+            return await grant_waiting(tx, site, now)
+    except Exception as exc:
+        if classify(exc) is Disposition.TRANSIENT:
+            raise
+        tx.box.rewind(mark)
+        log.exception("hand_off_failed", site=site, error_class=type(exc).__name__)
+        return []
 
 
 async def release_resources(

@@ -9,7 +9,6 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -64,11 +63,6 @@ async def events(engine: AsyncEngine, settings: Settings) -> list[dict[str, Any]
             {"t": settings.topic("events")},
         )
         return [json.loads(bytes(r[0])) for r in rows]
-
-
-def row_failures(sweep: str) -> float:
-    value = REGISTRY.get_sample_value("qm_reaper_row_failures_total", {"sweep": sweep})
-    return value or 0.0
 
 
 async def test_a_holders_finish_is_answered_when_the_waiter_behind_it_cannot_be_sealed_to(
@@ -191,32 +185,3 @@ async def test_capacity_back_and_block_cooldowns_go_on_past_a_waiter_that_cannot
             "job.rejected",
             "unusable_public_key",
         )
-
-
-async def test_a_row_that_raises_is_counted_and_skipped_and_the_sweep_reaps_the_rest(
-    processor: RequestProcessor, engine: AsyncEngine, settings: Settings, db: Database
-) -> None:
-    for slug in ("a-site", "b-site"):
-        await make_site(engine, settings, slug, lease_seconds=60)
-        await processor.process(start(settings, f"{slug}-holder", site=slug))
-    async with engine.begin() as conn:  # a row no update can change: every reap of it raises
-        await conn.execute(
-            text(
-                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'this row cannot change'; END $$"
-            )
-        )
-        await conn.execute(
-            text(
-                "CREATE TRIGGER stuck BEFORE UPDATE ON jobs FOR EACH ROW "
-                "WHEN (OLD.id = 'a-site-holder') EXECUTE FUNCTION refuse()"
-            )
-        )
-    before = row_failures("expired_leases")
-    later = await db_now(engine) + timedelta(seconds=61)
-    result = await ExpiredLeases(settings, db).run_once(now=later)
-    assert result.changed == ["b-site-holder"]
-    assert result.failed == ["a-site-holder"]
-    assert row_failures("expired_leases") == before + 1
-    assert await status(engine, "a-site-holder") == "RUNNING"
-    assert await status(engine, "b-site-holder") == "EXPIRED"
