@@ -13,9 +13,10 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from app import seeding
-from app.crypto import MissingKey, NoSecretKeys, SecretBox, Unsealable, load_public_key, seal
+from app.crypto import MissingKey, NoSecretKeys, SecretBox, load_public_key, seal
 from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.errors import Disposition, classify
 from app.events import Events
@@ -144,9 +145,10 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
     granted: list[str] = []
     while (job := await jobs.grant_next_waiting(tx.conn, site, now)) is not None:
         seeds = await seeding.hand_out_with_grant(tx, job, now)
-        message, refused = _sealed_grant(tx, job, seeds)
-        if message is None:  # that one job ends; the grant goes on to the next waiter
-            await refuse_grant(tx, job, refused or UNUSABLE_PUBLIC_KEY, now)
+        try:
+            message = sealed_grant(tx, job, seeds)
+        except GrantRefused as refused:  # that one job ends; the grant goes on to the next waiter
+            await refuse_grant(tx, job, refused.reason, now)
             if not job["more_waiting"]:
                 break
             continue
@@ -170,20 +172,28 @@ ACCOUNT_UNREADABLE = "account_unreadable"
 UNREADABLE_NOTE = "its secret or session opens with no key of QM_SECRET_KEYS"
 
 
-def _sealed_grant(
-    tx: Tx, job: Record, seeds: Sequence[GrantedSeed]
-) -> tuple[dict[str, Any] | None, str | None]:
-    """The job's ``job.granted``, or why it cannot have one: its account's secret or session
-    opens with no configured key (``account_unreadable``), or its public key cannot be sealed
-    to (``unusable_public_key``). No I/O happens here, so nothing else is undone."""
+class GrantRefused(Exception):
+    """A grant that cannot be sealed to its job or opened: ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def sealed_grant(tx: Tx, job: Record, seeds: Sequence[GrantedSeed]) -> dict[str, Any]:
+    """The job's ``job.granted``; ``GrantRefused`` when its account's secret or session opens
+    with no configured key (``account_unreadable``) or its public key cannot be sealed to
+    (``unusable_public_key``). No I/O happens here, so nothing else is to undo."""
     try:
-        return granted_reply(tx, job, seeds), None
+        return granted_reply(tx, job, seeds)
     except NoSecretKeys:
         raise  # the process lacks its keys: no job or account is to blame
     except MissingKey:
-        return None, ACCOUNT_UNREADABLE
-    except (Unsealable, ValueError):
-        return None, UNUSABLE_PUBLIC_KEY
+        raise GrantRefused(ACCOUNT_UNREADABLE) from None
+    except ValidationError:
+        raise  # a reply the contract refuses is a bug, not the job's key
+    except ValueError:  # Unsealable, or X25519 refusing the key in the exchange
+        raise GrantRefused(UNUSABLE_PUBLIC_KEY) from None
 
 
 async def refuse_grant(tx: Tx, job: Record, reason: str, now: datetime | None = None) -> None:
