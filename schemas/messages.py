@@ -6,6 +6,7 @@ UTC strings, ids are strings, ``request_id`` is a UUID. Unknown fields in a requ
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -222,8 +223,35 @@ REQUEST_TYPES = frozenset(
 )
 
 
+MAX_NESTING = 32  # no request nests deeper than a few levels; a parser recursing on it might fail
+# a JSON string (its escapes included), then any byte that is not a bracket: what the scan skips
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+
+
+class NestingTooDeep(ValueError):
+    """A JSON document nested deeper than any request is (``MAX_NESTING``)."""
+
+
+def nesting_depth(raw: bytes, limit: int = MAX_NESTING) -> int:
+    """How deep ``raw``'s JSON brackets nest, counted up to ``limit + 1``: a scan of the bytes
+    that parses nothing, so it costs the same however deep they go."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest
+
+
 def parse_request(raw: bytes) -> AnyRequest:
-    """Validate raw JSON bytes as a request (raises pydantic.ValidationError)."""
+    """Validate raw JSON bytes as a request (raises pydantic.ValidationError, or
+    ``NestingTooDeep`` before parsing a document nested deeper than ``MAX_NESTING``)."""
+    if nesting_depth(raw) > MAX_NESTING:
+        raise NestingTooDeep(f"JSON nested deeper than {MAX_NESTING} levels")
     return REQUEST_ADAPTER.validate_json(raw)
 
 
@@ -341,6 +369,16 @@ class RequestConflict(Message):
     job_id: str
 
 
+class RequestFailed(Message):
+    """A request dead-lettered after failing unexpectedly on every attempt: nothing of it was
+    done. Replaying its dead letter once the cause is fixed applies it and answers it again."""
+
+    type: Literal["request.failed"] = "request.failed"
+    request_id: str | None = None
+    job_id: str | None = None
+    error_class: Annotated[str, StringConstraints(max_length=200)]
+
+
 AnyReply = Annotated[
     JobGranted
     | JobQueued
@@ -354,7 +392,8 @@ AnyReply = Annotated[
     | SeedsClaimed
     | CaptureAccepted
     | RequestInvalid
-    | RequestConflict,
+    | RequestConflict
+    | RequestFailed,
     Field(discriminator="type"),
 ]
 REPLY_ADAPTER: TypeAdapter[AnyReply] = TypeAdapter(AnyReply)

@@ -35,6 +35,7 @@ from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
     QuartermasterError,
+    RequestFailed,
     RequestTimeout,
     SecretUndecryptable,
 )
@@ -51,6 +52,9 @@ from schemas.messages import (
     JobCancel,
     JobStart,
     reply_partition_value,
+)
+from schemas.messages import (
+    RequestFailed as RequestFailedReply,
 )
 
 if TYPE_CHECKING:
@@ -361,8 +365,10 @@ class QuartermasterClient:
 
         A ``job.start`` answered ``job.queued`` is waited on up to ``wait_seconds + timeout`` for
         its grant or rejection. Raises ``RequestTimeout`` (a ``TimeoutError``) when no final reply
-        comes in time. When the caller gives up on a ``job.start`` (timeout or cancellation) the
-        job is cancelled, and a grant that still arrives later is released at once.
+        comes in time, ``RequestFailed`` when Quartermaster dead-lettered it after failing on it.
+        When the caller gives up on a ``job.start`` (timeout or cancellation) the job is
+        cancelled, and a grant that still arrives later is released at once; so is one that
+        follows a ``request.failed`` (its dead letter replayed).
         """
         if self._producer is None or self._closed:
             raise ClientClosed("the client is not started (use `async with` or `await start()`)")
@@ -372,7 +378,7 @@ class QuartermasterClient:
         is_start = isinstance(message, JobStart)
         try:
             await self._send(message, correlation_id)
-            return await self._await_final(waiter, message, timeout)
+            reply = await self._await_final(waiter, message, timeout)
         except BaseException:
             release_now = self._router.abandon(correlation_id, release_grant=is_start)
             if release_now is not None:  # granted, but the caller never took it
@@ -385,6 +391,11 @@ class QuartermasterClient:
             raise
         finally:
             self._router.forget(correlation_id)
+        if isinstance(reply, RequestFailedReply):
+            if is_start:  # nothing was granted; a replay of its dead letter may grant it later
+                self._router.release_later(correlation_id, message.job_id)
+            raise RequestFailed(message.job_id, reply.error_class)
+        return reply
 
     async def _await_final(self, waiter: Waiter, message: AnyRequest, timeout: float) -> AnyReply:
         loop = asyncio.get_running_loop()

@@ -161,6 +161,11 @@ class ReplyRouter:
         self._abandoned.put(correlation_id, waiter.job_id)
         return None
 
+    def release_later(self, correlation_id: str, job_id: str) -> None:
+        """A ``job.start`` answered ``request.failed``: should its dead letter be replayed, the
+        grant that then comes is released, as one whose caller gave up."""
+        self._abandoned.put(correlation_id, job_id)
+
     def fail_all(self, error: BaseException) -> None:
         """Fail every outstanding request (the client is closing)."""
         for waiter in self._waiting.values():
