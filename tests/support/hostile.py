@@ -19,7 +19,6 @@ from app.settings import Settings
 from tests.support.leasing import COLLECTOR_PUBLIC_KEY
 
 NESTED = b"[" * 1000 + b"]" * 1000  # 2 KB of JSON nested 1,000 deep
-Headers = list[tuple[str, bytes]]
 
 
 class RawName(str):
@@ -57,7 +56,7 @@ class Sent:
     partition: int
     key: bytes | None
     value: bytes | None
-    headers: Headers = field(default_factory=list)
+    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
     raw_batch: bool = False  # built by aiokafka's pure-Python builder (header names as bytes)
 
 
