@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.dlt.headers import redact
-from schemas.messages import NestingTooDeep
+from schemas.nesting import NestingTooDeep
 
 
 class Disposition(StrEnum):

@@ -6,7 +6,6 @@ UTC strings, ids are strings, ``request_id`` is a UUID. Unknown fields in a requ
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -21,6 +20,9 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
+from schemas.values import BIGINT_MAX, BigInt, SeedId, usable_public_key
+
 VERSION = 1
 
 JobId = Annotated[
@@ -29,7 +31,8 @@ JobId = Annotated[
 SiteSlug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Reason = Annotated[str, StringConstraints(max_length=500)]
-LeaseToken = Annotated[int, Field(ge=1)]
+# bounded to the columns that keep them: a value past one is bad input, refused here
+LeaseToken = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
 
 
@@ -52,10 +55,12 @@ def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
-# An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes.
+# An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes, one X25519 can
+# use (a point of small order, such as 32 zero bytes, is refused in any encoding).
 PublicKey = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$"),
+    AfterValidator(usable_public_key),
     Field(description="X25519 public key, standard base64 of 32 bytes (docs/security.md)."),
 ]
 # A sealed box (docs/security.md): standard base64 of version 1 | ephemeral key | nonce | AES-GCM.
@@ -154,7 +159,7 @@ class JobHeartbeat(Request):
 class SeedResult(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    seed_id: Annotated[str, StringConstraints(min_length=1, max_length=40)]
+    seed_id: SeedId  # the id the grant or claim gave: ASCII digits of a bigint
     ok: bool
     next_due_seconds: Annotated[int, Field(ge=0, le=365 * 24 * 3600)] | None = None
     reason: Reason | None = None  # why it failed: kept on the seed, and when it disables it
@@ -199,7 +204,7 @@ class CaptureSubmit(Request):
     storage_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     content_type: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    size: Annotated[int, Field(ge=0)]
+    size: BigInt
     captured_at: datetime
     meta: JsonObject | None = None
 
@@ -221,30 +226,6 @@ REQUEST_TYPES = frozenset(
         CaptureSubmit,
     )
 )
-
-
-MAX_NESTING = 32  # no request nests deeper than a few levels; a parser recursing on it might fail
-# a JSON string (its escapes included), then any byte that is not a bracket: what the scan skips
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
-
-
-class NestingTooDeep(ValueError):
-    """A JSON document nested deeper than any request is (``MAX_NESTING``)."""
-
-
-def nesting_depth(raw: bytes, limit: int = MAX_NESTING) -> int:
-    """How deep ``raw``'s JSON brackets nest, counted up to ``limit + 1``: a scan of the bytes
-    that parses nothing, so it costs the same however deep they go."""
-    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    depth = deepest = 0
-    for byte in brackets:
-        depth += 1 if byte in b"[{" else -1
-        if depth > deepest:
-            deepest = depth
-            if deepest > limit:
-                break
-    return deepest
 
 
 def parse_request(raw: bytes) -> AnyRequest:

@@ -21,7 +21,7 @@ from app.dlt import Origin, dead_letter_headers
 from app.dlt.headers import PREFIX, Header, value_ref_headers
 from app.settings import Settings
 from app.store import dlt_values
-from schemas.messages import MAX_NESTING, nesting_depth
+from schemas.nesting import MAX_NESTING, nesting_depth
 from workers import sessions
 from workers.consuming import Incoming
 

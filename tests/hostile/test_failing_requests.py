@@ -55,7 +55,7 @@ async def test_records_nested_1000_deep_are_dead_lettered_as_bad_input(
     letters = await dead_letters(engine, settings)
     assert [bytes(letter["payload"]) for letter in letters] == [NESTED] * 3
     assert {letter["headers"]["qm.dlt.error_class"] for letter in letters} == {
-        b"schemas.messages.NestingTooDeep"
+        b"schemas.nesting.NestingTooDeep"
     }
     [granted] = await replies(engine, settings, "after-nested")
     assert granted["type"] == "job.granted"

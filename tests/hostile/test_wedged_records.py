@@ -65,7 +65,7 @@ def test_records_nested_1000_deep_are_dead_lettered_and_the_requests_after_them_
     assert len(seen.dead) == len(nested)
     for key, value, headers in seen.dead:
         assert key == b"nested" and value == NESTED  # the record as it came
-        assert header(headers, "qm.dlt.error_class") == "schemas.messages.NestingTooDeep"
+        assert header(headers, "qm.dlt.error_class") == "schemas.nesting.NestingTooDeep"
         assert "nested deeper than 32" in (header(headers, "qm.dlt.error_message") or "")
 
 

@@ -8,7 +8,8 @@ from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
 
 from app.dlt.headers import printable_header_name
-from schemas.messages import MAX_NESTING, NestingTooDeep, nesting_depth, parse_request
+from schemas.messages import parse_request
+from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
 from tests.support.hostile import RawName
 from workers.lenient_records import LenientRecords, undecodable_header_names
 
