@@ -18,6 +18,7 @@ from app import seeding
 from app.crypto import SecretBox, load_public_key, seal
 from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.events import Events
+from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.outbox.writer import Outbox
 from app.settings import Settings
 from app.store import Conn, Record, Row, jobs, sites
@@ -98,13 +99,19 @@ class Tx:
         await self.box.flush(self.conn)
 
 
-def granted_reply(tx: Tx, job: Record, seeds: Sequence[GrantedSeed] = ()) -> dict[str, Any]:
-    """The ``job.granted`` message of a job just granted: its account secret and session sealed
-    to the requester's public key, so no other reader of the reply topic can open them."""
+def granted_reply(
+    tx: Tx, job: Record, seeds: Sequence[GrantedSeed] = (), *, lease_secret: str
+) -> dict[str, Any]:
+    """The ``job.granted`` message of a job just granted: its lease secret, account secret and
+    session sealed to the requester's public key, so no other reader of the reply topic can
+    open them (nor act on the lease: every follow-up presents the lease secret)."""
     account = session = None
     secrets = tx.services.secrets
+    requester = load_public_key(job["public_key"])  # required by every job.start
+    sealed_lease_secret = seal(
+        requester, lease_secret.encode(), seal_context("lease.secret", job["id"])
+    )
     if job["account_id"] is not None:
-        requester = load_public_key(job["public_key"])  # required by job.start with an account
         secret = secrets.open(bytes(job["account_secret"])).encode()
         account = GrantedAccount(
             id=str(job["account_id"]),
@@ -124,6 +131,7 @@ def granted_reply(tx: Tx, job: Record, seeds: Sequence[GrantedSeed] = ()) -> dic
         request_id=job["request_id"],
         job_id=job["id"],
         lease_token=job["lease_token"],
+        lease_secret=sealed_lease_secret,
         granted_at=job["granted_at"],
         lease_expires_at=job["lease_expires_at"],
         upload_key=secrets.upload_key,
@@ -138,12 +146,17 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
     """Grant the site's waiting jobs in FIFO order while capacity and accounts allow.
 
     Each granted job gets its ``job.granted`` on its own reply topic, and its start request's
-    inbox row now holds that grant. Returns the granted job ids.
+    inbox row now holds that grant. Every grant makes a secret of its own; the job keeps its
+    hash only. Returns the granted job ids.
     """
     granted: list[str] = []
-    while (job := await jobs.grant_next_waiting(tx.conn, site, now)) is not None:
+    while True:
+        lease_secret = new_lease_secret()
+        job = await jobs.grant_next_waiting(tx.conn, site, lease_secret_hash(lease_secret), now)
+        if job is None:
+            break
         seeds = await seeding.hand_out_with_grant(tx, job, now)
-        tx.answer_start(job, granted_reply(tx, job, seeds))
+        tx.answer_start(job, granted_reply(tx, job, seeds, lease_secret=lease_secret))
         tx.events.job("granted", job)
         log.info(
             "lease_granted",

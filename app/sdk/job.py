@@ -79,6 +79,16 @@ def open_grant(
     return account, session
 
 
+def open_lease_secret(client: QuartermasterClient, grant: wire.JobGranted) -> SecretStr:
+    """The lease's secret of a grant, opened with the client's private key: every follow-up of
+    the lease presents it (the token alone, public on the reply topic, acts on nothing)."""
+    context = wire.seal_context("lease.secret", grant.job_id)
+    try:
+        return SecretStr(client.open_sealed(grant.lease_secret, context).decode())
+    except errors.SecretUndecryptable as exc:
+        raise errors.SecretUndecryptable(f"lease secret of {grant.job_id}: {exc}") from None
+
+
 class Job:
     """An async context manager: enter acquires, the body works, exit releases with an outcome.
 
@@ -110,6 +120,7 @@ class Job:
         self.timeout = timeout
         self._needs = wire.Needs(account=needs_account, seeds=seeds)
         self._grant: wire.JobGranted | None = None
+        self._lease_secret = SecretStr("")  # opened from the grant at enter
         self._expires_at: datetime | None = None
         self.account: Account | None = None
         self._session: Session | None = None
@@ -141,6 +152,13 @@ class Job:
     def lease_token(self) -> int:
         """The fencing token every follow-up request presents."""
         return self._granted().lease_token
+
+    def _lease(self) -> dict[str, Any]:
+        """The fields every follow-up of the lease presents: its token and its secret."""
+        return {
+            "lease_token": self.lease_token,
+            "lease_secret": self._lease_secret.get_secret_value(),
+        }
 
     @property
     def lease_expires_at(self) -> datetime:
@@ -211,9 +229,7 @@ class Job:
     async def claim_seeds(self, n: int) -> list[wire.GrantedSeed]:
         """Up to ``n`` more due seeds of the job's site for this lease (an empty list when none
         is due). Raises ``LeaseLost`` when the lease is gone."""
-        claim = wire.SeedsClaim(
-            request_id=new_uuid(), job_id=self.job_id, lease_token=self.lease_token, limit=n
-        )
+        claim = wire.SeedsClaim(request_id=new_uuid(), job_id=self.job_id, limit=n, **self._lease())
         reply = await self._client.request(claim, timeout=self.timeout)
         if isinstance(reply, wire.JobLeaseLost):
             self._lose(reply.reason)
@@ -245,7 +261,7 @@ class Job:
         submit = wire.CaptureSubmit(
             request_id=new_uuid(),
             job_id=self.job_id,
-            lease_token=self.lease_token,
+            **self._lease(),
             capture_id=capture_id or new_id(),
             url=url,
             storage_uri=storage_uri,
@@ -281,10 +297,17 @@ class Job:
         reply = await self._client.request(start, timeout=self.timeout)
         if not isinstance(reply, wire.JobGranted):
             raise _refusal(self.job_id, reply)
+        # without its lease secret nothing can end the lease: it lapses by itself
+        self._lease_secret = open_lease_secret(self._client, reply)
         try:
             self.account, self._session = open_grant(self._client, reply)
         except errors.SecretUndecryptable:
-            self._client.release(self.job_id, "secret_undecryptable", reply.lease_token)
+            self._client.release(
+                self.job_id,
+                "secret_undecryptable",
+                reply.lease_token,
+                self._lease_secret.get_secret_value(),
+            )
             raise
         self._grant = reply
         self._expires_at = reply.lease_expires_at
@@ -300,7 +323,7 @@ class Job:
         # the lease may be taken back before this job ends (expiry, an operator's revoke): the
         # start request's later job.lease_lost says so at once
         self._start_request_id = str(start.request_id)
-        self._client.watch_lease(self._start_request_id, self._lose)
+        self._client.watch_lease(self._start_request_id, self.job_id, self._lose)
         self._heartbeats = asyncio.create_task(
             self._heartbeat_loop(self._heartbeat_interval()), name=f"qm-sdk-heartbeat-{self.job_id}"
         )
@@ -325,7 +348,7 @@ class Job:
         upload = wire.SessionUpload(
             request_id=new_uuid(),
             job_id=self.job_id,
-            lease_token=self.lease_token,
+            **self._lease(),
             storage_state=self._seal_session(
                 _SESSION_STATE.validate_python(state), "session.upload"
             ),
@@ -353,7 +376,7 @@ class Job:
             heartbeat = wire.JobHeartbeat(
                 request_id=new_uuid(),
                 job_id=self.job_id,
-                lease_token=self.lease_token,
+                **self._lease(),
                 extend_seconds=self.lease_seconds,
             )
             try:
@@ -378,6 +401,24 @@ class Job:
             else:
                 log.warning("heartbeat_refused", job_id=self.job_id, reply_type=reply.type)
 
+    async def heartbeat(self, extend_seconds: int | None = None) -> datetime:
+        """Extend the lease now (the job heartbeats by itself; this is one more, at a moment of
+        the caller's choosing); returns the new expiry. Raises ``LeaseLost`` when it is gone."""
+        heartbeat = wire.JobHeartbeat(
+            request_id=new_uuid(),
+            job_id=self.job_id,
+            **self._lease(),
+            extend_seconds=extend_seconds or self.lease_seconds,
+        )
+        reply = await self._client.request(heartbeat, timeout=self.timeout)
+        if isinstance(reply, wire.JobExtended):
+            self._expires_at = reply.lease_expires_at
+            return reply.lease_expires_at
+        if isinstance(reply, wire.JobLeaseLost):
+            self._lose(reply.reason)
+            raise errors.LeaseLost(self.job_id, reply.reason)
+        raise _refusal(self.job_id, reply)
+
     def _lose(self, reason: str) -> None:
         self.lost = True
         self.lost_reason = reason
@@ -400,7 +441,7 @@ class Job:
         await self._stop_heartbeats()
         if self._grant is None:
             return
-        self._client.watch_lease(self._start_request_id, None)
+        self._client.watch_lease(self._start_request_id, self.job_id, None)
         if self.lost:
             log.info("job_finish_skipped", job_id=self.job_id, reason=self.lost_reason)
             return
@@ -440,7 +481,7 @@ class Job:
             {
                 "request_id": new_uuid(),
                 "job_id": self.job_id,
-                "lease_token": self.lease_token,
+                **self._lease(),
                 "outcome": outcome,
                 "reason": reason,
                 "cooldown_seconds": cooldown,
