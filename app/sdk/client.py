@@ -3,17 +3,16 @@
 One producer writes requests to ``<prefix>requests`` (key ``job_id``, headers ``correlation_id`` and
 ``reply_to``). One consumer reads the reply topic with manual partition assignment (never a consumer
 group, so any number of collector processes can share the topic) starting from its end. Replies are
-matched to their requests by ``correlation_id``; see ``app.sdk.replies`` for the bookkeeping.
+matched to their requests by ``correlation_id``, ``job_id`` and ``request_id`` (``app.sdk.replies``).
 
 On the shared ``<prefix>replies`` topic a client reads one partition only: it picks one when it
 starts (``app.sdk.routing``; or takes ``reply_partition``), and every request carries it in the
 ``qm.reply_partition`` header, so Quartermaster sends the replies there. A client with a reply
 topic of its own (or ``route_replies=False``) sends no such header and reads the whole topic.
 
-Each client makes an X25519 key pair when it is created and sends the public half in every
-``job.start``; the private half never leaves the process. Quartermaster seals the account secret
-and the session of a grant to it (docs/security.md), so the other readers of the shared reply
-topic see only sealed boxes.
+Each client has an X25519 key pair (made when it is created, or given) and sends the public half
+in every ``job.start``; Quartermaster seals a grant's lease secret, account secret and session to
+it (docs/security.md): other readers of the reply topic can neither open them nor act on the lease.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
-from aiokafka.structs import TopicPartition
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from app.crypto import Unsealable, public_key_text, unseal
@@ -41,7 +39,7 @@ from app.sdk.errors import (
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import said_by_us, sdk_logger
 from app.sdk.replies import Release, ReplyRouter, Waiter
-from app.sdk.routing import partition_to_read
+from app.sdk.routing import assign_reply_partitions, partition_to_read
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_PARTITION,
@@ -64,7 +62,6 @@ _Client = TypeVar("_Client", AIOKafkaProducer, AIOKafkaConsumer)
 
 MESSAGE_ID = "qm.message_id"  # the header every message Quartermaster publishes carries
 CLOSE_GRACE_SECONDS = 5.0  # how long close() lets pending releases reach the broker
-METADATA_WAIT_SECONDS = 10.0  # how long start() waits for the reply topic to appear
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -268,26 +265,9 @@ class QuartermasterClient:
     async def _assign_reply_partitions(
         self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
     ) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + METADATA_WAIT_SECONDS
-        # A topic created moments ago may not be in every broker's metadata yet.
-        while self.reply_topic not in await consumer.topics():
-            if loop.time() > deadline:
-                raise QuartermasterError(
-                    f"reply topic {self.reply_topic} does not exist (create it with `qm topics`)"
-                )
-            await asyncio.sleep(0.2)
-        partitions = sorted(await producer.partitions_for(self.reply_topic))
-        self.reply_partition = self._partition_to_read(len(partitions))
-        if self.reply_partition is not None:
-            partitions = [self.reply_partition]
-        assigned = [TopicPartition(self.reply_topic, p) for p in partitions]
-        consumer.assign(assigned)
-        await consumer.seek_to_end(*assigned)
-        # Resolve the end offsets now: a reply to the first request must not be skipped by a
-        # lazy offset reset that happens after it was written.
-        for partition in assigned:
-            await consumer.position(partition)
+        self.reply_partition = await assign_reply_partitions(
+            consumer, producer, self.reply_topic, self._partition_to_read
+        )
 
     def _partition_to_read(self, partitions: int) -> int | None:
         """The one partition of the reply topic (of ``partitions``) this client reads; None:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from app.crypto import load_public_key, private_key_text, public_key_text, seal, unseal_json
 from app.sdk import Account, JobRejected, NoUploadKey, QuartermasterClient, SecretUndecryptable
-from app.sdk.job import open_grant
+from app.sdk.grants import open_grant
 from schemas.messages import GrantedAccount, JobFinished, JobGranted, seal_context
 from schemas.messages import JobRejected as Rejected
 from tests.unit.test_sdk_client import RecordingProducer, reply_headers
