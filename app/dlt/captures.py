@@ -13,6 +13,7 @@ reports it as not replayed, with its status.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 from dataclasses import dataclass
 
@@ -80,13 +81,18 @@ async def rearm(
     ``conn`` (committed here); None when it was re-armed, else its status (nothing changed)."""
     tx = Tx(conn, Services(settings, SecretBox.from_settings(settings)))
     reason = f"replayed from {letter.coordinates} by operator {getpass.getuser()}"
-    if await retry(tx, capture_id, reason) is None:
-        status = await status_of(conn, capture_id)
-        await conn.rollback()
-        return status
-    await tx.flush()
-    target = settings.topic("captures")
-    row = ReplayedOffset(letter.partition, letter.offset, target)
-    await record_replays(conn, ledger_topic, [row], again=again)
-    await conn.commit()
-    return None
+    try:
+        if await retry(tx, capture_id, reason) is None:
+            status = await status_of(conn, capture_id)
+            await conn.rollback()
+            return status
+        await tx.flush()
+        row = ReplayedOffset(letter.partition, letter.offset, settings.topic("captures"))
+        await record_replays(conn, ledger_topic, [row], again=again)
+        await conn.commit()
+        return None
+    except BaseException:
+        # the connection goes on recording the replay's acked copies: leave it usable
+        with contextlib.suppress(Exception):
+            await conn.rollback()
+        raise
