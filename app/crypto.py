@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from schemas.values import x25519_refuses
+
 if TYPE_CHECKING:
     from app.settings import Settings
 
@@ -42,6 +44,10 @@ _NONCE_BYTES = 12
 
 class MissingKey(RuntimeError):
     """A key needed to encrypt or decrypt is not configured."""
+
+
+class NoSecretKeys(MissingKey):
+    """``QM_SECRET_KEYS`` is not set at all: the process's fault, not any stored value's."""
 
 
 class Unsealable(ValueError):
@@ -65,9 +71,12 @@ def public_key_text(key: X25519PrivateKey | X25519PublicKey) -> str:
 
 
 def load_public_key(text: str) -> X25519PublicKey:
+    """A public key to seal to; ``Unsealable`` when it is not one X25519 can use."""
     raw = _b64decode(text, "the public key")
     if len(raw) != _KEY_BYTES:
         raise Unsealable("a public key is 32 bytes")
+    if x25519_refuses(raw):
+        raise Unsealable("X25519 refuses the public key (a point of small order)")
     return X25519PublicKey.from_public_bytes(raw)
 
 
@@ -158,7 +167,7 @@ class SecretBox:
 
     def _rest(self) -> MultiFernet:
         if self._at_rest is None:
-            raise MissingKey("QM_SECRET_KEYS is not set: secrets at rest cannot be encrypted")
+            raise NoSecretKeys("QM_SECRET_KEYS is not set: secrets at rest cannot be encrypted")
         return self._at_rest
 
     def seal(self, plaintext: str) -> bytes:

@@ -51,6 +51,11 @@ REQUESTS_PER_TRANSACTION = Histogram(
 SWEEP_CHANGES = Counter(
     "qm_reaper_changes_total", "Rows the reapers repaired, by sweep.", ["sweep"]
 )
+SWEEP_ROW_FAILURES = Counter(
+    "qm_reaper_row_failures_total",
+    "Rows (or sites) a sweep could not repair because their repair raised; skipped, by sweep.",
+    ["sweep"],
+)
 SITE_RUNNING = Gauge("qm_site_running", "Jobs holding a slot of the site.", ["site"])
 SITE_WAITING = Gauge("qm_site_waiting", "Jobs waiting for the site.", ["site"])
 SITE_ACCOUNTS = Gauge(

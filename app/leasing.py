@@ -13,14 +13,16 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from app import seeding
-from app.crypto import SecretBox, load_public_key, seal
+from app.crypto import MissingKey, NoSecretKeys, SecretBox, load_public_key, seal
 from app.dlt import Origin, dead_letter_headers, dlt_topic
+from app.errors import Disposition, classify
 from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import Settings
-from app.store import Conn, Record, Row, jobs, sites
+from app.store import Conn, Record, Row, accounts, jobs, sites
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
@@ -143,7 +145,14 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
     granted: list[str] = []
     while (job := await jobs.grant_next_waiting(tx.conn, site, now)) is not None:
         seeds = await seeding.hand_out_with_grant(tx, job, now)
-        tx.answer_start(job, granted_reply(tx, job, seeds))
+        try:
+            message = sealed_grant(tx, job, seeds)
+        except GrantRefused as refused:  # that one job ends; the grant goes on to the next waiter
+            await refuse_grant(tx, job, refused.reason, now)
+            if not job["more_waiting"]:
+                break
+            continue
+        tx.answer_start(job, message)
         tx.events.job("granted", job)
         log.info(
             "lease_granted",
@@ -156,6 +165,94 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
         if not job["more_waiting"]:
             break
     return granted
+
+
+UNUSABLE_PUBLIC_KEY = "unusable_public_key"
+ACCOUNT_UNREADABLE = "account_unreadable"
+UNREADABLE_NOTE = "its secret or session opens with no key of QM_SECRET_KEYS"
+
+
+class GrantRefused(Exception):
+    """A grant that cannot be sealed to its job or opened: ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def sealed_grant(tx: Tx, job: Record, seeds: Sequence[GrantedSeed]) -> dict[str, Any]:
+    """The job's ``job.granted``; ``GrantRefused`` when its account's secret or session opens
+    with no configured key (``account_unreadable``) or its public key cannot be sealed to
+    (``unusable_public_key``). No I/O happens here, so nothing else is to undo."""
+    try:
+        return granted_reply(tx, job, seeds)
+    except NoSecretKeys:
+        raise  # the process lacks its keys: no job or account is to blame
+    except MissingKey:
+        raise GrantRefused(ACCOUNT_UNREADABLE) from None
+    except ValidationError:
+        raise  # a reply the contract refuses is a bug, not the job's key
+    except ValueError:  # Unsealable, or X25519 refusing the key in the exchange
+        raise GrantRefused(UNUSABLE_PUBLIC_KEY) from None
+
+
+async def refuse_grant(tx: Tx, job: Record, reason: str, now: datetime | None = None) -> None:
+    """End a job just granted whose grant cannot be sealed or opened: RUNNING -> FAILED with
+    ``reason``, ``job.rejected`` to its start, and what it was granted (capacity slot, account,
+    seeds) released by conditional updates. An account no key opens goes USING -> INACTIVE
+    with the reason in ``blocked_reason`` (``account.unreadable`` on qm.events)."""
+    if reason == ACCOUNT_UNREADABLE and job["account_id"] is not None:
+        retired = await accounts.retire_unreadable(
+            tx.conn,
+            account_id=job["account_id"],
+            job_id=job["id"],
+            lease_token=job["lease_token"],
+            reason=UNREADABLE_NOTE,
+        )
+        if retired is not None:
+            tx.events.account("unreadable", retired, job_id=job["id"])
+    failed = await jobs.fail_granted_job(tx.conn, job["id"], job["lease_token"], reason)
+    assert failed is not None  # granted in this transaction, under the site's lock
+    account, holds_seeds = await jobs.release_lease(
+        tx.conn,
+        job=job,
+        lease_token=job["lease_token"],
+        outcome=reason,
+        blocked=False,
+        failed=False,  # the account did nothing wrong: no error counted, no rest
+        rest_seconds=0,
+        reason=None,
+    )
+    if account is not None:
+        tx.events.account("released", account, job_id=job["id"])
+    if holds_seeds:
+        await seeding.settle(tx, job, release_reason=reason, now=now)
+    tx.events.job("rejected", failed)
+    reject(tx, failed, reason)
+    log.warning(
+        "grant_refused",
+        job_id=job["id"],
+        site=job["site"],
+        account_id=job["account_id"],
+        lease_token=job["lease_token"],
+        reason=reason,
+    )
+
+
+async def hand_off(tx: Tx, site: str, now: datetime | None = None) -> list[str]:
+    """``grant_waiting`` for a sweep, in a savepoint: a grant that fails on the database rolls
+    back alone (with the messages it queued), so the sweep's own repair still commits and the
+    waiters are left for the capacity-back sweep. A transient error is not a grant's: it raises."""
+    mark = tx.box.mark()
+    try:
+        async with tx.conn.begin_nested():
+            return await grant_waiting(tx, site, now)
+    except Exception as exc:
+        if classify(exc) is Disposition.TRANSIENT:
+            raise
+        tx.box.rewind(mark)
+        log.exception("hand_off_failed", site=site, error_class=type(exc).__name__)
+        return []
 
 
 async def release_resources(

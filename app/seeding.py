@@ -14,6 +14,7 @@ import structlog
 from app.store import Conn, Record, Row, domains, seeds
 from schemas.messages import GrantedSeed, SeedResult
 from schemas.seed_rows import Refused, SeedRow
+from schemas.values import seed_id
 
 if TYPE_CHECKING:
     from app.leasing import Tx
@@ -64,13 +65,14 @@ async def hand_out_with_grant(
 
 def _outcomes(results: Sequence[SeedResult]) -> list[seeds.Outcome]:
     """The results as the store takes them; the last result of a seed counts, and an id that is
-    not a number cannot be one of ours."""
+    not ASCII digits of a bigint cannot be one of ours (the schema refuses it before this)."""
     by_id: dict[int, seeds.Outcome] = {}
     for result in results:
-        if result.seed_id.isdigit():
-            by_id[int(result.seed_id)] = seeds.Outcome(
-                int(result.seed_id), result.ok, result.next_due_seconds, result.reason
-            )
+        try:
+            number = int(seed_id(result.seed_id))
+        except ValueError:
+            continue
+        by_id[number] = seeds.Outcome(number, result.ok, result.next_due_seconds, result.reason)
     return list(by_id.values())
 
 

@@ -5,21 +5,31 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+import structlog
 
 from app.crypto import SecretBox
+from app.errors import Disposition, classify
+from app.health import SWEEP_ROW_FAILURES
 from app.leasing import Services
 from app.settings import Settings
 from app.store import Conn, Database, Row
 
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
 
 @dataclass
 class SweepResult:
-    """What one ``run_once`` did: the ids it changed, and the ones another actor got to first."""
+    """What one ``run_once`` did: the ids it changed, the ones another actor got to first, and
+    the ones whose repair raised (rolled back, logged, counted and skipped)."""
 
     sweep: str
     changed: list[str] = field(default_factory=list)
     lost_races: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
 class Sweep:
@@ -34,6 +44,21 @@ class Sweep:
 
     async def run_once(self, now: datetime | None = None) -> SweepResult:
         raise NotImplementedError
+
+    async def isolated(self, result: SweepResult, id_: Any, repair: Awaitable[T]) -> T | None:
+        """Run one row's (or site's) ``repair`` in isolation: when it raises, its transaction
+        has rolled back; the row is logged, counted in ``qm_reaper_row_failures_total`` and
+        skipped (None), so every other row and site is still swept. A transient failure (the
+        database is away) stops the sweep instead: it is no row's fault, the next round retries."""
+        try:
+            return await repair
+        except Exception as exc:
+            if classify(exc) is Disposition.TRANSIENT:
+                raise
+            SWEEP_ROW_FAILURES.labels(self.name).inc()
+            log.exception("sweep_row_failed", sweep=self.name, id=str(id_))
+            result.failed.append(str(id_))
+            return None
 
     async def reap_pages(
         self,
@@ -50,8 +75,9 @@ class Sweep:
             async with self.db.transaction() as conn:
                 page = await find(conn, after)
             for stale in page:
-                reaped = await reap(stale)
-                (result.changed if reaped else result.lost_races).append(str(stale["id"]))
+                reaped = await self.isolated(result, stale["id"], reap(stale))
+                if reaped is not None:
+                    (result.changed if reaped else result.lost_races).append(str(stale["id"]))
             if len(page) < self.settings.reaper_page_size:
                 return result
             after = page[-1]["id"]

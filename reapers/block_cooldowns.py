@@ -12,7 +12,7 @@ from datetime import datetime
 
 import structlog
 
-from app.leasing import Tx, grant_waiting
+from app.leasing import Tx, hand_off
 from app.store import Row, accounts, sites
 from reapers.base import Sweep, SweepResult
 
@@ -39,7 +39,7 @@ class BlockCooldowns(Sweep):
                 log.info("reap_lost_race", account_id=stale["id"], lease_token=stale["lease_token"])
                 return False
             tx.events.account("unblocked", account)
-            granted = await grant_waiting(tx, account["site"], now)
+            granted = await hand_off(tx, account["site"], now)
             await tx.flush()
         log.info("block_ended", account_id=account["id"], site=account["site"], granted=granted)
         return True

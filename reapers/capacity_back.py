@@ -21,13 +21,17 @@ class CapacityBack(Sweep):
         result = SweepResult(self.name)
         async with self.db.transaction() as conn:
             candidates = await sites.sites_with_waiting_jobs(conn, now)
-        for slug in candidates:
-            async with self.db.transaction() as conn:
-                tx = Tx(conn, self.services)
-                await sites.lock_site(conn, slug)
-                granted = await grant_waiting(tx, slug, now)
-                await tx.flush()
-            result.changed.extend(granted)
-            if granted:
-                log.info("waiting_jobs_granted", site=slug, job_ids=granted)
+        for slug in candidates:  # one site's failure is that site's alone
+            granted = await self.isolated(result, slug, self._grant(slug, now))
+            result.changed.extend(granted or [])
         return result
+
+    async def _grant(self, slug: str, now: datetime | None) -> list[str]:
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            await sites.lock_site(conn, slug)
+            granted = await grant_waiting(tx, slug, now)
+            await tx.flush()
+        if granted:
+            log.info("waiting_jobs_granted", site=slug, job_ids=granted)
+        return granted

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import structlog
 
-from app.leasing import Tx, dead_letter_exhausted, grant_waiting, lease_lost, release_resources
+from app.leasing import Tx, dead_letter_exhausted, hand_off, lease_lost, release_resources
 from app.store import Row, job_sweeps, sites
 from reapers.base import Sweep, SweepResult
 from schemas.states import JobStatus
@@ -50,7 +50,7 @@ class ExpiredLeases(Sweep):
             tx.events.job("expired", job)  # terminal (on qm.job-events) only when FAILED
             if job["status"] == JobStatus.FAILED:
                 dead_letter_exhausted(tx, job, f"{self.settings.consumer_group}.reaper")
-            await grant_waiting(tx, job["site"], now)
+            await hand_off(tx, job["site"], now)
             await tx.flush()
         log.info(
             "lease_reaped",

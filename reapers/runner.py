@@ -61,7 +61,13 @@ async def run_round(sweeps: list[Sweep]) -> None:
             continue
         if result.changed:
             SWEEP_CHANGES.labels(sweep.name).inc(len(result.changed))
-            log.info("sweep_done", sweep=sweep.name, changed=len(result.changed))
+        if result.changed or result.failed:  # failed rows were counted and logged one by one
+            log.info(
+                "sweep_done",
+                sweep=sweep.name,
+                changed=len(result.changed),
+                failed=len(result.failed),
+            )
 
 
 async def refresh_site_gauges(db: Database) -> None:

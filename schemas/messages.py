@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.values import BIGINT_MAX, BigInt, SeedId, usable_public_key
+
 VERSION = 1
 
 JobId = Annotated[
@@ -28,7 +30,8 @@ JobId = Annotated[
 SiteSlug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Reason = Annotated[str, StringConstraints(max_length=500)]
-LeaseToken = Annotated[int, Field(ge=1)]
+# bounded to the columns that keep them: a value past one is bad input, refused here
+LeaseToken = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
 
 
@@ -51,10 +54,12 @@ def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
-# An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes.
+# An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes, one X25519 can
+# use (a point of small order, such as 32 zero bytes, is refused in any encoding).
 PublicKey = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$"),
+    AfterValidator(usable_public_key),
     Field(description="X25519 public key, standard base64 of 32 bytes (docs/security.md)."),
 ]
 # A sealed box (docs/security.md): standard base64 of version 1 | ephemeral key | nonce | AES-GCM.
@@ -153,7 +158,7 @@ class JobHeartbeat(Request):
 class SeedResult(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    seed_id: Annotated[str, StringConstraints(min_length=1, max_length=40)]
+    seed_id: SeedId  # the id the grant or claim gave: ASCII digits of a bigint
     ok: bool
     next_due_seconds: Annotated[int, Field(ge=0, le=365 * 24 * 3600)] | None = None
     reason: Reason | None = None  # why it failed: kept on the seed, and when it disables it
@@ -198,7 +203,7 @@ class CaptureSubmit(Request):
     storage_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     content_type: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    size: Annotated[int, Field(ge=0)]
+    size: BigInt
     captured_at: datetime
     meta: JsonObject | None = None
 

@@ -20,7 +20,18 @@ Nothing here does I/O: the caller passes the database's clock as ``now`` (Unix s
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 State = dict[str, Any]
 CookieKey = tuple[str, str, str]
@@ -62,7 +73,8 @@ def _merge_cookies(kept: State | None, uploaded: State, now: float) -> list[dict
 
 
 def _local_storage(origin: dict[str, Any]) -> list[dict[str, Any]]:
-    return _dicts(origin, "localStorage")
+    # an entry is kept by its name: one without a string name (an old upload's) is not an entry
+    return [e for e in _dicts(origin, "localStorage") if isinstance(e.get("name"), str)]
 
 
 def _merge_origin(
@@ -146,3 +158,62 @@ def browser_snapshot(started: State | None, current: State, *, indexed_db: bool 
         "origins": _dicts(current, "origins") + cleared,
         FULL_SNAPSHOT: True,
     }
+
+
+# --- shape ---------------------------------------------------------------------------------------
+
+MAX_COOKIES = 10_000  # per upload; the session's own bound (QM_SESSION_MAX_COOKIES) is lower
+MAX_ORIGINS = 1_000
+MAX_ENTRIES = 10_000  # localStorage entries of one origin
+
+
+class _Shape(BaseModel):
+    # Playwright adds fields over time (partitionKey, indexedDB, ...): kept as they come
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class _Cookie(_Shape):
+    name: StrictStr
+    value: StrictStr
+    domain: StrictStr | None = None
+    path: StrictStr | None = None
+    expires: StrictInt | StrictFloat | None = None
+    httpOnly: StrictBool | None = None
+    secure: StrictBool | None = None
+    sameSite: StrictStr | None = None
+
+
+class _Entry(_Shape):
+    name: StrictStr
+    value: StrictStr
+
+
+class _Origin(_Shape):
+    origin: StrictStr
+    localStorage: Annotated[list[_Entry], Field(max_length=MAX_ENTRIES)] = []
+
+
+class StorageState(_Shape):
+    """A Playwright ``storage_state`` as a collector uploads it: cookies and origins with
+    string names and values, in bounded numbers, and the ``full_snapshot`` flag."""
+
+    cookies: Annotated[list[_Cookie], Field(max_length=MAX_COOKIES)] = []
+    origins: Annotated[list[_Origin], Field(max_length=MAX_ORIGINS)] = []
+    full_snapshot: StrictBool = False
+
+
+def storage_state_problem(state: Any) -> str | None:
+    """What is wrong with the shape of an uploaded storage state, or None when it is one.
+
+    The answer names paths and rules only, never a name or value it holds.
+    """
+    if not isinstance(state, dict):
+        return "a storage state is a JSON object"
+    try:
+        StorageState.model_validate(state)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False, include_context=False)
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors[:5]
+        )
+    return None

@@ -42,7 +42,8 @@ A, S, J, C = AccountStatus, SeedStatus, JobStatus, CaptureStatus
 
 ACCOUNT_TRANSITIONS: dict[AccountStatus, frozenset[AccountStatus]] = {
     A.ACTIVE: frozenset({A.USING, A.BLOCKED, A.INACTIVE}),  # BLOCKED: by an operator
-    A.USING: frozenset({A.ACTIVE, A.BLOCKED}),
+    # INACTIVE: a grant found its secret or session sealed with no key of QM_SECRET_KEYS
+    A.USING: frozenset({A.ACTIVE, A.BLOCKED, A.INACTIVE}),
     A.BLOCKED: frozenset({A.ACTIVE, A.INACTIVE}),
     A.INACTIVE: frozenset({A.ACTIVE}),
 }

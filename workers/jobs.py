@@ -118,6 +118,8 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
     tx.events.job("queued", job)
     if req.job_id in await grant_waiting(tx, req.site):
         return None  # grant_waiting sent job.granted to this request
+    if tx.box.kept_reply(str(req.request_id)) is not None:
+        return None  # its grant could not be sealed or opened: it was answered job.rejected
     if req.wait_seconds == 0:
         timed_out = await jobs.reject_waiting_job(tx.conn, req.job_id, "no_capacity")
         assert timed_out is not None  # we hold the site lock and just queued it

@@ -25,7 +25,7 @@ from schemas.messages import (
     SessionUpload,
     seal_context,
 )
-from schemas.sessions import merge_storage_state, session_too_large
+from schemas.sessions import merge_storage_state, session_too_large, storage_state_problem
 
 log = structlog.get_logger()
 
@@ -33,13 +33,16 @@ log = structlog.get_logger()
 def open_session_state(tx: Tx, sealed: str | None, field: str, job_id: str) -> Any:
     """A sealed session state opened with Quartermaster's keys (None stays None).
 
-    Raises ``Unsealable`` when it does not open or is not a JSON object.
+    Raises ``Unsealable`` when it does not open or is not a storage state (its shape is checked
+    here, before any merge reads it, so a malformed one is bad input).
     """
     if sealed is None:
         return None
     state = tx.services.secrets.open_upload(sealed, seal_context(field, job_id))
     if not isinstance(state, dict):
         raise Unsealable("the sealed session state is not a JSON object")
+    if (problem := storage_state_problem(state)) is not None:
+        raise Unsealable(f"the sealed session state is not a storage state: {problem}")
     return state
 
 

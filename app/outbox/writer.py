@@ -83,6 +83,16 @@ class Outbox:
         """The reply ``request_id`` got (a later one in this transaction replaces it)."""
         self.replies[request_id] = InboxReply(request_id, topic, reply)
 
+    def mark(self) -> tuple[int, dict[str, InboxReply]]:
+        """Where the collected messages stand now, for ``rewind``."""
+        return len(self.rows), dict(self.replies)
+
+    def rewind(self, mark: tuple[int, dict[str, InboxReply]]) -> None:
+        """Drop what was collected since ``mark`` (its statements were rolled back)."""
+        rows, replies = mark
+        del self.rows[rows:]
+        self.replies = replies
+
     def kept_reply(self, request_id: str) -> InboxReply | None:
         """The reply kept for ``request_id`` in this transaction, not yet written."""
         return self.replies.get(request_id)

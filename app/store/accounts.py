@@ -161,3 +161,25 @@ async def end_block(
         {"id": account_id, "token": lease_token, "now": now},
     )
     return result.mappings().first()
+
+
+async def retire_unreadable(
+    conn: AsyncConnection, *, account_id: int, job_id: str, lease_token: int, reason: str
+) -> RowMapping | None:
+    """USING -> INACTIVE for an account whose grant found its secret (or session) sealed with no
+    key of ``QM_SECRET_KEYS``: out of service with ``reason`` until an operator acts. Only for
+    the grant that holds it (job and token); None otherwise."""
+    result = await conn.execute(
+        text(
+            """
+            UPDATE accounts
+            SET status = 'INACTIVE', holder_job_id = NULL, lease_expires_at = NULL,
+                blocked_reason = :reason, updated_at = now()
+            WHERE id = :id AND status = 'USING' AND holder_job_id = :job_id
+              AND lease_token = :token
+            RETURNING id, site, username, status
+            """
+        ),
+        {"id": account_id, "job_id": job_id, "token": lease_token, "reason": reason},
+    )
+    return result.mappings().first()

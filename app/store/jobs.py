@@ -423,3 +423,22 @@ async def release_lease(
     )
     assert row is not None  # one row, with or without an account
     return (row if row["id"] is not None else None), bool(row["holds_seeds"])
+
+
+async def fail_granted_job(
+    conn: AsyncConnection, job_id: str, lease_token: int, reason: str
+) -> RowMapping | None:
+    """RUNNING -> FAILED with ``reason`` for a job whose grant, just made in this transaction,
+    could not be sealed to it or opened (the grant's token fences it); None otherwise."""
+    result = await conn.execute(
+        text(
+            """
+            UPDATE jobs SET status = 'FAILED', reason = :reason, finished_at = now(),
+                            updated_at = now()
+            WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
+            RETURNING *
+            """
+        ),
+        {"id": job_id, "token": lease_token, "reason": reason},
+    )
+    return result.mappings().first()

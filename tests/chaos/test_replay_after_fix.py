@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from cryptography.fernet import Fernet
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.kafka import producer_options
@@ -50,8 +50,9 @@ async def test_a_dead_lettered_request_replayed_after_the_fix_is_processed_once(
     finally:
         await producer.stop()
     dead_letters = "SELECT count(*) FROM outbox WHERE topic = :t"
-    # the bug: a worker deployed with the wrong secret keys cannot open the account's secret
-    with QmProcess(settings, "worker", secret_keys=Fernet.generate_key().decode()):
+    # the bug: the database refuses to queue the job (an error no retry mends)
+    await _execute(engine, BUG)
+    with QmProcess(settings, "worker"):
         await eventually(
             lambda: scalar(engine, dead_letters, t=settings.topic("requests.dlt")), timeout=60
         )
@@ -59,8 +60,9 @@ async def test_a_dead_lettered_request_replayed_after_the_fix_is_processed_once(
     with QmProcess(settings, "relay"):
         await eventually(lambda: _outbox_empty(engine), timeout=30)
         listing = await qm(settings, "dlt", "show", "requests.dlt")
-        assert "MissingKey" in listing and "unlucky" in listing
+        assert "RaiseError" in listing and "unlucky" in listing
         # the fix is deployed; the operator replays
+        await _execute(engine, "DROP TRIGGER the_bug ON jobs")
         with QmProcess(settings, "worker"):
             assert "1 replayed" in await qm(settings, "dlt", "replay", "requests.dlt")
             await eventually(lambda: scalar(engine, "SELECT count(*) FROM job_grants"), timeout=60)
@@ -71,6 +73,19 @@ async def test_a_dead_lettered_request_replayed_after_the_fix_is_processed_once(
             await lag_returns_to_zero(settings)
     assert await scalar(engine, "SELECT count(*) FROM job_grants") == 1
     assert await scalar(engine, "SELECT status::text FROM jobs") == "RUNNING"
+
+
+BUG = (
+    "CREATE FUNCTION the_bug() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'a bug'; END $$",
+    "CREATE TRIGGER the_bug BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION the_bug()",
+)
+
+
+async def _execute(engine: AsyncEngine, statements: str | tuple[str, ...]) -> None:
+    async with engine.begin() as conn:
+        for statement in (statements,) if isinstance(statements, str) else statements:
+            await conn.execute(text(statement))
 
 
 async def _outbox_empty(engine: AsyncEngine) -> bool:

@@ -1,9 +1,10 @@
 """Every record the claim worker reads has exactly one outcome (real worker, Kafka, PostgreSQL).
 
 Ten thousand fuzzed records go to the requests topic, produced in batches: valid requests between
-records with broken bytes, null keys and null values, header values that are not UTF-8, duplicate
-headers, odd header names and values over the request limit (some over the dead-letter's inline
-limit, so their value is kept by reference). Each record carries a ``fuzz-seq`` header. Then:
+records with broken bytes, null keys and null values, values no column or key can take (integers
+past bigint, Unicode digits as seed ids, X25519 public keys of small order), header values that
+are not UTF-8, duplicate headers, odd header names and values over the request limit (some over
+the dead-letter's inline limit, so their value is kept by reference). Each record carries a ``fuzz-seq`` header. Then:
 
 - every record that is not a valid request has exactly one dead letter, found by its ``fuzz-seq``
   (its headers kept as they came); every valid request has no dead letter and exactly one reply;
@@ -14,6 +15,7 @@ limit, so their value is kept by reference). Each record carries a ``fuzz-seq`` 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import uuid
@@ -75,6 +77,34 @@ def is_valid(value: bytes | None) -> bool:
     return True
 
 
+P = 2**255 - 19  # X25519's prime: u = p encodes 0 out of canonical form
+HOSTILE_VALUES = {
+    "bigint": lambda rng: {"type": "job.heartbeat", "lease_token": rng.choice([2**63, 10**30])},
+    "digits": lambda rng: {
+        "type": "job.finish", "lease_token": 1, "outcome": "succeeded",
+        "seed_results": [{"seed_id": rng.choice(["\u00b2", "\uff11", "\u0663", "9" * 25]), "ok": True}],
+    },
+    "key": lambda rng: {
+        "type": "job.start", "site": "board", "collector": "fuzz", "wait_seconds": 0,
+        "public_key": base64.b64encode(rng.choice([0, 1, P, P + 1]).to_bytes(32, "little")).decode(),
+    },
+}  # fmt: skip
+
+
+SHAPES = [
+    "bytes",
+    "truncated",
+    "null",
+    "utf8",
+    "type",
+    "extra",
+    "wrong",
+    "big",
+    "huge",
+    *HOSTILE_VALUES,
+]
+
+
 class Fuzzer:
     """Seeded record maker: the same seed, the same ten thousand records."""
 
@@ -117,11 +147,12 @@ class Fuzzer:
         rng = self.rng
         body = self.body()
         raw = json.dumps(body).encode()
-        shape = rng.choice(
-            ["bytes", "truncated", "null", "utf8", "type", "extra", "wrong", "big", "huge"]
-        )
+        shape = rng.choice(SHAPES)
         value: bytes | None
-        if shape == "bytes":
+        if shape in HOSTILE_VALUES:  # a value past its column, a Unicode digit, a refused key
+            ids = {"v": 1, "request_id": body["request_id"], "job_id": body["job_id"]}
+            value = json.dumps({**ids, **HOSTILE_VALUES[shape](rng)}).encode()
+        elif shape == "bytes":
             value = rng.randbytes(rng.randint(0, 300))
         elif shape == "truncated":
             value = raw[: rng.randint(0, len(raw) - 1)]

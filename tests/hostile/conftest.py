@@ -4,5 +4,6 @@ sends, and that nothing it sends wedges a worker, a sweep or another collector's
 from __future__ import annotations
 
 from tests.integration.conftest import db, processor
+from tests.support.cli import qm_fixture
 
-__all__ = ["db", "processor"]
+__all__ = ["db", "processor", "qm_fixture"]

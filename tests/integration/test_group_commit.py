@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 from app.settings import Settings
 from app.store import Database
 from tests.support.leasing import (
+    make_failing_site,
     make_site,
-    make_unreadable_site,
     replies,
     request,
     scalar,
@@ -71,7 +71,7 @@ async def test_a_request_that_fails_inside_a_shared_transaction_is_dead_lettered
     engine: AsyncEngine, settings: Settings
 ) -> None:
     await make_site(engine, settings, capacity=6, n_accounts=6)
-    await make_unreadable_site(engine, settings, "locked")
+    await make_failing_site(engine, settings, "locked")
     worker = processor(settings, engine, worker_batch_max=32, worker_transactions=1)
     records = [start(settings, f"job-{n}") for n in range(6)]
     records.insert(3, start(settings, "unreadable", site="locked"))

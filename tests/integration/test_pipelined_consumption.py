@@ -18,8 +18,8 @@ from app.settings import Settings
 from app.store import Database
 from app.wiring import Wiring
 from tests.support.leasing import (
+    make_failing_site,
     make_site,
-    make_unreadable_site,
     replies,
     request,
     scalar,
@@ -136,7 +136,7 @@ async def test_a_failed_shared_transactions_requests_go_alone_in_each_jobs_order
     engine: AsyncEngine, settings: Settings
 ) -> None:
     await make_site(engine, settings, capacity=1, n_accounts=1)
-    await make_unreadable_site(engine, settings, "locked")
+    await make_failing_site(engine, settings, "locked")
     knobs = {"worker_batch_max": 32, "worker_transactions": 2, "unexpected_error_attempts": 1}
     processor = RequestProcessor(settings.model_copy(update=knobs), Database(engine))
     assert await processor.process(start(settings, "holder")) == "replied"

@@ -62,13 +62,32 @@ async def make_site(
 
 
 async def make_unreadable_site(engine: AsyncEngine, settings: Settings, slug: str) -> None:
-    """A site whose one account's secret is sealed with a key the worker does not have: a
-    job.start there fails unexpectedly (it cannot open the secret to grant it)."""
+    """A site whose one account's secret is sealed with a key the worker does not have (one
+    since dropped from QM_SECRET_KEYS): a job.start there is rejected ``account_unreadable``."""
     await make_site(engine, settings, slug, n_accounts=0)
     foreign = SecretBox(Fernet.generate_key().decode())
     async with engine.begin() as conn:
         await accounts.add_account(
             conn, site=slug, username=f"lost@{slug}", sealed_secret=foreign.seal(CANARY)
+        )
+
+
+async def make_failing_site(engine: AsyncEngine, settings: Settings, slug: str) -> None:
+    """A site where every job.start fails unexpectedly: the database refuses to queue a job
+    there (a trigger raises), as an error no retry mends would."""
+    await make_site(engine, settings, slug)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION refuse_job() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'no job may be queued on this site'; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                f"CREATE TRIGGER refuse_{slug.replace('-', '_')} BEFORE INSERT ON jobs "
+                f"FOR EACH ROW WHEN (NEW.site = '{slug}') EXECUTE FUNCTION refuse_job()"
+            )
         )
 
 

@@ -74,7 +74,7 @@ def _messages() -> dict[str, list[wire.Message]]:
                 job_id=job_id,
                 site="board",
                 collector="c1",
-                public_key=base64.b64encode(bytes(32)).decode(),
+                public_key=base64.b64encode(bytes([9]) + bytes(31)).decode(),
             ),
             wire.JobFinish(request_id=request_id, job_id=job_id, lease_token=3, outcome="blocked"),
         ],

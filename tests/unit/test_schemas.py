@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from app.errors import Disposition, InvalidMessage, classify, describe
 from schemas.messages import JobStart, json_schemas, parse_reply, parse_request
 
-KEY = base64.b64encode(bytes(32)).decode()
+KEY = base64.b64encode(bytes([9]) + bytes(31)).decode()  # X25519's base point: a usable key
 
 
 def body(**fields: object) -> bytes:
@@ -120,3 +120,86 @@ def test_text_with_a_nul_character_is_bad_input_with_a_reason(raw: bytes) -> Non
         parse_request(raw)
     assert classify(caught.value) is Disposition.INVALID
     assert "NUL" in describe(caught.value)
+
+
+P = 2**255 - 19  # X25519's prime
+# every point of small order libsodium blocks, by u: 0, 1, the two of order 8, p - 1, p, p + 1
+# (p and p + 1 are non-canonical encodings of 0 and 1); then the same with the ignored top bit set
+SMALL_ORDER = [
+    0,
+    1,
+    0x00B8495F16056286FDB1329CEB8D09DA6AC49FF1FAE35616AEB8413B7C7AEBE0,
+    0x57119FD0DD4E22D8868E1C58C45C44045BEF839C55B1D0B1248C50A3BC959C5F,
+    P - 1,
+    P,
+    P + 1,
+]
+REFUSED_KEYS = SMALL_ORDER + [u + 2**255 for u in SMALL_ORDER]
+
+
+@pytest.mark.parametrize("u", REFUSED_KEYS, ids=lambda u: hex(u)[:10])
+def test_public_keys_x25519_refuses_are_invalid_in_every_encoding(u: int) -> None:
+    key = base64.b64encode(u.to_bytes(32, "little")).decode()
+    with pytest.raises(ValidationError, match="public_key") as caught:
+        parse_request(body(public_key=key))
+    assert classify(caught.value) is Disposition.INVALID
+
+
+def test_a_public_key_of_a_real_collector_is_accepted() -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from app.crypto import public_key_text
+
+    for _ in range(20):
+        key = public_key_text(X25519PrivateKey.generate())
+        assert isinstance(parse_request(body(public_key=key)), JobStart)
+
+
+def follow_up(type_: str, **fields: object) -> bytes:
+    return json.dumps({"type": type_, "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j",
+                       **fields}).encode()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        follow_up("job.heartbeat", lease_token=2**63),
+        follow_up("job.heartbeat", lease_token=10**400),
+        follow_up("job.heartbeat", lease_token=1, extend_seconds=2**31),
+        follow_up("job.cancel", lease_token=2**63),
+        follow_up("seeds.claim", lease_token=1, limit=2**63),
+        follow_up("job.finish", lease_token=1, outcome="failed", cooldown_seconds=2**31),
+        capture(size=2**63),
+        capture(lease_token=2**64),
+        body(wait_seconds=2**31),
+        body(lease_seconds=2**40),
+    ],
+)
+def test_integers_past_their_columns_are_invalid(raw: bytes) -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse_request(raw)
+    assert classify(caught.value) is Disposition.INVALID
+
+
+def test_integers_at_their_columns_bounds_are_accepted() -> None:
+    parse_request(follow_up("job.heartbeat", lease_token=2**63 - 1))
+    parse_request(capture(size=2**63 - 1))
+
+
+def finish_with(seed_id: object) -> bytes:
+    results = [{"seed_id": seed_id, "ok": True}]
+    return follow_up("job.finish", lease_token=1, outcome="succeeded", seed_results=results)
+
+
+@pytest.mark.parametrize(
+    "seed_id", ["\u00b2", "\uff11", "\u0661", "9" * 40, str(2**63), "-1", "+1", " 1", "1.0", "", 7]
+)
+def test_seed_ids_are_ascii_digits_of_a_bigint(seed_id: object) -> None:
+    with pytest.raises(ValidationError, match="seed_id") as caught:
+        parse_request(finish_with(seed_id))
+    assert classify(caught.value) is Disposition.INVALID
+
+
+@pytest.mark.parametrize("seed_id", ["0", "17", str(2**63 - 1)])
+def test_seed_ids_within_bigint_are_accepted(seed_id: str) -> None:
+    parse_request(finish_with(seed_id))

@@ -137,7 +137,7 @@ async def test_a_body_that_returns_finishes_succeeded_with_session_state_and_see
     async with server.client.job(site="example", lease_seconds=60) as job:
         assert isinstance(job.account, Account) and job.lease_token == 5
         job.set_session_state({"cookies": [], "origins": []})
-        job.report_seed("seed-1", ok=True, next_due_seconds=3600)
+        job.report_seed("17", ok=True, next_due_seconds=3600)
 
     finish = server.finish()
     assert (finish["outcome"], finish["reason"], finish["lease_token"]) == ("succeeded", None, 5)
@@ -147,7 +147,7 @@ async def test_a_body_that_returns_finishes_succeeded_with_session_state_and_see
         "origins": [],
     }
     assert finish["seed_results"] == [
-        {"seed_id": "seed-1", "ok": True, "next_due_seconds": 3600, "reason": None}
+        {"seed_id": "17", "ok": True, "next_due_seconds": 3600, "reason": None}
     ]
     assert job.status == "SUCCEEDED"
 

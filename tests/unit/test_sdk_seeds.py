@@ -30,7 +30,8 @@ class SeedServer(Server):
             )
         else:
             seeds = [
-                GrantedSeed(id=f"s{n}", url=f"https://b.example/{n}") for n in range(body["limit"])
+                GrantedSeed(id=f"{100 + n}", url=f"https://b.example/{n}")
+                for n in range(body["limit"])
             ]
             reply = SeedsClaimed(request_id=body["request_id"], job_id=body["job_id"], seeds=seeds)
         self.client.on_reply(reply_headers(cid), reply.model_dump_json().encode())
@@ -52,13 +53,13 @@ async def test_claimed_seeds_join_the_jobs_seeds_and_every_result_goes_with_fini
     async with server.client.job(site="example", lease_seconds=60) as job:
         assert job.seeds == []
         got = await job.claim_seeds(2)
-        assert [s.id for s in got] == ["s0", "s1"] and job.seeds == got
-        job.seed_done("s0", ok=False, reason="HTTP 404")
-        job.seed_done("s0", ok=True, next_due_seconds=60)  # the last word counts
-        job.seed_done("s1", ok=False, reason="x" * 900)
+        assert [s.id for s in got] == ["100", "101"] and job.seeds == got
+        job.seed_done("100", ok=False, reason="HTTP 404")
+        job.seed_done("100", ok=True, next_due_seconds=60)  # the last word counts
+        job.seed_done("101", ok=False, reason="x" * 900)
     assert server.claims[0]["lease_token"] == 5 and server.claims[0]["limit"] == 2
     results = server.finish()["seed_results"]
-    assert results[0] == {"seed_id": "s0", "ok": True, "next_due_seconds": 60, "reason": None}
+    assert results[0] == {"seed_id": "100", "ok": True, "next_due_seconds": 60, "reason": None}
     assert results[1]["ok"] is False and len(results[1]["reason"]) == 500
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.sessions import (
     FULL_SNAPSHOT,
+    MAX_COOKIES,
     browser_snapshot,
     cookie_key,
     merge_storage_state,
     session_too_large,
+    storage_state_problem,
 )
 
 NOW = 1_800_000_000.0
@@ -255,3 +258,58 @@ def test_kept_cookies_the_upload_does_not_name_survive_unless_expired(
     for c in kept["cookies"]:
         if cookie_key(c) not in named and (c["expires"] == -1 or c["expires"] > NOW):
             assert cookie_key(c) in merged_keys
+
+
+def test_a_playwright_storage_state_has_the_shape_of_one() -> None:
+    state = {
+        "cookies": [
+            {"name": "sid", "value": "1", "domain": ".a.example", "path": "/", "expires": -1,
+             "httpOnly": True, "secure": True, "sameSite": "Lax", "partitionKey": "x"},
+        ],
+        "origins": [
+            {"origin": "https://a.example", "localStorage": [{"name": "k", "value": "v"}],
+             "indexedDB": [{"name": "db", "version": 1, "stores": []}]},
+        ],
+        "full_snapshot": True,
+    }  # fmt: skip
+    assert storage_state_problem(state) is None
+    assert storage_state_problem({}) is None
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        [],
+        {"cookies": {"name": "a"}},
+        {"cookies": [{"name": ["a"], "value": "b"}]},
+        {"cookies": [{"name": "a", "value": 1}]},
+        {"cookies": [{"name": "a", "value": "b", "expires": "soon"}]},
+        {"cookies": [{"name": "a", "value": "b", "expires": True}]},
+        {"origins": [{"origin": ["https://a.example"]}]},
+        {
+            "origins": [
+                {"origin": "https://a.example", "localStorage": [{"name": ["a"], "value": "b"}]}
+            ]
+        },
+        {
+            "origins": [
+                {"origin": "https://a.example", "localStorage": [{"name": "a", "value": {}}]}
+            ]
+        },
+        {"origins": [{"origin": "https://a.example", "localStorage": "a=b"}]},
+        {"cookies": [{"name": str(n), "value": ""} for n in range(MAX_COOKIES + 1)]},
+        {"full_snapshot": "yes"},
+    ],
+)
+def test_a_malformed_storage_state_is_named_without_its_values(state: Any) -> None:
+    problem = storage_state_problem(state)
+    assert problem is not None
+    assert "https://a.example" not in problem and "soon" not in problem
+
+
+def test_a_kept_entry_without_a_string_name_is_dropped_not_raised() -> None:
+    kept = {"origins": [{"origin": "https://a.example", "localStorage": [{"name": ["x"]}]}]}
+    uploaded = {"origins": [{"origin": "https://a.example", "localStorage": [
+        {"name": "k", "value": "v"}]}]}  # fmt: skip
+    merged = merge_storage_state(kept, uploaded, now=0)
+    assert merged["origins"][0]["localStorage"] == [{"name": "k", "value": "v"}]

@@ -1,0 +1,56 @@
+"""The bounds of values the database and X25519 can take, checked before anything else runs.
+
+A value past these is bad input (``request.invalid``), never an error deep in a transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from pydantic import AfterValidator, Field
+
+BIGINT_MAX = 2**63 - 1  # PostgreSQL's bigint
+INTEGER_MAX = 2**31 - 1  # PostgreSQL's integer
+
+BigInt = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
+
+# Any fixed clamped scalar (a multiple of 8) times a point of small order is the identity, whose
+# shared secret is all zero: OpenSSL refuses exactly those, whatever the encoding (u >= p, or
+# the ignored top bit set), so one exchange tells a usable key from one an attacker chose.
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def x25519_refuses(raw: bytes) -> bool:
+    """Whether X25519 cannot exchange with the public key ``raw`` (32 bytes): a point of small
+    order (the all-zero key among them) in any of its encodings."""
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return True
+    return False
+
+
+def usable_public_key(text: str) -> str:
+    """``text`` when it is standard base64 of a 32-byte X25519 key X25519 can use."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not standard base64") from None
+    if len(raw) != 32:
+        raise ValueError("an X25519 public key is 32 bytes")
+    if x25519_refuses(raw):
+        raise ValueError("X25519 refuses this key (a point of small order)")
+    return text
+
+
+def seed_id(text: str) -> str:
+    """``text`` when it is a seed's id: ASCII digits of a bigint (no sign, no other digits)."""
+    if not (text.isascii() and text.isdigit()) or int(text) > BIGINT_MAX:
+        raise ValueError(f"a seed id is ASCII digits of at most {BIGINT_MAX}")
+    return text
+
+
+SeedId = Annotated[str, Field(min_length=1, max_length=19), AfterValidator(seed_id)]
