@@ -16,10 +16,11 @@ import structlog
 from pydantic import ValidationError
 
 from app import seeding
-from app.crypto import MissingKey, NoSecretKeys, SecretBox, load_public_key, seal
+from app.crypto import MissingKey, NoSecretKeys, SecretBox, Unsealable, load_public_key, seal
 from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.errors import Disposition, classify
 from app.events import Events
+from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.outbox.writer import Outbox
 from app.settings import Settings
 from app.store import Conn, Record, Row, accounts, jobs, sites
@@ -100,13 +101,21 @@ class Tx:
         await self.box.flush(self.conn)
 
 
-def granted_reply(tx: Tx, job: Record, seeds: Sequence[GrantedSeed] = ()) -> dict[str, Any]:
-    """The ``job.granted`` message of a job just granted: its account secret and session sealed
-    to the requester's public key, so no other reader of the reply topic can open them."""
+def granted_reply(
+    tx: Tx, job: Record, seeds: Sequence[GrantedSeed] = (), *, lease_secret: str
+) -> dict[str, Any]:
+    """The ``job.granted`` message of a job just granted: its lease secret, account secret and
+    session sealed to the requester's public key, so no other reader of the reply topic can
+    open them (nor act on the lease: every follow-up presents the lease secret)."""
     account = session = None
     secrets = tx.services.secrets
+    if job["public_key"] is None:  # queued before every start had to name one
+        raise Unsealable("the job has no public key to seal its lease secret to")
+    requester = load_public_key(job["public_key"])  # required by every job.start
+    sealed_lease_secret = seal(
+        requester, lease_secret.encode(), seal_context("lease.secret", job["id"])
+    )
     if job["account_id"] is not None:
-        requester = load_public_key(job["public_key"])  # required by job.start with an account
         secret = secrets.open(bytes(job["account_secret"])).encode()
         account = GrantedAccount(
             id=str(job["account_id"]),
@@ -126,6 +135,7 @@ def granted_reply(tx: Tx, job: Record, seeds: Sequence[GrantedSeed] = ()) -> dic
         request_id=job["request_id"],
         job_id=job["id"],
         lease_token=job["lease_token"],
+        lease_secret=sealed_lease_secret,
         granted_at=job["granted_at"],
         lease_expires_at=job["lease_expires_at"],
         upload_key=secrets.upload_key,
@@ -140,13 +150,18 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
     """Grant the site's waiting jobs in FIFO order while capacity and accounts allow.
 
     Each granted job gets its ``job.granted`` on its own reply topic, and its start request's
-    inbox row now holds that grant. Returns the granted job ids.
+    inbox row now holds that grant. Every grant makes a secret of its own; the job keeps its
+    hash only. Returns the granted job ids.
     """
     granted: list[str] = []
-    while (job := await jobs.grant_next_waiting(tx.conn, site, now)) is not None:
+    while True:
+        lease_secret = new_lease_secret()
+        job = await jobs.grant_next_waiting(tx.conn, site, lease_secret_hash(lease_secret), now)
+        if job is None:
+            break
         seeds = await seeding.hand_out_with_grant(tx, job, now)
         try:
-            message = sealed_grant(tx, job, seeds)
+            message = sealed_grant(tx, job, seeds, lease_secret=lease_secret)
         except GrantRefused as refused:  # that one job ends; the grant goes on to the next waiter
             await refuse_grant(tx, job, refused.reason, now)
             if not job["more_waiting"]:
@@ -180,12 +195,14 @@ class GrantRefused(Exception):
         self.reason = reason
 
 
-def sealed_grant(tx: Tx, job: Record, seeds: Sequence[GrantedSeed]) -> dict[str, Any]:
+def sealed_grant(
+    tx: Tx, job: Record, seeds: Sequence[GrantedSeed], *, lease_secret: str
+) -> dict[str, Any]:
     """The job's ``job.granted``; ``GrantRefused`` when its account's secret or session opens
     with no configured key (``account_unreadable``) or its public key cannot be sealed to
     (``unusable_public_key``). No I/O happens here, so nothing else is to undo."""
     try:
-        return granted_reply(tx, job, seeds)
+        return granted_reply(tx, job, seeds, lease_secret=lease_secret)
     except NoSecretKeys:
         raise  # the process lacks its keys: no job or account is to blame
     except MissingKey:

@@ -25,14 +25,26 @@ IMPORT_BATCH = 10_000  # rows per COPY: the progress bar's step, and the memory 
 
 
 async def hand_out(
-    tx: Tx, *, job_id: str, lease_token: int, limit: int, now: datetime | None = None
+    tx: Tx,
+    *,
+    job_id: str,
+    lease_token: int,
+    secret_hash: bytes | None,
+    limit: int,
+    now: datetime | None = None,
 ) -> list[GrantedSeed] | None:
     """Up to ``limit`` due seeds to the job's live lease, URLs rewritten on the way out.
 
-    None when the lease is not live (the claim changed nothing); an empty list when none is due.
+    None when the lease is not live or ``secret_hash`` is not its secret's (the claim changed
+    nothing); an empty list when none is due.
     """
     claimed = await seeds.claim_seeds(
-        tx.conn, job_id=job_id, lease_token=lease_token, limit=limit, now=now
+        tx.conn,
+        job_id=job_id,
+        lease_token=lease_token,
+        secret_hash=secret_hash,
+        limit=limit,
+        now=now,
     )
     if not claimed.live:
         return None
@@ -58,7 +70,12 @@ async def hand_out_with_grant(
     if not job["needs_seeds"]:
         return []
     granted = await hand_out(
-        tx, job_id=job["id"], lease_token=job["lease_token"], limit=job["needs_seeds"], now=now
+        tx,
+        job_id=job["id"],
+        lease_token=job["lease_token"],
+        secret_hash=job["lease_secret_hash"],  # the grant's own, just written
+        limit=job["needs_seeds"],
+        now=now,
     )
     return granted or []
 

@@ -32,6 +32,15 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Reason = Annotated[str, StringConstraints(max_length=500)]
 # bounded to the columns that keep them: a value past one is bad input, refused here
 LeaseToken = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+# A lease's secret (docs/security.md): URL-safe base64 text, as job.granted carries it sealed
+LeaseSecret = Annotated[
+    str,
+    StringConstraints(min_length=22, max_length=128, pattern=r"^[A-Za-z0-9_-]+$"),
+    Field(
+        description="The lease's secret: job.granted's lease_secret opened with the requester's "
+        "private key (context lease.secret). Only the holder of the lease has it."
+    ),
+]
 Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
 
 
@@ -79,8 +88,8 @@ Sealed = Annotated[
 def seal_context(field: str, job_id: str) -> str:
     """The associated data a sealed field is bound to: ``qm.v1:<field>:<job_id>``.
 
-    Fields: ``account.secret`` and ``session.storage_state`` of ``job.granted`` (sealed to the
-    requester), ``session.upload`` and ``job.finish`` (session states sealed to Quartermaster).
+    Fields: ``lease.secret``, ``account.secret`` and ``session.storage_state`` of
+    ``job.granted`` (sealed to the requester), ``session.upload`` and ``job.finish`` (session states sealed to Quartermaster).
     """
     return f"qm.v1:{field}:{job_id}"
 
@@ -136,22 +145,17 @@ class JobStart(Request):
     needs: Needs = Needs()
     lease_seconds: Seconds | None = None
     wait_seconds: Annotated[int, Field(ge=0, le=7 * 24 * 3600)] = 0
-    public_key: PublicKey | None = Field(
-        None,
-        description="The requester's X25519 public key; the grant's secret and session are "
-        "sealed to it. Required when the job needs an account.",
+    public_key: PublicKey = Field(
+        description="The requester's X25519 public key; the grant's lease secret, account "
+        "secret and session are sealed to it. A start of an EXPIRED job must come with the "
+        "same key and collector as the job's first start.",
     )
-
-    @model_validator(mode="after")
-    def _sealable(self) -> JobStart:
-        if self.needs.account and self.public_key is None:
-            raise ValueError("public_key is required when the job needs an account")
-        return self
 
 
 class JobHeartbeat(Request):
     type: Literal["job.heartbeat"] = "job.heartbeat"
     lease_token: LeaseToken
+    lease_secret: LeaseSecret
     extend_seconds: Seconds | None = None
 
 
@@ -167,6 +171,7 @@ class SeedResult(BaseModel):
 class JobFinish(Request):
     type: Literal["job.finish"] = "job.finish"
     lease_token: LeaseToken
+    lease_secret: LeaseSecret
     outcome: Literal["succeeded", "failed", "blocked"]
     reason: Reason | None = None
     cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
@@ -180,11 +185,15 @@ class JobCancel(Request):
     lease_token: LeaseToken | None = Field(
         None, description="Required once the job is RUNNING: only the holder ends its lease."
     )
+    lease_secret: LeaseSecret | None = Field(
+        None, description="Required with lease_token: only the holder ends its lease."
+    )
 
 
 class SessionUpload(Request):
     type: Literal["session.upload"] = "session.upload"
     lease_token: LeaseToken
+    lease_secret: LeaseSecret
     # Playwright storage_state, sealed to Quartermaster's upload_key (context session.upload)
     storage_state: Sealed
 
@@ -192,12 +201,14 @@ class SessionUpload(Request):
 class SeedsClaim(Request):
     type: Literal["seeds.claim"] = "seeds.claim"
     lease_token: LeaseToken
+    lease_secret: LeaseSecret
     limit: Annotated[int, Field(ge=1, le=100)]
 
 
 class CaptureSubmit(Request):
     type: Literal["capture.submit"] = "capture.submit"
     lease_token: LeaseToken
+    lease_secret: LeaseSecret
     capture_id: JobId
     url: HttpUrl
     storage_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
@@ -267,7 +278,14 @@ class GrantedSeed(BaseModel):
 
 class JobGranted(Reply):
     type: Literal["job.granted"] = "job.granted"
-    lease_token: int
+    lease_token: int = Field(
+        description="The lease's fencing number: public, it only ever grows (downstream stores "
+        "may refuse writes with an older one). It alone does not act on the lease."
+    )
+    lease_secret: Sealed = Field(
+        description="The lease's secret, sealed to the requester's public_key (context "
+        "lease.secret): every follow-up of the lease presents it opened, as lease_secret."
+    )
     granted_at: datetime
     lease_expires_at: datetime
     upload_key: str | None = Field(

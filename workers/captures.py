@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from app.handoff.records import dispatch
+from app.lease_secrets import lease_secret_hash
 from app.leasing import Tx
 from app.store import Row, captures, domains, jobs
 from schemas.messages import CaptureAccepted, CaptureSubmit, RequestConflict
@@ -17,7 +18,7 @@ from workers.jobs import lease_lost, why_lease_lost
 
 log = structlog.get_logger()
 
-# What makes two submissions the same capture (request_id and lease_token do not).
+# What makes two submissions the same capture (request_id, lease_token and lease_secret do not).
 _BODY = {"job_id", "capture_id", "url", "storage_uri", "sha256", "content_type", "size"}
 
 
@@ -35,7 +36,7 @@ async def submit(
     """Record a capture for the holder of the job's live lease and dispatch its handoff.
 
     The same capture again is accepted again (and changes nothing); the same ``capture_id``
-    with another body is a conflict; a stale token gets ``job.lease_lost``.
+    with another body is a conflict; a stale token or a wrong secret gets ``job.lease_lost``.
     """
     fingerprint = capture_fingerprint(req)
     existing = await captures.describe_capture(tx.conn, req.capture_id)
@@ -50,7 +51,7 @@ async def submit(
             existing = await captures.describe_capture(tx.conn, req.capture_id)
             job = await jobs.describe_job(tx.conn, req.job_id)
         if existing is None:
-            return _lease_lost(req, why_lease_lost(job, req.lease_token))
+            return _lease_lost(req, why_lease_lost(job, req.lease_token, req.lease_secret))
     if existing["fingerprint"] != fingerprint:
         log.info("capture_conflict", capture_id=req.capture_id, job_id=req.job_id)
         return RequestConflict(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")
@@ -66,6 +67,7 @@ async def _add(tx: Tx, req: CaptureSubmit, site: str, fingerprint: str) -> Row |
         capture_id=req.capture_id,
         job_id=req.job_id,
         lease_token=req.lease_token,
+        secret_hash=lease_secret_hash(req.lease_secret),
         url=rewritten.urls[0],
         storage_uri=req.storage_uri,
         sha256=req.sha256,

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from app.crypto import Unsealable
+from app.lease_secrets import lease_secret_hash, matches
 from app.leasing import Tx, grant_waiting, reject, release_resources
 from app.store import Record, Row, jobs, sites
 from schemas.messages import (
@@ -27,6 +28,7 @@ from schemas.messages import (
     JobStart,
     RequestInvalid,
     SeedsClaim,
+    SessionUpload,
 )
 from schemas.states import JobStatus
 from workers.sessions import merge_session, open_session_state
@@ -34,10 +36,11 @@ from workers.sessions import merge_session, open_session_state
 log = structlog.get_logger()
 
 Reply = dict[str, Any] | None
-FollowUp = JobHeartbeat | JobFinish | SeedsClaim  # requests that present a live lease's token
+# requests that present a live lease's token and secret
+FollowUp = JobHeartbeat | JobFinish | SeedsClaim | SessionUpload | CaptureSubmit
 
 
-def why_lease_lost(job: Row | None, lease_token: int) -> str:
+def why_lease_lost(job: Row | None, lease_token: int, lease_secret: str | None) -> str:
     """The reason code of a follow-up that did not match a live lease."""
     if job is None:
         return "unknown_job"
@@ -45,10 +48,12 @@ def why_lease_lost(job: Row | None, lease_token: int) -> str:
         return f"job_{str(job['status']).lower()}"
     if job["lease_token"] != lease_token:
         return "stale_token"
+    if not matches(job["lease_secret_hash"], lease_secret):
+        return "wrong_secret"  # the token is public: the secret is what only the holder has
     return "lease_expired"
 
 
-def lease_lost(req: FollowUp | JobCancel | CaptureSubmit, reason: str) -> dict[str, Any]:
+def lease_lost(req: FollowUp | JobCancel, reason: str) -> dict[str, Any]:
     """The ``job.lease_lost`` reply to a request whose lease is not live."""
     return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
         mode="json"
@@ -58,7 +63,8 @@ def lease_lost(req: FollowUp | JobCancel | CaptureSubmit, reason: str) -> dict[s
 async def refuse_follow_up(tx: Tx, req: FollowUp, event: str) -> dict[str, Any]:
     """``job.lease_lost`` for a follow-up that matched no live lease, saying why (logged as
     ``event``)."""
-    reason = why_lease_lost(await jobs.describe_job(tx.conn, req.job_id), req.lease_token)
+    job = await jobs.describe_job(tx.conn, req.job_id)
+    reason = why_lease_lost(job, req.lease_token, req.lease_secret)
     log.info(event, job_id=req.job_id, lease_token=req.lease_token, reason=reason)
     return lease_lost(req, reason)
 
@@ -112,9 +118,7 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
         return rejected(req, "no_accounts")
     job = await _queue(tx, req, site, reply_to, correlation_id)
     if job is None:
-        existing = await jobs.describe_job(tx.conn, req.job_id)
-        exhausted = existing is not None and existing["reason"] == "attempts_exhausted"
-        return rejected(req, "attempts_exhausted" if exhausted else "job_exists")
+        return rejected(req, why_not_queued(await jobs.describe_job(tx.conn, req.job_id), req))
     tx.events.job("queued", job)
     if req.job_id in await grant_waiting(tx, req.site):
         return None  # grant_waiting sent job.granted to this request
@@ -130,6 +134,21 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
     return JobQueued(request_id=req.request_id, job_id=req.job_id, position=position).model_dump(
         mode="json"
     )
+
+
+def why_not_queued(existing: Row | None, req: JobStart) -> str:
+    """The reason code of a start whose job exists and was not queued again."""
+    if existing is None:
+        return "job_exists"  # gone since (retention): as taken as it was
+    if existing["reason"] == "attempts_exhausted":
+        return "attempts_exhausted"
+    restartable = existing["status"] == JobStatus.EXPIRED and existing["site"] == req.site
+    if restartable and (
+        existing["collector"] != req.collector or existing["public_key"] != req.public_key
+    ):
+        # job ids are public Kafka keys: another collector cannot take over an expired job
+        return "not_yours"
+    return "job_exists"
 
 
 async def _queue(
@@ -158,7 +177,9 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: st
     if (refused := over_cap(tx, req)) is not None:
         return refused
     extend = None if req.extend_seconds is None else lease_length(tx, req.extend_seconds, 0)
-    job = await jobs.extend_lease(tx.conn, req.job_id, req.lease_token, extend)
+    job = await jobs.extend_lease(
+        tx.conn, req.job_id, req.lease_token, lease_secret_hash(req.lease_secret), extend
+    )
     if job is None:
         return await refuse_follow_up(tx, req, "lease_extend_refused")
     return JobExtended(
@@ -179,12 +200,13 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
     reason = (
         req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"
     )
-    job = await jobs.finish_job(tx.conn, req.job_id, req.lease_token, status, reason)
+    secret_hash = lease_secret_hash(req.lease_secret)
+    job = await jobs.finish_job(tx.conn, req.job_id, req.lease_token, secret_hash, status, reason)
     if job is None:
         return await refuse_follow_up(tx, req, "finish_refused")
     if uploaded is not None:  # the job is locked (lock order: job, then account and session);
         # the account is still the holder's until released below
-        await merge_session(tx, req.job_id, req.lease_token, uploaded)
+        await merge_session(tx, req.job_id, req.lease_token, secret_hash, uploaded)
     await release_resources(
         tx,
         job,
@@ -205,16 +227,19 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
 
 async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> Reply:
     """Cancel a waiting job, or a running one for the holder of its live lease (its account
-    goes to the next waiter). A running job's cancel without that token changes nothing."""
+    goes to the next waiter). A running job's cancel without that token and the lease's secret
+    changes nothing."""
     site = await sites.lock_site_of_job(tx.conn, req.job_id)
     if site is None:
         return rejected(req, "unknown_job")
-    job = await jobs.cancel_job(tx.conn, req.job_id, req.lease_token)
+    job = await jobs.cancel_job(
+        tx.conn, req.job_id, req.lease_token, lease_secret_hash(req.lease_secret)
+    )
     if job is None:
         existing = await jobs.describe_job(tx.conn, req.job_id)
         if existing is not None and existing["status"] == JobStatus.RUNNING:
             why = "lease_token_required" if req.lease_token is None else None
-            why = why or why_lease_lost(existing, req.lease_token or 0)
+            why = why or why_lease_lost(existing, req.lease_token or 0, req.lease_secret)
             log.info("cancel_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
             return lease_lost(req, why)
         reason = f"job_{str(existing['status']).lower()}" if existing else "unknown_job"

@@ -15,8 +15,9 @@ from typing import Any
 import structlog
 
 from app.crypto import Unsealable
+from app.lease_secrets import lease_secret_hash, matches
 from app.leasing import Tx
-from app.store import sessions
+from app.store import jobs, sessions
 from schemas.messages import (
     JobLeaseLost,
     RequestInvalid,
@@ -58,14 +59,15 @@ class MergeOutcome:
 
 
 async def merge_session(
-    tx: Tx, job_id: str, lease_token: int, uploaded: dict[str, Any]
+    tx: Tx, job_id: str, lease_token: int, secret_hash: bytes | None, uploaded: dict[str, Any]
 ) -> MergeOutcome:
-    """Merge ``uploaded`` into the session of the account the lease holds, within the bounds.
+    """Merge ``uploaded`` into the session of the account the lease holds (its token and the
+    hash of its secret), within the bounds.
 
     The account row is locked by the read, and the write repeats the version it read, so no
     concurrent upload is lost. Cookies expire by the database's clock.
     """
-    held = await sessions.held_session(tx.conn, job_id, lease_token)
+    held = await sessions.held_session(tx.conn, job_id, lease_token, secret_hash)
     if held is None:
         return MergeOutcome()
     secrets = tx.services.secrets
@@ -105,7 +107,8 @@ async def upload(tx: Tx, req: SessionUpload, reply_to: str, correlation_id: str)
         return RequestInvalid(
             request_id=str(req.request_id), job_id=req.job_id, error=f"storage_state: {exc}"
         ).model_dump(mode="json")
-    outcome = await merge_session(tx, req.job_id, req.lease_token, uploaded)
+    secret_hash = lease_secret_hash(req.lease_secret)
+    outcome = await merge_session(tx, req.job_id, req.lease_token, secret_hash, uploaded)
     if outcome.refused is not None:
         return SessionRejected(
             request_id=req.request_id,
@@ -115,11 +118,27 @@ async def upload(tx: Tx, req: SessionUpload, reply_to: str, correlation_id: str)
         ).model_dump(mode="json")
     if outcome.version is None:
         return JobLeaseLost(
-            request_id=req.request_id, job_id=req.job_id, reason="no_live_lease"
+            request_id=req.request_id, job_id=req.job_id, reason=await _why_refused(tx, req)
         ).model_dump(mode="json")
     return SessionMerged(
         request_id=req.request_id, job_id=req.job_id, version=outcome.version
     ).model_dump(mode="json")
+
+
+async def _why_refused(tx: Tx, req: SessionUpload) -> str:
+    """``wrong_secret`` when the upload named the live lease's token with another secret;
+    ``no_live_lease`` otherwise (its lease is gone, or it holds no account)."""
+    job = await jobs.describe_job(tx.conn, req.job_id)
+    wrong_secret = (
+        job is not None
+        and job["status"] == "RUNNING"
+        and job["lease_token"] == req.lease_token
+        and not matches(job["lease_secret_hash"], req.lease_secret)
+    )
+    if wrong_secret:
+        log.info("upload_refused", job_id=req.job_id, reason="wrong_secret")
+        return "wrong_secret"
+    return "no_live_lease"
 
 
 CLEAR_SESSION_FIELDS = ("storage_state", "session_state")

@@ -12,9 +12,7 @@ from typing import Any
 
 from app.bench.processes import BenchFailed, Child
 from app.sdk import QuartermasterClient
-from app.sdk.ids import new_uuid
 from app.sdk.job import Job
-from schemas import messages as wire
 
 WARMUP_SECONDS = 1.0  # latency samples scheduled in the first second are left out
 LEASE_SECONDS = 900  # the latency run's jobs hold their leases to the end: no expiry inside a run
@@ -62,18 +60,10 @@ def percentile_ms(samples: Sequence[float], percentile: int) -> float | None:
 
 async def cycle(client: QuartermasterClient, site: str) -> None:
     """One job cycle: start (granted), one heartbeat, finish."""
-    async with client.job(site=site, lease_seconds=CYCLE_LEASE_SECONDS, wait_seconds=30) as job:
-        reply = await client.request(
-            wire.JobHeartbeat(
-                request_id=new_uuid(),
-                job_id=job.job_id,
-                lease_token=job.lease_token,
-                extend_seconds=CYCLE_LEASE_SECONDS,
-            ),
-            timeout=REQUEST_TIMEOUT,
-        )
-        if not isinstance(reply, wire.JobExtended):
-            raise RuntimeError(f"heartbeat answered {reply.type}")
+    async with client.job(
+        site=site, lease_seconds=CYCLE_LEASE_SECONDS, wait_seconds=30, timeout=REQUEST_TIMEOUT
+    ) as job:
+        await job.heartbeat(CYCLE_LEASE_SECONDS)
 
 
 async def warm_up(

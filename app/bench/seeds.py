@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
 from app import seeding
 from app.bench.services import services as start_services
-from app.crypto import SecretBox
+from app.crypto import SecretBox, public_key_text
 from app.db.engine import make_engine
+from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.leasing import Services, Tx
 from app.logs import configure_logging
 from app.settings import Settings
@@ -38,6 +40,8 @@ from schemas.messages import SeedResult
 from schemas.seed_rows import parse_rows
 
 console = Console(width=max(Console().width, 120))
+# the bench's jobs need no account; every start still names a key (the grant seals to it)
+BENCH_PUBLIC_KEY = public_key_text(X25519PrivateKey.generate())
 Opt = typer.Option
 LEASE_SECONDS = 3600  # no lease lapses inside a run
 CLAIM_SIZE = 5
@@ -145,9 +149,10 @@ async def _lease(db: Database, slug: str) -> Record:
             request_id=str(uuid.uuid4()),
             reply_to="bench",
             correlation_id="bench",
-            public_key=None,  # no account, nothing to seal
+            public_key=BENCH_PUBLIC_KEY,
         )
-        granted = await jobs.grant_next_waiting(conn, slug)
+        # the bench presents the stored hash itself: it holds the lease in its own transaction
+        granted = await jobs.grant_next_waiting(conn, slug, lease_secret_hash(new_lease_secret()))
     assert granted is not None
     return granted
 
@@ -168,7 +173,11 @@ async def _claim_run(
             async with db.transaction() as conn:
                 tx = Tx(conn, services)
                 granted = await seeding.hand_out(
-                    tx, job_id=job["id"], lease_token=job["lease_token"], limit=CLAIM_SIZE
+                    tx,
+                    job_id=job["id"],
+                    lease_token=job["lease_token"],
+                    secret_hash=job["lease_secret_hash"],
+                    limit=CLAIM_SIZE,
                 )
                 await tx.flush()
             claimed = time.perf_counter()

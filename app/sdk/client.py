@@ -3,17 +3,16 @@
 One producer writes requests to ``<prefix>requests`` (key ``job_id``, headers ``correlation_id`` and
 ``reply_to``). One consumer reads the reply topic with manual partition assignment (never a consumer
 group, so any number of collector processes can share the topic) starting from its end. Replies are
-matched to their requests by ``correlation_id``; see ``app.sdk.replies`` for the bookkeeping.
+matched to their requests by ``correlation_id``, ``job_id`` and ``request_id`` (``app.sdk.replies``).
 
 On the shared ``<prefix>replies`` topic a client reads one partition only: it picks one when it
 starts (``app.sdk.routing``; or takes ``reply_partition``), and every request carries it in the
 ``qm.reply_partition`` header, so Quartermaster sends the replies there. A client with a reply
 topic of its own (or ``route_replies=False``) sends no such header and reads the whole topic.
 
-Each client makes an X25519 key pair when it is created and sends the public half in every
-``job.start``; the private half never leaves the process. Quartermaster seals the account secret
-and the session of a grant to it (docs/security.md), so the other readers of the shared reply
-topic see only sealed boxes.
+Each client has an X25519 key pair (made when it is created, or given) and sends the public half
+in every ``job.start``; Quartermaster seals a grant's lease secret, account secret and session to
+it (docs/security.md): other readers of the reply topic can neither open them nor act on the lease.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
-from aiokafka.structs import TopicPartition
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from app.crypto import Unsealable, public_key_text, unseal
@@ -41,7 +39,7 @@ from app.sdk.errors import (
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import said_by_us, sdk_logger
 from app.sdk.replies import Release, ReplyRouter, Waiter
-from app.sdk.routing import partition_to_read
+from app.sdk.routing import assign_reply_partitions, partition_to_read
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_PARTITION,
@@ -51,6 +49,7 @@ from schemas.messages import (
     JobCancel,
     JobStart,
     reply_partition_value,
+    seal_context,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +62,6 @@ _Client = TypeVar("_Client", AIOKafkaProducer, AIOKafkaConsumer)
 
 MESSAGE_ID = "qm.message_id"  # the header every message Quartermaster publishes carries
 CLOSE_GRACE_SECONDS = 5.0  # how long close() lets pending releases reach the broker
-METADATA_WAIT_SECONDS = 10.0  # how long start() waits for the reply topic to appear
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -97,6 +95,7 @@ class QuartermasterClient:
         abandoned_capacity: int = 10_000,
         reply_partition: int | None = None,
         route_replies: bool = True,
+        private_key: X25519PrivateKey | None = None,
     ) -> None:
         """``security``: aiokafka options such as ``security_protocol``, ``ssl_context``,
         ``sasl_mechanism``, ``sasl_plain_username``, ``sasl_plain_password``.
@@ -104,7 +103,12 @@ class QuartermasterClient:
         ``reply_partition``: the partition of the reply topic this client reads, and its replies
         are sent to (it must exist when the client starts). Without it, a client of the shared
         ``<prefix>replies`` topic picks one itself, unless ``route_replies`` is False; a client
-        of a reply topic of its own reads all of it."""
+        of a reply topic of its own reads all of it.
+
+        ``private_key``: this client's X25519 key (a new one when absent). Grants are sealed to
+        its public half, and only a start with the same key and collector may start an EXPIRED
+        job again: a collector that restarts and means to start its expired jobs again keeps
+        its key."""
         if reply_partition is not None:
             reply_partition_value(reply_partition)  # ValueError when it cannot be a partition
         self.bootstrap_servers = bootstrap_servers
@@ -117,7 +121,7 @@ class QuartermasterClient:
         self._route_replies = route_replies
         self.collector = collector or _default_collector()
         self.request_timeout = request_timeout
-        self._private_key = X25519PrivateKey.generate()
+        self._private_key = private_key or X25519PrivateKey.generate()
         self.public_key = public_key_text(self._private_key)
         self._security = dict(security or {})
         self._idempotent = idempotent_producer
@@ -151,13 +155,15 @@ class QuartermasterClient:
             f"request_topic={self.request_topic!r}, reply_topic={self.reply_topic!r})"
         )
 
-    def watch_lease(self, start_request_id: str, on_lost: Callable[[str], None] | None) -> None:
-        """Call ``on_lost(reason)`` when a ``job.lease_lost`` comes for a granted start (None:
-        stop watching)."""
+    def watch_lease(
+        self, start_request_id: str, job_id: str, on_lost: Callable[[str], None] | None
+    ) -> None:
+        """Call ``on_lost(reason)`` when a ``job.lease_lost`` comes for a granted start of
+        ``job_id`` (None: stop watching)."""
         if on_lost is None:
             self._router.unwatch_lease(start_request_id)
         else:
-            self._router.watch_lease(start_request_id, on_lost)
+            self._router.watch_lease(start_request_id, job_id, on_lost)
 
     def open_sealed(self, sealed: str, context: str) -> bytes:
         """Open a value of a grant sealed to this client's public key (``SecretUndecryptable``
@@ -259,26 +265,9 @@ class QuartermasterClient:
     async def _assign_reply_partitions(
         self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
     ) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + METADATA_WAIT_SECONDS
-        # A topic created moments ago may not be in every broker's metadata yet.
-        while self.reply_topic not in await consumer.topics():
-            if loop.time() > deadline:
-                raise QuartermasterError(
-                    f"reply topic {self.reply_topic} does not exist (create it with `qm topics`)"
-                )
-            await asyncio.sleep(0.2)
-        partitions = sorted(await producer.partitions_for(self.reply_topic))
-        self.reply_partition = self._partition_to_read(len(partitions))
-        if self.reply_partition is not None:
-            partitions = [self.reply_partition]
-        assigned = [TopicPartition(self.reply_topic, p) for p in partitions]
-        consumer.assign(assigned)
-        await consumer.seek_to_end(*assigned)
-        # Resolve the end offsets now: a reply to the first request must not be skipped by a
-        # lazy offset reset that happens after it was written.
-        for partition in assigned:
-            await consumer.position(partition)
+        self.reply_partition = await assign_reply_partitions(
+            consumer, producer, self.reply_topic, self._partition_to_read
+        )
 
     def _partition_to_read(self, partitions: int) -> int | None:
         """The one partition of the reply topic (of ``partitions``) this client reads; None:
@@ -368,8 +357,8 @@ class QuartermasterClient:
             raise ClientClosed("the client is not started (use `async with` or `await start()`)")
         timeout = self.request_timeout if timeout is None else timeout
         correlation_id = str(message.request_id)
-        waiter = self._router.expect(correlation_id, message.job_id)
         is_start = isinstance(message, JobStart)
+        waiter = self._router.expect(correlation_id, message.job_id, is_start=is_start)
         try:
             await self._send(message, correlation_id)
             return await self._await_final(waiter, message, timeout)
@@ -441,20 +430,31 @@ class QuartermasterClient:
 
     # --- releasing what nobody uses ------------------------------------------------------
 
-    def release(self, job_id: str, why: str, lease_token: int | None = None) -> None:
+    def release(
+        self,
+        job_id: str,
+        why: str,
+        lease_token: int | None = None,
+        lease_secret: str | None = None,
+    ) -> None:
         """Send ``job.cancel`` for a job in the background (the caller may be being cancelled).
 
-        The server cancels a waiting job, or, given the lease's token, frees a running job's
-        account for the next waiter (without the token a running job's cancel changes nothing).
+        The server cancels a waiting job, or, given the lease's token and secret, frees a
+        running job's account for the next waiter (without them a running job's cancel changes
+        nothing).
         """
         task = asyncio.create_task(
-            self._release(job_id, why, lease_token), name=f"qm-sdk-release-{job_id}"
+            self._release(job_id, why, lease_token, lease_secret), name=f"qm-sdk-release-{job_id}"
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _release(self, job_id: str, why: str, lease_token: int | None) -> None:
-        cancel = JobCancel(request_id=new_uuid(), job_id=job_id, lease_token=lease_token)
+    async def _release(
+        self, job_id: str, why: str, lease_token: int | None, lease_secret: str | None
+    ) -> None:
+        cancel = JobCancel(
+            request_id=new_uuid(), job_id=job_id, lease_token=lease_token, lease_secret=lease_secret
+        )
         try:
             await self._send(cancel, str(cancel.request_id))
         except Exception as exc:  # noqa: BLE001 - the lease expires anyway; say so and go on
@@ -489,4 +489,11 @@ class QuartermasterClient:
             self._release_grant(release, "late_grant")
 
     def _release_grant(self, release: Release, why: str) -> None:
-        self.release(release.job_id, why, release.lease_token)
+        context = seal_context("lease.secret", release.job_id)
+        try:
+            secret = self.open_sealed(release.sealed_secret, context).decode()
+        except SecretUndecryptable:
+            # not sealed to this client: nothing it could cancel; the lease lapses by itself
+            log.warning("late_grant_unopened", job_id=release.job_id, why=why)
+            return
+        self.release(release.job_id, why, release.lease_token, secret)

@@ -8,15 +8,15 @@ async with client.job(site="example", lease_seconds=300, wait_seconds=60) as job
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter
+from pydantic import SecretStr, TypeAdapter
 
 from app.crypto import load_public_key, seal_json
 from app.sdk import errors
+from app.sdk.grants import Account, Session, open_grant, open_lease_secret
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import sdk_logger
 from schemas import messages as wire
@@ -33,50 +33,6 @@ log = sdk_logger(__name__)
 MIN_HEARTBEAT_SECONDS = 0.1
 MAX_REASON_CHARS = 500
 _SESSION_STATE = TypeAdapter(wire.JsonObject)
-
-
-class Account(BaseModel):
-    """The granted account; ``secret`` is opened but prints as ``**********``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    username: str
-    secret: SecretStr
-
-
-class Session(BaseModel):
-    """The account's browser session as granted: Playwright ``storage_state``, opened."""
-
-    model_config = ConfigDict(frozen=True)
-
-    version: int
-    storage_state: SecretStr  # JSON text; ``state()`` parses it
-
-    def state(self) -> dict[str, Any]:
-        """The storage state, for ``browser.new_context(storage_state=...)``."""
-        return dict(json.loads(self.storage_state.get_secret_value()))
-
-
-def open_grant(
-    client: QuartermasterClient, grant: wire.JobGranted
-) -> tuple[Account | None, Session | None]:
-    """The account and session of a grant, opened with the client's private key."""
-    account = session = None
-    if grant.account is not None:
-        context = wire.seal_context("account.secret", grant.job_id)
-        try:
-            secret = client.open_sealed(grant.account.secret, context).decode()
-        except errors.SecretUndecryptable as exc:
-            raise errors.SecretUndecryptable(f"account {grant.account.id}: {exc}") from None
-        account = Account(
-            id=grant.account.id, username=grant.account.username, secret=SecretStr(secret)
-        )
-    if grant.session is not None:
-        context = wire.seal_context("session.storage_state", grant.job_id)
-        state = client.open_sealed(grant.session.storage_state, context).decode()
-        session = Session(version=grant.session.version, storage_state=SecretStr(state))
-    return account, session
 
 
 class Job:
@@ -110,6 +66,7 @@ class Job:
         self.timeout = timeout
         self._needs = wire.Needs(account=needs_account, seeds=seeds)
         self._grant: wire.JobGranted | None = None
+        self._lease_secret = SecretStr("")  # opened from the grant at enter
         self._expires_at: datetime | None = None
         self.account: Account | None = None
         self._session: Session | None = None
@@ -141,6 +98,13 @@ class Job:
     def lease_token(self) -> int:
         """The fencing token every follow-up request presents."""
         return self._granted().lease_token
+
+    def _lease(self) -> dict[str, Any]:
+        """The fields every follow-up of the lease presents: its token and its secret."""
+        return {
+            "lease_token": self.lease_token,
+            "lease_secret": self._lease_secret.get_secret_value(),
+        }
 
     @property
     def lease_expires_at(self) -> datetime:
@@ -211,9 +175,7 @@ class Job:
     async def claim_seeds(self, n: int) -> list[wire.GrantedSeed]:
         """Up to ``n`` more due seeds of the job's site for this lease (an empty list when none
         is due). Raises ``LeaseLost`` when the lease is gone."""
-        claim = wire.SeedsClaim(
-            request_id=new_uuid(), job_id=self.job_id, lease_token=self.lease_token, limit=n
-        )
+        claim = wire.SeedsClaim(request_id=new_uuid(), job_id=self.job_id, limit=n, **self._lease())
         reply = await self._client.request(claim, timeout=self.timeout)
         if isinstance(reply, wire.JobLeaseLost):
             self._lose(reply.reason)
@@ -245,7 +207,7 @@ class Job:
         submit = wire.CaptureSubmit(
             request_id=new_uuid(),
             job_id=self.job_id,
-            lease_token=self.lease_token,
+            **self._lease(),
             capture_id=capture_id or new_id(),
             url=url,
             storage_uri=storage_uri,
@@ -281,10 +243,17 @@ class Job:
         reply = await self._client.request(start, timeout=self.timeout)
         if not isinstance(reply, wire.JobGranted):
             raise _refusal(self.job_id, reply)
+        # without its lease secret nothing can end the lease: it lapses by itself
+        self._lease_secret = open_lease_secret(self._client, reply)
         try:
             self.account, self._session = open_grant(self._client, reply)
         except errors.SecretUndecryptable:
-            self._client.release(self.job_id, "secret_undecryptable", reply.lease_token)
+            self._client.release(
+                self.job_id,
+                "secret_undecryptable",
+                reply.lease_token,
+                self._lease_secret.get_secret_value(),
+            )
             raise
         self._grant = reply
         self._expires_at = reply.lease_expires_at
@@ -300,7 +269,7 @@ class Job:
         # the lease may be taken back before this job ends (expiry, an operator's revoke): the
         # start request's later job.lease_lost says so at once
         self._start_request_id = str(start.request_id)
-        self._client.watch_lease(self._start_request_id, self._lose)
+        self._client.watch_lease(self._start_request_id, self.job_id, self._lose)
         self._heartbeats = asyncio.create_task(
             self._heartbeat_loop(self._heartbeat_interval()), name=f"qm-sdk-heartbeat-{self.job_id}"
         )
@@ -325,7 +294,7 @@ class Job:
         upload = wire.SessionUpload(
             request_id=new_uuid(),
             job_id=self.job_id,
-            lease_token=self.lease_token,
+            **self._lease(),
             storage_state=self._seal_session(
                 _SESSION_STATE.validate_python(state), "session.upload"
             ),
@@ -353,7 +322,7 @@ class Job:
             heartbeat = wire.JobHeartbeat(
                 request_id=new_uuid(),
                 job_id=self.job_id,
-                lease_token=self.lease_token,
+                **self._lease(),
                 extend_seconds=self.lease_seconds,
             )
             try:
@@ -378,6 +347,24 @@ class Job:
             else:
                 log.warning("heartbeat_refused", job_id=self.job_id, reply_type=reply.type)
 
+    async def heartbeat(self, extend_seconds: int | None = None) -> datetime:
+        """Extend the lease now (the job heartbeats by itself; this is one more, at a moment of
+        the caller's choosing); returns the new expiry. Raises ``LeaseLost`` when it is gone."""
+        heartbeat = wire.JobHeartbeat(
+            request_id=new_uuid(),
+            job_id=self.job_id,
+            **self._lease(),
+            extend_seconds=extend_seconds or self.lease_seconds,
+        )
+        reply = await self._client.request(heartbeat, timeout=self.timeout)
+        if isinstance(reply, wire.JobExtended):
+            self._expires_at = reply.lease_expires_at
+            return reply.lease_expires_at
+        if isinstance(reply, wire.JobLeaseLost):
+            self._lose(reply.reason)
+            raise errors.LeaseLost(self.job_id, reply.reason)
+        raise _refusal(self.job_id, reply)
+
     def _lose(self, reason: str) -> None:
         self.lost = True
         self.lost_reason = reason
@@ -400,7 +387,7 @@ class Job:
         await self._stop_heartbeats()
         if self._grant is None:
             return
-        self._client.watch_lease(self._start_request_id, None)
+        self._client.watch_lease(self._start_request_id, self.job_id, None)
         if self.lost:
             log.info("job_finish_skipped", job_id=self.job_id, reason=self.lost_reason)
             return
@@ -440,7 +427,7 @@ class Job:
             {
                 "request_id": new_uuid(),
                 "job_id": self.job_id,
-                "lease_token": self.lease_token,
+                **self._lease(),
                 "outcome": outcome,
                 "reason": reason,
                 "cooldown_seconds": cooldown,

@@ -1,7 +1,11 @@
 """Routing replies to the requests that wait for them: bookkeeping only, no Kafka.
 
 Every client reads the whole reply topic, so most replies it sees belong to other clients; those are
-dropped by ``correlation_id`` before they are even parsed. Of its own replies it keeps:
+dropped by ``correlation_id`` before they are even parsed. A reply is one of its own only when its
+``job_id`` and ``request_id`` are those of the request too: correlation ids are visible to every
+reader, and any writer of requests may reuse one, so a hostile request's reply (a ``job.lease_lost``
+for a job of its own, say) never settles another client's request or ends its lease. Of its own
+replies it keeps:
 
 - a future per outstanding request (``Waiter``), resolved by the final reply; a ``job.queued`` only
   notes the position, because the final ``job.granted``/``job.rejected`` follows later;
@@ -21,7 +25,14 @@ from pydantic import ValidationError
 
 from app.sdk.errors import ReplyUnreadable
 from app.sdk.logs import sdk_logger
-from schemas.messages import AnyReply, JobGranted, JobLeaseLost, JobQueued, parse_reply
+from schemas.messages import (
+    AnyReply,
+    JobGranted,
+    JobLeaseLost,
+    JobQueued,
+    RequestConflict,
+    parse_reply,
+)
 
 log = sdk_logger(__name__)
 
@@ -84,10 +95,26 @@ class RecentMap:
 
 @dataclass(frozen=True)
 class Release:
-    """A grant nobody will use: the job to cancel and the lease token that may cancel it."""
+    """A grant nobody will use: the job to cancel, and the lease token and sealed lease secret
+    (opened by the client) that may cancel it."""
 
     job_id: str
     lease_token: int
+    sealed_secret: str
+
+
+def _release(job_id: str, reply: AnyReply) -> Release | None:
+    """What to release for the final reply of an abandoned start: its grant, if it is one."""
+    if isinstance(reply, JobGranted):
+        return Release(job_id, reply.lease_token, reply.lease_secret)
+    return None
+
+
+def _answers(reply: AnyReply, correlation_id: str, job_id: str) -> bool:
+    """Whether ``reply`` answers the request sent with ``correlation_id`` for ``job_id`` (the
+    SDK sends every request with its ``request_id`` as its correlation id)."""
+    request_id = getattr(reply, "request_id", None)
+    return reply.job_id == job_id and str(request_id) == correlation_id
 
 
 @dataclass
@@ -98,6 +125,7 @@ class Waiter:
     job_id: str
     final: asyncio.Future[AnyReply]
     queued_position: int | None = field(default=None)
+    is_start: bool = False
 
     @property
     def queued(self) -> bool:
@@ -112,12 +140,13 @@ class ReplyRouter:
         self._waiting: dict[str, Waiter] = {}
         self._seen = RecentIds(seen_capacity)
         self._abandoned = RecentMap(abandoned_capacity)
-        self._leases: dict[str, Callable[[str], None]] = {}
+        self._leases: dict[str, tuple[str, Callable[[str], None]]] = {}
 
-    def watch_lease(self, correlation_id: str, on_lost: Callable[[str], None]) -> None:
-        """After a grant: a ``job.lease_lost`` that later comes for the start request (the
-        reaper or an operator took the lease) calls ``on_lost`` with its reason."""
-        self._leases[correlation_id] = on_lost
+    def watch_lease(self, correlation_id: str, job_id: str, on_lost: Callable[[str], None]) -> None:
+        """After a grant: a ``job.lease_lost`` that later comes for the start request of
+        ``job_id`` (the reaper or an operator took the lease) calls ``on_lost`` with its
+        reason."""
+        self._leases[correlation_id] = (job_id, on_lost)
 
     def unwatch_lease(self, correlation_id: str) -> None:
         self._leases.pop(correlation_id, None)
@@ -130,11 +159,12 @@ class ReplyRouter:
     def is_abandoned(self, correlation_id: str) -> bool:
         return correlation_id in self._abandoned
 
-    def expect(self, correlation_id: str, job_id: str) -> Waiter:
+    def expect(self, correlation_id: str, job_id: str, *, is_start: bool = False) -> Waiter:
         """Register a request before it is sent (its reply may come back before send returns)."""
         if correlation_id in self._waiting:
             raise ValueError(f"correlation_id {correlation_id} is already waiting for a reply")
-        waiter = Waiter(correlation_id, job_id, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        waiter = Waiter(correlation_id, job_id, future, is_start=is_start)
         self._waiting[correlation_id] = waiter
         return waiter
 
@@ -154,10 +184,7 @@ class ReplyRouter:
             return None
         final = waiter.final
         if final.done() and not final.cancelled() and final.exception() is None:
-            reply = final.result()
-            return (
-                Release(waiter.job_id, reply.lease_token) if isinstance(reply, JobGranted) else None
-            )
+            return _release(waiter.job_id, final.result())
         self._abandoned.put(correlation_id, waiter.job_id)
         return None
 
@@ -200,21 +227,35 @@ class ReplyRouter:
                     waiter, ReplyUnreadable(f"reply to {correlation_id} is not a v1 reply")
                 )
             return None
+        job_id = waiter.job_id if waiter is not None else self._abandoned.get(correlation_id)
+        if job_id is None or not _answers(reply, correlation_id, job_id):
+            log.info("reply_not_ours_ignored", correlation_id=correlation_id, reply_type=reply.type)
+            return None
         if waiter is not None:
+            if isinstance(reply, RequestConflict) and waiter.is_start:
+                # an SDK start never repeats its request_id with another body: this answers
+                # another writer that reused it (seen on the job.queued), not this client
+                log.info(
+                    "reply_not_ours_ignored", correlation_id=correlation_id, reply_type=reply.type
+                )
+                return None
             self._deliver(waiter, reply)
             return None
         return self._settle_abandoned(correlation_id, reply)
 
     def _lease_news(self, correlation_id: str, message_id: str | None, value: bytes) -> None:
-        """A reply to a granted start: only a later ``job.lease_lost`` means anything."""
+        """A reply to a granted start: only a later ``job.lease_lost`` of the same job and start
+        request means anything (one for another job reused the correlation id)."""
         if message_id is not None and not self._seen.add(message_id):
             return
         try:
             reply = parse_reply(value)
         except ValidationError:
             return
-        if isinstance(reply, JobLeaseLost):
-            self._leases.pop(correlation_id)(reply.reason)
+        job_id, on_lost = self._leases[correlation_id]
+        if isinstance(reply, JobLeaseLost) and _answers(reply, correlation_id, job_id):
+            del self._leases[correlation_id]
+            on_lost(reply.reason)
 
     def _deliver(self, waiter: Waiter, reply: AnyReply) -> None:
         if isinstance(reply, JobQueued):
@@ -236,6 +277,4 @@ class ReplyRouter:
         if reply.type in INTERIM_TYPES:
             return None  # still waiting server-side; the final answer decides
         job_id = self._abandoned.pop(correlation_id)
-        if isinstance(reply, JobGranted) and job_id is not None:
-            return Release(job_id, reply.lease_token)
-        return None
+        return None if job_id is None else _release(job_id, reply)

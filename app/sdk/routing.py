@@ -10,7 +10,16 @@ clients over the partitions without any coordination between them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from app.sdk.errors import QuartermasterError
+
+METADATA_WAIT_SECONDS = 10.0  # how long a client's start waits for the reply topic to appear
 
 
 def choose_partition(client_id: str, partitions: int) -> int:
@@ -37,3 +46,34 @@ def partition_to_read(
             )
         return asked
     return choose_partition(client_id, partitions) if route else None
+
+
+async def assign_reply_partitions(
+    consumer: AIOKafkaConsumer,
+    producer: AIOKafkaProducer,
+    reply_topic: str,
+    pick: Callable[[int], int | None],
+) -> int | None:
+    """Assign ``consumer`` the partitions of ``reply_topic`` it reads, at their ends: the one
+    ``pick`` names of the topic's partitions (returned), or all of them (None)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + METADATA_WAIT_SECONDS
+    # A topic created moments ago may not be in every broker's metadata yet.
+    while reply_topic not in await consumer.topics():
+        if loop.time() > deadline:
+            raise QuartermasterError(
+                f"reply topic {reply_topic} does not exist (create it with `qm topics`)"
+            )
+        await asyncio.sleep(0.2)
+    partitions = sorted(await producer.partitions_for(reply_topic))
+    chosen = pick(len(partitions))
+    if chosen is not None:
+        partitions = [chosen]
+    assigned = [TopicPartition(reply_topic, p) for p in partitions]
+    consumer.assign(assigned)
+    await consumer.seek_to_end(*assigned)
+    # Resolve the end offsets now: a reply to the first request must not be skipped by a
+    # lazy offset reset that happens after it was written.
+    for partition in assigned:
+        await consumer.position(partition)
+    return chosen

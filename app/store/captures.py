@@ -29,6 +29,7 @@ async def add_capture(
     capture_id: str,
     job_id: str,
     lease_token: int,
+    secret_hash: bytes | None,
     url: str,
     storage_uri: str,
     sha256: str,
@@ -38,7 +39,8 @@ async def add_capture(
     meta: dict[str, Any],
     fingerprint: str,
 ) -> RowMapping | None:
-    """A new capture -> RECEIVED, dispatched now; only for the holder of the job's live lease.
+    """A new capture -> RECEIVED, dispatched now; only for the holder of the job's live lease
+    (its token and the hash of its secret).
 
     None when the lease is not live or the capture id exists (``describe_capture`` says which).
     """
@@ -51,7 +53,7 @@ async def add_capture(
                 -- tests the job again, so no capture joins a job that ended first.
                 SELECT id, site FROM jobs
                 WHERE id = :job_id AND status = 'RUNNING' AND lease_token = :token
-                  AND lease_expires_at > clock_timestamp()
+                  AND lease_secret_hash = :secret_hash AND lease_expires_at > clock_timestamp()
                 FOR SHARE
             )
             INSERT INTO captures (id, job_id, site, url, storage_uri, sha256, content_type, size,
@@ -67,6 +69,7 @@ async def add_capture(
             "id": capture_id,
             "job_id": job_id,
             "token": lease_token,
+            "secret_hash": secret_hash,
             "url": url,
             "storage_uri": storage_uri,
             "sha256": sha256,

@@ -48,9 +48,12 @@ _QUEUE = Hot(
             request_id = excluded.request_id, reply_to = excluded.reply_to,
             correlation_id = excluded.correlation_id, public_key = excluded.public_key,
             reply_partition = excluded.reply_partition, lease_token = NULL,
-            lease_expires_at = NULL, account_id = NULL, reason = NULL, finished_at = NULL,
-            updated_at = now()
+            lease_secret_hash = NULL, lease_expires_at = NULL, account_id = NULL, reason = NULL,
+            finished_at = NULL, updated_at = now()
+        -- job ids are public (Kafka keys): only the collector that started the job, with the
+        -- same key, may start it again
         WHERE j.status = 'EXPIRED' AND j.site = excluded.site
+          AND j.collector = excluded.collector AND j.public_key = excluded.public_key
         RETURNING j.*
         """
     )
@@ -70,13 +73,14 @@ async def queue_job(
     request_id: str,
     reply_to: str,
     correlation_id: str,
-    public_key: str | None,
+    public_key: str,
     reply_partition: int | None = None,
 ) -> Row | None:
     """A new job -> QUEUED, or an EXPIRED one queued again; None if the job exists otherwise.
 
-    An EXPIRED job below its attempt cap may be started again by its collector (the reaper turns a
-    job at its cap into FAILED, so EXPIRED here always has attempts left).
+    An EXPIRED job below its attempt cap may be started again by its collector: the same
+    ``collector`` with the same ``public_key`` (the reaper turns a job at its cap into FAILED, so
+    EXPIRED here always has attempts left).
     """
     return await _QUEUE.first(
         conn,
@@ -134,7 +138,7 @@ _GRANT_NEXT_WAITING = Hot(
         ),
         job AS (
             UPDATE jobs j
-            SET status = 'RUNNING', lease_token = token.value,
+            SET status = 'RUNNING', lease_token = token.value, lease_secret_hash = :secret_hash,
                 lease_expires_at = token.at + make_interval(secs => j.lease_seconds),
                 account_id = (SELECT id FROM acct), attempts = j.attempts + 1,
                 granted_at = token.at, updated_at = now()
@@ -171,17 +175,20 @@ _GRANT_NEXT_WAITING = Hot(
 
 
 async def grant_next_waiting(
-    conn: AsyncConnection, site: str, now: datetime | None = None
+    conn: AsyncConnection, site: str, secret_hash: bytes, now: datetime | None = None
 ) -> Row | None:
     """The site's oldest QUEUED job -> RUNNING, with an account ACTIVE -> USING if it needs one.
 
-    One statement: pick the head, pick an account, take the capacity gate, grant. None when the
+    One statement: pick the head, pick an account, take the capacity gate, grant; the lease
+    keeps ``secret_hash``, the hash of the secret its grant carries. None when the
     site has no waiting job, no free capacity, or no rested account for the head job. The row
     also carries the account's sealed secret and session (``account_secret``,
     ``session_version``, ``session_state``), the site's ``session_check_url`` and
     ``more_waiting``.
     """
-    return await _GRANT_NEXT_WAITING.first(conn, {"site": site, "now": now})
+    return await _GRANT_NEXT_WAITING.first(
+        conn, {"site": site, "now": now, "secret_hash": secret_hash}
+    )
 
 
 _QUEUE_POSITION = text(
@@ -212,7 +219,7 @@ _EXTEND = Hot(
                     clock_timestamp() + make_interval(secs => coalesce(:extend, lease_seconds))),
                 updated_at = now()
             WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-              AND lease_expires_at > clock_timestamp()
+              AND lease_secret_hash = :secret_hash AND lease_expires_at > clock_timestamp()
             RETURNING id, site, lease_token, lease_expires_at
         ),
         account AS (
@@ -228,12 +235,17 @@ _EXTEND = Hot(
 
 
 async def extend_lease(
-    conn: AsyncConnection, job_id: str, lease_token: int, extend_seconds: int | None
+    conn: AsyncConnection,
+    job_id: str,
+    lease_token: int,
+    secret_hash: bytes | None,
+    extend_seconds: int | None,
 ) -> Row | None:
-    """RUNNING -> RUNNING with a later expiry, for the holder of a live lease only (fencing)."""
+    """RUNNING -> RUNNING with a later expiry, for the holder of a live lease only (its token
+    and the hash of its secret)."""
     return await _EXTEND.first(
         conn,
-        {"id": job_id, "token": lease_token, "extend": extend_seconds},
+        {"id": job_id, "token": lease_token, "secret_hash": secret_hash, "extend": extend_seconds},
     )
 
 
@@ -244,7 +256,7 @@ _FINISH = Hot(
         SET status = CAST(:status AS job_status), reason = :reason,
             finished_at = now(), updated_at = now()
         WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-          AND lease_expires_at > clock_timestamp()
+          AND lease_secret_hash = :secret_hash AND lease_expires_at > clock_timestamp()
         RETURNING j.*,
                   EXISTS (SELECT 1 FROM jobs w WHERE w.site = j.site AND w.status = 'QUEUED')
                       AS has_waiting
@@ -254,15 +266,28 @@ _FINISH = Hot(
 
 
 async def finish_job(
-    conn: AsyncConnection, job_id: str, lease_token: int, status: str, reason: str | None
+    conn: AsyncConnection,
+    job_id: str,
+    lease_token: int,
+    secret_hash: bytes | None,
+    status: str,
+    reason: str | None,
 ) -> Row | None:
-    """RUNNING -> SUCCEEDED | FAILED, for the holder of a live lease only.
+    """RUNNING -> SUCCEEDED | FAILED, for the holder of a live lease only (its token and the
+    hash of its secret).
 
     The row also says whether jobs wait on its site (``has_waiting``), as they stand under the
     site's lock, which the caller holds.
     """
     return await _FINISH.first(
-        conn, {"id": job_id, "token": lease_token, "status": status, "reason": reason}
+        conn,
+        {
+            "id": job_id,
+            "token": lease_token,
+            "secret_hash": secret_hash,
+            "status": status,
+            "reason": reason,
+        },
     )
 
 
@@ -278,6 +303,7 @@ _CANCEL = text(
     WHERE j.id = before.id
       AND (j.status = 'QUEUED'
            OR (j.status = 'RUNNING' AND j.lease_token = :token
+               AND j.lease_secret_hash = :secret_hash
                AND j.lease_expires_at > clock_timestamp()))
     RETURNING j.*, before.status AS was
     """
@@ -285,15 +311,16 @@ _CANCEL = text(
 
 
 async def cancel_job(
-    conn: AsyncConnection, job_id: str, lease_token: int | None
+    conn: AsyncConnection, job_id: str, lease_token: int | None, secret_hash: bytes | None
 ) -> RowMapping | None:
-    """QUEUED -> CANCELLED; RUNNING -> CANCELLED only for the holder of the live lease (fencing).
+    """QUEUED -> CANCELLED; RUNNING -> CANCELLED only for the holder of the live lease (its
+    token and the hash of its secret).
 
     Returns the job with ``was`` (its status before); None when nothing changed.
     """
     result = await conn.execute(
         _CANCEL,
-        {"id": job_id, "token": lease_token},
+        {"id": job_id, "token": lease_token, "secret_hash": secret_hash},
     )
     return result.mappings().first()
 

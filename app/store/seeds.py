@@ -37,7 +37,7 @@ _CLAIM = text(
         -- cancel or expiry of the job until this claim commits, so they settle what it took.
         SELECT id, site, lease_token, lease_expires_at FROM jobs
         WHERE id = :job_id AND status = 'RUNNING' AND lease_token = :token
-          AND lease_expires_at > {NOW}
+          AND lease_secret_hash = :secret_hash AND lease_expires_at > {NOW}
         FOR SHARE
     ),
     picked AS (
@@ -76,11 +76,25 @@ _CLAIM = text(
 
 
 async def claim_seeds(
-    conn: AsyncConnection, *, job_id: str, lease_token: int, limit: int, now: datetime | None = None
+    conn: AsyncConnection,
+    *,
+    job_id: str,
+    lease_token: int,
+    secret_hash: bytes | None,
+    limit: int,
+    now: datetime | None = None,
 ) -> Claimed:
-    """Up to ``limit`` due seeds of the job's site ACTIVE -> ASSIGNED to the job's live lease."""
+    """Up to ``limit`` due seeds of the job's site ACTIVE -> ASSIGNED to the job's live lease
+    (its token and the hash of its secret)."""
     result = await conn.execute(
-        _CLAIM, {"job_id": job_id, "token": lease_token, "limit": limit, "now": now}
+        _CLAIM,
+        {
+            "job_id": job_id,
+            "token": lease_token,
+            "secret_hash": secret_hash,
+            "limit": limit,
+            "now": now,
+        },
     )
     rows = list(result.mappings())
     live = bool(rows) and bool(rows[0]["live"])

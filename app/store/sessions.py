@@ -6,10 +6,14 @@ from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
-async def held_session(conn: AsyncConnection, job_id: str, lease_token: int) -> RowMapping | None:
+async def held_session(
+    conn: AsyncConnection, job_id: str, lease_token: int, secret_hash: bytes | None
+) -> RowMapping | None:
     """The account a live lease holds and its session (if any), locked for this transaction.
 
-    ``now_epoch`` is the database's clock (Unix seconds), against which cookies expire. None when the token does not hold a live lease on an account (fencing).
+    ``now_epoch`` is the database's clock (Unix seconds), against which cookies expire. None
+    when the token does not hold a live lease on an account, or the secret is not the lease's
+    (fencing).
     """
     result = await conn.execute(
         text(
@@ -19,10 +23,14 @@ async def held_session(conn: AsyncConnection, job_id: str, lease_token: int) -> 
             FROM accounts a LEFT JOIN sessions s ON s.account_id = a.id
             WHERE a.holder_job_id = :job AND a.lease_token = :token AND a.status = 'USING'
               AND a.lease_expires_at > clock_timestamp()
+              -- the lease's secret: its job keeps the hash (also once a finish in this
+              -- transaction ended it)
+              AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = :job AND j.lease_token = :token
+                          AND j.lease_secret_hash = :secret_hash)
             FOR UPDATE OF a
             """
         ),
-        {"job": job_id, "token": lease_token},
+        {"job": job_id, "token": lease_token, "secret_hash": secret_hash},
     )
     return result.mappings().first()
 

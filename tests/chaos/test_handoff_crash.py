@@ -50,8 +50,8 @@ async def test_a_handoff_worker_killed_before_finalising_is_reaped_and_hands_off
     settings = topics.model_copy(update={"handoff_lease_seconds": LEASE_SECONDS})
     processor = RequestProcessor(settings, Database(engine))
     with webhook(200) as hook:
-        token = await running_job(processor, engine, settings, webhook_url=hook.url)
-        await processor.process(submit(settings, "job-1", token, "cap-1"))
+        lease = await running_job(processor, engine, settings, webhook_url=hook.url)
+        await processor.process(submit(settings, "job-1", lease, "cap-1"))
         async with running_relays(settings, 1):
             with QmProcess(settings, "handoff", fault_point=fault, fault_job_id="job-1") as doomed:
                 assert await asyncio.to_thread(doomed.wait, 60) == -9, doomed.output()[-3000:]

@@ -10,7 +10,15 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
-from tests.support.leasing import make_site, replies, request, scalar, sealed_state, start
+from tests.support.leasing import (
+    lease_fields,
+    make_site,
+    replies,
+    request,
+    scalar,
+    sealed_state,
+    start,
+)
 from workers.requests import RequestProcessor
 
 BIGINT_PAST = 2**63  # one past PostgreSQL's bigint
@@ -52,7 +60,9 @@ async def test_a_heartbeat_with_a_lease_token_past_bigint_is_refused_as_invalid(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
     grant = await granted(processor, engine, settings)
-    record = request(settings, "job.heartbeat", "one", lease_token=BIGINT_PAST)
+    record = request(
+        settings, "job.heartbeat", "one", **{**lease_fields(grant), "lease_token": BIGINT_PAST}
+    )
     reply = await answer(processor, engine, settings, record)
     assert reply["type"] == "request.invalid" and "lease_token" in reply["error"], reply
     await assert_lease_untouched(engine, grant["lease_token"])
@@ -66,7 +76,7 @@ async def test_a_capture_whose_size_is_past_bigint_is_refused_as_invalid(
         settings,
         "capture.submit",
         "one",
-        lease_token=grant["lease_token"],
+        **lease_fields(grant),
         capture_id="cap-1",
         url="https://board.example.com/1",
         storage_uri="s3://bucket/cap-1",
@@ -92,9 +102,7 @@ async def test_an_upload_whose_local_storage_entry_is_named_by_a_list_is_refused
         ],
     }
     sealed = sealed_state(state, "session.upload", "one", grant["upload_key"])
-    record = request(
-        settings, "session.upload", "one", lease_token=grant["lease_token"], storage_state=sealed
-    )
+    record = request(settings, "session.upload", "one", **lease_fields(grant), storage_state=sealed)
     reply = await answer(processor, engine, settings, record)
     assert reply["type"] == "request.invalid" and "storage_state" in reply["error"], reply
     assert await scalar(engine, "SELECT count(*) FROM sessions") == 0
@@ -110,7 +118,7 @@ async def test_a_finish_with_a_seed_id_no_bigint_holds_is_refused_and_the_lease_
         settings,
         "job.finish",
         "one",
-        lease_token=grant["lease_token"],
+        **lease_fields(grant),
         outcome="succeeded",
         seed_results=[{"seed_id": seed_id, "ok": True}],
     )
@@ -118,9 +126,7 @@ async def test_a_finish_with_a_seed_id_no_bigint_holds_is_refused_and_the_lease_
     assert reply["type"] == "request.invalid" and "seed_id" in reply["error"], reply
     await assert_lease_untouched(engine, grant["lease_token"])
     # the holder can still finish with what it meant to say
-    fixed = request(
-        settings, "job.finish", "one", lease_token=grant["lease_token"], outcome="succeeded"
-    )
+    fixed = request(settings, "job.finish", "one", **lease_fields(grant), outcome="succeeded")
     assert (await answer(processor, engine, settings, fixed))["type"] == "job.finished"
 
 

@@ -20,6 +20,7 @@ from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
 from tests.support.leasing import (
     db_now,
+    held_lease,
     make_site,
     make_unreadable_site,
     replies,
@@ -51,9 +52,9 @@ async def status(engine: AsyncEngine, job_id: str) -> str:
 
 async def finish(processor: RequestProcessor, engine: AsyncEngine, settings: Settings, job_id: str,
                  **fields: Any) -> None:  # fmt: skip
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = :id", id=job_id)
+    lease = await held_lease(engine, settings, job_id)
     fields.setdefault("outcome", "succeeded")
-    await processor.process(request(settings, "job.finish", job_id, lease_token=token, **fields))
+    await processor.process(request(settings, "job.finish", job_id, **lease, **fields))
 
 
 async def events(engine: AsyncEngine, settings: Settings) -> list[dict[str, Any]]:

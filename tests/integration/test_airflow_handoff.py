@@ -91,9 +91,9 @@ async def test_a_capture_triggers_one_run_of_its_sites_dag_with_the_capture_as_c
     settings = with_airflow(topics, airflow_api)
     processor = RequestProcessor(settings, Database(engine))
     await board_with_dag(engine, settings, DAG)
-    token = await running_job(processor, engine, settings)
+    lease = await running_job(processor, engine, settings)
     capture_id = f"{settings.topic_prefix}cap/1@x"  # unique per test; '/' and '@' need escaping
-    await processor.process(submit(settings, "job-1", token, capture_id))
+    await processor.process(submit(settings, "job-1", lease, capture_id))
 
     assert await HandoffWorker(settings, Database(engine)).hand_off(capture_id) == "handed_off"
     [run] = await asyncio.to_thread(runs_of, airflow_api, capture_id)
@@ -119,8 +119,8 @@ async def test_an_unknown_dag_id_fails_the_capture_at_once_with_the_reason(
     settings = with_airflow(topics, airflow_api)
     processor = RequestProcessor(settings, Database(engine))
     await board_with_dag(engine, settings, "no_such_dag")
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    lease = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
 
     assert await HandoffWorker(settings, Database(engine)).hand_off("cap-1") == "failed"
     row = await capture_row(engine, "cap-1")
@@ -205,9 +205,9 @@ async def test_a_handoff_killed_after_triggering_the_run_makes_no_second_run(
     settings = with_airflow(topics, airflow_api).model_copy(update={"handoff_lease_seconds": 3.0})
     processor = RequestProcessor(settings, Database(engine))
     await board_with_dag(engine, settings, DAG)
-    token = await running_job(processor, engine, settings)
+    lease = await running_job(processor, engine, settings)
     capture_id = f"{settings.topic_prefix}cap-killed"
-    await processor.process(submit(settings, "job-1", token, capture_id))
+    await processor.process(submit(settings, "job-1", lease, capture_id))
     async with running_relays(settings, 1):
         fault = {"fault_point": "handoff_after_effect", "fault_job_id": "job-1"}
         with QmProcess(settings, "handoff", **fault) as doomed:

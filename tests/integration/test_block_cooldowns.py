@@ -16,7 +16,15 @@ from app.settings import Settings
 from app.store import Database, accounts
 from reapers.block_cooldowns import BlockCooldowns
 from schemas.states import AccountStatus
-from tests.support.leasing import db_now, make_site, replies, request, scalar, start
+from tests.support.leasing import (
+    db_now,
+    held_lease,
+    make_site,
+    replies,
+    request,
+    scalar,
+    start,
+)
 from workers.requests import RequestProcessor
 
 
@@ -29,13 +37,13 @@ async def block(
 ) -> None:
     """Start ``job_id`` (granted at once) and finish it as blocked."""
     await processor.process(start(settings, job_id))
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = :id", id=job_id)
+    lease = await held_lease(engine, settings, job_id)
     await processor.process(
         request(
             settings,
             "job.finish",
             job_id,
-            lease_token=token,
+            **lease,
             outcome="blocked",
             reason="captcha",
             **fields,

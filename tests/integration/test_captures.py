@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.handoff import Delivery, TargetError
+from app.lease_secrets import lease_secret_hash
 from app.settings import Settings
 from app.store import Database, domains, jobs
 from reapers.lapsed_handoffs import LapsedHandoffs
@@ -46,8 +47,8 @@ def worker(settings: Settings, engine: AsyncEngine, target: Recorder, name: str)
 async def test_submit_records_the_capture_replies_and_dispatches_its_handoff_together(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    token = await running_job(processor, engine, settings)
-    assert await processor.process(submit(settings, "job-1", token, "cap-1")) == "replied"
+    lease = await running_job(processor, engine, settings)
+    assert await processor.process(submit(settings, "job-1", lease, "cap-1")) == "replied"
     reply = (await replies(engine, settings, "job-1"))[-1]
     assert reply["type"] == "capture.accepted" and reply["capture_id"] == "cap-1"
     row = await capture_row(engine, "cap-1")
@@ -62,9 +63,9 @@ async def test_submit_records_the_capture_replies_and_dispatches_its_handoff_tog
 async def test_the_same_capture_again_is_accepted_again_and_changes_nothing(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
-    await processor.process(submit(settings, "job-1", token, "cap-1"))  # a new request_id
+    lease = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))  # a new request_id
     kinds = [r["type"] for r in await replies(engine, settings, "job-1")]
     assert kinds[-2:] == ["capture.accepted", "capture.accepted"]
     assert len(await outbox_payloads(engine, settings.topic("captures"))) == 1
@@ -73,9 +74,9 @@ async def test_the_same_capture_again_is_accepted_again_and_changes_nothing(
 async def test_the_same_capture_id_with_another_body_is_a_conflict(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
-    await processor.process(submit(settings, "job-1", token, "cap-1", size=99))
+    lease = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
+    await processor.process(submit(settings, "job-1", lease, "cap-1", size=99))
     assert (await replies(engine, settings, "job-1"))[-1]["type"] == "request.conflict"
     assert (await capture_row(engine, "cap-1"))["size"] == 1234
     assert len(await outbox_payloads(engine, settings.topic("captures"))) == 1
@@ -84,8 +85,10 @@ async def test_the_same_capture_id_with_another_body_is_a_conflict(
 async def test_submit_with_a_stale_token_changes_nothing(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token + 1000, "cap-1"))
+    lease = await running_job(processor, engine, settings)
+    await processor.process(
+        submit(settings, "job-1", {**lease, "lease_token": lease["lease_token"] + 1000}, "cap-1")
+    )
     reply = (await replies(engine, settings, "job-1"))[-1]
     assert reply["type"] == "job.lease_lost" and reply["reason"] == "stale_token"
     assert await scalar(engine, "SELECT count(*) FROM captures") == 0
@@ -95,11 +98,21 @@ async def test_submit_with_a_stale_token_changes_nothing(
 async def test_a_submit_racing_a_finish_that_commits_first_records_nothing(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    token = await running_job(processor, engine, settings)
+    lease = await running_job(processor, engine, settings)
     async with engine.connect() as finisher:
         await finisher.begin()
-        assert await jobs.finish_job(finisher, "job-1", token, "SUCCEEDED", None) is not None
-        submitting = asyncio.create_task(processor.process(submit(settings, "job-1", token, "c1")))
+        assert (
+            await jobs.finish_job(
+                finisher,
+                "job-1",
+                lease["lease_token"],
+                lease_secret_hash(lease["lease_secret"]),
+                "SUCCEEDED",
+                None,
+            )
+            is not None
+        )
+        submitting = asyncio.create_task(processor.process(submit(settings, "job-1", lease, "c1")))
 
         async def blocked_or_done() -> bool:
             waiting = (
@@ -120,8 +133,8 @@ async def test_a_submit_racing_a_finish_that_commits_first_records_nothing(
 async def test_two_workers_racing_on_one_capture_deliver_once_and_publish_one_ready(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    lease = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
     target = Recorder()
     one, two = worker(settings, engine, target, "w1"), worker(settings, engine, target, "w2")
     outcomes = await asyncio.gather(one.hand_off("cap-1"), two.hand_off("cap-1"))
@@ -137,8 +150,8 @@ async def test_two_workers_racing_on_one_capture_deliver_once_and_publish_one_re
 async def test_a_lapsed_claim_is_reaped_republished_and_its_old_token_finalises_nothing(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    lease = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
     target = Recorder()
     zombie = worker(settings, engine, target, "zombie")
     claimed = await zombie._claim("cap-1", None)  # claimed, then its worker "dies"
@@ -163,8 +176,8 @@ async def test_a_claim_that_keeps_lapsing_ends_failed_with_a_dead_letter(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
     settings = settings.model_copy(update={"handoff_max_attempts": 2})
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    lease = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
     sweep = LapsedHandoffs(settings, Database(engine))
     now = None
     for _ in range(2):
@@ -188,8 +201,8 @@ async def test_a_due_capture_without_a_record_in_flight_is_dispatched_again(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
     settings = settings.model_copy(update={"handoff_redispatch_seconds": 30})
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    lease = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
     sweep = UndispatchedCaptures(settings, Database(engine))
     row = await capture_row(engine, "cap-1")
     assert (await sweep.run_once()).changed == []  # its record waits unsent in the outbox
@@ -217,30 +230,30 @@ async def test_a_capture_url_goes_through_the_site_domain_rewrites(
 ) -> None:
     from app.store import domains
 
-    token = await running_job(processor, engine, settings)
+    lease = await running_job(processor, engine, settings)
     async with engine.begin() as conn:
         await domains.add_rewrite(
             conn, site="board", from_host="board.example.com", to_host="new.example.com"
         )
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
     assert (await capture_row(engine, "cap-1"))["url"] == "https://new.example.com/items/cap-1"
     # the same submission again is the same capture (its fingerprint is of the body as sent)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
     assert (await replies(engine, settings, "job-1"))[-1]["type"] == "capture.accepted"
 
 
 async def test_a_capture_refused_by_the_fence_counts_no_rewrite_and_says_why(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    token = await running_job(processor, engine, settings)
+    lease = await running_job(processor, engine, settings)
     async with engine.begin() as conn:
         await domains.add_rewrite(
             conn, site="board", from_host="board.example.com", to_host="mirror.example.com"
         )
-    finish = request(settings, "job.finish", "job-1", lease_token=token, outcome="succeeded")
+    finish = request(settings, "job.finish", "job-1", **lease, outcome="succeeded")
     assert await processor.process(finish) == "replied"
     # the job has ended but its token is the one the collector holds: the fence refuses
-    assert await processor.process(submit(settings, "job-1", token, "cap-1")) == "replied"
+    assert await processor.process(submit(settings, "job-1", lease, "cap-1")) == "replied"
     reply = (await replies(engine, settings, "job-1"))[-1]
     assert reply["type"] == "job.lease_lost" and reply["reason"] == "job_succeeded"
     assert await scalar(engine, "SELECT count(*) FROM captures") == 0

@@ -24,9 +24,9 @@ class Refuser:
 
 async def failed_capture(engine: AsyncEngine, settings: Settings) -> None:
     processor = RequestProcessor(settings, Database(engine))
-    token = await running_job(processor, engine, settings)
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
-    await processor.process(submit(settings, "job-1", token, "cap-2"))
+    lease = await running_job(processor, engine, settings)
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
+    await processor.process(submit(settings, "job-1", lease, "cap-2"))
     worker = HandoffWorker(settings, Database(engine), targets=lambda d, s: [Refuser()])
     assert await worker.hand_off("cap-1") == "failed"
 

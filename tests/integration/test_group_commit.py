@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 from prometheus_client import REGISTRY
 from sqlalchemy import text
@@ -15,6 +16,7 @@ from structlog.testing import capture_logs
 from app.settings import Settings
 from app.store import Database
 from tests.support.leasing import (
+    held_lease,
     make_failing_site,
     make_site,
     replies,
@@ -29,10 +31,12 @@ def processor(settings: Settings, engine: AsyncEngine, **knobs: int) -> RequestP
     return RequestProcessor(settings.model_copy(update=knobs), Database(engine))
 
 
-async def running_jobs(engine: AsyncEngine) -> list[tuple[str, int]]:
+async def running_jobs(engine: AsyncEngine, settings: Settings) -> list[tuple[str, dict[str, Any]]]:
+    """Each running job with the fields its follow-ups present."""
     async with engine.connect() as conn:
-        rows = await conn.execute(text("SELECT id, lease_token FROM jobs WHERE status = 'RUNNING'"))
-        return [(job_id, int(token)) for job_id, token in rows]
+        rows = await conn.execute(text("SELECT id FROM jobs WHERE status = 'RUNNING'"))
+        job_ids = [job_id for (job_id,) in rows]
+    return [(job_id, await held_lease(engine, settings, job_id)) for job_id in job_ids]
 
 
 def carried(committed: str) -> tuple[float, float]:
@@ -106,13 +110,13 @@ async def test_side_by_side_shared_transactions_over_many_sites_keep_every_rule_
     with capture_logs() as logs:
         await asyncio.gather(*(worker.process(start(settings, j, site=s)) for j, s in jobs.items()))
         for _ in range(len(jobs)):  # finish the running jobs in waves; the waiting ones move up
-            running = await running_jobs(engine)
+            running = await running_jobs(engine, settings)
             if not running:
                 break
             rng.shuffle(running)
             finishes = [
-                request(settings, "job.finish", job_id, lease_token=token, outcome=outcome)
-                for job_id, token in running
+                request(settings, "job.finish", job_id, **lease, outcome=outcome)
+                for job_id, lease in running
                 for outcome in [rng.choice(["succeeded", "failed"])]
             ]
             await asyncio.gather(*(worker.process(f) for f in finishes))

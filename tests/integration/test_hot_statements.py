@@ -10,9 +10,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import Disposition, classify, describe
+from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.settings import Settings
 from app.store import jobs
-from tests.support.leasing import CANARY, make_site, scalar
+from tests.support.leasing import CANARY, COLLECTOR_PUBLIC_KEY, make_site, scalar
+
+SECRET_HASH = lease_secret_hash(new_lease_secret())
 
 
 def queue(job_id: str, site: str = "board") -> dict[str, object]:
@@ -27,7 +30,7 @@ def queue(job_id: str, site: str = "board") -> dict[str, object]:
         "request_id": "0190d3c8-0000-7000-8000-000000000001",
         "reply_to": "replies",
         "correlation_id": "x",
-        "public_key": None,
+        "public_key": COLLECTOR_PUBLIC_KEY,
     }
 
 
@@ -53,13 +56,15 @@ async def test_a_hot_statement_that_waits_past_the_lock_timeout_is_transient(
     await make_site(engine, settings)
     async with engine.begin() as conn:
         assert await jobs.queue_job(conn, **queue("job-1")) is not None  # type: ignore[arg-type]
-        granted = await jobs.grant_next_waiting(conn, "board")
+        granted = await jobs.grant_next_waiting(conn, "board", SECRET_HASH)
         assert granted is not None
     async with engine.connect() as holder, engine.connect() as waiter:
         await holder.execute(text("SELECT 1 FROM jobs WHERE id = 'job-1' FOR UPDATE"))
         await waiter.execute(text("SET LOCAL lock_timeout = '100ms'"))
         with pytest.raises(DBAPIError) as caught:
-            await jobs.finish_job(waiter, "job-1", granted["lease_token"], "SUCCEEDED", None)
+            await jobs.finish_job(
+                waiter, "job-1", granted["lease_token"], SECRET_HASH, "SUCCEEDED", None
+            )
         await waiter.rollback()
         await holder.rollback()
     assert classify(caught.value) is Disposition.TRANSIENT

@@ -11,7 +11,14 @@ from app.settings import Settings
 from app.store import Database, retention
 from reapers.job_retention import JobRetention
 from reapers.runner import job_sweeps
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import (
+    lease_fields,
+    make_site,
+    replies,
+    request,
+    scalar,
+    start,
+)
 from workers.requests import RequestProcessor
 
 
@@ -20,9 +27,7 @@ async def run_job(
 ) -> None:
     await processor.process(start(settings, job_id))
     [grant] = [r for r in await replies(engine, settings, job_id) if r["type"] == "job.granted"]
-    finish = request(
-        settings, "job.finish", job_id, lease_token=grant["lease_token"], outcome="succeeded"
-    )
+    finish = request(settings, "job.finish", job_id, **lease_fields(grant), outcome="succeeded")
     await processor.process(finish)
 
 

@@ -19,6 +19,7 @@ from app.crypto import Unsealable
 from app.settings import Settings
 from app.store import Database
 from tests.support.leasing import (
+    lease_fields,
     make_site,
     opened_secret,
     replies,
@@ -86,11 +87,9 @@ async def test_a_release_hands_the_account_to_the_oldest_waiting_job(
     await make_site(engine, settings, capacity=1, n_accounts=1)
     for n in range(4):
         await processor.process(start(settings, f"job-{n}"))
-    token = (await granted(engine, settings, "job-0"))["lease_token"]
-    await processor.process(
-        request(settings, "job.finish", "job-0", lease_token=token, outcome="succeeded")
-    )
-    assert (await granted(engine, settings, "job-1"))["lease_token"] > token
+    lease = lease_fields(await granted(engine, settings, "job-0"))
+    await processor.process(request(settings, "job.finish", "job-0", **lease, outcome="succeeded"))
+    assert (await granted(engine, settings, "job-1"))["lease_token"] > lease["lease_token"]
     assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'job-2'") == "QUEUED"
     positions = [
         r["position"] for r in await replies(engine, settings) if r["type"] == "job.queued"
@@ -103,9 +102,9 @@ async def test_two_concurrent_finishes_have_exactly_one_winner(
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "job-1"))
-    token = (await granted(engine, settings, "job-1"))["lease_token"]
+    lease = lease_fields(await granted(engine, settings, "job-1"))
     finishes = [
-        request(settings, "job.finish", "job-1", lease_token=token, outcome=outcome)
+        request(settings, "job.finish", "job-1", **lease, outcome=outcome)
         for outcome in ("succeeded", "failed")
     ]
     await asyncio.gather(*(processor.process(f) for f in finishes))
@@ -123,14 +122,10 @@ async def test_finish_racing_a_heartbeat_ends_the_job_once_and_the_heartbeat_cha
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "job-1"))
-    token = (await granted(engine, settings, "job-1"))["lease_token"]
+    lease = lease_fields(await granted(engine, settings, "job-1"))
     await asyncio.gather(
-        processor.process(
-            request(settings, "job.finish", "job-1", lease_token=token, outcome="succeeded")
-        ),
-        processor.process(
-            request(settings, "job.heartbeat", "job-1", lease_token=token, extend_seconds=600)
-        ),
+        processor.process(request(settings, "job.finish", "job-1", **lease, outcome="succeeded")),
+        processor.process(request(settings, "job.heartbeat", "job-1", **lease, extend_seconds=600)),
     )
     kinds = sorted(r["type"] for r in await replies(engine, settings, "job-1"))
     assert kinds in (
@@ -147,21 +142,15 @@ async def test_a_zombie_with_an_old_token_changes_nothing(
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "job-a"))
-    old = (await granted(engine, settings, "job-a"))["lease_token"]
-    await processor.process(
-        request(settings, "job.finish", "job-a", lease_token=old, outcome="succeeded")
-    )
+    old = lease_fields(await granted(engine, settings, "job-a"))
+    await processor.process(request(settings, "job.finish", "job-a", **old, outcome="succeeded"))
     await processor.process(start(settings, "job-b"))
-    new = (await granted(engine, settings, "job-b"))["lease_token"]
-    assert new > old
+    new = lease_fields(await granted(engine, settings, "job-b"))
+    assert new["lease_token"] > old["lease_token"]
     # the zombie of job-a, and a forger presenting job-a's token for job-b
-    await processor.process(
-        request(settings, "job.finish", "job-a", lease_token=old, outcome="blocked")
-    )
-    await processor.process(request(settings, "job.heartbeat", "job-b", lease_token=old))
-    await processor.process(
-        request(settings, "job.finish", "job-b", lease_token=old, outcome="blocked")
-    )
+    await processor.process(request(settings, "job.finish", "job-a", **old, outcome="blocked"))
+    await processor.process(request(settings, "job.heartbeat", "job-b", **old))
+    await processor.process(request(settings, "job.finish", "job-b", **old, outcome="blocked"))
     lost = [r["reason"] for r in await replies(engine, settings) if r["type"] == "job.lease_lost"]
     assert lost == ["job_succeeded", "stale_token", "stale_token"]
     assert await scalar(engine, "SELECT status::text FROM accounts") == "USING"
@@ -175,12 +164,10 @@ async def test_cancel_racing_a_grant_leaves_no_cancelled_job_holding_anything(
     await make_site(engine, settings)
     await processor.process(start(settings, "holder"))
     await processor.process(start(settings, "waiter"))
-    token = (await granted(engine, settings, "holder"))["lease_token"]
+    lease = lease_fields(await granted(engine, settings, "holder"))
     # the holder's finish grants the waiter while the waiter's cancel (without a token) runs
     await asyncio.gather(
-        processor.process(
-            request(settings, "job.finish", "holder", lease_token=token, outcome="succeeded")
-        ),
+        processor.process(request(settings, "job.finish", "holder", **lease, outcome="succeeded")),
         processor.process(request(settings, "job.cancel", "waiter")),
     )
     waiter = [r["type"] for r in await replies(engine, settings, "waiter")]

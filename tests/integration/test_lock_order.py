@@ -15,6 +15,7 @@ from app.settings import Settings
 from app.store import Database
 from reapers.expired_leases import ExpiredLeases
 from tests.support.leasing import (
+    lease_fields,
     make_site,
     replies,
     request,
@@ -69,32 +70,32 @@ async def test_mixed_shapes_on_the_same_jobs_never_deadlock(
         grants = [r for r in await replies(engine, settings) if r["type"] == "job.granted"]
         upload_key = upload_key or grants[0]["upload_key"]
         live = {
-            g["job_id"]: g["lease_token"] for g in grants if g["job_id"].startswith(f"r{round_}-")
+            g["job_id"]: lease_fields(g) for g in grants if g["job_id"].startswith(f"r{round_}-")
         }
         follow_ups: list[Incoming] = []
-        for n, (job_id, token) in enumerate(live.items()):
+        for n, (job_id, lease) in enumerate(live.items()):
             follow_ups += [
                 *(
-                    request(settings, "job.heartbeat", job_id, lease_token=token, extend_seconds=60)
+                    request(settings, "job.heartbeat", job_id, **lease, extend_seconds=60)
                     for _ in range(HEARTBEATS)
                 ),
                 request(
                     settings,
                     "session.upload",
                     job_id,
-                    lease_token=token,
+                    **lease,
                     storage_state=sealed_state(cookie(n), "session.upload", job_id, upload_key),
                 ),
                 request(
                     settings,
                     "job.finish",
                     job_id,
-                    lease_token=token,
+                    **lease,
                     outcome=rng.choice(("succeeded", "failed")),
                     session_state=sealed_state(cookie(n + 100), "job.finish", job_id, upload_key),
                 )
                 if n % 2
-                else request(settings, "job.cancel", job_id, lease_token=token),
+                else request(settings, "job.cancel", job_id, **lease),
             ]
         waiting = [r.key.decode() for r in starts if r.key and r.key.decode() not in live]
         follow_ups += [request(settings, "job.cancel", job_id) for job_id in waiting[:2]]
@@ -145,9 +146,7 @@ async def test_a_repeated_start_racing_its_grant_never_sends_a_stale_queued_afte
         waiting = start(settings, waiter)
         await alone.process(waiting)
         [grant] = [r for r in await replies(engine, settings, holder) if r["type"] == "job.granted"]
-        ending = request(
-            settings, "job.finish", holder, lease_token=grant["lease_token"], outcome="succeeded"
-        )
+        ending = request(settings, "job.finish", holder, **lease_fields(grant), outcome="succeeded")
         # the grant of the waiter (by the holder's finish) races repeats of the waiter's start,
         # each in a transaction of its own
         await asyncio.gather(alone.process(ending), *(alone.process(waiting) for _ in range(3)))
@@ -156,7 +155,5 @@ async def test_a_repeated_start_racing_its_grant_never_sends_a_stale_queued_afte
         assert settled, order
         assert "job.queued" not in order[settled[0] :], order
         final = [r for r in await replies(engine, settings, waiter) if r["type"] == "job.granted"]
-        token = final[0]["lease_token"]
-        await alone.process(
-            request(settings, "job.finish", waiter, lease_token=token, outcome="succeeded")
-        )
+        lease = lease_fields(final[0])
+        await alone.process(request(settings, "job.finish", waiter, **lease, outcome="succeeded"))

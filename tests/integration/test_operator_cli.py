@@ -23,7 +23,7 @@ from app.settings import Settings, get_settings
 from app.store import Database
 from reapers.capacity_back import CapacityBack
 from tests.support.databases import empty_database
-from tests.support.leasing import make_site, request, scalar, start
+from tests.support.leasing import held_lease, make_site, request, scalar, start
 from workers.requests import RequestProcessor
 
 Qm = Callable[..., Awaitable[Result]]
@@ -76,9 +76,9 @@ def json_lines(result: Result) -> list[dict[str, Any]]:
 async def finish(
     processor: RequestProcessor, settings: Settings, engine: AsyncEngine, job_id: str, **fields: Any
 ) -> None:
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = :id", id=job_id)
+    lease = await held_lease(engine, settings, job_id)
     fields.setdefault("outcome", "succeeded")
-    await processor.process(request(settings, "job.finish", job_id, lease_token=token, **fields))
+    await processor.process(request(settings, "job.finish", job_id, **lease, **fields))
 
 
 # --- clear answers -------------------------------------------------------------------------

@@ -18,12 +18,16 @@ from app.store import Database
 from reapers.capacity_back import CapacityBack
 from reapers.expired_leases import ExpiredLeases
 from reapers.overdue_waits import OverdueWaits
-from tests.support.leasing import db_now, make_site, replies, request, scalar, start
+from tests.support.leasing import (
+    db_now,
+    held_lease,
+    make_site,
+    replies,
+    request,
+    scalar,
+    start,
+)
 from workers.requests import RequestProcessor
-
-
-async def token_of(engine: AsyncEngine, job_id: str) -> int:
-    return int(await scalar(engine, "SELECT lease_token FROM jobs WHERE id = :id", id=job_id))
 
 
 async def job_events(engine: AsyncEngine, settings: Settings) -> list[dict]:
@@ -91,10 +95,8 @@ async def test_waiting_jobs_are_granted_within_one_sweep_when_a_cooldown_ends(
     await processor.process(start(settings, "first"))
     await processor.process(start(settings, "second"))
     await processor.process(start(settings, "third"))
-    token = await token_of(engine, "first")
-    await processor.process(
-        request(settings, "job.finish", "first", lease_token=token, outcome="succeeded")
-    )
+    lease = await held_lease(engine, settings, "first")
+    await processor.process(request(settings, "job.finish", "first", **lease, outcome="succeeded"))
     assert (await CapacityBack(settings, db).run_once()).changed == []  # still resting
     result = await CapacityBack(settings, db).run_once(
         now=await db_now(engine) + timedelta(seconds=301)
@@ -109,13 +111,13 @@ async def test_an_operator_unblock_lets_a_waiting_job_through_within_one_sweep(
     await make_site(engine, settings)
     await processor.process(start(settings, "blocker"))
     await processor.process(start(settings, "waiter"))
-    token = await token_of(engine, "blocker")
+    lease = await held_lease(engine, settings, "blocker")
     await processor.process(
         request(
             settings,
             "job.finish",
             "blocker",
-            lease_token=token,
+            **lease,
             outcome="blocked",
             reason="captcha",
         )
@@ -174,9 +176,9 @@ async def test_two_reapers_and_a_finishing_collector_race_to_one_outcome(
 ) -> None:
     await make_site(engine, settings, lease_seconds=60)
     await processor.process(start(settings, "job-1"))
-    token = await token_of(engine, "job-1")
+    lease = await held_lease(engine, settings, "job-1")
     later = await db_now(engine) + timedelta(seconds=61)
-    finish = request(settings, "job.finish", "job-1", lease_token=token, outcome="succeeded")
+    finish = request(settings, "job.finish", "job-1", **lease, outcome="succeeded")
     first, second, _ = await asyncio.gather(
         ExpiredLeases(settings, db).run_once(now=later),
         ExpiredLeases(settings, db).run_once(now=later),
@@ -196,12 +198,10 @@ async def test_a_collector_finishing_after_its_lease_was_reaped_gets_lease_lost_
 ) -> None:
     await make_site(engine, settings, lease_seconds=60, cooldown_seconds=0)
     await processor.process(start(settings, "slow"))
-    token = await token_of(engine, "slow")
+    lease = await held_lease(engine, settings, "slow")
     await ExpiredLeases(settings, db).run_once(now=await db_now(engine) + timedelta(seconds=61))
     errors = await scalar(engine, "SELECT error_count FROM accounts")
-    await processor.process(
-        request(settings, "job.finish", "slow", lease_token=token, outcome="blocked")
-    )
+    await processor.process(request(settings, "job.finish", "slow", **lease, outcome="blocked"))
     assert (await replies(engine, settings, "slow"))[-1] == {
         **(await replies(engine, settings, "slow"))[-1],
         "type": "job.lease_lost",

@@ -23,7 +23,15 @@ from app.settings import Settings
 from app.store import Database
 from reapers.expired_leases import ExpiredLeases
 from tests.integration.conftest_outbox import outbox_rows, read_topic, wait_until
-from tests.support.leasing import db_now, make_site, replies, request, scalar, start
+from tests.support.leasing import (
+    db_now,
+    held_lease,
+    make_site,
+    replies,
+    request,
+    scalar,
+    start,
+)
 from workers.requests import Incoming, RequestProcessor
 
 
@@ -56,8 +64,8 @@ async def test_every_reply_of_a_routed_request_goes_to_its_partition(
     assert await processor.process(first) == "replied"
     repeat = replace(first, offset=first.offset + 1)  # the client sent it again
     assert await processor.process(repeat) == "duplicate"  # answered again, there
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'job-1'")
-    finish = request(settings, "job.finish", "job-1", lease_token=token, outcome="succeeded")
+    lease = await held_lease(engine, settings, "job-1")
+    finish = request(settings, "job.finish", "job-1", **lease, outcome="succeeded")
     assert await processor.process(routed(finish, 3)) == "replied"
     assert await replies_with_partitions(engine, settings, "job-1") == [
         ("job.granted", 5),
@@ -73,8 +81,8 @@ async def test_a_queued_start_granted_by_another_request_goes_to_the_partition_i
     await make_site(engine, settings)
     await processor.process(routed(start(settings, "holder"), 1))
     await processor.process(routed(start(settings, "waiter", wait_seconds=30), 6))
-    token = await scalar(engine, "SELECT lease_token FROM jobs WHERE id = 'holder'")
-    finish = request(settings, "job.finish", "holder", lease_token=token, outcome="succeeded")
+    lease = await held_lease(engine, settings, "holder")
+    finish = request(settings, "job.finish", "holder", **lease, outcome="succeeded")
     await processor.process(routed(finish, 1))  # its transaction grants the waiter
     assert await replies_with_partitions(engine, settings, "waiter") == [
         ("job.queued", 6),

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db.engine import make_engine
 from app.settings import Settings
 from app.store import Database
-from tests.support.leasing import make_site, replies, request, start
+from tests.support.leasing import lease_fields, make_site, replies, request, start
 from workers.requests import Incoming, RequestProcessor
 
 JOBS = 8
@@ -93,23 +93,17 @@ async def cycle_round_trips(
     ]
     await send("start", starts)
     answers = await replies(engine, settings)
-    tokens = {r["job_id"]: r["lease_token"] for r in answers if r["type"] == "job.granted"}
-    assert set(tokens) == set(ids)
+    leases = {r["job_id"]: lease_fields(r) for r in answers if r["type"] == "job.granted"}
+    assert set(leases) == set(ids)
     await send(
         "heartbeat",
-        [
-            request(settings, "job.heartbeat", j, lease_token=tokens[j], extend_seconds=120)
-            for j in ids
-        ],
+        [request(settings, "job.heartbeat", j, **leases[j], extend_seconds=120) for j in ids],
     )
     await send(
         "finish",
-        [
-            request(settings, "job.finish", j, lease_token=tokens[j], outcome="succeeded")
-            for j in ids
-        ],
+        [request(settings, "job.finish", j, **leases[j], outcome="succeeded") for j in ids],
     )
-    kinds = [r["type"] for r in await replies(engine, settings) if r["job_id"] in tokens]
+    kinds = [r["type"] for r in await replies(engine, settings) if r["job_id"] in leases]
     assert Counter(kinds) == {"job.granted": JOBS, "job.extended": JOBS, "job.finished": JOBS}
     await own.dispose()
     return counted

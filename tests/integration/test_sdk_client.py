@@ -41,6 +41,7 @@ from schemas.messages import (
 from schemas.messages import JobRejected as Rejected
 
 SECRET = "s3cret-pa55word"
+LEASE_SECRET = "L" * 43  # the lease secret every grant here carries, sealed
 DEADLINE = 15.0
 
 
@@ -149,6 +150,7 @@ def grant(
         request_id=request.body["request_id"],
         job_id=job_id,
         lease_token=lease_token,
+        lease_secret=seal(requester, LEASE_SECRET.encode(), seal_context("lease.secret", job_id)),
         granted_at=datetime.now(UTC),
         lease_expires_at=datetime.now(UTC) + timedelta(seconds=lease_seconds),
         account=GrantedAccount(
@@ -205,6 +207,7 @@ async def test_a_queued_start_is_granted_later_with_the_secret_decrypted_and_nev
 
     [finish] = responder.of_type("job.finish")
     assert (finish.body["outcome"], finish.body["lease_token"]) == ("succeeded", 7)
+    assert finish.body["lease_secret"] == LEASE_SECRET  # opened from the grant
     assert job.status == "SUCCEEDED"
 
 
@@ -276,6 +279,10 @@ async def test_a_grant_after_the_caller_gave_up_is_released_once_with_a_cancel(
     assert [c.body["job_id"] for c in released()] == ["job-late"]
     start_request_id = responder.of_type("job.start")[0].body["request_id"]
     assert released()[0].body["request_id"] != start_request_id
+    assert (released()[0].body["lease_token"], released()[0].body["lease_secret"]) == (
+        7,
+        LEASE_SECRET,
+    )
 
 
 async def test_heartbeats_extend_the_lease_with_the_lease_token(
@@ -304,6 +311,7 @@ async def test_heartbeats_extend_the_lease_with_the_lease_token(
 
     beats = responder.of_type("job.heartbeat")
     assert {b.body["lease_token"] for b in beats} == {11}
+    assert {b.body["lease_secret"] for b in beats} == {LEASE_SECRET}
     assert {b.body["extend_seconds"] for b in beats} == {1}
     assert not job.lost
 

@@ -22,7 +22,7 @@ from reapers.inbox_retention import InboxRetention
 from tests.conftest import asyncpg_dsn
 from tests.support.cli import operator_cli
 from tests.support.databases import empty_database
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import lease_fields, make_site, replies, request, scalar, start
 from tests.support.waiting import eventually
 from workers.requests import Incoming, RequestProcessor
 
@@ -35,31 +35,36 @@ async def outbox(engine: AsyncEngine, topic: str) -> list[dict]:
         return [json.loads(bytes(r[0])) for r in rows]
 
 
-async def granted_token(engine: AsyncEngine, settings: Settings, job_id: str) -> int:
+async def granted_lease(engine: AsyncEngine, settings: Settings, job_id: str) -> dict:
     [grant] = [r for r in await replies(engine, settings, job_id) if r["type"] == "job.granted"]
-    return int(grant["lease_token"])
+    return lease_fields(grant)
 
 
 # --- fencing of cancel, and the operator's revoke ------------------------------------------
 
 
-async def test_cancel_of_a_running_job_needs_its_live_token(
+async def test_cancel_of_a_running_job_needs_its_live_token_and_secret(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
     await make_site(engine, settings)
     await processor.process(start(settings, "held"))
-    token = await granted_token(engine, settings, "held")
+    lease = await granted_lease(engine, settings, "held")
+    token = lease["lease_token"]
     await processor.process(request(settings, "job.cancel", "held"))
-    await processor.process(request(settings, "job.cancel", "held", lease_token=token + 1))
+    await processor.process(
+        request(settings, "job.cancel", "held", **{**lease, "lease_token": token + 1})
+    )
+    await processor.process(request(settings, "job.cancel", "held", lease_token=token))
     answers = await replies(engine, settings, "held")
     assert [(r["type"], r.get("reason")) for r in answers[1:]] == [
         ("job.lease_lost", "lease_token_required"),
         ("job.lease_lost", "stale_token"),
+        ("job.lease_lost", "wrong_secret"),  # the token is public: the secret is the holder's
     ]
     assert await scalar(engine, "SELECT status::text FROM jobs") == "RUNNING"
     assert await scalar(engine, "SELECT holder_job_id FROM accounts") == "held"
 
-    await processor.process(request(settings, "job.cancel", "held", lease_token=token))
+    await processor.process(request(settings, "job.cancel", "held", **lease))
     assert (await replies(engine, settings, "held"))[-1]["type"] == "job.cancelled"
     assert await scalar(engine, "SELECT status::text FROM jobs") == "CANCELLED"
     assert await scalar(engine, "SELECT status::text FROM accounts") == "ACTIVE"
@@ -89,7 +94,8 @@ async def test_an_operator_revokes_a_lease_and_the_holder_hears_lease_lost(
     await make_site(engine, settings)
     await processor.process(start(settings, "holder"))
     await processor.process(start(settings, "next"))
-    token = await granted_token(engine, settings, "holder")
+    lease = await granted_lease(engine, settings, "holder")
+    token = lease["lease_token"]
 
     result = await asyncio.to_thread(
         qm.invoke, app, ["jobs", "revoke", "holder", "--reason", "account misuse"]
@@ -104,7 +110,7 @@ async def test_an_operator_revokes_a_lease_and_the_holder_hears_lease_lost(
         "revoked: account misuse"
     )
 
-    await processor.process(request(settings, "job.heartbeat", "holder", lease_token=token))
+    await processor.process(request(settings, "job.heartbeat", "holder", **lease))
     [*_, answer] = await replies(engine, settings, "holder")
     assert (answer["type"], answer["reason"]) == ("job.lease_lost", "job_cancelled")
     again = await asyncio.to_thread(
@@ -166,10 +172,8 @@ async def test_a_lease_wait_or_extension_over_the_cap_is_refused_with_a_reason(
     await processor.process(start(settings, "long", lease_seconds=601))
     await processor.process(start(settings, "patient", wait_seconds=601))
     await processor.process(start(settings, "fine", lease_seconds=600))
-    token = await granted_token(engine, settings, "fine")
-    await processor.process(
-        request(settings, "job.heartbeat", "fine", lease_token=token, extend_seconds=601)
-    )
+    lease = await granted_lease(engine, settings, "fine")
+    await processor.process(request(settings, "job.heartbeat", "fine", **lease, extend_seconds=601))
     errors = [r["error"] for r in await replies(engine, settings) if r["type"] == "request.invalid"]
     assert errors == [
         "lease_seconds 601 is over the cap of 600 seconds (QM_MAX_LEASE_SECONDS)",
@@ -192,9 +196,8 @@ async def test_a_lease_runs_from_its_grant_and_short_leases_are_raised_to_the_sa
     assert datetime.fromisoformat(grant["granted_at"]) == granted_at
     lease = await scalar(engine, "SELECT lease_expires_at - granted_at FROM jobs")
     assert lease == timedelta(seconds=safe.shortest_lease())
-    token = grant["lease_token"]
     await processor.process(
-        request(settings, "job.heartbeat", "brief", lease_token=token, extend_seconds=1)
+        request(settings, "job.heartbeat", "brief", **lease_fields(grant), extend_seconds=1)
     )
     extended = (await replies(engine, settings, "brief"))[-1]
     assert extended["type"] == "job.extended"

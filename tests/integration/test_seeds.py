@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.settings import Settings
 from app.store import Database, domains, seeds
 from reapers.expired_leases import ExpiredLeases
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import lease_fields, make_site, replies, request, scalar, start
 from workers.requests import RequestProcessor
 
 
@@ -59,16 +59,18 @@ async def begin(
     return grant
 
 
-def claim(settings: Settings, job_id: str, token: int, limit: int) -> Any:
-    return request(settings, "seeds.claim", job_id, lease_token=token, limit=limit)
+def claim(settings: Settings, job_id: str, lease: dict[str, Any], limit: int) -> Any:
+    return request(settings, "seeds.claim", job_id, **lease, limit=limit)
 
 
-def finish(settings: Settings, job_id: str, token: int, results: list[dict[str, Any]]) -> Any:
+def finish(
+    settings: Settings, job_id: str, lease: dict[str, Any], results: list[dict[str, Any]]
+) -> Any:
     return request(
         settings,
         "job.finish",
         job_id,
-        lease_token=token,
+        **lease,
         outcome="succeeded",
         seed_results=results or None,
     )
@@ -106,7 +108,7 @@ async def test_twenty_concurrent_collectors_share_sixty_seeds_without_ever_holdi
         assert all(g["type"] == "job.granted" for g in grants.values())
         # 40 asked with the grants, then each asks for 5 more at once: 20 more are due
         await asyncio.gather(
-            *(processor.process(claim(settings, j, grants[j]["lease_token"], 5)) for j in jobs)
+            *(processor.process(claim(settings, j, lease_fields(grants[j]), 5)) for j in jobs)
         )
         handed = {j: [s["id"] for s in grants[j]["seeds"]] for j in jobs}
         for j in jobs:
@@ -123,7 +125,7 @@ async def test_twenty_concurrent_collectors_share_sixty_seeds_without_ever_holdi
                     finish(
                         settings,
                         j,
-                        grants[j]["lease_token"],
+                        lease_fields(grants[j]),
                         [{"seed_id": s, "ok": True, "next_due_seconds": 0} for s in handed[j]]
                         if n % 2
                         else [],
@@ -147,7 +149,7 @@ async def test_seeds_go_out_by_priority_then_due_time_even_to_concurrent_claimer
         await conn.execute(text("UPDATE seeds SET next_due_at = now() - make_interval(secs => id)"))
     grants = [await begin(processor, engine, settings, f"job-{n}", 0) for n in range(20)]
     await asyncio.gather(
-        *(processor.process(claim(settings, g["job_id"], g["lease_token"], 2)) for g in grants)
+        *(processor.process(claim(settings, g["job_id"], lease_fields(g), 2)) for g in grants)
     )
     handed = set()
     for g in grants:
@@ -156,7 +158,7 @@ async def test_seeds_go_out_by_priority_then_due_time_even_to_concurrent_claimer
     order = sorted(ids, key=lambda i: (-((i - ids[0]) % 4), -i))
     assert handed == set(order[:40])
     lone = await begin(processor, engine, settings, "lone", 0)
-    await processor.process(claim(settings, "lone", lone["lease_token"], 3))
+    await processor.process(claim(settings, "lone", lease_fields(lone), 3))
     got = [int(s["id"]) for s in (await last_reply(engine, settings, "lone"))["seeds"]]
     assert got == order[40:43]
 
@@ -167,7 +169,7 @@ async def test_none_due_is_an_empty_claim_not_an_error(
     await make_site(engine, settings, n_accounts=0)
     grant = await begin(processor, engine, settings, "job-1", 3)
     assert grant["seeds"] == []
-    await processor.process(claim(settings, "job-1", grant["lease_token"], 5))
+    await processor.process(claim(settings, "job-1", lease_fields(grant), 5))
     reply = await last_reply(engine, settings, "job-1")
     assert reply["type"] == "seeds.claimed" and reply["seeds"] == []
 
@@ -184,7 +186,7 @@ async def test_a_zombie_with_a_stale_token_cannot_claim_report_or_release_seeds(
     ]
     holder = await begin(processor, engine, settings, "holder", 4)
     assert {s["id"] for s in zombie["seeds"]} <= {s["id"] for s in holder["seeds"]}
-    old = zombie["lease_token"]
+    old = lease_fields(zombie)
     # the zombie's collector starts the job again: a new lease; the old token still acts
     await processor.process(start(settings, "zombie", needs={"account": False, "seeds": 0}))
     results = [{"seed_id": s["id"], "ok": False} for s in holder["seeds"]]
@@ -192,7 +194,7 @@ async def test_a_zombie_with_a_stale_token_cannot_claim_report_or_release_seeds(
     assert (await last_reply(engine, settings, "zombie"))["reason"] == "stale_token"
     await processor.process(finish(settings, "zombie", old, results))
     assert (await last_reply(engine, settings, "zombie"))["type"] == "job.lease_lost"
-    await processor.process(request(settings, "job.cancel", "zombie", lease_token=old))
+    await processor.process(request(settings, "job.cancel", "zombie", **old))
     assert (await last_reply(engine, settings, "zombie"))["type"] == "job.lease_lost"
     async with engine.connect() as conn:
         rows = (
@@ -226,7 +228,7 @@ async def test_results_set_the_next_due_time_back_off_on_failure_and_disable_at_
             finish(
                 settings,
                 job,
-                grant["lease_token"],
+                lease_fields(grant),
                 [
                     {"seed_id": str(good), "ok": True},
                     {"seed_id": str(wish), "ok": True, "next_due_seconds": 42},
@@ -271,7 +273,7 @@ async def test_an_expired_leases_seeds_are_due_again_when_the_reaper_reclaims_it
     assert await scalar(engine, sql, t=bound) == 3
     ends = "SELECT array_agg(DISTINCT end_reason) FROM seed_assignments"
     assert await scalar(engine, ends) == ["expired"]
-    await processor.process(claim(settings, "job-1", grant["lease_token"], 3))
+    await processor.process(claim(settings, "job-1", lease_fields(grant), 3))
     assert (await last_reply(engine, settings, "job-1"))["type"] == "job.lease_lost"
 
 
@@ -282,9 +284,7 @@ async def test_a_cancelled_jobs_seeds_go_back_at_once(
     await add_seeds(engine, 2)
     grant = await begin(processor, engine, settings, "job-1", 2)
     assert grant["seeds"]
-    await processor.process(
-        request(settings, "job.cancel", "job-1", lease_token=grant["lease_token"])
-    )
+    await processor.process(request(settings, "job.cancel", "job-1", **lease_fields(grant)))
     assert await scalar(engine, "SELECT count(*) FROM seeds WHERE status = 'ACTIVE'") == 2
     assert await scalar(engine, "SELECT array_agg(DISTINCT end_reason) FROM seed_assignments") == [
         "cancelled"
@@ -301,7 +301,7 @@ async def test_granted_and_claimed_urls_are_rewritten_and_the_rule_counts_them(
             conn, site="board", from_host="board.example.com", to_host="board.example.net"
         )
     grant = await begin(processor, engine, settings, "job-1", 2)
-    await processor.process(claim(settings, "job-1", grant["lease_token"], 2))
+    await processor.process(claim(settings, "job-1", lease_fields(grant), 2))
     claimed = await last_reply(engine, settings, "job-1")
     urls = [s["url"] for s in grant["seeds"] + claimed["seeds"]]
     assert len(urls) == 3
@@ -325,10 +325,10 @@ async def test_a_claim_racing_the_finish_of_its_job_never_leaves_a_seed_with_a_f
     await add_seeds(engine, 50)
     for n in range(10):
         grant = await begin(processor, engine, settings, f"job-{n}", 0)
-        token = grant["lease_token"]
+        lease = lease_fields(grant)
         await asyncio.gather(
-            processor.process(claim(settings, f"job-{n}", token, 5)),
-            processor.process(finish(settings, f"job-{n}", token, [])),
+            processor.process(claim(settings, f"job-{n}", lease, 5)),
+            processor.process(finish(settings, f"job-{n}", lease, [])),
         )
         answer = [
             r for r in await replies(engine, settings, f"job-{n}") if r["type"] != "job.granted"

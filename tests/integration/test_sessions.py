@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.settings import Settings
 from app.store import Database, sessions
 from tests.support.leasing import (
+    lease_fields,
     make_site,
     opened_session,
     replies,
@@ -43,13 +44,13 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
     grant = await granted_on_a_fresh_site(processor, engine, settings)
-    token, upload_key = grant["lease_token"], grant["upload_key"]
+    lease, upload_key = lease_fields(grant), grant["upload_key"]
     await processor.process(
         request(
             settings,
             "session.upload",
             "one",
-            lease_token=token,
+            **lease,
             storage_state=sealed_state(
                 state(sid="1", once="x"), "session.upload", "one", upload_key
             ),
@@ -60,7 +61,7 @@ async def test_uploads_and_finish_merge_into_the_session_the_next_grant_carries(
             settings,
             "job.finish",
             "one",
-            lease_token=token,
+            **lease,
             outcome="succeeded",
             session_state=sealed_state(state(sid="2"), "job.finish", "one", upload_key),
         )
@@ -93,7 +94,7 @@ async def test_an_upload_without_a_live_lease_changes_nothing(
             settings,
             "session.upload",
             "one",
-            lease_token=grant["lease_token"] + 1,
+            **{**lease_fields(grant), "lease_token": grant["lease_token"] + 1},
             storage_state=sealed,
         )
     )
@@ -107,8 +108,8 @@ async def test_an_upload_over_the_session_bounds_is_rejected_and_the_session_kep
     bounded = settings.model_copy(update={"session_max_cookies": 2})
     processor = RequestProcessor(bounded, Database(engine))
     grant = await granted_on_a_fresh_site(processor, engine, bounded)
-    token, key = grant["lease_token"], grant["upload_key"]
-    upload = dict(settings=bounded, type_="session.upload", job_id="one", lease_token=token)
+    lease, key = lease_fields(grant), grant["upload_key"]
+    upload = dict(settings=bounded, type_="session.upload", job_id="one", **lease)
     first = sealed_state(state(a="1", b="2"), "session.upload", "one", key)
     await processor.process(request(**upload, storage_state=first))
     second = sealed_state(state(c="secret-value"), "session.upload", "one", key)
@@ -128,10 +129,10 @@ async def test_a_cookie_deleted_with_a_past_expiry_is_gone_from_the_next_grant(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
     grant = await granted_on_a_fresh_site(processor, engine, settings)
-    token, key = grant["lease_token"], grant["upload_key"]
+    lease, key = lease_fields(grant), grant["upload_key"]
     login = sealed_state(state(sid="1"), "session.upload", "one", key)
     await processor.process(
-        request(settings, "session.upload", "one", lease_token=token, storage_state=login)
+        request(settings, "session.upload", "one", **lease, storage_state=login)
     )
     logout = state(sid="")
     logout["cookies"][0]["expires"] = 1  # 1970: in the past by the database's clock
@@ -140,7 +141,7 @@ async def test_a_cookie_deleted_with_a_past_expiry_is_gone_from_the_next_grant(
             settings,
             "job.finish",
             "one",
-            lease_token=token,
+            **lease,
             outcome="succeeded",
             session_state=sealed_state(logout, "job.finish", "one", key),
         )

@@ -23,7 +23,7 @@ from app.store import captures
 from app.wiring import Wiring
 from reapers.runner import run_reapers
 from schemas.urls import webhook_shown
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import lease_fields, make_site, replies, request, scalar, start
 from workers.requests import Incoming, RequestProcessor
 
 
@@ -34,8 +34,9 @@ async def running_job(
     job_id: str = "job-1",
     *,
     webhook_url: str | None = None,
-) -> int:
-    """A site (with ``webhook_url``) and a granted job on it; the job's lease token."""
+) -> dict[str, Any]:
+    """A site (with ``webhook_url``) and a granted job on it; what its follow-ups present
+    (``lease_fields``: its token and secret)."""
     if await scalar(engine, "SELECT count(*) FROM sites WHERE slug = 'board'") == 0:
         await make_site(engine, settings, capacity=10, n_accounts=10)
     if webhook_url is not None:
@@ -44,7 +45,7 @@ async def running_job(
             await captures.set_site_webhook(conn, "board", webhook_shown(webhook_url), sealed)
     assert await processor.process(start(settings, job_id)) == "replied"
     [grant] = [r for r in await replies(engine, settings, job_id) if r["type"] == "job.granted"]
-    return int(grant["lease_token"])
+    return lease_fields(grant)
 
 
 def capture_body(capture_id: str, **overrides: Any) -> dict[str, Any]:
@@ -62,14 +63,14 @@ def capture_body(capture_id: str, **overrides: Any) -> dict[str, Any]:
 
 
 def submit(
-    settings: Settings, job_id: str, lease_token: int, capture_id: str, **overrides: Any
+    settings: Settings, job_id: str, lease: dict[str, Any], capture_id: str, **overrides: Any
 ) -> Incoming:
-    """A capture.submit record as the claim worker reads it."""
+    """A capture.submit record as the claim worker reads it (``lease``: ``lease_fields``)."""
     return request(
         settings,
         "capture.submit",
         job_id,
-        lease_token=lease_token,
+        **lease,
         **capture_body(capture_id, **overrides),
     )
 

@@ -137,6 +137,21 @@ def opened_session(grant: dict[str, Any], key: X25519PrivateKey = COLLECTOR_KEY)
     return json.loads(unseal(key, grant["session"]["storage_state"], context))
 
 
+def lease_fields(grant: dict[str, Any], key: X25519PrivateKey = COLLECTOR_KEY) -> dict[str, Any]:
+    """What every follow-up of a ``job.granted`` presents: its token, and its lease secret
+    opened as its collector does."""
+    context = seal_context("lease.secret", grant["job_id"])
+    secret = unseal(key, grant["lease_secret"], context).decode()
+    return {"lease_token": grant["lease_token"], "lease_secret": secret}
+
+
+async def held_lease(engine: AsyncEngine, settings: Settings, job_id: str) -> dict[str, Any]:
+    """``lease_fields`` of the job's latest grant, as the outbox holds it."""
+    grants = [r for r in await replies(engine, settings, job_id) if r["type"] == "job.granted"]
+    assert grants, f"{job_id} was never granted"
+    return lease_fields(grants[-1])
+
+
 def sealed_state(state: dict[str, Any], field: str, job_id: str, upload_key: str) -> str:
     """A storage state sealed to Quartermaster, as a collector sends it."""
     return seal_json(load_public_key(upload_key), state, seal_context(field, job_id))

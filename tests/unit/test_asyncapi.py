@@ -25,6 +25,8 @@ from app.settings import Settings
 from schemas import messages as wire
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+SECRET = "S" * 43  # a lease secret's shape
+KEY = "A" * 43 + "="  # a public key's shape
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,13 @@ def _messages() -> dict[str, list[wire.Message]]:
                 collector="c1",
                 public_key=base64.b64encode(bytes([9]) + bytes(31)).decode(),
             ),
-            wire.JobFinish(request_id=request_id, job_id=job_id, lease_token=3, outcome="blocked"),
+            wire.JobFinish(
+                request_id=request_id,
+                job_id=job_id,
+                lease_token=3,
+                lease_secret=SECRET,
+                outcome="blocked",
+            ),
         ],
         "replies": [
             wire.JobQueued(request_id=request_id, job_id=job_id, position=2),
@@ -109,11 +117,20 @@ def test_what_the_models_send_is_valid_against_the_documents_payloads(
 
 def test_what_the_models_refuse_the_document_refuses_too(document: dict[str, Any]) -> None:
     requests = payload_validator(document, "requests")
-    start = {"type": "job.start", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j"}
+    start = {"type": "job.start", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j",
+             "public_key": KEY}  # fmt: skip
     requests.validate({**start, "site": "board", "collector": "c1"})
+    heartbeat = {"type": "job.heartbeat", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j",
+                 "lease_token": 3, "lease_secret": SECRET}  # fmt: skip
+    requests.validate(heartbeat)
+    no_key = {k: v for k, v in start.items() if k != "public_key"}
+    no_secret = {k: v for k, v in heartbeat.items() if k != "lease_secret"}
     for wrong in (
         {**start, "site": "board", "collector": "c1", "unknown": 1},  # unknown field
         {**start, "site": "Board!", "collector": "c1"},  # not a slug
         {**start, "type": "job.launch", "site": "board", "collector": "c1"},  # no such type
+        {**no_key, "site": "board", "collector": "c1"},  # every grant seals to the key
+        no_secret,  # a follow-up presents its lease's secret
+        {**heartbeat, "lease_secret": "not a secret!"},
     ):
         assert not requests.is_valid(wrong), wrong

@@ -84,7 +84,9 @@ class Recorder:
 
 
 def heartbeat() -> JobHeartbeat:
-    return JobHeartbeat(request_id=uuid.uuid4(), job_id="job-1", lease_token=1)
+    return JobHeartbeat(
+        request_id=uuid.uuid4(), job_id="job-1", lease_token=1, lease_secret="S" * 43
+    )
 
 
 async def sent_headers(client: QuartermasterClient) -> dict[str, bytes]:

@@ -21,9 +21,40 @@ def body(**fields: object) -> bytes:
     return json.dumps({**base, **fields}).encode()
 
 
-def test_a_start_without_an_account_needs_no_public_key() -> None:
-    request = parse_request(body(public_key=None, needs={"account": False, "seeds": 1}))
-    assert isinstance(request, JobStart) and request.public_key is None
+def test_every_start_needs_a_public_key_since_every_grant_seals_its_lease_secret() -> None:
+    with pytest.raises(ValidationError, match="public_key"):
+        parse_request(body(public_key=None, needs={"account": False, "seeds": 1}))
+    without = json.loads(body(needs={"account": False}))
+    del without["public_key"]
+    with pytest.raises(ValidationError, match="public_key"):
+        parse_request(json.dumps(without).encode())
+
+
+SECRET = "A" * 43  # the shape of a lease secret: URL-safe base64 of 32 bytes
+
+
+def heartbeat(**fields: object) -> bytes:
+    base = {"type": "job.heartbeat", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j-1",
+            "lease_token": 7, "lease_secret": SECRET}  # fmt: skip
+    return json.dumps(
+        {key: value for key, value in {**base, **fields}.items() if value is not None}
+    ).encode()
+
+
+def test_a_follow_up_presents_the_lease_secret_in_its_bounded_shape() -> None:
+    assert parse_request(heartbeat()).lease_secret == SECRET  # type: ignore[union-attr]
+    for bad in (None, "", "short", "A" * 129, "A" * 42 + "=", "A" * 42 + "/", "A" * 42 + " "):
+        with pytest.raises(ValidationError) as caught:
+            parse_request(heartbeat(lease_secret=bad))
+        assert classify(caught.value) is Disposition.INVALID
+        assert "lease_secret" in describe(caught.value)
+        assert not bad or bad not in describe(caught.value)  # never echoed
+
+
+def test_a_cancel_may_come_without_token_and_secret_for_a_waiting_job() -> None:
+    raw = json.dumps({"type": "job.cancel", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j"})
+    request = parse_request(raw.encode())
+    assert request.lease_token is None and request.lease_secret is None  # type: ignore[union-attr]
 
 
 def test_a_valid_start_parses_with_defaults() -> None:
@@ -86,7 +117,7 @@ def test_replies_round_trip_and_schemas_export() -> None:
 
 def test_session_states_travel_only_sealed() -> None:
     raw = json.dumps({"type": "session.upload", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j",
-                      "lease_token": 1, "storage_state": {"cookies": []}}).encode()  # fmt: skip
+                      "lease_token": 1, "lease_secret": SECRET, "storage_state": {"cookies": []}}).encode()  # fmt: skip
     with pytest.raises(ValidationError, match="storage_state"):
         parse_request(raw)
 
@@ -101,7 +132,7 @@ def test_infrastructure_errors_are_transient_and_others_unexpected() -> None:
 def capture(**fields: object) -> bytes:
     return json.dumps(
         {"type": "capture.submit", "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j-1",
-         "lease_token": 1, "capture_id": "c-1", "url": "https://a.example/",
+         "lease_token": 1, "lease_secret": SECRET, "capture_id": "c-1", "url": "https://a.example/",
          "storage_uri": "s3://b/k", "sha256": "0" * 64, "content_type": "text/html", "size": 1,
          "captured_at": "2026-01-01T00:00:00Z", **fields}
     ).encode()  # fmt: skip
@@ -157,7 +188,7 @@ def test_a_public_key_of_a_real_collector_is_accepted() -> None:
 
 def follow_up(type_: str, **fields: object) -> bytes:
     return json.dumps({"type": type_, "v": 1, "request_id": str(uuid.uuid4()), "job_id": "j",
-                       **fields}).encode()  # fmt: skip
+                       "lease_secret": SECRET, **fields}).encode()  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -17,14 +17,23 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from app.crypto import public_key_text
+from app.crypto import load_public_key, public_key_text, seal
 from app.sdk import ClientClosed, QuartermasterClient, RequestTimeout
 from app.settings import Settings
-from schemas.messages import JobGranted, JobHeartbeat, JobQueued, JobRejected, JobStart
+from schemas.messages import (
+    JobGranted,
+    JobHeartbeat,
+    JobQueued,
+    JobRejected,
+    JobStart,
+    seal_context,
+)
 
 Responder = Callable[[dict[str, Any], str], None]
 
-PUBLIC_KEY = public_key_text(X25519PrivateKey.generate())
+CLIENT_KEY = X25519PrivateKey.generate()  # the client fixture's own key
+PUBLIC_KEY = public_key_text(CLIENT_KEY)
+LEASE_SECRET = "S" * 43
 
 
 class RecordingProducer:
@@ -57,7 +66,9 @@ def producer() -> RecordingProducer:
 
 @pytest.fixture
 def client(producer: RecordingProducer) -> QuartermasterClient:
-    qm = QuartermasterClient("127.0.0.1:1", topic_prefix="p.", request_timeout=0.3)
+    qm = QuartermasterClient(
+        "127.0.0.1:1", topic_prefix="p.", request_timeout=0.3, private_key=CLIENT_KEY
+    )
     qm._producer = producer  # type: ignore[assignment]
     return qm
 
@@ -86,6 +97,11 @@ def grant_for(message: dict[str, Any]) -> bytes:
             request_id=message["request_id"],
             job_id=message["job_id"],
             lease_token=1,
+            lease_secret=seal(
+                load_public_key(PUBLIC_KEY),
+                LEASE_SECRET.encode(),
+                seal_context("lease.secret", message["job_id"]),
+            ),
             granted_at=datetime(2030, 1, 1, tzinfo=UTC),
             lease_expires_at=datetime(2030, 1, 1, tzinfo=UTC),
         )
@@ -186,12 +202,15 @@ async def test_a_grant_after_the_caller_gave_up_is_released_with_a_cancel(
     assert producer.types() == ["job.cancel"]
     body = producer.sent[0][2]
     assert body["job_id"] == "job-1" and body["request_id"] != cid
+    assert (body["lease_token"], body["lease_secret"]) == (1, LEASE_SECRET)  # opened to cancel
 
 
 async def test_a_heartbeat_that_times_out_is_not_followed_by_a_cancel(
     client: QuartermasterClient, producer: RecordingProducer
 ) -> None:
-    heartbeat = JobHeartbeat(request_id=uuid.uuid4(), job_id="job-1", lease_token=3)
+    heartbeat = JobHeartbeat(
+        request_id=uuid.uuid4(), job_id="job-1", lease_token=3, lease_secret=LEASE_SECRET
+    )
     with pytest.raises(RequestTimeout):
         await client.request(heartbeat, timeout=0.05)
     await drain(client)

@@ -14,12 +14,13 @@ from pydantic import ValidationError
 
 from app.crypto import load_public_key, private_key_text, public_key_text, seal, unseal_json
 from app.sdk import Account, JobRejected, NoUploadKey, QuartermasterClient, SecretUndecryptable
-from app.sdk.job import open_grant
+from app.sdk.grants import open_grant
 from schemas.messages import GrantedAccount, JobFinished, JobGranted, seal_context
 from schemas.messages import JobRejected as Rejected
 from tests.unit.test_sdk_client import RecordingProducer, reply_headers
 
 SECRET = "correct-horse-battery-staple"
+LEASE_SECRET = "L" * 43
 QUARTERMASTER = X25519PrivateKey.generate()  # the server's sealing key
 
 
@@ -32,6 +33,11 @@ def sealed(public_key: str, job_id: str, secret: str = SECRET) -> GrantedAccount
     )
 
 
+def sealed_lease_secret(public_key: str, job_id: str) -> str:
+    context = seal_context("lease.secret", job_id)
+    return seal(load_public_key(public_key), LEASE_SECRET.encode(), context)
+
+
 def grant(
     client: QuartermasterClient, job_id: str = "job-1", upload_key: str | None = None
 ) -> JobGranted:
@@ -39,6 +45,7 @@ def grant(
         request_id=uuid.uuid4(),
         job_id=job_id,
         lease_token=5,
+        lease_secret=sealed_lease_secret(client.public_key, job_id),
         granted_at=datetime.now(UTC),
         lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
         upload_key=upload_key,
@@ -90,7 +97,8 @@ class Server:
         self.client = client
         self.reject = reject
         self.upload_key: str | None = public_key_text(QUARTERMASTER)
-        self.sealed_to: str | None = None  # seal grants to this key instead of the requester's
+        self.sealed_to: str | None = None  # seal accounts to this key instead of the requester's
+        self.lease_sealed_to: str | None = None  # and lease secrets to this one
         producer.respond = self.answer
         self.producer = producer
 
@@ -105,6 +113,9 @@ class Server:
                 request_id=body["request_id"],
                 job_id=body["job_id"],
                 lease_token=5,
+                lease_secret=sealed_lease_secret(
+                    self.lease_sealed_to or body["public_key"], body["job_id"]
+                ),
                 granted_at=datetime.now(UTC),
                 lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
                 upload_key=self.upload_key,
@@ -141,6 +152,7 @@ async def test_a_body_that_returns_finishes_succeeded_with_session_state_and_see
 
     finish = server.finish()
     assert (finish["outcome"], finish["reason"], finish["lease_token"]) == ("succeeded", None, 5)
+    assert finish["lease_secret"] == LEASE_SECRET  # opened from the grant
     context = seal_context("job.finish", job.job_id)
     assert unseal_json(QUARTERMASTER, finish["session_state"], context) == {
         "cookies": [],
@@ -206,6 +218,7 @@ async def test_the_job_repr_names_ids_but_not_the_secret(server: Server) -> None
     async with server.client.job(site="example", lease_seconds=60) as job:
         text = f"{job!r} {job} {job.account!r}"
     assert SECRET not in text and "acc-1" in text and job.job_id in text
+    assert LEASE_SECRET not in text
 
 
 async def test_session_state_that_is_not_an_object_is_refused_in_the_body(server: Server) -> None:
@@ -223,7 +236,22 @@ async def test_a_grant_whose_secret_does_not_decrypt_raises_and_is_released(serv
 
     assert server.producer.types() == ["job.start", "job.cancel"]
     cancel = server.producer.sent[1][2]
-    assert (cancel["job_id"], cancel["lease_token"]) == ("job-9", 5)
+    assert (cancel["job_id"], cancel["lease_token"], cancel["lease_secret"]) == (
+        "job-9",
+        5,
+        LEASE_SECRET,
+    )
+
+
+async def test_a_grant_whose_lease_secret_does_not_open_raises_and_sends_nothing_more(
+    server: Server,
+) -> None:
+    server.lease_sealed_to = QuartermasterClient("127.0.0.1:1").public_key
+    with pytest.raises(SecretUndecryptable, match="lease secret"):
+        async with server.client.job(site="example", job_id="job-9"):
+            pytest.fail("the body must not run")
+    await asyncio.gather(*server.client._background)
+    assert server.producer.types() == ["job.start"]  # nothing it could present: the lease lapses
 
 
 async def test_a_session_state_without_an_upload_key_is_refused_in_the_body(

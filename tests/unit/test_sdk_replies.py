@@ -9,7 +9,9 @@ import pytest
 
 from app.sdk.errors import ReplyUnreadable
 from app.sdk.replies import RecentIds, RecentMap, Release, ReplyRouter
-from schemas.messages import JobGranted, JobLeaseLost, JobQueued, JobRejected
+from schemas.messages import JobGranted, JobLeaseLost, JobQueued, JobRejected, RequestConflict
+
+SEALED = "A" * 88  # a sealed lease secret: opaque to the router
 
 
 def granted(correlation_id: str, job_id: str = "job-1") -> bytes:
@@ -18,6 +20,7 @@ def granted(correlation_id: str, job_id: str = "job-1") -> bytes:
             request_id=uuid.UUID(correlation_id),
             job_id=job_id,
             lease_token=1,
+            lease_secret=SEALED,
             granted_at=datetime(2030, 1, 1, tzinfo=UTC),
             lease_expires_at=datetime(2030, 1, 1, tzinfo=UTC),
         )
@@ -131,7 +134,7 @@ async def test_a_grant_for_an_abandoned_start_is_handed_back_for_release_once() 
     assert router.abandon(cid, release_grant=True) is None
     assert router.is_abandoned(cid)
 
-    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1)
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1, SEALED)
     assert not router.is_abandoned(cid)
     assert router.route(cid, new_id(), granted(cid, job_id="job-7")) is None
 
@@ -144,7 +147,7 @@ async def test_an_abandoned_start_stays_remembered_through_queued_until_its_gran
 
     assert router.route(cid, new_id(), queued(cid, job_id="job-7")) is None
     assert router.is_abandoned(cid)
-    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1)
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1, SEALED)
 
 
 async def test_a_rejection_for_an_abandoned_start_releases_nothing_and_is_forgotten() -> None:
@@ -166,7 +169,7 @@ async def test_a_duplicate_late_grant_is_released_once() -> None:
     router.route(cid, message_id, queued(cid, job_id="job-7"))
 
     assert router.route(cid, message_id, granted(cid, job_id="job-7")) is None  # same id: dup
-    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1)
+    assert router.route(cid, new_id(), granted(cid, job_id="job-7")) == Release("job-7", 1, SEALED)
 
 
 async def test_abandoning_a_start_whose_grant_arrived_but_was_never_taken_releases_it_now() -> None:
@@ -180,7 +183,7 @@ async def test_abandoning_a_start_whose_grant_arrived_but_was_never_taken_releas
     cid = new_id()
     waiter = router.expect(cid, "job-8")
     waiter.final.set_result(JobGranted.model_validate_json(granted(cid, job_id="job-8")))
-    assert router.abandon(cid, release_grant=True) == Release("job-8", 1)
+    assert router.abandon(cid, release_grant=True) == Release("job-8", 1, SEALED)
 
 
 async def test_abandoned_requests_other_than_starts_are_not_remembered() -> None:
@@ -228,9 +231,9 @@ async def test_fail_all_fails_every_outstanding_request() -> None:
             waiter.final.result()
 
 
-def lease_lost(correlation_id: str, reason: str = "revoked") -> bytes:
+def lease_lost(correlation_id: str, reason: str = "revoked", job_id: str = "job-1") -> bytes:
     return (
-        JobLeaseLost(request_id=uuid.UUID(correlation_id), job_id="job-1", reason=reason)
+        JobLeaseLost(request_id=uuid.UUID(correlation_id), job_id=job_id, reason=reason)
         .model_dump_json()
         .encode()
     )
@@ -239,7 +242,7 @@ def lease_lost(correlation_id: str, reason: str = "revoked") -> bytes:
 async def test_a_later_lease_lost_for_a_granted_start_reaches_its_job_once() -> None:
     router = ReplyRouter()
     cid, heard = new_id(), []
-    router.watch_lease(cid, heard.append)
+    router.watch_lease(cid, "job-1", heard.append)
     message_id = new_id()
     assert router.route(cid, new_id(), granted(cid)) is None  # a republished grant: nothing
     assert router.route(cid, message_id, lease_lost(cid)) is None
@@ -252,7 +255,45 @@ async def test_a_later_lease_lost_for_a_granted_start_reaches_its_job_once() -> 
 async def test_an_unwatched_start_hears_nothing() -> None:
     router = ReplyRouter()
     cid, heard = new_id(), []
-    router.watch_lease(cid, heard.append)
+    router.watch_lease(cid, "job-1", heard.append)
     router.unwatch_lease(cid)
     router.route(cid, new_id(), lease_lost(cid))
     assert heard == []
+
+
+async def test_a_reply_for_another_job_or_request_with_a_reused_correlation_id_settles_nothing() -> (
+    None
+):
+    router = ReplyRouter()
+    cid = new_id()
+    waiter = router.expect(cid, "job-1")
+    # another writer of requests reused this request's correlation id for its own job, or for
+    # this job with a request id of its own
+    router.route(cid, new_id(), rejected(cid, job_id="theirs"))
+    hostile = JobLeaseLost(request_id=uuid.uuid4(), job_id="job-1", reason="wrong_secret")
+    router.route(cid, new_id(), hostile.model_dump_json().encode())
+    assert not waiter.final.done()
+    router.route(cid, new_id(), granted(cid, job_id="job-1"))
+    assert isinstance(waiter.final.result(), JobGranted)
+
+
+async def test_a_reused_start_request_id_conflict_does_not_end_a_queued_start() -> None:
+    router = ReplyRouter()
+    cid = new_id()
+    waiter = router.expect(cid, "job-1", is_start=True)
+    router.route(cid, new_id(), queued(cid))
+    conflict = RequestConflict(request_id=uuid.UUID(cid), job_id="job-1")
+    router.route(cid, new_id(), conflict.model_dump_json().encode())
+    assert not waiter.final.done()  # an SDK start never repeats its request id with another body
+
+
+async def test_a_lease_lost_for_another_job_or_request_does_not_end_a_watched_lease() -> None:
+    router = ReplyRouter()
+    cid, heard = new_id(), []
+    router.watch_lease(cid, "job-1", heard.append)
+    router.route(cid, new_id(), lease_lost(cid, "unknown_job", job_id="theirs"))
+    hostile = JobLeaseLost(request_id=uuid.uuid4(), job_id="job-1", reason="wrong_secret")
+    router.route(cid, new_id(), hostile.model_dump_json().encode())
+    assert heard == []
+    router.route(cid, new_id(), lease_lost(cid, "revoked"))
+    assert heard == ["revoked"]

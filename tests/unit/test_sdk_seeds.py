@@ -9,7 +9,7 @@ import pytest
 from app.sdk import LeaseLost, QuartermasterClient
 from schemas.messages import GrantedSeed, JobLeaseLost, SeedsClaimed
 from tests.unit.test_sdk_client import RecordingProducer, reply_headers
-from tests.unit.test_sdk_job import Server
+from tests.unit.test_sdk_job import LEASE_SECRET, Server
 
 
 class SeedServer(Server):
@@ -58,6 +58,7 @@ async def test_claimed_seeds_join_the_jobs_seeds_and_every_result_goes_with_fini
         job.seed_done("100", ok=True, next_due_seconds=60)  # the last word counts
         job.seed_done("101", ok=False, reason="x" * 900)
     assert server.claims[0]["lease_token"] == 5 and server.claims[0]["limit"] == 2
+    assert server.claims[0]["lease_secret"] == LEASE_SECRET
     results = server.finish()["seed_results"]
     assert results[0] == {"seed_id": "100", "ok": True, "next_due_seconds": 60, "reason": None}
     assert results[1]["ok"] is False and len(results[1]["reason"]) == 500
