@@ -35,9 +35,9 @@ async def test_a_capture_ready_record_published_twice_triggers_one_dag_run(
     await ensure_topics(settings)
     topic = settings.topic("captures.ready")
     processor = RequestProcessor(settings, Database(engine))
-    token = await running_job(processor, engine, settings)
+    lease = await running_job(processor, engine, settings)
     worker = HandoffWorker(settings, Database(engine))
-    await processor.process(submit(settings, "job-1", token, "cap-1"))
+    await processor.process(submit(settings, "job-1", lease, "cap-1"))
     assert await worker.hand_off("cap-1") == "handed_off"
 
     async with running_relays(settings, 1):
@@ -55,7 +55,7 @@ async def test_a_capture_ready_record_published_twice_triggers_one_dag_run(
             )
         finally:
             await producer.stop()
-        await processor.process(submit(settings, "job-1", token, "cap-2"))
+        await processor.process(submit(settings, "job-1", lease, "cap-2"))
         assert await worker.hand_off("cap-2") == "handed_off"
         await eventually(lambda: published(3), timeout=30)
 

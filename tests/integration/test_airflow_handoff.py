@@ -138,9 +138,9 @@ async def test_the_documented_remedy_hands_off_a_capture_whose_dag_id_was_wrong(
     settings = with_airflow(topics, airflow_api)
     processor = RequestProcessor(settings, Database(engine))
     await board_with_dag(engine, settings, "no_such_dag")
-    token = await running_job(processor, engine, settings)
+    lease = await running_job(processor, engine, settings)
     capture_id = f"{settings.topic_prefix}cap-mended"
-    await processor.process(submit(settings, "job-1", token, capture_id))
+    await processor.process(submit(settings, "job-1", lease, capture_id))
     assert await HandoffWorker(settings, Database(engine)).hand_off(capture_id) == "failed"
     dlt = settings.topic("captures.dlt")
 

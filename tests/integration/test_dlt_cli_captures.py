@@ -35,10 +35,10 @@ class Refuser:
 async def failed_captures(engine: AsyncEngine, settings: Settings, *ids: str) -> None:
     """``ids`` handed in, each failed by its target; their dead letters on ``qm.captures.dlt``."""
     processor = RequestProcessor(settings, Database(engine))
-    token = await running_job(processor, engine, settings)
+    lease = await running_job(processor, engine, settings)
     refusing = HandoffWorker(settings, Database(engine), targets=lambda d, s: [Refuser()])
     for capture_id in ids:
-        await processor.process(submit(settings, "job-1", token, capture_id))
+        await processor.process(submit(settings, "job-1", lease, capture_id))
         assert await refusing.hand_off(capture_id) == "failed"
     dlt = settings.topic("captures.dlt")
     async with running_relays(settings, 1):
