@@ -1,6 +1,7 @@
 """How every consumer of Quartermaster sorts a failure: one classification, used everywhere.
 
-- ``INVALID``: the input itself is bad (not JSON, unknown type/v, schema violation, too large).
+- ``INVALID``: the input itself is bad (not JSON, nested too deep, unknown type/v, schema
+  violation, too large).
   Dead-lettered at once; a ``request.invalid`` reply where a reply topic can be read.
 - ``TRANSIENT``: infrastructure (database down, serialization failure, deadlock, broker timeout,
   a statement prepared before a migration changed its table).
@@ -25,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.dlt.headers import redact
+from schemas.nesting import NestingTooDeep
 
 
 class Disposition(StrEnum):
@@ -54,7 +56,12 @@ def _sqlstate(exc: BaseException) -> str | None:
 def classify(exc: BaseException) -> Disposition:
     """Sort one failure into what to do about it."""
     if isinstance(
-        exc, InvalidMessage | ValidationError | json.JSONDecodeError | UnicodeDecodeError
+        exc,
+        InvalidMessage
+        | ValidationError
+        | json.JSONDecodeError
+        | UnicodeDecodeError
+        | NestingTooDeep,
     ):
         return Disposition.INVALID
     if isinstance(
@@ -96,6 +103,11 @@ def unexpected_delay(attempt: int, cap: float, first: float = 0.1) -> float:
     """Seconds to wait after the ``attempt``-th unexpected failure: doubling from ``first``,
     at most ``cap``."""
     return min(cap, first * 2 ** min(max(attempt - 1, 0), 32))
+
+
+def error_class(exc: BaseException) -> str:
+    """The failure's class name, as a reply may carry it: no message, nothing of the input."""
+    return redact(type(exc).__name__, limit=200)
 
 
 def describe(exc: BaseException) -> str:

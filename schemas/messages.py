@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
 from schemas.values import BIGINT_MAX, BigInt, SeedId, usable_public_key
 
 VERSION = 1
@@ -239,7 +240,10 @@ REQUEST_TYPES = frozenset(
 
 
 def parse_request(raw: bytes) -> AnyRequest:
-    """Validate raw JSON bytes as a request (raises pydantic.ValidationError)."""
+    """Validate raw JSON bytes as a request (raises pydantic.ValidationError, or
+    ``NestingTooDeep`` before parsing a document nested deeper than ``MAX_NESTING``)."""
+    if nesting_depth(raw) > MAX_NESTING:
+        raise NestingTooDeep(f"JSON nested deeper than {MAX_NESTING} levels")
     return REQUEST_ADAPTER.validate_json(raw)
 
 
@@ -364,6 +368,16 @@ class RequestConflict(Message):
     job_id: str
 
 
+class RequestFailed(Message):
+    """A request dead-lettered after failing unexpectedly on every attempt: nothing of it was
+    done. Replaying its dead letter once the cause is fixed applies it and answers it again."""
+
+    type: Literal["request.failed"] = "request.failed"
+    request_id: str | None = None
+    job_id: str | None = None
+    error_class: Annotated[str, StringConstraints(max_length=200)]
+
+
 AnyReply = Annotated[
     JobGranted
     | JobQueued
@@ -377,7 +391,8 @@ AnyReply = Annotated[
     | SeedsClaimed
     | CaptureAccepted
     | RequestInvalid
-    | RequestConflict,
+    | RequestConflict
+    | RequestFailed,
     Field(discriminator="type"),
 ]
 REPLY_ADAPTER: TypeAdapter[AnyReply] = TypeAdapter(AnyReply)

@@ -2,7 +2,9 @@
 
 Every record read gets exactly one outcome. The record's bytes reach the handler untouched
 (``parse_raw``): no framework step decodes a header, so none can drop a record whose headers are
-not UTF-8 or whose key or value is null.
+not UTF-8 or whose key or value is null; a header name that is not UTF-8, which aiokafka itself
+cannot decode, is read with its bytes kept (``workers.lenient_records``), so the handler refuses
+it and the consumer reads on.
 
 ``pipelined``: a consumer hands each record over (``Submit``) and reads the next without waiting
 for its outcome, up to a bound of records in flight (then it waits: backpressure). The handler is
@@ -42,6 +44,7 @@ from faststream.message import StreamMessage
 from app.dlt.headers import Header
 from app.settings import Settings
 from app.wiring import Wiring, consumer_assigned
+from workers import lenient_records
 from workers.pipeline import Positions
 
 log = structlog.get_logger()
@@ -373,6 +376,7 @@ async def pipelined(
     """Consume ``subscription`` with ``submit``, up to ``max_in_flight`` records in flight, while
     the block runs. On leaving it: take no more records, give those in flight time to finish,
     commit what is done and stop the broker."""
+    lenient_records.install()  # a header name that is not UTF-8 reaches the handler
     commits = OffsetCommits(max_in_flight)
     broker = wiring.broker()
     subscriber = subscribe(broker, wiring.settings, subscription, submit, commits)

@@ -6,13 +6,17 @@ transactions, and a later one never commits before an earlier one. A shared tran
 puts its items back at the front, in order, each to go alone (where its failure is handled), and
 their keys hold back the later items of those keys until each has gone. Nothing waits for a timer:
 a lone item goes at once. A lone run is expected to settle its item whatever happens; if it raises
-all the same, the item goes again after a capped backoff (its key held meanwhile), so it is neither
-settled wrongly nor left in flight for good, and the failure is logged each time.
+all the same, the item goes again after a capped backoff (its key held meanwhile), up to
+``attempts`` runs; then ``give_up`` settles it (a dead letter of its raw bytes), tried with the same
+backoff for as long as it raises: an item is never settled wrongly, never run for ever, and every
+failure is logged. ``close`` ends those waits: an item not settled then gets no outcome here (its
+record is read again), so stopping never waits on an item that keeps failing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -37,13 +41,18 @@ class GroupCommit(Generic[T]):
         transactions: int,
         shared: Callable[[list[T]], Awaitable[list[str]]],
         alone: Callable[[T], Awaitable[str]],
+        give_up: Callable[[T, Exception, int], Awaitable[str]] | None = None,
+        attempts: int = 3,
         retry_max_seconds: float = 30.0,
     ) -> None:
         self.batch_max = batch_max
         self.transactions = transactions
+        self.attempts = attempts
         self.retry_max_seconds = retry_max_seconds
         self._shared = shared
         self._alone = alone
+        self._give_up = give_up
+        self._closed = asyncio.Event()
         self._waiting: KeyedQueue[tuple[T, asyncio.Future[str]]] = KeyedQueue()
         self._committers: set[asyncio.Task[None]] = set()
 
@@ -56,7 +65,8 @@ class GroupCommit(Generic[T]):
 
     def close(self) -> None:
         """Start nothing more: the items still waiting get no outcome (their futures are
-        cancelled)."""
+        cancelled), and a lone run waiting to go again stops waiting (its item too)."""
+        self._closed.set()
         for entry in self._waiting.drop():
             entry.item[1].cancel()
 
@@ -79,29 +89,43 @@ class GroupCommit(Generic[T]):
             if taken[0].alone:
                 [entry] = taken
                 try:
-                    _settle(entry, await self._run_alone(entry.item[0]))
+                    outcome = await self._run_alone(entry.item[0])
+                    if outcome is None:
+                        entry.item[1].cancel()  # stopping: its record is read again
+                    else:
+                        _settle(entry, outcome)
                 finally:
                     self._waiting.release(entry)
             else:
                 await self._commit_shared(taken)
             self._start_committers()  # keys freed: more may go side by side now
 
-    async def _run_alone(self, item: T) -> str:
-        """The item's lone run, again after a capped backoff for as long as it raises."""
-        attempts = 0
-        while True:
-            attempts += 1
+    async def _run_alone(self, item: T) -> str | None:
+        """The item's lone run, again after a capped backoff while it raises, at most
+        ``attempts`` times; then ``give_up`` until it settles the item. None: stopped first."""
+        failure: Exception | None = None
+        runs = 0
+        while not self._closed.is_set():
+            runs += 1
+            giving_up = failure is not None and runs > self.attempts and self._give_up is not None
             try:
+                if giving_up:
+                    assert self._give_up is not None and failure is not None
+                    return await self._give_up(item, failure, runs - 1)
                 return await self._alone(item)
             except Exception as exc:  # noqa: BLE001 - never settled wrongly, never dropped
-                delay = unexpected_delay(attempts, self.retry_max_seconds)
+                failure = failure if giving_up else exc
+                delay = unexpected_delay(runs, self.retry_max_seconds)
                 log.error(
                     "lone_run_failed",
                     error_class=type(exc).__name__,
-                    attempts=attempts,
+                    attempts=runs,
+                    giving_up=giving_up,
                     retry_in=delay,
                 )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), delay)
+        return None
 
     async def _commit_shared(self, taken: list[Waiting[tuple[T, asyncio.Future[str]]]]) -> None:
         """One transaction for the taken items; if it fails, each goes again alone, in order."""

@@ -27,22 +27,22 @@ later replies); one that is not a non-negative integer is refused as invalid, an
 
 Failures follow one classification (``app.errors``): invalid input is dead-lettered at once with a
 ``request.invalid`` reply; transient infrastructure errors are retried in place for as long as it
-takes; unexpected exceptions are retried a few times with capped backoff, then dead-lettered.
+takes; unexpected exceptions are retried ``QM_UNEXPECTED_ERROR_ATTEMPTS`` times with capped
+backoff, then dead-lettered. A dead letter that cannot be built or written whole falls back to the
+record's raw bytes and a minimal header set (``workers.dead_letters``), so every record settles.
 
 What a collector hears: a reply only once the outcome is final. A request retried in place gets
 its one reply when it finally succeeds. Bad input is final (replaying it fails the same way), so
 it is answered ``request.invalid`` where a correlation id can be read. A request dead-lettered
-after unexpected errors gets no reply: its dead letter may be replayed once the cause is fixed,
-and the reply it gets then is its only one; the collector's own timeout ends its wait meanwhile
-(and the SDK releases a grant that comes after it gave up).
+after unexpected errors is answered ``request.failed`` (the error's class, no message): nothing of
+it was done. Its dead letter may be replayed once the cause is fixed, and the reply it gets then
+is its real answer (the SDK releases a grant that follows a ``request.failed``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
 import os
 import re
 import signal
@@ -53,30 +53,36 @@ from functools import partial
 from typing import Any
 
 import structlog
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from app.crypto import SecretBox
-from app.dlt import Origin, dead_letter_headers, dlt_topic, header
-from app.dlt.headers import Header, value_ref_headers
-from app.errors import Disposition, InvalidMessage, classify, describe, unexpected_delay
+from app.dlt import dlt_topic, header
+from app.errors import (
+    Disposition,
+    InvalidMessage,
+    classify,
+    describe,
+    error_class,
+    unexpected_delay,
+)
 from app.health import REQUEST_SECONDS, REQUESTS
 from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, dlt_values, inbox
 from schemas.messages import (
     CORRELATION_ID,
-    REPLY_PARTITION,
-    REPLY_TO,
     AnyRequest,
     JobStart,
     RequestConflict,
+    RequestFailed,
     RequestInvalid,
-    parse_reply_partition,
     parse_request,
 )
-from workers import captures, jobs, seeds, sessions
+from workers import captures, dead_letters, jobs, seeds, sessions
 from workers.consuming import Incoming
+from workers.dead_letters import Letter, raw_letter, readable_ids
 from workers.group_commit import GroupCommit
+from workers.lenient_records import undecodable_header_names
+from workers.reply_routes import ReplyRoutes, reply_partition
 from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
@@ -91,15 +97,6 @@ HANDLERS: dict[str, Handler] = {
     "capture.submit": captures.submit,
     "seeds.claim": seeds.claim,
 }
-TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-
-
-class ReplyTopicRefused(InvalidMessage):
-    """A ``reply_to`` header that names a topic requests may not reply to."""
-
-
-class ReplyPartitionRefused(InvalidMessage):
-    """A ``qm.reply_partition`` header that names no partition."""
 
 
 @dataclass(frozen=True)
@@ -164,13 +161,17 @@ class RequestProcessor:
         self.settings = settings
         self.db = db
         self.services = Services(settings, secrets or SecretBox.from_settings(settings))
-        self._reply_topics = re.compile(settings.reply_topics())
+        self.routes = ReplyRoutes(settings)
         self._retry_transient = TransientRetry("worker", settings.transient_retry_max_seconds)
         self._group: GroupCommit[Pending] = GroupCommit(
             batch_max=settings.worker_batch_max,
             transactions=settings.worker_transactions,
             shared=lambda taken: self._transact([p.parsed for p in taken if p.parsed]),
             alone=lambda pending: self._process(pending.record),
+            give_up=lambda pending, error, attempts: self._dead_letter_raw(
+                pending.record, error, attempts
+            ),
+            attempts=settings.unexpected_error_attempts,
             retry_max_seconds=settings.unexpected_retry_max_seconds,
         )
 
@@ -226,26 +227,31 @@ class RequestProcessor:
                     )
                     await asyncio.sleep(delay)
                     continue
-                await self._retry_transient(
-                    partial(self._dead_letter, record, exc, attempts, disposition)
-                )
-                return "dead_lettered"
+                return await self._settle_failed(record, exc, attempts, disposition)
 
-    def _allowed_reply_to(self, wanted: str | None) -> bool:
-        return (
-            wanted is not None
-            and TOPIC_NAME.match(wanted) is not None
-            and self._reply_topics.fullmatch(wanted) is not None
-        )
-
-    def _reply_to(self, record: Incoming) -> str:
-        """Where a record's answer goes: its ``reply_to`` when allowed, else the default."""
-        wanted = header(record.headers, REPLY_TO)
-        return (
-            wanted if wanted and self._allowed_reply_to(wanted) else self.settings.topic("replies")
-        )
+    async def _settle_failed(
+        self, record: Incoming, error: Exception, attempts: int, disposition: Disposition
+    ) -> str:
+        """Dead-letter a record that failed for good; when its full dead letter (or its reply)
+        cannot be written, its raw one is, so the record settles all the same."""
+        try:
+            await self._retry_transient(
+                partial(self._dead_letter, record, error, attempts, disposition)
+            )
+        except Exception as exc:  # noqa: BLE001 - a record is settled whatever it holds
+            log.error(
+                "dead_letter_failed",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                error_class=type(exc).__name__,
+            )
+            return await self._dead_letter_raw(record, error, attempts)
+        return "dead_lettered"
 
     def _parse(self, record: Incoming) -> Parsed:
+        if undecodable := undecodable_header_names(record.headers):
+            raise InvalidMessage(f"header names that are not UTF-8: {', '.join(undecodable)}")
         if record.value is None:
             raise InvalidMessage("the record's value is null")
         if len(record.value) > self.settings.max_request_bytes:
@@ -253,22 +259,17 @@ class RequestProcessor:
                 f"request of {len(record.value)} bytes exceeds the limit of {self.settings.max_request_bytes}"
             )
         request = parse_request(record.value)
-        wanted = header(record.headers, REPLY_TO)
-        if wanted is not None and not self._allowed_reply_to(wanted):
-            raise ReplyTopicRefused(
-                f"reply_to {wanted[:249]!r} does not match the reply topic pattern "
-                f"{self._reply_topics.pattern!r}"
-            )
+        reply_to = self.routes.checked_topic(record)
         correlation_id = header(record.headers, CORRELATION_ID) or str(request.request_id)
         if "\x00" in correlation_id:  # a job keeps it in a text column, which holds no NUL
             raise InvalidMessage("correlation_id must not contain the NUL character (U+0000)")
         return Parsed(
             request,
-            wanted or self.settings.topic("replies"),
+            reply_to,
             correlation_id,
             record.partition,
             record.offset,
-            _reply_partition(record),
+            reply_partition(record),
             record.topic,
             record.timestamp_ms,
         )
@@ -385,18 +386,41 @@ class RequestProcessor:
     async def _dead_letter(
         self, record: Incoming, error: BaseException, attempts: int, disposition: Disposition
     ) -> None:
-        """The record to ``<topic>.dlt`` with its headers; bad input also gets request.invalid
-        where answerable (an unexpected failure is not final, so it gets no reply)."""
+        """The record to ``<topic>.dlt`` with its headers, and its collector's final answer
+        where a correlation id can be read: ``request.invalid`` for bad input, else
+        ``request.failed``."""
         message = describe(error)
-        value, headers, stored = self._dead_letter_value(record, error, attempts, message)
+        letter = dead_letters.letter(record, error, attempts, message, self.settings)
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            if stored is not None:
-                await dlt_values.store_value(conn, stored)
-            tx.box.add(dlt_topic(record.topic), record.key, value, headers)
-            if disposition is Disposition.INVALID:
-                self._answer_invalid(tx, record, message)
+            await self._add_letter(tx, record, letter)
+            self._answer(tx, record, error, message, disposition)
             await tx.flush()
+        self._log_dead_letter(record, error, attempts, letter)
+
+    async def _dead_letter_raw(self, record: Incoming, error: BaseException, attempts: int) -> str:
+        """The record's raw dead letter alone (``workers.dead_letters.raw_letter``): what is
+        written when its full dead letter or its reply could not be."""
+        letter = raw_letter(record, error, attempts, self.settings)
+
+        async def write() -> None:
+            async with self.db.transaction() as conn:
+                tx = Tx(conn, self.services)
+                await self._add_letter(tx, record, letter)
+                await tx.flush()
+
+        await self._retry_transient(write)
+        self._log_dead_letter(record, error, attempts, letter)
+        return "dead_lettered"
+
+    async def _add_letter(self, tx: Tx, record: Incoming, letter: Letter) -> None:
+        if letter.stored is not None:
+            await dlt_values.store_value(tx.conn, letter.stored)
+        tx.box.add(dlt_topic(record.topic), record.key, letter.value, letter.headers)
+
+    def _log_dead_letter(
+        self, record: Incoming, error: BaseException, attempts: int, letter: Letter
+    ) -> None:
         log.warning(
             "request_dead_lettered",
             topic=record.topic,
@@ -404,73 +428,42 @@ class RequestProcessor:
             offset=record.offset,
             error_class=type(error).__name__,
             attempts=attempts,
-            value_ref=stored.ref if stored is not None else None,
+            value_ref=letter.stored.ref if letter.stored is not None else None,
         )
 
-    def _dead_letter_value(
-        self, record: Incoming, error: BaseException, attempts: int, message: str
-    ) -> tuple[bytes | None, list[Header], dlt_values.StoredValue | None]:
-        """The dead letter's value and headers. A value too large to travel inline is left out
-        and referenced by a header; it is returned to be stored beside the dead letter."""
-        origin = Origin(
-            record.topic,
-            record.partition,
-            record.offset,
-            record.timestamp_ms,
-            self.settings.consumer_group,
-        )
-        headers = dead_letter_headers(record.headers, origin, error, attempts, message=message)
-        # a session state sent in the clear never reaches the dead-letter topic or its table
-        kept = None if record.value is None else sessions.without_clear_sessions(record.value)
-        if kept is None or (
-            _record_size(record.key, kept, headers) <= self.settings.dlt_inline_max_bytes
-        ):
-            return kept, headers, None
-        stored = dlt_values.StoredValue.of(kept)
-        return None, headers + value_ref_headers(stored.ref, kept), stored
-
-    def _answer_invalid(self, tx: Tx, record: Incoming, message: str) -> None:
-        """``request.invalid`` for bad input, where a correlation id can be read."""
-        ids = _readable_ids(record.value)
+    def _answer(
+        self,
+        tx: Tx,
+        record: Incoming,
+        error: BaseException,
+        message: str,
+        disposition: Disposition,
+    ) -> None:
+        """The final answer to a dead-lettered request, where a correlation id can be read:
+        ``request.invalid`` for bad input, ``request.failed`` (the error's class) otherwise."""
+        ids = readable_ids(record.value)
         correlation_id = header(record.headers, CORRELATION_ID) or ids.get("request_id")
         if not correlation_id:
             return
-        invalid = RequestInvalid(
-            request_id=ids.get("request_id"), job_id=ids.get("job_id"), error=message
+        request_id, job_id = ids.get("request_id"), ids.get("job_id")
+        answer = (
+            RequestInvalid(request_id=request_id, job_id=job_id, error=message)
+            if disposition is Disposition.INVALID
+            else RequestFailed(request_id=request_id, job_id=job_id, error_class=error_class(error))
         )
-        wanted, partition = header(record.headers, REPLY_TO), None
-        if wanted is None or self._allowed_reply_to(wanted):  # a partition of that topic
-            with contextlib.suppress(ReplyPartitionRefused):  # else the key picks the partition
-                partition = _reply_partition(record)
         tx.box.add(
-            self._reply_to(record),
-            ids.get("job_id") or record.key,
-            invalid.model_dump(mode="json"),
+            self.routes.topic(record),
+            job_id or record.key,
+            answer.model_dump(mode="json"),
             [(CORRELATION_ID, correlation_id)],
-            partition=partition,
+            partition=self.routes.lenient_partition(record),
         )
-
-
-def _reply_partition(record: Incoming) -> int | None:
-    """The partition the record's ``qm.reply_partition`` header asks replies to go to."""
-    wanted = header(record.headers, REPLY_PARTITION)
-    if wanted is None:
-        return None
-    try:
-        return parse_reply_partition(wanted)
-    except ValueError as exc:
-        raise ReplyPartitionRefused(str(exc)) from None
 
 
 def _count(record: Incoming, started: float, outcome: asyncio.Future[str]) -> None:
     if not outcome.cancelled():
         REQUEST_SECONDS.observe(time.perf_counter() - started)
         REQUESTS.labels(_request_type(record.value), outcome.result()).inc()
-
-
-def _record_size(key: bytes | None, value: bytes | None, headers: list[Header]) -> int:
-    """Bytes of a record in a batch, plus room for the outbox's own id header."""
-    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) + 128
 
 
 def _request_type(raw: bytes | None) -> str:
@@ -480,20 +473,3 @@ def _request_type(raw: bytes | None) -> str:
     match = re.search(rb'"type"\s*:\s*"([a-z.]{1,32})"', raw[:4096])
     name = match.group(1).decode() if match else ""
     return name if name in HANDLERS else "other"
-
-
-def _readable_ids(raw: bytes | None) -> dict[str, str]:
-    """request_id and job_id of a bad record, when they can be read as short strings."""
-    if raw is None:
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    if not isinstance(body, dict):
-        return {}
-    return {
-        name: value
-        for name in ("request_id", "job_id")
-        if isinstance(value := body.get(name), str) and 0 < len(value) <= 200
-    }

@@ -152,7 +152,7 @@ def without_clear_sessions(raw: bytes) -> bytes:
     never holds cookies. Anything else, sealed states included, is kept byte for byte."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # not a request: kept as it came
         return raw
     if not isinstance(body, dict):
         return raw

@@ -169,7 +169,8 @@ def failure_headers(
     failed_at: datetime | None = None,
     message: str | None = None,
 ) -> list[Header]:
-    """``original`` minus stale ``qm.dlt.*`` headers, then ``where`` and the failure's headers."""
+    """``original`` minus stale ``qm.dlt.*`` headers (a name that was not UTF-8 escaped), then
+    ``where`` and the failure's headers."""
     if isinstance(error, BaseException):
         error_class = f"{type(error).__module__}.{type(error).__qualname__}"
         error_message = redact(str(error))
@@ -184,8 +185,23 @@ def failure_headers(
         "attempts": str(attempts),
         "failed_at": (failed_at or datetime.now(UTC)).isoformat(),
     }
-    kept = [(name, value) for name, value in original if not name.startswith(PREFIX)]
+    kept = [
+        (printable_header_name(name), value)
+        for name, value in original
+        if not name.startswith(PREFIX)
+    ]
     return kept + [(PREFIX + name, value.encode()) for name, value in ours.items()]
+
+
+def printable_header_name(name: str) -> str:
+    """A header name as a dead letter carries it: one that was not UTF-8 on the wire (read with
+    ``surrogateescape``) has its bytes escaped (``\\xff``), the only way a header name can
+    travel them."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
 
 
 def value_ref_headers(ref: str, value: bytes) -> list[Header]:

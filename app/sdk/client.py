@@ -350,8 +350,8 @@ class QuartermasterClient:
 
         A ``job.start`` answered ``job.queued`` is waited on up to ``wait_seconds + timeout`` for
         its grant or rejection. Raises ``RequestTimeout`` (a ``TimeoutError``) when no final reply
-        comes in time. When the caller gives up on a ``job.start`` (timeout or cancellation) the
-        job is cancelled, and a grant that still arrives later is released at once.
+        comes in time, ``RequestFailed`` for a ``request.failed``. A ``job.start`` given up on (a
+        timeout, a cancellation, a failure) is cancelled; a grant that comes later is released.
         """
         if self._producer is None or self._closed:
             raise ClientClosed("the client is not started (use `async with` or `await start()`)")

@@ -35,6 +35,19 @@ class RequestInvalid(QuartermasterError):
         self.error = error
 
 
+class RequestFailed(QuartermasterError):
+    """Quartermaster failed on the request every time it tried and dead-lettered it
+    (``request.failed``): nothing of it was done. ``error_class`` names the failure's class (no
+    message: the operators' logs and the dead letter say more). Sending it again may succeed once
+    the cause is fixed; when an operator replays its dead letter instead, a job it grants then is
+    released by this client."""
+
+    def __init__(self, job_id: str, error_class: str) -> None:
+        super().__init__(f"request for job {job_id} failed in Quartermaster: {error_class}")
+        self.job_id = job_id
+        self.error_class = error_class
+
+
 class RequestConflict(QuartermasterError):
     """A ``request_id`` was reused with a different body (``request.conflict``)."""
 

@@ -10,8 +10,9 @@ replies it keeps:
 - a future per outstanding request (``Waiter``), resolved by the final reply; a ``job.queued`` only
   notes the position, because the final ``job.granted``/``job.rejected`` follows later;
 - the ``qm.message_id`` of recent replies, so that a relay's republish is delivered once;
-- the correlation ids of ``job.start`` requests whose caller gave up, so that a grant arriving for
-  one of them is handed back to the client to release instead of holding an account nobody uses.
+- the correlation ids of ``job.start`` requests whose caller gave up (or that were answered
+  ``request.failed``, raised as ``RequestFailed``), so that a grant arriving for one of them is
+  handed back to the client to release instead of holding an account nobody uses.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from app.sdk.errors import ReplyUnreadable
+from app.sdk.errors import ReplyUnreadable, RequestFailed
 from app.sdk.logs import sdk_logger
 from schemas.messages import (
     AnyReply,
@@ -33,6 +34,7 @@ from schemas.messages import (
     RequestConflict,
     parse_reply,
 )
+from schemas.messages import RequestFailed as RequestFailedReply
 
 log = sdk_logger(__name__)
 
@@ -261,6 +263,11 @@ class ReplyRouter:
         if isinstance(reply, JobQueued):
             waiter.queued_position = reply.position
             log.info("job_queued", job_id=waiter.job_id, position=reply.position)
+            return
+        if isinstance(reply, RequestFailedReply):
+            if waiter.is_start:  # nothing granted; a replay of its dead letter may grant it
+                self._abandoned.put(waiter.correlation_id, waiter.job_id)
+            self._settle(waiter, RequestFailed(waiter.job_id, reply.error_class))
             return
         self._settle(waiter, reply)
 

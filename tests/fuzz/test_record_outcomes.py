@@ -3,8 +3,10 @@
 Ten thousand fuzzed records go to the requests topic, produced in batches: valid requests between
 records with broken bytes, null keys and null values, values no column or key can take (integers
 past bigint, Unicode digits as seed ids, X25519 public keys of small order), header values that
-are not UTF-8, duplicate headers, odd header names and values over the request limit (some over
-the dead-letter's inline limit, so their value is kept by reference). Each record carries a ``fuzz-seq`` header. Then:
+are not UTF-8, duplicate headers, odd header names, header names that are not UTF-8 (written by
+aiokafka's pure-Python batch builder, as a librdkafka or Go producer can), JSON nested far deeper
+than any request, and values over the request limit (some over the dead-letter's inline limit, so
+their value is kept by reference). Each record carries a ``fuzz-seq`` header. Then:
 
 - every record that is not a valid request has exactly one dead letter, found by its ``fuzz-seq``
   (its headers kept as they came); every valid request has no dead letter and exactly one reply;
@@ -30,9 +32,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.dlt import header
+from app.dlt.headers import printable_header_name
 from app.kafka import client_options, producer_options
 from app.settings import Settings
 from schemas.messages import parse_request
+from tests.support.hostile import RawName, Sent
+from tests.support.hostile import produce as produce_raw
 from tests.support.kafka import lag_returns_to_zero
 from tests.support.processes import serving
 from tests.support.waiting import eventually
@@ -56,6 +61,12 @@ class Record:
     value: bytes | None
     headers: list[Header]
     request_id: str | None = None  # set for a valid request: its reply's correlation id
+    raw_names: bool = False  # a header name is not UTF-8: sent in a batch built by hand
+
+
+def is_valid_record(record: Record) -> bool:
+    """A valid request in a record the worker can take: its header names are all UTF-8."""
+    return not record.raw_names and is_valid(record.value)
 
 
 @dataclass
@@ -101,6 +112,9 @@ SHAPES = [
     "wrong",
     "big",
     "huge",
+    "deep",
+    "deep_inside",
+    "header_name",
     *HOSTILE_VALUES,
 ]
 
@@ -149,9 +163,19 @@ class Fuzzer:
         raw = json.dumps(body).encode()
         shape = rng.choice(SHAPES)
         value: bytes | None
+        raw_names: list[Header] = []
         if shape in HOSTILE_VALUES:  # a value past its column, a Unicode digit, a refused key
             ids = {"v": 1, "request_id": body["request_id"], "job_id": body["job_id"]}
             value = json.dumps({**ids, **HOSTILE_VALUES[shape](rng)}).encode()
+        elif shape == "deep":  # a parser recursing on it runs out of stack
+            depth = rng.randint(33, 1500)
+            value = b"[" * depth + b"]" * depth
+        elif shape == "deep_inside":  # a valid request but for one field nested too deep
+            depth = rng.randint(33, 1500)
+            value = raw[:-1] + b', "x": ' + b'{"a":' * depth + b"1" + b"}" * depth + b"}"
+        elif shape == "header_name":  # a valid request whose header name is not UTF-8
+            value = raw
+            raw_names = [(RawName(b"\xff" + rng.randbytes(rng.randint(0, 8))), b"x")]
         elif shape == "bytes":
             value = rng.randbytes(rng.randint(0, 300))
         elif shape == "truncated":
@@ -170,13 +194,14 @@ class Fuzzer:
             value = json.dumps({**body, "collector": "x" * rng.randint(MAX_BYTES, 3 * MAX_BYTES)}).encode()  # fmt: skip
         else:  # over the dead letter's inline limit too: its value is kept by reference
             value = b"y" * rng.randint(INLINE_BYTES, 4 * INLINE_BYTES)
-        headers = self.junk_headers()
+        headers = [*self.junk_headers(), *raw_names]
         if rng.random() < 0.5:
             headers.append(("correlation_id", str(uuid.uuid4()).encode()))
         key = rng.choice([None, b"", rng.randbytes(8), b"job-x"])
         if value is None and key is None:  # the client refuses a record with neither
             key = b"tombstone"
-        return Record(seq, key, value, [*headers, (SEQ, str(seq).encode())])
+        headers.append((SEQ, str(seq).encode()))
+        return Record(seq, key, value, headers, raw_names=bool(raw_names))
 
     def records(self, n: int) -> list[Record]:
         return [self.valid(i) if self.rng.random() < 0.3 else self.invalid(i) for i in range(n)]
@@ -198,8 +223,8 @@ def test_every_fuzzed_record_has_exactly_one_outcome(server: Settings) -> None:
 
 
 async def exercise(settings: Settings, records: list[Record]) -> None:
-    valid = {r.request_id: r for r in records if is_valid(r.value) and r.request_id}
-    bad = {r.seq for r in records if not is_valid(r.value)}
+    valid = {r.request_id: r for r in records if is_valid_record(r) and r.request_id}
+    bad = {r.seq for r in records if not is_valid_record(r)}
     assert len(valid) + len(bad) == RECORDS and len(valid) > 2000 and len(bad) > 6000
     await produce(settings, records)
     outcomes = await collect(settings, expect_dead=len(bad), expect_answered=set(valid))
@@ -210,12 +235,19 @@ async def exercise(settings: Settings, records: list[Record]) -> None:
     assert not twice, f"{len(twice)} requests answered other than once: {list(twice.items())[:3]}"
     by_seq = {r.seq: r for r in records}
     for seq, headers in outcomes.dead_headers.items():  # the original headers, as they came
-        original = by_seq[seq].headers
+        original = [(printable(name), value) for name, value in by_seq[seq].headers]
         kept = [(n, v) for n, v in headers if not n.startswith("qm.")]
         assert kept == original
         assert b"hunter2" not in (dict(headers)["qm.dlt.error_message"] or b"")
     await lag_returns_to_zero(settings, timeout=120)
     await outbox_empties(settings)
+
+
+def printable(name: str) -> str:
+    """A header name as its dead letter carries it (one that is not UTF-8 escaped)."""
+    if isinstance(name, RawName):
+        return printable_header_name(name.raw.decode("utf-8", "surrogateescape"))
+    return name
 
 
 async def produce(settings: Settings, records: list[Record]) -> None:
@@ -228,10 +260,15 @@ async def produce(settings: Settings, records: list[Record]) -> None:
                     settings.topic("requests"), r.value, key=r.key, headers=r.headers
                 )
                 for r in records[start : start + BATCH]
+                if not r.raw_names
             ]
             await asyncio.gather(*sends)
     finally:
         await producer.stop()
+    partitions = settings.topic_partitions
+    raw = [Sent(r.seq % partitions, r.key, r.value, list(r.headers), raw_batch=True)
+           for r in records if r.raw_names]  # fmt: skip
+    await produce_raw(settings, raw)
 
 
 async def collect(settings: Settings, expect_dead: int, expect_answered: set[str]) -> Outcomes:

@@ -2,8 +2,8 @@
 
 - Bad input is final: a dead letter and a ``request.invalid`` reply that keeps the field's path
   and echoes nothing secret.
-- An unexpected error is retried, then dead-lettered with no reply: the outcome is not final while
-  the dead letter may be replayed (docs/dead-letters.md).
+- An unexpected error is retried, then dead-lettered and answered ``request.failed`` with the
+  error's class alone (docs/dead-letters.md).
 - A null value stays null in its dead letter; a database error is described without its SQL.
 """
 
@@ -69,7 +69,7 @@ async def test_bad_input_gets_request_invalid_with_the_field_path_and_no_secret(
     assert SECRET not in json.dumps(reply)
 
 
-async def test_an_unexpected_error_is_retried_then_dead_lettered_with_no_reply(
+async def test_an_unexpected_error_is_retried_then_dead_lettered_and_answered_request_failed(
     processor: RequestProcessor,
     engine: AsyncEngine,
     settings: Settings,
@@ -88,7 +88,12 @@ async def test_an_unexpected_error_is_retried_then_dead_lettered_with_no_reply(
 
     # its own tries (plus one in a shared transaction, when the group commit is on)
     assert calls >= settings.unexpected_error_attempts
-    assert await replies(engine, settings) == []  # not final: a replay may still answer it
+    [failed] = await replies(engine, settings)  # its class, no message: "boom" stays in the logs
+    assert (failed["type"], failed["error_class"], "boom" in str(failed)) == (
+        "request.failed",
+        "KeyError",
+        False,
+    )
     [letter] = await dead_letters(engine, settings)
     assert letter["headers"]["qm.dlt.error_class"] == b"builtins.KeyError"
     assert letter["headers"]["qm.dlt.attempts"] == str(settings.unexpected_error_attempts).encode()

@@ -88,8 +88,9 @@ async def test_a_request_that_fails_inside_a_shared_transaction_is_dead_lettered
     assert "shared_transaction_failed" in [entry["event"] for entry in logs]
     granted = [r["job_id"] for r in await replies(engine, settings) if r["type"] == "job.granted"]
     assert sorted(granted) == [f"job-{n}" for n in range(6)]
-    # an unexpected failure is not final (its dead letter may be replayed): no reply yet
-    assert await replies(engine, settings, "unreadable") == []
+    # an unexpected failure ends in a dead letter and request.failed: nothing of it was done
+    [failed] = await replies(engine, settings, "unreadable")  # its final answer: nothing done
+    assert failed["type"] == "request.failed"
     assert await scalar(engine, "SELECT count(*) FROM jobs WHERE id = 'unreadable'") == 0
     assert await scalar(engine, "SELECT running FROM sites WHERE slug = 'locked'") == 0
     dead = await scalar(

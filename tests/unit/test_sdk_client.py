@@ -18,7 +18,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from app.crypto import load_public_key, public_key_text, seal
-from app.sdk import ClientClosed, QuartermasterClient, RequestTimeout
+from app.sdk import (
+    ClientClosed,
+    QuartermasterClient,
+    QuartermasterError,
+    RequestFailed,
+    RequestTimeout,
+)
 from app.settings import Settings
 from schemas.messages import (
     JobGranted,
@@ -28,6 +34,7 @@ from schemas.messages import (
     JobStart,
     seal_context,
 )
+from schemas.messages import RequestFailed as RequestFailedReply
 
 Responder = Callable[[dict[str, Any], str], None]
 
@@ -228,6 +235,52 @@ async def test_a_rejection_is_returned_as_the_final_reply(
     )
     reply = await client.request(start())
     assert isinstance(reply, JobRejected) and reply.reason == "no_accounts"
+
+
+def failed_for(body: dict[str, Any]) -> bytes:
+    failed = RequestFailedReply(
+        request_id=body["request_id"], job_id=body["job_id"], error_class="MissingKey"
+    )
+    return failed.model_dump_json().encode()
+
+
+async def test_request_failed_raises_and_a_grant_after_a_replay_is_released(
+    client: QuartermasterClient, producer: RecordingProducer
+) -> None:
+    producer.respond = lambda body, cid: client.on_reply(reply_headers(cid), failed_for(body))
+    message = start()
+
+    with pytest.raises(RequestFailed) as raised:
+        await client.request(message)
+
+    assert isinstance(raised.value, QuartermasterError)
+    assert raised.value.error_class == "MissingKey" and raised.value.job_id == "job-1"
+    await drain(client)
+    assert producer.types() == ["job.start", "job.cancel"]  # its caller gave up, as on a timeout
+    producer.sent.clear()
+    # an operator replays the start's dead letter once the cause is fixed: its grant is released
+    late = grant_for(json.loads(message.model_dump_json()))
+    client.on_reply(reply_headers(str(message.request_id)), late)
+    await drain(client)
+    assert producer.types() == ["job.cancel"]
+    assert (producer.sent[0][2]["lease_token"], producer.sent[0][2]["lease_secret"]) == (
+        1,
+        LEASE_SECRET,
+    )
+
+
+async def test_request_failed_for_a_heartbeat_raises_and_releases_nothing(
+    client: QuartermasterClient, producer: RecordingProducer
+) -> None:
+    producer.respond = lambda body, cid: client.on_reply(reply_headers(cid), failed_for(body))
+    heartbeat = JobHeartbeat(
+        request_id=uuid.uuid4(), job_id="job-1", lease_token=3, lease_secret=LEASE_SECRET
+    )
+
+    with pytest.raises(RequestFailed):
+        await client.request(heartbeat)
+    await drain(client)
+    assert producer.types() == ["job.heartbeat"]
 
 
 async def test_a_request_before_start_or_after_close_raises_client_closed() -> None:

@@ -1,0 +1,120 @@
+"""The dead letter of a request record that failed for good: built so that building it cannot fail.
+
+A dead letter is the record's key, value and headers plus the ``qm.dlt.*`` headers saying where it
+came from and why (``app.dlt``). Its value drops a session state sent in the clear
+(``workers.sessions.without_clear_sessions``); a value too large to travel inline is kept in
+PostgreSQL beside it. Whatever the record holds, building its letter never raises: when the full
+letter cannot be made (a value or header nothing expected), the letter falls back to the record's
+raw key and value and a minimal header set (original topic, partition, offset and timestamp,
+error class, attempts), so the record is settled all the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import structlog
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from app.dlt import Origin, dead_letter_headers
+from app.dlt.headers import PREFIX, Header, value_ref_headers
+from app.settings import Settings
+from app.store import dlt_values
+from schemas.nesting import MAX_NESTING, nesting_depth
+from workers import sessions
+from workers.consuming import Incoming
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A dead letter's value and headers, and its value when it is kept in PostgreSQL instead."""
+
+    value: bytes | None
+    headers: list[Header]
+    stored: dlt_values.StoredValue | None = None
+
+
+def letter(
+    record: Incoming, error: BaseException, attempts: int, message: str, settings: Settings
+) -> Letter:
+    """The record's dead letter: the full one, or, when that cannot be made, the raw one."""
+    try:
+        return full_letter(record, error, attempts, message, settings)
+    except Exception as exc:  # noqa: BLE001 - a record is settled whatever it holds
+        log.error(
+            "dead_letter_fallback",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error_class=type(exc).__name__,
+        )
+        return raw_letter(record, error, attempts, settings)
+
+
+def full_letter(
+    record: Incoming, error: BaseException, attempts: int, message: str, settings: Settings
+) -> Letter:
+    """The record's headers followed by the ``qm.dlt.*`` ones; its value without a session state
+    in the clear. A value too large to travel inline is left out, referenced by a header."""
+    origin = Origin(
+        record.topic, record.partition, record.offset, record.timestamp_ms, settings.consumer_group
+    )
+    headers = dead_letter_headers(record.headers, origin, error, attempts, message=message)
+    # a session state sent in the clear never reaches the dead-letter topic or its table; a value
+    # nested deeper than any request is not one (and a parser might not survive reading it)
+    kept = record.value
+    if kept is not None and nesting_depth(kept) <= MAX_NESTING:
+        kept = sessions.without_clear_sessions(kept)
+    return _inline_or_stored(record.key, kept, headers, settings)
+
+
+def raw_letter(record: Incoming, error: BaseException, attempts: int, settings: Settings) -> Letter:
+    """The record's raw key and value with the fewest headers that say where it came from and
+    why: nothing here reads the record's bytes, so nothing here fails on them."""
+    ours = {
+        "original_topic": record.topic,
+        "original_partition": str(record.partition),
+        "original_offset": str(record.offset),
+        "original_timestamp": str(record.timestamp_ms),
+        "error_class": f"{type(error).__module__}.{type(error).__qualname__}",
+        "attempts": str(attempts),
+    }
+    headers: list[Header] = [(PREFIX + name, value.encode()) for name, value in ours.items()]
+    return _inline_or_stored(record.key, record.value, headers, settings)
+
+
+def _inline_or_stored(
+    key: bytes | None, value: bytes | None, headers: list[Header], settings: Settings
+) -> Letter:
+    if value is None or record_size(key, value, headers) <= settings.dlt_inline_max_bytes:
+        return Letter(value, headers)
+    stored = dlt_values.StoredValue.of(value)
+    return Letter(None, headers + value_ref_headers(stored.ref, value), stored)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: list[Header]) -> int:
+    """Bytes of a record in a batch, plus room for the outbox's own id header."""
+    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) + 128
+
+
+def readable_ids(raw: bytes | None) -> dict[str, str]:
+    """request_id and job_id of a bad record, when they can be read as short strings (and as
+    text a reply can carry: no NUL)."""
+    if raw is None or nesting_depth(raw) > MAX_NESTING:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    return {
+        name: value
+        for name in ("request_id", "job_id")
+        if isinstance(value := body.get(name), str)
+        and 0 < len(value) <= 200
+        and "\x00" not in value
+    }
