@@ -9,13 +9,23 @@ the standard library, so an Airflow environment can install them without Quarter
 
 - ``job_finished``: on ``qm.job-events``, the terminal event of the job named in its kwargs.
 - ``capture_ready``: on ``qm.captures.ready``, a capture of the site named in its kwargs (and optional
-  filters), with the fields a triggered DAG needs.
+  filters), with the fields a triggered DAG needs; a copy of a record it already fired for (the relay
+  publishes a record again when the broker's ack was lost) is dropped by its ``qm.message_id``.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
+
+# The header the outbox stamps on every record it publishes (app.outbox.writer.MESSAGE_ID, named
+# again here because this module imports nothing of the server side); a copy the relay publishes
+# again carries the same one.
+MESSAGE_ID_HEADER = "qm.message_id"
+# how many fired records one triggerer process remembers, to know their copies
+SEEN_CAPACITY = 4096
 
 # terminal job event type -> the outcome a DAG branches on
 JOB_OUTCOMES: dict[str, str] = {
@@ -40,6 +50,40 @@ CAPTURE_FIELDS: tuple[str, ...] = (
     "handed_off_at",
     "meta",
 )
+
+
+# where a record was read: (topic, partition, offset), or None when the message does not say
+Where = tuple[object, object, object] | None
+
+
+class SeenMessages:
+    """The message ids of the records that fired, each with where it was read; the least recently
+    seen are forgotten past ``capacity``. Safe to share between the triggers of one process."""
+
+    def __init__(self, capacity: int = SEEN_CAPACITY) -> None:
+        self.capacity = capacity
+        self._where: OrderedDict[str, Where] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, message_id: str, where: Where) -> bool:
+        """Whether this is the first copy of ``message_id`` (and remember it), False for a copy.
+
+        The same record read again at the same place (another watcher's consumer group on the
+        same topic) is not a copy: each watcher fires for it once. A relay copy is read at
+        another offset.
+        """
+        with self._lock:
+            if message_id in self._where:
+                self._where.move_to_end(message_id)
+                seen = self._where[message_id]
+                return where is not None and seen == where
+            self._where[message_id] = where
+            while len(self._where) > self.capacity:
+                self._where.popitem(last=False)
+            return True
+
+
+SEEN = SeenMessages()
 
 
 def record_of(message: Any) -> dict[str, Any] | None:
@@ -85,7 +129,9 @@ def capture_ready(
     """A ``capture.ready`` record of ``site`` (and the optional filters) as a DAG's conf, else None.
 
     ``content_type`` matches the media type without parameters (``text/html`` matches
-    ``text/html; charset=utf-8``); ``url_prefix`` matches the start of the captured URL.
+    ``text/html; charset=utf-8``); ``url_prefix`` matches the start of the captured URL. A copy
+    of a record that fired in this process (same ``qm.message_id``, read at another offset) is
+    None, so a record the relay published twice triggers one DAG run.
     """
     record = record_of(message)
     if record is None or record.get("type") != "capture.ready":
@@ -100,7 +146,30 @@ def capture_ready(
         return None
     if url_prefix is not None and not str(record.get("url", "")).startswith(url_prefix):
         return None
+    message_id = message_id_of(message)
+    if message_id is not None and not SEEN.first(message_id, where_of(message)):
+        return None  # a copy of a record this process fired for: the DAG ran for it already
     return {name: record[name] for name in CAPTURE_FIELDS if name in record}
+
+
+def message_id_of(message: Any) -> str | None:
+    """The record's ``qm.message_id`` header, or None (no headers, no such header, not UTF-8)."""
+    try:
+        headers = message.headers() or []
+        for name, value in headers:
+            if name == MESSAGE_ID_HEADER and isinstance(value, bytes):
+                return value.decode()
+    except Exception:  # noqa: BLE001 - a record without a readable id is never taken for a copy
+        return None
+    return None
+
+
+def where_of(message: Any) -> Where:
+    """(topic, partition, offset) of the record, or None when the message does not say."""
+    try:
+        return (message.topic(), message.partition(), message.offset())
+    except Exception:  # noqa: BLE001 - then any second sighting of its id counts as a copy
+        return None
 
 
 def media_type(value: object) -> str:

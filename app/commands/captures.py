@@ -10,7 +10,7 @@ import typer
 
 from app.commands.common import fail, in_transaction, out, print_json_lines, table, when
 from app.crypto import SecretBox
-from app.handoff.records import dispatch
+from app.handoff.records import retry
 from app.leasing import Services, Tx
 from app.settings import get_settings
 from app.store import Conn, Row, captures
@@ -99,24 +99,14 @@ def captures_show(capture_id: str, as_json: Json = False) -> None:
 @captures_app.command("retry")
 def captures_retry(capture_id: str) -> None:
     """Hand a FAILED capture off again from its first attempt (recorded as a capture.retried
-    event naming the operator)."""
+    event naming the operator): the same as `qm dlt replay captures --key CAPTURE`."""
     settings = get_settings()
     operator = getpass.getuser()
 
     async def work(conn: Conn) -> Row | None:
-        row = await captures.retry_failed(conn, capture_id)
+        tx = Tx(conn, Services(settings, SecretBox.from_settings(settings)))
+        row = await retry(tx, capture_id, reason=f"retried by operator {operator}")
         if row is not None:
-            tx = Tx(conn, Services(settings, SecretBox.from_settings(settings)))
-            dispatch(tx, capture_id)
-            tx.events.emit(
-                "capture",
-                "retried",
-                id=capture_id,
-                site=row["site"],
-                status=str(row["status"]),
-                job_id=row["job_id"],
-                reason=f"retried by operator {operator}",
-            )
             await tx.flush()
         return row
 

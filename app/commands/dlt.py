@@ -397,8 +397,25 @@ def _print_dry_run(report: ReplayReport) -> None:
         out.print(f"… and {len(report.planned) - DRY_RUN_ROWS} more")
     out.print(
         f"dry run: {report.selected} selected, {len(report.planned)} would be replayed, "
-        f"{report.already_replayed} skipped as already replayed; nothing was sent"
+        f"{report.already_replayed} skipped as already replayed"
+        f"{_not_rearmed(report, 'would not be')}; nothing was sent",
+        highlight=False,
     )
+    _print_not_rearmed(report)
+
+
+def _not_rearmed(report: ReplayReport, verb: str) -> str:
+    """The summary's part for failed captures' dead letters left alone."""
+    count = len(report.not_rearmed)
+    return f", {count} {verb} replayed (their capture is not FAILED)" if count else ""
+
+
+def _print_not_rearmed(report: ReplayReport) -> None:
+    """Why each failed capture's dead letter was left alone (the first ``DRY_RUN_ROWS``)."""
+    for left in report.not_rearmed[:DRY_RUN_ROWS]:
+        _out().print(f"[yellow]{escape(left.reason)}[/]", soft_wrap=True)
+    if len(report.not_rearmed) > DRY_RUN_ROWS:
+        _out().print(f"… and {len(report.not_rearmed) - DRY_RUN_ROWS} more")
 
 
 @dlt_app.command("replay")
@@ -424,7 +441,11 @@ def replay_command(
         bool, typer.Option("--again", help="Also replay records an earlier run replayed.")
     ] = False,
 ) -> None:
-    """Send dead letters back to their original topic (or --to), each at most once unless --again."""
+    """Send dead letters back to their original topic (or --to), each at most once unless --again.
+
+    Handing a failed capture off again: mend the cause, then replay its dead letter, `qm dlt
+    replay captures --key CAPTURE` (FAILED -> RECEIVED, as `qm captures retry CAPTURE` does). A
+    capture no longer FAILED is left alone and reported as not replayed."""
     settings = _settings()
     selection = _checked(
         lambda: _selection(partition, from_offset, to_offset, since, until, error_class, key)
@@ -464,10 +485,12 @@ def replay_command(
     )
     out.print(
         f"{report.selected} selected, {sent}, "
-        f"{report.already_replayed} skipped as already replayed{again_note}",
+        f"{report.already_replayed} skipped as already replayed{again_note}"
+        f"{_not_rearmed(report, 'not')}",
         highlight=False,
     )
-    if report.already_replayed and not report.replayed:
+    _print_not_rearmed(report)
+    if report.already_replayed == report.selected:
         out.print("every selected record was replayed before; --again replays them anyway")
     if report.raced:
         out.print(

@@ -9,6 +9,11 @@ One run of ``replay`` for a dead-letter topic:
    minus the ``qm.dlt.*`` headers, plus ``qm.replayed_from=topic:partition:offset``;
 4. after the broker acknowledged a batch, records its offsets in the ledger.
 
+A failed capture's dead letter bound for ``qm.captures`` is not sent: its capture is handed off
+again as ``qm captures retry`` does, with its ledger row in the same transaction, or reported as
+not replayed when the capture is not FAILED (``app.dlt.captures``). The report never counts as
+replayed a record that had no effect.
+
 A crash between an ack and its ledger row replays that record again on the next run
 (at least once): harmless, because requests are idempotent by ``request_id``.
 """
@@ -31,6 +36,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db.engine import make_engine
+from app.dlt.captures import FAILED, NotRearmed, capture_named, rearm, status_of
 from app.dlt.headers import PREFIX, REPLAYED_FROM, OffsetRange
 from app.dlt.reader import (
     CONNECT_TIMEOUT_SECONDS,
@@ -88,6 +94,8 @@ class ReplayReport:
     targets: Counter[str] = field(default_factory=Counter)
     # dry run: what would be sent, and where to
     planned: list[tuple[DeadLetter, str]] = field(default_factory=list)
+    # failed captures' dead letters left alone (their capture is not FAILED): not replayed
+    not_rearmed: list[NotRearmed] = field(default_factory=list)
 
 
 class ReplayProgress(Protocol):
@@ -206,6 +214,21 @@ class Ledger:
     def values(self) -> ValueStore:
         """Values kept by reference, read on this ledger's connection."""
         return ValueStore(self._settings, self._conn)
+
+    async def capture_status(self, capture_id: str) -> str:
+        """A capture's status now (``missing`` if there is none)."""
+        with _database_errors(self._settings):
+            status = await status_of(self._conn, capture_id)
+            await self._conn.commit()
+            return status
+
+    async def rearm(self, letter: DeadLetter, capture_id: str, *, again: bool) -> str | None:
+        """Hand the capture of ``letter`` off again and record ``letter`` in one transaction;
+        None when that happened, else the capture's status (and nothing changed)."""
+        with _database_errors(self._settings):
+            return await rearm(
+                self._conn, self._settings, self.topic, letter, capture_id, again=again
+            )
 
     async def record(self, rows: list[ReplayedOffset], *, again: bool) -> int:
         """Record acked copies; return how many rows this call wrote."""
@@ -341,6 +364,7 @@ class _Run:
     existing: set[str]
     report: ReplayReport
     progress: ReplayProgress | None
+    captures_topic: str
     ledger: Ledger | None = None
     done: set[tuple[int, int]] = field(default_factory=set)
     checked: set[str] = field(default_factory=set)
@@ -367,6 +391,10 @@ class _Run:
         if target not in self.checked:
             _check_target(target, letter.topic, self.existing, letter)
             self.checked.add(target)
+        capture_id = capture_named(letter, target, self.captures_topic)
+        if capture_id is not None:
+            await self._rearm(letter, capture_id, target, dry_run=sender is None)
+            return
         if sender is None:  # dry run
             report.planned.append((letter, target))
             report.targets[target] += 1
@@ -377,6 +405,27 @@ class _Run:
         await sender.send(letter, target)
         if sender.pending >= batch:
             await sender.flush()
+
+    async def _rearm(
+        self, letter: DeadLetter, capture_id: str, target: str, *, dry_run: bool
+    ) -> None:
+        """A failed capture's dead letter: its capture handed off again (a dry run only looks
+        whether it is FAILED), or left alone and reported with its status."""
+        assert self.ledger is not None  # replay() opens it before any walk
+        report = self.report
+        if dry_run:
+            status = await self.ledger.capture_status(capture_id)
+            left = None if status == FAILED else status
+        else:
+            left = await self.ledger.rearm(letter, capture_id, again=self.options.again)
+        if left is not None:
+            report.not_rearmed.append(NotRearmed(letter, capture_id, left))
+            return
+        report.targets[target] += 1
+        if dry_run:
+            report.planned.append((letter, target))
+        else:
+            report.replayed += 1
 
     async def _failed_again(self, letter: DeadLetter) -> bool:
         """A copy that failed again: its parent was replayed, so this selection sent it once
@@ -407,7 +456,8 @@ async def replay(
             _check_target(options.to, topic, existing)
         plan = await reader.plan(topic, selection)
         report = ReplayReport(topic, dry_run=options.dry_run)
-        run = _Run(reader, plan, selection, options, existing, report, progress)
+        captures_topic = settings.topic("captures")
+        run = _Run(reader, plan, selection, options, existing, report, progress, captures_topic)
         async with open_ledger(settings, topic, lock=not options.dry_run) as ledger:
             run.ledger = ledger
             if not options.again:

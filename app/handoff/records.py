@@ -1,5 +1,6 @@
 """What a capture's transitions publish, through the caller's transaction's outbox (rule 5):
-the record that starts an attempt, ``capture.ready`` with its event, a failure's dead letter."""
+the record that starts an attempt, ``capture.ready`` with its event, a failure's dead letter, an
+operator's retry."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import structlog
 
 from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.leasing import Tx
-from app.store import Row
+from app.store import Row, captures
 from schemas.messages import CaptureHandoff, CaptureReady
 
 log = structlog.get_logger()
@@ -24,6 +25,28 @@ def dispatch(tx: Tx, capture_id: str) -> bytes:
     value = CaptureHandoff(capture_id=capture_id).model_dump_json().encode()
     tx.box.add(tx.settings.topic("captures"), capture_id, value)
     return value
+
+
+async def retry(tx: Tx, capture_id: str, reason: str) -> Row | None:
+    """FAILED -> RECEIVED from its first attempt, with the record that starts the handoff and a
+    ``capture.retried`` event giving ``reason``; None (nothing changed) if it is not FAILED.
+
+    The one way a failed capture is handed off again: ``qm captures retry`` and ``qm dlt replay``
+    of its dead letter both come here."""
+    row = await captures.retry_failed(tx.conn, capture_id)
+    if row is None:
+        return None
+    dispatch(tx, capture_id)
+    tx.events.emit(
+        "capture",
+        "retried",
+        id=capture_id,
+        site=row["site"],
+        status=str(row["status"]),
+        job_id=row["job_id"],
+        reason=reason,
+    )
+    return row
 
 
 def capture_fields(capture: Row) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.cli import app as cli_app
 from app.handoff import Delivery, TargetError
 from app.handoff import airflow as airflow_target
 from app.handoff.airflow import AirflowTarget, dag_run_id
@@ -28,6 +29,7 @@ from tests.support.captures import (
     running_reaper,
     submit,
 )
+from tests.support.cli import operator_cli
 from tests.support.leasing import make_site
 from tests.support.processes import QmProcess
 from tests.support.waiting import eventually
@@ -127,6 +129,51 @@ async def test_an_unknown_dag_id_fails_the_capture_at_once_with_the_reason(
     assert await outbox_payloads(engine, settings.topic("captures.ready")) == []
     [dead] = await outbox_payloads(engine, settings.topic("captures.dlt"))
     assert dead["capture_id"] == "cap-1"
+
+
+async def test_the_documented_remedy_hands_off_a_capture_whose_dag_id_was_wrong(
+    topics: Settings, engine: AsyncEngine, airflow_api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/airflow.md: fix the site's dag_id, then `qm dlt replay captures --key CAPTURE`
+    settings = with_airflow(topics, airflow_api)
+    processor = RequestProcessor(settings, Database(engine))
+    await board_with_dag(engine, settings, "no_such_dag")
+    lease = await running_job(processor, engine, settings)
+    capture_id = f"{settings.topic_prefix}cap-mended"
+    await processor.process(submit(settings, "job-1", lease, capture_id))
+    assert await HandoffWorker(settings, Database(engine)).hand_off(capture_id) == "failed"
+    dlt = settings.topic("captures.dlt")
+
+    monkeypatch.setenv("COLUMNS", "250")  # the summary on one line
+    with operator_cli(settings, monkeypatch) as cli:
+
+        async def qm(*args: str) -> list[str]:
+            done = await asyncio.to_thread(cli.invoke, cli_app, list(args))
+            assert done.exit_code == 0, done.output
+            return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+
+        async def dead_lettered() -> bool:
+            return len(await read_topic(settings, dlt)) == 1
+
+        with QmProcess(settings, "all"):  # the relay and the handoff worker among them
+            await eventually(dead_lettered, timeout=60)
+            await qm("sites", "set", "board", "--dag-id", DAG)
+            assert await qm("dlt", "replay", "captures", "--key", capture_id) == [
+                f"1 selected, 1 replayed to {settings.topic('captures')} (1), "
+                "0 skipped as already replayed"
+            ]
+            await eventually(lambda: handed_off(engine, capture_id), timeout=60)
+            # a replay that would have nothing to do says so
+            again = await qm("dlt", "replay", "captures", "--key", capture_id, "--again")
+            assert again[0] == (
+                "1 selected, 0 replayed, 0 skipped as already replayed, "
+                "1 not replayed (their capture is not FAILED)"
+            )
+            assert again[1].endswith(
+                f"capture {capture_id} is HANDED_OFF, not FAILED; nothing to hand off again"
+            )
+    [run] = await asyncio.to_thread(runs_of, airflow_api, capture_id)
+    assert run["conf"]["capture_id"] == capture_id
 
 
 async def test_a_refused_token_is_fetched_again_and_a_wrong_password_is_a_retryable_reason(

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.airflow import capture_ready, job_finished
+from app.airflow import MESSAGE_ID_HEADER, SeenMessages, capture_ready, job_finished
+from app.outbox.writer import MESSAGE_ID
 from tests.support.airflow import ROOT
 
 
@@ -170,3 +172,81 @@ def test_the_apply_functions_import_only_the_standard_library() -> None:
     ours = {name for name in done.stdout.split() if name.split(".")[0] in ("app", "schemas")}
     assert ours == {"app", "app.airflow"}
     assert loaded - {"app"} <= set(sys.stdlib_module_names)
+
+
+class Published:
+    """A ``capture.ready`` record as the trigger reads it: its value, headers and place."""
+
+    def __init__(self, record: dict[str, Any], message_id: bytes | None, offset: int) -> None:
+        self._value = json.dumps(record).encode()
+        self._headers = [] if message_id is None else [("qm.message_id", message_id)]
+        self._where = ("qm.captures.ready", 0, offset)
+
+    def value(self) -> bytes:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [("qm.event", b"capture.ready"), *self._headers]
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+
+def fresh_id() -> bytes:
+    return uuid.uuid4().hex.encode()
+
+
+def test_a_copy_the_relay_published_again_fires_nothing() -> None:
+    first, other = fresh_id(), fresh_id()
+    record = capture(capture_id=first.decode())
+    assert capture_ready(Published(record, first, offset=10), site="board") is not None
+    # the relay's copy: the same message id at a later offset, after another capture
+    assert capture_ready(Published(capture(), other, offset=11), site="board") is not None
+    assert capture_ready(Published(record, first, offset=12), site="board") is None
+    assert capture_ready(Published(record, first, offset=13), site="board") is None
+
+
+def test_every_watcher_fires_once_for_a_record_only_the_copy_is_dropped() -> None:
+    # two watchers (consumer groups) in one triggerer read the same records at the same places
+    mid = fresh_id()
+    record = capture(capture_id=mid.decode())
+    for _ in ("html watcher", "board watcher"):
+        assert capture_ready(Published(record, mid, offset=5), site="board") is not None
+    assert capture_ready(Published(record, mid, offset=9), site="board") is None
+
+
+def test_records_without_a_readable_message_id_are_never_taken_for_copies() -> None:
+    record = capture()
+    for offset in (1, 2):
+        assert capture_ready(Published(record, None, offset=offset), site="board") is not None
+        assert capture_ready(Published(record, b"\xff\xfe", offset=offset), site="board")
+
+
+def test_a_record_that_did_not_match_is_not_remembered() -> None:
+    mid = fresh_id()
+    record = capture(content_type="image/png")
+    assert capture_ready(Published(record, mid, 1), site="board", content_type="text/html") is None
+    assert capture_ready(Published(record, mid, 1), site="board") is not None
+
+
+def test_the_memory_of_seen_messages_is_bounded_and_forgets_the_least_recently_seen() -> None:
+    seen = SeenMessages(capacity=3)
+    for n in range(3):
+        assert seen.first(f"m{n}", ("t", 0, n))
+    assert not seen.first("m0", ("t", 0, 99))  # a copy; m0 is now the most recently seen
+    assert seen.first("m3", ("t", 0, 3))  # m1 goes
+    assert seen.first("m1", ("t", 0, 98))
+    assert not seen.first("m0", ("t", 0, 97))
+    # a message that does not say where it was read: any repeat of its id is a copy
+    assert seen.first("m9", None)
+    assert not seen.first("m9", None)
+
+
+def test_the_header_is_the_one_the_outbox_stamps() -> None:
+    assert MESSAGE_ID_HEADER == MESSAGE_ID

@@ -4,6 +4,10 @@ An ``AssetWatcher`` runs the Kafka ``MessageQueueTrigger`` in the triggerer on `
 with Quartermaster's ``app.airflow.capture_ready``: every ``capture.ready`` record of the site becomes
 an asset event whose ``extra["payload"]`` holds the capture's fields, and the event schedules this DAG.
 The connection ``qm_kafka_captures`` names the broker and this watcher's own consumer group.
+
+A copy of a record the relay published twice (same ``qm.message_id``) fires nothing, so it makes
+no second run; Airflow itself gives an asset-scheduled run no id of ours to refuse a repeat with
+(the handoff DAG ``qm_capture_handoff`` has one: ``qm-<capture_id>``). See docs/airflow.md.
 """
 
 from __future__ import annotations
