@@ -9,10 +9,10 @@ from typing import Any, ClassVar, TypeVar
 
 import structlog
 
+from app.core.transaction import TxServices
 from app.crypto import SecretBox
 from app.errors import Disposition, classify
 from app.health import SWEEP_ROW_FAILURES
-from app.leasing import Services
 from app.settings import Settings
 from app.store import Conn, Database, Row
 
@@ -40,7 +40,7 @@ class Sweep:
     def __init__(self, settings: Settings, db: Database, secrets: SecretBox | None = None) -> None:
         self.settings = settings
         self.db = db
-        self.services = Services(settings, secrets or SecretBox.from_settings(settings))
+        self.services = TxServices(settings, secrets or SecretBox.from_settings(settings))
 
     async def run_once(self, now: datetime | None = None) -> SweepResult:
         raise NotImplementedError

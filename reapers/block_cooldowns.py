@@ -12,7 +12,8 @@ from datetime import datetime
 
 import structlog
 
-from app.leasing import Tx, hand_off
+from app.core.leases import hand_off
+from app.core.transaction import Tx
 from app.store import Row, accounts, sites
 from reapers.base import Sweep, SweepResult
 

@@ -7,7 +7,8 @@ from datetime import datetime
 
 import structlog
 
-from app.leasing import Tx, grant_waiting
+from app.core.leases import grant_waiting
+from app.core.transaction import Tx
 from app.store import sites
 from reapers.base import Sweep, SweepResult
 

@@ -14,7 +14,9 @@ from datetime import datetime
 
 import structlog
 
-from app.leasing import Tx, dead_letter_exhausted, hand_off, lease_lost, release_resources
+from app.core.leases import dead_letter_exhausted, hand_off, release_resources
+from app.core.replies import tell_lease_lost
+from app.core.transaction import Tx
 from app.store import Row, job_sweeps, sites
 from reapers.base import Sweep, SweepResult
 from schemas.states import JobStatus
@@ -46,7 +48,7 @@ class ExpiredLeases(Sweep):
                 log.info("reap_lost_race", job_id=stale["id"], lease_token=stale["lease_token"])
                 return False
             await release_resources(tx, job, site, outcome="expired")
-            lease_lost(tx, job, job["reason"])
+            tell_lease_lost(tx, job, job["reason"])
             tx.events.job("expired", job)  # terminal (on qm.job-events) only when FAILED
             if job["status"] == JobStatus.FAILED:
                 dead_letter_exhausted(tx, job, f"{self.settings.consumer_group}.reaper")

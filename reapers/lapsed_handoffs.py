@@ -10,9 +10,9 @@ from datetime import datetime
 
 import structlog
 
+from app.core.captures import dispatch, failed
+from app.core.transaction import Tx
 from app.dlt import Origin
-from app.handoff.records import dispatch, failed
-from app.leasing import Tx
 from app.store import Row, captures
 from reapers.base import Sweep, SweepResult
 from schemas.states import CaptureStatus

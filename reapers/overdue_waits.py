@@ -9,7 +9,8 @@ from datetime import datetime
 
 import structlog
 
-from app.leasing import Tx, reject
+from app.core.replies import reject
+from app.core.transaction import Tx
 from app.store import Row, job_sweeps, sites
 from reapers.base import Sweep, SweepResult
 

@@ -12,8 +12,8 @@ from datetime import datetime
 
 import structlog
 
-from app.handoff.records import dispatch
-from app.leasing import Tx
+from app.core.captures import dispatch
+from app.core.transaction import Tx
 from app.store import Row, captures
 from reapers.base import Sweep, SweepResult
 

@@ -2,7 +2,7 @@
 
 A dead letter is the record's key, value and headers plus the ``qm.dlt.*`` headers saying where it
 came from and why (``app.dlt``). Its value drops a session state sent in the clear
-(``workers.sessions.without_clear_sessions``); a value too large to travel inline is kept in
+(``without_clear_sessions``); a value too large to travel inline is kept in
 PostgreSQL beside it. Whatever the record holds, building its letter never raises: when the full
 letter cannot be made (a value or header nothing expected), the letter falls back to the record's
 raw key and value and a minimal header set (original topic, partition, offset and timestamp,
@@ -12,6 +12,7 @@ error class, attempts), so the record is settled all the same.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import structlog
@@ -22,7 +23,6 @@ from app.dlt.headers import PREFIX, Header, value_ref_headers
 from app.settings import Settings
 from app.store import dlt_values
 from schemas.nesting import MAX_NESTING, nesting_depth
-from workers import sessions
 from workers.consuming import Incoming
 
 log = structlog.get_logger()
@@ -67,7 +67,7 @@ def full_letter(
     # nested deeper than any request is not one (and a parser might not survive reading it)
     kept = record.value
     if kept is not None and nesting_depth(kept) <= MAX_NESTING:
-        kept = sessions.without_clear_sessions(kept)
+        kept = without_clear_sessions(kept)
     return _inline_or_stored(record.key, kept, headers, settings)
 
 
@@ -118,3 +118,29 @@ def readable_ids(raw: bytes | None) -> dict[str, str]:
         and 0 < len(value) <= 200
         and "\x00" not in value
     }
+
+
+CLEAR_SESSION_FIELDS = ("storage_state", "session_state")
+SEALED_TEXT = re.compile(r"[A-Za-z0-9+/]+={0,2}")  # base64: what a sealed box looks like
+WITHHELD = "[withheld: a session state must travel sealed]"
+
+
+def without_clear_sessions(raw: bytes) -> bytes:
+    """A request record fit for a dead-letter topic: a session state sent in the clear (not a
+    sealed string, as an old or broken collector might send) is replaced, so the dead letter
+    never holds cookies. Anything else, sealed states included, is kept byte for byte."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # not a request: kept as it came
+        return raw
+    if not isinstance(body, dict):
+        return raw
+    clear = [
+        name
+        for name in CLEAR_SESSION_FIELDS
+        if body.get(name) is not None
+        and not (isinstance(body[name], str) and SEALED_TEXT.fullmatch(body[name]))
+    ]
+    if not clear:
+        return raw
+    return json.dumps({**body, **dict.fromkeys(clear, WITHHELD)}).encode()

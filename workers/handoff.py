@@ -28,12 +28,12 @@ from functools import partial
 
 import structlog
 
+from app.core.captures import delivery_of, failed, ready
+from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, redact
 from app.errors import describe
 from app.handoff import Delivery, Target, TargetError, targets_for
-from app.handoff.records import capture_fields, failed, ready
-from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, Row, captures
 from app.wiring import Wiring
@@ -52,19 +52,6 @@ OUTCOMES = {
 }
 
 
-def delivery_of(capture: Row, secrets: SecretBox) -> Delivery:
-    """What the targets are handed for a claimed capture (this is attempt ``attempts + 1``);
-    the site's webhook URL is opened here, just before it is called."""
-    sealed = capture["webhook_sealed"]
-    return Delivery(
-        **capture_fields(capture),
-        meta=dict(capture["meta"] or {}),
-        attempt=capture["attempts"] + 1,
-        dag_id=capture["dag_id"],
-        webhook_url=None if sealed is None else secrets.open(bytes(sealed)),
-    )
-
-
 class HandoffWorker:
     """Hands captures off; ``process`` never raises for a bad record."""
 
@@ -79,7 +66,7 @@ class HandoffWorker:
     ) -> None:
         self.settings = settings
         self.db = db
-        self.services = Services(settings, secrets or SecretBox.from_settings(settings))
+        self.services = TxServices(settings, secrets or SecretBox.from_settings(settings))
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.targets = targets
         self._retry_transient = TransientRetry("handoff", settings.transient_retry_max_seconds)

@@ -54,6 +54,8 @@ from typing import Any
 
 import structlog
 
+from app.core import captures, jobs, seeds, sessions
+from app.core.transaction import Route, Tx, TxServices
 from app.crypto import SecretBox
 from app.dlt import dlt_topic, header
 from app.errors import (
@@ -65,7 +67,6 @@ from app.errors import (
     unexpected_delay,
 )
 from app.health import REQUEST_SECONDS, REQUESTS
-from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import Database, dlt_values, inbox
 from schemas.messages import (
@@ -77,7 +78,7 @@ from schemas.messages import (
     RequestInvalid,
     parse_request,
 )
-from workers import captures, dead_letters, jobs, seeds, sessions
+from workers import dead_letters
 from workers.consuming import Incoming
 from workers.dead_letters import Letter, raw_letter, readable_ids
 from workers.group_commit import GroupCommit
@@ -87,7 +88,7 @@ from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
 
-Handler = Callable[[Tx, Any, str, str], Awaitable[dict[str, Any] | None]]
+Handler = Callable[[Tx, Any, Route], Awaitable[dict[str, Any] | None]]
 HANDLERS: dict[str, Handler] = {
     "job.start": jobs.start,
     "job.heartbeat": jobs.heartbeat,
@@ -118,8 +119,13 @@ class Parsed:
         return (self.topic, self.partition, self.offset, self.timestamp_ms)
 
     @property
+    def route(self) -> Route:
+        """Where this request's answers go."""
+        return Route(self.reply_to, self.correlation_id, self.reply_partition)
+
+    @property
     def headers(self) -> list[tuple[str, str]]:
-        return [(CORRELATION_ID, self.correlation_id)]
+        return self.route.headers
 
 
 def fingerprint(request: AnyRequest) -> str:
@@ -160,7 +166,7 @@ class RequestProcessor:
     def __init__(self, settings: Settings, db: Database, secrets: SecretBox | None = None) -> None:
         self.settings = settings
         self.db = db
-        self.services = Services(settings, secrets or SecretBox.from_settings(settings))
+        self.services = TxServices(settings, secrets or SecretBox.from_settings(settings))
         self.routes = ReplyRoutes(settings)
         self._retry_transient = TransientRetry("worker", settings.transient_retry_max_seconds)
         self._group: GroupCommit[Pending] = GroupCommit(
@@ -281,7 +287,6 @@ class RequestProcessor:
     async def _transact(self, requests: list[Parsed]) -> list[str]:
         """Apply ``requests`` in order in one transaction; their outcomes."""
         async with self.db.transaction() as conn:
-            tx = Tx(conn, self.services)
             # the first locks of every transaction, alone or shared: the sites (lock order),
             # then the requests' inbox rows, in one statement
             claimed = await inbox.claim_requests(
@@ -290,7 +295,7 @@ class RequestProcessor:
                 slugs=[p.request.site for p in requests if isinstance(p.request, JobStart)],
                 job_ids=[p.request.job_id for p in requests if not isinstance(p.request, JobStart)],
             )
-            tx.locked_sites, tx.job_sites = claimed.sites, claimed.job_sites
+            tx = Tx(conn, self.services, locked_sites=claimed.sites, job_sites=claimed.job_sites)
             unseen = claimed.fresh
             outcomes = []
             for parsed in requests:  # a request_id twice here: the first is new, then a repeat
@@ -325,11 +330,7 @@ class RequestProcessor:
                 error=f"{request.type} is not served by this version",
             ).model_dump(mode="json")
         else:
-            tx.reply_partition = parsed.reply_partition
-            try:
-                reply = await handler(tx, request, reply_to, parsed.correlation_id)
-            finally:
-                tx.reply_partition = None
+            reply = await handler(tx, request, parsed.route)
         if reply is not None:
             tx.box.add(
                 reply_to, request.job_id, reply, parsed.headers, partition=parsed.reply_partition

@@ -27,15 +27,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
-from app import seeding
 from app.bench.services import services as start_services
+from app.core import seeds as seeding
+from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox, public_key_text
 from app.db.engine import make_engine
 from app.lease_secrets import lease_secret_hash, new_lease_secret
-from app.leasing import Services, Tx
 from app.logs import configure_logging
 from app.settings import Settings
-from app.store import Database, Record, domains, jobs, seeds, sites
+from app.store import Database, Row, domains, jobs, seeds, sites
 from schemas.messages import SeedResult
 from schemas.seed_rows import parse_rows
 
@@ -85,7 +85,7 @@ async def _bench(
     settings: Settings, small: int, large: int, concurrency: int, seconds: float, rows: int
 ) -> None:
     db = Database(make_engine(settings, pool_size=concurrency + 2, pre_ping=False))
-    services = Services(settings, SecretBox.from_settings(settings))
+    services = TxServices(settings, SecretBox.from_settings(settings))
     try:
         table = Table(
             "site",
@@ -133,7 +133,7 @@ async def _vacuum(db: Database) -> None:
         await seeds.vacuum_seeds(await conn.execution_options(isolation_level="AUTOCOMMIT"))
 
 
-async def _lease(db: Database, slug: str) -> Record:
+async def _lease(db: Database, slug: str) -> Row:
     """A live lease on the site for a job that needs no account."""
     async with db.transaction() as conn:
         await sites.lock_site(conn, slug)
@@ -158,7 +158,7 @@ async def _lease(db: Database, slug: str) -> Record:
 
 
 async def _claim_run(
-    db: Database, services: Services, slug: str, claimers: int, seconds: float
+    db: Database, services: TxServices, slug: str, claimers: int, seconds: float
 ) -> Samples:
     """Claimers, each with a live lease of its own, claim and settle back to back until the
     deadline (a seed settled due at once may go to the same lease again: its hold row then tells
@@ -167,7 +167,7 @@ async def _claim_run(
     leases = [await _lease(db, slug) for _ in range(claimers)]
     deadline = time.perf_counter() + seconds
 
-    async def claimer(job: Record) -> None:
+    async def claimer(job: Row) -> None:
         while time.perf_counter() < deadline:
             began = time.perf_counter()
             async with db.transaction() as conn:

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from app.commands.common import fail, in_transaction, out, print_json_lines, table, when
+from app.core.captures import retry
+from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox
-from app.handoff.records import retry
-from app.leasing import Services, Tx
 from app.settings import get_settings
 from app.store import Conn, Row, captures
 from schemas.states import CaptureStatus
@@ -104,7 +104,7 @@ def captures_retry(capture_id: str) -> None:
     operator = getpass.getuser()
 
     async def work(conn: Conn) -> Row | None:
-        tx = Tx(conn, Services(settings, SecretBox.from_settings(settings)))
+        tx = Tx(conn, TxServices(settings, SecretBox.from_settings(settings)))
         row = await retry(tx, capture_id, reason=f"retried by operator {operator}")
         if row is not None:
             await tx.flush()

@@ -19,8 +19,9 @@ from app.commands.common import (
     table,
     when,
 )
+from app.core.leases import revoke
+from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox
-from app.leasing import Services, Tx, revoke
 from app.settings import get_settings
 from app.store import Conn, Row, jobs, views
 from schemas.states import JobStatus
@@ -208,7 +209,7 @@ def jobs_revoke(
     secrets = SecretBox.from_settings(settings)
 
     async def work(conn: Conn) -> tuple[Row | None, Row | None]:
-        tx = Tx(conn, Services(settings, secrets))
+        tx = Tx(conn, TxServices(settings, secrets))
         revoked = await revoke(tx, job_id, reason.strip())
         await tx.flush()
         return revoked, await jobs.describe_job(conn, job_id)

@@ -14,9 +14,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app import seeding
 from app.commands.common import fail, in_transaction, print_json_lines
 from app.commands.common import table as fold_table
+from app.core import seeds as seeding
 from app.settings import get_settings
 from app.store import Conn, Database, seeds
 from schemas.seed_rows import Format, check_url, parse_rows, sniff_format

@@ -14,13 +14,14 @@ from rich.console import Console
 
 from app.commands.common import fail, in_transaction
 from app.commands.common import table as fold_table
+from app.core.events import Events
+from app.core.sessions import state_bytes
 from app.crypto import MissingKey, SecretBox
-from app.events import Events
 from app.outbox.writer import Outbox
 from app.settings import get_settings
 from app.store import Conn, sites
 from app.store import sessions as store
-from schemas.sessions import SESSION_COOKIE_EXPIRES, state_bytes
+from schemas.sessions import SESSION_COOKIE_EXPIRES
 
 sessions_app = typer.Typer(help="Browser sessions of accounts: show (never values), clear.")
 console = Console()

@@ -4,7 +4,7 @@ why not.
 A capture's dead letter on ``qm.captures.dlt`` holds the ``capture.handoff`` record that started
 its last attempt. Sent back to ``qm.captures`` as it is, that record changes nothing: the handoff
 worker claims RECEIVED captures only, and the capture is FAILED. So a replay does what
-``qm captures retry`` does instead (``app.handoff.records.retry``): FAILED -> RECEIVED, one
+``qm captures retry`` does instead (``app.core.captures.retry``): FAILED -> RECEIVED, one
 conditional UPDATE, with the record that starts its handoff written to the outbox and the ledger
 row of the dead letter, all in one transaction: the ledger names a dead letter replayed only
 when its capture was re-armed. A capture in any other state is left alone, and the replay
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.core.captures import retry
+from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox
 from app.dlt.reader import DeadLetter
-from app.handoff.records import retry
-from app.leasing import Services, Tx
 from app.settings import Settings
 from app.store import captures
 from app.store.dlt_replays import ReplayedOffset, record_replays
@@ -79,7 +79,7 @@ async def rearm(
 ) -> str | None:
     """Hand the capture off again and record ``letter`` as replayed, in one transaction on
     ``conn`` (committed here); None when it was re-armed, else its status (nothing changed)."""
-    tx = Tx(conn, Services(settings, SecretBox.from_settings(settings)))
+    tx = Tx(conn, TxServices(settings, SecretBox.from_settings(settings)))
     reason = f"replayed from {letter.coordinates} by operator {getpass.getuser()}"
     try:
         if await retry(tx, capture_id, reason) is None:

@@ -5,19 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.engine import make_engine
 from app.settings import Settings
-from app.store.hot import Row as HotRow
+from app.store.rows import Row
 
 # The connection a transaction runs on; workers and reapers pass it along without touching SQL.
 Conn = AsyncConnection
-# A row as the store returns it: read by column name.
-Row = RowMapping
-# A row of a hot statement (a dict by column name, app.store.hot), or any row of the store.
-Record = HotRow
+# A row as the store returns it, read by column name (``app.store.prepared.Row``): the one row
+# type of the store, whichever way its statement ran.
+__all__ = ["Conn", "Database", "Row"]
 
 
 class Database:

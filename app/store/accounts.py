@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.jobs import NOW
+from app.store.rows import Row
 from schemas.states import ACCOUNT_TRANSITIONS, AccountStatus, predecessors
 
 
 async def add_account(
     conn: AsyncConnection, *, site: str, username: str, sealed_secret: bytes
-) -> RowMapping | None:
+) -> Row | None:
     """Create an ACTIVE account; None if the site already has that username."""
     result = await conn.execute(
         text(
@@ -29,7 +30,7 @@ async def add_account(
     return result.mappings().first()
 
 
-async def list_accounts(conn: AsyncConnection, site: str | None = None) -> list[RowMapping]:
+async def list_accounts(conn: AsyncConnection, site: str | None = None) -> list[Row]:
     """Accounts without their secrets, with the collector of the job that holds each."""
     result = await conn.execute(
         text(
@@ -54,7 +55,7 @@ async def set_account_status(
     username: str,
     target: AccountStatus,
     reason: str | None = None,
-) -> RowMapping | None:
+) -> Row | None:
     """An operator's move (block, unblock, deactivate), from the target's legal predecessors only."""
     result = await conn.execute(
         text(
@@ -95,7 +96,7 @@ async def account_statuses(conn: AsyncConnection, ids: Sequence[int]) -> dict[in
     return {int(row.id): str(row.status) for row in result}
 
 
-async def remove_account(conn: AsyncConnection, *, site: str, username: str) -> RowMapping | None:
+async def remove_account(conn: AsyncConnection, *, site: str, username: str) -> Row | None:
     """Delete an account that no job holds (any status but USING), with its session.
 
     Finished jobs that used it keep their history in ``job_grants``; their ``account_id`` is
@@ -123,7 +124,7 @@ async def remove_account(conn: AsyncConnection, *, site: str, username: str) -> 
 
 async def find_ended_blocks(
     conn: AsyncConnection, *, now: datetime | None, after: int, limit: int
-) -> list[RowMapping]:
+) -> list[Row]:
     """A page (by id) of BLOCKED accounts whose block cooldown has passed."""
     result = await conn.execute(
         text(
@@ -140,7 +141,7 @@ async def find_ended_blocks(
 
 async def end_block(
     conn: AsyncConnection, account_id: int, lease_token: int, now: datetime | None = None
-) -> RowMapping | None:
+) -> Row | None:
     """BLOCKED -> ACTIVE once its block cooldown has passed.
 
     Fenced by the lease token read with the page, and the staleness test is repeated: an
@@ -165,7 +166,7 @@ async def end_block(
 
 async def retire_unreadable(
     conn: AsyncConnection, *, account_id: int, job_id: str, lease_token: int, reason: str
-) -> RowMapping | None:
+) -> Row | None:
     """USING -> INACTIVE for an account whose grant found its secret (or session) sealed with no
     key of ``QM_SECRET_KEYS``: out of service with ``reason`` until an operator acts. Only for
     the grant that holds it (job and token); None otherwise."""

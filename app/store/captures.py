@@ -12,10 +12,11 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.jobs import NOW
+from app.store.rows import Row
 
 # What the handoff worker needs besides the capture: where the site wants it delivered.
 _WITH_SITE = """
@@ -38,7 +39,7 @@ async def add_capture(
     captured_at: datetime,
     meta: dict[str, Any],
     fingerprint: str,
-) -> RowMapping | None:
+) -> Row | None:
     """A new capture -> RECEIVED, dispatched now; only for the holder of the job's live lease
     (its token and the hash of its secret).
 
@@ -83,7 +84,7 @@ async def add_capture(
     return result.mappings().first()
 
 
-async def describe_capture(conn: AsyncConnection, capture_id: str) -> RowMapping | None:
+async def describe_capture(conn: AsyncConnection, capture_id: str) -> Row | None:
     """A capture as it stands, with its site's delivery settings."""
     result = await conn.execute(
         text(f"WITH c AS (SELECT * FROM captures WHERE id = :id) {_WITH_SITE}"), {"id": capture_id}
@@ -98,7 +99,7 @@ async def claim_handoff(
     holder: str,
     lease_seconds: float,
     now: datetime | None = None,
-) -> RowMapping | None:
+) -> Row | None:
     """RECEIVED -> HANDING_OFF with a fresh token, once its attempt is due; None: not due, or a
     peer (or a duplicate record) took it first."""
     result = await conn.execute(
@@ -123,7 +124,7 @@ async def claim_handoff(
 
 async def finish_handoff(
     conn: AsyncConnection, capture_id: str, token: int, now: datetime | None = None
-) -> RowMapping | None:
+) -> Row | None:
     """HANDING_OFF -> HANDED_OFF, for the holder of the claim's token only.
 
     A lapsed claim still finishes while nobody took it over: the token proves nobody did.
@@ -172,7 +173,7 @@ async def give_back_handoff(
     backoff_base: float,
     backoff_max: float,
     now: datetime | None = None,
-) -> RowMapping | None:
+) -> Row | None:
     """HANDING_OFF -> RECEIVED after the backoff (attempts + 1), or -> FAILED with ``reason`` at
     the attempt cap or when not ``retryable``; for the holder of the claim's token only.
 
@@ -196,7 +197,7 @@ async def give_back_handoff(
 
 async def find_lapsed_handoffs(
     conn: AsyncConnection, *, now: datetime | None, after: str, limit: int
-) -> list[RowMapping]:
+) -> list[Row]:
     """A page (by id) of HANDING_OFF captures whose claim expired (their holder died)."""
     result = await conn.execute(
         text(
@@ -218,7 +219,7 @@ async def reclaim_lapsed_handoff(
     *,
     max_attempts: int,
     now: datetime | None = None,
-) -> RowMapping | None:
+) -> Row | None:
     """HANDING_OFF -> RECEIVED, dispatched now (attempts + 1), or -> FAILED at the cap; only
     while the claim of ``token`` is still lapsed (the staleness test, repeated)."""
     result = await conn.execute(
@@ -260,7 +261,7 @@ async def find_undispatched(
     limit: int,
     redispatch_seconds: float,
     topic: str,
-) -> list[RowMapping]:
+) -> list[Row]:
     """A page (by id) of RECEIVED captures that are due and have no record in flight."""
     result = await conn.execute(
         text(
@@ -289,7 +290,7 @@ async def mark_dispatched(
     *,
     redispatch_seconds: float,
     now: datetime | None = None,
-) -> RowMapping | None:
+) -> Row | None:
     """RECEIVED -> RECEIVED with a record in flight, while it is still undispatched (repeated
     staleness test); the caller writes the record in the same transaction."""
     result = await conn.execute(
@@ -305,7 +306,7 @@ async def mark_dispatched(
     return result.mappings().first()
 
 
-async def retry_failed(conn: AsyncConnection, capture_id: str) -> RowMapping | None:
+async def retry_failed(conn: AsyncConnection, capture_id: str) -> Row | None:
     """FAILED -> RECEIVED with its attempts reset, dispatched now (an operator's retry)."""
     result = await conn.execute(
         text(
@@ -324,7 +325,7 @@ async def retry_failed(conn: AsyncConnection, capture_id: str) -> RowMapping | N
 
 async def list_captures(
     conn: AsyncConnection, *, status: str | None, site: str | None, limit: int
-) -> list[RowMapping]:
+) -> list[Row]:
     """The newest captures, optionally of one status and one site."""
     result = await conn.execute(
         text(

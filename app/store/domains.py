@@ -10,9 +10,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.rows import Row
 from schemas.urls import RewriteCycle, Rewrites, Rule, check_rules, normalize_host
 
 
@@ -34,7 +35,7 @@ async def site_rules(conn: AsyncConnection, site: str) -> list[Rule]:
 
 async def add_rewrite(
     conn: AsyncConnection, *, site: str, from_host: str, to_host: str, subdomains: bool = False
-) -> RowMapping:
+) -> Row:
     """A new rule of a site, effective now; RewriteRefused with the reason when it cannot be.
 
     The site's row is locked first, so two rules added at once cannot make a cycle together.
@@ -68,7 +69,7 @@ async def add_rewrite(
     return result.mappings().one()
 
 
-async def remove_rewrite(conn: AsyncConnection, *, site: str, from_host: str) -> RowMapping | None:
+async def remove_rewrite(conn: AsyncConnection, *, site: str, from_host: str) -> Row | None:
     """Delete a site's rule for ``from_host``; None when there is none."""
     result = await conn.execute(
         text("DELETE FROM domain_rewrites WHERE site = :site AND from_host = :source RETURNING *"),
@@ -77,7 +78,7 @@ async def remove_rewrite(conn: AsyncConnection, *, site: str, from_host: str) ->
     return result.mappings().first()
 
 
-async def list_rewrites(conn: AsyncConnection, site: str) -> list[RowMapping]:
+async def list_rewrites(conn: AsyncConnection, site: str) -> list[Row]:
     """A site's rules with how many handed-out URLs each changed."""
     result = await conn.execute(
         text(

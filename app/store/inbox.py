@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import RowMapping, bindparam, text
+from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, INTEGER, TEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.store.rows import Row
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +36,7 @@ class Claimed:
     ``has_waiting``) and the site of each named job that exists."""
 
     fresh: set[str]
-    sites: dict[str, RowMapping]
+    sites: dict[str, Row]
     job_sites: dict[str, str]
 
 
@@ -112,7 +114,7 @@ async def claim_requests(
         },
     )
     rows = result.mappings().all()
-    sites = {row["slug"]: row for row in rows if row["slug"] is not None}
+    sites: dict[str, Row] = {row["slug"]: row for row in rows if row["slug"] is not None}
     return Claimed(
         fresh=set(rows[0]["fresh"] or ()),
         sites=sites,
@@ -126,7 +128,7 @@ _SEEN = text(
 )
 
 
-async def seen_request(conn: AsyncConnection, request_id: str) -> RowMapping | None:
+async def seen_request(conn: AsyncConnection, request_id: str) -> Row | None:
     """The inbox row of a request seen before: its fingerprint, the reply it got and where the
     record that first claimed it was read."""
     result = await conn.execute(_SEEN, {"id": request_id})

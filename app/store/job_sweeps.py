@@ -6,15 +6,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.jobs import NOW
+from app.store.rows import Row
 
 
 async def find_expired_leases(
     conn: AsyncConnection, *, now: datetime | None, after: str, limit: int
-) -> list[RowMapping]:
+) -> list[Row]:
     """A page (by id) of RUNNING jobs whose lease has passed."""
     result = await conn.execute(
         text(
@@ -36,7 +37,7 @@ async def expire_job(
     lease_token: int,
     max_attempts: int,
     now: datetime | None = None,
-) -> RowMapping | None:
+) -> Row | None:
     """RUNNING -> EXPIRED, or -> FAILED (attempts_exhausted) at the attempt cap.
 
     The staleness test is repeated here: a heartbeat that extended the lease since the page was
@@ -62,7 +63,7 @@ async def expire_job(
 
 async def find_overdue_waiting(
     conn: AsyncConnection, *, now: datetime | None, after: str, limit: int
-) -> list[RowMapping]:
+) -> list[Row]:
     """A page (by id) of QUEUED jobs past their wait deadline."""
     result = await conn.execute(
         text(
@@ -79,7 +80,7 @@ async def find_overdue_waiting(
 
 async def time_out_waiting_job(
     conn: AsyncConnection, job_id: str, now: datetime | None = None
-) -> RowMapping | None:
+) -> Row | None:
     """QUEUED -> TIMED_OUT, only while its wait deadline has passed (repeated staleness test)."""
     result = await conn.execute(
         text(
@@ -95,7 +96,7 @@ async def time_out_waiting_job(
     return result.mappings().first()
 
 
-async def oldest_waiters(conn: AsyncConnection, older_than_seconds: float) -> list[RowMapping]:
+async def oldest_waiters(conn: AsyncConnection, older_than_seconds: float) -> list[Row]:
     """Sites whose oldest waiting job has waited longer than ``older_than_seconds`` (by the
     database clock): slug, how many wait, and the oldest wait in seconds."""
     result = await conn.execute(

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.store.hot import Hot, Row
+from app.store.prepared import Prepared, Row
 
 # Used by reapers and tests to move the clock: ``coalesce(:now, now())`` is the database clock
 # unless a test passes a time.
@@ -26,13 +26,13 @@ NOW = "coalesce(CAST(:now AS timestamptz), now())"
 _DESCRIBE = text("SELECT * FROM jobs WHERE id = :id")
 
 
-async def describe_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
+async def describe_job(conn: AsyncConnection, job_id: str) -> Row | None:
     """A job as it stands, to explain a transition that did not happen."""
     result = await conn.execute(_DESCRIBE, {"id": job_id})
     return result.mappings().first()
 
 
-_QUEUE = Hot(
+_QUEUE = Prepared(
     text(
         """
         INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
@@ -101,7 +101,7 @@ async def queue_job(
     )
 
 
-_GRANT_NEXT_WAITING = Hot(
+_GRANT_NEXT_WAITING = Prepared(
     text(
         """
         WITH head AS (
@@ -209,7 +209,7 @@ async def queue_position(conn: AsyncConnection, job_id: str) -> int:
     return int(result.scalar_one())
 
 
-_EXTEND = Hot(
+_EXTEND = Prepared(
     text(
         """
         WITH job AS (
@@ -249,7 +249,7 @@ async def extend_lease(
     )
 
 
-_FINISH = Hot(
+_FINISH = Prepared(
     text(
         """
         UPDATE jobs j
@@ -312,7 +312,7 @@ _CANCEL = text(
 
 async def cancel_job(
     conn: AsyncConnection, job_id: str, lease_token: int | None, secret_hash: bytes | None
-) -> RowMapping | None:
+) -> Row | None:
     """QUEUED -> CANCELLED; RUNNING -> CANCELLED only for the holder of the live lease (its
     token and the hash of its secret).
 
@@ -325,7 +325,7 @@ async def cancel_job(
     return result.mappings().first()
 
 
-async def revoke_job(conn: AsyncConnection, job_id: str, reason: str) -> RowMapping | None:
+async def revoke_job(conn: AsyncConnection, job_id: str, reason: str) -> Row | None:
     """RUNNING -> CANCELLED by an operator, whoever holds the lease; None when not RUNNING.
 
     The row keeps the holder's token, so the caller can release what it held; then
@@ -362,7 +362,7 @@ async def retire_token(conn: AsyncConnection, job_id: str, lease_token: int) -> 
 
 async def reject_waiting_job(
     conn: AsyncConnection, job_id: str, reason: str, now: datetime | None = None
-) -> RowMapping | None:
+) -> Row | None:
     """QUEUED -> TIMED_OUT with a reason (its wait ran out, or it could not wait at all)."""
     result = await conn.execute(
         text(
@@ -378,7 +378,7 @@ async def reject_waiting_job(
     return result.mappings().first()
 
 
-_RELEASE = Hot(
+_RELEASE = Prepared(
     text(
         """
         WITH account AS (
@@ -454,7 +454,7 @@ async def release_lease(
 
 async def fail_granted_job(
     conn: AsyncConnection, job_id: str, lease_token: int, reason: str
-) -> RowMapping | None:
+) -> Row | None:
     """RUNNING -> FAILED with ``reason`` for a job whose grant, just made in this transaction,
     could not be sealed to it or opened (the grant's token fences it); None otherwise."""
     result = await conn.execute(

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, INTEGER, SMALLINT, TEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.dlt_values import StoredValue
-from app.store.hot import Hot
+from app.store.prepared import Prepared
 
 NOTIFY_CHANNEL = "qm_outbox"
 # the third item of a stored header whose name is in base64 (it holds a NUL, which jsonb cannot)
@@ -36,7 +36,7 @@ class OutboxRow:
     partition: int | None = None  # None: the key picks it (Kafka's default partitioner)
 
 
-_INSERT = Hot(
+_INSERT = Prepared(
     text(
         """
         WITH locks AS MATERIALIZED (

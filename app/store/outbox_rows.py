@@ -152,7 +152,7 @@ async def retry_rows(
             "states": list(states),
         },
     )
-    retried = list(result.mappings())
+    retried: list[Row] = list(result.mappings())
     if retried:  # relays waiting for work read them now, not at their next poll
         await conn.execute(_WAKE_RELAYS, {"channel": NOTIFY_CHANNEL})
     return retried

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import RowMapping, TextClause, text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.store.rows import Row
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,7 @@ def _select(column: SealedColumn, where: str) -> TextClause:
     )
 
 
-def _values(rows: Sequence[RowMapping]) -> list[SealedValue]:
+def _values(rows: Sequence[Row]) -> list[SealedValue]:
     return [
         SealedValue(row["id"], bytes(row["sealed"]), row["site"], row["username"]) for row in rows
     ]

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.rows import Row
 from schemas.states import SEED_TRANSITIONS, SeedStatus, predecessors
 
 NOW = "coalesce(CAST(:now AS timestamptz), now())"
@@ -27,7 +28,7 @@ class Claimed:
     """What a claim found: whether the lease was live, and the seeds it now holds (maybe none)."""
 
     live: bool
-    seeds: list[RowMapping]
+    seeds: list[Row]
 
 
 _CLAIM = text(
@@ -182,7 +183,7 @@ async def settle_seeds(
     policy: Policy,
     release_reason: str,
     now: datetime | None = None,
-) -> list[RowMapping]:
+) -> list[Row]:
     """Every seed the lease holds ASSIGNED -> ACTIVE | DISABLED, in one statement.
 
     A reported success is due after ``next_due_seconds`` or its interval and resets its failure
@@ -215,7 +216,7 @@ async def settle_seeds(
 
 async def add_seed(
     conn: AsyncConnection, *, site: str, url: str, interval_seconds: int, priority: int
-) -> RowMapping | None:
+) -> Row | None:
     """A new ACTIVE seed, due now; None if the site has that URL already."""
     result = await conn.execute(
         text(
@@ -238,7 +239,7 @@ async def list_seeds(
     status: SeedStatus | None = None,
     due: bool = False,
     limit: int = 100,
-) -> list[RowMapping]:
+) -> list[Row]:
     """A site's seeds in claim order (``due``: only ACTIVE ones due now)."""
     result = await conn.execute(
         text(
@@ -257,7 +258,7 @@ async def list_seeds(
 
 async def set_seed_status(
     conn: AsyncConnection, *, site: str, seed: str, target: SeedStatus, reason: str | None = None
-) -> RowMapping | None:
+) -> Row | None:
     """An operator's move: -> DISABLED (with a reason; a holder's later result is ignored) or
     DISABLED -> ACTIVE (due now, failures forgotten). ``seed`` is an id or a URL of the site.
     None when no such seed can make that move."""

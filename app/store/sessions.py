@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.store.rows import Row
 
 
 async def held_session(
     conn: AsyncConnection, job_id: str, lease_token: int, secret_hash: bytes | None
-) -> RowMapping | None:
+) -> Row | None:
     """The account a live lease holds and its session (if any), locked for this transaction.
 
     ``now_epoch`` is the database's clock (Unix seconds), against which cookies expire. None
@@ -68,7 +70,7 @@ async def save_session(
     return None if row is None else int(row[0])
 
 
-async def session_of_account(conn: AsyncConnection, site: str, username: str) -> RowMapping | None:
+async def session_of_account(conn: AsyncConnection, site: str, username: str) -> Row | None:
     """An account with its stored session (version, updated_at, sealed state; NULL when none).
 
     None when the site has no such account.
@@ -87,7 +89,7 @@ async def session_of_account(conn: AsyncConnection, site: str, username: str) ->
     return result.mappings().first()
 
 
-async def clear_session(conn: AsyncConnection, site: str, username: str) -> RowMapping | None:
+async def clear_session(conn: AsyncConnection, site: str, username: str) -> Row | None:
     """Delete an account's stored session; its version and the account's holder, or None if
     it had none. The next grant of the account carries no session."""
     result = await conn.execute(

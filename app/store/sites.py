@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.store.rows import Row
 
 
 async def add_site(
@@ -20,7 +22,7 @@ async def add_site(
     max_attempts: int = 3,
     dag_id: str | None = None,
     session_check_url: str | None = None,
-) -> RowMapping | None:
+) -> Row | None:
     """Create a site; None if the slug is taken."""
     result = await conn.execute(
         text(
@@ -61,9 +63,7 @@ EDITABLE = (
 )
 
 
-async def update_site(
-    conn: AsyncConnection, slug: str, changes: dict[str, object]
-) -> RowMapping | None:
+async def update_site(conn: AsyncConnection, slug: str, changes: dict[str, object]) -> Row | None:
     """Change some of a site's settings (``EDITABLE`` columns); None if there is no such site.
 
     A capacity raised while jobs wait lets the capacity-back sweep grant them; a capacity
@@ -80,7 +80,7 @@ async def update_site(
     return result.mappings().first()
 
 
-async def remove_site(conn: AsyncConnection, slug: str) -> RowMapping | None:
+async def remove_site(conn: AsyncConnection, slug: str) -> Row | None:
     """Delete a site with its accounts, seeds and finished jobs, while nothing of it is live.
 
     None when there is no such site, or a job of it waits or runs, or one of its captures is
@@ -112,7 +112,7 @@ async def remove_site(conn: AsyncConnection, slug: str) -> RowMapping | None:
     return result.mappings().first()
 
 
-async def live_work(conn: AsyncConnection, slug: str) -> RowMapping:
+async def live_work(conn: AsyncConnection, slug: str) -> Row:
     """What keeps a site from being removed: its waiting or running jobs, pending captures."""
     result = await conn.execute(
         text(
@@ -141,7 +141,7 @@ _LOCK_SITE = """
 """
 
 
-async def lock_site(conn: AsyncConnection, slug: str) -> RowMapping | None:
+async def lock_site(conn: AsyncConnection, slug: str) -> Row | None:
     """Lock a site's row for this transaction; None if there is no such site.
 
     Every transaction that queues, grants or releases on a site takes this lock first, so grants
@@ -154,7 +154,7 @@ async def lock_site(conn: AsyncConnection, slug: str) -> RowMapping | None:
     return result.mappings().first()
 
 
-async def lock_site_of_job(conn: AsyncConnection, job_id: str) -> RowMapping | None:
+async def lock_site_of_job(conn: AsyncConnection, job_id: str) -> Row | None:
     """``lock_site`` for the site of a job (a job's site never changes); None for no such job."""
     result = await conn.execute(
         text(_LOCK_SITE.format(which="s.slug = (SELECT site FROM jobs WHERE id = :job_id)")),

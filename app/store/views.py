@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.store.rows import Row
 
 _SITE_OVERVIEW = text(
     """
@@ -39,7 +41,7 @@ _SITE_OVERVIEW = text(
 )
 
 
-async def site_overview(conn: AsyncConnection, site: str | None = None) -> list[RowMapping]:
+async def site_overview(conn: AsyncConnection, site: str | None = None) -> list[Row]:
     """Every site (or one) with its running and waiting jobs, accounts by state, grant rate."""
     result = await conn.execute(_SITE_OVERVIEW, {"site": site})
     return list(result.mappings())
@@ -52,7 +54,7 @@ async def list_jobs(
     status: str | None,
     collector: str | None,
     limit: int,
-) -> list[RowMapping]:
+) -> list[Row]:
     """Jobs, running and waiting first (waiting ones in grant order), then the latest finished."""
     result = await conn.execute(
         text(
@@ -78,7 +80,7 @@ async def list_jobs(
     return list(result.mappings())
 
 
-async def job_detail(conn: AsyncConnection, job_id: str) -> RowMapping | None:
+async def job_detail(conn: AsyncConnection, job_id: str) -> Row | None:
     """One job with its account's name and, while it waits, what stands in its way.
 
     ``ahead``: waiting jobs of its site granted before it. The account columns describe the
@@ -115,7 +117,7 @@ async def job_detail(conn: AsyncConnection, job_id: str) -> RowMapping | None:
     return result.mappings().first()
 
 
-async def job_grants(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
+async def job_grants(conn: AsyncConnection, job_id: str) -> list[Row]:
     """Every lease the job was granted, oldest first, with the account's name."""
     result = await conn.execute(
         text(
@@ -131,7 +133,7 @@ async def job_grants(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
     return list(result.mappings())
 
 
-async def reaper_repairs(conn: AsyncConnection, minutes: int) -> RowMapping:
+async def reaper_repairs(conn: AsyncConnection, minutes: int) -> Row:
     """What the reapers repaired in the last ``minutes``: leases expired, waits timed out."""
     result = await conn.execute(
         text(

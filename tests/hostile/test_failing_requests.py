@@ -24,8 +24,8 @@ from app.store import Database
 from tests.integration.test_failure_policy import dead_letters
 from tests.support.hostile import NESTED
 from tests.support.leasing import make_site, replies, request, start
+from workers import dead_letters as letter_building
 from workers import requests as requests_module
-from workers import sessions
 from workers.requests import Incoming, RequestProcessor
 
 SETTLES_WITHIN = 20.0  # seconds: a record that does not settle by then is wedged
@@ -107,7 +107,7 @@ async def test_a_dead_letter_that_cannot_be_built_falls_back_to_the_raw_record(
     def recursing(_: bytes) -> bytes:
         raise RecursionError("maximum recursion depth exceeded while decoding a JSON array")
 
-    monkeypatch.setattr(sessions, "without_clear_sessions", recursing)
+    monkeypatch.setattr(letter_building, "without_clear_sessions", recursing)
     record = Incoming(settings.topic("requests"), 0, 41, 1234, b"k", b'{"type": 1}', [("a", b"b")])
     async with asyncio.timeout(SETTLES_WITHIN):
         assert await processor.process(record) == "dead_lettered"

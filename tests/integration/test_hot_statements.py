@@ -1,4 +1,4 @@
-"""Hot statements (app.store.hot) sent by asyncpg inside SQLAlchemy's transaction: their failures
+"""Prepared statements (app.store.prepared) sent by asyncpg inside SQLAlchemy's transaction: their failures
 are SQLAlchemy's DBAPIError as before, classified and described the same way and without the
 statement's values, and their effects belong to the caller's transaction."""
 

@@ -36,7 +36,7 @@ def words(sql: str) -> str:
 class Statements:
     """Counts every statement sent on an engine's connections, by its first words: those
     SQLAlchemy sends (its events) and those asyncpg sends itself (its query logger: BEGIN,
-    COMMIT and the hot statements of app.store.hot)."""
+    COMMIT and the hot statements of app.store.prepared)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.counts: Counter[str] | None = None

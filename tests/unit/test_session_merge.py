@@ -8,13 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from app.core.sessions import merge_storage_state, session_too_large
 from schemas.sessions import (
     FULL_SNAPSHOT,
     MAX_COOKIES,
     browser_snapshot,
     cookie_key,
-    merge_storage_state,
-    session_too_large,
     storage_state_problem,
 )
 

@@ -3,7 +3,7 @@
 Through SQLAlchemy Core a statement costs the claim worker about 80-110 µs of CPU besides
 asyncpg's own 25-30 µs (an execution context, result metadata, a greenlet per call); with
 several such statements per request that was a fifth of the worker's CPU (docs/performance.md,
-"Profile"). A ``Hot`` statement is compiled once, by SQLAlchemy's asyncpg dialect, from the same
+"Profile"). A ``Prepared`` statement is compiled once, by SQLAlchemy's asyncpg dialect, from the same
 ``text()`` construct, and sent on the connection's asyncpg connection with asyncpg's prepared
 statement cache. It runs only inside a transaction SQLAlchemy has begun on the database: before
 the first statement of a transaction (SQLAlchemy begins lazily, with its first statement) and
@@ -22,13 +22,12 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.rows import Row
+
 _DIALECT = asyncpg_dialect()
 
-# a row of a hot statement (a dict by column name), or any row of the store
-Row = Mapping[Any, Any]
 
-
-class Hot:
+class Prepared:
     """One statement, compiled once; ``rows`` and ``first`` run it in the caller's transaction."""
 
     def __init__(self, clause: TextClause) -> None:

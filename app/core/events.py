@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from app.outbox.writer import Outbox
 from app.settings import Settings
-from app.store import Record, Row
+from app.store import Row
 from schemas.messages import LifecycleEvent, TerminalJobEvent
 
 Entity = Literal["job", "account", "seed", "session", "capture"]
@@ -56,7 +56,7 @@ class Events:
             self.settings.topic("events"), id, event.model_dump_json(exclude_none=True).encode()
         )
 
-    def job(self, what: str, job: Record) -> None:
+    def job(self, what: str, job: Row) -> None:
         """A job event; a terminal one also goes to ``qm.job-events`` for Airflow sensors."""
         status = str(job["status"])
         self.emit(
@@ -76,7 +76,7 @@ class Events:
                 self.settings.topic("job-events"), job["id"], event.model_dump_json().encode()
             )
 
-    def account(self, what: str, account: Record, job_id: str | None = None) -> None:
+    def account(self, what: str, account: Row, job_id: str | None = None) -> None:
         self.emit(
             "account",
             what,

@@ -1,5 +1,5 @@
-"""Seeds handed to a lease and taken back: shared by the grant, ``seeds.claim``, finish, cancel
-and the reaper. Each runs inside the caller's transaction and writes its events to its outbox.
+"""Seeds: handed to a lease and taken back (the grant, ``seeds.claim``, finish, cancel and the
+reaper), and a site's seeds imported. Each runs inside the caller's transaction and writes its events to its outbox.
 """
 
 from __future__ import annotations
@@ -7,17 +7,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Any
 
 import structlog
 
-from app.store import Conn, Record, Row, domains, seeds
-from schemas.messages import GrantedSeed, SeedResult
+from app.core.replies import refuse_follow_up
+from app.core.transaction import Route, Tx
+from app.lease_secrets import lease_secret_hash
+from app.store import Conn, Row, domains, seeds
+from schemas.messages import GrantedSeed, SeedResult, SeedsClaim, SeedsClaimed
 from schemas.seed_rows import Refused, SeedRow
 from schemas.values import seed_id
-
-if TYPE_CHECKING:
-    from app.leasing import Tx
 
 log = structlog.get_logger()
 
@@ -63,9 +63,7 @@ async def hand_out(
     ]
 
 
-async def hand_out_with_grant(
-    tx: Tx, job: Record, now: datetime | None = None
-) -> list[GrantedSeed]:
+async def hand_out_with_grant(tx: Tx, job: Row, now: datetime | None = None) -> list[GrantedSeed]:
     """The seeds a job just granted asked for (``needs.seeds``), in the grant's transaction."""
     if not job["needs_seeds"]:
         return []
@@ -78,6 +76,23 @@ async def hand_out_with_grant(
         now=now,
     )
     return granted or []
+
+
+async def claim(tx: Tx, req: SeedsClaim, route: Route) -> dict[str, Any]:
+    """Hand the live lease up to ``limit`` due seeds (none due: an empty ``seeds.claimed``); a
+    stale token, a wrong secret or a lapsed lease gets ``job.lease_lost`` and nothing changes."""
+    granted = await hand_out(
+        tx,
+        job_id=req.job_id,
+        lease_token=req.lease_token,
+        secret_hash=lease_secret_hash(req.lease_secret),
+        limit=req.limit,
+    )
+    if granted is None:
+        return await refuse_follow_up(tx, req, "seeds_claim_refused")
+    return SeedsClaimed(request_id=req.request_id, job_id=req.job_id, seeds=granted).model_dump(
+        mode="json"
+    )
 
 
 def _outcomes(results: Sequence[SeedResult]) -> list[seeds.Outcome]:
@@ -95,7 +110,7 @@ def _outcomes(results: Sequence[SeedResult]) -> list[seeds.Outcome]:
 
 async def settle(
     tx: Tx,
-    job: Record,
+    job: Row,
     *,
     results: Sequence[SeedResult] = (),
     release_reason: str,

@@ -1,4 +1,4 @@
-"""Leasing, the domain operations that several processes share (claim worker and reapers).
+"""Leases: a job's grant, release, revoke and expiry, shared by the claim worker and the reapers.
 
 Each function runs inside the caller's transaction, after the caller took the site's lock, and
 writes its replies and events to the caller's outbox (rule 5: effects, replies and events commit
@@ -8,30 +8,26 @@ together or not at all).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
-from app import seeding
-from app.crypto import MissingKey, NoSecretKeys, SecretBox, Unsealable, load_public_key, seal
+from app.core.replies import reject, tell_lease_lost
+from app.core.seeds import hand_out_with_grant, settle
+from app.core.transaction import Tx
+from app.crypto import MissingKey, NoSecretKeys, Unsealable, load_public_key, seal
 from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.errors import Disposition, classify
-from app.events import Events
 from app.lease_secrets import lease_secret_hash, new_lease_secret
-from app.outbox.writer import Outbox
-from app.settings import Settings
-from app.store import Conn, Record, Row, accounts, jobs, sites
+from app.store import Row, accounts, jobs, sites
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
     GrantedSeed,
     GrantedSession,
     JobGranted,
-    JobLeaseLost,
-    JobRejected,
     SeedResult,
     seal_context,
 )
@@ -39,70 +35,8 @@ from schemas.messages import (
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
-class Services:
-    """What a transaction needs besides its connection: settings and the secret box."""
-
-    settings: Settings
-    secrets: SecretBox
-
-
-class Tx:
-    """One transaction's connection, outbox and event writer."""
-
-    def __init__(self, conn: Conn, services: Services) -> None:
-        self.conn = conn
-        self.services = services
-        self.settings = services.settings
-        self.box = Outbox(services.settings.outbox_shards)
-        self.events = Events(services.settings, self.box)
-        # the reply partition the request being applied asked for (its qm.reply_partition
-        # header); a job.start stores it on its job for the replies that come later
-        self.reply_partition: int | None = None
-        # the sites this transaction locked first (their settings cannot change while it holds
-        # them), and the site of each job it named then
-        self.locked_sites: dict[str, Row] = {}
-        self.job_sites: dict[str, str] = {}
-
-    async def site(self, slug: str) -> Row | None:
-        """The site's row, locked: as the transaction's first statement read it, or locked now.
-
-        Its ``has_accounts`` holds for the whole transaction (no request makes an account
-        INACTIVE or brings one back); ``has_waiting`` is not in it, since it changes as jobs
-        queue and are granted."""
-        if (site := self.locked_sites.get(slug)) is not None:
-            return site
-        return await sites.lock_site(self.conn, slug)
-
-    async def site_of_job(self, job_id: str) -> Row | None:
-        """``site`` of the job's site; None when there is no such job."""
-        if (slug := self.job_sites.get(job_id)) is not None:
-            return await self.site(slug)
-        return await sites.lock_site_of_job(self.conn, job_id)
-
-    def reply(self, job: Record, message: dict[str, Any]) -> None:
-        """A reply to the job's own start request (its reply topic, partition and correlation
-        id)."""
-        self.box.add(
-            job["reply_to"],
-            job["id"],
-            message,
-            [(CORRELATION_ID, job["correlation_id"])],
-            partition=job["reply_partition"],
-        )
-
-    def answer_start(self, job: Record, message: dict[str, Any]) -> None:
-        """The final answer to a job's start request, which its inbox row keeps from now on (so
-        a redelivered start gets the grant, not the old job.queued)."""
-        self.reply(job, message)
-        self.box.keep_reply(str(job["request_id"]), job["reply_to"], message)
-
-    async def flush(self) -> None:
-        await self.box.flush(self.conn)
-
-
 def granted_reply(
-    tx: Tx, job: Record, seeds: Sequence[GrantedSeed] = (), *, lease_secret: str
+    tx: Tx, job: Row, seeds: Sequence[GrantedSeed] = (), *, lease_secret: str
 ) -> dict[str, Any]:
     """The ``job.granted`` message of a job just granted: its lease secret, account secret and
     session sealed to the requester's public key, so no other reader of the reply topic can
@@ -159,7 +93,7 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
         job = await jobs.grant_next_waiting(tx.conn, site, lease_secret_hash(lease_secret), now)
         if job is None:
             break
-        seeds = await seeding.hand_out_with_grant(tx, job, now)
+        seeds = await hand_out_with_grant(tx, job, now)
         try:
             message = sealed_grant(tx, job, seeds, lease_secret=lease_secret)
         except GrantRefused as refused:  # that one job ends; the grant goes on to the next waiter
@@ -196,7 +130,7 @@ class GrantRefused(Exception):
 
 
 def sealed_grant(
-    tx: Tx, job: Record, seeds: Sequence[GrantedSeed], *, lease_secret: str
+    tx: Tx, job: Row, seeds: Sequence[GrantedSeed], *, lease_secret: str
 ) -> dict[str, Any]:
     """The job's ``job.granted``; ``GrantRefused`` when its account's secret or session opens
     with no configured key (``account_unreadable``) or its public key cannot be sealed to
@@ -213,7 +147,7 @@ def sealed_grant(
         raise GrantRefused(UNUSABLE_PUBLIC_KEY) from None
 
 
-async def refuse_grant(tx: Tx, job: Record, reason: str, now: datetime | None = None) -> None:
+async def refuse_grant(tx: Tx, job: Row, reason: str, now: datetime | None = None) -> None:
     """End a job just granted whose grant cannot be sealed or opened: RUNNING -> FAILED with
     ``reason``, ``job.rejected`` to its start, and what it was granted (capacity slot, account,
     seeds) released by conditional updates. An account no key opens goes USING -> INACTIVE
@@ -243,7 +177,7 @@ async def refuse_grant(tx: Tx, job: Record, reason: str, now: datetime | None = 
     if account is not None:
         tx.events.account("released", account, job_id=job["id"])
     if holds_seeds:
-        await seeding.settle(tx, job, release_reason=reason, now=now)
+        await settle(tx, job, release_reason=reason, now=now)
     tx.events.job("rejected", failed)
     reject(tx, failed, reason)
     log.warning(
@@ -274,7 +208,7 @@ async def hand_off(tx: Tx, site: str, now: datetime | None = None) -> list[str]:
 
 async def release_resources(
     tx: Tx,
-    job: Record,
+    job: Row,
     site: Row,
     *,
     outcome: str,
@@ -299,29 +233,7 @@ async def release_resources(
     if account is not None:
         tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
     if holds_seeds:  # a lease without seeds has nothing to settle: no statement
-        await seeding.settle(tx, job, results=seed_results, release_reason=outcome)
-
-
-def reject(tx: Tx, job: Row, reason: str) -> None:
-    """Answer a job's start request with ``job.rejected`` and record it in its inbox row."""
-    message = JobRejected(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(
-        mode="json"
-    )
-    tx.answer_start(job, message)
-
-
-def lease_lost(tx: Tx, job: Row, reason: str) -> None:
-    """Tell a job's holder its lease is gone (the reaper or an operator took it).
-
-    It goes to the start request's reply topic with its correlation id: after the grant, the
-    last reply that request can get (docs/contract.md).
-    """
-    tx.reply(
-        job,
-        JobLeaseLost(request_id=job["request_id"], job_id=job["id"], reason=reason).model_dump(
-            mode="json"
-        ),
-    )
+        await settle(tx, job, results=seed_results, release_reason=outcome)
 
 
 async def revoke(tx: Tx, job_id: str, reason: str) -> Row | None:
@@ -339,7 +251,7 @@ async def revoke(tx: Tx, job_id: str, reason: str) -> Row | None:
         return None
     await release_resources(tx, job, site, outcome="revoked", reason=reason)
     await jobs.retire_token(tx.conn, job_id, job["lease_token"])
-    lease_lost(tx, job, "revoked")
+    tell_lease_lost(tx, job, "revoked")
     tx.events.job("revoked", job)
     log.info("lease_revoked", job_id=job_id, lease_token=job["lease_token"])
     if site["has_waiting"]:
@@ -362,6 +274,11 @@ DEAD_JOB_FIELDS = (
 
 class AttemptsExhausted(Exception):
     """A job's lease lapsed as many times as its site allows; the job will never run again."""
+
+
+# the qm.dlt.error_class header names the class by module; operators filter dead letters on it,
+# so it keeps the name it was published under
+AttemptsExhausted.__module__ = "app.leasing"
 
 
 def dead_letter_exhausted(tx: Tx, job: Row, consumer: str) -> None:

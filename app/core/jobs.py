@@ -1,4 +1,4 @@
-"""Handlers of the job family: job.start, job.heartbeat, job.finish, job.cancel.
+"""Jobs: job.start (queue, then grant), job.heartbeat, job.finish and job.cancel.
 
 Each runs inside the request's transaction and returns the reply to send (or None when it already
 replied through the outbox, as a grant does). Business refusals are normal replies with a reason.
@@ -6,67 +6,36 @@ replied through the outbox, as a grant does). Business refusals are normal repli
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 
+from app.core.leases import grant_waiting, release_resources
+from app.core.replies import (
+    Reply,
+    invalid,
+    lease_lost_reply,
+    refuse_follow_up,
+    reject,
+    rejected,
+    why_lease_lost,
+)
+from app.core.sessions import merge_session, open_session_state
+from app.core.transaction import Route, Tx
 from app.crypto import Unsealable
-from app.lease_secrets import lease_secret_hash, matches
-from app.leasing import Tx, grant_waiting, reject, release_resources
-from app.store import Record, Row, jobs, sites
+from app.lease_secrets import lease_secret_hash
+from app.store import Row, jobs, sites
 from schemas.messages import (
-    CaptureSubmit,
     JobCancel,
     JobCancelled,
     JobExtended,
     JobFinish,
     JobFinished,
     JobHeartbeat,
-    JobLeaseLost,
     JobQueued,
-    JobRejected,
     JobStart,
-    RequestInvalid,
-    SeedsClaim,
-    SessionUpload,
 )
 from schemas.states import JobStatus
-from workers.sessions import merge_session, open_session_state
 
 log = structlog.get_logger()
-
-Reply = dict[str, Any] | None
-# requests that present a live lease's token and secret
-FollowUp = JobHeartbeat | JobFinish | SeedsClaim | SessionUpload | CaptureSubmit
-
-
-def why_lease_lost(job: Row | None, lease_token: int, lease_secret: str | None) -> str:
-    """The reason code of a follow-up that did not match a live lease."""
-    if job is None:
-        return "unknown_job"
-    if job["status"] != JobStatus.RUNNING:
-        return f"job_{str(job['status']).lower()}"
-    if job["lease_token"] != lease_token:
-        return "stale_token"
-    if not matches(job["lease_secret_hash"], lease_secret):
-        return "wrong_secret"  # the token is public: the secret is what only the holder has
-    return "lease_expired"
-
-
-def lease_lost(req: FollowUp | JobCancel, reason: str) -> dict[str, Any]:
-    """The ``job.lease_lost`` reply to a request whose lease is not live."""
-    return JobLeaseLost(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
-        mode="json"
-    )
-
-
-async def refuse_follow_up(tx: Tx, req: FollowUp, event: str) -> dict[str, Any]:
-    """``job.lease_lost`` for a follow-up that matched no live lease, saying why (logged as
-    ``event``)."""
-    job = await jobs.describe_job(tx.conn, req.job_id)
-    reason = why_lease_lost(job, req.lease_token, req.lease_secret)
-    log.info(event, job_id=req.job_id, lease_token=req.lease_token, reason=reason)
-    return lease_lost(req, reason)
 
 
 def over_cap(tx: Tx, req: JobStart | JobHeartbeat) -> Reply:
@@ -84,19 +53,6 @@ def over_cap(tx: Tx, req: JobStart | JobHeartbeat) -> Reply:
     return None
 
 
-def rejected(req: JobStart | JobCancel, reason: str) -> dict[str, Any]:
-    """The ``job.rejected`` reply with ``reason``."""
-    return JobRejected(request_id=req.request_id, job_id=req.job_id, reason=reason).model_dump(
-        mode="json"
-    )
-
-
-def invalid(req: JobStart | JobHeartbeat | JobFinish, error: str) -> dict[str, Any]:
-    return RequestInvalid(
-        request_id=str(req.request_id), job_id=req.job_id, error=error
-    ).model_dump(mode="json")
-
-
 def lease_length(tx: Tx, asked: int | None, site_default: int) -> int:
     """The lease a request gets: what it asked (or its site's default), within the bounds.
 
@@ -107,7 +63,7 @@ def lease_length(tx: Tx, asked: int | None, site_default: int) -> int:
     return max(wanted, tx.settings.shortest_lease())
 
 
-async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Reply:
+async def start(tx: Tx, req: JobStart, route: Route) -> Reply:
     """Queue the job, then grant the site's waiting jobs in FIFO order (this one among them)."""
     if (refused := over_cap(tx, req)) is not None:
         return refused
@@ -116,7 +72,7 @@ async def start(tx: Tx, req: JobStart, reply_to: str, correlation_id: str) -> Re
         return rejected(req, "unknown_site")
     if req.needs.account and not site["has_accounts"]:
         return rejected(req, "no_accounts")
-    job = await _queue(tx, req, site, reply_to, correlation_id)
+    job = await _queue(tx, req, site, route)
     if job is None:
         return rejected(req, why_not_queued(await jobs.describe_job(tx.conn, req.job_id), req))
     tx.events.job("queued", job)
@@ -151,9 +107,7 @@ def why_not_queued(existing: Row | None, req: JobStart) -> str:
     return "job_exists"
 
 
-async def _queue(
-    tx: Tx, req: JobStart, site: Row, reply_to: str, correlation_id: str
-) -> Record | None:
+async def _queue(tx: Tx, req: JobStart, site: Row, route: Route) -> Row | None:
     """The job's row, WAITING; None when the job_id is taken."""
     return await jobs.queue_job(
         tx.conn,
@@ -165,14 +119,14 @@ async def _queue(
         lease_seconds=lease_length(tx, req.lease_seconds, site["lease_seconds"]),
         wait_seconds=req.wait_seconds,
         request_id=str(req.request_id),
-        reply_to=reply_to,
-        correlation_id=correlation_id,
+        reply_to=route.reply_to,
+        correlation_id=route.correlation_id,
         public_key=req.public_key,
-        reply_partition=tx.reply_partition,
+        reply_partition=route.reply_partition,
     )
 
 
-async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: str) -> Reply:
+async def heartbeat(tx: Tx, req: JobHeartbeat, route: Route) -> Reply:
     """Extend a live lease; a stale token or a lapsed lease gets job.lease_lost."""
     if (refused := over_cap(tx, req)) is not None:
         return refused
@@ -187,7 +141,7 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, reply_to: str, correlation_id: st
     ).model_dump(mode="json")
 
 
-async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> Reply:
+async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
     """End a job for the holder of its live lease; release its account and hand it on (rule 4)."""
     try:
         uploaded = open_session_state(tx, req.session_state, "job.finish", req.job_id)
@@ -195,7 +149,7 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
         return invalid(req, f"session_state: {exc}")
     site = await tx.site_of_job(req.job_id)
     if site is None:
-        return lease_lost(req, "unknown_job")
+        return lease_lost_reply(req, "unknown_job")
     status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
     reason = (
         req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"
@@ -225,7 +179,7 @@ async def finish(tx: Tx, req: JobFinish, reply_to: str, correlation_id: str) -> 
     ).model_dump(mode="json")
 
 
-async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> Reply:
+async def cancel(tx: Tx, req: JobCancel, route: Route) -> Reply:
     """Cancel a waiting job, or a running one for the holder of its live lease (its account
     goes to the next waiter). A running job's cancel without that token and the lease's secret
     changes nothing."""
@@ -241,7 +195,7 @@ async def cancel(tx: Tx, req: JobCancel, reply_to: str, correlation_id: str) -> 
             why = "lease_token_required" if req.lease_token is None else None
             why = why or why_lease_lost(existing, req.lease_token or 0, req.lease_secret)
             log.info("cancel_refused", job_id=req.job_id, lease_token=req.lease_token, reason=why)
-            return lease_lost(req, why)
+            return lease_lost_reply(req, why)
         reason = f"job_{str(existing['status']).lower()}" if existing else "unknown_job"
         return rejected(req, reason)
     if job["was"] == JobStatus.RUNNING:

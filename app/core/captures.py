@@ -1,0 +1,207 @@
+"""Captures: capture.submit (the capture row, its ``capture.accepted`` and its handoff record
+commit together, rule 5), the record that dispatches each handoff attempt, and its outcome."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import structlog
+
+from app.core.replies import Reply, lease_lost_reply, why_lease_lost
+from app.core.transaction import Route, Tx
+from app.crypto import SecretBox
+from app.dlt import Origin, dead_letter_headers, dlt_topic
+from app.handoff.base import Delivery
+from app.lease_secrets import lease_secret_hash
+from app.store import Row, captures, domains, jobs
+from schemas.messages import (
+    CaptureAccepted,
+    CaptureHandoff,
+    CaptureReady,
+    CaptureSubmit,
+    RequestConflict,
+)
+
+log = structlog.get_logger()
+
+# What makes two submissions the same capture (request_id, lease_token and lease_secret do not).
+_BODY = {"job_id", "capture_id", "url", "storage_uri", "sha256", "content_type", "size"}
+
+
+def capture_fingerprint(req: CaptureSubmit) -> str:
+    """Hash of the capture's body as submitted: equal captures, equal fingerprints."""
+    body = req.model_dump(mode="json", include=_BODY)
+    body["captured_at"] = req.captured_at.isoformat()
+    body["meta"] = req.meta or {}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+async def submit(tx: Tx, req: CaptureSubmit, route: Route) -> Reply:
+    """Row a capture for the holder of the job's live lease and dispatch its handoff.
+
+    The same capture again is accepted again (and changes nothing); the same ``capture_id``
+    with another body is a conflict; a stale token or a wrong secret gets ``job.lease_lost``.
+    """
+    fingerprint = capture_fingerprint(req)
+    existing = await captures.describe_capture(tx.conn, req.capture_id)
+    if existing is None:
+        job = await jobs.describe_job(tx.conn, req.job_id)
+        if job is not None and job["lease_token"] == req.lease_token:
+            capture = await _add(tx, req, job["site"], fingerprint)
+            if capture is not None:
+                return _accepted(req)
+            # a concurrent submission of the same capture_id committed first, or the lease
+            # ended: the fence waited for that and then refused, so read again why
+            existing = await captures.describe_capture(tx.conn, req.capture_id)
+            job = await jobs.describe_job(tx.conn, req.job_id)
+        if existing is None:
+            return _lease_lost(req, why_lease_lost(job, req.lease_token, req.lease_secret))
+    if existing["fingerprint"] != fingerprint:
+        log.info("capture_conflict", capture_id=req.capture_id, job_id=req.job_id)
+        return RequestConflict(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")
+    return _accepted(req)
+
+
+async def _add(tx: Tx, req: CaptureSubmit, site: str, fingerprint: str) -> Row | None:
+    """The capture row (fenced by the job's live lease), its event and its handoff record; the
+    rewrite rules its URL went through count a use only when the capture is added."""
+    rewritten = await domains.plan_rewrites(tx.conn, site, [req.url])
+    capture = await captures.add_capture(
+        tx.conn,
+        capture_id=req.capture_id,
+        job_id=req.job_id,
+        lease_token=req.lease_token,
+        secret_hash=lease_secret_hash(req.lease_secret),
+        url=rewritten.urls[0],
+        storage_uri=req.storage_uri,
+        sha256=req.sha256,
+        content_type=req.content_type,
+        size=req.size,
+        captured_at=req.captured_at,
+        meta=req.meta or {},
+        fingerprint=fingerprint,
+    )
+    if capture is not None:
+        await domains.record_uses(tx.conn, rewritten)
+        dispatch(tx, capture["id"])
+        tx.events.capture("received", capture)
+        log.info("capture_received", capture_id=capture["id"], job_id=req.job_id)
+    return capture
+
+
+def _accepted(req: CaptureSubmit) -> dict[str, Any]:
+    return CaptureAccepted(
+        request_id=req.request_id, job_id=req.job_id, capture_id=req.capture_id
+    ).model_dump(mode="json")
+
+
+def _lease_lost(req: CaptureSubmit, reason: str) -> dict[str, Any]:
+    log.info("capture_refused", capture_id=req.capture_id, job_id=req.job_id, reason=reason)
+    return lease_lost_reply(req, reason)
+
+
+class HandoffFailed(Exception):
+    """The error class a failed capture's dead letter names (its message is the reason)."""
+
+
+# named in its dead letters' qm.dlt.error_class header as it was published (operators filter on it)
+HandoffFailed.__module__ = "app.handoff.records"
+
+
+def dispatch(tx: Tx, capture_id: str) -> bytes:
+    """The record on ``qm.captures`` that starts the capture's next handoff attempt; its value."""
+    value = CaptureHandoff(capture_id=capture_id).model_dump_json().encode()
+    tx.box.add(tx.settings.topic("captures"), capture_id, value)
+    return value
+
+
+async def retry(tx: Tx, capture_id: str, reason: str) -> Row | None:
+    """FAILED -> RECEIVED from its first attempt, with the record that starts the handoff and a
+    ``capture.retried`` event giving ``reason``; None (nothing changed) if it is not FAILED.
+
+    The one way a failed capture is handed off again: ``qm captures retry`` and ``qm dlt replay``
+    of its dead letter both come here."""
+    row = await captures.retry_failed(tx.conn, capture_id)
+    if row is None:
+        return None
+    dispatch(tx, capture_id)
+    tx.events.emit(
+        "capture",
+        "retried",
+        id=capture_id,
+        site=row["site"],
+        status=str(row["status"]),
+        job_id=row["job_id"],
+        reason=reason,
+    )
+    return row
+
+
+def capture_identity(capture: Row) -> dict[str, Any]:
+    """The capture as every downstream sees it (``capture.ready`` and each target's delivery)."""
+    return {
+        "capture_id": capture["id"],
+        "job_id": capture["job_id"],
+        "site": capture["site"],
+        "url": capture["url"],
+        "storage_uri": capture["storage_uri"],
+        "sha256": capture["sha256"],
+        "content_type": capture["content_type"],
+        "size": capture["size"],
+        "captured_at": capture["captured_at"],
+    }
+
+
+def ready(tx: Tx, capture: Row) -> None:
+    """``capture.ready`` on ``qm.captures.ready`` and the ``capture.handed_off`` event."""
+    message = CaptureReady(
+        **capture_identity(capture),
+        handed_off_at=capture["handed_off_at"],
+        meta=capture["meta"] or None,
+    )
+    tx.box.add(
+        tx.settings.topic("captures.ready"),
+        capture["id"],
+        message.model_dump(mode="json", exclude_none=True),
+    )
+    tx.events.capture("handed_off", capture)
+
+
+def failed(tx: Tx, capture: Row, origin: Origin, headers: list[tuple[str, bytes | None]]) -> None:
+    """A capture that ended FAILED: its terminal event, and a dead letter on
+    ``qm.captures.dlt`` carrying its handoff record and the ``qm.dlt.*`` headers."""
+    tx.events.capture("failed", capture)
+    value = CaptureHandoff(capture_id=capture["id"]).model_dump_json().encode()
+    tx.box.add(
+        dlt_topic(tx.settings.topic("captures")),
+        capture["id"],
+        value,
+        dead_letter_headers(
+            headers,
+            origin,
+            HandoffFailed(capture["last_error"]),
+            capture["attempts"],
+            failed_at=capture["failed_at"],
+        ),
+    )
+    log.warning(
+        "capture_dead_lettered",
+        capture_id=capture["id"],
+        attempts=capture["attempts"],
+        reason=capture["last_error"],
+    )
+
+
+def delivery_of(capture: Row, secrets: SecretBox) -> Delivery:
+    """What the targets are handed for a claimed capture (this is attempt ``attempts + 1``);
+    the site's webhook URL is opened here, just before it is called."""
+    sealed = capture["webhook_sealed"]
+    return Delivery(
+        **capture_identity(capture),
+        meta=dict(capture["meta"] or {}),
+        attempt=capture["attempts"] + 1,
+        dag_id=capture["dag_id"],
+        webhook_url=None if sealed is None else secrets.open(bytes(sealed)),
+    )
