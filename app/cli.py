@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from app.bench import bench_app
+from app.commands.accounts import accounts_app
 from app.commands.asyncapi import asyncapi
 from app.commands.captures import captures_app
 from app.commands.dlt import dlt_app
@@ -17,9 +18,9 @@ from app.commands.failures import OneLineErrors, quiet_kafka_client
 from app.commands.jobs import jobs_app
 from app.commands.keys import keys_app
 from app.commands.outbox import outbox_app
-from app.commands.resources import accounts_app, sites_app
 from app.commands.seeds import seeds_app
 from app.commands.sessions import sessions_app
+from app.commands.sites import sites_app
 from app.commands.top import top
 from app.logs import configure_logging
 from app.settings import get_settings

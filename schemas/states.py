@@ -79,8 +79,3 @@ TERMINAL_JOB_STATUSES = frozenset(s for s, nxt in JOB_TRANSITIONS.items() if not
 def predecessors(table: dict[T, frozenset[T]], target: T) -> tuple[T, ...]:
     """The legal predecessor states of ``target``: what a conditional UPDATE puts in its WHERE."""
     return tuple(sorted(s for s, nxt in table.items() if target in nxt))
-
-
-def is_legal(table: dict[T, frozenset[T]], before: T, after: T) -> bool:
-    """Whether ``before -> after`` is a transition of ``table``."""
-    return after in table[before]

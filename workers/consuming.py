@@ -41,7 +41,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.message import KafkaMessage
 from faststream.message import StreamMessage
 
-from app.dlt.headers import Header
+from app.kafka_headers import Header
 from app.settings import Settings
 from app.wiring import Wiring, consumer_assigned
 from workers import lenient_records

@@ -19,7 +19,8 @@ import structlog
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from app.dlt import Origin, dead_letter_headers
-from app.dlt.headers import PREFIX, Header, value_ref_headers
+from app.dlt.letter_headers import PREFIX, value_ref_headers
+from app.kafka_headers import Header
 from app.settings import Settings
 from app.store import dlt_values
 from schemas.nesting import MAX_NESTING, nesting_depth

@@ -21,7 +21,7 @@ from aiokafka.consumer import fetcher
 from aiokafka.record.default_records import _DefaultRecordBatchPy
 from aiokafka.record.memory_records import _MemoryRecordsPy
 
-from app.dlt.headers import printable_header_name
+from app.kafka_headers import printable_header_name
 
 log = structlog.get_logger()
 

@@ -27,9 +27,9 @@ from faststream.message import StreamMessage
 
 from app.alerts.book import AlertBook, Post
 from app.alerts.slack import Notifier
-from app.dlt.headers import PREFIX as DLT_PREFIX
-from app.dlt.headers import header
+from app.dlt.letter_headers import PREFIX as DLT_PREFIX
 from app.kafka import TOPICS
+from app.kafka_headers import header
 from app.settings import Settings
 from app.store import Database
 from app.store.accounts import account_statuses

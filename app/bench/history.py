@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from app.crypto import SecretBox
 from app.db.engine import make_engine
 from app.settings import Settings
-from app.store import accounts, history, sites
+from app.store import accounts, bench_history, sites
 
 HISTORY_BATCH = 100_000  # jobs per preload statement
 HISTORY_ACCOUNTS = 10_000  # accounts per site that --history adds
@@ -47,16 +47,16 @@ async def preload(settings: Settings, slugs: Sequence[str], jobs: int) -> float:
         if jobs:
             async with engine.begin() as conn:
                 for slug in slugs:
-                    await history.add_accounts(conn, slug, HISTORY_ACCOUNTS, sealed)
+                    await bench_history.add_accounts(conn, slug, HISTORY_ACCOUNTS, sealed)
         for first in range(1, jobs + 1, HISTORY_BATCH):
             async with engine.begin() as conn:
                 last = min(jobs, first + HISTORY_BATCH - 1)
-                await history.add_finished_jobs(
+                await bench_history.add_finished_jobs(
                     conn, slugs, first=first, last=last, total=jobs, span=HISTORY_SPAN
                 )
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await history.vacuum_analyze(conn)
+            await bench_history.vacuum_analyze(conn)
     finally:
         await engine.dispose()
     return time.monotonic() - began
@@ -73,7 +73,7 @@ async def restat(settings: Settings) -> None:
     try:
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await history.vacuum_analyze(conn)
+            await bench_history.vacuum_analyze(conn)
     finally:
         await engine.dispose()
 
@@ -92,12 +92,12 @@ class WalMeter:
 
     async def position(self) -> int:
         async with self.engine.connect() as conn:
-            return await history.wal_lsn(conn)
+            return await bench_history.wal_lsn(conn)
 
     async def begin(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await history.checkpoint(conn)
+            await bench_history.checkpoint(conn)
         self.started = await self.position()
 
     async def end(self) -> int:

@@ -34,10 +34,10 @@ from app.crypto import SecretBox, public_key_text
 from app.db.engine import make_engine
 from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.logs import configure_logging
+from app.seed_files import parse_rows
 from app.settings import Settings
 from app.store import Database, Row, domains, jobs, seeds, sites
 from schemas.messages import SeedResult
-from schemas.seed_rows import parse_rows
 
 console = Console(width=max(Console().width, 120))
 # the bench's jobs need no account; every start still names a key (the grant seals to it)

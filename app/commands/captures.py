@@ -14,8 +14,8 @@ from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox
 from app.settings import get_settings
 from app.store import Conn, Row, captures
+from app.urls import webhook_shown
 from schemas.states import CaptureStatus
-from schemas.urls import webhook_shown
 
 captures_app = typer.Typer(
     help="Captures: their handoff downstream, failures and retries.", no_args_is_help=True

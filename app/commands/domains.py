@@ -10,7 +10,7 @@ from rich.console import Console
 from app.commands.common import fail, in_transaction, print_json_lines
 from app.commands.common import table as fold_table
 from app.store import Conn, Row, domains
-from schemas.urls import describe_chain
+from app.urls import describe_chain
 
 domains_app = typer.Typer(
     help="Domain rewrites: when a site moves hosts, the URLs handed out follow (chains resolve)."

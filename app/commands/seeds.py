@@ -17,9 +17,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from app.commands.common import fail, in_transaction, print_json_lines
 from app.commands.common import table as fold_table
 from app.core import seeds as seeding
+from app.seed_files import Format, parse_rows, sniff_format, valid_seed_url
 from app.settings import get_settings
 from app.store import Conn, Database, seeds
-from schemas.seed_rows import Format, check_url, parse_rows, sniff_format
 from schemas.states import SeedStatus
 
 seeds_app = typer.Typer(help="Seeds: board entries handed out to collectors, due by interval.")
@@ -37,7 +37,7 @@ def seeds_add(
 ) -> None:
     """Add one seed, due now."""
     try:
-        check_url(url)
+        valid_seed_url(url)
     except ValueError as exc:
         raise fail(str(exc)) from None
 

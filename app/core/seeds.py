@@ -14,9 +14,9 @@ import structlog
 from app.core.replies import refuse_follow_up
 from app.core.transaction import Route, Tx
 from app.lease_secrets import lease_secret_hash
+from app.seed_files import Refused, SeedRow
 from app.store import Conn, Row, domains, seeds
 from schemas.messages import GrantedSeed, SeedResult, SeedsClaim, SeedsClaimed
-from schemas.seed_rows import Refused, SeedRow
 from schemas.values import seed_id
 
 log = structlog.get_logger()

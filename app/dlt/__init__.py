@@ -1,23 +1,19 @@
-"""Dead letters: how they are built (``headers``), read (``reader``) and replayed (``replay``).
+"""Dead letters: how they are built (``letter_headers``), read (``reader``) and replayed (``replay``).
 
 The names every caller needs to build or show a dead letter are importable from here; the reader
 and the replay, which open Kafka and PostgreSQL connections, are imported from their modules.
 """
 
-from app.dlt.headers import (
-    MAX_ERROR_MESSAGE,
+from app.dlt.headers import MAX_ERROR_MESSAGE, REDACTED, redact, redact_bytes, redact_header
+from app.dlt.letter_headers import (
     PREFIX,
-    REDACTED,
     REPLAYED_FROM,
     OffsetRange,
     Origin,
     dead_letter_headers,
     dlt_topic,
-    header,
-    redact,
-    redact_bytes,
-    redact_header,
 )
+from app.kafka_headers import header
 
 __all__ = [
     "MAX_ERROR_MESSAGE",

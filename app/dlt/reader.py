@@ -19,8 +19,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from app.dlt.headers import PREFIX, REPLAYED_FROM, VALUE_REF, VALUE_SHA256, OffsetRange, header
+from app.dlt.letter_headers import PREFIX, REPLAYED_FROM, VALUE_REF, VALUE_SHA256, OffsetRange
 from app.kafka import client_options
+from app.kafka_headers import header
 from app.settings import Settings
 
 DLT_SUFFIX = ".dlt"

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db.engine import make_engine
 from app.dlt.captures import FAILED, NotRearmed, capture_named, rearm, status_of
-from app.dlt.headers import PREFIX, REPLAYED_FROM, OffsetRange
+from app.dlt.letter_headers import PREFIX, REPLAYED_FROM, OffsetRange
 from app.dlt.reader import (
     CONNECT_TIMEOUT_SECONDS,
     DLT_SUFFIX,

@@ -22,9 +22,9 @@ from aiokafka.errors import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.dlt.headers import failure_headers, value_ref_headers
+from app.dlt.letter_headers import failure_headers, value_ref_headers
 from app.outbox import metrics
-from app.outbox.rounds import Outcome, message_size, record_size
+from app.outbox.relay_rounds import Outcome, message_size, record_size
 from app.settings import Settings
 from app.store.dlt_values import StoredValue
 from app.store.outbox import UnsentRow, count_failures, dead_letter_row, park_rows

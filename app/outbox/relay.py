@@ -54,7 +54,7 @@ from app.errors import describe
 from app.kafka import producer_options
 from app.outbox import metrics
 from app.outbox.refusals import definite, settle_refusals
-from app.outbox.rounds import (
+from app.outbox.relay_rounds import (
     Backoff,
     Outcome,
     PartitionBatch,
@@ -475,11 +475,6 @@ class Relay:
         stats = await backlog(session)
         metrics.BACKLOG_ROWS.set(stats.rows)
         metrics.OLDEST_AGE.set(stats.oldest_age_seconds)
-
-
-def takeover_bound(settings: Settings) -> float:
-    """Seconds within which survivors own a dead relay's shards, besides a round in flight."""
-    return 2 * settings.outbox_poll_seconds
 
 
 def _name(exc: BaseException) -> str:

@@ -33,7 +33,7 @@ from aiokafka.errors import (
 from aiokafka.protocol.metadata import MetadataRequest
 
 from app.outbox import metrics
-from app.outbox.rounds import Backoff
+from app.outbox.relay_rounds import Backoff
 from app.store.outbox import UnsentRow
 
 log = structlog.get_logger()

@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, INTEGER, TEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.dlt.headers import OffsetRange
+from app.dlt.letter_headers import OffsetRange
 
 # classid of the session advisory lock one replay run holds per dead-letter topic; the outbox
 # uses 0x514D and 0x514E

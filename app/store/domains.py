@@ -1,6 +1,6 @@
 """Domain rewrites: ``from_host -> to_host`` per site, applied to every URL Quartermaster hands out.
 
-The rules themselves (matching, chains, cycles) are pure logic in ``schemas.urls``; this module
+The rules themselves (matching, chains, cycles) are pure logic in ``app.urls``; this module
 stores them and records which rule changed how many handed-out URLs.
 """
 
@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.rows import Row
-from schemas.urls import RewriteCycle, Rewrites, Rule, check_rules, normalize_host
+from app.urls import RewriteCycle, Rewrites, Rule, check_rules, normalize_host
 
 
 class RewriteRefused(ValueError):
@@ -139,9 +139,3 @@ async def rewrite_urls(conn: AsyncConnection, site: str, urls: Sequence[str]) ->
     rewritten = await plan_rewrites(conn, site, urls)
     await record_uses(conn, rewritten)
     return rewritten.urls
-
-
-async def rewrite_url(conn: AsyncConnection, site: str, url: str) -> str:
-    """One URL of a site as it is handed out (see ``rewrite_urls``); the rules it used are recorded."""
-    [out] = await rewrite_urls(conn, site, [url])
-    return out

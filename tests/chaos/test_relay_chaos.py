@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db.engine import make_engine
 from app.devstack.kafka import KafkaBroker
 from app.kafka import ensure_topics
-from app.outbox.relay import Relay, takeover_bound
+from app.outbox.relay import Relay
 from app.settings import Settings
 from app.store.outbox import UnsentRow
 from tests.integration.conftest_outbox import (
@@ -43,6 +43,11 @@ ACKED = "RELAY_ACKED"
 # what a survivor's round in flight and the scheduling of a loaded machine may add to the bound
 ROUND_ALLOWANCE_SECONDS = 2.0
 RNG = random.Random(7)
+
+
+def takeover_bound(settings: Settings) -> float:
+    """Seconds within which survivors own a dead relay's shards, besides a round in flight."""
+    return 2 * settings.outbox_poll_seconds
 
 
 def numbered(keys: Sequence[str], rows: int, numbers: dict[str, Iterator[int]]) -> list[Numbered]:

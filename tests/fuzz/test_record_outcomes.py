@@ -32,8 +32,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.dlt import header
-from app.dlt.headers import printable_header_name
 from app.kafka import client_options, producer_options
+from app.kafka_headers import printable_header_name
 from app.settings import Settings
 from schemas.messages import parse_request
 from tests.support.hostile import RawName, Sent

@@ -26,7 +26,9 @@ async def test_a_chain_rewrites_handed_out_urls_and_each_rule_counts_what_it_cha
             "board",
             ["https://a.example:81/p?q#f", "https://b.example/", "https://other.example/"],
         )
-        assert await domains.rewrite_url(conn, "board", "http://A.EXAMPLE") == "http://c.example"
+        assert await domains.rewrite_urls(conn, "board", ["http://A.EXAMPLE"]) == [
+            "http://c.example"
+        ]
     assert out == ["https://c.example:81/p?q#f", "https://c.example/", "https://other.example/"]
     async with engine.connect() as conn:
         counts = {

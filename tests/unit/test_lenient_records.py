@@ -7,7 +7,7 @@ import pytest
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
 
-from app.dlt.headers import printable_header_name
+from app.kafka_headers import printable_header_name
 from schemas.messages import parse_request
 from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
 from tests.support.hostile import RawName

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.seed_rows import Refused, SeedRow, parse_rows, sniff_format
+from app.seed_files import Refused, SeedRow, parse_rows, sniff_format
 
 
 def parse(text: str) -> list[SeedRow | Refused]:

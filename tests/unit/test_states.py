@@ -1,11 +1,19 @@
+from typing import TypeVar
+
 from schemas.states import (
     ACCOUNT_TRANSITIONS,
     JOB_TRANSITIONS,
     AccountStatus,
     JobStatus,
-    is_legal,
     predecessors,
 )
+
+T = TypeVar("T")
+
+
+def is_legal(table: dict[T, frozenset[T]], before: T, after: T) -> bool:
+    """Whether ``before -> after`` is a transition of ``table``."""
+    return after in table[before]
 
 
 def test_running_job_is_only_reached_from_queued() -> None:

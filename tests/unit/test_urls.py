@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.urls import (
+from app.urls import (
     RewriteCycle,
     Rewrites,
     Rule,

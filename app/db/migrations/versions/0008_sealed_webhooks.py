@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from app.crypto import SecretBox
 from app.settings import Settings
-from schemas.urls import webhook_shown
+from app.urls import webhook_shown
 
 revision = "0008"
 down_revision = "0007"

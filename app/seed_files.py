@@ -50,7 +50,7 @@ def sniff_format(first_line: str) -> Format:
     return "jsonl" if first_line.lstrip().startswith("{") else "csv"
 
 
-def check_url(url: Any) -> str:
+def valid_seed_url(url: Any) -> str:
     if not isinstance(url, str) or not url:
         raise ValueError("no url")
     if len(url) > MAX_URL:
@@ -116,7 +116,7 @@ def parse_rows(
             url, interval, prio = _fields(fmt, text)
             row = SeedRow(
                 number,
-                check_url(url),
+                valid_seed_url(url),
                 _number(interval, "interval_seconds", interval_seconds, positive=True),
                 _number(prio, "priority", priority, positive=False),
             )

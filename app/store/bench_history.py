@@ -1,5 +1,6 @@
-"""History for the bench: finished jobs with their grants and inbox rows, and many accounts per
-site, written set-based (INSERT … SELECT generate_series) so a million jobs take seconds.
+"""Bench SQL only: history for the bench (finished jobs with their grants and inbox rows, and
+many accounts per site), written set-based (INSERT … SELECT generate_series) so a million jobs
+take seconds.
 
 Nothing here runs in the service; `qm bench lease --history N` preloads its own database with it.
 """
