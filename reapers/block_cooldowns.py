@@ -12,9 +12,9 @@ from datetime import datetime
 
 import structlog
 
-from app.core.leases import hand_off
+from app.core import leases
 from app.core.transaction import Tx
-from app.store import Row, accounts, sites
+from app.store import Row, accounts
 from reapers.base import Sweep, SweepResult
 
 log = structlog.get_logger()
@@ -34,13 +34,11 @@ class BlockCooldowns(Sweep):
     async def _end(self, stale: Row, now: datetime | None) -> bool:
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            await sites.lock_site(conn, stale["site"])  # lock order: site, then account
-            account = await accounts.end_block(conn, stale["id"], stale["lease_token"], now)
-            if account is None:
+            ended = await leases.end_block(tx, stale, now)
+            if ended is None:
                 log.info("reap_lost_race", account_id=stale["id"], lease_token=stale["lease_token"])
                 return False
-            tx.events.account("unblocked", account)
-            granted = await hand_off(tx, account["site"], now)
+            account, granted = ended
             await tx.flush()
         log.info("block_ended", account_id=account["id"], site=account["site"], granted=granted)
         return True

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import structlog
 
-from app.core.leases import grant_waiting
+from app.core import leases
 from app.core.transaction import Tx
 from app.store import sites
 from reapers.base import Sweep, SweepResult
@@ -30,8 +30,7 @@ class CapacityBack(Sweep):
     async def _grant(self, slug: str, now: datetime | None) -> list[str]:
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            await sites.lock_site(conn, slug)
-            granted = await grant_waiting(tx, slug, now)
+            granted = await leases.grant_site(tx, slug, now)
             await tx.flush()
         if granted:
             log.info("waiting_jobs_granted", site=slug, job_ids=granted)

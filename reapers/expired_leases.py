@@ -14,12 +14,10 @@ from datetime import datetime
 
 import structlog
 
-from app.core.leases import dead_letter_exhausted, hand_off, release_resources
-from app.core.replies import tell_lease_lost
+from app.core import leases
 from app.core.transaction import Tx
-from app.store import Row, job_sweeps, sites
+from app.store import Row, job_sweeps
 from reapers.base import Sweep, SweepResult
-from schemas.states import JobStatus
 
 log = structlog.get_logger()
 
@@ -39,20 +37,10 @@ class ExpiredLeases(Sweep):
     async def _reap(self, stale: Row, now: datetime | None) -> bool:
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            site = await sites.lock_site(conn, stale["site"])
-            assert site is not None
-            job = await job_sweeps.expire_job(
-                conn, stale["id"], stale["lease_token"], site["max_attempts"], now
-            )
+            job = await leases.expire(tx, stale, f"{self.settings.consumer_group}.reaper", now)
             if job is None:
                 log.info("reap_lost_race", job_id=stale["id"], lease_token=stale["lease_token"])
                 return False
-            await release_resources(tx, job, site, outcome="expired")
-            tell_lease_lost(tx, job, job["reason"])
-            tx.events.job("expired", job)  # terminal (on qm.job-events) only when FAILED
-            if job["status"] == JobStatus.FAILED:
-                dead_letter_exhausted(tx, job, f"{self.settings.consumer_group}.reaper")
-            await hand_off(tx, job["site"], now)
             await tx.flush()
         log.info(
             "lease_reaped",

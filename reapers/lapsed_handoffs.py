@@ -10,12 +10,10 @@ from datetime import datetime
 
 import structlog
 
-from app.core.captures import dispatch, failed
+from app.core import captures as core_captures
 from app.core.transaction import Tx
-from app.dlt import Origin
 from app.store import Row, captures
 from reapers.base import Sweep, SweepResult
-from schemas.states import CaptureStatus
 
 log = structlog.get_logger()
 
@@ -35,24 +33,10 @@ class LapsedHandoffs(Sweep):
     async def _reap(self, stale: Row, now: datetime | None) -> bool:
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            capture = await captures.reclaim_lapsed_handoff(
-                conn,
-                stale["id"],
-                stale["handoff_token"],
-                max_attempts=self.settings.handoff_max_attempts,
-                now=now,
-            )
+            capture = await core_captures.reclaim(tx, stale, now)
             if capture is None:  # finalised, or reaped by another replica, since the page
                 log.info("reap_lost_race", capture_id=stale["id"])
                 return False
-            if capture["status"] == CaptureStatus.FAILED:
-                origin = Origin(
-                    self.settings.topic("captures"), -1, -1, 0, self.settings.handoff_consumer_group
-                )
-                failed(tx, capture, origin, [])
-            else:
-                dispatch(tx, capture["id"])
-                tx.events.capture("reclaimed", capture)
             await tx.flush()
         log.info(
             "handoff_reaped",

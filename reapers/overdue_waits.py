@@ -9,9 +9,9 @@ from datetime import datetime
 
 import structlog
 
-from app.core.replies import reject
+from app.core import jobs
 from app.core.transaction import Tx
-from app.store import Row, job_sweeps, sites
+from app.store import Row, job_sweeps
 from reapers.base import Sweep, SweepResult
 
 log = structlog.get_logger()
@@ -32,11 +32,8 @@ class OverdueWaits(Sweep):
     async def _time_out(self, stale: Row, now: datetime | None) -> bool:
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            await sites.lock_site(conn, stale["site"])
-            job = await job_sweeps.time_out_waiting_job(conn, stale["id"], now)
+            job = await jobs.time_out_wait(tx, stale, now)
             if job is not None:
-                reject(tx, job, "timed_out")
-                tx.events.job("timed_out", job)
                 await tx.flush()
         log.info("wait_timed_out" if job else "reap_lost_race", job_id=stale["id"])
         return job is not None

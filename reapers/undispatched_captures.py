@@ -12,7 +12,7 @@ from datetime import datetime
 
 import structlog
 
-from app.core.captures import dispatch
+from app.core import captures as core_captures
 from app.core.transaction import Tx
 from app.store import Row, captures
 from reapers.base import Sweep, SweepResult
@@ -40,14 +40,10 @@ class UndispatchedCaptures(Sweep):
         )
 
     async def _dispatch(self, due: Row, now: datetime | None) -> bool:
-        redispatch = self.settings.handoff_redispatch_seconds
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            capture = await captures.mark_dispatched(
-                conn, due["id"], redispatch_seconds=redispatch, now=now
-            )
+            capture = await core_captures.redispatch(tx, due, now)
             if capture is not None:
-                dispatch(tx, capture["id"])
                 await tx.flush()
         log.info("capture_dispatched" if capture else "reap_lost_race", capture_id=due["id"])
         return capture is not None

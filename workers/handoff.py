@@ -28,7 +28,7 @@ from functools import partial
 
 import structlog
 
-from app.core.captures import delivery_of, failed, ready
+from app.core.captures import delivery_of, settle_handoff
 from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, redact
@@ -137,12 +137,10 @@ class HandoffWorker:
         capture_id, token = capture["id"], capture["handoff_token"]
         async with self.db.transaction() as conn:
             tx = Tx(conn, self.services)
-            if error is None:
-                done = await captures.finish_handoff(conn, capture_id, token, now)
-                if done is not None:
-                    ready(tx, done)
-            else:
-                done = await self._give_back(tx, capture_id, token, error, record, now)
+            headers = list(record.headers) if record else []
+            done = await settle_handoff(
+                tx, capture_id, token, error, self._origin(record), headers, now
+            )
             await tx.flush()
         if done is None:
             log.info("handoff_lost", capture_id=capture_id, handoff_token=token)
@@ -156,33 +154,6 @@ class HandoffWorker:
             reason=done["last_error"],
         )
         return outcome
-
-    async def _give_back(
-        self,
-        tx: Tx,
-        capture_id: str,
-        token: int,
-        error: TargetError,
-        record: Incoming | None,
-        now: datetime | None,
-    ) -> Row | None:
-        settings = self.settings
-        done = await captures.give_back_handoff(
-            tx.conn,
-            capture_id,
-            token,
-            reason=redact(error.reason, 500),
-            retryable=error.retryable,
-            max_attempts=settings.handoff_max_attempts,
-            backoff_base=settings.handoff_backoff_seconds,
-            backoff_max=settings.handoff_backoff_max_seconds,
-            now=now,
-        )
-        if done is not None and done["status"] == CaptureStatus.FAILED:
-            failed(tx, done, self._origin(record), list(record.headers) if record else [])
-        elif done is not None:
-            tx.events.capture("retrying", done)
-        return done
 
     def _origin(self, record: Incoming | None) -> Origin:
         group = self.settings.handoff_consumer_group

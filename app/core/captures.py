@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -12,8 +13,8 @@ import structlog
 from app.core.replies import Reply, lease_lost_reply, why_lease_lost
 from app.core.transaction import Route, Tx
 from app.crypto import SecretBox
-from app.dlt import Origin, dead_letter_headers, dlt_topic
-from app.handoff.base import Delivery
+from app.dlt import Origin, dead_letter_headers, dlt_topic, redact
+from app.handoff.base import Delivery, TargetError
 from app.lease_secrets import lease_secret_hash
 from app.store import Row, captures, domains, jobs
 from schemas.messages import (
@@ -23,6 +24,7 @@ from schemas.messages import (
     CaptureSubmit,
     RequestConflict,
 )
+from schemas.states import CaptureStatus
 
 log = structlog.get_logger()
 
@@ -205,3 +207,73 @@ def delivery_of(capture: Row, secrets: SecretBox) -> Delivery:
         dag_id=capture["dag_id"],
         webhook_url=None if sealed is None else secrets.open(bytes(sealed)),
     )
+
+
+async def reclaim(tx: Tx, stale: Row, now: datetime | None = None) -> Row | None:
+    """A handoff whose worker went silent: dispatched again, or FAILED (with its dead letter) at
+    the attempt cap. None when it was finalised, or reaped elsewhere, since ``stale`` was read."""
+    settings = tx.settings
+    capture = await captures.reclaim_lapsed_handoff(
+        tx.conn,
+        stale["id"],
+        stale["handoff_token"],
+        max_attempts=settings.handoff_max_attempts,
+        now=now,
+    )
+    if capture is None:
+        return None
+    if capture["status"] == CaptureStatus.FAILED:
+        origin = Origin(settings.topic("captures"), -1, -1, 0, settings.handoff_consumer_group)
+        failed(tx, capture, origin, [])
+    else:
+        dispatch(tx, capture["id"])
+        tx.events.capture("reclaimed", capture)
+    return capture
+
+
+async def redispatch(tx: Tx, due: Row, now: datetime | None = None) -> Row | None:
+    """A capture whose handoff record never reached a worker: its record on ``qm.captures``
+    again. None when it was dispatched since ``due`` was read."""
+    redispatch_seconds = tx.settings.handoff_redispatch_seconds
+    capture = await captures.mark_dispatched(
+        tx.conn, due["id"], redispatch_seconds=redispatch_seconds, now=now
+    )
+    if capture is not None:
+        dispatch(tx, capture["id"])
+    return capture
+
+
+async def settle_handoff(
+    tx: Tx,
+    capture_id: str,
+    token: int,
+    error: TargetError | None,
+    origin: Origin,
+    headers: list[tuple[str, bytes | None]],
+    now: datetime | None = None,
+) -> Row | None:
+    """A handoff attempt's outcome: HANDING_OFF -> HANDED_OFF with ``capture.ready``; on
+    ``error``, back to RECEIVED for another attempt or FAILED with its dead letter (read at
+    ``origin`` with ``headers``). None when the attempt's token is no longer the capture's."""
+    if error is None:
+        done = await captures.finish_handoff(tx.conn, capture_id, token, now)
+        if done is not None:
+            ready(tx, done)
+        return done
+    settings = tx.settings
+    done = await captures.give_back_handoff(
+        tx.conn,
+        capture_id,
+        token,
+        reason=redact(error.reason, 500),
+        retryable=error.retryable,
+        max_attempts=settings.handoff_max_attempts,
+        backoff_base=settings.handoff_backoff_seconds,
+        backoff_max=settings.handoff_backoff_max_seconds,
+        now=now,
+    )
+    if done is not None and done["status"] == CaptureStatus.FAILED:
+        failed(tx, done, origin, headers)
+    elif done is not None:
+        tx.events.capture("retrying", done)
+    return done

@@ -6,6 +6,8 @@ replied through the outbox, as a grant does). Business refusals are normal repli
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import structlog
 
 from app.core.leases import grant_waiting, release_resources
@@ -22,7 +24,7 @@ from app.core.sessions import merge_session, open_session_state
 from app.core.transaction import Route, Tx
 from app.crypto import Unsealable
 from app.lease_secrets import lease_secret_hash
-from app.store import Row, jobs, sites
+from app.store import Row, job_sweeps, jobs, sites
 from schemas.messages import (
     JobCancel,
     JobCancelled,
@@ -207,3 +209,14 @@ async def cancel(tx: Tx, req: JobCancel, route: Route) -> Reply:
     if site["has_waiting"]:
         await grant_waiting(tx, site["slug"])
     return JobCancelled(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")
+
+
+async def time_out_wait(tx: Tx, stale: Row, now: datetime | None = None) -> Row | None:
+    """A start that waited its ``wait_seconds`` without a grant: WAITING -> TIMED_OUT, answered
+    ``job.rejected`` (``timed_out``). None when it changed since ``stale`` was read."""
+    await sites.lock_site(tx.conn, stale["site"])
+    job = await job_sweeps.time_out_waiting_job(tx.conn, stale["id"], now)
+    if job is not None:
+        reject(tx, job, "timed_out")
+        tx.events.job("timed_out", job)
+    return job

@@ -21,7 +21,7 @@ from app.crypto import MissingKey, NoSecretKeys, Unsealable, load_public_key, se
 from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.errors import Disposition, classify
 from app.lease_secrets import lease_secret_hash, new_lease_secret
-from app.store import Row, accounts, jobs, sites
+from app.store import Row, accounts, job_sweeps, jobs, sites
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
@@ -31,6 +31,7 @@ from schemas.messages import (
     SeedResult,
     seal_context,
 )
+from schemas.states import JobStatus
 
 log = structlog.get_logger()
 
@@ -300,3 +301,45 @@ def dead_letter_exhausted(tx: Tx, job: Row, consumer: str) -> None:
     )
     value = {key: job[key] for key in DEAD_JOB_FIELDS}  # times and ids as strings (Outbox.add)
     tx.box.add(dlt_topic(requests), job["id"], value, headers)
+
+
+async def expire(tx: Tx, stale: Row, consumer: str, now: datetime | None = None) -> Row | None:
+    """A lease that passed: RUNNING -> EXPIRED (FAILED at the site's attempt cap, with its dead
+    letter named for ``consumer``), what it held released, its holder told ``job.lease_lost``,
+    and the slot handed to the next waiter. None when another sweep or the holder got there first.
+
+    An EXPIRED job may be started again, so ``job.expired`` goes to ``qm.events`` only; a job at
+    its cap never runs again: its terminal ``job.failed`` goes to ``qm.job-events``."""
+    site = await sites.lock_site(tx.conn, stale["site"])
+    assert site is not None
+    job = await job_sweeps.expire_job(
+        tx.conn, stale["id"], stale["lease_token"], site["max_attempts"], now
+    )
+    if job is None:
+        return None
+    await release_resources(tx, job, site, outcome="expired")
+    tell_lease_lost(tx, job, job["reason"])
+    tx.events.job("expired", job)  # terminal (on qm.job-events) only when FAILED
+    if job["status"] == JobStatus.FAILED:
+        dead_letter_exhausted(tx, job, consumer)
+    await hand_off(tx, job["site"], now)
+    return job
+
+
+async def end_block(
+    tx: Tx, stale: Row, now: datetime | None = None
+) -> tuple[Row, list[str]] | None:
+    """A blocked account whose cooldown ended: BLOCKED -> ACTIVE, and its site's waiters granted;
+    the account and the jobs granted. None when it changed since ``stale`` was read."""
+    await sites.lock_site(tx.conn, stale["site"])  # lock order: site, then account
+    account = await accounts.end_block(tx.conn, stale["id"], stale["lease_token"], now)
+    if account is None:
+        return None
+    tx.events.account("unblocked", account)
+    return account, await hand_off(tx, account["site"], now)
+
+
+async def grant_site(tx: Tx, slug: str, now: datetime | None = None) -> list[str]:
+    """``grant_waiting`` of a site whose capacity came back, under the site's lock."""
+    await sites.lock_site(tx.conn, slug)
+    return await grant_waiting(tx, slug, now)
