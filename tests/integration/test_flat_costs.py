@@ -12,7 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
-from app.store import Database, history, outbox
+from app.store import Database, outbox
+from app.store import bench_history as history
 from app.store.sites import _LOCK_SITE
 from tests.support.leasing import make_site, replies, start
 from workers.requests import RequestProcessor
