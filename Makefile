@@ -39,7 +39,8 @@ airflow: $(AIRFLOW_STAMP)
 # a rebuild take seconds. Reinstalled when the SDK, the wire contract or the packaging changes.
 SDK_VENV    := $(or $(QM_SDK_VENV),.venv-sdk)
 SDK_STAMP   := $(SDK_VENV)/.installed
-SDK_SOURCES := pyproject.toml app/sealing.py app/redaction.py $(wildcard app/sdk/*.py schemas/*.py)
+SDK_SOURCES := pyproject.toml app/__main__.py app/qm.py app/sealing.py app/redaction.py \
+               $(wildcard app/sdk/*.py schemas/*.py)
 
 $(SDK_STAMP): $(SDK_SOURCES)
 	test -x $(SDK_VENV)/bin/python || $(PY) -m venv $(SDK_VENV)

@@ -13,7 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "in_sdk"
 # what the client install carries that tests run: it must be the worktree's, not an older build
-SHIPPED = ("app/sdk", "app/sealing.py", "app/redaction.py", "schemas")
+SHIPPED = (
+    "app/sdk",
+    "app/sealing.py",
+    "app/redaction.py",
+    "app/qm.py",
+    "app/__main__.py",
+    "schemas",
+)
 
 
 def sdk_venv() -> Path:
