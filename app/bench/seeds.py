@@ -30,10 +30,11 @@ from rich.table import Table
 from app.bench.services import services as start_services
 from app.core import seeds as seeding
 from app.core.transaction import Tx, TxServices
-from app.crypto import SecretBox, public_key_text
+from app.crypto import SecretBox
 from app.db.engine import make_engine
 from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.logs import configure_logging
+from app.sealing import public_key_text
 from app.seed_files import parse_rows
 from app.settings import Settings
 from app.store import Database, Row, domains, jobs, seeds, sites

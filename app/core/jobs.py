@@ -22,8 +22,8 @@ from app.core.replies import (
 )
 from app.core.sessions import merge_session, open_session_state
 from app.core.transaction import Route, Tx
-from app.crypto import Unsealable
 from app.lease_secrets import lease_secret_hash
+from app.sealing import Unsealable
 from app.store import Row, job_sweeps, jobs, sites
 from schemas.messages import (
     JobCancel,

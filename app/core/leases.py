@@ -17,10 +17,11 @@ from pydantic import ValidationError
 from app.core.replies import reject, tell_lease_lost
 from app.core.seeds import hand_out_with_grant, settle
 from app.core.transaction import Tx
-from app.crypto import MissingKey, NoSecretKeys, Unsealable, load_public_key, seal
+from app.crypto import MissingKey, NoSecretKeys
 from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.errors import Disposition, classify
 from app.lease_secrets import lease_secret_hash, new_lease_secret
+from app.sealing import Unsealable, load_public_key, seal
 from app.store import Row, accounts, job_sweeps, jobs, sites
 from schemas.messages import (
     CORRELATION_ID,

@@ -16,8 +16,8 @@ import structlog
 
 from app.core.replies import Reply
 from app.core.transaction import Route, Tx
-from app.crypto import Unsealable
 from app.lease_secrets import lease_secret_hash, matches
+from app.sealing import Unsealable
 from app.store import jobs, sessions
 from schemas.messages import (
     JobLeaseLost,

@@ -4,7 +4,6 @@ The names every caller needs to build or show a dead letter are importable from 
 and the replay, which open Kafka and PostgreSQL connections, are imported from their modules.
 """
 
-from app.dlt.headers import MAX_ERROR_MESSAGE, REDACTED, redact, redact_bytes, redact_header
 from app.dlt.letter_headers import (
     PREFIX,
     REPLAYED_FROM,
@@ -14,6 +13,7 @@ from app.dlt.letter_headers import (
     dlt_topic,
 )
 from app.kafka_headers import header
+from app.redaction import MAX_ERROR_MESSAGE, REDACTED, redact, redact_bytes, redact_header
 
 __all__ = [
     "MAX_ERROR_MESSAGE",

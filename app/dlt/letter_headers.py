@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from app.dlt.headers import MAX_ERROR_MESSAGE, redact, truncate
 from app.kafka_headers import Header, printable_header_name
+from app.redaction import MAX_ERROR_MESSAGE, redact, truncate
 
 PREFIX = "qm.dlt."
 REPLAYED_FROM = "qm.replayed_from"

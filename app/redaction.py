@@ -1,13 +1,20 @@
-"""Redaction: secrets replaced in error messages, record values and header values before they are
-logged, shown or written into a dead letter."""
+"""Secrets kept out of text: what logs, dead-letter headers and terminals show of a message.
+
+Pure functions (the standard library only), shared by the server's logging (``app.logs``), its
+dead letters (``app.dlt``) and the collector SDK (``app.sdk.logs``), which must not import the
+server.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import MutableMapping
 from typing import Any
 
+# how long an error message may be in a dead-letter header or a log line
 MAX_ERROR_MESSAGE = 1000
+
 _SECRET_WORDS = r"secret|password|passwd|token|storage_state|cookies?|authorization|api[_-]?key"
 REDACTED = "[redacted]"
 # what replaces everything after a secret-named key that opens an object or a list
@@ -91,3 +98,31 @@ def redact_header(name: str, value: bytes | None, limit: int = MAX_ERROR_MESSAGE
     if _SECRET_NAME.search(name):
         return REDACTED
     return redact_bytes(value, limit) or ""
+
+
+# --- structlog processors -----------------------------------------------------------------
+
+_SECRET_FIELDS = re.compile(r"(secret|password|storage_state|token_plain|cookie)", re.IGNORECASE)
+
+
+def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Replace the value of any field whose name says it holds a secret."""
+    for key in list(event):
+        if _SECRET_FIELDS.search(key):
+            event[key] = "[redacted]"
+    return event
+
+
+# fields that carry an error's text; a traceback is one (``exception``, after format_exc_info)
+_ERROR_FIELDS = ("exception", "error", "error_message", "detail")
+_TRACEBACK_LIMIT = 20_000
+
+
+def redact_errors(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Pass every error text and traceback through the one redaction dead-letter headers get,
+    so no process logs a secret an exception happened to carry."""
+    for key in _ERROR_FIELDS:
+        value = event.get(key)
+        if isinstance(value, str):
+            event[key] = redact(value, limit=_TRACEBACK_LIMIT)
+    return event
