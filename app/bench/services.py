@@ -21,7 +21,7 @@ from app.devstack.postgres import EmbeddedPostgres
 
 
 @dataclass(frozen=True, slots=True)
-class Services:
+class BenchServices:
     """Where the services are; the pids of those started here (their CPU is reported)."""
 
     bootstrap: str
@@ -31,7 +31,7 @@ class Services:
 
 
 @contextlib.contextmanager
-def services(*, kafka: bool = True) -> Iterator[Services]:
+def services(*, kafka: bool = True) -> Iterator[BenchServices]:
     """A broker and a freshly migrated database, started here unless the environment names them
     (``kafka=False``: no broker, for benchmarks of the database alone)."""
     with contextlib.ExitStack() as stack:
@@ -55,7 +55,7 @@ def services(*, kafka: bool = True) -> Iterator[Services]:
         url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
         try:
             upgrade(url)
-            yield Services(bootstrap, url, durability, pids)
+            yield BenchServices(bootstrap, url, durability, pids)
         finally:
             asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
