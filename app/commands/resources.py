@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from app.commands.common import (
+    CommandServices,
     check_dag_id,
     check_host,
     check_slug,
@@ -20,8 +21,6 @@ from app.commands.common import (
     table,
     when,
 )
-from app.crypto import SecretBox
-from app.settings import get_settings
 from app.store import Conn, Row, accounts, captures, sites, views
 from schemas.states import AccountStatus
 
@@ -242,14 +241,15 @@ def accounts_add(
     )
     if not secret:
         raise fail("the secret is empty: type it at the prompt or pipe it with --secret-stdin")
-    sealed = SecretBox.from_settings(get_settings()).seal(secret)
+    command = CommandServices()
+    sealed = command.secrets.seal(secret)
 
     async def work(conn: Conn) -> object:
         if await sites.lock_site(conn, site) is None:
             return "no_site"
         return await accounts.add_account(conn, site=site, username=username, sealed_secret=sealed)
 
-    result = in_transaction(work)
+    result = command.in_transaction(work)
     if result == "no_site":
         raise fail(f"no site {site!r}; add it with `qm sites add {site} --host …`")
     if result is None:
