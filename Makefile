@@ -6,12 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install kafka-jars airflow browser test lint fmt dev bench clean
+.PHONY: install kafka-jars airflow sdk browser test lint fmt dev bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[server,dev]'
 	touch $(STAMP)
 
 install: $(STAMP) kafka-jars
@@ -33,6 +33,24 @@ $(AIRFLOW_STAMP): infra/airflow/requirements.txt infra/airflow/constraints.txt
 
 airflow: $(AIRFLOW_STAMP)
 
+# The collector SDK alone, as a collector installs it: `pip install .` (no extras, not editable)
+# into a virtual environment of its own, which tests/integration/test_sdk_alone.py checks holds
+# none of the server's dependencies and runs a job with. QM_SDK_VENV moves it; pip's cache makes
+# a rebuild take seconds. Reinstalled when the SDK, the wire contract or the packaging changes.
+SDK_VENV    := $(or $(QM_SDK_VENV),.venv-sdk)
+SDK_STAMP   := $(SDK_VENV)/.installed
+SDK_SOURCES := pyproject.toml app/__main__.py app/qm.py app/sealing.py app/redaction.py \
+               $(wildcard app/sdk/*.py schemas/*.py)
+
+$(SDK_STAMP): $(SDK_SOURCES)
+	test -x $(SDK_VENV)/bin/python || $(PY) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/pip install -q --upgrade pip
+	$(SDK_VENV)/bin/pip install -q .
+	$(SDK_VENV)/bin/pip install -q --force-reinstall --no-deps .
+	touch $@
+
+sdk: $(SDK_STAMP)
+
 # Debian's Chromium, for the Playwright helper's tests (Playwright cannot download browsers here).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -40,7 +58,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: chromium could not be installed; browser tests will fail"; }
 
-test: install airflow browser
+test: install airflow sdk browser
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
@@ -61,4 +79,4 @@ bench: install
 	$(BIN)/qm bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) infra/kafka/.cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) $(SDK_VENV) build infra/kafka/.cache .pytest_cache .mypy_cache .ruff_cache

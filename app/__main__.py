@@ -1,5 +1,5 @@
 """`python -m app` is `qm`."""
 
-from app.cli import main
+from app.qm import main
 
 main()

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from app.dlt.headers import redact
+from app.redaction import redact
 from schemas.nesting import NestingTooDeep
 
 

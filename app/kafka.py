@@ -11,6 +11,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
+from app.sdk import QuartermasterClient
 from app.settings import Settings
 
 log = structlog.get_logger()
@@ -51,6 +52,20 @@ def client_options(settings: Settings) -> dict[str, Any]:
         if settings.kafka_sasl_password is not None:
             options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     return options
+
+
+def sdk_client(settings: Settings, **overrides: Any) -> QuartermasterClient:
+    """An SDK client configured like Quartermaster's own processes (``QM_*`` environment); the
+    SDK itself knows nothing of the server's settings."""
+    options = client_options(settings)
+    bootstrap = options.pop("bootstrap_servers")
+    arguments: dict[str, Any] = {
+        "topic_prefix": settings.topic_prefix,
+        "security": options,
+        "idempotent_producer": settings.kafka_idempotence,
+        **overrides,
+    }
+    return QuartermasterClient(bootstrap, **arguments)
 
 
 def faststream_security(settings: Settings) -> BaseSecurity | None:

@@ -16,12 +16,13 @@ import structlog
 from pydantic import ValidationError
 
 from app import seeding
-from app.crypto import MissingKey, NoSecretKeys, SecretBox, Unsealable, load_public_key, seal
+from app.crypto import MissingKey, NoSecretKeys, SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.errors import Disposition, classify
 from app.events import Events
 from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.outbox.writer import Outbox
+from app.sealing import Unsealable, load_public_key, seal
 from app.settings import Settings
 from app.store import Conn, Record, Row, accounts, jobs, sites
 from schemas.messages import (

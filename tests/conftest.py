@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.crypto import private_key_text
 from app.db.engine import make_engine
 from app.db.migrate import upgrade
 from app.devstack.kafka import KafkaBroker
 from app.devstack.postgres import EmbeddedPostgres
 from app.kafka import ensure_topics
+from app.sealing import private_key_text
 from app.settings import Settings, get_settings
 
 # one template per test session, so sessions of several checkouts can share one server

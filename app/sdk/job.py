@@ -8,17 +8,18 @@ async with client.job(site="example", lease_seconds=300, wait_seconds=60) as job
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import SecretStr, TypeAdapter
 
-from app.crypto import load_public_key, seal_json
 from app.sdk import errors
-from app.sdk.grants import Account, Session, open_grant, open_lease_secret
+from app.sdk.grants import Account, Opener, Session, open_grant, open_lease_secret
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import sdk_logger
+from app.sealing import load_public_key, seal_json
 from schemas import messages as wire
 
 if TYPE_CHECKING:
@@ -26,13 +27,35 @@ if TYPE_CHECKING:
 
     from playwright.async_api import Browser, BrowserContext
 
-    from app.sdk.client import QuartermasterClient
-
 log = sdk_logger(__name__)
 
 MIN_HEARTBEAT_SECONDS = 0.1
 MAX_REASON_CHARS = 500
 _SESSION_STATE = TypeAdapter(wire.JsonObject)
+
+
+class Requester(Opener, Protocol):
+    """What a job asks of its client (``QuartermasterClient`` is one): requests and their
+    replies, releases, lease watching and the opening of sealed grants."""
+
+    @property
+    def public_key(self) -> str: ...
+
+    async def request(
+        self, message: wire.AnyRequest, timeout: float | None = None
+    ) -> wire.AnyReply: ...
+
+    def release(
+        self,
+        job_id: str,
+        why: str,
+        lease_token: int | None = None,
+        lease_secret: str | None = None,
+    ) -> None: ...
+
+    def watch_lease(
+        self, start_request_id: str, job_id: str, on_lost: Callable[[str], None] | None
+    ) -> None: ...
 
 
 class Job:
@@ -46,7 +69,7 @@ class Job:
 
     def __init__(
         self,
-        client: QuartermasterClient,
+        client: Requester,
         *,
         site: str,
         lease_seconds: int | None,

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from app.logs import redact_secrets
+from app.redaction import redact_secrets
 
 ROOT = "quartermaster.sdk"
 

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.sdk import QuartermasterClient
+from app.kafka import sdk_client
 from app.settings import Settings
 from tests.integration.conftest_outbox import read_topic, running_relays
 from tests.support.captures import capture_body
@@ -32,7 +32,7 @@ async def collect(settings: Settings, n: int) -> list[str]:
     """One collector: a job, then its captures handed over one after another."""
     ids = []
     async with (
-        QuartermasterClient.from_settings(settings, collector=f"collector-{n}") as client,
+        sdk_client(settings, collector=f"collector-{n}") as client,
         client.job(site="board", lease_seconds=300, wait_seconds=60, timeout=60) as job,
     ):
         for k in range(PER_COLLECTOR):

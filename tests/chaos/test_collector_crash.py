@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.sdk import QuartermasterClient
+from app.kafka import sdk_client
 from app.settings import Settings
 from tests.support.leasing import make_site, scalar
 from tests.support.processes import QmProcess, settings_env
@@ -40,7 +40,7 @@ async def test_a_lease_held_by_a_killed_collector_is_reclaimed_within_its_bound(
                 collector.kill()
             await collector.wait()
         async with (
-            QuartermasterClient.from_settings(settings) as client,
+            sdk_client(settings) as client,
             client.job(site="board", wait_seconds=60, timeout=30) as job,
         ):
             waited = time.monotonic() - killed_at

@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.sdk import QuartermasterClient
+from app.kafka import sdk_client
 from app.settings import Settings
 from tests.support.leasing import make_site, scalar
 from tests.support.processes import QmProcess
@@ -33,7 +33,7 @@ async def test_heartbeating_holders_keep_their_leases_when_a_claim_worker_dies(
         for worker in workers:
             worker.start()
         try:
-            async with QuartermasterClient.from_settings(settings, request_timeout=60) as client:
+            async with sdk_client(settings, request_timeout=60) as client:
                 jobs = [client.job(site="board", lease_seconds=1, timeout=60) for _ in range(JOBS)]
                 held = await asyncio.gather(*(job.__aenter__() for job in jobs))
                 for job in held:  # asked for 1 s, granted the safe minimum

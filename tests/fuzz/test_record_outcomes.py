@@ -20,6 +20,8 @@ import asyncio
 import base64
 import json
 import random
+import statistics
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -39,6 +41,7 @@ from schemas.messages import parse_request
 from tests.support.hostile import RawName, Sent
 from tests.support.hostile import produce as produce_raw
 from tests.support.kafka import lag_returns_to_zero
+from tests.support.leasing import COLLECTOR_PUBLIC_KEY
 from tests.support.processes import serving
 from tests.support.waiting import eventually
 
@@ -99,6 +102,11 @@ HOSTILE_VALUES = {
         "type": "job.start", "site": "board", "collector": "fuzz", "wait_seconds": 0,
         "public_key": base64.b64encode(rng.choice([0, 1, P, P + 1]).to_bytes(32, "little")).decode(),
     },
+    "storage": lambda rng: {  # a storage state in the clear, and malformed: never unsealed
+        "type": "session.upload", "lease_token": 1, "lease_secret": "s" * 43,
+        "storage_state": {"cookies": [{"name": ["a"], "value": 1}],
+                          "origins": [{"origin": "https://x.example", "localStorage": [{"name": ["k"]}]}]},
+    },
 }  # fmt: skip
 
 
@@ -130,7 +138,7 @@ class Fuzzer:
         job_id = f"job-{self.rng.getrandbits(40):x}"
         if self.rng.random() < 0.2:
             return {**base, "job_id": job_id, "type": "job.start", "site": "board",
-                    "collector": "fuzz", "wait_seconds": 0}  # fmt: skip
+                    "collector": "fuzz", "wait_seconds": 0, "public_key": COLLECTOR_PUBLIC_KEY}  # fmt: skip
         return {**base, "job_id": job_id, "type": "job.cancel"}
 
     def junk_headers(self) -> list[Header]:
@@ -226,6 +234,7 @@ async def exercise(settings: Settings, records: list[Record]) -> None:
     valid = {r.request_id: r for r in records if is_valid_record(r) and r.request_id}
     bad = {r.seq for r in records if not is_valid_record(r)}
     assert len(valid) + len(bad) == RECORDS and len(valid) > 2000 and len(bad) > 6000
+    before = await answer_time(settings)
     await produce(settings, records)
     outcomes = await collect(settings, expect_dead=len(bad), expect_answered=set(valid))
 
@@ -241,6 +250,50 @@ async def exercise(settings: Settings, records: list[Record]) -> None:
         assert b"hunter2" not in (dict(headers)["qm.dlt.error_message"] or b"")
     await lag_returns_to_zero(settings, timeout=120)
     await outbox_empties(settings)
+    # a loose bound on a shared two-core machine: the point is a worker that is not wedged or
+    # still busy retrying, not a benchmark (qm bench measures)
+    after = await answer_time(settings)
+    assert after <= 3 * before + 0.5, f"answers took {after:.3f} s after, {before:.3f} s before"
+
+
+async def answered(consumer: AIOKafkaConsumer, correlation_id: str) -> bool:
+    """Whether the next fetch holds a reply to ``correlation_id``."""
+    fetched = await consumer.getmany(timeout_ms=200)
+    return any(
+        header(list(record.headers), "correlation_id") == correlation_id
+        for batch in fetched.values()
+        for record in batch
+    )
+
+
+async def answer_time(settings: Settings, n: int = 25) -> float:
+    """The median time from a valid request's send to its answer, one request at a time."""
+    producer = AIOKafkaProducer(**producer_options(settings))
+    consumer = AIOKafkaConsumer(settings.topic("replies"), **client_options(settings),
+                                auto_offset_reset="latest")  # fmt: skip
+    await producer.start()
+    await consumer.start()
+    times = []
+    try:
+        await consumer.seek_to_end()
+        for tp in consumer.assignment():
+            await consumer.position(tp)  # the end, fixed before anything is sent
+        for _ in range(n):
+            request_id = str(uuid.uuid4())
+            body = {"type": "job.cancel", "v": 1, "request_id": request_id,
+                    "job_id": f"probe-{uuid.uuid4().hex[:12]}"}  # fmt: skip
+            sent = time.perf_counter()
+            await producer.send_and_wait(settings.topic("requests"), json.dumps(body).encode(),
+                                         key=body["job_id"].encode(),
+                                         headers=[("correlation_id", request_id.encode())])  # fmt: skip
+            async with asyncio.timeout(30):
+                while not await answered(consumer, request_id):
+                    pass
+            times.append(time.perf_counter() - sent)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return statistics.median(times)
 
 
 def printable(name: str) -> str:

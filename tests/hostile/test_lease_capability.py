@@ -24,9 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.crypto import public_key_text
-from app.kafka import client_options, producer_options
-from app.sdk import QuartermasterClient
+from app.kafka import client_options, producer_options, sdk_client
+from app.sealing import public_key_text
 from app.settings import Settings
 from app.store import Database, seeds
 from reapers.expired_leases import ExpiredLeases
@@ -210,7 +209,7 @@ async def test_a_request_reusing_a_holders_correlation_id_does_not_end_its_sdk_j
     await make_site(engine, settings, capacity=2, lease_seconds=300)
     with QmProcess(settings, "all"):
         async with (
-            QuartermasterClient.from_settings(settings) as client,
+            sdk_client(settings) as client,
             client.job(site="board", lease_seconds=300, timeout=30) as job,
         ):
             partition = client.reply_partition

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.handoff import Delivery
 from app.handoff.airflow import conf
-from app.sdk import QuartermasterClient
+from app.kafka import sdk_client
 from app.settings import Settings
 from tests.support.airflow import DagTests, kafka_connection
 from tests.support.leasing import make_site
@@ -44,7 +44,7 @@ async def test_the_wait_for_job_dag_branches_on_how_the_awaited_job_ended(
     waiting = dags.start("qm_wait_for_job", {"job_id": failed}, **connection(settings))
     try:
         with QmProcess(settings, "all"):
-            async with QuartermasterClient.from_settings(settings, collector="c") as client:
+            async with sdk_client(settings, collector="c") as client:
                 async with client.job(site="board", job_id=ok, wait_seconds=30):
                     pass
                 try:

@@ -18,8 +18,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.kafka import client_options, ensure_topics
-from app.sdk import Job, JobRejected, QuartermasterClient
+from app.kafka import client_options, ensure_topics, sdk_client
+from app.sdk import Job, JobRejected
 from app.settings import Settings
 from tests.integration.conftest_outbox import read_topic
 from tests.support.airflow import DAGS, TriggerRun, airflow_env, run_in_airflow
@@ -53,7 +53,7 @@ async def run_jobs(settings: Settings, ids: dict[str, str]) -> None:
     class Crash(Exception):
         pass
 
-    async with QuartermasterClient.from_settings(settings, collector="airflow-test") as client:
+    async with sdk_client(settings, collector="airflow-test") as client:
         async with client.job(site="board", job_id=ids["other_ok"], wait_seconds=30):
             pass
         with pytest.raises(Crash):
@@ -161,7 +161,7 @@ async def test_message_queue_trigger_fires_once_per_handed_off_capture_of_the_si
     ).start()  # it waits while collectors submit captures and the handoff worker hands them off
     try:
         with QmProcess(settings, "all"):
-            async with QuartermasterClient.from_settings(settings, collector="c") as client:
+            async with sdk_client(settings, collector="c") as client:
                 async with client.job(site="forum", wait_seconds=30) as job:
                     await submit(job, "forum", "text/html")
                 async with client.job(site="board", wait_seconds=30) as job:

@@ -10,8 +10,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.devstack import free_port
-from app.kafka import client_options
-from app.sdk import QuartermasterClient
+from app.kafka import client_options, sdk_client
 from app.settings import Settings
 from app.store.accounts import set_account_status
 from schemas.states import AccountStatus
@@ -57,7 +56,7 @@ async def test_a_blocked_account_and_a_long_wait_are_posted_once_each_and_their_
         settings = alert_settings(topics, alert_repeat_seconds=600)
         with QmProcess(settings, "all", metrics_port=port, slack_webhook_url=slack.url) as server:
             await ready(server, port)
-            async with QuartermasterClient.from_settings(settings, request_timeout=30) as client:
+            async with sdk_client(settings, request_timeout=30) as client:
                 async with client.job(site="board", lease_seconds=60, wait_seconds=30) as job:
                     job.blocked("captcha")  # no cooldown given: the site's (an hour)
                 blocked = f"Account {account} of site board is blocked"

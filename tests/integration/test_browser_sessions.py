@@ -14,7 +14,8 @@ from playwright.async_api import Browser, BrowserContext, async_playwright
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import SecretBox
-from app.sdk import Job, QuartermasterClient, SessionDead, SessionRejected
+from app.kafka import sdk_client
+from app.sdk import Job, SessionDead, SessionRejected
 from app.settings import Settings
 from app.store import accounts, sites
 from tests.support.chromium import chromium_path
@@ -106,7 +107,7 @@ async def test_a_login_carries_over_to_the_next_job_and_a_logout_to_the_one_afte
     server: Settings, browser: Browser, login_site: LoginSite
 ) -> None:
     members = login_site.url("/members")
-    async with QuartermasterClient.from_settings(server, collector="browser-test") as client:
+    async with sdk_client(server, collector="browser-test") as client:
         async with (
             client.job(site=SITE, wait_seconds=30) as job1,
             job1.browser_context(browser, on_dead_session=logging_in(login_site, job1)) as ctx,
@@ -147,7 +148,7 @@ async def test_a_login_carries_over_to_the_next_job_and_a_logout_to_the_one_afte
 async def test_a_dead_session_can_end_the_job_blocked(
     server: Settings, browser: Browser, engine: AsyncEngine
 ) -> None:
-    async with QuartermasterClient.from_settings(server) as client:
+    async with sdk_client(server) as client:
         with pytest.raises(SessionDead):
             async with (
                 client.job(site=SITE, wait_seconds=30) as job,
@@ -163,7 +164,7 @@ async def test_a_dead_session_can_end_the_job_blocked(
 async def test_cookies_set_before_a_failure_are_kept_unless_told_not_to(
     server: Settings, browser: Browser, login_site: LoginSite, upload_on_error: bool
 ) -> None:
-    async with QuartermasterClient.from_settings(server) as client:
+    async with sdk_client(server) as client:
         with pytest.raises(RuntimeError, match="the crawl broke"):
             async with (
                 client.job(site=SITE, wait_seconds=30) as job,
@@ -185,13 +186,13 @@ async def test_two_collectors_finishing_with_different_cookies_in_turn_keep_both
     server: Settings, browser: Browser, login_site: LoginSite
 ) -> None:
     async with (
-        QuartermasterClient.from_settings(server, collector="first") as first,
+        sdk_client(server, collector="first") as first,
         first.job(site=SITE, wait_seconds=30) as job,
         job.browser_context(browser, on_dead_session="ignore") as ctx,
     ):
         await visit(ctx, login_site.url("/set/from_first"))
     # the second collector keeps a browser of its own and hands back only what it holds
-    async with QuartermasterClient.from_settings(server, collector="second") as second:
+    async with sdk_client(server, collector="second") as second:
         async with second.job(site=SITE, wait_seconds=30) as job:
             context = await browser.new_context()
             await visit(context, login_site.url("/set/from_second"))
@@ -205,7 +206,7 @@ async def test_two_collectors_finishing_with_different_cookies_in_turn_keep_both
 async def test_a_browser_state_over_the_session_bounds_is_refused_and_the_session_kept(
     server: Settings, browser: Browser, login_site: LoginSite, engine: AsyncEngine
 ) -> None:
-    async with QuartermasterClient.from_settings(server) as client:
+    async with sdk_client(server) as client:
         with pytest.raises(SessionRejected, match="would hold 2 cookies; at most 1 are kept"):
             async with (
                 client.job(site=SITE, wait_seconds=30) as job,
@@ -253,7 +254,7 @@ async def test_indexed_db_recorded_by_one_job_is_there_for_the_next_until_one_dr
 ) -> None:
     page = login_site.url("/login")
     options: dict[str, Any] = {"on_dead_session": "ignore"}
-    async with QuartermasterClient.from_settings(server) as client:
+    async with sdk_client(server) as client:
         async with (
             client.job(site=SITE, wait_seconds=30) as job,
             job.browser_context(browser, indexed_db=True, **options) as ctx,

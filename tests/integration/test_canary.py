@@ -17,8 +17,7 @@ from aiokafka.structs import TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.kafka import client_options, producer_options
-from app.sdk import QuartermasterClient
+from app.kafka import client_options, producer_options, sdk_client
 from app.settings import Settings
 from tests.support.leasing import CANARY, make_site, scalar
 from tests.support.processes import QmProcess
@@ -103,7 +102,7 @@ async def test_no_canary_anywhere_in_the_clear(
     await make_site(engine, settings, capacity=2, n_accounts=1)
     sent_in_clear: list[bytes] = []
     with QmProcess(settings, "all", unexpected_error_attempts=2) as server:
-        async with QuartermasterClient.from_settings(settings, collector="canary") as client:
+        async with sdk_client(settings, collector="canary") as client:
             # grant, session upload, finish with a session state
             async with client.job(site="board", wait_seconds=30, timeout=30) as job:
                 assert job.account is not None

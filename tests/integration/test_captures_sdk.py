@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.sdk import LeaseLost, QuartermasterClient, RequestConflict
+from app.kafka import sdk_client
+from app.sdk import LeaseLost, RequestConflict
 from app.settings import Settings
 from tests.integration.conftest_outbox import running_relays
 from tests.support.captures import capture_body, capture_row
@@ -22,7 +23,7 @@ async def test_submit_capture_is_accepted_idempotent_and_refuses_a_conflict_or_a
     with QmProcess(settings, "worker"):
         async with (
             running_relays(settings, 1),
-            QuartermasterClient.from_settings(settings) as client,
+            sdk_client(settings) as client,
             client.job(site="board", wait_seconds=30, timeout=60) as job,
         ):
             assert await job.submit_capture(**body) == "cap-1"

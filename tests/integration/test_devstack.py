@@ -21,7 +21,7 @@ from app.bench.processes import parent_of, proc_stat
 from app.devstack import ServiceUnavailable
 from app.devstack.dev import BANNER_TITLE
 from app.devstack.kafka import KafkaBroker, ensure_jars
-from app.sdk import QuartermasterClient
+from app.kafka import sdk_client
 from app.settings import Settings
 from app.store import Database
 from app.store.sites import site_load
@@ -153,7 +153,7 @@ async def test_qm_dev_serves_a_job_on_embedded_services_and_ctrl_c_leaves_nothin
         await make_site(db.engine, settings)
         await db.close()
         async with (
-            QuartermasterClient.from_settings(settings, request_timeout=30) as client,
+            sdk_client(settings, request_timeout=30) as client,
             client.job(site="board", lease_seconds=60, wait_seconds=30) as job,
         ):
             assert job.account is not None and job.account.username == "user0@board"
@@ -167,7 +167,7 @@ async def test_qm_dev_serves_a_job_on_embedded_services_and_ctrl_c_leaves_nothin
 
 async def demo_job_account(dev: Dev) -> str:
     async with (
-        QuartermasterClient.from_settings(dev.settings(), request_timeout=30) as client,
+        sdk_client(dev.settings(), request_timeout=30) as client,
         client.job(site="demo", lease_seconds=60, wait_seconds=30) as job,
     ):
         assert job.account is not None

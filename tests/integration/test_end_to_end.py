@@ -13,8 +13,8 @@ from aiokafka.partitioner import murmur2
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.kafka import client_options
-from app.sdk import QuartermasterClient, RequestTimeout
+from app.kafka import client_options, sdk_client
+from app.sdk import RequestTimeout
 from app.settings import Settings
 from tests.support.leasing import CANARY, make_site, scalar
 from tests.support.processes import QmProcess
@@ -44,7 +44,7 @@ async def test_fifty_collectors_never_share_an_account_nor_exceed_capacity_and_a
 
     async def collector(n: int) -> str:
         async with (
-            QuartermasterClient.from_settings(settings, collector=f"collector-{n}") as client,
+            sdk_client(settings, collector=f"collector-{n}") as client,
             client.job(site="board", wait_seconds=120, timeout=30) as job,
         ):
             assert job.account is not None
@@ -104,7 +104,7 @@ async def test_a_grant_arriving_after_the_collector_gave_up_is_released_to_the_n
     late = "late-collector"
     waiter = same_partition_job_id(late, settings.topic_partitions, "waiter")
     with QmProcess(settings, "relay"):
-        async with QuartermasterClient.from_settings(settings) as client:
+        async with sdk_client(settings) as client:
             # no claim worker yet: the start of `late` waits in Kafka while its collector gives up
             give_up = asyncio.create_task(
                 client.job(site="board", job_id=late, timeout=3).__aenter__()

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.crypto import Unsealable
+from app.sealing import Unsealable
 from app.settings import Settings
 from app.store import Database
 from tests.support.leasing import (

@@ -13,7 +13,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
-from app.kafka import client_options, ensure_topics
+from app.kafka import client_options, ensure_topics, sdk_client
 from app.sdk import QuartermasterClient, QuartermasterError
 from app.settings import Settings
 from tests.integration.conftest_outbox import read_topic
@@ -48,10 +48,10 @@ async def test_clients_sharing_the_reply_topic_each_get_their_replies_on_their_o
     await make_site(engine, settings, capacity=8, n_accounts=8)
     with QmProcess(settings, "all"):
         async with (
-            QuartermasterClient.from_settings(settings, reply_partition=1) as one,
-            QuartermasterClient.from_settings(settings, reply_partition=5) as two,
-            QuartermasterClient.from_settings(settings) as picked,
-            QuartermasterClient.from_settings(settings, route_replies=False) as old,
+            sdk_client(settings, reply_partition=1) as one,
+            sdk_client(settings, reply_partition=5) as two,
+            sdk_client(settings) as picked,
+            sdk_client(settings, route_replies=False) as old,
         ):
             await asyncio.gather(
                 *(run_job(one, f"one-{n}") for n in range(3)),
@@ -80,8 +80,8 @@ async def test_a_queued_start_granted_later_reaches_the_partition_it_asked_for(
     await make_site(engine, settings, capacity=1, n_accounts=1)
     with QmProcess(settings, "all"):
         async with (
-            QuartermasterClient.from_settings(settings, reply_partition=2) as holder,
-            QuartermasterClient.from_settings(settings, reply_partition=6) as waiter,
+            sdk_client(settings, reply_partition=2) as holder,
+            sdk_client(settings, reply_partition=6) as waiter,
         ):
             async with holder.job(site="board", job_id="first", timeout=30):
 
@@ -112,7 +112,7 @@ async def test_a_reply_partition_the_topic_does_not_have_stops_the_client_from_s
     topics: Settings,
 ) -> None:
     beyond = topics.reply_topic_partitions
-    client = QuartermasterClient.from_settings(topics, reply_partition=beyond)
+    client = sdk_client(topics, reply_partition=beyond)
     with pytest.raises(QuartermasterError, match=f"reply partition {beyond} does not exist"):
         await client.start()
     await client.close()
@@ -141,5 +141,5 @@ async def test_an_existing_reply_topic_with_fewer_partitions_is_kept_and_named_i
     [warning] = [e for e in logs if e["event"] == "reply_topic_has_fewer_partitions"]
     assert (warning["topic"], warning["partitions"]) == (replies, 2)
     assert warning["reply_topic_partitions"] == settings.reply_topic_partitions
-    async with QuartermasterClient.from_settings(settings) as client:
+    async with sdk_client(settings) as client:
         assert client.reply_partition in (0, 1)  # it picks among the partitions there are

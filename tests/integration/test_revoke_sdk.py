@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from app.cli import app
-from app.sdk import QuartermasterClient
+from app.kafka import sdk_client
 from app.settings import Settings
 from tests.support.cli import operator_cli
 from tests.support.leasing import make_site, scalar
@@ -32,7 +32,7 @@ async def test_a_revoked_holder_hears_lease_lost_at_once_and_finishes_nothing(
     await make_site(engine, settings, lease_seconds=300)
     with QmProcess(settings, "all"):
         async with (
-            QuartermasterClient.from_settings(settings) as client,
+            sdk_client(settings) as client,
             client.job(site="board", lease_seconds=300, timeout=30) as job,
         ):
             result = await asyncio.to_thread(

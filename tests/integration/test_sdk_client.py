@@ -21,9 +21,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from app.crypto import load_public_key, seal
-from app.kafka import client_options, producer_options
+from app.kafka import client_options, producer_options, sdk_client
 from app.sdk import JobRejected, QuartermasterClient, RequestTimeout
+from app.sealing import load_public_key, seal
 from app.settings import Settings
 from schemas.messages import (
     GrantedAccount,
@@ -174,7 +174,7 @@ def finished(request: Received) -> JobFinished:
 
 @pytest.fixture
 async def client(topics: Settings) -> AsyncIterator[QuartermasterClient]:
-    async with QuartermasterClient.from_settings(topics, request_timeout=5.0) as qm:
+    async with sdk_client(topics, request_timeout=5.0) as qm:
         yield qm
 
 
@@ -388,7 +388,7 @@ async def test_replies_written_before_the_client_started_are_not_read(topics: Se
 
     async with Responder(topics, script) as responder:
         await responder.reply(stale, grant(topics, stale))  # sits on the topic before the client
-        async with QuartermasterClient.from_settings(topics, request_timeout=5.0) as qm:
+        async with sdk_client(topics, request_timeout=5.0) as qm:
             from schemas.messages import JobStart
 
             start = JobStart(
@@ -419,8 +419,8 @@ async def test_collectors_share_the_reply_topic_each_on_one_partition_and_no_gro
 
     async with (
         Responder(topics, script) as responder,
-        QuartermasterClient.from_settings(topics, request_timeout=5.0) as one,
-        QuartermasterClient.from_settings(topics, request_timeout=5.0) as two,
+        sdk_client(topics, request_timeout=5.0) as one,
+        sdk_client(topics, request_timeout=5.0) as two,
     ):
         tokens = await asyncio.gather(*(collect((one, two)[n % 2], n) for n in range(1, 9)))
         for qm in (one, two):

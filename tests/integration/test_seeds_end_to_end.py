@@ -7,6 +7,7 @@ from collections import Counter
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.kafka import sdk_client
 from app.sdk import QuartermasterClient
 from app.settings import Settings
 from tests.integration.test_seeds import add_seeds, assert_no_seed_held_twice
@@ -39,7 +40,7 @@ async def test_twenty_collectors_asking_for_five_seeds_each_round_never_share_on
                 job.seed_done(seed.id, ok=True, next_due_seconds=0)  # due again for next round
 
     with QmProcess(settings, "all"):
-        async with QuartermasterClient.from_settings(settings) as client:
+        async with sdk_client(settings) as client:
             for round_ in range(ROUNDS):
                 await asyncio.wait_for(
                     asyncio.gather(*(collector(client, n, round_) for n in range(COLLECTORS))),

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from app.sdk import QuartermasterClient
+from app.kafka import sdk_client
 from app.settings import Settings
 
 
 async def main(site: str, job_id: str, lease_seconds: int) -> None:
     async with (
-        QuartermasterClient.from_settings(Settings()) as client,
+        sdk_client(Settings()) as client,
         client.job(site=site, job_id=job_id, lease_seconds=lease_seconds, wait_seconds=60) as job,
     ):
         print(f"granted {job.lease_token}", flush=True)

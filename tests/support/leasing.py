@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.crypto import SecretBox, load_public_key, public_key_text, seal_json, unseal
+from app.crypto import SecretBox
+from app.sealing import load_public_key, public_key_text, seal_json, unseal
 from app.settings import Settings
 from app.store import accounts, sites
 from schemas.messages import seal_context

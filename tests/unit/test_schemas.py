@@ -179,7 +179,7 @@ def test_public_keys_x25519_refuses_are_invalid_in_every_encoding(u: int) -> Non
 def test_a_public_key_of_a_real_collector_is_accepted() -> None:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    from app.crypto import public_key_text
+    from app.sealing import public_key_text
 
     for _ in range(20):
         key = public_key_text(X25519PrivateKey.generate())

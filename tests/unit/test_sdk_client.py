@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from app.crypto import load_public_key, public_key_text, seal
+from app.kafka import sdk_client
 from app.sdk import (
     ClientClosed,
     QuartermasterClient,
@@ -25,6 +25,7 @@ from app.sdk import (
     RequestFailed,
     RequestTimeout,
 )
+from app.sealing import load_public_key, public_key_text, seal
 from app.settings import Settings
 from schemas.messages import (
     JobGranted,
@@ -302,7 +303,7 @@ def test_from_settings_takes_prefix_and_security() -> None:
         kafka_sasl_password="pw",
     )
 
-    qm = QuartermasterClient.from_settings(settings, collector="crawler-1")
+    qm = sdk_client(settings, collector="crawler-1")
 
     assert qm.bootstrap_servers == "k1:9093"
     assert (qm.request_topic, qm.reply_topic) == ("x.requests", "x.replies")

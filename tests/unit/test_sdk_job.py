@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import ValidationError
 
-from app.crypto import load_public_key, private_key_text, public_key_text, seal, unseal_json
 from app.sdk import Account, JobRejected, NoUploadKey, QuartermasterClient, SecretUndecryptable
 from app.sdk.grants import open_grant
+from app.sealing import load_public_key, private_key_text, public_key_text, seal, unseal_json
 from schemas.messages import GrantedAccount, JobFinished, JobGranted, seal_context
 from schemas.messages import JobRejected as Rejected
 from tests.unit.test_sdk_client import RecordingProducer, reply_headers
