@@ -3,9 +3,11 @@ services once (one secret box for every sweep of a reaper, one set of handoff ta
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,3 +113,47 @@ def delivery(capture_id: str) -> Delivery:
         content_type="text/html", size=1, captured_at=datetime(2026, 1, 1, tzinfo=UTC), meta={},
         attempt=1, dag_id="d", webhook_url="https://hooks.example/c",
     )  # fmt: skip
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imports(package: str) -> dict[str, list[tuple[str, bool]]]:
+    """Each module of ``package``: what it imports of ours, and whether only for type checking."""
+    found: dict[str, list[tuple[str, bool]]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for node in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                found.setdefault(module, []).append((name, id(node) in typing_only))
+    return found
+
+
+def test_the_root_is_the_one_module_of_app_that_imports_the_processes() -> None:
+    importers = {
+        module
+        for module, names in imports("app").items()
+        if any(name.split(".")[0] in {"workers", "reapers"} for name, _ in names)
+    }
+    assert importers == {"app.root"}
+
+
+def test_the_processes_import_the_root_for_annotations_only() -> None:
+    for package in ("workers", "reapers"):
+        for module, names in imports(package).items():
+            for name, typing_only in names:
+                if name == "app.root":
+                    assert typing_only, f"{module} imports app.root at run time"
