@@ -23,6 +23,7 @@ from app.commands.sessions import sessions_app
 from app.commands.sites import sites_app
 from app.commands.top import top
 from app.logs import configure_logging
+from app.root import PROCESSES, run_processes
 from app.settings import get_settings
 
 app = typer.Typer(
@@ -45,8 +46,6 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(outbox_app, name="outbox")
 console = Console()
 err = Console(stderr=True)
-
-PROCESSES = ("worker", "relay", "reaper", "handoff", "alerts")
 
 
 @app.callback()
@@ -102,8 +101,6 @@ def run(
     process: Annotated[str, typer.Argument(help=f"all, or one of: {', '.join(PROCESSES)}")] = "all",
 ) -> None:
     """Run one process, or `all` of them in this OS process."""
-    from app.runtime import run_processes
-
     names = list(PROCESSES) if process == "all" else [process]
     if any(name not in PROCESSES for name in names):
         err.print(f"[red]unknown process {process!r}[/]; choose all, {', '.join(PROCESSES)}")

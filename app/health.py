@@ -197,6 +197,16 @@ class _QuietHandler(WSGIRequestHandler):
 HEALTH = Health()  # one per OS process, as the Prometheus registry is
 
 
+def consumer_assigned(subscriber: Any) -> Callable[[], Awaitable[bool]]:
+    """A readiness check: one of the subscriber's Kafka consumers has partitions assigned."""
+
+    async def check() -> bool:
+        consumers = getattr(subscriber, "consumer_subgroup", None) or [subscriber.consumer]
+        return any(c is not None and c.assignment() for c in consumers)
+
+    return check
+
+
 def set_ready(process: str, ready: bool) -> None:
     """A process retrying a transient failure in place is not ready until it succeeds again."""
     HEALTH.process(process).retrying = not ready

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 import structlog
 
+from app.crypto import SecretBox
 from app.errors import Disposition, classify
 from app.health import SWEEP_CHANGES, set_site_gauges
 from app.settings import Settings
 from app.store import Database
 from app.store.sites import site_load
-from app.wiring import Wiring
 from reapers.base import Sweep
 from reapers.block_cooldowns import BlockCooldowns
 from reapers.capacity_back import CapacityBack
@@ -26,24 +27,27 @@ from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.overdue_waits import OverdueWaits
 from reapers.undispatched_captures import UndispatchedCaptures
 
+if TYPE_CHECKING:
+    from app.root import Wiring
+
 log = structlog.get_logger()
 
 
-def job_sweeps(settings: Settings, db: Database) -> list[Sweep]:
+def job_sweeps(settings: Settings, db: Database, secrets: SecretBox) -> list[Sweep]:
     """The job reaper's sweeps, in the order one round runs them."""
     return [
-        ExpiredLeases(settings, db),
-        OverdueWaits(settings, db),
-        BlockCooldowns(settings, db),
-        CapacityBack(settings, db),
-        InboxRetention(settings, db),
-        JobRetention(settings, db),
+        ExpiredLeases(settings, db, secrets),
+        OverdueWaits(settings, db, secrets),
+        BlockCooldowns(settings, db, secrets),
+        CapacityBack(settings, db, secrets),
+        InboxRetention(settings, db, secrets),
+        JobRetention(settings, db, secrets),
     ]
 
 
-def capture_sweeps(settings: Settings, db: Database) -> list[Sweep]:
+def capture_sweeps(settings: Settings, db: Database, secrets: SecretBox) -> list[Sweep]:
     """The capture reaper's sweeps: lapsed handoffs first, so their records go out at once."""
-    return [LapsedHandoffs(settings, db), UndispatchedCaptures(settings, db)]
+    return [LapsedHandoffs(settings, db, secrets), UndispatchedCaptures(settings, db, secrets)]
 
 
 async def run_round(sweeps: list[Sweep]) -> None:
@@ -83,7 +87,8 @@ async def run_reapers(wiring: Wiring) -> None:
     """Run one round of every sweep each ``reaper_interval_seconds`` until ``wiring.stop`` is set."""
     settings, stop = wiring.settings, wiring.stop
     db = wiring.database(pool_size=2)
-    sweeps = job_sweeps(settings, db) + capture_sweeps(settings, db)
+    secrets = wiring.secrets  # one box for every sweep of the process
+    sweeps = job_sweeps(settings, db, secrets) + capture_sweeps(settings, db, secrets)
     log.info(
         "reaper_started", sweeps=[s.name for s in sweeps], interval=settings.reaper_interval_seconds
     )

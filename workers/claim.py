@@ -15,11 +15,15 @@ partitions.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import structlog
 
-from app.wiring import Wiring
 from workers.consuming import Subscription, pipelined
 from workers.requests import RequestProcessor
+
+if TYPE_CHECKING:
+    from app.root import Wiring
 
 log = structlog.get_logger()
 
@@ -28,7 +32,7 @@ async def run_claim_worker(wiring: Wiring) -> None:
     """Run the claim worker until ``wiring.stop`` is set."""
     settings = wiring.settings
     db = wiring.database(pre_ping=False)  # a failed request is retried anyway
-    processor = RequestProcessor(settings, db)
+    processor = RequestProcessor(settings, db, wiring.secrets)
     requests = Subscription(
         settings.topic("requests"), settings.consumer_group, settings.worker_consumers
     )

@@ -31,7 +31,7 @@ import copy
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -41,11 +41,14 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.message import KafkaMessage
 from faststream.message import StreamMessage
 
+from app.health import consumer_assigned
 from app.kafka_headers import Header
 from app.settings import Settings
-from app.wiring import Wiring, consumer_assigned
 from workers import lenient_records
 from workers.pipeline import Positions
+
+if TYPE_CHECKING:
+    from app.root import Wiring
 
 log = structlog.get_logger()
 

@@ -4,7 +4,7 @@ each record, hands one capture downstream exactly once:
 1. claim: RECEIVED -> HANDING_OFF with a lease (holder, fresh token, expiry), its own transaction.
    A claim that returns nothing bails silently: a peer or a duplicate record was first, or the
    attempt is not due yet (the reaper publishes it again when it is).
-2. effects: the site's targets (``app.handoff.targets_for``: a webhook, an Airflow DAG run), each
+2. effects: the site's targets (``app.handoff.HandoffTargets``: a webhook, an Airflow DAG run), each
    idempotent by capture id, since a worker that dies after them repeats them on the next try.
 3. finalise: HANDING_OFF -> HANDED_OFF with the claim's token and, in that transaction only, the
    ``capture.ready`` record on ``qm.captures.ready`` and its event (so a loser publishes nothing).
@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,17 +34,19 @@ from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, redact
 from app.errors import describe
-from app.handoff import Delivery, Target, TargetError, targets_for
+from app.handoff import Delivery, HandoffTargets, Target, TargetError
 from app.settings import Settings
 from app.store import Database, Row, captures
-from app.wiring import Wiring
 from schemas.messages import CaptureHandoff
 from schemas.states import CaptureStatus
 from workers.consuming import Incoming, Subscription, consuming
 from workers.retrying import TransientRetry
 
+if TYPE_CHECKING:
+    from app.root import Wiring
+
 log = structlog.get_logger()
-Targets = Callable[[Delivery, Settings], list[Target]]
+Targets = Callable[[Delivery], list[Target]]
 # what a finalised handoff returns (and logs, as ``capture_<outcome>``), by the capture's status
 OUTCOMES = {
     CaptureStatus.HANDED_OFF: "handed_off",
@@ -62,13 +65,13 @@ class HandoffWorker:
         secrets: SecretBox | None = None,
         *,
         holder: str | None = None,
-        targets: Targets = targets_for,
+        targets: Targets | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.services = TxServices(settings, secrets or SecretBox.from_settings(settings))
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.targets = targets
+        self.targets = targets or HandoffTargets(settings)
         self._retry_transient = TransientRetry("handoff", settings.transient_retry_max_seconds)
 
     async def process(self, record: Incoming) -> str:
@@ -112,7 +115,7 @@ class HandoffWorker:
 
         They get at most the claim's lease, so a slow target cannot outlive the claim by much.
         """
-        for target in self.targets(delivery, self.settings):
+        for target in self.targets(delivery):
             try:
                 async with asyncio.timeout(self.settings.handoff_lease_seconds):
                     await target.deliver(delivery)
@@ -188,7 +191,9 @@ class HandoffWorker:
 async def run_handoff_worker(wiring: Wiring) -> None:
     """Run the handoff worker until ``wiring.stop`` is set."""
     settings = wiring.settings
-    worker = HandoffWorker(settings, wiring.database())
+    worker = HandoffWorker(
+        settings, wiring.database(), wiring.secrets, targets=wiring.handoff_targets
+    )
     captures_topic = Subscription(
         settings.topic("captures"), settings.handoff_consumer_group, settings.handoff_consumers
     )

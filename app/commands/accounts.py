@@ -7,10 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from app.commands.common import fail, in_transaction, out, print_json_lines, table, when
+from app.commands.common import (
+    CommandServices,
+    fail,
+    in_transaction,
+    out,
+    print_json_lines,
+    table,
+    when,
+)
 from app.commands.sites import Json, Slug, Username
-from app.crypto import SecretBox
-from app.settings import get_settings
 from app.store import Conn, Row, accounts, sites
 from schemas.states import AccountStatus
 
@@ -36,14 +42,15 @@ def accounts_add(
     )
     if not secret:
         raise fail("the secret is empty: type it at the prompt or pipe it with --secret-stdin")
-    sealed = SecretBox.from_settings(get_settings()).seal(secret)
+    command = CommandServices()
+    sealed = command.secrets.seal(secret)
 
     async def work(conn: Conn) -> object:
         if await sites.lock_site(conn, site) is None:
             return "no_site"
         return await accounts.add_account(conn, site=site, username=username, sealed_secret=sealed)
 
-    result = in_transaction(work)
+    result = command.in_transaction(work)
     if result == "no_site":
         raise fail(f"no site {site!r}; add it with `qm sites add {site} --host …`")
     if result is None:

@@ -8,11 +8,16 @@ from typing import Annotated
 
 import typer
 
-from app.commands.common import fail, in_transaction, out, print_json_lines, table, when
+from app.commands.common import (
+    CommandServices,
+    fail,
+    in_transaction,
+    out,
+    print_json_lines,
+    table,
+    when,
+)
 from app.core.captures import retry
-from app.core.transaction import Tx, TxServices
-from app.crypto import SecretBox
-from app.settings import get_settings
 from app.store import Conn, Row, captures
 from app.urls import webhook_shown
 from schemas.states import CaptureStatus
@@ -100,17 +105,17 @@ def captures_show(capture_id: str, as_json: Json = False) -> None:
 def captures_retry(capture_id: str) -> None:
     """Hand a FAILED capture off again from its first attempt (recorded as a capture.retried
     event naming the operator): the same as `qm dlt replay captures --key CAPTURE`."""
-    settings = get_settings()
+    command = CommandServices()
     operator = getpass.getuser()
 
     async def work(conn: Conn) -> Row | None:
-        tx = Tx(conn, TxServices(settings, SecretBox.from_settings(settings)))
+        tx = command.tx(conn)
         row = await retry(tx, capture_id, reason=f"retried by operator {operator}")
         if row is not None:
             await tx.flush()
         return row
 
-    row = in_transaction(work)
+    row = command.in_transaction(work)
     if row is None:
         raise fail(f"no FAILED capture {capture_id!r}")
     out().print(f"[green]capture {capture_id} will be handed off again[/]")
@@ -130,11 +135,12 @@ def captures_webhook(
 
     # the URL's path or query may hold a token: the table keeps it sealed, and its scheme and
     # host for operators to see
-    sealed = None if url is None else SecretBox.from_settings(get_settings()).seal(url)
+    command = CommandServices()
+    sealed = None if url is None else command.secrets.seal(url)
 
     async def work(conn: Conn) -> bool:
         return await captures.set_site_webhook(conn, site, webhook_shown(url), sealed)
 
-    if not in_transaction(work):
+    if not command.in_transaction(work):
         raise fail(f"no site {site!r}")
     out().print(f"[green]{site}: captures go to {webhook_shown(url) or 'no webhook'}[/]")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from enum import Enum
+from functools import cached_property
 from typing import Any, TypeVar
 
 import typer
@@ -15,7 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from app.settings import get_settings
+from app.core.transaction import Tx, TxServices
+from app.crypto import SecretBox
+from app.settings import Settings, get_settings
 from app.store import Conn, Database
 
 T = TypeVar("T")
@@ -30,18 +34,44 @@ DAG_ID = re.compile(r"[A-Za-z0-9_.-]{1,250}")
 URL = re.compile(r"https?://[^\s]{1,4000}")
 
 
-def in_transaction(work: Callable[[Conn], Awaitable[T]]) -> T:
-    """Run ``work`` in one transaction against the configured database."""
+class CommandServices:
+    """What a command works with, built in this one place: the settings, the secret box (built
+    when first asked) and the database (opened by ``database`` and closed after)."""
 
-    async def main() -> T:
-        db = Database.from_settings(get_settings(), pool_size=1)
+    def __init__(self, settings: Settings | None = None, *, pool_size: int = 1) -> None:
+        self.settings = settings or get_settings()
+        self.pool_size = pool_size
+
+    @cached_property
+    def secrets(self) -> SecretBox:
+        return SecretBox.from_settings(self.settings)
+
+    def tx(self, conn: Conn) -> Tx:
+        """A transaction's services on ``conn`` (its outbox is flushed by the caller)."""
+        return Tx(conn, TxServices(self.settings, self.secrets))
+
+    @contextlib.asynccontextmanager
+    async def database(self) -> AsyncIterator[Database]:
+        """The configured database, closed when the block ends."""
+        db = Database.from_settings(self.settings, pool_size=self.pool_size)
         try:
-            async with db.transaction() as conn:
-                return await work(conn)
+            yield db
         finally:
             await db.close()
 
-    return asyncio.run(main())
+    def in_transaction(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction against the configured database."""
+
+        async def main() -> T:
+            async with self.database() as db, db.transaction() as conn:
+                return await work(conn)
+
+        return asyncio.run(main())
+
+
+def in_transaction(work: Callable[[Conn], Awaitable[T]]) -> T:
+    """Run ``work`` in one transaction against the configured database."""
+    return CommandServices().in_transaction(work)
 
 
 def out() -> Console:

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from app.commands.common import (
+    CommandServices,
     check_slug,
     fail,
     in_transaction,
@@ -20,9 +21,6 @@ from app.commands.common import (
     when,
 )
 from app.core.leases import revoke
-from app.core.transaction import Tx, TxServices
-from app.crypto import SecretBox
-from app.settings import get_settings
 from app.store import Conn, Row, jobs, views
 from schemas.states import JobStatus
 
@@ -205,11 +203,10 @@ def jobs_revoke(
     its account goes back (after the site's cooldown) and to the next waiting job."""
     if not reason.strip() or len(reason) > 400:
         raise fail("--reason must be 1 to 400 characters")
-    settings = get_settings()
-    secrets = SecretBox.from_settings(settings)
+    command = CommandServices()
 
     async def work(conn: Conn) -> tuple[Row | None, Row | None]:
-        tx = Tx(conn, TxServices(settings, secrets))
+        tx = command.tx(conn)
         revoked = await revoke(tx, job_id, reason.strip())
         await tx.flush()
         return revoked, await jobs.describe_job(conn, job_id)

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from app.commands.common import fail, out, print_json_lines, table
+from app.commands.common import CommandServices, fail, out, print_json_lines, table
 from app.commands.rotation import BATCH_SIZE, ColumnReport, check_column, rotate_column
 from app.crypto import SecretBox
 from app.sealing import private_key_text, public_key_text
@@ -99,12 +99,9 @@ def _every_column(
         ) from None
 
     async def main() -> list[ColumnReport]:
-        db = Database.from_settings(settings, pool_size=2)
-        try:
+        async with CommandServices(settings, pool_size=2).database() as db:
             with _Bar(verb) as bar:
                 return [await work(db, box, column, bar) for column in SEALED_COLUMNS]
-        finally:
-            await db.close()
 
     return asyncio.run(main())
 

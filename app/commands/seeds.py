@@ -14,12 +14,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app.commands.common import fail, in_transaction, print_json_lines
+from app.commands.common import CommandServices, fail, in_transaction, print_json_lines
 from app.commands.common import table as fold_table
 from app.core import seeds as seeding
 from app.seed_files import Format, parse_rows, sniff_format, valid_seed_url
-from app.settings import get_settings
-from app.store import Conn, Database, seeds
+from app.store import Conn, seeds
 from schemas.states import SeedStatus
 
 seeds_app = typer.Typer(help="Seeds: board entries handed out to collectors, due by interval.")
@@ -120,13 +119,12 @@ async def _import(
     reading = _Reading(source)
     fmt, lines = _lines(iter(reading))
     rows = parse_rows(lines, fmt, interval_seconds=interval, priority=priority)
-    db = Database.from_settings(get_settings(), pool_size=1)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.fields[rows]} rows"),
     )
-    try:
+    async with CommandServices().database() as db:
         with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
             task = bar.add_task(f"importing into {site}", total=size, rows=0)
 
@@ -138,8 +136,6 @@ async def _import(
                 if not await seeds.site_exists(conn, site):
                     return None
                 return await seeding.import_rows(conn, site, rows, progress=advance)
-    finally:
-        await db.close()
 
 
 @seeds_app.command("list")

@@ -12,11 +12,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from app.commands.common import fail, in_transaction
+from app.commands.common import CommandServices, fail, in_transaction
 from app.commands.common import table as fold_table
 from app.core.events import Events
 from app.core.sessions import state_bytes
-from app.crypto import MissingKey, SecretBox
+from app.crypto import MissingKey
 from app.outbox.writer import Outbox
 from app.settings import get_settings
 from app.store import Conn, sites
@@ -96,11 +96,12 @@ def sessions_show(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
 ) -> None:
     """Show an account's session: cookie names, domains, expiry and sizes, origins; never values."""
+    command = CommandServices()
     try:
-        box = SecretBox.from_settings(get_settings())
+        box = command.secrets
     except MissingKey as exc:
         raise fail(str(exc)) from None
-    row = in_transaction(lambda conn: store.session_of_account(conn, site, username))
+    row = command.in_transaction(lambda conn: store.session_of_account(conn, site, username))
     if row is None:
         raise fail(f"site {site!r} has no account {username!r}")
     if row["version"] is None:

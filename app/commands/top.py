@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import DBAPIError
 
-from app.commands.common import out
+from app.commands.common import CommandServices, out
 from app.commands.failures import explain, quiet_kafka_client
 from app.dlt.reader import DltError, Selection, open_reader
 from app.settings import Settings, get_settings
@@ -180,14 +180,18 @@ def keys() -> Iterator[int | None]:
 
 
 async def run_top(settings: Settings, interval: float, once: bool) -> None:
-    db = Database.from_settings(settings, pool_size=1)
+    async with CommandServices(settings).database() as db:
+        await _show(db, settings, interval, once)
+
+
+async def _show(db: Database, settings: Settings, interval: float, once: bool) -> None:
+    """Print one view, or keep the live view until q or Ctrl-C."""
     dead = DeadLetters()
     snapshot = await read_snapshot(db)  # an unreachable database is the command's one-line error
     if once:
         with contextlib.suppress(DltError):
             dead = DeadLetters(await count_dead_letters(settings), None)
         out().print(render(snapshot, dead))
-        await db.close()
         return
     quit_pressed = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,7 +219,6 @@ async def run_top(settings: Settings, interval: float, once: bool) -> None:
         broker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await broker
-        await db.close()
 
 
 def _on_key(fd: int, quit_pressed: asyncio.Event) -> None:

@@ -29,7 +29,7 @@ from app.devstack.postgres import EmbeddedPostgres
 from app.devstack.tansu import TansuBroker
 from app.health import HEALTH
 from app.kafka import ensure_topics
-from app.runtime import registry, run_processes
+from app.root import PROCESSES, run_processes
 from app.sealing import private_key_text
 from app.settings import Settings, get_settings
 from app.store import Database
@@ -138,7 +138,7 @@ def banner(settings: Settings, state: Path, demo: bool) -> str:
 
 async def _serve(settings: Settings, state: Path, demo: bool) -> None:
     """Run every process; print the banner once all of them are ready."""
-    processes = asyncio.create_task(run_processes(settings, list(registry())))
+    processes = asyncio.create_task(run_processes(settings, list(PROCESSES)))
     deadline = asyncio.get_running_loop().time() + READY_WAIT_SECONDS
     while not processes.done():
         found = await HEALTH.evaluate()

@@ -40,7 +40,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -78,9 +78,6 @@ from app.store.outbox import (
     shard_owners,
     unlock_shards,
 )
-
-if TYPE_CHECKING:
-    from app.wiring import Wiring
 
 log = structlog.get_logger()
 
@@ -479,10 +476,3 @@ class Relay:
 
 def _name(exc: BaseException) -> str:
     return type(exc).__name__
-
-
-async def run_relay(wiring: Wiring) -> None:
-    """Run the relay until ``wiring.stop`` is set (the entry point of `qm relay` and `qm run all`)."""
-    db = wiring.database(pool_size=1)  # the shard-owning session, and the readiness ping
-    wiring.needs_kafka()
-    await Relay(wiring.settings, engine=db.engine).run(wiring.stop)

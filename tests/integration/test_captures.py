@@ -36,7 +36,7 @@ class Recorder:
         if self.error is not None:
             raise self.error
 
-    def targets(self, delivery: Delivery, settings: Settings) -> list[Recorder]:
+    def targets(self, delivery: Delivery) -> list[Recorder]:
         return [self]
 
 

@@ -27,7 +27,7 @@ async def failed_capture(engine: AsyncEngine, settings: Settings) -> None:
     lease = await running_job(processor, engine, settings)
     await processor.process(submit(settings, "job-1", lease, "cap-1"))
     await processor.process(submit(settings, "job-1", lease, "cap-2"))
-    worker = HandoffWorker(settings, Database(engine), targets=lambda d, s: [Refuser()])
+    worker = HandoffWorker(settings, Database(engine), targets=lambda d: [Refuser()])
     assert await worker.hand_off("cap-1") == "failed"
 
 

@@ -36,7 +36,7 @@ async def failed_captures(engine: AsyncEngine, settings: Settings, *ids: str) ->
     """``ids`` handed in, each failed by its target; their dead letters on ``qm.captures.dlt``."""
     processor = RequestProcessor(settings, Database(engine))
     lease = await running_job(processor, engine, settings)
-    refusing = HandoffWorker(settings, Database(engine), targets=lambda d, s: [Refuser()])
+    refusing = HandoffWorker(settings, Database(engine), targets=lambda d: [Refuser()])
     for capture_id in ids:
         await processor.process(submit(settings, "job-1", lease, capture_id))
         assert await refusing.hand_off(capture_id) == "failed"

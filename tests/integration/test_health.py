@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.devstack import free_port
-from app.runtime import registry
+from app.root import PROCESSES
 from app.settings import Settings
 from tests.support.http import get, get_json
 from tests.support.leasing import make_site
@@ -64,7 +64,7 @@ async def test_readiness_names_an_unreachable_database_from_the_start_while_live
         status, body = await eventually(answers, timeout=60)
         assert status == 503 and body["ready"] is False
         checks = body["processes"]
-        assert set(checks) == set(registry())  # every process of `qm run all` reports
+        assert set(checks) == set(PROCESSES)  # every process of `qm run all` reports
         assert {name: c["database"] for name, c in checks.items()} == dict.fromkeys(checks, False)
         assert body["processes"]["relay"]["broker"] is True
         assert await get_json(f"{base}/healthz") == (200, {"alive": True})

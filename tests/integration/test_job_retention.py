@@ -7,6 +7,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.crypto import SecretBox
 from app.settings import Settings
 from app.store import Database, retention
 from reapers.job_retention import JobRetention
@@ -87,7 +88,9 @@ async def test_a_job_another_transaction_holds_is_passed_over_until_released(
 
 
 async def test_the_reaper_runs_job_retention(settings: Settings, engine: AsyncEngine) -> None:
-    assert "job_retention" in [s.name for s in job_sweeps(settings, Database(engine))]
+    assert "job_retention" in [
+        s.name for s in job_sweeps(settings, Database(engine), SecretBox.from_settings(settings))
+    ]
 
 
 async def test_the_indexes_for_flat_costs_exist(engine: AsyncEngine) -> None:

@@ -14,9 +14,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.kafka import client_options, ensure_topics, producer_options
+from app.root import Wiring
 from app.settings import Settings
 from app.store import Database
-from app.wiring import Wiring
 from tests.support.leasing import (
     make_failing_site,
     make_site,

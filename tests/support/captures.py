@@ -18,10 +18,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import SecretBox
+from app.root import Wiring
 from app.settings import Settings
 from app.store import captures
 from app.urls import webhook_shown
-from app.wiring import Wiring
 from reapers.runner import run_reapers
 from tests.support.leasing import lease_fields, make_site, replies, request, scalar, start
 from workers.requests import Incoming, RequestProcessor

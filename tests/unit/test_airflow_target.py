@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from app.handoff import Delivery, TargetError, targets_for
+from app.handoff import Delivery, HandoffTargets, TargetError
 from app.handoff.airflow import RUN_ID_MAX, AirflowTarget, classify_status, conf, dag_run_id
 from app.handoff.webhook import WebhookTarget
 from app.settings import Settings
@@ -81,13 +81,13 @@ def test_a_site_with_a_dag_id_gets_the_airflow_target_after_its_webhook() -> Non
         airflow_password=SecretStr("pw"),
         airflow_timeout_seconds=4.0,
     )
-    [target] = targets_for(delivery("d"), settings)
+    [target] = HandoffTargets(settings)(delivery("d"))
     assert isinstance(target, AirflowTarget) and target.name == "airflow"
     assert (target.url, target.username, target.password) == ("http://airflow:8080", "qm", "pw")
     assert target.timeout.read == 4.0
-    webhook, airflow = targets_for(delivery("d", "https://hooks.example/c"), settings)
+    webhook, airflow = HandoffTargets(settings)(delivery("d", "https://hooks.example/c"))
     assert isinstance(webhook, WebhookTarget) and isinstance(airflow, AirflowTarget)
-    assert targets_for(delivery(None), settings) == []
+    assert HandoffTargets(settings)(delivery(None)) == []
 
 
 def test_the_runs_conf_is_the_capture() -> None:

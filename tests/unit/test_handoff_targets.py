@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from app.handoff import Delivery, targets_for
+from app.handoff import Delivery, HandoffTargets
 from app.handoff.webhook import WebhookTarget, classify_status, payload
 from app.settings import Settings
 
@@ -20,10 +20,10 @@ def delivery(webhook_url: str | None = None) -> Delivery:
 
 def test_a_site_with_a_webhook_gets_the_webhook_target_and_one_without_gets_none() -> None:
     settings = Settings(webhook_timeout_seconds=3.0)
-    [target] = targets_for(delivery("https://hooks.example/c"), settings)
+    [target] = HandoffTargets(settings)(delivery("https://hooks.example/c"))
     assert isinstance(target, WebhookTarget) and target.name == "webhook"
     assert target.timeout.read == 3.0
-    assert targets_for(delivery(None), settings) == []
+    assert HandoffTargets(settings)(delivery(None)) == []
 
 
 def test_2xx_succeeds_server_errors_and_throttling_retry_other_client_errors_do_not() -> None:
