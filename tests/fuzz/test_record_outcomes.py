@@ -359,7 +359,9 @@ def note(outcomes: Outcomes, topic: str, headers: list[Header], value: bytes | N
     elif (correlation := header(headers, "correlation_id")) is not None:
         kind = json.loads(value or b"{}").get("type")
         outcomes.reply_types.setdefault(correlation, []).append(kind)
-        if kind != "job.queued":  # an interim answer: the final one follows
+        # job.queued is an interim answer (the final one follows); job.lease_lost comes after a
+        # grant whose lease lapsed while the run went on (docs/contract.md): neither is an answer
+        if kind not in ("job.queued", "job.lease_lost"):
             outcomes.replies[correlation] += 1
 
 
