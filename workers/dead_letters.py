@@ -1,8 +1,8 @@
 """The dead letter of a request record that failed for good: built so that building it cannot fail.
 
 A dead letter is the record's key, value and headers plus the ``qm.dlt.*`` headers saying where it
-came from and why (``app.dlt``). Its value drops a session state sent in the clear
-(``without_clear_sessions``); a value too large to travel inline is kept in
+came from and why (``app.dlt``). Its value drops a session state sent in the clear and the lease
+secret (``without_secrets``); a value too large to travel inline is kept in
 PostgreSQL beside it. Whatever the record holds, building its letter never raises: when the full
 letter cannot be made (a value or header nothing expected), the letter falls back to the record's
 raw key and value and a minimal header set (original topic, partition, offset and timestamp,
@@ -64,11 +64,12 @@ def full_letter(
         record.topic, record.partition, record.offset, record.timestamp_ms, settings.consumer_group
     )
     headers = dead_letter_headers(record.headers, origin, error, attempts, message=message)
-    # a session state sent in the clear never reaches the dead-letter topic or its table; a value
-    # nested deeper than any request is not one (and a parser might not survive reading it)
+    # neither a session state sent in the clear nor a lease secret reaches the dead-letter topic
+    # or its table; a value nested deeper than any request is not one (and a parser might not
+    # survive reading it)
     kept = record.value
     if kept is not None and nesting_depth(kept) <= MAX_NESTING:
-        kept = without_clear_sessions(kept)
+        kept = without_secrets(kept)
     return _inline_or_stored(record.key, kept, headers, settings)
 
 
@@ -124,24 +125,30 @@ def readable_ids(raw: bytes | None) -> dict[str, str]:
 CLEAR_SESSION_FIELDS = ("storage_state", "session_state")
 SEALED_TEXT = re.compile(r"[A-Za-z0-9+/]+={0,2}")  # base64: what a sealed box looks like
 WITHHELD = "[withheld: a session state must travel sealed]"
+# the capability of a live lease: whoever reads the dead-letter topic must not be able to act on it
+LEASE_SECRET = "lease_secret"
+WITHHELD_LEASE_SECRET = "[withheld]"
 
 
-def without_clear_sessions(raw: bytes) -> bytes:
+def without_secrets(raw: bytes) -> bytes:
     """A request record fit for a dead-letter topic: a session state sent in the clear (not a
-    sealed string, as an old or broken collector might send) is replaced, so the dead letter
-    never holds cookies. Anything else, sealed states included, is kept byte for byte."""
+    sealed string, as an old or broken collector might send) and a lease secret are replaced, so
+    the dead letter holds neither cookies nor a capability. Anything else, sealed states
+    included, is kept byte for byte; a record without either is kept as it came."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # not a request: kept as it came
         return raw
     if not isinstance(body, dict):
         return raw
-    clear = [
-        name
+    withheld = {
+        name: WITHHELD
         for name in CLEAR_SESSION_FIELDS
         if body.get(name) is not None
         and not (isinstance(body[name], str) and SEALED_TEXT.fullmatch(body[name]))
-    ]
-    if not clear:
+    }
+    if body.get(LEASE_SECRET) is not None:
+        withheld[LEASE_SECRET] = WITHHELD_LEASE_SECRET
+    if not withheld:
         return raw
-    return json.dumps({**body, **dict.fromkeys(clear, WITHHELD)}).encode()
+    return json.dumps({**body, **withheld}).encode()

@@ -107,7 +107,7 @@ async def test_a_dead_letter_that_cannot_be_built_falls_back_to_the_raw_record(
     def recursing(_: bytes) -> bytes:
         raise RecursionError("maximum recursion depth exceeded while decoding a JSON array")
 
-    monkeypatch.setattr(letter_building, "without_clear_sessions", recursing)
+    monkeypatch.setattr(letter_building, "without_secrets", recursing)
     record = Incoming(settings.topic("requests"), 0, 41, 1234, b"k", b'{"type": 1}', [("a", b"b")])
     async with asyncio.timeout(SETTLES_WITHIN):
         assert await processor.process(record) == "dead_lettered"

@@ -114,13 +114,15 @@ async def test_no_canary_anywhere_in_the_clear(
                 assert job.session is not None
                 assert job.session.state()["cookies"][0]["value"] == COOKIE + "-2"
                 held = (job.job_id, job.lease_token)
+                lease_secret = job._lease_secret.get_secret_value()  # the live lease's capability
             # forced dead letters: the old contract's cookies in the clear
             for kind, field in (
                 ("session.upload", "storage_state"),
                 ("job.finish", "session_state"),
             ):
                 body = {"type": kind, "v": 1, "request_id": str(uuid.uuid4()), "job_id": held[0],
-                        "lease_token": held[1], field: state(COOKIE)}  # fmt: skip
+                        "lease_token": held[1], "lease_secret": lease_secret,
+                        field: state(COOKIE)}  # fmt: skip
                 if kind == "job.finish":
                     body["outcome"] = "succeeded"
                 sent_in_clear.append(await send_raw(settings, body))
@@ -151,6 +153,14 @@ async def test_no_canary_anywhere_in_the_clear(
         assert not [r for r in records if canary.encode() in r]
         assert canary not in tables
         assert canary not in here.out + here.err
+    # a lease secret travels only on the requests topic, which only Quartermaster reads: its
+    # dead letters, the replies, the logs and the tables never hold it in the clear
+    assert lease_secret not in log + tables + here.out + here.err
+    assert not [
+        (topic, part)
+        for topic, part in await all_records(settings)
+        if topic != requests and lease_secret.encode() in part
+    ]
 
 
 FAILING_TRIGGER = (
