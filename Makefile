@@ -39,7 +39,7 @@ airflow: $(AIRFLOW_STAMP)
 # a rebuild take seconds. Reinstalled when the SDK, the wire contract or the packaging changes.
 SDK_VENV    := $(or $(QM_SDK_VENV),.venv-sdk)
 SDK_STAMP   := $(SDK_VENV)/.installed
-SDK_SOURCES := pyproject.toml app/__main__.py app/qm.py app/sealing.py app/redaction.py \
+SDK_SOURCES := pyproject.toml app/__main__.py app/qm.py app/sealing.py \
                $(wildcard app/sdk/*.py schemas/*.py)
 
 $(SDK_STAMP): $(SDK_SOURCES)

@@ -16,7 +16,6 @@ SCRIPTS = Path(__file__).resolve().parent / "in_sdk"
 SHIPPED = (
     "app/sdk",
     "app/sealing.py",
-    "app/redaction.py",
     "app/qm.py",
     "app/__main__.py",
     "schemas",

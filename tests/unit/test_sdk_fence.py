@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # what the SDK may import of ours besides itself and the wire contract (``schemas``)
-ALLOWED = {"app.sdk", "app.sealing", "app.redaction"}
+ALLOWED = {"app.sdk", "app.sealing"}
 
 
 def fence() -> dict[str, object]:
