@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from schemas.nesting import MAX_NESTING, nesting_depth
 from schemas.values import x25519_refuses
 
 SEAL_VERSION = 1
@@ -115,9 +116,11 @@ def seal_json(recipient: X25519PublicKey, value: Any, context: str) -> str:
 
 
 def unseal_json(private: X25519PrivateKey, sealed: str, context: str) -> Any:
+    plain = unseal(private, sealed, context)
+    # bounded before parsing, as a request is: JSON nested deep enough exhausts a parser's stack
+    if nesting_depth(plain) > MAX_NESTING:
+        raise Unsealable(f"the sealed value is nested deeper than {MAX_NESTING} levels")
     try:
-        return json.loads(unseal(private, sealed, context))
-    except ValueError as exc:
-        if isinstance(exc, Unsealable):
-            raise
+        return json.loads(plain)
+    except (ValueError, RecursionError):
         raise Unsealable("the sealed value is not JSON") from None

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
-from schemas.values import BIGINT_MAX, BigInt, SeedId, usable_public_key
+from schemas.values import BIGINT_MAX, BigInt, JsonObject, SeedId, UtcTime, usable_public_key
 
 VERSION = 1
 
@@ -53,16 +53,6 @@ def _http_url(value: str) -> str:
 
 HttpUrl = Annotated[str, StringConstraints(max_length=4096), AfterValidator(_http_url)]
 
-
-def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    if len(json.dumps(value)) > 1_000_000:
-        raise ValueError("larger than 1 MB")
-    return value
-
-
-JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
 # An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes, one X25519 can
 # use (a point of small order, such as 32 zero bytes, is refused in any encoding).
@@ -216,7 +206,7 @@ class CaptureSubmit(Request):
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     content_type: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     size: BigInt
-    captured_at: datetime
+    captured_at: UtcTime
     meta: JsonObject | None = None
 
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from pydantic import AfterValidator, Field
+
+from schemas.nesting import MAX_NESTING, nesting_depth
 
 BIGINT_MAX = 2**63 - 1  # PostgreSQL's bigint
 INTEGER_MAX = 2**31 - 1  # PostgreSQL's integer
@@ -54,3 +58,27 @@ def seed_id(text: str) -> str:
 
 
 SeedId = Annotated[str, Field(min_length=1, max_length=19), AfterValidator(seed_id)]
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    text = json.dumps(value, allow_nan=False)  # NaN and Infinity are no JSON: PostgreSQL refuses
+    if len(text) > 1_000_000:
+        raise ValueError("larger than 1 MB")
+    if nesting_depth(text.encode()) > MAX_NESTING - 2:  # within a request, itself an object
+        raise ValueError(f"nested deeper than {MAX_NESTING - 2} levels")
+    return value
+
+
+def _in_utc_range(value: datetime) -> datetime:
+    """A time that has a UTC form (year 1 with a positive offset has none: it would overflow)."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
+    return value
+
+
+UtcTime = Annotated[datetime, AfterValidator(_in_utc_range)]
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]

@@ -67,9 +67,7 @@ def full_letter(
     # neither a session state sent in the clear nor a lease secret reaches the dead-letter topic
     # or its table; a value nested deeper than any request is not one (and a parser might not
     # survive reading it)
-    kept = record.value
-    if kept is not None and nesting_depth(kept) <= MAX_NESTING:
-        kept = without_secrets(kept)
+    kept = None if record.value is None else without_secrets(record.value)
     return _inline_or_stored(record.key, kept, headers, settings)
 
 
@@ -85,7 +83,8 @@ def raw_letter(record: Incoming, error: BaseException, attempts: int, settings: 
         "attempts": str(attempts),
     }
     headers: list[Header] = [(PREFIX + name, value.encode()) for name, value in ours.items()]
-    return _inline_or_stored(record.key, record.value, headers, settings)
+    value = None if record.value is None else withhold_lease_secret(record.value)
+    return _inline_or_stored(record.key, value, headers, settings)
 
 
 def _inline_or_stored(
@@ -128,17 +127,28 @@ WITHHELD = "[withheld: a session state must travel sealed]"
 # the capability of a live lease: whoever reads the dead-letter topic must not be able to act on it
 LEASE_SECRET = "lease_secret"
 WITHHELD_LEASE_SECRET = "[withheld]"
+# the same, on bytes that are not parsed (too deep, or not JSON): a regular expression cannot fail
+_LEASE_SECRET_TEXT = re.compile(rb'("lease_secret"\s*:\s*)"[^"\\]*"')
+
+
+def withhold_lease_secret(raw: bytes) -> bytes:
+    """``raw`` with the text of any ``"lease_secret": "…"`` pair replaced, without parsing it."""
+    return _LEASE_SECRET_TEXT.sub(rb'\1"' + WITHHELD_LEASE_SECRET.encode() + rb'"', raw)
 
 
 def without_secrets(raw: bytes) -> bytes:
     """A request record fit for a dead-letter topic: a session state sent in the clear (not a
     sealed string, as an old or broken collector might send) and a lease secret are replaced, so
     the dead letter holds neither cookies nor a capability. Anything else, sealed states
-    included, is kept byte for byte; a record without either is kept as it came."""
+    included, is kept byte for byte; a record without either is kept as it came. A value nested
+    deeper than any request, or not JSON, is not parsed (a parser might not survive it): only its
+    lease secret's text is withheld."""
+    if nesting_depth(raw) > MAX_NESTING:
+        return withhold_lease_secret(raw)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # not a request: kept as it came
-        return raw
+        return withhold_lease_secret(raw)
     if not isinstance(body, dict):
         return raw
     withheld = {

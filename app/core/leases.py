@@ -164,6 +164,7 @@ async def refuse_grant(tx: Tx, job: Row, reason: str, now: datetime | None = Non
         )
         if retired is not None:
             tx.events.account("unreadable", retired, job_id=job["id"])
+            tx.site_changed(job["site"])  # the site may have no usable account left
     failed = await jobs.fail_granted_job(tx.conn, job["id"], job["lease_token"], reason)
     assert failed is not None  # granted in this transaction, under the site's lock
     account, holds_seeds = await jobs.release_lease(

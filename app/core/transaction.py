@@ -57,18 +57,23 @@ class Tx:
         self.settings = services.settings
         self.box = Outbox(services.settings.outbox_shards)
         self.events = Events(services.settings, self.box)
-        self.locked_sites: Mapping[str, Row] = locked_sites or {}
+        self.locked_sites: dict[str, Row] = dict(locked_sites or {})
         self.job_sites: Mapping[str, str] = job_sites or {}
 
     async def site(self, slug: str) -> Row | None:
         """The site's row, locked: as the transaction's first statement read it, or locked now.
 
-        Its ``has_accounts`` holds for the whole transaction (no request makes an account
-        INACTIVE or brings one back); ``has_waiting`` is not in it, since it changes as jobs
+        Its ``has_accounts`` holds until ``site_changed`` (only a grant refused for an account
+        no key opens retires one); ``has_waiting`` is not in it, since it changes as jobs
         queue and are granted."""
         if (site := self.locked_sites.get(slug)) is not None:
             return site
         return await sites.lock_site(self.conn, slug)
+
+    def site_changed(self, slug: str) -> None:
+        """The site's row is read again when next asked for: a transition of this transaction
+        changed what it says (an account retired), and later requests must see it."""
+        self.locked_sites.pop(slug, None)
 
     async def site_of_job(self, job_id: str) -> Row | None:
         """``site`` of the job's site; None when there is no such job."""

@@ -214,7 +214,7 @@ class Relay:
         if outcome.acked:
             if self.after_ack is not None:
                 await self.after_ack(outcome.acked)
-            await delete_rows(session, [row.id for row in outcome.acked])
+            await delete_rows(session, [(row.id, row.topic) for row in outcome.acked])
             self._report.published(outcome.acked, outcome.acked_at - fetched_at)
         dead, parked = await settle_refusals(session, self.settings, outcome)
         return RelayRound(

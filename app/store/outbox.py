@@ -245,7 +245,14 @@ _FETCH_UNSENT = text(
     """
 ).bindparams(bindparam("skip_topics", type_=ARRAY(TEXT)))
 
-_DELETE_ROWS = text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))")
+# by id and the topic it was sent to: a row `qm outbox retry` sent back to its original topic
+# meanwhile is a new send, not the one acknowledged
+_DELETE_ROWS = text(
+    """
+    DELETE FROM outbox
+    WHERE (id, topic) IN (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:topics AS text[])))
+    """
+)
 
 _BACKLOG = text(
     """
@@ -358,11 +365,13 @@ async def fetch_unsent(
     ]
 
 
-async def delete_rows(conn: AsyncConnection, ids: Sequence[int]) -> int:
-    """Delete published rows by id; returns how many were still there."""
-    if not ids:
+async def delete_rows(conn: AsyncConnection, sent: Sequence[tuple[int, str]]) -> int:
+    """Delete published rows, each by its id and the topic it was published to; returns how
+    many were still there as they were sent."""
+    if not sent:
         return 0
-    result = await conn.execute(_DELETE_ROWS, {"ids": list(ids)})
+    ids, topics = zip(*sent, strict=True)
+    result = await conn.execute(_DELETE_ROWS, {"ids": list(ids), "topics": list(topics)})
     return int(result.rowcount)
 
 
