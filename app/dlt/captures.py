@@ -21,9 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.core.captures import retry
 from app.core.transaction import Tx, TxServices
-from app.crypto import SecretBox
 from app.dlt.reader import DeadLetter
-from app.settings import Settings
 from app.store import captures
 from app.store.dlt_replays import ReplayedOffset, record_replays
 from schemas.messages import CaptureHandoff
@@ -70,7 +68,7 @@ async def status_of(conn: AsyncConnection, capture_id: str) -> str:
 
 async def rearm(
     conn: AsyncConnection,
-    settings: Settings,
+    services: TxServices,
     ledger_topic: str,
     letter: DeadLetter,
     capture_id: str,
@@ -79,7 +77,8 @@ async def rearm(
 ) -> str | None:
     """Hand the capture off again and record ``letter`` as replayed, in one transaction on
     ``conn`` (committed here); None when it was re-armed, else its status (nothing changed)."""
-    tx = Tx(conn, TxServices(settings, SecretBox.from_settings(settings)))
+    settings = services.settings
+    tx = Tx(conn, services)
     reason = f"replayed from {letter.coordinates} by operator {getpass.getuser()}"
     try:
         if await retry(tx, capture_id, reason) is None:

@@ -35,6 +35,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.core.transaction import TxServices
+from app.crypto import SecretBox
 from app.db.engine import make_engine
 from app.dlt.captures import FAILED, NotRearmed, capture_named, rearm, status_of
 from app.dlt.letter_headers import PREFIX, REPLAYED_FROM, OffsetRange
@@ -197,6 +199,7 @@ class Ledger:
         self._conn = conn
         self._settings = settings
         self.topic = topic
+        self._services: TxServices | None = None  # built when a capture is first re-armed
 
     async def replayed(self, ranges: list[OffsetRange]) -> set[tuple[int, int]]:
         with _database_errors(self._settings):
@@ -225,9 +228,11 @@ class Ledger:
     async def rearm(self, letter: DeadLetter, capture_id: str, *, again: bool) -> str | None:
         """Hand the capture of ``letter`` off again and record ``letter`` in one transaction;
         None when that happened, else the capture's status (and nothing changed)."""
+        if self._services is None:
+            self._services = TxServices(self._settings, SecretBox.from_settings(self._settings))
         with _database_errors(self._settings):
             return await rearm(
-                self._conn, self._settings, self.topic, letter, capture_id, again=again
+                self._conn, self._services, self.topic, letter, capture_id, again=again
             )
 
     async def record(self, rows: list[ReplayedOffset], *, again: bool) -> int:
