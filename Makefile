@@ -45,6 +45,7 @@ SDK_SOURCES := pyproject.toml app/__main__.py app/qm.py app/sealing.py \
 $(SDK_STAMP): $(SDK_SOURCES)
 	test -x $(SDK_VENV)/bin/python || $(PY) -m venv $(SDK_VENV)
 	$(SDK_VENV)/bin/pip install -q --upgrade pip
+	rm -rf build  # setuptools' staging: copies of modules since removed would be packaged too
 	$(SDK_VENV)/bin/pip install -q .
 	$(SDK_VENV)/bin/pip install -q --force-reinstall --no-deps .
 	touch $@
