@@ -2,54 +2,100 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
-from app.bench import bench_app
-from app.commands.accounts import accounts_app
-from app.commands.asyncapi import asyncapi
-from app.commands.captures import captures_app
-from app.commands.dlt import dlt_app
-from app.commands.domains import domains_app
-from app.commands.failures import OneLineErrors, quiet_kafka_client
-from app.commands.jobs import jobs_app
-from app.commands.keys import keys_app
-from app.commands.outbox import outbox_app
-from app.commands.seeds import seeds_app
-from app.commands.sessions import sessions_app
-from app.commands.sites import sites_app
-from app.commands.top import top
-from app.logs import configure_logging
-from app.root import PROCESSES, run_processes
-from app.settings import get_settings
+from app.commands.failures import OneLineErrors
+from app.commands.lazy import Lazy, LazyGroup
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# `qm run`'s processes by name, as app.root.PROCESSES has them (tests/unit/test_processes.py
+# keeps the two equal): importing app.root costs what `qm --help` must not pay
+PROCESS_NAMES = ("worker", "relay", "reaper", "handoff", "alerts")
+
+
+class Qm(LazyGroup, OneLineErrors):
+    """`qm`: one line and exit code 2 for every failure an operator can fix, and each command
+    group imported when it is used, so that a command pays only for what it runs."""
+
+    lazy = {
+        "top": Lazy(
+            "app.commands.top:top",
+            "A live view: per site capacity, running, waiting, accounts by state, the oldest "
+            "waiter's age and grants per minute; the outbox backlog and lag; dead letters per "
+            "topic; reaper repairs. Reads the database and the broker only. Quits on q or Ctrl-C.",
+        ),
+        "asyncapi": Lazy(
+            "app.commands.asyncapi:asyncapi",
+            "Export the Kafka contract (every topic and message) as an AsyncAPI 3 document.",
+        ),
+        "bench": Lazy(
+            "app.bench:bench_app",
+            "Benchmarks against a real Kafka and a real PostgreSQL; they print numbers.",
+        ),
+        "dlt": Lazy("app.commands.dlt:dlt_app", "Dead-letter topics: list, show, replay."),
+        "sites": Lazy("app.commands.sites:sites_app", "Sites: capacity, leases, cooldowns."),
+        "accounts": Lazy(
+            "app.commands.accounts:accounts_app",
+            "Accounts of a site; secrets are read from a prompt or stdin, never echoed.",
+        ),
+        "jobs": Lazy("app.commands.jobs:jobs_app", "Jobs: what runs, what waits and why."),
+        "domains": Lazy(
+            "app.commands.domains:domains_app",
+            "Domain rewrites: when a site moves hosts, the URLs handed out follow (chains resolve).",
+        ),
+        "seeds": Lazy(
+            "app.commands.seeds:seeds_app",
+            "Seeds: board entries handed out to collectors, due by interval.",
+        ),
+        "sessions": Lazy(
+            "app.commands.sessions:sessions_app",
+            "Browser sessions of accounts: show (never values), clear.",
+        ),
+        "captures": Lazy(
+            "app.commands.captures:captures_app",
+            "Captures: their handoff downstream, failures and retries.",
+        ),
+        "keys": Lazy(
+            "app.commands.keys:keys_app",
+            "Keys: make a sealing key; rotate and check the secrets sealed at rest.",
+        ),
+        "outbox": Lazy(
+            "app.commands.outbox:outbox_app",
+            "Outbox rows the relay gave up on (parked), keeps failing (refused) or dead-lettered "
+            "but not yet published: list them, send them again.",
+        ),
+    }
+
 
 app = typer.Typer(
     help="Quartermaster: accounts, sessions, seeds and capture handoff for collectors.",
-    cls=OneLineErrors,  # every failure an operator can fix is one line and exit code 2
+    cls=Qm,
     rich_markup_mode=None,  # plain help: no boxes cut when piped, no <bool> after flags
 )
-app.add_typer(bench_app, name="bench")
-app.add_typer(dlt_app, name="dlt")
-app.add_typer(sites_app, name="sites")
-app.add_typer(accounts_app, name="accounts")
-app.add_typer(jobs_app, name="jobs")
-app.command()(top)
-app.add_typer(domains_app, name="domains")
-app.add_typer(seeds_app, name="seeds")
-app.add_typer(sessions_app, name="sessions")
-app.command("asyncapi")(asyncapi)
-app.add_typer(captures_app, name="captures")
-app.add_typer(keys_app, name="keys")
-app.add_typer(outbox_app, name="outbox")
-console = Console()
-err = Console(stderr=True)
+
+
+def console() -> Console:
+    """Standard output, for what a command prints."""
+    from rich.console import Console
+
+    return Console()
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    """structlog set up for a command (app.logs), imported only when a command runs."""
+    from app.logs import configure_logging
+
+    configure_logging(fmt, level)
 
 
 @app.callback()
 def _setup() -> None:
+    from app.settings import get_settings
+
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level)
 
@@ -58,19 +104,24 @@ def _setup() -> None:
 def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply database migrations."""
     from app.db.migrate import upgrade
+    from app.settings import get_settings
 
     upgrade(get_settings().database_url, revision)
-    console.print(f"[green]database migrated to {revision}[/]")
+    console().print(f"[green]database migrated to {revision}[/]")
 
 
 @app.command("topics")
 def topics_create() -> None:
     """Create every Kafka topic Quartermaster uses (existing ones are left alone)."""
+    import asyncio
+
+    from app.commands.failures import quiet_kafka_client
     from app.kafka import ensure_topics
+    from app.settings import get_settings
 
     quiet_kafka_client()  # an unreachable broker is the command's one line, not a log per try
     created = asyncio.run(ensure_topics(get_settings()))
-    console.print(f"created {len(created)} topics: {', '.join(created) or '-'}")
+    console().print(f"created {len(created)} topics: {', '.join(created) or '-'}")
 
 
 @app.command()
@@ -87,23 +138,31 @@ def schema(
 
     schemas = json_schemas()
     if out is None:
-        console.print_json(json.dumps(schemas))
+        console().print_json(json.dumps(schemas))
         return
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     for name, document in schemas.items():
         (target / f"{name}.schema.json").write_text(json.dumps(document, indent=2) + "\n")
-    console.print(f"wrote {len(schemas)} schemas to {target}")
+    console().print(f"wrote {len(schemas)} schemas to {target}")
 
 
 @app.command()
 def run(
-    process: Annotated[str, typer.Argument(help=f"all, or one of: {', '.join(PROCESSES)}")] = "all",
+    process: Annotated[
+        str, typer.Argument(help=f"all, or one of: {', '.join(PROCESS_NAMES)}")
+    ] = "all",
 ) -> None:
     """Run one process, or `all` of them in this OS process."""
+    import asyncio
+
+    from app.commands.failures import say
+    from app.root import PROCESSES, run_processes
+    from app.settings import get_settings
+
     names = list(PROCESSES) if process == "all" else [process]
     if any(name not in PROCESSES for name in names):
-        err.print(f"[red]unknown process {process!r}[/]; choose all, {', '.join(PROCESSES)}")
+        say(f"unknown process {process!r}; choose all, {', '.join(PROCESSES)}")
         raise typer.Exit(2)
     asyncio.run(run_processes(get_settings(), names))
 

@@ -13,21 +13,16 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from aiokafka.errors import KafkaError
-from rich.console import Console
-from rich.text import Text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer bundles its click
 from typer.core import TyperGroup
 
-from app.crypto import MissingKey
-from app.devstack import ServiceUnavailable
-from app.errors import _sqlstate as sqlstate_of
-from app.settings import get_settings
+# every `qm` command loads this module: what only a failure needs (the database's, the broker's
+# and the settings' libraries) is imported when one is explained (docs/performance.md, "The CLI")
+if TYPE_CHECKING:
+    from sqlalchemy.exc import DBAPIError
 
 DEV_ENV_HINT = (
     "to use a running `make dev`, load its settings first: set -a; . ./.qm-dev.env; set +a"
@@ -44,6 +39,10 @@ def _unset(*names: str) -> bool:
 
 def database_target() -> str:
     """Where the database is looked for, without the password."""
+    from sqlalchemy.engine import make_url
+
+    from app.settings import get_settings
+
     url = make_url(get_settings().database_url)
     host = url.host or url.query.get("host") or "localhost"
     return f"{host}:{url.port or 5432}/{url.database or ''}"
@@ -57,6 +56,8 @@ def database_unreachable(detail: str) -> str:
 
 
 def broker_unreachable(detail: str) -> str:
+    from app.settings import get_settings
+
     servers = get_settings().kafka_bootstrap_servers
     message = f"the Kafka broker at {servers} cannot be reached ({detail})"
     if _unset("QM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"):
@@ -79,6 +80,13 @@ def _raised_in(exc: BaseException, package: str) -> bool:
 
 def explain(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None for an error no operator can fix (a bug)."""
+    from aiokafka.errors import KafkaError
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    from app.crypto import MissingKey
+    from app.devstack import ServiceUnavailable
+    from app.errors import _sqlstate as sqlstate_of
+
     if isinstance(exc, ServiceUnavailable | MissingKey):
         return str(exc)
     if isinstance(exc, ArgumentError):
@@ -123,6 +131,9 @@ def quiet_kafka_client() -> None:
 
 
 def say(line: str) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
     Console(stderr=True).print(Text(line, style="red"), soft_wrap=True)
 
 

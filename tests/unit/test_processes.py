@@ -38,7 +38,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     async def record(settings: Settings, names: list[str]) -> None:
         calls.append(names)
 
-    monkeypatch.setattr(app.cli, "run_processes", record)
+    monkeypatch.setattr("app.root.run_processes", record)
     return calls
 
 
