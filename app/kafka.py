@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
-from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
-from app.sdk import QuartermasterClient
 from app.settings import Settings
+
+# the relay imports this module and neither of these: a restarted relay serves sooner
+if TYPE_CHECKING:
+    from faststream.security import BaseSecurity
+
+    from app.sdk import QuartermasterClient
 
 log = structlog.get_logger()
 
@@ -57,6 +61,8 @@ def client_options(settings: Settings) -> dict[str, Any]:
 def sdk_client(settings: Settings, **overrides: Any) -> QuartermasterClient:
     """An SDK client configured like Quartermaster's own processes (``QM_*`` environment); the
     SDK itself knows nothing of the server's settings."""
+    from app.sdk import QuartermasterClient
+
     options = client_options(settings)
     bootstrap = options.pop("bootstrap_servers")
     arguments: dict[str, Any] = {
@@ -70,6 +76,8 @@ def sdk_client(settings: Settings, **overrides: Any) -> QuartermasterClient:
 
 def faststream_security(settings: Settings) -> BaseSecurity | None:
     """The same security settings in FastStream's terms."""
+    from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+
     protocol = settings.kafka_security_protocol
     if protocol == "PLAINTEXT":
         return None

@@ -12,26 +12,27 @@ database answers, the broker answers) and closes after the process returned, las
 from __future__ import annotations
 
 import asyncio
+import importlib
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiokafka.admin import AIOKafkaAdminClient
-from faststream.kafka import KafkaBroker
 
-from app.crypto import SecretBox
-from app.handoff import HandoffTargets
 from app.health import HEALTH, Health, ProcessHealth
 from app.kafka import client_options, faststream_security
 from app.settings import Settings
 from app.store import Database
-from reapers.runner import run_reapers
-from workers.alerts import run_alerts
-from workers.claim import run_claim_worker
-from workers.handoff import run_handoff_worker
-from workers.relay import run_relay
+
+# a process imports only what it runs: a relay restarted after a crash serves within a second,
+# without first importing the claim worker's FastStream or the alerts' Slack client
+if TYPE_CHECKING:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from faststream.kafka import KafkaBroker
+
+    from app.crypto import SecretBox
+    from app.handoff import HandoffTargets
 
 log = structlog.get_logger()
 
@@ -50,6 +51,8 @@ class KafkaProbe:
 
     async def _ask(self) -> bool:
         if self._admin is None:
+            from aiokafka.admin import AIOKafkaAdminClient
+
             admin = AIOKafkaAdminClient(**client_options(self.settings), request_timeout_ms=2_000)
             try:
                 await admin.start()
@@ -80,11 +83,15 @@ class Root:
     @cached_property
     def secrets(self) -> SecretBox:
         """The secret box, built when a process first asks (the relay and alerts never do)."""
+        from app.crypto import SecretBox
+
         return SecretBox.from_settings(self.settings)
 
     @cached_property
     def handoff_targets(self) -> HandoffTargets:
         """The downstream targets captures are handed to, built once for every capture."""
+        from app.handoff import HandoffTargets
+
         return HandoffTargets(self.settings)
 
     def wiring(self, process: str, stop: asyncio.Event) -> Wiring:
@@ -127,6 +134,8 @@ class Wiring:
         Handlers take the message as their decoder hands it over (no dependency injection) and
         log through structlog themselves. The process starts it; the wiring stops it last.
         """
+        from faststream.kafka import KafkaBroker
+
         broker = KafkaBroker(
             self.settings.kafka_bootstrap_servers,
             security=faststream_security(self.settings),
@@ -159,14 +168,22 @@ class Wiring:
 # A process: a coroutine that runs until ``wiring.stop`` is set and then returns cleanly.
 Process = Callable[[Wiring], Coroutine[Any, Any, None]]
 
-# Every process `qm run` knows, by name, in the order `qm run all` starts them.
-PROCESSES: dict[str, Process] = {
-    "worker": run_claim_worker,
-    "relay": run_relay,
-    "reaper": run_reapers,
-    "handoff": run_handoff_worker,
-    "alerts": run_alerts,
+# Every process `qm run` knows, by name, in the order `qm run all` starts them: where its
+# coroutine lives, imported when it is run (``process``).
+PROCESSES: dict[str, str] = {
+    "worker": "workers.claim:run_claim_worker",
+    "relay": "workers.relay:run_relay",
+    "reaper": "reapers.runner:run_reapers",
+    "handoff": "workers.handoff:run_handoff_worker",
+    "alerts": "workers.alerts:run_alerts",
 }
+
+
+def process(name: str) -> Process:
+    """The coroutine of the process ``name`` (a key of ``PROCESSES``)."""
+    module, _, function = PROCESSES[name].partition(":")
+    found: Process = getattr(importlib.import_module(module), function)
+    return found
 
 
 async def _run_one(process: Process, wiring: Wiring) -> None:
@@ -185,9 +202,7 @@ async def run_processes(settings: Settings, names: list[str]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     wirings = [root.wiring(name, stop) for name in names]
-    tasks = [
-        asyncio.create_task(_run_one(PROCESSES[w.process], w), name=w.process) for w in wirings
-    ]
+    tasks = [asyncio.create_task(_run_one(process(w.process), w), name=w.process) for w in wirings]
     if settings.metrics_port:
         root.health.serve(settings.metrics_port, loop)
     watcher = asyncio.create_task(root.health.watch(stop), name="health")

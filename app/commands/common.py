@@ -10,17 +10,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from datetime import datetime
 from enum import Enum
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from app.core.transaction import Tx, TxServices
-from app.crypto import SecretBox
 from app.settings import Settings, get_settings
 from app.store import Conn, Database
+
+if TYPE_CHECKING:  # a command that reads imports neither (docs/performance.md, "The CLI")
+    from app.core.transaction import Tx
+    from app.crypto import SecretBox
 
 T = TypeVar("T")
 
@@ -44,10 +46,14 @@ class CommandServices:
 
     @cached_property
     def secrets(self) -> SecretBox:
+        from app.crypto import SecretBox
+
         return SecretBox.from_settings(self.settings)
 
     def tx(self, conn: Conn) -> Tx:
         """A transaction's services on ``conn`` (its outbox is flushed by the caller)."""
+        from app.core.transaction import Tx, TxServices
+
         return Tx(conn, TxServices(self.settings, self.secrets))
 
     @contextlib.asynccontextmanager
