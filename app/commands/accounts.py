@@ -11,6 +11,7 @@ from app.commands.common import (
     CommandServices,
     fail,
     in_transaction,
+    known_site,
     out,
     print_json_lines,
     table,
@@ -83,6 +84,7 @@ def accounts_list(
     """List accounts (never their secrets): who holds each, and until when it rests or is blocked."""
 
     async def work(conn: Conn) -> list[Row]:
+        await known_site(conn, site)
         return await accounts.list_accounts(conn, site)
 
     rows = in_transaction(work)

@@ -117,6 +117,7 @@ def asyncapi(
     if out is None:
         console.print_json(document)
         return
+    out.parent.mkdir(parents=True, exist_ok=True)  # as `qm schema --out` makes its folder
     out.write_text(document)
     channels = len(json.loads(document)["channels"])
     console.print(f"wrote an AsyncAPI 3 document ({channels} channels) to {out}")

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from app.settings import Settings, get_settings
-from app.store import Conn, Database
+from app.store import Conn, Database, sites
 
 if TYPE_CHECKING:  # a command that reads imports neither (docs/performance.md, "The CLI")
     from app.core.transaction import Tx
@@ -80,8 +80,22 @@ def in_transaction(work: Callable[[Conn], Awaitable[T]]) -> T:
     return CommandServices().in_transaction(work)
 
 
-def out() -> Console:
-    return Console()
+# A pipe has no width: printed to one, a table is as wide as its longest row, so that no value
+# (a UUID, a URL) is cut over lines and every row stays one line for grep and cut.
+PIPED_WIDTH = 100_000
+
+
+def out(*, stderr: bool = False) -> Console:
+    """Where a command prints: a terminal at its width, a pipe or file without a width."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=PIPED_WIDTH)
+
+
+async def known_site(conn: Conn, site: str | None) -> None:
+    """Exit 2 with one line unless ``site`` (when given) exists: an empty list for a site that is
+    not there would read as "nothing yet"."""
+    if site is not None and not await sites.has_site(conn, site):
+        raise fail(f"no site {site!r}; `qm sites list` shows them")
 
 
 def fail(message: str) -> typer.Exit:
@@ -91,7 +105,7 @@ def fail(message: str) -> typer.Exit:
 
 
 def table(*columns: str, title: str | None = None) -> Table:
-    """A table whose cells wrap (long words fold) when the terminal or pipe is narrow."""
+    """A table whose cells wrap (long words fold) when the terminal is narrow (never piped)."""
     grid = Table(title=title)
     for name in columns:
         grid.add_column(name, overflow="fold")

@@ -32,7 +32,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from app.commands.common import print_json_lines
+from app.commands.common import out, print_json_lines
 from app.commands.common import table as fold_table
 from app.dlt import redact_bytes, redact_header
 from app.dlt.reader import (
@@ -156,7 +156,7 @@ def _selection(
 
 
 def _out() -> Console:
-    return Console()
+    return out()
 
 
 def _err() -> Console:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from app.commands.common import fail, in_transaction, print_json_lines
+from app.commands.common import fail, in_transaction, out, print_json_lines
 from app.commands.common import table as fold_table
 from app.store import Conn, Row, domains
 from app.urls import describe_chain
@@ -15,7 +14,6 @@ from app.urls import describe_chain
 domains_app = typer.Typer(
     help="Domain rewrites: when a site moves hosts, the URLs handed out follow (chains resolve)."
 )
-console = Console()
 
 
 @domains_app.command("add")
@@ -40,7 +38,7 @@ def domains_add(
         chain = in_transaction(work)
     except ValueError as exc:  # RewriteRefused, or a host that is not a host name
         raise fail(str(exc)) from None
-    console.print(f"[green]{site}: {chain}[/]")
+    out().print(f"[green]{site}: {chain}[/]")
 
 
 @domains_app.command("list")
@@ -76,7 +74,7 @@ def domains_list(
     table = fold_table(*columns)
     for cells in rows:
         table.add_row(*cells)
-    console.print(table)
+    out().print(table)
 
 
 @domains_app.command("remove")
@@ -101,4 +99,4 @@ def domains_remove(
         raise fail(str(exc)) from None
     if row is None:
         raise fail(f"{site} has no rewrite for {from_host}")
-    console.print(f"{site}: {row['from_host']} is no longer rewritten")
+    out().print(f"{site}: {row['from_host']} is no longer rewritten")

@@ -13,6 +13,7 @@ from app.commands.common import (
     check_slug,
     fail,
     in_transaction,
+    known_site,
     out,
     plain,
     print_json_lines,
@@ -46,6 +47,7 @@ def jobs_list(
     latest finished."""
 
     async def work(conn: Conn) -> list[Row]:
+        await known_site(conn, site)
         return await views.list_jobs(
             conn,
             site=site,

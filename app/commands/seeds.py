@@ -14,17 +14,23 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app.commands.common import CommandServices, fail, in_transaction, print_json_lines
+from app.commands.common import (
+    CommandServices,
+    fail,
+    in_transaction,
+    known_site,
+    out,
+    print_json_lines,
+)
 from app.commands.common import table as fold_table
 from app.core import seeds as seeding
-from app.seed_files import Format, parse_rows, sniff_format, valid_seed_url
-from app.store import Conn, seeds
+from app.seed_files import Format, Refused, parse_rows, sniff_format, valid_seed_url
+from app.store import Conn, Row, seeds
 from schemas.states import SeedStatus
 
 seeds_app = typer.Typer(help="Seeds: board entries handed out to collectors, due by interval.")
-console = Console()
 err = Console(stderr=True)
-SHOWN_REFUSALS = 20
+SHOWN_BAD_ROWS = 3  # in the one line an import answers; the count says how many more
 
 
 @seeds_app.command("add")
@@ -52,7 +58,7 @@ def seeds_add(
         raise fail(f"no site {site!r}; add it with `qm sites add`")
     if row is None:
         raise fail(f"{site} has that seed already (use `qm seeds import` to update it)")
-    console.print(f"[green]seed added to {site}[/]")
+    out().print(f"[green]seed added to {site}[/]")
 
 
 def _lines(source: Iterator[str]) -> tuple[Format, Iterator[str]]:
@@ -71,17 +77,26 @@ def seeds_import(
     file: Annotated[str, typer.Argument(help="CSV or JSON-lines file; - reads stdin")],
     interval: Annotated[int, typer.Option(min=1, help="For rows that name none")] = 3600,
     priority: Annotated[int, typer.Option(help="For rows that name none")] = 0,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Load the good rows when some cannot be read")
+    ] = False,
 ) -> None:
     """Add or update a site's seeds by URL from CSV (url,interval_seconds,priority) or JSON lines.
 
-    Rows that cannot be read are reported by line number; the others load, in one transaction.
+    All or nothing, in one transaction: a row that cannot be read loads none, and one line names
+    the first bad rows by line number and counts them. --skip-bad loads the others instead.
     """
     if file != "-" and not Path(file).is_file():
         raise fail(f"no file {file!r}")
     source = sys.stdin if file == "-" else open(file, encoding="utf-8", newline="")  # noqa: SIM115
     size = None if file == "-" else os.path.getsize(file)
     try:
-        summary = asyncio.run(_import(site, source, size, interval, priority))
+        summary = asyncio.run(_import(site, source, size, interval, priority, skip_bad))
+    except _BadRows as bad:
+        raise fail(
+            f"{'stdin' if file == '-' else file}: nothing imported, {_bad_rows(bad.summary.refused)}; fix them, or load the "
+            f"other {bad.loaded} with --skip-bad"
+        ) from None
     except UnicodeDecodeError:
         raise fail(f"{file} is not UTF-8 text") from None
     finally:
@@ -89,14 +104,29 @@ def seeds_import(
             source.close()
     if summary is None:
         raise fail(f"no site {site!r}; add it with `qm sites add`")
-    for refused in summary.refused[:SHOWN_REFUSALS]:
-        err.print(f"line {refused.line}: {refused.reason}", markup=False, highlight=False)
-    if len(summary.refused) > SHOWN_REFUSALS:
-        err.print(f"… and {len(summary.refused) - SHOWN_REFUSALS} more refused lines")
-    console.print(
+    skipped = f", {_bad_rows(summary.refused)} skipped" if summary.refused else ""
+    out().print(
         f"{site}: {summary.added} added, {summary.updated} updated, "
-        f"{summary.unchanged} unchanged, {len(summary.refused)} refused"
+        f"{summary.unchanged} unchanged{skipped}",
+        markup=False,
+        highlight=False,
     )
+
+
+class _BadRows(Exception):
+    """Rows that could not be read, without --skip-bad: the import's transaction rolls back."""
+
+    def __init__(self, summary: seeding.ImportSummary) -> None:
+        super().__init__(f"{len(summary.refused)} bad rows")
+        self.summary = summary
+        self.loaded = summary.added + summary.updated + summary.unchanged
+
+
+def _bad_rows(refused: list[Refused]) -> str:
+    """'3 bad rows (line 3: why; line 6: why; …)': the count and the first few, for one line."""
+    shown = "; ".join(f"line {bad.line}: {bad.reason}" for bad in refused[:SHOWN_BAD_ROWS])
+    more = "; …" if len(refused) > SHOWN_BAD_ROWS else ""
+    return f"{len(refused)} bad row{'s' if len(refused) > 1 else ''} ({shown}{more})"
 
 
 class _Reading:
@@ -113,9 +143,10 @@ class _Reading:
 
 
 async def _import(
-    site: str, source: IO[str], size: int | None, interval: int, priority: int
+    site: str, source: IO[str], size: int | None, interval: int, priority: int, skip_bad: bool
 ) -> seeding.ImportSummary | None:
-    """The import in one transaction, with a progress bar on stderr; None for no such site."""
+    """The import in one transaction, with a progress bar on stderr; None for no such site.
+    Bad rows without ``skip_bad`` raise ``_BadRows`` (the transaction rolls back)."""
     reading = _Reading(source)
     fmt, lines = _lines(iter(reading))
     rows = parse_rows(lines, fmt, interval_seconds=interval, priority=priority)
@@ -135,7 +166,10 @@ async def _import(
             async with db.transaction() as conn:
                 if not await seeds.site_exists(conn, site):
                     return None
-                return await seeding.import_rows(conn, site, rows, progress=advance)
+                summary = await seeding.import_rows(conn, site, rows, progress=advance)
+                if summary.refused and not skip_bad:
+                    raise _BadRows(summary)
+                return summary
 
 
 @seeds_app.command("list")
@@ -147,9 +181,12 @@ def seeds_list(
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines (one seed a line).")] = False,
 ) -> None:
     """A site's seeds in the order they go out (highest priority, longest due first)."""
-    rows = in_transaction(
-        lambda conn: seeds.list_seeds(conn, site, status=status, due=due, limit=limit)
-    )
+
+    async def work(conn: Conn) -> list[Row]:
+        await known_site(conn, site)
+        return await seeds.list_seeds(conn, site, status=status, due=due, limit=limit)
+
+    rows = in_transaction(work)
     if as_json:
         print_json_lines(rows)
         return
@@ -168,7 +205,7 @@ def seeds_list(
             str(row["failure_count"]),
             row["disabled_reason"] or row["last_error"] or "",
         )
-    console.print(table)
+    out().print(table)
 
 
 def _move(site: str, seed: str, target: SeedStatus, reason: str | None = None) -> None:
@@ -177,7 +214,7 @@ def _move(site: str, seed: str, target: SeedStatus, reason: str | None = None) -
     )
     if row is None:
         raise fail(f"{site} has no seed {seed!r} that can become {target}")
-    console.print(f"seed {row['id']} of {site} is now {target}")
+    out().print(f"seed {row['id']} of {site} is now {target}")
 
 
 @seeds_app.command("disable")

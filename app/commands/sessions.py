@@ -10,9 +10,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from app.commands.common import CommandServices, fail, in_transaction
+from app.commands.common import CommandServices, fail, in_transaction, out
 from app.commands.common import table as fold_table
 from app.core.events import Events
 from app.core.sessions import state_bytes
@@ -24,7 +23,6 @@ from app.store import sessions as store
 from schemas.sessions import SESSION_COOKIE_EXPIRES
 
 sessions_app = typer.Typer(help="Browser sessions of accounts: show (never values), clear.")
-console = Console()
 
 
 def _expiry(cookie: dict[str, Any]) -> str:
@@ -65,7 +63,7 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print(site: str, username: str, row: Any, summary: dict[str, Any]) -> None:
-    console.print(
+    out().print(
         f"session of {username} ({site}): version {row['version']}, updated "
         f"{row['updated_at'].isoformat(timespec='seconds')}, {summary['bytes']} bytes, "
         f"{len(summary['cookies'])} cookies, {len(summary['origins'])} origins"
@@ -74,7 +72,7 @@ def _print(site: str, username: str, row: Any, summary: dict[str, Any]) -> None:
     for c in summary["cookies"]:
         flags = ("yes" if c["http_only"] else "", "yes" if c["secure"] else "")
         cookies.add_row(c["name"], c["domain"], c["path"], c["expires"], str(c["bytes"]), *flags)
-    console.print(cookies)
+    out().print(cookies)
     if summary["origins"]:
         origins = fold_table(
             "origin", "localStorage entries", "localStorage bytes", "IndexedDB dbs"
@@ -86,7 +84,7 @@ def _print(site: str, username: str, row: Any, summary: dict[str, Any]) -> None:
                 str(o["local_storage_bytes"]),
                 str(o["indexed_db_databases"]),
             )
-        console.print(origins)
+        out().print(origins)
 
 
 @sessions_app.command("show")
@@ -105,7 +103,7 @@ def sessions_show(
     if row is None:
         raise fail(f"site {site!r} has no account {username!r}")
     if row["version"] is None:
-        console.print(f"account {username} of {site} has no session")
+        out().print(f"account {username} of {site} has no session")
         return
     summary = describe(box.open_json(bytes(row["storage_state"])))
     if as_json:
@@ -147,10 +145,8 @@ def sessions_clear(
     row = in_transaction(work)
     if row is None:
         raise fail(f"account {username!r} of {site!r} does not exist or has no session")
-    console.print(
-        f"[green]session of {username} ({site}) cleared[/] (was version {row['version']})"
-    )
+    out().print(f"[green]session of {username} ({site}) cleared[/] (was version {row['version']})")
     if row["holder_job_id"]:
-        console.print(
+        out().print(
             f"job {row['holder_job_id']} holds the account now; what it uploads starts a new session"
         )

@@ -14,6 +14,7 @@ from app.commands.common import (
     check_username,
     fail,
     in_transaction,
+    known_site,
     out,
     print_json_lines,
     table,
@@ -134,6 +135,7 @@ def sites_remove(
 ) -> None:
     """Remove a site with its accounts, seeds and job history; refused while a job of it waits
     or runs or a capture of it is still to be handed off."""
+    in_transaction(lambda conn: known_site(conn, slug))  # a mistyped slug is told before asking
     if not yes and not typer.confirm(
         f"remove site {slug} with its accounts, seeds and job history?"
     ):

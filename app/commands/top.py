@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -26,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import DBAPIError
 
-from app.commands.common import CommandServices, out
+from app.commands.common import CommandServices, fail, out, plain
 from app.commands.failures import explain, quiet_kafka_client
 from app.dlt.reader import DltError, Selection, open_reader
 from app.settings import Settings, get_settings
@@ -179,19 +180,43 @@ def keys() -> Iterator[int | None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def run_top(settings: Settings, interval: float, once: bool) -> None:
+async def run_top(settings: Settings, interval: float, once: bool, as_json: bool = False) -> None:
     async with CommandServices(settings).database() as db:
-        await _show(db, settings, interval, once)
+        await _show(db, settings, interval, once, as_json)
 
 
-async def _show(db: Database, settings: Settings, interval: float, once: bool) -> None:
+def snapshot_json(snapshot: Snapshot, dead: DeadLetters) -> dict[str, object]:
+    """One view as JSON: what the tables show, with durations in seconds."""
+    return {
+        "at": plain(snapshot.at),
+        "sites": [{key: plain(site[key]) for key in site} for site in snapshot.sites],
+        "outbox": {
+            "rows_waiting": snapshot.backlog.rows,
+            "oldest_age_seconds": snapshot.backlog.oldest_age_seconds,
+        },
+        "dead_letters": dict(sorted(dead.per_topic.items())),
+        "reaper_repairs": {
+            "minutes": REPAIR_WINDOW_MINUTES,
+            **{key: plain(snapshot.repairs[key]) for key in snapshot.repairs},
+        },
+    }
+
+
+async def _show(
+    db: Database, settings: Settings, interval: float, once: bool, as_json: bool
+) -> None:
     """Print one view, or keep the live view until q or Ctrl-C."""
     dead = DeadLetters()
     snapshot = await read_snapshot(db)  # an unreachable database is the command's one-line error
     if once:
-        with contextlib.suppress(DltError):
+        try:
             dead = DeadLetters(await count_dead_letters(settings), None)
-        out().print(render(snapshot, dead))
+        except DltError as exc:  # a view without its dead letters would read as "none"
+            raise fail(str(exc)) from None
+        if as_json:
+            typer.echo(json.dumps(snapshot_json(snapshot, dead)))
+        else:
+            out().print(render(snapshot, dead))
         return
     quit_pressed = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -233,10 +258,13 @@ def top(
     once: Annotated[
         bool, typer.Option("--once", help="Print one view and exit (for scripts and pipes)")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one view as one JSON object and exit (--once)")
+    ] = False,
 ) -> None:
     """A live view: per site capacity, running, waiting, accounts by state, the oldest waiter's
     age and grants per minute; the outbox backlog and lag; dead letters per topic; reaper repairs.
     Reads the database and the broker only. Quits on q or Ctrl-C."""
     quiet_kafka_client()  # the view shows a broker outage; log lines would tear it
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_top(get_settings(), interval, once))
+        asyncio.run(run_top(get_settings(), interval, once or as_json, as_json))

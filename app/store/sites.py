@@ -112,6 +112,12 @@ async def remove_site(conn: AsyncConnection, slug: str) -> Row | None:
     return result.mappings().first()
 
 
+async def has_site(conn: AsyncConnection, slug: str) -> bool:
+    """Whether the site exists (a read: no lock, for commands that only show)."""
+    result = await conn.execute(text("SELECT 1 FROM sites WHERE slug = :slug"), {"slug": slug})
+    return result.first() is not None
+
+
 async def live_work(conn: AsyncConnection, slug: str) -> Row:
     """What keeps a site from being removed: its waiting or running jobs, pending captures."""
     result = await conn.execute(

@@ -1,7 +1,8 @@
 """`qm sites|accounts|jobs` as an operator uses them, against the real database.
 
 Input mistakes are one line and exit code 2 before the database is asked; the database being
-unreachable is said only when it is; lists answer --json; tables wrap rather than cut.
+unreachable is said only when it is; lists answer --json; tables on a terminal wrap rather than
+cut.
 """
 
 from __future__ import annotations
@@ -145,17 +146,19 @@ async def test_help_shows_no_type_after_flags(qm: Qm) -> None:
     assert "--secret-stdin" in result.stdout and "<bool>" not in result.stdout
 
 
-async def test_tables_wrap_long_values_instead_of_cutting_them_when_piped(
+async def test_tables_on_a_terminal_wrap_long_values_instead_of_cutting_them(
     qm: Qm, settings: Settings, engine: AsyncEngine, processor: RequestProcessor
 ) -> None:
     await make_site(engine, settings)
     job_id = "a-job-with-a-rather-long-identifier-0123456789abcdef-0123456789"
     await processor.process(start(settings, job_id))
-    result = await qm("jobs", "list", env={"COLUMNS": "60"})
+    # a terminal 60 columns wide (piped, tables keep each value on one line: test_newcomer_cli)
+    result = await qm("jobs", "list", env={"COLUMNS": "60", "TTY_COMPATIBLE": "1"})
     assert result.exit_code == 0, result.output
-    assert "…" not in result.stdout
-    assert max(len(line) for line in result.stdout.splitlines()) <= 60
-    first_column = "".join(re.findall(r"^[┃│]\s*(\S+)", result.stdout, re.M))
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    assert "…" not in shown
+    assert max(len(line) for line in shown.splitlines()) <= 60
+    first_column = "".join(re.findall(r"^[┃│]\s*(\S+)", shown, re.M))
     assert job_id in first_column
 
 

@@ -14,7 +14,7 @@ from tests.support.leasing import make_site, scalar
 from tests.support.waiting import eventually
 
 
-async def test_import_loads_the_good_rows_and_reports_the_bad_ones_by_line(
+async def test_import_with_skip_bad_loads_the_good_rows_and_names_the_bad_ones_by_line(
     engine: AsyncEngine, settings: Settings, qm: Qm, tmp_path: Path
 ) -> None:
     await make_site(engine, settings, n_accounts=0)
@@ -29,16 +29,16 @@ async def test_import_loads_the_good_rows_and_reports_the_bad_ones_by_line(
         "https://board.example.com/c,-5\n"
         "https://board.example.com/a\n"
     )
-    result = await qm("seeds", "import", "board", str(file))
+    result = await qm("seeds", "import", "board", str(file), "--skip-bad")
     assert result.exit_code == 0, result.output
-    assert "2 added, 1 updated, 0 unchanged, 3 refused" in result.stdout
-    assert "line 3: not an http(s) URL with a host and no white space" in result.stderr
-    assert "line 6: interval_seconds must be positive" in result.stderr
-    assert "line 7: repeats the url of line 2" in result.stderr
+    assert "2 added, 1 updated, 0 unchanged, 3 bad rows (" in result.stdout
+    assert "line 3: not an http(s) URL with a host and no white space" in result.stdout
+    assert "line 6: interval_seconds must be positive" in result.stdout
+    assert "line 7: repeats the url of line 2" in result.stdout
     assert await scalar(engine, "SELECT count(*) FROM seeds") == 3
     assert await scalar(engine, "SELECT interval_seconds FROM seeds WHERE url LIKE '%kept'") == 120
-    again = await qm("seeds", "import", "board", str(file))
-    assert "0 added, 0 updated, 3 unchanged, 3 refused" in again.stdout
+    again = await qm("seeds", "import", "board", str(file), "--skip-bad")
+    assert "0 added, 0 updated, 3 unchanged, 3 bad rows" in again.stdout
 
 
 async def test_import_reads_json_lines_from_stdin(
@@ -48,10 +48,9 @@ async def test_import_reads_json_lines_from_stdin(
     lines = "".join(
         f'{{"url": "https://board.example.com/{n}", "priority": {n}}}\n' for n in range(5)
     )
-    result = await qm("seeds", "import", "board", "-", input=lines + "{broken\n")
+    result = await qm("seeds", "import", "board", "-", "--skip-bad", input=lines + "{broken\n")
     assert result.exit_code == 0, result.output
-    assert "5 added, 0 updated, 0 unchanged, 1 refused" in result.stdout
-    assert "line 6: not a JSON object" in result.stderr
+    assert "5 added, 0 updated, 0 unchanged, 1 bad row (line 6: not a JSON object)" in result.stdout
     listed = await qm("seeds", "list", "board", "--due", "--limit", "2")
     assert "board.example.com/4" in listed.stdout and "board.example.com/3" in listed.stdout
     assert "board.example.com/0" not in listed.stdout
