@@ -1,0 +1,106 @@
+"""`qm` answers fast because a command imports only what it uses: a database command neither the
+benchmarks nor the processes, `qm run relay` only the relay (a relay restarted after a crash
+serves within a second). The module checks are the guard; the timings, best of three on a
+shared 2-core machine, keep head-room over the bounds docs/performance.md gives ("The CLI")."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from app.devstack import free_port
+from app.settings import Settings
+from tests.support.http import get
+from tests.support.processes import QmProcess, settings_env
+from tests.support.waiting import eventually
+
+# what `qm sites list` used to import and needs none of
+NOT_FOR_A_LIST = ("app.bench", "app.root", "app.core", "faststream", "aiokafka", "slack_sdk")
+# what `qm run relay` used to import: the other processes' libraries and the SDK
+NOT_FOR_THE_RELAY = ("app.bench", "app.sdk", "faststream", "slack_sdk", "aiohttp", "workers.claim")
+DUMP_MODULES = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('MODULES', *sorted(sys.modules), file=sys.stderr))\n"
+    "sys.argv = ['qm', *sys.argv[1:]]\n"
+    "from app.qm import main\n"
+    "main()\n"
+)
+
+
+def imported(modules: str, packages: tuple[str, ...]) -> set[str]:
+    names = modules.split()
+    return {p for p in packages for m in names if m == p or m.startswith(f"{p}.")}
+
+
+def cpu_seconds_best_of_three(args: list[str], env: dict[str, str]) -> float:
+    """The CPU time (user + system) of the command's process, at best of three runs: unlike the
+    time on the clock, it barely grows when other work shares the machine."""
+
+    def once() -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(args, env=env, capture_output=True, check=True, timeout=60)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    return min(once() for _ in range(3))
+
+
+def test_newcomer_a_database_command_imports_neither_the_bench_nor_the_processes(
+    settings: Settings,
+) -> None:
+    env = settings_env(settings)
+    done = subprocess.run(
+        [sys.executable, "-c", DUMP_MODULES, "sites", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    modules = done.stderr.rpartition("MODULES ")[2]
+    assert "sqlalchemy" in modules.split()  # it did ask the database
+    assert imported(modules, NOT_FOR_A_LIST) == set()
+    took = cpu_seconds_best_of_three([sys.executable, "-m", "app", "sites", "list"], env)
+    assert took < 1.4, f"qm sites list took {took:.2f} s of CPU at best"
+
+
+def test_newcomer_qm_run_relay_imports_only_the_relay() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, app.cli, app.root\n"
+            "app.root.process('relay')\n"
+            "print(*sorted(sys.modules))\n",
+        ],
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "workers.relay" in done.stdout.split()
+    assert imported(done.stdout, NOT_FOR_THE_RELAY) == set()
+
+
+async def test_newcomer_a_relay_started_by_qm_run_serves_within_two_seconds(
+    topics: Settings,
+) -> None:
+    async def serving() -> float:
+        port = free_port()
+        started = time.perf_counter()
+        with QmProcess(topics, "relay", metrics_port=port) as relay:
+
+            async def ready() -> float | None:
+                assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+                status, _ = await get(f"http://127.0.0.1:{port}/readyz")
+                return time.perf_counter() - started if status == 200 else None
+
+            took: float = await eventually(ready, timeout=30, every=0.02)
+        return took
+
+    best = min([await serving() for _ in range(3)])
+    assert best < 2.0, f"qm run relay served after {best:.2f} s at best"
