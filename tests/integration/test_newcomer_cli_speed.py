@@ -1,7 +1,8 @@
 """`qm` answers fast because a command imports only what it uses: a database command neither the
 benchmarks nor the processes, `qm run relay` only the relay (a relay restarted after a crash
-serves within a second). The module checks are the guard; the timings, best of three on a
-shared 2-core machine, keep head-room over the bounds docs/performance.md gives ("The CLI")."""
+serves within a second). The module checks are the guard; the costs, in CPU time (which, unlike
+time on the clock, barely grows while others share the 2-core machine) and best of three, keep
+head-room over what docs/performance.md measured ("The CLI") and fail for the code before."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import resource
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 from app.devstack import free_port
 from app.settings import Settings
@@ -86,21 +87,27 @@ def test_newcomer_qm_run_relay_imports_only_the_relay() -> None:
     assert imported(done.stdout, NOT_FOR_THE_RELAY) == set()
 
 
-async def test_newcomer_a_relay_started_by_qm_run_serves_within_two_seconds(
+async def test_newcomer_a_relay_started_by_qm_run_serves_after_little_work(
     topics: Settings,
 ) -> None:
     async def serving() -> float:
+        """The CPU time the relay spent from its start until its /readyz said 200."""
         port = free_port()
-        started = time.perf_counter()
         with QmProcess(topics, "relay", metrics_port=port) as relay:
+            assert relay.proc is not None
 
-            async def ready() -> float | None:
+            async def ready() -> bool:
                 assert relay.proc is not None and relay.proc.poll() is None, relay.output()
-                status, _ = await get(f"http://127.0.0.1:{port}/readyz")
-                return time.perf_counter() - started if status == 200 else None
+                return (await get(f"http://127.0.0.1:{port}/readyz"))[0] == 200
 
-            took: float = await eventually(ready, timeout=30, every=0.02)
-        return took
+            await eventually(ready, timeout=30, every=0.02)
+            return cpu_seconds_of(relay.proc.pid)
 
     best = min([await serving() for _ in range(3)])
-    assert best < 2.0, f"qm run relay served after {best:.2f} s at best"
+    assert best < 1.4, f"qm run relay worked {best:.2f} s of CPU before it served, at best"
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU time of a running process so far (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
