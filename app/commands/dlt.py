@@ -34,6 +34,7 @@ from rich.progress import (
 
 from app.commands.common import out, print_json_lines
 from app.commands.common import table as fold_table
+from app.commands.dlt_report import print_report, report_json, when
 from app.dlt import redact_bytes, redact_header
 from app.dlt.reader import (
     DeadLetter,
@@ -52,7 +53,6 @@ from app.settings import Settings, get_settings
 dlt_app = typer.Typer(help="Dead-letter topics: list, show, replay.", no_args_is_help=True)
 
 T = TypeVar("T")
-DRY_RUN_ROWS = 200
 
 # --- the filters show and replay share ---------------------------------------------------
 
@@ -196,12 +196,6 @@ def _settings() -> Settings:
     return get_settings()
 
 
-def _when(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def _ago(ms: int | None) -> str:
     if ms is None:
         return ""
@@ -251,8 +245,8 @@ def list_topics(
             str(s.partitions),
             str(s.records),
             classes or "-",
-            _when(s.oldest_ms) + _ago(s.oldest_ms),
-            _when(s.newest_ms) + _ago(s.newest_ms),
+            when(s.oldest_ms) + _ago(s.oldest_ms),
+            when(s.newest_ms) + _ago(s.newest_ms),
         )
     _out().print(table)
 
@@ -265,7 +259,7 @@ def _letter_json(letter: DeadLetter, width: int) -> dict[str, Any]:
         "topic": letter.topic,
         "partition": letter.partition,
         "offset": letter.offset,
-        "timestamp": _when(letter.timestamp_ms),
+        "timestamp": when(letter.timestamp_ms),
         "timestamp_ms": letter.timestamp_ms,
         "key": redact_bytes(letter.key, width),
         "value": redact_bytes(letter.value, width),
@@ -333,7 +327,7 @@ def show(
         )
         table.add_row(
             f"{letter.partition}:{letter.offset}",
-            _when(letter.timestamp_ms),
+            when(letter.timestamp_ms),
             escape(redact_bytes(letter.key, cut) or "-"),
             escape(redact_bytes(letter.value, cut) or "-"),
             headers,
@@ -379,45 +373,6 @@ class _RichProgress:
             self._progress.stop()
 
 
-def _print_dry_run(report: ReplayReport) -> None:
-    out = _out()
-    table = fold_table(
-        "partition:offset", "timestamp", "key", "error class", "to", title="would replay"
-    )
-    for letter, target in report.planned[:DRY_RUN_ROWS]:
-        table.add_row(
-            f"{letter.partition}:{letter.offset}",
-            _when(letter.timestamp_ms),
-            escape(redact_bytes(letter.key, 60) or "-"),
-            escape(letter.error_class or "-"),
-            escape(target),
-        )
-    out.print(table)
-    if len(report.planned) > DRY_RUN_ROWS:
-        out.print(f"… and {len(report.planned) - DRY_RUN_ROWS} more")
-    out.print(
-        f"dry run: {report.selected} selected, {len(report.planned)} would be replayed, "
-        f"{report.already_replayed} skipped as already replayed"
-        f"{_not_rearmed(report, 'would not be')}; nothing was sent",
-        highlight=False,
-    )
-    _print_not_rearmed(report)
-
-
-def _not_rearmed(report: ReplayReport, verb: str) -> str:
-    """The summary's part for failed captures' dead letters left alone."""
-    count = len(report.not_rearmed)
-    return f", {count} {verb} replayed (their capture is not FAILED)" if count else ""
-
-
-def _print_not_rearmed(report: ReplayReport) -> None:
-    """Why each failed capture's dead letter was left alone (the first ``DRY_RUN_ROWS``)."""
-    for left in report.not_rearmed[:DRY_RUN_ROWS]:
-        _out().print(f"[yellow]{escape(left.reason)}[/]", soft_wrap=True)
-    if len(report.not_rearmed) > DRY_RUN_ROWS:
-        _out().print(f"… and {len(report.not_rearmed) - DRY_RUN_ROWS} more")
-
-
 @dlt_app.command("replay")
 def replay_command(
     topic: TopicArg,
@@ -439,6 +394,10 @@ def replay_command(
     ] = None,
     again: Annotated[
         bool, typer.Option("--again", help="Also replay records an earlier run replayed.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="The report (with --dry-run, the plan) as one JSON object."),
     ] = False,
 ) -> None:
     """Send dead letters back to their original topic (or --to), each at most once unless --again.
@@ -466,34 +425,7 @@ def replay_command(
             bar.close()
 
     report = _run(run())
-    out = _out()
-    if report.selected == 0:
-        out.print("nothing selected")
+    if as_json:
+        typer.echo(json.dumps(report_json(report), ensure_ascii=False))
         return
-    if report.dry_run:
-        _print_dry_run(report)
-        return
-    if report.replayed:
-        targets = ", ".join(f"{escape(t)} ({n})" for t, n in report.targets.most_common())
-        sent = f"[green]{report.replayed} replayed[/] to {targets}"
-    else:
-        sent = "0 replayed"
-    again_note = (
-        f" ({report.failed_again} of them copies that failed again; --again sends them)"
-        if report.failed_again
-        else ""
-    )
-    out.print(
-        f"{report.selected} selected, {sent}, "
-        f"{report.already_replayed} skipped as already replayed{again_note}"
-        f"{_not_rearmed(report, 'not')}",
-        highlight=False,
-    )
-    _print_not_rearmed(report)
-    if report.already_replayed == report.selected:
-        out.print("every selected record was replayed before; --again replays them anyway")
-    if report.raced:
-        out.print(
-            f"[yellow]{report.raced} of them were also replayed by another run meanwhile "
-            "(harmless: requests are idempotent)[/]"
-        )
+    print_report(report)

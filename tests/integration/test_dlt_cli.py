@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -108,6 +109,25 @@ async def test_dry_run_lists_what_would_go_and_sends_and_records_nothing(
     )
     for offset in (1, 2, 3):
         assert f"0:{offset}" in result.stdout
+    assert len(await read_topic(settings, settings.topic("requests"))) == 1
+    assert len(await ledger(engine)) == 1
+
+
+async def test_newcomer_dry_run_as_json_is_the_plan_and_sends_nothing(
+    topics: Settings, qm: Qm, engine: AsyncEngine
+) -> None:
+    settings = topics
+    dlt = settings.topic("requests.dlt")
+    await write_dead_letters(settings, dlt, sample(settings))
+    await qm("replay", dlt, "--to-offset", "0")
+
+    result = await qm("replay", dlt, "--dry-run", "--json")
+
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert (plan["dry_run"], plan["selected"], plan["already_replayed"]) == (True, 4, 1)
+    assert [(p["partition"], p["offset"]) for p in plan["planned"]] == [(0, 1), (0, 2), (0, 3)]
+    assert {p["to"] for p in plan["planned"]} == {settings.topic("requests")}
     assert len(await read_topic(settings, settings.topic("requests"))) == 1
     assert len(await ledger(engine)) == 1
 

@@ -20,8 +20,7 @@ from workers.requests import RequestProcessor
 
 JOB_ID = "0b9c4c1e-6c1f-4f51-9d3a-2f7e9a4d8b10-a-collector-run-of-board"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# every command that prints a table (`qm dlt replay --dry-run` and `qm bench` apart: a plan
-# and a benchmark's report, not records)
+# every command that prints a table (`qm bench` apart: a benchmark's report, with its narration)
 TABLES = (
     ("sites", "list"),
     ("accounts", "list"),
@@ -37,6 +36,7 @@ TABLES = (
     ("keys", "check"),
     ("dlt", "ls"),
     ("dlt", "show"),
+    ("dlt", "replay"),
     ("top",),
 )
 
