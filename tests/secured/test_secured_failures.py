@@ -8,11 +8,13 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from app.devstack import free_port
 from app.devstack.certificates import make_tls_files
@@ -99,16 +101,20 @@ async def test_secured_process_with_a_wrong_password_stops_with_one_line(
 
 
 async def test_secured_sdk_with_a_wrong_password_raises_naming_the_credentials(
-    settings: Settings, secured_stack: SecuredStack
+    topics: Settings, secured_stack: SecuredStack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    collector = as_principal(settings, secured_stack, COLLECTOR).model_copy(
-        update={"kafka_sasl_password": SecretStr(WRONG)}
-    )
-    with pytest.raises(BrokerUnavailable) as refused:
-        async with sdk_client(collector, collector="wrong-password"):
+    collector = as_principal(topics, secured_stack, COLLECTOR)
+    wrong = collector.model_copy(update={"kafka_sasl_password": SecretStr(WRONG)})
+    with capture_logs() as logged, pytest.raises(BrokerUnavailable) as refused:
+        async with sdk_client(wrong, collector="wrong-password"):
             pass
     assert f"credentials of user {COLLECTOR!r}" in str(refused.value)
-    assert WRONG not in str(refused.value)
+    # the canary: neither password in the error, its chain, the client's repr or any log line
+    async with sdk_client(collector, collector="right-password") as client:
+        shown = repr(client) + repr(collector)
+    chain = "".join(traceback.format_exception(refused.value))
+    everything = chain + shown + caplog.text + repr(logged)
+    assert_no_password(everything, secured_stack, WRONG)
 
 
 async def test_secured_database_with_an_untrusted_certificate_is_one_line(
