@@ -56,13 +56,32 @@ def database_unreachable(detail: str) -> str:
 
 
 def broker_unreachable(detail: str) -> str:
+    import asyncio
+
+    from app.kafka import client_options  # the probe speaks as the failed client did
+    from app.sdk.connection_check import why_unreachable
     from app.settings import get_settings
 
-    servers = get_settings().kafka_bootstrap_servers
+    settings = get_settings()
+    servers = settings.kafka_bootstrap_servers
+    reason = asyncio.run(why_unreachable(servers, client_options(settings)))
+    if reason:
+        return f"the Kafka broker cannot be used: {reason} ({_kafka_variables(reason)})"
     message = f"the Kafka broker at {servers} cannot be reached ({detail})"
     if _unset("QM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"):
         message += f"; QM_KAFKA_BOOTSTRAP_SERVERS is not set: {DEV_ENV_HINT}"
     return message
+
+
+def _kafka_variables(reason: str) -> str:
+    """The settings that decide what ``reason`` names."""
+    if "credentials" in reason:
+        return "QM_KAFKA_SASL_USERNAME, QM_KAFKA_SASL_PASSWORD"
+    if "certificate" in reason or "TLS" in reason:
+        return "QM_KAFKA_SSL_CAFILE, QM_KAFKA_SECURITY_PROTOCOL"
+    if "PLAINTEXT" in reason:
+        return "QM_KAFKA_SECURITY_PROTOCOL"
+    return "QM_KAFKA_BOOTSTRAP_SERVERS"
 
 
 def _database_message(exc: DBAPIError) -> str:
@@ -80,13 +99,18 @@ def _raised_in(exc: BaseException, package: str) -> bool:
 
 def explain(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None for an error no operator can fix (a bug)."""
+    import ssl
+
     from aiokafka.errors import KafkaError
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
     from app.crypto import MissingKey
     from app.devstack import ServiceUnavailable
     from app.errors import _sqlstate as sqlstate_of
+    from app.transport import BrokerRefused
 
+    if isinstance(exc, BrokerRefused):
+        return f"{exc} ({_kafka_variables(str(exc))})"
     if isinstance(exc, ServiceUnavailable | MissingKey):
         return str(exc)
     if isinstance(exc, ArgumentError):
@@ -95,6 +119,10 @@ def explain(exc: BaseException) -> str | None:
             "postgresql+asyncpg://user:password@host:5432/database"
         )
     if isinstance(exc, KafkaError):
+        return broker_unreachable(type(exc).__name__)
+    if isinstance(exc, ssl.SSLError) and not (
+        _raised_in(exc, "asyncpg") or _raised_in(exc, "sqlalchemy")
+    ):
         return broker_unreachable(type(exc).__name__)
     if isinstance(exc, DBAPIError):
         code = sqlstate_of(exc)
@@ -110,6 +138,8 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         detail = exc.strerror or type(exc).__name__
         if _raised_in(exc, "asyncpg") or _raised_in(exc, "sqlalchemy"):
+            if isinstance(exc, ssl.SSLError):
+                detail += "; check QM_DATABASE_SSL_CAFILE"
             return database_unreachable(detail)
         if _raised_in(exc, "aiokafka"):
             return broker_unreachable(detail)
