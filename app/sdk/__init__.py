@@ -7,7 +7,11 @@
 See docs/sdk.md for the guide.
 """
 
-from app.sdk.client import QuartermasterClient
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
@@ -25,7 +29,20 @@ from app.sdk.errors import (
     SessionRejected,
     UnexpectedReply,
 )
-from app.sdk.job import Account, Job, Session
+
+if TYPE_CHECKING:
+    from app.sdk.client import QuartermasterClient
+    from app.sdk.job import Account, Job, Session
+
+# The client and the job are imported when first named: Quartermaster's own processes use
+# app.sdk.connection_check (the broker probe) without them, and a relay restarted after a
+# crash serves sooner for it (docs/performance.md, "The CLI").
+_LAZY = {
+    "QuartermasterClient": "app.sdk.client",
+    "Account": "app.sdk.job",
+    "Job": "app.sdk.job",
+    "Session": "app.sdk.job",
+}
 
 __all__ = [
     "Account",
@@ -48,3 +65,12 @@ __all__ = [
     "SessionRejected",
     "UnexpectedReply",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``QuartermasterClient``, ``Account``, ``Job`` and ``Session``, imported when first asked."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

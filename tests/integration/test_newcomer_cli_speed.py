@@ -20,8 +20,17 @@ from tests.support.waiting import eventually
 
 # what `qm sites list` used to import and needs none of
 NOT_FOR_A_LIST = ("app.bench", "app.root", "app.core", "faststream", "aiokafka", "slack_sdk")
-# what `qm run relay` used to import: the other processes' libraries and the SDK
-NOT_FOR_THE_RELAY = ("app.bench", "app.sdk", "faststream", "slack_sdk", "aiohttp", "workers.claim")
+# what `qm run relay` used to import: the other processes' libraries and the SDK's client (its
+# broker probe, app.sdk.connection_check, the relay uses at start)
+NOT_FOR_THE_RELAY = (
+    "app.bench",
+    "app.sdk.client",
+    "app.sdk.job",
+    "faststream",
+    "slack_sdk",
+    "aiohttp",
+    "workers.claim",
+)
 DUMP_MODULES = (
     "import atexit, sys\n"
     "atexit.register(lambda: print('MODULES', *sorted(sys.modules), file=sys.stderr))\n"
