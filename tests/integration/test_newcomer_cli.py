@@ -162,6 +162,12 @@ def test_newcomer_every_command_that_prints_a_table_takes_json() -> None:
             command = command.get_command(ctx, name)
         options = {option for param in command.params for option in param.opts}
         assert "--json" in options, " ".join(path)
+    # and every list or show command of every group is among them
+    for group in root.list_commands(ctx):  # type: ignore[attr-defined]
+        sub = root.get_command(ctx, group)  # type: ignore[attr-defined]
+        for name in getattr(sub, "commands", {}):
+            if name in ("list", "ls", "show"):
+                assert (group, name) in TABLES, f"{group} {name}"
 
 
 async def test_newcomer_top_exits_2_when_it_cannot_reach_the_broker_or_the_database(
