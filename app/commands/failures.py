@@ -29,7 +29,7 @@ from typer.core import TyperGroup
 from app.crypto import MissingKey
 from app.devstack import ServiceUnavailable
 from app.errors import _sqlstate as sqlstate_of
-from app.sdk.connection_check import why_unreachable
+from app.sdk.connection_check import refusal
 from app.settings import get_settings
 from app.transport import BrokerRefused
 
@@ -65,7 +65,7 @@ def broker_unreachable(detail: str) -> str:
     servers = settings.kafka_bootstrap_servers
     from app.kafka import client_options  # the probe speaks as the failed client did
 
-    reason = asyncio.run(why_unreachable(servers, client_options(settings)))
+    reason = asyncio.run(refusal(servers, client_options(settings)))
     if reason:
         return f"the Kafka broker cannot be used: {reason} ({_kafka_variables(reason)})"
     message = f"the Kafka broker at {servers} cannot be reached ({detail})"

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from app.sdk.connection_check import why_unreachable
+from app.sdk.connection_check import refusal
 from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
@@ -235,7 +235,7 @@ class QuartermasterClient:
         except KafkaError as exc:
             await client.stop()
             if isinstance(exc, KafkaConnectionError):  # say why: credentials, certificate ...
-                reason = await why_unreachable(self.bootstrap_servers, self._security)
+                reason = await refusal(self.bootstrap_servers, self._security)
                 if reason:
                     raise BrokerUnavailable(
                         self.bootstrap_servers, f"cannot be used: {reason}"
