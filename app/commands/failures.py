@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 from app.crypto import MissingKey
 from app.devstack import ServiceUnavailable
 from app.errors import _sqlstate as sqlstate_of
-from app.settings import get_settings
+from app.settings import SettingsError, get_settings
 
 DEV_ENV_HINT = (
     "to use a running `make dev`, load its settings first: set -a; . ./.qm-dev.env; set +a"
@@ -79,12 +79,12 @@ def _raised_in(exc: BaseException, package: str) -> bool:
 
 def explain(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None for an error no operator can fix (a bug)."""
-    if isinstance(exc, ServiceUnavailable | MissingKey):
+    if isinstance(exc, ServiceUnavailable | MissingKey | SettingsError):
         return str(exc)
     if isinstance(exc, ArgumentError):
         return (
             "QM_DATABASE_URL is not a database URL: give one like "
-            "postgresql+asyncpg://user:password@host:5432/database"
+            "postgresql://user:password@host:5432/database"
         )
     if isinstance(exc, KafkaError):
         return broker_unreachable(type(exc).__name__)

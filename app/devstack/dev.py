@@ -44,6 +44,7 @@ KEYS_FILE = "keys.env"
 DEMO_SITE = "demo"
 DEMO_ACCOUNTS = 3
 READY_WAIT_SECONDS = 60.0
+LOOPBACK = "127.0.0.1"
 BANNER_TITLE = "Quartermaster dev stack is ready"
 
 
@@ -110,7 +111,7 @@ async def add_demo(settings: Settings) -> list[str]:
 
 def banner(settings: Settings, state: Path, demo: bool) -> str:
     """What the stack is, where, and three commands to try."""
-    health = f"http://127.0.0.1:{settings.metrics_port}"
+    health = f"http://{settings.metrics_host}:{settings.metrics_port}"
     if demo:
         commands = [
             "qm sites list",
@@ -169,6 +170,7 @@ def run_dev(*, fresh: bool = False, demo: bool = False, state: Path = STATE_DIR)
                 "secret_keys": secret_keys,
                 "sealing_keys": sealing_keys,
                 "metrics_port": base.metrics_port or free_port(),
+                "metrics_host": LOOPBACK,  # a dev stack is nobody else's business
             }
         )
         upgrade(settings.database_url)
