@@ -10,9 +10,17 @@ import pytest
 from pydantic import ValidationError
 
 from app.sdk import InvalidArgument, Job, QuartermasterClient, QuartermasterError
-from tests.unit.test_sdk_job import Server, server  # noqa: F401 - the fixture
+from tests.unit.test_sdk_client import RecordingProducer
+from tests.unit.test_sdk_job import Server
 
-SHA = "0" * 64
+
+@pytest.fixture
+def server() -> Server:
+    """A client whose requests a fake Quartermaster answers (grants, finishes)."""
+    producer = RecordingProducer()
+    client = QuartermasterClient("127.0.0.1:1", request_timeout=1.0)
+    client._producer = producer  # type: ignore[assignment]
+    return Server(client, producer)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +64,7 @@ IN_THE_BODY: dict[str, Call] = {
         sha256="no",
         content_type="text/html",
         size=-1,
-    ),  # fmt: skip
+    ),
 }
 
 
