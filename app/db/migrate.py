@@ -7,14 +7,17 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from app.settings import asyncpg_url
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def alembic_config(database_url: str) -> Config:
-    """An Alembic config pointing at our migrations and the given database."""
+    """An Alembic config pointing at our migrations and the given database (any PostgreSQL URL
+    form, read with the project's driver as the settings read it)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    cfg.set_main_option("sqlalchemy.url", asyncpg_url(database_url).replace("%", "%%"))
     return cfg
 
 
