@@ -61,3 +61,12 @@ def test_newcomer_a_bad_setting_is_one_line_naming_the_variable_and_exit_2(
     assert lines[0].startswith(named), lines[0]
     assert "Traceback" not in done.stderr + done.stdout
     assert "hunter2" not in done.stderr + done.stdout  # a value may be a secret: never echoed
+
+
+def test_newcomer_the_metrics_address_is_a_setting_every_interface_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("QM_METRICS_HOST", raising=False)
+    assert Settings().metrics_host == "0.0.0.0"  # production's probes and scraper reach it
+    monkeypatch.setenv("QM_METRICS_HOST", "127.0.0.1")
+    assert Settings().metrics_host == "127.0.0.1"
