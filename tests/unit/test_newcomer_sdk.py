@@ -68,6 +68,21 @@ IN_THE_BODY: dict[str, Call] = {
 }
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"on_dead_session": "retry"}, {"storage_state": {}}],
+    ids=["on_dead_session", "storage_state"],
+)
+async def test_newcomer_a_browser_context_with_a_bad_option_is_a_quartermaster_error(
+    server: Server, options: dict[str, Any]
+) -> None:
+    async with server.client.job(site="example", lease_seconds=60) as job:
+        with pytest.raises(InvalidArgument) as raised:
+            async with job.browser_context(object(), **options):  # type: ignore[arg-type]
+                pytest.fail("the body must not run")
+        assert str(raised.value).startswith("job.browser_context: "), raised.value
+
+
 @pytest.mark.parametrize("call", list(IN_THE_BODY))
 async def test_newcomer_every_job_method_refuses_a_bad_value_with_a_quartermaster_error(
     server: Server, call: str
