@@ -31,6 +31,7 @@ from app.devstack import ServiceUnavailable
 from app.errors import _sqlstate as sqlstate_of
 from app.sdk.connection_check import why_unreachable
 from app.settings import SettingsError, get_settings
+from app.transport import BrokerRefused
 
 DEV_ENV_HINT = (
     "to use a running `make dev`, load its settings first: set -a; . ./.qm-dev.env; set +a"
@@ -99,6 +100,8 @@ def _raised_in(exc: BaseException, package: str) -> bool:
 
 def explain(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None for an error no operator can fix (a bug)."""
+    if isinstance(exc, BrokerRefused):
+        return f"{exc} ({_kafka_variables(str(exc))})"
     if isinstance(exc, ServiceUnavailable | MissingKey | SettingsError):
         return str(exc)
     if isinstance(exc, ArgumentError):
@@ -126,6 +129,8 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         detail = exc.strerror or type(exc).__name__
         if _raised_in(exc, "asyncpg") or _raised_in(exc, "sqlalchemy"):
+            if isinstance(exc, ssl.SSLError):
+                detail += "; check QM_DATABASE_SSL_CAFILE"
             return database_unreachable(detail)
         if _raised_in(exc, "aiokafka"):
             return broker_unreachable(detail)
