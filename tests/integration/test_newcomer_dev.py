@@ -57,10 +57,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
     running = Stack(cwd, proc, log)
+
+    def ready() -> str:
+        assert proc.poll() is None, log.read_text(errors="replace")  # it stopped: say why
+        return running.banner()
+
     try:
-        eventually_sync(
-            lambda: proc.poll() is None and running.banner(), timeout=READY_SECONDS, every=0.2
-        )
+        eventually_sync(ready, timeout=READY_SECONDS, every=0.2)
         yield running
     finally:
         if proc.poll() is None:
