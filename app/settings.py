@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from functools import lru_cache
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # the driver every process uses; URLs of another PostgreSQL driver are read as this one
@@ -343,21 +345,27 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}{name}"
 
 
-def _variable(field: str) -> str:
-    """The environment variable that sets ``field`` (its first name, when it has several)."""
-    alias = Settings.model_fields[field].validation_alias
-    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
-        return alias.choices[0]
-    return f"QM_{field.upper()}"
+def _named(loc: str) -> tuple[FieldInfo | None, str]:
+    """The field an error's location is, and the variable that set it (of its names, the one
+    in the environment)."""
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names = (
+            [n for n in alias.choices if isinstance(n, str)]
+            if isinstance(alias, AliasChoices)
+            else []
+        )
+        names = names or [f"QM_{field.upper()}"]
+        if loc == field or loc in names:
+            return info, next((name for name in names if name in os.environ), names[0])
+    return None, loc.upper()
 
 
 def settings_error(exc: ValidationError) -> SettingsError:
     """One line naming each bad variable and what it takes (never its value: it may be a secret)."""
     problems = []
     for error in exc.errors(include_url=False, include_input=False):
-        field = str(error["loc"][0]) if error["loc"] else ""
-        known = Settings.model_fields.get(field)
-        name = _variable(field) if known else field.upper()
+        known, name = _named(str(error["loc"][0]) if error["loc"] else "")
         said = str(error["msg"]).removeprefix("Value error, ")
         if said.startswith("takes "):  # our own validators say what it takes
             problems.append(f"{name} {said}")

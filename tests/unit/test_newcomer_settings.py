@@ -49,6 +49,7 @@ def _qm(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (("run", "worker"), "QM_LOG_FORMAT", "xml", "QM_LOG_FORMAT is not valid: input should be 'console' or 'json'"),
         (("top", "--once"), "QM_DATABASE_URL", "mysql://qm:hunter2@db/qm", "QM_DATABASE_URL takes a PostgreSQL URL"),
         (("jobs", "list"), "QM_KAFKA_SECURITY_PROTOCOL", "TLS", "QM_KAFKA_SECURITY_PROTOCOL is not valid"),
+        (("accounts", "list"), "DATABASE_URL", "mysql://qm:hunter2@db/qm", "DATABASE_URL takes a PostgreSQL URL"),
     ],
 )  # fmt: skip
 def test_newcomer_a_bad_setting_is_one_line_naming_the_variable_and_exit_2(
