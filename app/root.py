@@ -193,7 +193,7 @@ async def run_processes(settings: Settings, names: list[str]) -> None:
     ]
     root.health.transport = TransportReport(settings)
     if settings.metrics_port:
-        root.health.serve(settings.metrics_port, loop)
+        root.health.serve(settings.metrics_port, loop, settings.metrics_host)
     watcher = asyncio.create_task(root.health.watch(stop), name="health")
     log.info("processes_started", processes=names)
     stopper = asyncio.create_task(stop.wait())

@@ -30,7 +30,7 @@ from app.crypto import MissingKey
 from app.devstack import ServiceUnavailable
 from app.errors import _sqlstate as sqlstate_of
 from app.sdk.connection_check import refusal
-from app.settings import get_settings
+from app.settings import SettingsError, get_settings
 from app.transport import BrokerRefused
 
 DEV_ENV_HINT = (
@@ -102,12 +102,12 @@ def explain(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None for an error no operator can fix (a bug)."""
     if isinstance(exc, BrokerRefused):
         return f"{exc} ({_kafka_variables(str(exc))})"
-    if isinstance(exc, ServiceUnavailable | MissingKey):
+    if isinstance(exc, ServiceUnavailable | MissingKey | SettingsError):
         return str(exc)
     if isinstance(exc, ArgumentError):
         return (
             "QM_DATABASE_URL is not a database URL: give one like "
-            "postgresql+asyncpg://user:password@host:5432/database"
+            "postgresql://user:password@host:5432/database"
         )
     if isinstance(exc, KafkaError):
         return broker_unreachable(type(exc).__name__)

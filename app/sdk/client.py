@@ -32,6 +32,7 @@ from app.sdk.connection_check import refusal
 from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
+    InvalidArgument,
     QuartermasterError,
     RequestTimeout,
     SecretUndecryptable,
@@ -108,7 +109,10 @@ class QuartermasterClient:
         job again: a collector that restarts and means to start its expired jobs again keeps
         its key."""
         if reply_partition is not None:
-            reply_partition_value(reply_partition)  # ValueError when it cannot be a partition
+            try:
+                reply_partition_value(reply_partition)
+            except ValueError as exc:  # documented: every error of the SDK is one of its own
+                raise InvalidArgument("QuartermasterClient", [f"reply_partition: {exc}"]) from None
         self.bootstrap_servers = bootstrap_servers
         self.topic_prefix = topic_prefix
         self.request_topic = f"{topic_prefix}requests"
