@@ -128,15 +128,16 @@ class Health:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), CHECK_INTERVAL_SECONDS)
 
-    def serve(self, port: int, loop: asyncio.AbstractEventLoop, addr: str = "0.0.0.0") -> int:
-        """Serve /metrics, /healthz and /readyz on ``port`` in a thread; return the bound port."""
+    def serve(self, port: int, loop: asyncio.AbstractEventLoop, addr: str) -> int:
+        """Serve /metrics, /healthz and /readyz on ``addr``:``port`` in a thread; return the bound
+        port."""
         self._loop = loop
         self._server = make_server(
             addr, port, self.wsgi_app, ThreadingWSGIServer, handler_class=_QuietHandler
         )
         threading.Thread(target=self._server.serve_forever, name="health", daemon=True).start()
         bound = int(self._server.server_address[1])
-        log.info("health_endpoint_started", port=bound)
+        log.info("health_endpoint_started", host=addr, port=bound)
         return bound
 
     def close(self) -> None:

@@ -208,7 +208,7 @@ async def run_processes(settings: Settings, names: list[str]) -> None:
     tasks = [asyncio.create_task(_run_one(process(w.process), w), name=w.process) for w in wirings]
     root.health.transport = TransportReport(settings)
     if settings.metrics_port:
-        root.health.serve(settings.metrics_port, loop)
+        root.health.serve(settings.metrics_port, loop, settings.metrics_host)
     watcher = asyncio.create_task(root.health.watch(stop), name="health")
     log.info("processes_started", processes=names)
     stopper = asyncio.create_task(stop.wait())

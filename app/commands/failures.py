@@ -59,12 +59,12 @@ def broker_unreachable(detail: str) -> str:
     import asyncio
 
     from app.kafka import client_options  # the probe speaks as the failed client did
-    from app.sdk.connection_check import why_unreachable
+    from app.sdk.connection_check import refusal
     from app.settings import get_settings
 
     settings = get_settings()
     servers = settings.kafka_bootstrap_servers
-    reason = asyncio.run(why_unreachable(servers, client_options(settings)))
+    reason = asyncio.run(refusal(servers, client_options(settings)))
     if reason:
         return f"the Kafka broker cannot be used: {reason} ({_kafka_variables(reason)})"
     message = f"the Kafka broker at {servers} cannot be reached ({detail})"
@@ -107,16 +107,17 @@ def explain(exc: BaseException) -> str | None:
     from app.crypto import MissingKey
     from app.devstack import ServiceUnavailable
     from app.errors import _sqlstate as sqlstate_of
+    from app.settings import SettingsError
     from app.transport import BrokerRefused
 
     if isinstance(exc, BrokerRefused):
         return f"{exc} ({_kafka_variables(str(exc))})"
-    if isinstance(exc, ServiceUnavailable | MissingKey):
+    if isinstance(exc, ServiceUnavailable | MissingKey | SettingsError):
         return str(exc)
     if isinstance(exc, ArgumentError):
         return (
             "QM_DATABASE_URL is not a database URL: give one like "
-            "postgresql+asyncpg://user:password@host:5432/database"
+            "postgresql://user:password@host:5432/database"
         )
     if isinstance(exc, KafkaError):
         return broker_unreachable(type(exc).__name__)

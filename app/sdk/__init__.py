@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
+    InvalidArgument,
     JobRejected,
     LeaseLost,
     NoUploadKey,
@@ -48,6 +49,7 @@ __all__ = [
     "Account",
     "BrokerUnavailable",
     "ClientClosed",
+    "InvalidArgument",
     "Job",
     "JobRejected",
     "LeaseLost",

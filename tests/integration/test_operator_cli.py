@@ -152,7 +152,7 @@ async def test_tables_on_a_terminal_wrap_long_values_instead_of_cutting_them(
     await make_site(engine, settings)
     job_id = "a-job-with-a-rather-long-identifier-0123456789abcdef-0123456789"
     await processor.process(start(settings, job_id))
-    # a terminal 60 columns wide (piped, tables keep each value on one line: test_newcomer_cli)
+    # a terminal 60 columns wide (piped, tables keep each value on one line: test_newcomer_cli_answers)
     result = await qm("jobs", "list", env={"COLUMNS": "60", "TTY_COMPATIBLE": "1"})
     assert result.exit_code == 0, result.output
     shown = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)

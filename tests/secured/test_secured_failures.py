@@ -79,7 +79,7 @@ async def test_secured_plaintext_client_is_told_the_broker_wants_more(
     settings: Settings, secured_stack: SecuredStack
 ) -> None:
     code, output, seconds = await asyncio.to_thread(
-        qm, settings, "topics", kafka_security_protocol="PLAINTEXT", kafka_sasl_mechanism=""
+        qm, settings, "topics", kafka_security_protocol="PLAINTEXT", kafka_sasl_mechanism=None
     )
     assert_one_line(code, output, seconds, "TLS or SASL", "QM_KAFKA_SECURITY_PROTOCOL")
 
