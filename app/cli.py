@@ -11,6 +11,7 @@ from rich.console import Console
 from app.bench import bench_app
 from app.commands.accounts import accounts_app
 from app.commands.asyncapi import asyncapi
+from app.commands.audit import audit_app
 from app.commands.captures import captures_app
 from app.commands.dlt import dlt_app
 from app.commands.domains import domains_app
@@ -44,6 +45,7 @@ app.command("asyncapi")(asyncapi)
 app.add_typer(captures_app, name="captures")
 app.add_typer(keys_app, name="keys")
 app.add_typer(outbox_app, name="outbox")
+app.add_typer(audit_app, name="audit")
 console = Console()
 err = Console(stderr=True)
 
