@@ -29,6 +29,7 @@ from app.settings import Settings
 from app.store import Database
 from reapers.runner import run_reapers
 from workers.alerts import run_alerts
+from workers.auditor import run_auditor
 from workers.claim import run_claim_worker
 from workers.handoff import run_handoff_worker
 from workers.relay import run_relay
@@ -166,6 +167,7 @@ PROCESSES: dict[str, Process] = {
     "reaper": run_reapers,
     "handoff": run_handoff_worker,
     "alerts": run_alerts,
+    "auditor": run_auditor,
 }
 
 

@@ -234,6 +234,15 @@ class Checker:
                 (lease.position,),
             )
 
+    def release_until(self, at: float) -> None:
+        """Apply every held fact of ``at`` or before (a live audit: nothing older can come now)."""
+        self._release(at)
+
+    @property
+    def newest(self) -> float | None:
+        """The database time of the newest fact read."""
+        return None if self._newest == float("-inf") else self._newest
+
     def finish(self) -> Summary:
         """Apply what is still held, flag the leases that never ended, and sum up."""
         self._release(float("inf"))

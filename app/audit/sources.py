@@ -71,7 +71,7 @@ async def consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
         await client.stop()
 
 
-async def _partitions(settings: Settings, topic: str) -> set[int]:
+async def partitions(settings: Settings, topic: str) -> set[int]:
     """The topic's partition numbers, from the cluster's metadata (empty: no such topic)."""
     admin = AIOKafkaAdminClient(
         **client_options(settings), request_timeout_ms=int(CONNECT_TIMEOUT_SECONDS * 1000)
@@ -98,11 +98,11 @@ async def _ranges(
     settings: Settings, client: AIOKafkaConsumer, topic: str, window: Window
 ) -> dict[TopicPartition, tuple[int, int]]:
     """Per partition of the window, the first offset to read and the one to stop before."""
-    partitions = await _partitions(settings, topic)
-    if not partitions:
+    known = await partitions(settings, topic)
+    if not known:
         raise SourceError(f"no topic {topic} on the broker")
-    wanted = sorted(partitions if window.partitions is None else window.partitions)
-    missing = [p for p in wanted if p not in partitions]
+    wanted = sorted(known if window.partitions is None else window.partitions)
+    missing = [p for p in wanted if p not in known]
     if missing:
         raise SourceError(f"{topic} has no partition {missing[0]}")
     tps = [TopicPartition(topic, p) for p in wanted]
