@@ -9,6 +9,9 @@ from datetime import datetime
 from enum import IntEnum
 from typing import Any, NamedTuple
 
+# a decoder built once: ``json.loads`` would build the same one and sniff the encoding per event
+_decode = json.JSONDecoder().decode
+
 
 class Position(NamedTuple):
     """Where an event was read: a topic's partition and offset (a file: its name, 0, its line)."""
@@ -99,7 +102,7 @@ def read_fact(value: bytes | str | None, position: Position) -> Fact | None:
     if value is None:
         raise Unreadable("no value")
     try:
-        doc = json.loads(value)
+        doc = _decode(value.decode() if isinstance(value, bytes) else value)
     except (ValueError, UnicodeDecodeError):
         raise Unreadable("not JSON") from None
     if not isinstance(doc, dict):
