@@ -59,15 +59,36 @@ def _setup() -> None:
 @app.command()
 def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply database migrations."""
+    from app.db.engine import connect_args
     from app.db.migrate import upgrade
 
-    upgrade(get_settings().database_url, revision)
+    settings = get_settings()
+    upgrade(settings.database_url, revision, connect_args(settings))
     console.print(f"[green]database migrated to {revision}[/]")
 
 
 @app.command("topics")
-def topics_create() -> None:
+def topics_create(
+    acls: Annotated[
+        bool,
+        typer.Option(
+            "--acls", help="Print the broker's ACL set as kafka-acls commands instead (no change)"
+        ),
+    ] = False,
+    collector: Annotated[
+        list[str] | None,
+        typer.Option(help="A collector principal (SASL user) for --acls; repeat for several"),
+    ] = None,
+) -> None:
     """Create every Kafka topic Quartermaster uses (existing ones are left alone)."""
+    if acls:
+        from app.kafka_acls import COLLECTOR, acl_commands, acl_set
+
+        settings = get_settings()
+        grants = acl_set(settings, collectors=collector or [COLLECTOR])
+        for line in acl_commands(grants, settings.kafka_bootstrap_servers):
+            print(line)
+        return
     from app.kafka import ensure_topics
 
     quiet_kafka_client()  # an unreachable broker is the command's one line, not a log per try

@@ -24,7 +24,13 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of PostgreSQL (asyncpg driver). DATABASE_URL also works.",
     )
     database_pool_size: int = Field(10, description="Connections each process keeps open.")
-    database_ssl: bool = Field(False, description="Require TLS to PostgreSQL.")
+    database_ssl: bool = Field(
+        False, description="Require TLS to PostgreSQL, verifying its certificate and host name."
+    )
+    database_ssl_cafile: str | None = Field(
+        None,
+        description="CA bundle that signed PostgreSQL's certificate (default: the system's CAs).",
+    )
     kafka_bootstrap_servers: str = Field(
         "127.0.0.1:9092",
         validation_alias=AliasChoices("QM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),

@@ -8,8 +8,10 @@ error that is none of these is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import ssl
 import sys
 import traceback
 from collections.abc import Sequence
@@ -27,6 +29,7 @@ from typer.core import TyperGroup
 from app.crypto import MissingKey
 from app.devstack import ServiceUnavailable
 from app.errors import _sqlstate as sqlstate_of
+from app.sdk.connection_check import why_unreachable
 from app.settings import get_settings
 
 DEV_ENV_HINT = (
@@ -57,11 +60,28 @@ def database_unreachable(detail: str) -> str:
 
 
 def broker_unreachable(detail: str) -> str:
-    servers = get_settings().kafka_bootstrap_servers
+    settings = get_settings()
+    servers = settings.kafka_bootstrap_servers
+    from app.kafka import client_options  # the probe speaks as the failed client did
+
+    reason = asyncio.run(why_unreachable(servers, client_options(settings)))
+    if reason:
+        return f"the Kafka broker cannot be used: {reason} ({_kafka_variables(reason)})"
     message = f"the Kafka broker at {servers} cannot be reached ({detail})"
     if _unset("QM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"):
         message += f"; QM_KAFKA_BOOTSTRAP_SERVERS is not set: {DEV_ENV_HINT}"
     return message
+
+
+def _kafka_variables(reason: str) -> str:
+    """The settings that decide what ``reason`` names."""
+    if "credentials" in reason:
+        return "QM_KAFKA_SASL_USERNAME, QM_KAFKA_SASL_PASSWORD"
+    if "certificate" in reason or "TLS" in reason:
+        return "QM_KAFKA_SSL_CAFILE, QM_KAFKA_SECURITY_PROTOCOL"
+    if "PLAINTEXT" in reason:
+        return "QM_KAFKA_SECURITY_PROTOCOL"
+    return "QM_KAFKA_BOOTSTRAP_SERVERS"
 
 
 def _database_message(exc: DBAPIError) -> str:
@@ -87,6 +107,10 @@ def explain(exc: BaseException) -> str | None:
             "postgresql+asyncpg://user:password@host:5432/database"
         )
     if isinstance(exc, KafkaError):
+        return broker_unreachable(type(exc).__name__)
+    if isinstance(exc, ssl.SSLError) and not (
+        _raised_in(exc, "asyncpg") or _raised_in(exc, "sqlalchemy")
+    ):
         return broker_unreachable(type(exc).__name__)
     if isinstance(exc, DBAPIError):
         code = sqlstate_of(exc)

@@ -21,15 +21,20 @@ def make_engine(
     ``pre_ping=False`` skips the test query on each checkout; for callers that retry a failed
     transaction anyway (the claim worker), where it would be one more round trip per request.
     """
-    connect_args: dict[str, Any] = {}
-    if settings.database_ssl:
-        connect_args["ssl"] = ssl.create_default_context()
     return create_async_engine(
         settings.database_url,
         pool_size=pool_size or settings.database_pool_size,
         max_overflow=5,
         pool_pre_ping=pre_ping,
         hide_parameters=True,
-        connect_args=connect_args,
+        connect_args=connect_args(settings),
         **kwargs,
     )
+
+
+def connect_args(settings: Settings) -> dict[str, Any]:
+    """asyncpg's connection options: with ``QM_DATABASE_SSL``, TLS that verifies the server's
+    certificate (against ``QM_DATABASE_SSL_CAFILE``, else the system's CAs) and host name."""
+    if not settings.database_ssl:
+        return {}
+    return {"ssl": ssl.create_default_context(cafile=settings.database_ssl_cafile)}

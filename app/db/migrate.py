@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -10,17 +11,21 @@ from alembic.config import Config
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def alembic_config(database_url: str) -> Config:
-    """An Alembic config pointing at our migrations and the given database."""
+def alembic_config(database_url: str, connect_args: dict[str, Any] | None = None) -> Config:
+    """An Alembic config pointing at our migrations and the given database; ``connect_args``
+    are the driver's connection options (TLS: ``app.db.engine.connect_args``)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    cfg.attributes["connect_args"] = connect_args or {}
     return cfg
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(
+    database_url: str, revision: str = "head", connect_args: dict[str, Any] | None = None
+) -> None:
     """Apply migrations up to ``revision``."""
-    command.upgrade(alembic_config(database_url), revision)
+    command.upgrade(alembic_config(database_url, connect_args), revision)
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:

@@ -17,11 +17,12 @@ import uuid
 from base64 import urlsafe_b64encode
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
 from app.devstack import ServiceUnavailable, free_port
+from app.devstack.secured_kafka import ADMIN, BrokerSecurity, apply_acls
 
 INFRA = Path(__file__).resolve().parents[2] / "infra" / "kafka"
 
@@ -29,11 +30,8 @@ SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+{listeners}
 log.dirs={log_dir}
 num.partitions=1
 auto.create.topics.enable={auto_create_topics}
@@ -46,6 +44,11 @@ group.initial.rebalance.delay.ms=0
 log.flush.interval.messages=9223372036854775807
 message.max.bytes=4194304
 """
+PLAINTEXT_LISTENERS = """\
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT"""
 
 
 def cache_dir() -> Path:
@@ -71,7 +74,7 @@ def _require(tool: str, why: str) -> str:
 def ensure_jars() -> Path:
     """Fetch the Kafka broker jars with Maven unless the cache already has them."""
     libs = cache_dir()
-    if any(libs.glob("kafka_2.13-*.jar")):
+    if any(libs.glob("kafka_2.13-*.jar")) and any(libs.glob("kafka-tools-[0-9]*.jar")):
         return libs
     mvn = _require("mvn", "Maven fetches the Apache Kafka jars from Maven Central")
     _require("java", "the broker runs on Java 17")
@@ -88,13 +91,17 @@ def ensure_jars() -> Path:
     return libs
 
 
-async def wait_for_metadata(bootstrap: str, timeout: float = 60.0) -> None:
+async def wait_for_metadata(
+    bootstrap: str, timeout: float = 60.0, options: dict[str, Any] | None = None
+) -> None:
     """Return once the broker answers a metadata request, or raise ServiceUnavailable."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # refused connects are expected here
     while time.monotonic() < deadline:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=3000, **(options or {})
+        )
         try:
             await admin.start()
             await admin.list_topics()
@@ -114,11 +121,19 @@ async def wait_for_metadata(bootstrap: str, timeout: float = 60.0) -> None:
 class KafkaBroker:
     """A running single-node KRaft broker on free loopback ports; ``with`` stops it."""
 
-    def __init__(self, *, heap: str = "768m", auto_create_topics: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        heap: str = "768m",
+        auto_create_topics: bool = True,
+        security: BrokerSecurity | None = None,
+    ) -> None:
         """``auto_create_topics=False`` makes it refuse unknown topics, as production brokers
-        usually do (a deleted topic then stays deleted)."""
+        usually do (a deleted topic then stays deleted). ``security``: one SASL_SSL listener
+        with ACLs instead of the PLAINTEXT one (``app.devstack.secured_kafka``)."""
         self.heap = heap
         self.auto_create_topics = auto_create_topics
+        self.security = security
         self.port = 0
         self.workdir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -141,18 +156,25 @@ class KafkaBroker:
         self.port = free_port()
         controller_port = free_port()
         config = self.workdir / "server.properties"
+        config.touch(mode=0o600)  # a secured broker's file holds the admin's password
+        listeners = (
+            self.security.listeners(self.port, controller_port)
+            if self.security
+            else PLAINTEXT_LISTENERS.format(port=self.port, controller_port=controller_port)
+        )
         config.write_text(
             SERVER_PROPERTIES.format(
-                port=self.port,
                 controller_port=controller_port,
+                listeners=listeners,
                 log_dir=self.workdir / "data",
                 auto_create_topics=str(self.auto_create_topics).lower(),
             )
         )
         cluster_id = new_cluster_id()
+        users = self.security.format_arguments() if self.security else []
         fmt = subprocess.run(
             [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-             "-c", str(config)],
+             "-c", str(config), *users],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if fmt.returncode != 0:
@@ -164,7 +186,7 @@ class KafkaBroker:
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
-            asyncio.run(wait_for_metadata(self.bootstrap, timeout))
+            asyncio.run(wait_for_metadata(self.bootstrap, timeout, self.admin_options()))
         except ServiceUnavailable:
             output = (self.workdir / "broker.log").read_text(errors="replace")[-3000:]
             self.stop()
@@ -188,7 +210,16 @@ class KafkaBroker:
              f"{cache_dir()}/*", "kafka.Kafka", str(self.workdir / "server.properties")],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        asyncio.run(wait_for_metadata(self.bootstrap, timeout))
+        asyncio.run(wait_for_metadata(self.bootstrap, timeout, self.admin_options()))
+
+    def admin_options(self) -> dict[str, Any]:
+        """aiokafka options of a super user (none for the PLAINTEXT broker)."""
+        return self.security.aiokafka_options(ADMIN) if self.security else {}
+
+    def add_acls(self, commands: list[list[str]]) -> None:
+        """Apply ACLs to the secured broker: each command is kafka-acls' ``--add ...`` arguments."""
+        assert self.security is not None and self.workdir is not None, "a secured, started broker"
+        apply_acls(f"{cache_dir()}/*", self.bootstrap, self.security, self.workdir, commands)
 
     def stop(self) -> None:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after 20 s) and remove its data."""

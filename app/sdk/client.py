@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from app.sdk.connection_check import why_unreachable
 from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
@@ -233,6 +234,12 @@ class QuartermasterClient:
             await client.start()
         except KafkaError as exc:
             await client.stop()
+            if isinstance(exc, KafkaConnectionError):  # say why: credentials, certificate ...
+                reason = await why_unreachable(self.bootstrap_servers, self._security)
+                if reason:
+                    raise BrokerUnavailable(
+                        self.bootstrap_servers, f"cannot be used: {reason}"
+                    ) from None
             raise self._unavailable(exc) from exc
         except BaseException:
             await client.stop()

@@ -16,7 +16,10 @@ def _run(connection: Connection) -> None:
 
 
 async def _main() -> None:
-    engine = create_async_engine(context.config.get_main_option("sqlalchemy.url") or "")
+    engine = create_async_engine(
+        context.config.get_main_option("sqlalchemy.url") or "",
+        connect_args=context.config.attributes.get("connect_args", {}),
+    )
     async with engine.connect() as conn:
         await conn.run_sync(_run)
         await conn.commit()
