@@ -3,9 +3,11 @@
 Facts are applied in the order of the database's clock (``db_at``): events of one account's
 leases travel under different keys, so partitions deliver them in any order; a reorder buffer
 holds ``reorder_seconds`` of history and releases the oldest first. What it keeps between facts
-is bounded by what is live (leases, held seeds), by accounts and sites, and by the facts of the
-last ``horizon_seconds`` (ended leases and handed-off captures, remembered to catch a second
-end or hand-off): never by the length of the history (docs/audit.md).
+is bounded by what is live (leases, held seeds), by accounts and sites (each account's first
+token and last end, which catch a second end of its leases however late), and by the facts of
+the last ``horizon_seconds`` (ended leases and handed-off captures, kept to tell a relay's
+duplicate from a second end or hand-off, with both events): never by the history's length
+(docs/audit.md).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ class Checker:
         *,
         reorder_seconds: float = 300.0,
         grace_seconds: float = 300.0,
-        horizon_seconds: float = 86_400.0,
+        horizon_seconds: float = 3_600.0,
         on_violation: Callable[[Violation], None] | None = None,
     ) -> None:
         self.reorder_seconds = reorder_seconds
@@ -165,6 +167,8 @@ class Checker:
         self._expiries: list[tuple[float, int]] = []
         self.holders: dict[str, int] = {}  # account -> token of its live lease
         self.last_token: dict[str, tuple[int, Position]] = {}  # account -> its latest grant
+        self.first_token: dict[str, int] = {}  # account -> its first token in what was read
+        self.last_end: dict[str, tuple[int, float, Position]] = {}  # account -> its latest end
         self.site_live: dict[str, dict[int, None]] = {}  # site -> tokens of its live leases
         self.seeds: dict[str, tuple[int, Position]] = {}  # seed -> holding token
         self.ended = Horizon(horizon_seconds)
@@ -239,6 +243,11 @@ class Checker:
         self._release(at)
 
     @property
+    def pending(self) -> int:
+        """Facts held in the reorder window, not yet applied."""
+        return len(self._pending)
+
+    @property
     def newest(self) -> float | None:
         """The database time of the newest fact read."""
         return None if self._newest == float("-inf") else self._newest
@@ -270,10 +279,9 @@ class Checker:
                 summary.first_at = fact.at
             summary.last_at = self._applied
             summary.facts[fact.type] += 1
-            self._apply[fact.kind](fact)
-        if self._applied != float("-inf"):
             self.ended.forget_before(self._applied)
             self.handed.forget_before(self._applied)
+            self._apply[fact.kind](fact)
 
     def _violate(
         self, kind: str, subject: str, detail: str, at: float, positions: tuple[Position, ...]
@@ -324,6 +332,7 @@ class Checker:
                 )
             else:
                 self.last_token[account] = (token, fact.position)
+            self.first_token.setdefault(account, token)
             self.holders[account] = token
         live = self.site_live.setdefault(fact.site, {})
         if fact.capacity is not None and len(live) >= fact.capacity:
@@ -373,13 +382,15 @@ class Checker:
                 live.pop(token, None)
                 if not live:
                     del self.site_live[lease.site]
-            if lease.account is not None and self.holders.get(lease.account) == token:
-                del self.holders[lease.account]
+            if lease.account is not None:
+                if self.holders.get(lease.account) == token:
+                    del self.holders[lease.account]
+                self.last_end[lease.account] = (token, fact.at, fact.position)
             self.ended.put(token, fact.at, Ended(fact.at, lease.granted_at, fact.position))
             return
         ended = self.ended.entries.get(token)
         if ended is None:
-            self.summary.before_window += 1  # granted before the window, or a refused grant
+            self._end_beyond_horizon(fact)
         elif ended.at == fact.at:
             self.summary.duplicates += 1
         else:
@@ -391,6 +402,30 @@ class Checker:
                 fact.at,
                 (ended.position, fact.position),
             )
+
+    def _end_beyond_horizon(self, fact: Fact) -> None:
+        """An end of a lease neither live nor ended within the horizon: granted before what was
+        read, or a grant refused before it was published (``job.rejected``), unless its account's
+        tokens say its grant was read and so it ended before."""
+        account = fact.account
+        first = None if account is None else self.first_token.get(account)
+        if fact.type == "job.rejected" or first is None or fact.token < first:
+            self.summary.before_window += 1
+            return
+        assert account is not None
+        last = self.last_end.get(account)
+        if last is not None and last[0] == fact.token and last[1] == fact.at:
+            self.summary.duplicates += 1
+            return
+        proof = (last[2], fact.position) if last is not None and last[0] == fact.token else ()
+        self._violate(
+            ENDED_TWICE,
+            f"lease {fact.token}",
+            f"job {fact.subject}'s lease (account {account}) ended again ({fact.type}); its "
+            f"grant was read, and it was no longer live",
+            fact.at,
+            proof or (fact.position,),
+        )
 
     def _seed_take(self, fact: Fact) -> None:
         held = self.seeds.get(fact.subject)

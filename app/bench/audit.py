@@ -132,6 +132,11 @@ def bench_audit(
             checker.feed(Position("bench", 0, offset), value)
         spent += time.perf_counter() - started
         checked += len(batch)
+    held = (
+        f"held at the end: {len(checker.leases):,} live leases, {len(checker.ended.entries):,} "
+        f"ended leases and {len(checker.handed.entries):,} hand-offs of the last "
+        f"{checker.ended.seconds:g} s, {checker.pending:,} events in the reorder window"
+    )
     started = time.perf_counter()
     summary = checker.finish()
     spent += time.perf_counter() - started
@@ -142,6 +147,7 @@ def bench_audit(
         f"{summary.facts.total():,} lease facts, {summary.ignored:,} events of no lease, "
         f"{violations} violations, {summary.unreadable} unreadable"
     )
+    console.print(held)
     if violations or summary.unreadable:
         raise typer.Exit(1)  # the history is clean: a violation here is the checker's error
 

@@ -41,7 +41,7 @@ def leases(
     ] = 300.0,
     horizon_seconds: Annotated[
         float, typer.Option(min=0, help="How long ended leases and hand-offs are remembered")
-    ] = 86_400.0,
+    ] = 3_600.0,
 ) -> None:
     """Check every lease in the history: no account leased twice at once, tokens only growing,
     capacity never exceeded, every grant ended once, seeds and captures never taken twice.

@@ -220,3 +220,28 @@ def test_audit_memory_is_bounded_by_what_is_live_not_by_the_history() -> None:
     assert checker.violations == []
     assert len(checker.leases) == 0 and len(checker.holders) == 0
     assert len(checker.ended.entries) <= 61 and len(checker.handed.entries) <= 61
+
+
+def test_audit_finds_a_second_end_older_than_the_horizon_by_the_accounts_tokens() -> None:
+    h = History()
+    h.grant(0, "j1", 1)
+    h.end(10, "j1", 1)
+    h.events[-1]["account_id"] = "a1"  # an end names its lease's account
+    h.grant(20, "j2", 2)
+    h.end(30, "j2", 2)
+    h.end(5000, "j1", 1, "expired")  # long after the horizon forgot j1's end
+    h.events[-1]["account_id"] = "a1"
+    found = only(h.check(horizon_seconds=60, grace_seconds=10_000))
+    assert found.kind == "ended_twice" and found.positions == (Position("qm.events", 0, 4),)
+
+
+def test_audit_passes_over_a_refused_grant_and_ends_of_leases_granted_before_the_window() -> None:
+    h = History()
+    h.end(0, "old", 1)  # granted before what was read
+    h.events[-1]["account_id"] = "a1"
+    h.grant(10, "j2", 5)
+    h.end(11, "refused", 6, "rejected")  # a grant refused in its own transaction
+    h.events[-1]["account_id"] = "a2"
+    h.end(20, "j2", 5)
+    checker = h.check()
+    assert checker.violations == [] and checker.summary.before_window == 2
