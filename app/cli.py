@@ -153,11 +153,15 @@ def reaper() -> None:
 def dev(
     fresh: Annotated[bool, typer.Option(help="Delete the kept state (.qm-dev/) first")] = False,
     demo: Annotated[bool, typer.Option(help="Add a demo site with three accounts")] = False,
+    containers: Annotated[
+        bool, typer.Option(help="Kafka and PostgreSQL in containers (Docker or Podman)")
+    ] = False,
 ) -> None:
     """Everything on embedded services (no Java needed), state kept in .qm-dev/, then `run all`."""
     from app.devstack.dev import run_dev
 
-    run_dev(fresh=fresh, demo=demo)  # a service that cannot start is one red line (main)
+    # a service that cannot start, or a folder whose stack runs, is one red line (main)
+    run_dev(fresh=fresh, demo=demo, containers=containers)
 
 
 def main() -> None:

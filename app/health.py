@@ -108,6 +108,8 @@ class Health:
 
     def __init__(self) -> None:
         self.processes: dict[str, ProcessHealth] = {}
+        # what protects the connections (app.transport), shown by /readyz; never a readiness check
+        self.transport: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
 
@@ -126,15 +128,16 @@ class Health:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), CHECK_INTERVAL_SECONDS)
 
-    def serve(self, port: int, loop: asyncio.AbstractEventLoop, addr: str = "0.0.0.0") -> int:
-        """Serve /metrics, /healthz and /readyz on ``port`` in a thread; return the bound port."""
+    def serve(self, port: int, loop: asyncio.AbstractEventLoop, addr: str) -> int:
+        """Serve /metrics, /healthz and /readyz on ``addr``:``port`` in a thread; return the bound
+        port."""
         self._loop = loop
         self._server = make_server(
             addr, port, self.wsgi_app, ThreadingWSGIServer, handler_class=_QuietHandler
         )
         threading.Thread(target=self._server.serve_forever, name="health", daemon=True).start()
         bound = int(self._server.server_address[1])
-        log.info("health_endpoint_started", port=bound)
+        log.info("health_endpoint_started", host=addr, port=bound)
         return bound
 
     def close(self) -> None:
@@ -159,7 +162,10 @@ class Health:
         if path == "/readyz":
             found = self._on_loop(self.evaluate(), CHECK_TIMEOUT_SECONDS + 2)
             ready = found is not None and all(all(c.values()) for c in found.values())
-            return _answer(start_response, ready, {"ready": ready, "processes": found or {}})
+            body: dict[str, Any] = {"ready": ready, "processes": found or {}}
+            if self.transport is not None:
+                body["transport"] = self._on_loop(self.transport(), CHECK_TIMEOUT_SECONDS + 2)
+            return _answer(start_response, ready, body)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 

@@ -76,8 +76,9 @@ def acl_set(
             why="the service reads and writes every topic of its prefix, and creates them",
         ),
         AclGrant(
-            service, ("All",), groups=service_groups(settings),
-            why="its claim workers', handoff workers' and alerter's consumer groups",
+            service, ("All",), groups=service_groups(settings), prefixed=True,
+            why="its claim workers', handoff workers' and alerter's consumer groups "
+            "(prefixed: qm bench names its runs' groups after them)",
         ),
     ]  # fmt: skip
     for collector in collectors:

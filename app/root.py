@@ -27,6 +27,7 @@ from app.health import HEALTH, Health, ProcessHealth
 from app.kafka import client_options, faststream_security
 from app.settings import Settings
 from app.store import Database
+from app.transport import TransportReport, refuse_to_start_when_refused, warn_if_in_the_clear
 from reapers.runner import run_reapers
 from workers.alerts import run_alerts
 from workers.auditor import run_auditor
@@ -181,6 +182,8 @@ async def _run_one(process: Process, wiring: Wiring) -> None:
 async def run_processes(settings: Settings, names: list[str]) -> None:
     """Run the named processes together on one ``Root``; SIGINT/SIGTERM stop them all, a crash of
     one stops all."""
+    warn_if_in_the_clear(settings)
+    await refuse_to_start_when_refused(settings)
     root = Root(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -190,8 +193,9 @@ async def run_processes(settings: Settings, names: list[str]) -> None:
     tasks = [
         asyncio.create_task(_run_one(PROCESSES[w.process], w), name=w.process) for w in wirings
     ]
+    root.health.transport = TransportReport(settings)
     if settings.metrics_port:
-        root.health.serve(settings.metrics_port, loop)
+        root.health.serve(settings.metrics_port, loop, settings.metrics_host)
     watcher = asyncio.create_task(root.health.watch(stop), name="health")
     log.info("processes_started", processes=names)
     stopper = asyncio.create_task(stop.wait())

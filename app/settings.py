@@ -3,11 +3,37 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# the driver every process uses; URLs of another PostgreSQL driver are read as this one
+DRIVER = "postgresql+asyncpg"
+_POSTGRES_SCHEME = re.compile(r"^(postgres|postgresql)(\+[A-Za-z0-9_]+)?://", re.IGNORECASE)
+# libpq's name of the TLS mode (what people paste); asyncpg spells it ``ssl``
+_LIBPQ_SSLMODE = re.compile(r"(?<=[?&])sslmode=")
+
+
+class SettingsError(ValueError):
+    """A ``QM_*`` value that cannot be used; the message names each variable and what it takes,
+    never the value (it may be a secret)."""
+
+
+def asyncpg_url(url: str) -> str:
+    """``url`` with the project's driver: ``postgres://``, ``postgresql://`` and
+    ``postgresql+<driver>://`` become ``postgresql+asyncpg://``; query parameters are kept
+    (``sslmode`` under asyncpg's name, ``ssl``)."""
+    found = _POSTGRES_SCHEME.match(url)
+    if found is None:
+        raise ValueError(
+            "takes a PostgreSQL URL such as postgresql://user:password@host:5432/database"
+        )
+    return _LIBPQ_SSLMODE.sub("ssl=", f"{DRIVER}://{url[found.end() :]}")
 
 
 class Settings(BaseSettings):
@@ -21,9 +47,11 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "postgresql+asyncpg://postgres@127.0.0.1:5432/quartermaster",
         validation_alias=AliasChoices("QM_DATABASE_URL", "DATABASE_URL"),
-        description="SQLAlchemy URL of PostgreSQL (asyncpg driver). DATABASE_URL also works.",
+        description="URL of PostgreSQL, e.g. postgresql://user:password@host:5432/database "
+        "(postgres:// and postgresql+<driver>:// are read as postgresql+asyncpg://, the driver "
+        "every process uses; sslmode=… as ssl=…). DATABASE_URL also works.",
     )
-    database_pool_size: int = Field(10, description="Connections each process keeps open.")
+    database_pool_size: int = Field(10, ge=1, description="Connections each process keeps open.")
     database_ssl: bool = Field(
         False, description="Require TLS to PostgreSQL, verifying its certificate and host name."
     )
@@ -36,10 +64,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("QM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
         description="Comma-separated Kafka bootstrap servers. KAFKA_BOOTSTRAP_SERVERS also works.",
     )
-    kafka_security_protocol: str = Field(
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
     )
-    kafka_sasl_mechanism: str | None = Field(
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
         None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
     )
     kafka_sasl_username: str | None = Field(None, description="SASL user name.")
@@ -250,11 +278,20 @@ class Settings(BaseSettings):
     )
 
     # --- operations --------------------------------------------------------------------
-    log_format: str = Field(
+    log_format: Literal["console", "json"] = Field(
         "console", description="'json' in production, 'console' in development."
     )
-    log_level: str = Field("INFO", description="Minimum log level.")
-    metrics_port: int = Field(0, description="Port of the Prometheus and health endpoint (0: off).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Minimum log level: DEBUG, INFO, WARNING, ERROR or CRITICAL."
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the Prometheus and health endpoint (0: off)."
+    )
+    metrics_host: str = Field(
+        "0.0.0.0",
+        description="Address the Prometheus and health endpoint listens on: every interface by "
+        "default, for the scraper and the orchestrator's probes; `qm dev` uses 127.0.0.1.",
+    )
 
     # --- alerts (`qm run alerts`) ------------------------------------------------------
     slack_webhook_url: SecretStr | None = Field(
@@ -292,6 +329,16 @@ class Settings(BaseSettings):
         description="How long past its expiry a lease may stay unended before it is a violation.",
     )
 
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_driver(cls, url: str) -> str:
+        return asyncpg_url(url)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level
+
     def reply_topics(self) -> str:
         """The pattern a ``reply_to`` must match in full."""
         if self.reply_topic_pattern:
@@ -309,7 +356,41 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}{name}"
 
 
+def _named(loc: str) -> tuple[FieldInfo | None, str]:
+    """The field an error's location is, and the variable that set it (of its names, the one
+    in the environment)."""
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names = (
+            [n for n in alias.choices if isinstance(n, str)]
+            if isinstance(alias, AliasChoices)
+            else []
+        )
+        names = names or [f"QM_{field.upper()}"]
+        if loc == field or loc in names:
+            return info, next((name for name in names if name in os.environ), names[0])
+    return None, loc.upper()
+
+
+def settings_error(exc: ValidationError) -> SettingsError:
+    """One line naming each bad variable and what it takes (never its value: it may be a secret)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        known, name = _named(str(error["loc"][0]) if error["loc"] else "")
+        said = str(error["msg"]).removeprefix("Value error, ")
+        if said.startswith("takes "):  # our own validators say what it takes
+            problems.append(f"{name} {said}")
+            continue
+        said = said[:1].lower() + said[1:]
+        about = f" ({known.description.rstrip('.')})" if known and known.description else ""
+        problems.append(f"{name} is not valid: {said}{about}")
+    return SettingsError("; ".join(problems))
+
+
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    return Settings()
+    """The process-wide settings, read once; a bad value raises ``SettingsError``."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise settings_error(exc) from None

@@ -1,6 +1,8 @@
 """Test harness: real Kafka and real PostgreSQL started once per session (or taken from the env).
 
 - ``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` point at existing services instead.
+- ``QM_TEST_SERVICES=containers`` starts both in containers (testcontainers; Docker or Podman)
+  instead of a local KRaft broker and an embedded PostgreSQL. CI does not run this path.
 - Every test gets its own database, created from a migrated template, and its own topic prefix.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import asyncpg
 import pytest
@@ -20,6 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.engine import make_engine
 from app.db.migrate import upgrade
+from app.devstack import ServiceUnavailable
+from app.devstack.containers import kafka_container, postgres_container
 from app.devstack.kafka import KafkaBroker
 from app.devstack.postgres import EmbeddedPostgres
 from app.kafka import ensure_topics
@@ -58,10 +63,28 @@ def _fresh_settings() -> Iterator[None]:
     get_settings.cache_clear()
 
 
+SERVICES = os.environ.get("QM_TEST_SERVICES", "local")
+if SERVICES not in ("local", "containers"):
+    pytest.exit(f"QM_TEST_SERVICES takes local or containers, not {SERVICES!r}", returncode=2)
+
+
+@contextmanager
+def _or_exit() -> Iterator[None]:
+    """A service that cannot start ends the session with its one line (every test needs it)."""
+    try:
+        yield
+    except ServiceUnavailable as exc:
+        pytest.exit(str(exc), returncode=2)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    if SERVICES == "containers":
+        with _or_exit(), kafka_container() as bootstrap:
+            yield bootstrap
         return
     with KafkaBroker() as broker:
         yield broker.bootstrap
@@ -72,6 +95,10 @@ def postgres_admin_url() -> Iterator[str]:
     """URL of a database on the server from which test databases are created."""
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
+        return
+    if SERVICES == "containers":
+        with _or_exit(), postgres_container() as url:
+            yield url
         return
     with EmbeddedPostgres() as pg:
         yield pg.url()

@@ -384,7 +384,11 @@ async def pipelined(
     broker = wiring.broker()
     subscriber = subscribe(broker, wiring.settings, subscription, submit, commits)
     wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
-    await broker.start()
+    try:
+        await broker.start()
+    except BaseException:  # refused at start (credentials, certificate): close what it opened
+        await broker.stop()
+        raise
     committer = asyncio.create_task(
         commits.run(wiring.stop), name=f"offset-commits:{subscription.group}"
     )

@@ -30,7 +30,6 @@ import contextlib
 import json
 import math
 import os
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -53,6 +52,7 @@ from app.bench.lease_runs import (
     warm_up,
 )
 from app.bench.processes import BenchFailed, Child, CpuMeter, rss_mb
+from app.bench.services import bench_names
 from app.bench.services import services as start_services
 from app.kafka import ensure_topics, sdk_client
 from app.logs import configure_logging
@@ -161,12 +161,10 @@ def bench_lease(
 
 
 def bench_settings(bootstrap: str, database_url: str) -> Settings:
-    prefix = f"bench{uuid.uuid4().hex[:8]}."
     return Settings(
         database_url=database_url,
         kafka_bootstrap_servers=bootstrap,
-        topic_prefix=prefix,
-        consumer_group=f"{prefix}workers",
+        **bench_names(),
         secret_keys=Fernet.generate_key().decode(),
         sealing_keys=private_key_text(X25519PrivateKey.generate()),
     )

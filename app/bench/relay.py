@@ -25,7 +25,7 @@ import typer
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.bench.services import services
+from app.bench.services import bench_names, services
 from app.db.engine import make_engine
 from app.kafka import ensure_topics, producer_options
 from app.outbox.relay import Relay
@@ -56,7 +56,7 @@ def bench_relay(
         settings = Settings(
             database_url=database_url,
             kafka_bootstrap_servers=bootstrap,
-            topic_prefix=f"bench{uuid.uuid4().hex[:8]}.",
+            **bench_names(),
             outbox_batch_size=batch_size,
         )
         print(

@@ -10,14 +10,18 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
+from app.db.engine import connect_args
 from app.db.migrate import upgrade
 from app.devstack import ServiceUnavailable
 from app.devstack.kafka import KafkaBroker, wait_for_metadata
 from app.devstack.postgres import EmbeddedPostgres
+from app.kafka import client_options
+from app.settings import get_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +40,15 @@ def services(*, kafka: bool = True) -> Iterator[BenchServices]:
     (``kafka=False``: no broker, for benchmarks of the database alone)."""
     with contextlib.ExitStack() as stack:
         pids: dict[str, int] = {}
+        settings = get_settings()  # how to connect: QM_KAFKA_SECURITY_PROTOCOL, QM_DATABASE_SSL ...
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
         if not kafka:
             pass
         elif bootstrap:
-            asyncio.run(wait_for_metadata(bootstrap, timeout=15))
+            security = {
+                k: v for k, v in client_options(settings).items() if k != "bootstrap_servers"
+            }
+            asyncio.run(wait_for_metadata(bootstrap, 15, security))
         else:
             broker = stack.enter_context(KafkaBroker())
             bootstrap, pids["kafka"] = broker.bootstrap, broker.process.pid if broker.process else 0
@@ -51,20 +59,33 @@ def services(*, kafka: bool = True) -> Iterator[BenchServices]:
             pid_file = Path(postgres.socket_dir) / "postmaster.pid"
             pids["postgres"] = int(read_text(pid_file).split("\n", 1)[0] or 0)
         name = f"qm_bench_{uuid.uuid4().hex[:8]}"
-        durability = asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}"))
+        tls = connect_args(settings)
+        durability = asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}", tls))
         url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
         try:
-            upgrade(url)
+            upgrade(url, connect_args=tls)
             yield BenchServices(bootstrap, url, durability, pids)
         finally:
-            asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", tls))
 
 
-async def _admin(url: str, statement: str) -> str:
+def bench_names() -> dict[str, Any]:
+    """A benchmark run's own topics and consumer groups, named under the configured ones, so a
+    broker's ACLs for the service (prefixed: docs/security.md) cover them."""
+    base, run = get_settings(), f"bench{uuid.uuid4().hex[:8]}"
+    return {
+        "topic_prefix": f"{base.topic_prefix}{run}.",
+        "consumer_group": f"{base.consumer_group}.{run}",
+        "handoff_consumer_group": f"{base.handoff_consumer_group}.{run}",
+        "alert_consumer_group": f"{base.alert_consumer_group}.{run}",
+    }
+
+
+async def _admin(url: str, statement: str, tls: dict[str, Any]) -> str:
     """Run ``statement``; return the server's durability settings."""
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     try:
-        conn = await asyncpg.connect(dsn, timeout=15)
+        conn = await asyncpg.connect(dsn, timeout=15, **tls)
     except (OSError, asyncpg.PostgresError) as exc:
         raise ServiceUnavailable(f"PostgreSQL cannot be reached at DATABASE_URL: {exc}") from exc
     try:

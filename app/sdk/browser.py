@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 
 from playwright.async_api import Browser, BrowserContext
 
-from app.sdk.errors import SessionDead
+from app.sdk.errors import InvalidArgument, SessionDead
 from app.sdk.grants import Session
 from app.sdk.logs import sdk_logger
 from schemas.sessions import browser_snapshot
@@ -66,7 +66,14 @@ async def browser_context(
     ``indexed_db=True`` records IndexedDB as well.
     """
     if "storage_state" in context_options:
-        raise TypeError("browser_context starts from the granted session; drop storage_state")
+        raise InvalidArgument(
+            "job.browser_context", ["storage_state: it starts from the granted session; drop it"]
+        )
+    if not callable(on_dead_session) and on_dead_session not in ("fail", "block", "ignore"):
+        raise InvalidArgument(
+            "job.browser_context",
+            ["on_dead_session: an async function that logs in, 'fail', 'block' or 'ignore'"],
+        )
     started = job.session.state() if job.session is not None else None
     context = await browser.new_context(storage_state=started, **context_options)  # type: ignore[arg-type]
     try:

@@ -28,10 +28,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from app.sdk.connection_check import why_unreachable
+from app.sdk.connection_check import refusal
 from app.sdk.errors import (
     BrokerUnavailable,
     ClientClosed,
+    InvalidArgument,
     QuartermasterError,
     RequestTimeout,
     SecretUndecryptable,
@@ -108,7 +109,10 @@ class QuartermasterClient:
         job again: a collector that restarts and means to start its expired jobs again keeps
         its key."""
         if reply_partition is not None:
-            reply_partition_value(reply_partition)  # ValueError when it cannot be a partition
+            try:
+                reply_partition_value(reply_partition)
+            except ValueError as exc:  # documented: every error of the SDK is one of its own
+                raise InvalidArgument("QuartermasterClient", [f"reply_partition: {exc}"]) from None
         self.bootstrap_servers = bootstrap_servers
         self.topic_prefix = topic_prefix
         self.request_topic = f"{topic_prefix}requests"
@@ -235,7 +239,7 @@ class QuartermasterClient:
         except KafkaError as exc:
             await client.stop()
             if isinstance(exc, KafkaConnectionError):  # say why: credentials, certificate ...
-                reason = await why_unreachable(self.bootstrap_servers, self._security)
+                reason = await refusal(self.bootstrap_servers, self._security)
                 if reason:
                     raise BrokerUnavailable(
                         self.bootstrap_servers, f"cannot be used: {reason}"

@@ -47,11 +47,22 @@ def _why(server: str, exc: BaseException, options: dict[str, Any]) -> str:
     return f"{server}: {type(exc).__name__}"
 
 
+# failures no retry mends: the broker answers, and refuses the client as configured
+REFUSALS = (SaslAuthenticationFailed, ssl.SSLError)
+
+
+async def refusal(bootstrap_servers: str | list[str], options: dict[str, Any]) -> str | None:
+    """``why_unreachable``'s line when a broker answers and refuses the client's credentials or
+    certificate (a process stops at start then: retrying cannot help); None otherwise."""
+    return await why_unreachable(bootstrap_servers, options, only_refusals=True)
+
+
 async def why_unreachable(
-    bootstrap_servers: str | list[str], options: dict[str, Any]
+    bootstrap_servers: str | list[str], options: dict[str, Any], *, only_refusals: bool = False
 ) -> str | None:
     """One line naming why none of ``bootstrap_servers`` accepts a client with ``options``
-    (aiokafka security options); None when one accepts it."""
+    (aiokafka security options); None when one accepts it (or, with ``only_refusals``, when
+    none refuses it: nobody listening is not a refusal)."""
     chosen = {name: value for name, value in options.items() if name in _OPTIONS}
     reasons: list[str] = []
     servers = (
@@ -64,8 +75,15 @@ async def why_unreachable(
                 create_conn(host.strip("[]"), int(port), **chosen), PROBE_SECONDS
             )
         except (KafkaError, OSError, ValueError) as exc:  # TimeoutError is an OSError
-            reasons.append(_why(server, exc, chosen))
+            refused = isinstance(exc, REFUSALS) or (
+                isinstance(exc, KafkaConnectionError)
+                and chosen.get("security_protocol", "PLAINTEXT") == "PLAINTEXT"
+            )
+            if refused or not only_refusals:
+                reasons.append(_why(server, exc, chosen))
             continue
         conn.close()
         return None
+    if only_refusals:
+        return "; ".join(reasons) or None
     return "; ".join(reasons) or f"no bootstrap server in {bootstrap_servers!r}"

@@ -115,3 +115,13 @@ class BrokerUnavailable(QuartermasterError):
     def __init__(self, bootstrap_servers: object, detail: str) -> None:
         super().__init__(f"the Kafka broker at {bootstrap_servers} {detail}")
         self.bootstrap_servers = bootstrap_servers
+
+
+class InvalidArgument(QuartermasterError, ValueError):
+    """An argument the contract does not allow (``lease_seconds=-5``, a ``job_id`` that is no
+    UUID…), refused before anything is sent. The message names each argument and what it takes,
+    never the value given (it may be a secret or a session)."""
+
+    def __init__(self, what: str, problems: list[str]) -> None:
+        super().__init__(f"{what}: {'; '.join(problems)}")
+        self.problems = problems

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import SecretStr, TypeAdapter
 
 from app.sdk import errors
+from app.sdk.arguments import checked, field_value
 from app.sdk.grants import Account, Opener, Session, open_grant, open_lease_secret
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import sdk_logger
@@ -87,7 +88,17 @@ class Job:
         self.lease_seconds = lease_seconds
         self.wait_seconds = wait_seconds
         self.timeout = timeout
-        self._needs = wire.Needs(account=needs_account, seeds=seeds)
+        with checked("client.job"):  # a bad argument is refused here, before anything is sent
+            self._start = wire.JobStart(
+                request_id=new_uuid(),
+                job_id=job_id,
+                site=site,
+                collector=collector,
+                needs=wire.Needs(account=needs_account, seeds=seeds),
+                lease_seconds=lease_seconds,
+                wait_seconds=wait_seconds,
+                public_key=client.public_key,
+            )
         self._grant: wire.JobGranted | None = None
         self._lease_secret = SecretStr("")  # opened from the grant at enter
         self._expires_at: datetime | None = None
@@ -154,14 +165,15 @@ class Job:
 
     def blocked(self, reason: str, cooldown_seconds: int | None = None) -> None:
         """Mark the outcome ``blocked``: the site blocked this account (it rests, or an operator looks)."""
-        self._blocked = (reason[:MAX_REASON_CHARS], cooldown_seconds)
+        cooldown = field_value(wire.JobFinish, "cooldown_seconds", cooldown_seconds, "job.blocked")
+        self._blocked = (reason[:MAX_REASON_CHARS], cooldown)
 
     def set_session_state(self, state: dict[str, Any]) -> None:
         """The browser state (Playwright ``storage_state``) to merge back at finish; sealed to
         Quartermaster at once (``NoUploadKey`` when it announced no key to seal to)."""
-        self._session_state = self._seal_session(
-            _SESSION_STATE.validate_python(state), "job.finish"
-        )
+        with checked("job.set_session_state"):
+            state = _SESSION_STATE.validate_python(state)
+        self._session_state = self._seal_session(state, "job.finish")
 
     def browser_context(
         self, browser: Browser, **options: Any
@@ -184,12 +196,13 @@ class Job:
         """Record how one seed went; the results are sent with ``job.finish`` (the last one of a
         seed counts). ``next_due_seconds`` overrides when the seed is due again (its interval
         after a success, a backoff after a failure); ``reason`` says why it failed."""
-        self._seed_results[seed_id] = wire.SeedResult(
-            seed_id=seed_id,
-            ok=ok,
-            next_due_seconds=next_due_seconds,
-            reason=None if reason is None else reason[:MAX_REASON_CHARS],
-        )
+        with checked("job.seed_done"):
+            self._seed_results[seed_id] = wire.SeedResult(
+                seed_id=seed_id,
+                ok=ok,
+                next_due_seconds=next_due_seconds,
+                reason=None if reason is None else reason[:MAX_REASON_CHARS],
+            )
 
     def report_seed(self, seed_id: str, ok: bool, next_due_seconds: int | None = None) -> None:
         """Same as ``seed_done``."""
@@ -198,7 +211,10 @@ class Job:
     async def claim_seeds(self, n: int) -> list[wire.GrantedSeed]:
         """Up to ``n`` more due seeds of the job's site for this lease (an empty list when none
         is due). Raises ``LeaseLost`` when the lease is gone."""
-        claim = wire.SeedsClaim(request_id=new_uuid(), job_id=self.job_id, limit=n, **self._lease())
+        with checked("job.claim_seeds"):
+            claim = wire.SeedsClaim(
+                request_id=new_uuid(), job_id=self.job_id, limit=n, **self._lease()
+            )
         reply = await self._client.request(claim, timeout=self.timeout)
         if isinstance(reply, wire.JobLeaseLost):
             self._lose(reply.reason)
@@ -227,19 +243,20 @@ class Job:
         again, the same id with another body raises ``RequestConflict``. Raises ``LeaseLost``
         when the job's lease is gone.
         """
-        submit = wire.CaptureSubmit(
-            request_id=new_uuid(),
-            job_id=self.job_id,
-            **self._lease(),
-            capture_id=capture_id or new_id(),
-            url=url,
-            storage_uri=storage_uri,
-            sha256=sha256,
-            content_type=content_type,
-            size=size,
-            captured_at=captured_at or datetime.now(UTC),
-            meta=meta,
-        )
+        with checked("job.submit_capture"):
+            submit = wire.CaptureSubmit(
+                request_id=new_uuid(),
+                job_id=self.job_id,
+                **self._lease(),
+                capture_id=capture_id or new_id(),
+                url=url,
+                storage_uri=storage_uri,
+                sha256=sha256,
+                content_type=content_type,
+                size=size,
+                captured_at=captured_at or datetime.now(UTC),
+                meta=meta,
+            )
         reply = await self._client.request(submit, timeout=self.timeout)
         if isinstance(reply, wire.CaptureAccepted):
             return reply.capture_id
@@ -253,16 +270,7 @@ class Job:
     async def __aenter__(self) -> Job:
         if self._grant is not None:
             raise RuntimeError("a job is entered once; ask the client for a new one")
-        start = wire.JobStart(
-            request_id=new_uuid(),
-            job_id=self.job_id,
-            site=self.site,
-            collector=self.collector,
-            needs=self._needs,
-            lease_seconds=self.lease_seconds,
-            wait_seconds=self.wait_seconds,
-            public_key=self._client.public_key,
-        )
+        start = self._start
         reply = await self._client.request(start, timeout=self.timeout)
         if not isinstance(reply, wire.JobGranted):
             raise _refusal(self.job_id, reply)
@@ -314,13 +322,13 @@ class Job:
     async def upload_session(self, state: dict[str, Any]) -> int:
         """Merge a browser state (Playwright ``storage_state``) into the account's session now,
         sealed to Quartermaster; returns the session's new version."""
+        with checked("job.upload_session"):
+            state = _SESSION_STATE.validate_python(state)
         upload = wire.SessionUpload(
             request_id=new_uuid(),
             job_id=self.job_id,
             **self._lease(),
-            storage_state=self._seal_session(
-                _SESSION_STATE.validate_python(state), "session.upload"
-            ),
+            storage_state=self._seal_session(state, "session.upload"),
         )
         reply = await self._client.request(upload, timeout=self.timeout)
         if isinstance(reply, wire.SessionMerged):
@@ -373,12 +381,13 @@ class Job:
     async def heartbeat(self, extend_seconds: int | None = None) -> datetime:
         """Extend the lease now (the job heartbeats by itself; this is one more, at a moment of
         the caller's choosing); returns the new expiry. Raises ``LeaseLost`` when it is gone."""
-        heartbeat = wire.JobHeartbeat(
-            request_id=new_uuid(),
-            job_id=self.job_id,
-            **self._lease(),
-            extend_seconds=extend_seconds or self.lease_seconds,
-        )
+        with checked("job.heartbeat"):
+            heartbeat = wire.JobHeartbeat(
+                request_id=new_uuid(),
+                job_id=self.job_id,
+                **self._lease(),
+                extend_seconds=extend_seconds or self.lease_seconds,
+            )
         reply = await self._client.request(heartbeat, timeout=self.timeout)
         if isinstance(reply, wire.JobExtended):
             self._expires_at = reply.lease_expires_at

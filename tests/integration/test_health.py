@@ -39,6 +39,11 @@ async def test_a_worker_is_alive_ready_and_measured_once_its_consumer_has_partit
         assert body == {
             "ready": True,
             "processes": {"worker": {"database": True, "broker": True, "consumer_assigned": True}},
+            "transport": {  # what protects the connections (the secured suite: over SASL_SSL)
+                "kafka": {"security_protocol": "PLAINTEXT", "sasl_mechanism": None},
+                "database": {"tls": False},
+                "warnings": [],
+            },
         }
         assert await get_json(f"{base}/healthz") == (200, {"alive": True})
         status, metrics = await get(f"{base}/metrics")

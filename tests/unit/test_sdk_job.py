@@ -10,9 +10,15 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydantic import ValidationError
 
-from app.sdk import Account, JobRejected, NoUploadKey, QuartermasterClient, SecretUndecryptable
+from app.sdk import (
+    Account,
+    InvalidArgument,
+    JobRejected,
+    NoUploadKey,
+    QuartermasterClient,
+    SecretUndecryptable,
+)
 from app.sdk.grants import open_grant
 from app.sealing import load_public_key, private_key_text, public_key_text, seal, unseal_json
 from schemas.messages import GrantedAccount, JobFinished, JobGranted, seal_context
@@ -223,7 +229,7 @@ async def test_the_job_repr_names_ids_but_not_the_secret(server: Server) -> None
 
 async def test_session_state_that_is_not_an_object_is_refused_in_the_body(server: Server) -> None:
     async with server.client.job(site="example", lease_seconds=60) as job:
-        with pytest.raises(ValidationError):
+        with pytest.raises(InvalidArgument):
             job.set_session_state(["not", "an", "object"])  # type: ignore[arg-type]
 
 

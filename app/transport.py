@@ -1,0 +1,138 @@
+"""What protects a process's connections, for operators: the warning at start when a process
+talks to a remote broker or database in the clear, and the ``transport`` section of ``/readyz``
+(the security protocol, and when the broker's certificate expires)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiokafka.helpers import create_ssl_context
+from sqlalchemy.engine import make_url
+
+from app.sdk.connection_check import refusal
+from app.settings import Settings
+
+log = structlog.get_logger()
+
+CERTIFICATE_CACHE_SECONDS = 60.0
+HANDSHAKE_SECONDS = 5.0
+
+
+def _loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _hosts(bootstrap: str) -> list[tuple[str, int]]:
+    found = []
+    for server in (s.strip() for s in bootstrap.split(",") if s.strip()):
+        host, _, port = server.rpartition(":")
+        found.append((host.strip("[]"), int(port) if port.isdigit() else 9092))
+    return found
+
+
+def transport_warnings(settings: Settings) -> list[str]:
+    """Why this process's connections are not protected: a broker or database off this machine
+    reached without TLS (loopback, as ``qm dev`` and the tests run, is not warned about)."""
+    warnings = []
+    protocol = settings.kafka_security_protocol
+    remote = [h for h, _ in _hosts(settings.kafka_bootstrap_servers) if not _loopback(h)]
+    if protocol in ("PLAINTEXT", "SASL_PLAINTEXT") and remote:
+        what = "requests, replies and events" + (
+            " and the SASL password" if protocol == "SASL_PLAINTEXT" else ""
+        )
+        warnings.append(
+            f"Kafka at {', '.join(remote)} is reached over {protocol}: {what} cross the network "
+            "in the clear; set QM_KAFKA_SECURITY_PROTOCOL=SASL_SSL (docs/security.md)"
+        )
+    url = make_url(settings.database_url)
+    host = url.host or ""
+    if url.host and not _loopback(host) and not settings.database_ssl:
+        warnings.append(
+            f"PostgreSQL at {host} is reached without TLS: set QM_DATABASE_SSL=true "
+            "(docs/security.md)"
+        )
+    return warnings
+
+
+def warn_if_in_the_clear(settings: Settings) -> None:
+    """Log each of ``transport_warnings`` once, at a process's start."""
+    for warning in transport_warnings(settings):
+        log.warning("connection_in_the_clear", detail=warning)
+
+
+class BrokerRefused(RuntimeError):
+    """The broker answers and refuses this process's credentials or certificate."""
+
+
+async def refuse_to_start_when_refused(settings: Settings) -> None:
+    """Stop a process at start, with the reason, when the broker refuses how it connects: no
+    retry mends a wrong password or an untrusted certificate (one probe connection)."""
+    from app.kafka import client_options
+
+    reason = await refusal(settings.kafka_bootstrap_servers, client_options(settings))
+    if reason:
+        raise BrokerRefused(f"the Kafka broker cannot be used: {reason}")
+
+
+async def certificate_not_after(host: str, port: int, cafile: str | None) -> datetime:
+    """When the certificate ``host:port`` presents expires (verified against ``cafile``)."""
+    context = create_ssl_context(cafile=cafile)
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=context, server_hostname=host), HANDSHAKE_SECONDS
+    )
+    try:
+        certificate = writer.get_extra_info("peercert") or {}
+    finally:
+        writer.close()
+    return datetime.fromtimestamp(ssl.cert_time_to_seconds(certificate["notAfter"]), UTC)
+
+
+class TransportReport:
+    """The ``transport`` section of ``/readyz``; the certificate is looked at once a minute."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._certificate: tuple[float, dict[str, Any]] | None = None
+
+    async def __call__(self) -> dict[str, Any]:
+        settings = self.settings
+        kafka: dict[str, Any] = {
+            "security_protocol": settings.kafka_security_protocol,
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+        }
+        if settings.kafka_security_protocol.endswith("SSL"):
+            kafka.update(await self._broker_certificate())
+        return {
+            "kafka": kafka,
+            "database": {"tls": settings.database_ssl},
+            "warnings": transport_warnings(settings),
+        }
+
+    async def _broker_certificate(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._certificate and now - self._certificate[0] < CERTIFICATE_CACHE_SECONDS:
+            return self._certificate[1]
+        host, port = _hosts(self.settings.kafka_bootstrap_servers)[0]
+        try:
+            not_after = await certificate_not_after(host, port, self.settings.kafka_ssl_cafile)
+        except (OSError, KeyError, ValueError) as exc:
+            found: dict[str, Any] = {"certificate_error": f"{type(exc).__name__}: {exc}"[:300]}
+        else:
+            days = (not_after - datetime.now(UTC)).total_seconds() / 86400
+            found = {
+                "certificate_expires": not_after.isoformat(),
+                "certificate_days_left": round(days, 1),
+            }
+        self._certificate = (now, found)
+        return found
