@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 # `qm run`'s processes by name, as app.root.PROCESSES has them (tests/unit/test_processes.py
 # keeps the two equal): importing app.root costs what `qm --help` must not pay
-PROCESS_NAMES = ("worker", "relay", "reaper", "handoff", "alerts")
+PROCESS_NAMES = ("worker", "relay", "reaper", "handoff", "alerts", "auditor")
 
 
 class Qm(LazyGroup, OneLineErrors):
@@ -67,6 +67,10 @@ class Qm(LazyGroup, OneLineErrors):
             "app.commands.outbox:outbox_app",
             "Outbox rows the relay gave up on (parked), keeps failing (refused) or dead-lettered "
             "but not yet published: list them, send them again.",
+        ),
+        "audit": Lazy(
+            "app.commands.audit:audit_app",
+            "Check the event history of qm.events for broken promises.",
         ),
     }
 

@@ -177,6 +177,7 @@ PROCESSES: dict[str, str] = {
     "reaper": "reapers.runner:run_reapers",
     "handoff": "workers.handoff:run_handoff_worker",
     "alerts": "workers.alerts:run_alerts",
+    "auditor": "workers.auditor:run_auditor",
 }
 
 

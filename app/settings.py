@@ -318,6 +318,17 @@ class Settings(BaseSettings):
         15.0, description="How often the alerts process checks waiters, outbox lag and recoveries."
     )
 
+    # --- auditor (`qm run auditor`, docs/audit.md) -----------------------------------------
+    audit_reorder_seconds: float = Field(
+        30.0,
+        description="How long the auditor holds events to order them by the database's clock "
+        "before it checks them (how late a relay may publish without a false alarm).",
+    )
+    audit_grace_seconds: float = Field(
+        300.0,
+        description="How long past its expiry a lease may stay unended before it is a violation.",
+    )
+
     @field_validator("database_url")
     @classmethod
     def _asyncpg_driver(cls, url: str) -> str:

@@ -409,6 +409,13 @@ class LifecycleEvent(Message):
     at: datetime
     job_id: str | None = None
     reason: str | None = None
+    # the history `qm audit` checks (docs/audit.md); absent where they do not apply
+    db_at: datetime | None = None  # the database's clock_timestamp() at the transition
+    lease_token: int | None = None  # the lease a job, account or seed event is about
+    account_id: str | None = None  # the account a job's lease holds
+    lease_expires_at: datetime | None = None  # the lease's expiry as the transition left it
+    capacity: int | None = None  # the site's capacity in force at a grant
+    handoff_token: int | None = None  # the handoff claim a capture event is about
 
 
 class TerminalJobEvent(Message):

@@ -39,8 +39,10 @@ class Events:
         status: str,
         job_id: str | None = None,
         reason: str | None = None,
+        history: Row | None = None,
     ) -> None:
-        """One lifecycle event, keyed by the entity's id."""
+        """One lifecycle event, keyed by the entity's id; ``history`` is the transition's row,
+        whose ``db_at`` (the database's clock), lease and handoff fields it carries when present."""
         event = LifecycleEvent(
             type=f"{entity}.{what}",
             entity=entity,
@@ -50,6 +52,7 @@ class Events:
             at=datetime.now(UTC),
             job_id=job_id,
             reason=reason,
+            **({} if history is None else _history(history)),
         )
         # pydantic's own JSON: the same document as json.dumps of model_dump, at a third of the cost
         self.box.add(
@@ -60,7 +63,13 @@ class Events:
         """A job event; a terminal one also goes to ``qm.job-events`` for Airflow sensors."""
         status = str(job["status"])
         self.emit(
-            "job", what, id=job["id"], site=job["site"], status=status, reason=job.get("reason")
+            "job",
+            what,
+            id=job["id"],
+            site=job["site"],
+            status=status,
+            reason=job.get("reason"),
+            history=job,
         )
         terminal = TERMINAL_EVENT_TYPES.get(status)
         if terminal is not None:
@@ -96,4 +105,18 @@ class Events:
             status=str(capture["status"]),
             job_id=capture["job_id"],
             reason=capture.get("last_error"),
+            history=capture,
         )
+
+
+def _history(row: Row) -> dict[str, Any]:
+    """The fields of ``row`` the audit reads (docs/audit.md), those it has."""
+    account_id = row.get("account_id")
+    return {
+        "db_at": row.get("db_at"),
+        "lease_token": row.get("lease_token"),
+        "account_id": None if account_id is None else str(account_id),
+        "lease_expires_at": row.get("lease_expires_at"),
+        "capacity": row.get("capacity"),
+        "handoff_token": row.get("handoff_token"),
+    }

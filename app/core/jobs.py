@@ -138,6 +138,7 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, route: Route) -> Reply:
     )
     if job is None:
         return await refuse_follow_up(tx, req, "lease_extend_refused")
+    tx.events.job("extended", job)  # the lease's new expiry, for the audit's history
     return JobExtended(
         request_id=req.request_id, job_id=req.job_id, lease_expires_at=job["lease_expires_at"]
     ).model_dump(mode="json")

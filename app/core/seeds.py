@@ -54,7 +54,13 @@ async def hand_out(
     urls = await domains.rewrite_urls(tx.conn, site, [row["url"] for row in claimed.seeds])
     for row in claimed.seeds:
         tx.events.emit(
-            "seed", "assigned", id=str(row["id"]), site=site, status="ASSIGNED", job_id=job_id
+            "seed",
+            "assigned",
+            id=str(row["id"]),
+            site=site,
+            status="ASSIGNED",
+            job_id=job_id,
+            history=row,
         )
     log.info("seeds_assigned", job_id=job_id, lease_token=lease_token, seeds=len(claimed.seeds))
     return [
@@ -143,6 +149,7 @@ async def settle(
             status=str(row["status"]),
             job_id=job["id"],
             reason=row["disabled_reason"] if what == "disabled" else None,
+            history=row,
         )
     if settled:
         log.info(

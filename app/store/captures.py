@@ -136,7 +136,7 @@ async def finish_handoff(
             SET status = 'HANDED_OFF', handed_off_at = {NOW}, handoff_expires_at = NULL,
                 last_error = NULL, updated_at = now()
             WHERE id = :id AND status = 'HANDING_OFF' AND handoff_token = :token
-            RETURNING *
+            RETURNING *, clock_timestamp() AS db_at
             """
         ),
         {"id": capture_id, "token": token, "now": now},

@@ -53,7 +53,7 @@ async def expire_job(
                 finished_at = {NOW}, updated_at = now()
             WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
               AND lease_expires_at < {NOW}
-            RETURNING *
+            RETURNING *, coalesce(CAST(:now AS timestamptz), clock_timestamp()) AS db_at
             """
         ),
         {"id": job_id, "token": lease_token, "max_attempts": max_attempts, "now": now},

@@ -127,7 +127,7 @@ _GRANT_NEXT_WAITING = Prepared(
             WHERE slug = :site AND running < capacity
               AND EXISTS (SELECT 1 FROM head)
               AND (NOT (SELECT needs_account FROM head) OR EXISTS (SELECT 1 FROM acct))
-            RETURNING slug
+            RETURNING slug, capacity
         ),
         token AS (
             -- the fencing token: it only ever grows, so an old holder's token never matches again;
@@ -163,7 +163,9 @@ _GRANT_NEXT_WAITING = Prepared(
         -- the grant's message needs the account's sealed secret and stored session; more_waiting
         -- tells the caller whether another job waits behind this one (the snapshot still sees the
         -- head as QUEUED, hence the id test)
-        SELECT job.*, account.username AS account_username, account.secret AS account_secret,
+        -- db_at and capacity: the grant's clock and the capacity in force, for its event (audit)
+        SELECT job.*, job.granted_at AS db_at, (SELECT capacity FROM gate) AS capacity,
+               account.username AS account_username, account.secret AS account_secret,
                ses.version AS session_version, ses.storage_state AS session_state,
                (SELECT session_check_url FROM sites WHERE slug = :site) AS session_check_url,
                EXISTS (SELECT 1 FROM jobs w WHERE w.site = :site AND w.status = 'QUEUED'
@@ -220,7 +222,8 @@ _EXTEND = Prepared(
                 updated_at = now()
             WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
               AND lease_secret_hash = :secret_hash AND lease_expires_at > clock_timestamp()
-            RETURNING id, site, lease_token, lease_expires_at
+            RETURNING id, site, status, account_id, lease_token, lease_expires_at,
+                      clock_timestamp() AS db_at
         ),
         account AS (
             -- the account's lease follows the job's
@@ -257,7 +260,7 @@ _FINISH = Prepared(
             finished_at = now(), updated_at = now()
         WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
           AND lease_secret_hash = :secret_hash AND lease_expires_at > clock_timestamp()
-        RETURNING j.*,
+        RETURNING j.*, clock_timestamp() AS db_at,
                   EXISTS (SELECT 1 FROM jobs w WHERE w.site = j.site AND w.status = 'QUEUED')
                       AS has_waiting
         """
@@ -305,7 +308,7 @@ _CANCEL = text(
            OR (j.status = 'RUNNING' AND j.lease_token = :token
                AND j.lease_secret_hash = :secret_hash
                AND j.lease_expires_at > clock_timestamp()))
-    RETURNING j.*, before.status AS was
+    RETURNING j.*, before.status AS was, clock_timestamp() AS db_at
     """
 )
 
@@ -337,7 +340,7 @@ async def revoke_job(conn: AsyncConnection, job_id: str, reason: str) -> Row | N
             UPDATE jobs
             SET status = 'CANCELLED', reason = :reason, finished_at = now(), updated_at = now()
             WHERE id = :id AND status = 'RUNNING'
-            RETURNING *
+            RETURNING *, clock_timestamp() AS db_at
             """
         ),
         {"id": job_id, "reason": reason},
@@ -463,7 +466,7 @@ async def fail_granted_job(
             UPDATE jobs SET status = 'FAILED', reason = :reason, finished_at = now(),
                             updated_at = now()
             WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-            RETURNING *
+            RETURNING *, clock_timestamp() AS db_at
             """
         ),
         {"id": job_id, "token": lease_token, "reason": reason},

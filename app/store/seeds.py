@@ -56,7 +56,8 @@ _CLAIM = text(
             lease_expires_at = job.lease_expires_at, updated_at = now()
         FROM picked, job
         WHERE s.id = picked.id AND s.status = 'ACTIVE'
-        RETURNING s.id, s.site, s.url, s.status, s.priority, s.next_due_at
+        RETURNING s.id, s.site, s.url, s.status, s.priority, s.next_due_at, s.lease_token,
+                  clock_timestamp() AS db_at
     ),
     history AS (
         -- who held which seed when: read by operators and by the exclusivity tests
@@ -159,7 +160,7 @@ _SETTLE = text(
         WHERE s.id = held.id AND s.holder_job_id = :job_id AND s.lease_token = :token
           AND s.status = 'ASSIGNED'
         RETURNING s.id, s.site, s.status, s.next_due_at, s.failure_count, s.disabled_reason,
-                  held.ok
+                  held.ok, CAST(:token AS bigint) AS lease_token, clock_timestamp() AS db_at
     ),
     history AS (
         UPDATE seed_assignments a

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.kafka import sdk_client
 from app.settings import Settings
+from tests.support.audit import audited
 from tests.support.leasing import make_site, scalar
 from tests.support.processes import QmProcess, settings_env
 from tests.support.waiting import eventually
@@ -49,6 +50,9 @@ async def test_a_lease_held_by_a_killed_collector_is_reclaimed_within_its_bound(
             lambda: scalar(engine, "SELECT status::text = 'EXPIRED' FROM jobs WHERE id = 'doomed'"),
             timeout=10,
         )
+        history = await audited(settings, engine)  # the relay is still running
+    assert history.violations == [] and history.summary.unreadable == 0
+    assert history.summary.facts["job.expired"] == 1 and history.summary.facts["job.granted"] == 2
     # stated bound: lease + sweep interval, plus the pipeline (request, relay, reply) margin
     assert waited <= LEASE + settings.reaper_interval_seconds + 3.0, waited
     assert (

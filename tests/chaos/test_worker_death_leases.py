@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.kafka import sdk_client
 from app.settings import Settings
+from tests.support.audit import audited
 from tests.support.leasing import make_site, scalar
 from tests.support.processes import QmProcess
 from tests.support.waiting import eventually
@@ -52,6 +53,9 @@ async def test_heartbeating_holders_keep_their_leases_when_a_claim_worker_dies(
                 for job in held:
                     await job.__aexit__(None, None, None)
             assert [job.status for job in held] == ["SUCCEEDED"] * JOBS
+            history = await audited(settings, engine)  # the relay is still running
+            assert history.violations == [] and history.summary.unreadable == 0
+            assert history.summary.facts["job.granted"] == JOBS
         finally:
             for worker in workers:
                 worker.stop()

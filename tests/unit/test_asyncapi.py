@@ -94,7 +94,16 @@ def _messages() -> dict[str, list[wire.Message]]:
             wire.LifecycleEvent(
                 type="account.blocked", entity="account", id="7", site="board",
                 status="BLOCKED", at=NOW,
-            )
+            ),
+            wire.LifecycleEvent(
+                type="job.granted", entity="job", id=job_id, site="board", status="RUNNING",
+                at=NOW, db_at=NOW, lease_token=9, account_id="7", lease_expires_at=NOW,
+                capacity=2,
+            ),
+            wire.LifecycleEvent(
+                type="capture.handed_off", entity="capture", id="cap-1", site="board",
+                status="HANDED_OFF", at=NOW, db_at=NOW, job_id=job_id, handoff_token=12,
+            ),
         ],
         "job-events": [
             wire.TerminalJobEvent(

@@ -65,6 +65,7 @@ def test_every_process_lives_in_workers_or_reapers() -> None:
         "reaper": "reapers",
         "handoff": "workers",
         "alerts": "workers",
+        "auditor": "workers",
     }
 
 

@@ -1,0 +1,1 @@
+"""`qm audit`: the exclusivity promise checked on the event history of ``qm.events``."""
