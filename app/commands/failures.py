@@ -18,7 +18,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import typer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaError,
+    TopicAuthorizationFailedError,
+)
 from rich.console import Console
 from rich.text import Text
 from sqlalchemy.engine import make_url
@@ -33,6 +38,11 @@ from app.sdk.connection_check import refusal
 from app.settings import SettingsError, get_settings
 from app.transport import BrokerRefused
 
+AUTHORIZATION_ERRORS = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+)
 DEV_ENV_HINT = (
     "to use a running `make dev`, load its settings first: set -a; . ./.qm-dev.env; set +a"
 )
@@ -108,6 +118,13 @@ def explain(exc: BaseException) -> str | None:
         return (
             "QM_DATABASE_URL is not a database URL: give one like "
             "postgresql://user:password@host:5432/database"
+        )
+    if isinstance(exc, AUTHORIZATION_ERRORS):
+        user = get_settings().kafka_sasl_username or "ANONYMOUS"
+        return (
+            f"the Kafka broker refused user {user!r}: {str(exc) or type(exc).__name__}; "
+            "its ACLs must allow what `qm topics --acls` prints (QM_TOPIC_PREFIX and the "
+            "consumer groups must match them)"
         )
     if isinstance(exc, KafkaError):
         return broker_unreachable(type(exc).__name__)
