@@ -139,7 +139,10 @@ def topics_create(
         from app.kafka_acls import COLLECTOR, acl_commands, acl_set
 
         settings = get_settings()
-        grants = acl_set(settings, collectors=collector or [COLLECTOR])
+        try:
+            grants = acl_set(settings, collectors=collector or [COLLECTOR])
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--collector") from None
         for line in acl_commands(grants, settings.kafka_bootstrap_servers):
             print(line)
         return

@@ -9,6 +9,7 @@ Principals are SASL user names. Every grant is an allow; the broker denies what 
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def acl_set(
     every collector's replies, so what a lease is worth never rests on who can read it: each
     grant's secret is sealed to the requester's key (docs/security.md).
     """
+    check_principals(settings, collectors, service=service, airflow=airflow)
     prefix = settings.topic_prefix
     grants = [
         AclGrant(
@@ -93,8 +95,8 @@ def acl_set(
                 why="and reads the shared replies topic and its own",
             ),
             AclGrant(
-                collector, ("Read",), groups=(collector,), prefixed=True,
-                why="in consumer groups named after itself",
+                collector, ("Read",), groups=(collector,),
+                why="in the one consumer group named after it (the SDK itself uses none)",
             ),
         ]  # fmt: skip
     grants += [
@@ -108,6 +110,26 @@ def acl_set(
         ),
     ]  # fmt: skip
     return grants
+
+
+PRINCIPAL = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+def check_principals(
+    settings: Settings, collectors: Sequence[str], *, service: str = SERVICE, airflow: str = AIRFLOW
+) -> None:
+    """Refuse principal names whose grants would reach further than their own: ``*`` (every
+    user), names a topic could not carry, a collector named like a service group, or an Airflow
+    name that begins a service group (its groups are granted by prefix)."""
+    groups = service_groups(settings)
+    for name in (service, airflow, *collectors):
+        if not PRINCIPAL.match(name):
+            raise ValueError(f"principal {name!r}: use letters, digits, '.', '_' or '-'")
+    for collector in collectors:
+        if collector in (service, airflow) or collector in groups:
+            raise ValueError(f"collector {collector!r} is named like one of the service's own")
+    if any(group.startswith(airflow) for group in groups):
+        raise ValueError(f"a service consumer group begins with {airflow!r}, Airflow's groups")
 
 
 def acl_commands(grants: Sequence[AclGrant], bootstrap: str) -> list[str]:

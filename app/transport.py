@@ -21,7 +21,7 @@ from app.settings import Settings
 log = structlog.get_logger()
 
 CERTIFICATE_CACHE_SECONDS = 60.0
-HANDSHAKE_SECONDS = 5.0
+HANDSHAKE_SECONDS = 2.0  # within /readyz's own limit, so a broker down answers, not times out
 
 
 def _loopback(host: str) -> bool:
@@ -80,7 +80,9 @@ async def refuse_to_start_when_refused(settings: Settings) -> None:
     retry mends a wrong password or an untrusted certificate (one probe connection)."""
     from app.kafka import client_options
 
-    reason = await refusal(settings.kafka_bootstrap_servers, client_options(settings))
+    reason = await refusal(
+        settings.kafka_bootstrap_servers, client_options(settings), at_start=True
+    )
     if reason:
         raise BrokerRefused(f"the Kafka broker cannot be used: {reason}")
 
@@ -99,7 +101,8 @@ async def certificate_not_after(host: str, port: int, cafile: str | None) -> dat
 
 
 class TransportReport:
-    """The ``transport`` section of ``/readyz``; the certificate is looked at once a minute."""
+    """The ``transport`` section of ``/readyz``; the certificate (of the first bootstrap server)
+    is looked at once a minute."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -101,13 +101,18 @@ def explain(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None for an error no operator can fix (a bug)."""
     import ssl
 
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import (
+        ClusterAuthorizationFailedError,
+        GroupAuthorizationFailedError,
+        KafkaError,
+        TopicAuthorizationFailedError,
+    )
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
     from app.crypto import MissingKey
     from app.devstack import ServiceUnavailable
     from app.errors import _sqlstate as sqlstate_of
-    from app.settings import SettingsError
+    from app.settings import SettingsError, get_settings
     from app.transport import BrokerRefused
 
     if isinstance(exc, BrokerRefused):
@@ -118,6 +123,18 @@ def explain(exc: BaseException) -> str | None:
         return (
             "QM_DATABASE_URL is not a database URL: give one like "
             "postgresql://user:password@host:5432/database"
+        )
+    refused = (
+        TopicAuthorizationFailedError,
+        GroupAuthorizationFailedError,
+        ClusterAuthorizationFailedError,
+    )
+    if isinstance(exc, refused):
+        user = get_settings().kafka_sasl_username or "ANONYMOUS"
+        return (
+            f"the Kafka broker refused user {user!r}: {str(exc) or type(exc).__name__}; "
+            "its ACLs must allow what `qm topics --acls` prints (QM_TOPIC_PREFIX and the "
+            "consumer groups must match them)"
         )
     if isinstance(exc, KafkaError):
         return broker_unreachable(type(exc).__name__)

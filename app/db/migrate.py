@@ -31,6 +31,8 @@ def upgrade(
     command.upgrade(alembic_config(database_url, connect_args), revision)
 
 
-def downgrade(database_url: str, revision: str = "base") -> None:
+def downgrade(
+    database_url: str, revision: str = "base", connect_args: dict[str, Any] | None = None
+) -> None:
     """Revert migrations down to ``revision``."""
-    command.downgrade(alembic_config(database_url), revision)
+    command.downgrade(alembic_config(database_url, connect_args), revision)

@@ -9,9 +9,11 @@ are super users.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import shutil
 import subprocess
+from base64 import b64encode
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from app.devstack import ServiceUnavailable
 from app.devstack.certificates import TlsFiles
 
 MECHANISM = "SCRAM-SHA-512"
+SCRAM_ITERATIONS = 4096
 ADMIN = "admin"
 CONTROLLER_USER = "controller"
 ACL_TOOL = "org.apache.kafka.tools.AclCommand"
@@ -62,8 +65,8 @@ class BrokerSecurity:
     them. Passwords are made per run and live only in this object and the broker's work dir."""
 
     tls: TlsFiles
-    users: dict[str, str] = field(default_factory=dict)
-    controller_password: str = field(default_factory=_password)
+    users: dict[str, str] = field(default_factory=dict, repr=False)
+    controller_password: str = field(default_factory=_password, repr=False)
 
     def __post_init__(self) -> None:
         self.users.setdefault(ADMIN, _password())
@@ -87,10 +90,17 @@ class BrokerSecurity:
         )
 
     def format_arguments(self) -> list[str]:
-        """``kafka-storage format`` arguments that make every SCRAM user in the new cluster."""
+        """``kafka-storage format`` arguments that make every SCRAM user in the new cluster: the
+        salted form (RFC 5802's SaltedPassword), so no password shows in the command line."""
         arguments: list[str] = []
         for name, password in self.users.items():
-            arguments += ["--add-scram", f"{MECHANISM}=[name={name},password={password}]"]
+            salt = secrets.token_bytes(16)
+            salted = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, SCRAM_ITERATIONS)
+            arguments += [
+                "--add-scram",
+                f"{MECHANISM}=[name={name},iterations={SCRAM_ITERATIONS},"
+                f'salt="{b64encode(salt).decode()}",saltedpassword="{b64encode(salted).decode()}"]',
+            ]
         return arguments
 
     def aiokafka_options(self, user: str) -> dict[str, Any]:

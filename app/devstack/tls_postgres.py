@@ -61,10 +61,13 @@ class TlsPostgres:
         return self.root / "data"
 
     def _run(self, tool: str, *arguments: str) -> None:
-        result = subprocess.run(
-            [str(system_bindir() / tool), *arguments], user=self._user,
-            capture_output=True, text=True, check=False, timeout=60,
-        )  # fmt: skip
+        try:
+            result = subprocess.run(
+                [str(system_bindir() / tool), *arguments], user=self._user,
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ServiceUnavailable(f"PostgreSQL with TLS: {tool} took over 60 s") from None
         if result.returncode != 0:
             log = self.root / "server.log" if self.root else None
             tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
@@ -73,7 +76,15 @@ class TlsPostgres:
             )
 
     def start(self) -> TlsPostgres:
-        """Initialise a data directory, install the certificate, start and wait for it."""
+        """Initialise a data directory, install the certificate, start and wait for it; on a
+        failure, stop what started and remove the directory."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> TlsPostgres:
         self._user = SERVER_USER if os.geteuid() == 0 else None
         self.root = Path(tempfile.mkdtemp(prefix="qm-pg-tls-"))
         self.root.chmod(0o755)
@@ -114,10 +125,12 @@ class TlsPostgres:
         """Stop the server (fast shutdown) and delete its data."""
         if self.root is None:
             return
-        if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root = None
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "50", "-m", "fast", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
 
     def __enter__(self) -> TlsPostgres:
         return self.start()

@@ -4,12 +4,20 @@ in the clear."""
 from __future__ import annotations
 
 import shlex
+import ssl
 
 import pytest
+from aiokafka.errors import (
+    KafkaConnectionError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+)
 from pydantic import SecretStr
 
+from app.commands.failures import explain
 from app.kafka_acls import acl_commands, acl_set, merged
-from app.settings import Settings
+from app.sdk.connection_check import _refused
+from app.settings import Settings, get_settings
 from app.transport import transport_warnings
 
 
@@ -98,3 +106,57 @@ def test_secured_warning_for_a_remote_database_without_tls() -> None:
     assert transport_warnings(Settings(database_url=remote, database_ssl=True)) == []
     socket = "postgresql+asyncpg://postgres@/qm?host=/tmp/pg"
     assert transport_warnings(Settings(database_url=socket)) == []
+
+
+@pytest.mark.parametrize(
+    ("collectors", "refused"),
+    [
+        (["*"], "letters, digits"),
+        (["qm-claim-workers"], "named like one of the service's own"),
+        (["quartermaster"], "named like one of the service's own"),
+        (["crawler 7"], "letters, digits"),
+    ],
+)
+def test_secured_acl_set_refuses_principals_that_would_reach_further(
+    collectors: list[str], refused: str
+) -> None:
+    with pytest.raises(ValueError, match=refused):
+        acl_set(Settings(), collectors=collectors)
+
+
+def test_secured_a_collectors_group_grant_is_its_one_group() -> None:
+    [group] = [
+        g for g in acl_set(Settings(), collectors=("qm",)) if g.principal == "qm" and g.groups
+    ]
+    assert group.groups == ("qm",) and not group.prefixed  # not every group beginning "qm"
+
+
+@pytest.mark.parametrize(
+    ("failure", "protocol", "at_start", "refused"),
+    [
+        (SaslAuthenticationFailed(), "SASL_SSL", True, True),
+        (ssl.SSLCertVerificationError("certificate verify failed"), "SASL_SSL", True, True),
+        (ssl.SSLEOFError("EOF occurred"), "SASL_SSL", True, False),  # a proxy hanging up
+        (KafkaConnectionError("closed"), "PLAINTEXT", False, True),  # a failure seen: explained
+        (KafkaConnectionError("closed"), "PLAINTEXT", True, False),  # at start: may be transient
+        (KafkaConnectionError("closed"), "SASL_PLAINTEXT", False, True),
+        (ConnectionRefusedError(), "PLAINTEXT", False, False),  # nobody listens: not a refusal
+    ],
+)
+def test_secured_what_counts_as_a_refusal(
+    failure: BaseException, protocol: str, at_start: bool, refused: bool
+) -> None:
+    options = {"security_protocol": protocol}
+    assert _refused(failure, options, closed_counts=not at_start) is refused
+
+
+def test_secured_a_refused_topic_names_the_user_and_the_acl_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QM_KAFKA_SASL_USERNAME", "collector")
+    get_settings.cache_clear()
+    line = explain(TopicAuthorizationFailedError("qm.requests"))
+    get_settings.cache_clear()
+    assert line is not None
+    assert "refused user 'collector'" in line and "qm.requests" in line
+    assert "qm topics --acls" in line
