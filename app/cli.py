@@ -126,7 +126,9 @@ def topics_create(
     ] = False,
     collector: Annotated[
         list[str] | None,
-        typer.Option(help="A collector principal (SASL user) for --acls; repeat for several"),
+        typer.Option(
+            metavar="NAME", help="A collector principal (SASL user) for --acls; repeat for several"
+        ),
     ] = None,
 ) -> None:
     """Create every Kafka topic Quartermaster uses (existing ones are left alone)."""
