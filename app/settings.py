@@ -320,9 +320,10 @@ class Settings(BaseSettings):
 
     # --- auditor (`qm run auditor`, docs/audit.md) -----------------------------------------
     audit_reorder_seconds: float = Field(
-        30.0,
+        120.0,
         description="How long the auditor holds events to order them by the database's clock "
-        "before it checks them (how late a relay may publish without a false alarm).",
+        "before it checks them (how late a relay may publish without a false alarm: longer than "
+        "QM_ALERT_OUTBOX_LAG_SECONDS, so a relay that far behind is alerted as such first).",
     )
     audit_grace_seconds: float = Field(
         300.0,

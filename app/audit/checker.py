@@ -200,6 +200,9 @@ class Checker:
         except Unreadable as exc:
             self.unreadable(position, str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - one odd event never stops the audit
+            self.unreadable(position, f"{type(exc).__name__} while reading it")
+            return
         if fact is None:
             self.summary.ignored += 1
         else:
@@ -282,6 +285,9 @@ class Checker:
             self.ended.forget_before(self._applied)
             self.handed.forget_before(self._applied)
             self._apply[fact.kind](fact)
+        # leases unended past their grace, flagged as the history moves on (not only at the
+        # end), so the expiries of leases long gone do not pile up in memory
+        self.lapsed()
 
     def _violate(
         self, kind: str, subject: str, detail: str, at: float, positions: tuple[Position, ...]

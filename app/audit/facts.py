@@ -105,6 +105,8 @@ def read_fact(value: bytes | str | None, position: Position) -> Fact | None:
         doc = _decode(value.decode() if isinstance(value, bytes) else value)
     except (ValueError, UnicodeDecodeError):
         raise Unreadable("not JSON") from None
+    except RecursionError:
+        raise Unreadable("JSON nested too deep") from None
     if not isinstance(doc, dict):
         raise Unreadable("not a JSON object")
     return fact_of(doc, position)

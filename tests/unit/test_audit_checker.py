@@ -210,6 +210,19 @@ def test_audit_counts_and_names_what_it_cannot_read() -> None:
     assert fact_of(waiting, Position("t", 0, 0)) is None
 
 
+def test_audit_feed_counts_an_event_nested_too_deep_or_of_an_odd_shape_and_goes_on() -> None:
+    """One odd event on the topic never stops the auditor (in `qm run all`, its crash would stop
+    the claim workers with it)."""
+    checker = Checker()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    odd = json.dumps({"type": "job.granted", "db_at": 5, "id": ["not", "a", "string"]}).encode()
+    for offset, value in enumerate([deep, odd, b'{"type": "account.blocked"}']):
+        checker.feed(Position("qm.events", 0, offset), value)
+    summary = checker.finish()
+    assert summary.events == 3 and summary.unreadable == 2 and summary.ignored == 1
+    assert summary.unreadable_examples[0][1] == "JSON nested too deep"
+
+
 def test_audit_memory_is_bounded_by_what_is_live_not_by_the_history() -> None:
     h = History()
     for n in range(1, 2001):
