@@ -32,7 +32,10 @@ class NoSecretKeys(MissingKey):
 
 def load_private_key(text: str) -> X25519PrivateKey:
     """One key of ``QM_SEALING_KEYS`` (standard base64 of its 32 raw bytes)."""
-    raw = decode_base64(text.strip(), "a sealing key")
+    try:
+        raw = decode_base64(text.strip(), "a sealing key of QM_SEALING_KEYS")
+    except Unsealable as exc:
+        raise MissingKey(str(exc)) from None
     if len(raw) != KEY_BYTES:
         raise MissingKey("a sealing key of QM_SEALING_KEYS is not 32 bytes of base64")
     return X25519PrivateKey.from_private_bytes(raw)
@@ -46,7 +49,13 @@ class SecretBox:
 
     def __init__(self, secret_keys: str, sealing_keys: str = "") -> None:
         keys = [k.strip() for k in secret_keys.split(",") if k.strip()]
-        self._keys = [Fernet(k) for k in keys]  # newest first, as QM_SECRET_KEYS lists them
+        try:
+            self._keys = [Fernet(k) for k in keys]  # newest first, as QM_SECRET_KEYS lists them
+        except (ValueError, TypeError):  # binascii.Error is a ValueError; never say the value
+            raise MissingKey(
+                "a key of QM_SECRET_KEYS is not a Fernet key (32 url-safe base64 bytes; "
+                "README.md says how to make one)"
+            ) from None
         self._at_rest = MultiFernet(self._keys) if keys else None
         self._sealing = [load_private_key(k) for k in sealing_keys.split(",") if k.strip()]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import sys
 
-SERVER = "quartermaster[server]"
-OURS = ("app", "workers", "reapers", "schemas")
+from app.installs import OURS, SERVER
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import os
 import re
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import unquote
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -15,8 +16,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # the driver every process uses; URLs of another PostgreSQL driver are read as this one
 DRIVER = "postgresql+asyncpg"
 _POSTGRES_SCHEME = re.compile(r"^(postgres|postgresql)(\+[A-Za-z0-9_]+)?://", re.IGNORECASE)
-# libpq's name of the TLS mode (what people paste); asyncpg spells it ``ssl``
-_LIBPQ_SSLMODE = re.compile(r"(?<=[?&])sslmode=")
+# libpq's names (what people paste) of what asyncpg spells otherwise
+_LIBPQ_NAMES = {"sslmode": "ssl"}
+# the URL query parameters asyncpg's connect takes as text (through SQLAlchemy); any other one
+# (libpq's application_name, connect_timeout ...) would fail every connection at run time, so it is
+# refused when the settings are read
+_ASYNCPG_PARAMETERS = frozenset(
+    {"host", "ssl", "passfile", "target_session_attrs", "prepared_statement_cache_size"}
+)
 
 
 class SettingsError(ValueError):
@@ -33,7 +40,21 @@ def asyncpg_url(url: str) -> str:
         raise ValueError(
             "takes a PostgreSQL URL such as postgresql://user:password@host:5432/database"
         )
-    return _LIBPQ_SSLMODE.sub("ssl=", f"{DRIVER}://{url[found.end() :]}")
+    rest, _, query = url[found.end() :].partition("?")
+    if not query:
+        return f"{DRIVER}://{rest}"
+    parts = [part.partition("=") for part in query.split("&") if part]
+    names = [_LIBPQ_NAMES.get(unquote(key), unquote(key)) for key, _, _ in parts]
+    unknown = sorted(set(names) - _ASYNCPG_PARAMETERS)
+    if unknown:
+        raise ValueError(
+            f"has query parameters the asyncpg driver does not take: {', '.join(unknown)} "
+            f"(it takes {', '.join(sorted(_ASYNCPG_PARAMETERS))}; sslmode is read as ssl)"
+        )
+    if len(set(names)) < len(names):
+        raise ValueError("names a query parameter twice (sslmode is read as ssl)")
+    kept = "&".join(f"{name}{eq}{value}" for name, (_, eq, value) in zip(names, parts, strict=True))
+    return f"{DRIVER}://{rest}?{kept}"
 
 
 class Settings(BaseSettings):

@@ -57,7 +57,8 @@ def transport_warnings(settings: Settings) -> list[str]:
         )
     url = make_url(settings.database_url)
     host = url.host or ""
-    if url.host and not _loopback(host) and not settings.database_ssl:
+    tls_in_url = url.query.get("ssl") in ("require", "verify-ca", "verify-full", "true")
+    if url.host and not _loopback(host) and not settings.database_ssl and not tls_in_url:
         warnings.append(
             f"PostgreSQL at {host} is reached without TLS: set QM_DATABASE_SSL=true "
             "(docs/security.md)"

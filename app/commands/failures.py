@@ -99,6 +99,11 @@ def _raised_in(exc: BaseException, package: str) -> bool:
 
 def explain(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None for an error no operator can fix (a bug)."""
+    from app.installs import OURS, SERVER
+
+    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] not in OURS:
+        # the client install (`pip install quartermaster`) with typer at hand: no server libraries
+        return f"qm runs Quartermaster's server: pip install '{SERVER}' (missing: {exc.name})"
     import ssl
 
     from aiokafka.errors import (

@@ -3,12 +3,19 @@ bad ``QM_*`` value is one line naming the variable, for every command and every 
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 
+import asyncpg
 import pytest
+from cryptography.fernet import Fernet
+from pydantic import ValidationError
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.engine import make_url
 
+from app.commands.failures import explain
 from app.settings import Settings
 
 PYTHON = [sys.executable, "-m", "app"]
@@ -22,8 +29,8 @@ PYTHON = [sys.executable, "-m", "app"]
         ("postgresql+psycopg2://qm@db/qm", "postgresql+asyncpg://qm@db/qm"),
         ("postgresql+psycopg://qm@/qm?host=/run/pg", "postgresql+asyncpg://qm@/qm?host=/run/pg"),
         (
-            "postgresql://qm@db/qm?sslmode=require&application_name=qm",
-            "postgresql+asyncpg://qm@db/qm?ssl=require&application_name=qm",
+            "postgresql://qm@db/qm?sslmode=require&target_session_attrs=read-write",
+            "postgresql+asyncpg://qm@db/qm?ssl=require&target_session_attrs=read-write",
         ),
         ("postgresql+asyncpg://qm@db/qm", "postgresql+asyncpg://qm@db/qm"),
     ],
@@ -31,7 +38,27 @@ PYTHON = [sys.executable, "-m", "app"]
 def test_newcomer_database_urls_of_another_driver_are_read_with_asyncpg(
     pasted: str, read: str
 ) -> None:
-    assert Settings(database_url=pasted).database_url == read
+    url = Settings(database_url=pasted).database_url
+    assert url == read
+    # and asyncpg takes every parameter the driver will pass it
+    arguments = PGDialect_asyncpg().create_connect_args(make_url(url))[1]
+    assert set(arguments) <= set(inspect.signature(asyncpg.connect).parameters)
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "postgresql://qm@db/qm?sslmode=require&application_name=qm",  # libpq's, not asyncpg's
+        "postgresql://qm@db/qm?connect_timeout=5",
+        "postgresql://qm@db/qm?ssl=require&sslmode=require",
+    ],
+)
+def test_newcomer_database_url_parameters_asyncpg_would_refuse_are_refused_at_once(
+    pasted: str,
+) -> None:
+    """Not at the first connection, in every process, as a traceback."""
+    with pytest.raises(ValidationError, match="query parameter"):
+        Settings(database_url=pasted)
 
 
 def _qm(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -71,3 +98,31 @@ def test_newcomer_the_metrics_address_is_a_setting_every_interface_by_default(
     assert Settings().metrics_host == "0.0.0.0"  # production's probes and scraper reach it
     monkeypatch.setenv("QM_METRICS_HOST", "127.0.0.1")
     assert Settings().metrics_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("QM_SECRET_KEYS", "not-a-fernet-key", "QM_SECRET_KEYS is not a Fernet key"),
+        ("QM_SEALING_KEYS", "@@@", "QM_SEALING_KEYS is not standard base64"),
+    ],
+)
+def test_newcomer_a_malformed_key_stops_a_process_in_one_line(
+    variable: str, value: str, words: str
+) -> None:
+    keys = {"QM_SECRET_KEYS": Fernet.generate_key().decode(), "QM_SEALING_KEYS": ""}
+    done = _qm("run", "worker", **{**keys, variable: value})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == next(
+        line for line in done.stderr.splitlines() if words in line
+    )
+    assert "Traceback" not in done.stderr and value not in done.stderr
+
+
+def test_newcomer_a_missing_server_library_is_the_install_line() -> None:
+    line = explain(ModuleNotFoundError("No module named 'sqlalchemy'", name="sqlalchemy"))
+    assert (
+        line
+        == "qm runs Quartermaster's server: pip install 'quartermaster[server]' (missing: sqlalchemy)"
+    )
+    assert explain(ModuleNotFoundError("No module named 'app.nothing'", name="app.nothing")) is None

@@ -104,6 +104,7 @@ def test_secured_warning_for_a_remote_database_without_tls() -> None:
         "(docs/security.md)"
     ]
     assert transport_warnings(Settings(database_url=remote, database_ssl=True)) == []
+    assert transport_warnings(Settings(database_url=f"{remote}?sslmode=verify-full")) == []
     socket = "postgresql+asyncpg://postgres@/qm?host=/tmp/pg"
     assert transport_warnings(Settings(database_url=socket)) == []
 
