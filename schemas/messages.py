@@ -397,9 +397,13 @@ def parse_reply(raw: bytes) -> AnyReply:
 
 
 class LifecycleEvent(Message):
-    """Every state change on ``qm.events``, keyed by entity id, for dashboards and downstream."""
+    """Every state change on ``qm.events``, keyed by entity id, for dashboards and downstream.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Open to fields added later (its JSON Schema allows them): events gain fields without a new
+    ``v``, and a consumer that validates against this schema keeps working when they do.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: str  # "<entity>.<what happened>", e.g. "job.granted", "account.released"
     entity: Literal["job", "account", "seed", "session", "capture"]
