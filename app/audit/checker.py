@@ -378,6 +378,23 @@ class Checker:
             )
         elif ended is None:
             self.summary.before_window += 1
+            if fact.account is None or fact.account not in self.last_token:
+                self._adopt(fact)
+
+    def _adopt(self, fact: Fact) -> None:
+        """A lease granted before the history read began, first seen extended: live from here
+        on, so a second grant of its account while it lives is still found (the live auditor
+        starts at the topic's end, and ``--since`` starts mid-history). Only for an account not
+        seen yet: one seen has its lease history here already."""
+        assert fact.expires is not None
+        if fact.account is not None:
+            self.last_token[fact.account] = (fact.token, fact.position)
+            self.first_token.setdefault(fact.account, fact.token)
+            self.holders[fact.account] = fact.token
+        self.site_live.setdefault(fact.site, {})[fact.token] = None
+        self.leases[fact.token] = Lease(fact.subject, fact.account, fact.site, fact.at,
+                                        fact.expires, fact.position)  # fmt: skip
+        heapq.heappush(self._expiries, (fact.expires, fact.token))
 
     def _end(self, fact: Fact) -> None:
         token = fact.token

@@ -35,10 +35,11 @@ class History:
                   lease_token=token, account_id=account, lease_expires_at=expires,
                   capacity=capacity)  # fmt: skip
 
-    def extend(self, second: float, job: str, token: int, until: float) -> None:
+    def extend(self, second: float, job: str, token: int, until: float,
+               account: str | None = None) -> None:  # fmt: skip
         expires = (T0 + timedelta(seconds=until)).isoformat()
         self._add(second, type="job.extended", entity="job", id=job, status="RUNNING",
-                  lease_token=token, lease_expires_at=expires)  # fmt: skip
+                  lease_token=token, lease_expires_at=expires, account_id=account)  # fmt: skip
 
     def end(self, second: float, job: str, token: int, what: str = "finished") -> None:
         self._add(second, type=f"job.{what}", entity="job", id=job, status="SUCCEEDED",
@@ -221,6 +222,23 @@ def test_audit_feed_counts_an_event_nested_too_deep_or_of_an_odd_shape_and_goes_
     summary = checker.finish()
     assert summary.events == 3 and summary.unreadable == 2 and summary.ignored == 1
     assert summary.unreadable_examples[0][1] == "JSON nested too deep"
+
+
+def test_audit_finds_an_overlap_with_a_lease_granted_before_the_history_began() -> None:
+    """The live auditor starts at the topic's end: a lease first seen heartbeating is live."""
+    h = History()
+    h.extend(10, "j1", 7, until=100, account="a1")  # granted before the read began
+    h.grant(20, "j2", 8, account="a1", capacity=2)  # the account again, while j1 holds it
+    h.end(30, "j2", 8)
+    h.end(40, "j1", 7)
+    found = only(h.check())
+    assert found.kind == "overlap" and found.subject == "account a1"
+    clean = History()
+    clean.extend(10, "j1", 7, until=100, account="a1")
+    clean.end(15, "j1", 7)
+    clean.grant(20, "j2", 8, account="a1")
+    clean.end(30, "j2", 8)
+    assert clean.check().violations == []
 
 
 def test_audit_memory_is_bounded_by_what_is_live_not_by_the_history() -> None:
