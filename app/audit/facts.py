@@ -51,7 +51,9 @@ KINDS: dict[str, Kind] = {
     "capture.handed_off": Kind.HANDOFF,
 }
 # a waiting job's cancel or rejection carries no lease: not part of the lease history
-ENDS_WITHOUT_LEASE = frozenset({"job.cancelled", "job.rejected"})
+# ends that carry no lease token when they end no lease: a waiting job cancelled, a start refused,
+# a seed disabled by an operator while nobody held it
+ENDS_WITHOUT_LEASE = frozenset({"job.cancelled", "job.rejected", "seed.disabled"})
 
 
 @dataclass(slots=True)

@@ -209,9 +209,15 @@ def seeds_list(
 
 
 def _move(site: str, seed: str, target: SeedStatus, reason: str | None = None) -> None:
-    row = in_transaction(
-        lambda conn: seeds.set_seed_status(conn, site=site, seed=seed, target=target, reason=reason)
-    )
+    command = CommandServices()
+
+    async def work(conn: Conn) -> Row | None:
+        tx = command.tx(conn)
+        row = await seeding.move_seed(tx, site=site, seed=seed, target=target, reason=reason)
+        await tx.flush()
+        return row
+
+    row = command.in_transaction(work)
     if row is None:
         raise fail(f"{site} has no seed {seed!r} that can become {target}")
     out().print(f"seed {row['id']} of {site} is now {target}")

@@ -17,6 +17,7 @@ from app.lease_secrets import lease_secret_hash
 from app.seed_files import Refused, SeedRow
 from app.store import Conn, Row, domains, seeds
 from schemas.messages import GrantedSeed, SeedResult, SeedsClaim, SeedsClaimed
+from schemas.states import SeedStatus
 from schemas.values import seed_id
 
 log = structlog.get_logger()
@@ -67,6 +68,29 @@ async def hand_out(
         GrantedSeed(id=str(row["id"]), url=url)
         for row, url in zip(claimed.seeds, urls, strict=True)
     ]
+
+
+async def move_seed(
+    tx: Tx, *, site: str, seed: str, target: SeedStatus, reason: str | None = None
+) -> Row | None:
+    """An operator's disable or enable of a seed (``seed.disabled`` / ``seed.enabled``). A
+    disable of a held seed ends that hold, so its event names the hold's lease token: the
+    history ``qm audit`` reads sees the seed returned before it is handed out again."""
+    row = await seeds.set_seed_status(tx.conn, site=site, seed=seed, target=target, reason=reason)
+    if row is None:
+        return None
+    disabled = target == SeedStatus.DISABLED
+    tx.events.emit(
+        "seed",
+        "disabled" if disabled else "enabled",
+        id=str(row["id"]),
+        site=site,
+        status=str(row["status"]),
+        job_id=row["previous_holder"],
+        reason=row["disabled_reason"] if disabled else None,
+        history={"db_at": row["db_at"], "lease_token": row["previous_token"]},
+    )
+    return row
 
 
 async def hand_out_with_grant(tx: Tx, job: Row, now: datetime | None = None) -> list[GrantedSeed]:

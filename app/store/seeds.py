@@ -262,11 +262,19 @@ async def set_seed_status(
 ) -> Row | None:
     """An operator's move: -> DISABLED (with a reason; a holder's later result is ignored) or
     DISABLED -> ACTIVE (due now, failures forgotten). ``seed`` is an id or a URL of the site.
-    None when no such seed can make that move."""
+    None when no such seed can make that move. The row says whose hold it ended
+    (``previous_token``, ``previous_holder``) and when (``db_at``), for its event."""
     result = await conn.execute(
         text(
             """
-            WITH moved AS (
+            WITH before AS (
+                SELECT id, lease_token AS previous_token, holder_job_id AS previous_holder
+                FROM seeds
+                WHERE site = :site AND (url = :seed OR CAST(id AS text) = :seed)
+                  AND status = ANY(CAST(:from AS seed_status[]))
+                FOR UPDATE
+            ),
+            moved AS (
                 UPDATE seeds
                 SET status = CAST(:target AS seed_status),
                     disabled_reason = CASE WHEN CAST(:target AS text) = 'DISABLED' THEN CAST(:reason AS text) END,
@@ -274,9 +282,10 @@ async def set_seed_status(
                     next_due_at = CASE WHEN CAST(:target AS text) = 'ACTIVE' THEN now() ELSE next_due_at END,
                     holder_job_id = NULL, lease_token = NULL, lease_expires_at = NULL,
                     updated_at = now()
-                WHERE site = :site AND (url = :seed OR CAST(id AS text) = :seed)
-                  AND status = ANY(CAST(:from AS seed_status[]))
-                RETURNING *
+                FROM before
+                WHERE seeds.id = before.id AND seeds.status = ANY(CAST(:from AS seed_status[]))
+                RETURNING seeds.*, before.previous_token, before.previous_holder,
+                          clock_timestamp() AS db_at
             ),
             history AS (
                 UPDATE seed_assignments a SET ended_at = clock_timestamp(), end_reason = 'disabled'

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
 from app.store import seeds, sites
+from tests.support.captures import outbox_payloads
 from tests.support.cli import Qm, assert_one_red_line, qm_fixture  # noqa: F401 - the fixture
 from tests.support.leasing import make_site, scalar
 from tests.support.waiting import eventually
@@ -72,6 +74,26 @@ async def test_disable_and_enable_move_a_seed_and_refuse_what_cannot_move(
     assert (await qm("seeds", "enable", "board", seed_id)).exit_code == 0
     assert await scalar(engine, "SELECT status::text FROM seeds") == "ACTIVE"
     assert_one_red_line(await qm("seeds", "enable", "board", seed_id), "no seed")
+    # each move is an event; a disable of a held seed names the hold it ended, so the history
+    # `qm audit` reads sees the seed returned before it is handed out again
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE seeds SET status = 'ASSIGNED', holder_job_id = 'j-holder',"
+                " lease_token = 41, lease_expires_at = now() + interval '1 minute'"
+            )
+        )
+    assert (await qm("seeds", "disable", "board", seed_id)).exit_code == 0
+    moves = [
+        e for e in await outbox_payloads(engine, settings.topic("events")) if e["entity"] == "seed"
+    ]
+    assert [(e["type"], e.get("lease_token"), e.get("job_id")) for e in moves] == [
+        ("seed.disabled", None, None),
+        ("seed.enabled", None, None),
+        ("seed.disabled", 41, "j-holder"),
+    ]
+    assert all(e["id"] == seed_id and e.get("db_at") for e in moves)
+    assert moves[0]["reason"] == "board closed"
 
 
 async def test_operator_mistakes_are_one_red_line(
