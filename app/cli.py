@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -98,9 +99,14 @@ def configure_logging(fmt: str, level: str) -> None:
 
 @app.callback()
 def _setup() -> None:
-    from app.settings import get_settings
+    from app.settings import SettingsError, get_settings
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError:
+        if "--help" in sys.argv[1:]:  # help needs no settings: a bad one is said when one runs
+            return
+        raise
     configure_logging(settings.log_format, settings.log_level)
 
 

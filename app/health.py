@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -132,9 +133,8 @@ class Health:
         """Serve /metrics, /healthz and /readyz on ``addr``:``port`` in a thread; return the bound
         port."""
         self._loop = loop
-        self._server = make_server(
-            addr, port, self.wsgi_app, ThreadingWSGIServer, handler_class=_QuietHandler
-        )
+        server = _ThreadingWSGIServerV6 if ":" in addr else ThreadingWSGIServer  # "::" for IPv6
+        self._server = make_server(addr, port, self.wsgi_app, server, handler_class=_QuietHandler)
         threading.Thread(target=self._server.serve_forever, name="health", daemon=True).start()
         bound = int(self._server.server_address[1])
         log.info("health_endpoint_started", host=addr, port=bound)
@@ -193,6 +193,10 @@ def _answer(start_response: Callable[..., Any], ok: bool, body: dict[str, Any]) 
         "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")]
     )
     return [json.dumps(body).encode() + b"\n"]
+
+
+class _ThreadingWSGIServerV6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -41,6 +41,8 @@ def asyncpg_url(url: str) -> str:
             "takes a PostgreSQL URL such as postgresql://user:password@host:5432/database"
         )
     rest, _, query = url[found.end() :].partition("?")
+    if rest.partition("/")[0].count("@") > 1:  # the host would be read from inside the password
+        raise ValueError("has an '@' in its user name or password: write it as %40")
     if not query:
         return f"{DRIVER}://{rest}"
     parts = [part.partition("=") for part in query.split("&") if part]

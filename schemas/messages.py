@@ -471,6 +471,8 @@ MAX_REPLY_PARTITION = 2**31 - 1  # Kafka's partition numbers are signed 32-bit
 
 def reply_partition_value(partition: int) -> bytes:
     """The ``qm.reply_partition`` header's value for ``partition``."""
+    if not isinstance(partition, int) or isinstance(partition, bool):
+        raise ValueError(f"a reply partition is an integer, not {type(partition).__name__}")
     if not 0 <= partition <= MAX_REPLY_PARTITION:
         raise ValueError(f"a reply partition is 0 to {MAX_REPLY_PARTITION}, not {partition}")
     return str(partition).encode()

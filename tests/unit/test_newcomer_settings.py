@@ -126,3 +126,22 @@ def test_newcomer_a_missing_server_library_is_the_install_line() -> None:
         == "qm runs Quartermaster's server: pip install 'quartermaster[server]' (missing: sqlalchemy)"
     )
     assert explain(ModuleNotFoundError("No module named 'app.nothing'", name="app.nothing")) is None
+
+
+def test_newcomer_a_password_with_a_raw_at_sign_is_refused_without_showing_it() -> None:
+    done = _qm("sites", "list", QM_DATABASE_URL="postgresql://qm:hun@ter2@127.0.0.1:1/db")
+    assert done.returncode == 2
+    assert "%40" in done.stderr and "ter2" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_newcomer_help_answers_even_with_a_bad_setting() -> None:
+    done = _qm("sites", "--help", QM_METRICS_PORT="abc")
+    assert done.returncode == 0, done.stderr
+    assert "Usage" in done.stdout
+
+
+def test_newcomer_a_reply_partition_that_is_no_integer_is_an_sdk_error() -> None:
+    from app.sdk import InvalidArgument, QuartermasterClient
+
+    with pytest.raises(InvalidArgument, match="reply_partition"):
+        QuartermasterClient("127.0.0.1:9092", reply_partition="3")  # type: ignore[arg-type]
