@@ -188,17 +188,18 @@ async def _serve(settings: Settings, banner_text: str) -> None:
 
 
 @contextlib.contextmanager
-def services(state: Path, containers: bool) -> Iterator[tuple[str, str, str]]:
-    """The database URL, the broker's bootstrap servers and the broker's name: embedded
-    PostgreSQL (data kept in ``state``) and Tansu, or both in containers."""
+def services(state: Path, containers: bool) -> Iterator[tuple[str, str, str, list[int]]]:
+    """The database URL, the broker's bootstrap servers, the broker's name and the services'
+    pids: embedded PostgreSQL (data kept in ``state``) and Tansu, or both in containers."""
     if containers:
         from app.devstack.containers import kafka_container, postgres_container
 
         with postgres_container() as url, kafka_container() as bootstrap:
-            yield url, bootstrap, "Apache Kafka in a container"
+            yield url, bootstrap, "Apache Kafka in a container", []
         return
     with EmbeddedPostgres(data_dir=(state / "postgres").resolve()) as pg, TansuBroker() as broker:
-        yield pg.url(), broker.bootstrap, "Tansu, messages in memory only"
+        pids = [pid for pid in (pg.server.get_pid(), broker.process and broker.process.pid) if pid]
+        yield pg.url(), broker.bootstrap, "Tansu, messages in memory only", pids
 
 
 def remove_own(path: Path, text: str) -> None:
@@ -222,7 +223,7 @@ def run_dev(
             shutil.rmtree(state, ignore_errors=True)
         state.mkdir(mode=0o700, exist_ok=True)
         secret_keys, sealing_keys = dev_keys(base, state)
-        with services(state, containers) as (database_url, bootstrap, broker):
+        with services(state, containers) as (database_url, bootstrap, broker, pids):
             settings = base.model_copy(
                 update={
                     "database_url": database_url,
@@ -235,7 +236,7 @@ def run_dev(
                 }
             )
             health = f"http://{LOOPBACK}:{settings.metrics_port}"
-            lock.describe(Kafka=bootstrap, health=health)
+            lock.describe(pids, Kafka=bootstrap, health=health)
             upgrade(settings.database_url)
             asyncio.run(ensure_topics(settings))
             sites = asyncio.run(prepare(settings, demo))

