@@ -20,6 +20,17 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.base import Message as Message
+from schemas.events import CaptureHandoff as CaptureHandoff
+from schemas.events import CaptureReady as CaptureReady
+from schemas.events import LifecycleEvent as LifecycleEvent
+from schemas.events import TerminalJobEvent as TerminalJobEvent
+from schemas.headers import CORRELATION_ID as CORRELATION_ID
+from schemas.headers import MAX_REPLY_PARTITION as MAX_REPLY_PARTITION
+from schemas.headers import REPLY_PARTITION as REPLY_PARTITION
+from schemas.headers import REPLY_TO as REPLY_TO
+from schemas.headers import parse_reply_partition as parse_reply_partition
+from schemas.headers import reply_partition_value as reply_partition_value
 from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
 from schemas.values import BIGINT_MAX, BigInt, JsonObject, SeedId, UtcTime, usable_public_key
 
@@ -93,14 +104,6 @@ def _holds_nul(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_holds_nul(item) for item in value)
     return False
-
-
-class Message(BaseModel):
-    """Every message: a ``type`` and a schema version ``v``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    v: Literal[1] = 1
 
 
 class Request(Message):
@@ -391,101 +394,6 @@ REPLY_ADAPTER: TypeAdapter[AnyReply] = TypeAdapter(AnyReply)
 def parse_reply(raw: bytes) -> AnyReply:
     """Validate raw JSON bytes as a reply."""
     return REPLY_ADAPTER.validate_json(raw)
-
-
-# --- events ----------------------------------------------------------------------------------
-
-
-class LifecycleEvent(Message):
-    """Every state change on ``qm.events``, keyed by entity id, for dashboards and downstream.
-
-    Open to fields added later (its JSON Schema allows them): events gain fields without a new
-    ``v``, and a consumer that validates against this schema keeps working when they do.
-    """
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    type: str  # "<entity>.<what happened>", e.g. "job.granted", "account.released"
-    entity: Literal["job", "account", "seed", "session", "capture"]
-    id: str
-    site: str
-    status: str
-    at: datetime
-    job_id: str | None = None
-    reason: str | None = None
-    # the history `qm audit` checks (docs/audit.md); absent where they do not apply
-    db_at: datetime | None = None  # the database's clock_timestamp() at the transition
-    lease_token: int | None = None  # the lease a job, account or seed event is about
-    account_id: str | None = None  # the account a job's lease holds
-    lease_expires_at: datetime | None = None  # the lease's expiry as the transition left it
-    capacity: int | None = None  # the site's capacity in force at a grant
-    handoff_token: int | None = None  # the handoff claim a capture event is about
-
-
-class TerminalJobEvent(Message):
-    """A job's end on ``qm.job-events``: small, for Airflow sensors."""
-
-    type: Literal["job.succeeded", "job.failed", "job.cancelled", "job.expired", "job.timed_out"]
-    job_id: str
-    site: str
-    collector: str
-    status: str
-    finished_at: datetime
-
-
-class CaptureHandoff(Message):
-    """The record on ``qm.captures`` that starts a capture's next handoff attempt."""
-
-    type: Literal["capture.handoff"] = "capture.handoff"
-    capture_id: str
-
-
-class CaptureReady(Message):
-    """A capture that was handed off, on ``qm.captures.ready`` keyed by ``capture_id``."""
-
-    type: Literal["capture.ready"] = "capture.ready"
-    capture_id: str
-    job_id: str
-    site: str
-    url: str
-    storage_uri: str
-    sha256: str
-    content_type: str
-    size: int
-    captured_at: datetime
-    handed_off_at: datetime
-    meta: dict[str, Any] | None = None
-
-
-# --- headers ---------------------------------------------------------------------------------
-
-CORRELATION_ID = "correlation_id"
-REPLY_TO = "reply_to"
-# The partition of the reply topic a request's replies go to (as Spring's ReplyingKafkaTemplate
-# does with its reply-partition header). Its value is the partition number in decimal ASCII
-# digits, e.g. b"7": no sign, no spaces, at most MAX_REPLY_PARTITION. Without it, replies are
-# keyed by job id and Kafka's partitioner picks the partition (docs/contract.md).
-REPLY_PARTITION = "qm.reply_partition"
-MAX_REPLY_PARTITION = 2**31 - 1  # Kafka's partition numbers are signed 32-bit
-
-
-def reply_partition_value(partition: int) -> bytes:
-    """The ``qm.reply_partition`` header's value for ``partition``."""
-    if not isinstance(partition, int) or isinstance(partition, bool):
-        raise ValueError(f"a reply partition is an integer, not {type(partition).__name__}")
-    if not 0 <= partition <= MAX_REPLY_PARTITION:
-        raise ValueError(f"a reply partition is 0 to {MAX_REPLY_PARTITION}, not {partition}")
-    return str(partition).encode()
-
-
-def parse_reply_partition(value: str) -> int:
-    """The partition a ``qm.reply_partition`` header names; ValueError when it names none."""
-    if not (value.isascii() and value.isdigit()) or len(value) > len(str(MAX_REPLY_PARTITION)):
-        raise ValueError(f"qm.reply_partition {value[:20]!r} is not a non-negative integer")
-    partition = int(value)
-    if partition > MAX_REPLY_PARTITION:
-        raise ValueError(f"qm.reply_partition {partition} exceeds {MAX_REPLY_PARTITION}")
-    return partition
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
