@@ -54,6 +54,24 @@ LeaseSecret = Annotated[
     ),
 ]
 Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
+# What a job does on a site, e.g. ``search`` or ``profile`` (docs/policy.md, "Scopes"): a rate
+# limit reported for a scope rests the account for that scope only
+Scope = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$"),
+    Field(description="What the job does on the site (an endpoint), e.g. search or profile."),
+]
+# Units a lease used (pages, API calls), counted against its account's budget: a running total
+Units = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=1_000_000_000,
+        description="The units (pages, API calls) this lease used so far, a running total: it "
+        "counts against the account's budget in place of the grant's 1 when larger.",
+    ),
+]
+RATE_LIMITED = "rate_limited"
 
 
 def _http_url(value: str) -> str:
@@ -144,6 +162,7 @@ class JobStart(Request):
         "secret and session are sealed to it. A start of an EXPIRED job must come with the "
         "same key and collector as the job's first start.",
     )
+    scope: Scope | None = None
 
 
 class JobHeartbeat(Request):
@@ -151,6 +170,7 @@ class JobHeartbeat(Request):
     lease_token: LeaseToken
     lease_secret: LeaseSecret
     extend_seconds: Seconds | None = None
+    units: Units | None = None
 
 
 class SeedResult(BaseModel):
@@ -166,12 +186,30 @@ class JobFinish(Request):
     type: Literal["job.finish"] = "job.finish"
     lease_token: LeaseToken
     lease_secret: LeaseSecret
-    outcome: Literal["succeeded", "failed", "blocked"]
+    outcome: Literal["succeeded", "failed", "blocked", "rate_limited"]
     reason: Reason | None = None
     cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
     # Playwright storage_state, sealed to Quartermaster's upload_key (context job.finish)
     session_state: Sealed | None = None
     seed_results: Annotated[list[SeedResult], Field(max_length=1000)] | None = None
+    units: Units | None = None
+    # a rate limit (outcome rate_limited): the scope it is for (the job's own when absent) and
+    # when it resets, in seconds from now or as a time (docs/policy.md, "Scopes")
+    scope: Scope | None = None
+    retry_after_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
+    reset_at: UtcTime | None = None
+
+    @model_validator(mode="after")
+    def _rate_limit_fields(self) -> JobFinish:
+        """A rate limit says when it resets (one way); other outcomes name no scope or reset."""
+        fields = ("scope", "retry_after_seconds", "reset_at")
+        given = [name for name in fields if getattr(self, name) is not None]
+        if self.outcome != RATE_LIMITED:
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with outcome rate_limited")
+        elif (self.retry_after_seconds is None) == (self.reset_at is None):
+            raise ValueError("rate_limited needs one of retry_after_seconds and reset_at")
+        return self
 
 
 class JobCancel(Request):
@@ -299,6 +337,12 @@ class JobGranted(Reply):
 class JobQueued(Reply):
     type: Literal["job.queued"] = "job.queued"
     position: int
+    reason: str | None = Field(
+        None,
+        description="What holds the site's line: capacity, accounts (none rested), budget (the "
+        "accounts' or the site's use budget) or rate_limited (the accounts rest for the scope "
+        "of the job at the head of the line).",
+    )
 
 
 class JobRejected(Reply):

@@ -22,15 +22,20 @@ async def add_site(
     max_attempts: int = 3,
     dag_id: str | None = None,
     session_check_url: str | None = None,
+    account_budget: int | None = None,
+    account_budget_seconds: int = 3600,
+    grants_per_minute: int | None = None,
 ) -> Row | None:
     """Create a site; None if the slug is taken."""
     result = await conn.execute(
         text(
             """
             INSERT INTO sites (slug, host, capacity, lease_seconds, cooldown_seconds,
-                               block_cooldown_seconds, max_attempts, dag_id, session_check_url)
+                               block_cooldown_seconds, max_attempts, dag_id, session_check_url,
+                               account_budget, account_budget_seconds, grants_per_minute)
             VALUES (:slug, :host, :capacity, :lease_seconds, :cooldown_seconds,
-                    :block_cooldown_seconds, :max_attempts, :dag_id, :session_check_url)
+                    :block_cooldown_seconds, :max_attempts, :dag_id, :session_check_url,
+                    :account_budget, :account_budget_seconds, :grants_per_minute)
             ON CONFLICT (slug) DO NOTHING
             RETURNING *
             """
@@ -45,6 +50,9 @@ async def add_site(
             "max_attempts": max_attempts,
             "dag_id": dag_id,
             "session_check_url": session_check_url,
+            "account_budget": account_budget,
+            "account_budget_seconds": account_budget_seconds,
+            "grants_per_minute": grants_per_minute,
         },
     )
     return result.mappings().first()
@@ -60,6 +68,10 @@ EDITABLE = (
     "max_attempts",
     "dag_id",
     "session_check_url",
+    # use budgets (docs/policy.md): None turns one off
+    "account_budget",
+    "account_budget_seconds",
+    "grants_per_minute",
 )
 
 
