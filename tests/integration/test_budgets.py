@@ -84,7 +84,9 @@ async def test_concurrent_collectors_never_take_an_account_past_its_budget(
     workers = [RequestProcessor(settings, db) for _ in range(12)]
     jobs = [f"job-{n}" for n in range(12)]
 
-    await asyncio.gather(*(w.process(start(settings, j)) for w, j in zip(workers, jobs, strict=True)))
+    await asyncio.gather(
+        *(w.process(start(settings, j)) for w, j in zip(workers, jobs, strict=True))
+    )
     for _ in range(5):  # finish every granted job at once: each release races the others' grants
         running = await running_jobs(engine)
         if not running:
@@ -132,9 +134,7 @@ async def test_a_sites_grants_per_minute_budget_holds_under_concurrent_starts_an
     await set_budgets(engine, grants_per_minute=3)
     workers = [RequestProcessor(settings, db) for _ in range(10)]
 
-    await asyncio.gather(
-        *(w.process(start(settings, f"job-{n}")) for n, w in enumerate(workers))
-    )
+    await asyncio.gather(*(w.process(start(settings, f"job-{n}")) for n, w in enumerate(workers)))
 
     assert await scalar(engine, "SELECT count(*) FROM job_grants") == 3  # the full bucket
     waiting = [r for r in await replies(engine, settings) if r["type"] == "job.queued"]
