@@ -58,10 +58,33 @@ SessionCheckUrl = Annotated[
                  callback=check_url),
 ]  # fmt: skip
 
+# use budgets (docs/policy.md); 0 turns a budget off
+AccountBudget = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=1_000_000_000,
+        help="Grants (or reported units) one account may take in --budget-seconds; 0: no budget",
+    ),
+]  # fmt: skip
+BudgetSeconds = Annotated[
+    int | None,
+    typer.Option(min=1, max=7 * DAY, help="The sliding window of --account-budget, in seconds"),
+]
+GrantsPerMinute = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=1_000_000,
+        help="Grants of the whole site per minute (a token bucket, bursts up to a minute's worth); "
+        "0: no limit",
+    ),
+]  # fmt: skip
+OFF_AT_ZERO = ("account_budget", "grants_per_minute")
+
 
 def _site_changes(**given: Any) -> dict[str, Any]:
-    """The options an operator gave ('' clears a text setting)."""
-    return {k: (v if v != "" else None) for k, v in given.items() if v is not None}
+    """The options an operator gave ('' clears a text setting, 0 turns a budget off)."""
+    changes = {k: (v if v != "" else None) for k, v in given.items() if v is not None}
+    return {k: (None if k in OFF_AT_ZERO and v == 0 else v) for k, v in changes.items()}
 
 
 @sites_app.command("add")
@@ -77,6 +100,9 @@ def sites_add(
     max_attempts: MaxAttempts = 3,
     dag_id: DagId = None,
     session_check_url: SessionCheckUrl = None,
+    account_budget: AccountBudget = None,
+    budget_seconds: BudgetSeconds = None,
+    grants_per_minute: GrantsPerMinute = None,
 ) -> None:
     """Add a site."""
     settings = _site_changes(
@@ -88,6 +114,9 @@ def sites_add(
         max_attempts=max_attempts,
         dag_id=dag_id,
         session_check_url=session_check_url,
+        account_budget=account_budget,
+        account_budget_seconds=budget_seconds,
+        grants_per_minute=grants_per_minute,
     )
     if in_transaction(lambda conn: sites.add_site(conn, slug=slug, **settings)) is None:
         raise fail(f"site {slug!r} exists already; change it with `qm sites set {slug} …`")
@@ -105,6 +134,9 @@ def sites_set(
     max_attempts: MaxAttempts = None,
     dag_id: DagId = None,
     session_check_url: SessionCheckUrl = None,
+    account_budget: AccountBudget = None,
+    budget_seconds: BudgetSeconds = None,
+    grants_per_minute: GrantsPerMinute = None,
 ) -> None:
     """Change a site's settings; only the options given change. A raised capacity lets waiting
     jobs through within one reaper sweep."""
@@ -117,6 +149,9 @@ def sites_set(
         max_attempts=max_attempts,
         dag_id=dag_id,
         session_check_url=session_check_url,
+        account_budget=account_budget,
+        account_budget_seconds=budget_seconds,
+        grants_per_minute=grants_per_minute,
     )
     if not changes:
         raise fail("nothing to change: give at least one option (see `qm sites set --help`)")
@@ -167,8 +202,21 @@ def _site_json(row: Row) -> dict[str, Any]:
             "accounts_ready", "accounts_resting", "accounts_using", "accounts_blocked",
             "accounts_inactive", "grants_last_minute", "lease_seconds", "cooldown_seconds",
             "block_cooldown_seconds", "max_attempts", "dag_id", "session_check_url",
+            "account_budget", "account_budget_seconds", "grants_per_minute",
         )
     }  # fmt: skip
+
+
+def _budgets_cell(row: Row) -> str:
+    """', budget 100 a 3600s per account, 30 grants a minute': the budgets in force, if any."""
+    parts = []
+    if row["account_budget"] is not None:
+        parts.append(
+            f"budget {row['account_budget']} a {row['account_budget_seconds']}s per account"
+        )
+    if row["grants_per_minute"] is not None:
+        parts.append(f"{row['grants_per_minute']} grants a minute")
+    return "".join(", " + part for part in parts)
 
 
 def _accounts_cell(row: Row) -> str:
@@ -214,6 +262,7 @@ def sites_list(as_json: Json = False) -> None:
             _accounts_cell(row),
             *figures,
             f"lease {row['lease_seconds']}s, rest {row['cooldown_seconds']}s, "
-            f"block rest {row['block_cooldown_seconds']}s, {row['max_attempts']} attempts",
+            f"block rest {row['block_cooldown_seconds']}s, {row['max_attempts']} attempts"
+            + _budgets_cell(row),
         )
     out().print(grid)
