@@ -84,6 +84,7 @@ class Plan:
     search_steps: int = 0
     search_seconds: float = 3.0
     search_ceiling: float = 1600.0
+    budgets: bool = False  # use budgets on every site, set so that they never hold a job back
 
     @property
     def starts(self) -> int:
@@ -125,6 +126,13 @@ def bench_lease(
     ] = 5,
     search_seconds: Annotated[float, Opt(help="Seconds of each max-rate probe.")] = 3.0,
     search_ceiling: Annotated[float, Opt(help="The highest rate the search tries.")] = 1600.0,
+    budgets: Annotated[
+        bool,
+        Opt(
+            help="Use budgets on every site (per account and per minute, docs/policy.md), set so "
+            "that they never hold a job back: what checking them costs."
+        ),
+    ] = False,
     as_json: Annotated[bool, Opt("--json", help="Print one JSON object, not the table.")] = False,
 ) -> None:
     """job.start -> job.granted latency, job cycles per second, and a raw Kafka round trip."""
@@ -135,7 +143,8 @@ def bench_lease(
                 workers=max(workers, 1), own_reply_topics=own_reply_topics,
                 route_replies=route_replies,
                 history=max(history_jobs, 0), search_steps=max(search_steps, 0),
-                search_seconds=search_seconds, search_ceiling=search_ceiling)  # fmt: skip
+                search_seconds=search_seconds, search_ceiling=search_ceiling,
+                budgets=budgets)  # fmt: skip
     console = err if as_json else Console(width=max(Console().width, 132))
     try:
         with start_services() as services:
@@ -146,6 +155,7 @@ def bench_lease(
                 "child processes (`python -m app run worker|relay`); "
                 + ("a reply topic per collector" if own_reply_topics else "one shared reply topic")
                 + ("" if own_reply_topics or not route_replies else ", a partition per collector")
+                + ("; use budgets on (never holding a job back)" if budgets else "")
             )
             settings = bench_settings(services.bootstrap, services.database_url)
             report = asyncio.run(_bench(settings, plan, services.pids, console))
@@ -178,8 +188,9 @@ async def _bench(settings: Settings, plan: Plan, pids: dict[str, int], console: 
         await create_topics(settings, reply_topics)
     slugs = [f"site{n}" for n in range(plan.sites)]
     await history.make_sites(
-        settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS
-    )
+        settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS,
+        budgets=plan.budgets,
+    )  # fmt: skip
     took = await history.preload(
         settings, slugs, plan.history
     )  # VACUUM (ANALYZE) even without history
