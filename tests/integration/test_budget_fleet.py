@@ -13,8 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.kafka import sdk_client
 from app.sdk import JobRejected
 from app.settings import Settings
-from tests.integration.test_budgets import set_budgets
 from tests.support.leasing import make_site, scalar
+from tests.support.policy import set_budgets
 from tests.support.processes import QmProcess
 
 COLLECTORS = 24

@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.settings import Settings
 from app.store import Database
 from reapers.capacity_back import CapacityBack
-from tests.integration.test_budgets import answer, finish
 from tests.support.leasing import db_now, make_site, replies, scalar, start
+from tests.support.policy import answer, finish
 from workers.requests import RequestProcessor
 
 
