@@ -122,3 +122,24 @@ async def test_a_fleet_gets_no_more_than_the_sites_grants_per_minute(
     # the bucket's minute's worth at once, then 10 a minute: within the window the grants span
     assert 10 <= len(times) <= 10 + int(10 * seconds / 60) + 1
     assert Counter(outcomes)["granted"] == len(times)
+
+
+async def test_a_job_held_for_its_budget_is_granted_by_the_reaper_within_its_interval(
+    topics: Settings, engine: AsyncEngine
+) -> None:
+    settings = topics  # the reaper sweeps every 0.2 s
+    await make_site(engine, settings, capacity=2, n_accounts=1, lease_seconds=60)
+    await set_budgets(engine, account_budget=1, account_budget_seconds=2)
+
+    with QmProcess(settings, "all") as server:
+        async with sdk_client(settings) as client:
+            async with client.job(site="board", job_id="first", timeout=30):
+                pass
+            async with client.job(site="board", job_id="held", wait_seconds=30, timeout=30):
+                pass
+        assert server.proc is not None and server.proc.poll() is None
+
+    first, held = sorted(g["granted_at"] for g in await grants(engine))
+    waited = (held - first).total_seconds()  # type: ignore[operator]
+    # the window slides past the first grant after 2 s; the sweep grants within its interval
+    assert 2.0 <= waited <= 2.0 + settings.reaper_interval_seconds + 1.0
