@@ -72,7 +72,7 @@ ALTER TABLE job_grants
     ADD COLUMN units integer NOT NULL DEFAULT 1 CHECK (units >= 0),
     ADD COLUMN proxy_id bigint;
 -- the account budget's window: an account's grants since a moment
-CREATE INDEX job_grants_account_window ON job_grants (account_id, granted_at)
+CREATE INDEX job_grants_account_window ON job_grants (account_id, granted_at) INCLUDE (units)
     WHERE account_id IS NOT NULL;
 
 CREATE TABLE account_scope_rests (
