@@ -4,7 +4,9 @@ a rate limit leaves, the units a lease reports, and why a site's line waits.
 The rules are SQL predicates, written once here and used by the grant statement
 (``app.store.jobs``) and by ``why_waiting``, so what holds a job back and what the collector is
 told are the same rule. Every one reads the grant's clock, ``policy.at`` (the database's
-``clock_timestamp()`` once the site's lock is held, or a test's ``:now``).
+``clock_timestamp()`` once the site's lock is held, or a test's ``:now``). They name what the
+statements that use them name: the CTEs ``head`` (the site's oldest waiting job) and ``policy``,
+the account ``a`` and the site ``s``.
 """
 
 from __future__ import annotations
