@@ -186,9 +186,17 @@ class Settings(BaseSettings):
         6, description="Kafka consumers of the group in one handoff worker process."
     )
     handoff_lease_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long a handoff claim lasts unless renewed: the worker renews it every "
+        "third of this while the targets answer, so a capture whose worker died is back within "
+        "this plus one reaper interval, however slow its targets.",
+    )
+    handoff_target_timeout_seconds: float = Field(
         60.0,
-        description="How long a handoff claim lasts; a capture whose worker died is back within "
-        "this plus one reaper interval. Longer than the slowest target (webhook timeout).",
+        gt=0,
+        description="The longest one handoff target (webhook, Airflow) may take before the "
+        "attempt counts as failed and is retried.",
     )
     handoff_max_attempts: int = Field(
         5, description="Handoff attempts of one capture before it fails and is dead-lettered."

@@ -6,6 +6,7 @@ each record, hands one capture downstream exactly once:
    attempt is not due yet (the reaper publishes it again when it is).
 2. effects: the site's targets (``app.handoff.HandoffTargets``: a webhook, an Airflow DAG run), each
    idempotent by capture id, since a worker that dies after them repeats them on the next try.
+   The claim's lease is short and renewed every third of it while the targets answer.
 3. finalise: HANDING_OFF -> HANDED_OFF with the claim's token and, in that transaction only, the
    ``capture.ready`` record on ``qm.captures.ready`` and its event (so a loser publishes nothing).
    A failed effect gives the capture back instead: RECEIVED after a backoff, or FAILED (dead
@@ -18,6 +19,7 @@ A worker that dies anywhere leaves a HANDING_OFF capture whose lease lapses; the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -53,6 +55,10 @@ OUTCOMES = {
     CaptureStatus.RECEIVED: "retrying",
     CaptureStatus.FAILED: "failed",
 }
+
+
+class ClaimLost(Exception):
+    """The capture's claim was reaped while its targets ran: another worker owns it now."""
 
 
 class HandoffWorker:
@@ -96,9 +102,46 @@ class HandoffWorker:
             log.debug("handoff_claim_skipped", capture_id=capture_id)
             return "skipped"
         self._fault("handoff_after_claim", capture)
-        error = await self._deliver(delivery_of(capture, self.services.secrets))
+        try:
+            error = await self._deliver_while_held(capture, now)
+        except ClaimLost:
+            log.info("handoff_lost", capture_id=capture_id, handoff_token=capture["handoff_token"])
+            return "lost"
         self._fault("handoff_after_effect", capture)
         return await self._retry_transient(partial(self._finalise, capture, error, record, now))
+
+    async def _deliver_while_held(self, capture: Row, now: datetime | None) -> TargetError | None:
+        """The targets, with the claim renewed every third of its lease while they answer: a
+        slow target keeps its claim, a dead worker's claim lapses within one short lease. Raises
+        ClaimLost when the claim was reaped meanwhile (the delivery is stopped: it is not ours)."""
+        delivering = asyncio.create_task(self._deliver(delivery_of(capture, self.services.secrets)))
+        lease = self.settings.handoff_lease_seconds
+        try:
+            while True:
+                done, _ = await asyncio.wait({delivering}, timeout=lease / 3)
+                if done:
+                    return delivering.result()
+                if not await self._renew(capture, now):
+                    raise ClaimLost
+        finally:
+            if not delivering.done():
+                delivering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await delivering
+
+    async def _renew(self, capture: Row, now: datetime | None) -> bool:
+        """Push the claim's expiry one lease ahead; False when it is no longer ours. A database
+        that fails now is tried again at the next renewal (the lease covers two misses)."""
+        try:
+            async with self.db.transaction() as conn:
+                expires = await captures.extend_handoff(
+                    conn, capture["id"], capture["handoff_token"],
+                    lease_seconds=self.settings.handoff_lease_seconds, now=now,
+                )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - transient; the next renewal tries again
+            log.warning("handoff_renewal_failed", capture_id=capture["id"], error=describe(exc))
+            return True
+        return expires is not None
 
     async def _claim(self, capture_id: str, now: datetime | None) -> Row | None:
         async with self.db.transaction() as conn:
@@ -113,16 +156,16 @@ class HandoffWorker:
     async def _deliver(self, delivery: Delivery) -> TargetError | None:
         """Run the site's targets in order; the first failure, or None when all succeeded.
 
-        They get at most the claim's lease, so a slow target cannot outlive the claim by much.
+        Each gets at most ``handoff_target_timeout_seconds``; the claim is renewed meanwhile.
         """
         for target in self.targets(delivery):
             try:
-                async with asyncio.timeout(self.settings.handoff_lease_seconds):
+                async with asyncio.timeout(self.settings.handoff_target_timeout_seconds):
                     await target.deliver(delivery)
             except TargetError as exc:
                 return TargetError(f"{target.name}: {exc.reason}", retryable=exc.retryable)
             except TimeoutError:
-                return TargetError(f"{target.name}: no answer within the lease", retryable=True)
+                return TargetError(f"{target.name}: no answer in time", retryable=True)
             except Exception as exc:  # a target's bug is worth another try
                 log.exception("target_failed", target=target.name, capture_id=delivery.capture_id)
                 return TargetError(f"{target.name}: {type(exc).__name__}", retryable=True)

@@ -122,6 +122,30 @@ async def claim_handoff(
     return result.mappings().first()
 
 
+async def extend_handoff(
+    conn: AsyncConnection,
+    capture_id: str,
+    token: int,
+    *,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> datetime | None:
+    """The claim's lease pushed to ``lease_seconds`` from now while its targets answer, for the
+    holder of ``token`` only; the new expiry, or None: the claim was reaped or finished."""
+    result = await conn.execute(
+        text(
+            f"""
+            UPDATE captures
+            SET handoff_expires_at = {NOW} + make_interval(secs => :lease)
+            WHERE id = :id AND status = 'HANDING_OFF' AND handoff_token = :token
+            RETURNING handoff_expires_at
+            """
+        ),
+        {"id": capture_id, "token": token, "lease": lease_seconds, "now": now},
+    )
+    return result.scalar_one_or_none()
+
+
 async def finish_handoff(
     conn: AsyncConnection, capture_id: str, token: int, now: datetime | None = None
 ) -> Row | None:
