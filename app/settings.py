@@ -185,6 +185,22 @@ class Settings(BaseSettings):
     handoff_consumers: int = Field(
         6, description="Kafka consumers of the group in one handoff worker process."
     )
+    handoff_batch_max: int = Field(
+        16,
+        ge=1,
+        description="Most captures one handoff batch claims together (one statement) and, for "
+        "those whose targets answer at once, finalises together (one transaction); 1 hands each "
+        "capture off alone.",
+    )
+    handoff_batches: int = Field(
+        4, ge=1, description="Handoff batches one handoff worker process runs at once."
+    )
+    handoff_max_in_flight: int = Field(
+        128,
+        ge=1,
+        description="Most capture records one handoff worker process holds between reading them "
+        "and their final outcome (then its consumers wait).",
+    )
     handoff_lease_seconds: float = Field(
         5.0,
         gt=0,
