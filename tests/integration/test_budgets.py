@@ -161,3 +161,19 @@ async def test_a_site_without_budgets_grants_as_before(
 
     assert await scalar(engine, "SELECT count(*) FROM job_grants") == 5
     assert await scalar(engine, "SELECT bucket_tokens FROM sites") is None
+
+
+async def test_units_from_a_stale_lease_count_nothing_against_the_budget(
+    processor: RequestProcessor, settings: Settings, engine: AsyncEngine
+) -> None:
+    await make_site(engine, settings, capacity=5, n_accounts=1)
+    await set_budgets(engine, account_budget=10)
+    await processor.process(start(settings, "pages"))
+    lease = await held_lease(engine, settings, "pages")
+    wrong = {**lease, "lease_secret": "w" * 43}
+    await processor.process(request(settings, "job.heartbeat", "pages", **wrong, units=500))
+    await finish(processor, settings, engine, "pages")
+    stale = request(settings, "job.heartbeat", "pages", **lease, units=500)  # after the finish
+    await processor.process(stale)
+
+    assert await scalar(engine, "SELECT units FROM job_grants WHERE job_id = 'pages'") == 1
