@@ -22,7 +22,7 @@ from app.commands.common import (
     when,
 )
 from app.core.leases import revoke
-from app.store import Conn, Row, jobs, views
+from app.store import Conn, Row, budgets, jobs, views
 from schemas.states import JobStatus
 
 jobs_app = typer.Typer(help="Jobs: what runs, what waits and why.", no_args_is_help=True)
@@ -87,8 +87,19 @@ def _until(row: Row) -> datetime | None:
     return None
 
 
-def wait_reasons(job: Row) -> list[str]:
-    """Why a waiting job is not granted yet, as the site stands now."""
+# what holds a site's line besides capacity and accounts (docs/policy.md)
+POLICY_HOLDS = {
+    "budget": "the use budgets hold the line: every rested account used its budget in its window, "
+    "or the site's grants a minute are used; granted within one sweep once they refill "
+    "(docs/policy.md)",
+    "rate_limited": "every rested account rests for the scope of the job at the head of the line "
+    "(a rate limit); granted within one sweep after its reset (docs/policy.md)",
+}
+
+
+def wait_reasons(job: Row, held_by: str | None = None) -> list[str]:
+    """Why a waiting job is not granted yet, as the site stands now (``held_by``: what holds
+    the site's line, ``app.store.budgets.why_waiting``)."""
     reasons = []
     if job["ahead"]:
         reasons.append(
@@ -101,6 +112,8 @@ def wait_reasons(job: Row) -> list[str]:
         )
     if job["needs_account"] and not job["accounts_ready"]:
         reasons.append(_no_account(job))
+    if held_by in POLICY_HOLDS:
+        reasons.append(POLICY_HOLDS[held_by])
     return reasons or ["nothing: it is granted within one reaper sweep"]
 
 
@@ -155,10 +168,14 @@ def jobs_show(
     """One job: its state, the collector that holds it, its history of grants, and while it
     waits, its place in line and why it waits."""
 
-    async def work(conn: Conn) -> tuple[Row | None, list[Row]]:
-        return await views.job_detail(conn, job_id), await views.job_grants(conn, job_id)
+    async def work(conn: Conn) -> tuple[Row | None, list[Row], str | None]:
+        job = await views.job_detail(conn, job_id)
+        held_by = None
+        if job is not None and job["status"] == JobStatus.QUEUED:
+            held_by = await budgets.why_waiting(conn, job["site"])
+        return job, await views.job_grants(conn, job_id), held_by
 
-    job, grants = in_transaction(work)
+    job, grants, held_by = in_transaction(work)
     if job is None:
         raise fail(f"no job {job_id!r}; `qm jobs list` shows the latest")
     waiting = job["status"] == JobStatus.QUEUED
@@ -173,7 +190,7 @@ def jobs_show(
         "lease_expires_at": job["lease_expires_at"],
         "wait_deadline": job["wait_deadline"] if waiting else None,
         "position": job["ahead"] + 1 if waiting else None,
-        "waits_because": wait_reasons(job) if waiting else None,
+        "waits_because": wait_reasons(job, held_by) if waiting else None,
         "reason": job["reason"],
     }
     history = _history(job, list(grants))

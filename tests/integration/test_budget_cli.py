@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.settings import Settings
 from tests.integration.test_operator_cli import Qm, json_lines, one_red_line
 from tests.integration.test_operator_cli import qm as qm  # the fixture
+from tests.support.leasing import make_site, start
+from tests.support.policy import finish, set_budgets
+from workers.requests import RequestProcessor
 
 BUDGETS = ("account_budget", "account_budget_seconds", "grants_per_minute")
 
@@ -32,3 +38,17 @@ async def test_a_bad_budget_is_one_line_naming_the_option(qm: Qm) -> None:
             await qm("sites", "add", "board", "--host", "board.example.com", option, value), option
         )
     assert json_lines(await qm("sites", "list", "--json")) == []
+
+
+async def test_jobs_show_says_a_waiting_job_waits_for_a_budget(
+    qm: Qm, settings: Settings, engine: AsyncEngine, processor: RequestProcessor
+) -> None:
+    await make_site(engine, settings, capacity=5, n_accounts=1)
+    await set_budgets(engine, account_budget=1)
+    await processor.process(start(settings, "first"))
+    await finish(processor, settings, engine, "first")
+    await processor.process(start(settings, "second"))
+
+    (shown,) = json_lines(await qm("jobs", "show", "second", "--json"))
+
+    assert any("use budgets hold the line" in why for why in shown["waits_because"])
