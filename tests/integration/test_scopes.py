@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.settings import Settings
 from app.store import Database
 from reapers.capacity_back import CapacityBack
-from tests.support.leasing import db_now, make_site, replies, scalar, start
+from tests.support.leasing import db_now, held_lease, make_site, replies, request, scalar, start
 from tests.support.policy import answer, finish
 from workers.requests import RequestProcessor
 
@@ -129,3 +129,35 @@ async def test_concurrent_starts_never_grant_a_rate_limited_scope_before_its_res
             text("SELECT scope FROM job_grants WHERE job_id NOT LIKE 'limit-%'")
         )
         assert sorted(row[0] for row in granted) == ["profile"] * 3  # one per account, no search
+
+
+async def test_a_rate_limit_from_a_stale_lease_rests_no_scope(
+    processor: RequestProcessor, settings: Settings, engine: AsyncEngine
+) -> None:
+    await make_site(engine, settings, capacity=1, n_accounts=1)
+    await processor.process(start(settings, "search-1", scope="search"))
+    lease = await held_lease(engine, settings, "search-1")
+    await finish(processor, settings, engine, "search-1")
+    zombie = request(
+        settings, "job.finish", "search-1", **lease, outcome="rate_limited", retry_after_seconds=600
+    )
+    await processor.process(zombie)  # the same lease, after its finish
+
+    assert [r["type"] for r in await replies(engine, settings, "search-1")][-1] == "job.lease_lost"
+    assert await scalar(engine, "SELECT count(*) FROM account_scope_rests") == 0
+
+
+async def test_a_reset_far_ahead_rests_the_scope_thirty_days_at_most(
+    processor: RequestProcessor, settings: Settings, engine: AsyncEngine
+) -> None:
+    await make_site(engine, settings, capacity=1, n_accounts=1)
+    far = await db_now(engine) + timedelta(days=365)
+    await rate_limit(
+        processor, settings, engine, "search-1", "search", retry_after_seconds=None,
+        reset_at=far.isoformat(),
+    )  # fmt: skip
+
+    days = await scalar(
+        engine, "SELECT extract(epoch FROM rest_until - now()) / 86400 FROM account_scope_rests"
+    )
+    assert 29.9 < float(days) <= 30.0
