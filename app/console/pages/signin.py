@@ -1,0 +1,56 @@
+"""Signing in (operator token or user and password) and out."""
+
+from __future__ import annotations
+
+import secrets
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from app.console.auth import Identity, UsersFileError
+from app.console.web import CSRF_FIELD, checked_form, console_state, render, text_field
+
+
+async def login_page(request: Request) -> Response:
+    if getattr(request.state, "identity", None) is not None:
+        return RedirectResponse("/", status_code=303)
+    return render(request, "login.html", problem=None)
+
+
+async def login(request: Request) -> Response:
+    """Check the credentials; a new session (and CSRF token) for who they name."""
+    form = await checked_form(request)
+    auth = console_state(request).auth
+    found: Identity | None = None
+    token = text_field(form, "token", limit=1000)
+    name = text_field(form, "name", limit=64)
+    try:
+        if token:
+            found = auth.by_token(token, name)
+        elif name:
+            password = form.get("password")
+            found = auth.by_password(name, password if isinstance(password, str) else "")
+    except (UsersFileError, OSError):
+        return render(request, "login.html", status_code=503,
+                      problem="the users file cannot be read; see the console's log")  # fmt: skip
+    if found is None:
+        return render(request, "login.html", status_code=401, problem="wrong credentials")
+    request.session.clear()  # a new session: nothing from before the sign-in carries over
+    request.session.update(
+        {"user": found.name, "role": found.role, CSRF_FIELD: secrets.token_urlsafe(32)}
+    )
+    return RedirectResponse("/", status_code=303)
+
+
+async def logout(request: Request) -> Response:
+    await checked_form(request)
+    request.session.clear()
+    return RedirectResponse("/login", status_code=303)
+
+
+routes = [
+    Route("/login", login_page, methods=["GET"]),
+    Route("/login", login, methods=["POST"]),
+    Route("/logout", logout, methods=["POST"]),
+]
