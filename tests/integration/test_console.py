@@ -110,6 +110,8 @@ async def test_the_overview_shows_the_figures_of_qm_sites_list_and_follows_them_
     assert listed["board"]["running"] == 1 and listed["board"]["waiting"] == 2
     assert listed["board"]["accounts_blocked"] == 1
     await screenshot(page, "console-overview", tmp_path)
+    await page.set_viewport_size({"width": 390, "height": 844})  # a phone
+    await screenshot(page, "console-overview-phone", tmp_path)
 
     # the page follows the database without a reload (server-sent events)
     async with engine.begin() as conn:
@@ -146,6 +148,7 @@ async def test_a_job_page_shows_its_place_in_line_why_it_waits_and_its_grants(
     reasons = await page.locator("#waits-because").inner_text()
     assert "1 job(s) of its site wait ahead of it" in reasons
     assert "at capacity (1 running of 1)" in reasons
+    await screenshot(page, "console-job", tmp_path)
 
     await page.goto(console.url + "/jobs/job-1")
     assert await page.locator("#job-status").inner_text() == "RUNNING"
@@ -153,7 +156,6 @@ async def test_a_job_page_shows_its_place_in_line_why_it_waits_and_its_grants(
     assert await grants.count() == 1
     assert "user0@board" in await grants.inner_text()
     assert await page.locator("#revoke button").count() == 1  # an operator may revoke it
-    await screenshot(page, "console-job", tmp_path)
 
 
 async def test_qm_run_console_serves_sign_in_and_refuses_every_page_until_sign_in_is_set(
