@@ -43,9 +43,7 @@ def test_the_users_file_gives_names_roles_and_refuses_a_bad_line(tmp_path: Path)
 def test_the_token_and_passwords_sign_in_and_nothing_else_does(tmp_path: Path) -> None:
     path = tmp_path / "users"
     path.write_text(users_line("victor", "viewer", "pw-victor-1") + "\n")
-    auth = Authenticator(
-        Settings(console_token=SecretStr("tok-1"), console_users_file=str(path))
-    )
+    auth = Authenticator(Settings(console_token=SecretStr("tok-1"), console_users_file=str(path)))
     assert auth.configured
     assert auth.by_token("tok-1", "nora") == Identity("nora (token)", "operator")
     assert auth.by_token("tok-2", "nora") is None
