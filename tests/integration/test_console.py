@@ -10,9 +10,11 @@ import httpx
 from playwright.async_api import Browser
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.crypto import SecretBox
 from app.settings import Settings
-from app.store import accounts
-from schemas.states import AccountStatus
+from app.store import accounts, captures, domains, seeds
+from app.urls import webhook_shown
+from schemas.states import AccountStatus, SeedStatus
 from tests.support.cli import Qm, qm_fixture  # noqa: F401 - the `qm` fixture
 from tests.support.console import (
     OPERATOR,
@@ -215,3 +217,41 @@ def _csrf(html: str) -> str:
     marker = 'name="csrf" value="'
     start = html.index(marker) + len(marker)
     return html[start : html.index('"', start)]
+
+
+async def test_a_sites_page_shows_its_rewrites_and_webhook_and_seeds_their_state_and_reasons(
+    console: Console, browser: Browser, engine: AsyncEngine
+) -> None:
+    settings = console.settings
+    await make_site(engine, settings, n_accounts=1)
+    url = "https://hooks.example.com/deliver/abc123"
+    async with engine.begin() as conn:
+        await domains.add_rewrite(
+            conn, site="board", from_host="old.example", to_host="board.example.com"
+        )
+        await captures.set_site_webhook(
+            conn, "board", webhook_shown(url), SecretBox.from_settings(settings).seal(url)
+        )
+        for n in range(3):
+            await seeds.add_seed(conn, site="board", url=f"https://board.example.com/{n}",
+                                 interval_seconds=3600, priority=n)  # fmt: skip
+        await seeds.set_seed_status(
+            conn, site="board", seed="https://board.example.com/0", target=SeedStatus.DISABLED,
+            reason="gone for good",
+        )  # fmt: skip
+
+    page = await sign_in(browser, console)
+    await page.goto(console.url + "/sites")
+    await page.locator("#site-list a", has_text="board").click()
+    assert "old.example" in await page.locator("#rewrites").inner_text()
+    assert await page.locator("#webhook").inner_text() == "https://hooks.example.com/…"
+    assert "user0@board" in await page.locator("#accounts").inner_text()
+
+    await page.goto(console.url + "/seeds?site=board")
+    rows = page.locator("#seeds tbody tr")
+    assert await rows.count() == 3
+    assert "gone for good" in await page.locator("#seeds tr", has_text="/0").inner_text()
+    await page.goto(console.url + "/seeds?site=board&status=DISABLED")
+    assert await rows.count() == 1
+    await page.goto(console.url + "/seeds?site=board&due=1")
+    assert await rows.count() == 2  # the disabled one is never due
