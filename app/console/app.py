@@ -106,10 +106,12 @@ class RequireSignIn:
             named = self.state.auth.by_header(request.headers.get(header))
             if named is not None:
                 return named
-        name, role = request.session.get("user"), request.session.get("role")
-        if isinstance(name, str) and role in ("viewer", "operator"):
-            return Identity(name, role)
-        return None
+        if "user" not in request.session:
+            return None
+        found = self.state.auth.by_session(request.session)
+        if found is None:  # the user left the users file, or the token changed: signed out
+            request.session.clear()
+        return found
 
 
 async def _refused(request: Request, exc: Exception) -> Response:

@@ -14,6 +14,8 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +144,40 @@ class Authenticator:
         role, stored = found
         return Identity(name, role) if check_password(password, stored) else None
 
+    def session(self, found: Identity, via: str) -> dict[str, str]:
+        """What a signed-in session keeps: who, their role, how they signed in, and for the token
+        a fingerprint of it (an HMAC keyed by the token: it tells nothing of the token)."""
+        kept = {"user": found.name, "role": found.role, "via": via}
+        if via == "token":
+            kept["token"] = self._token_mark()
+        return kept
+
+    def by_session(self, session: Mapping[str, object]) -> Identity | None:
+        """The user a session names, if it still holds: a user still in the users file (with
+        the role it says now), a token that is still the configured one."""
+        name, role, via = session.get("user"), session.get("role"), session.get("via")
+        if not isinstance(name, str) or role not in ROLES:
+            return None
+        if via == "token":
+            mark = session.get("token")
+            if not isinstance(mark, str) or not hmac.compare_digest(mark, self._token_mark()):
+                return None
+            return Identity(name, str(role))
+        if via == "password" and self.settings.console_users_file:
+            try:
+                found = read_users(self.settings.console_users_file).get(name)
+            except (UsersFileError, OSError):
+                return None
+            return None if found is None else Identity(name, found[0])
+        return None
+
+    def _token_mark(self) -> str:
+        token = self.settings.console_token
+        if token is None or not token.get_secret_value():
+            return ""
+        key = token.get_secret_value().encode()
+        return hmac.new(key, b"qm-console-session", hashlib.sha256).hexdigest()[:32]
+
     def by_header(self, value: str | None) -> Identity | None:
         """The user an authenticating proxy named, when the trusted header is configured."""
         if self.settings.console_trusted_header is None or value is None:
@@ -153,3 +189,27 @@ class Authenticator:
         if self.settings.console_users_file:
             role = read_users(self.settings.console_users_file).get(value, (role, ""))[0]
         return Identity(value, role)
+
+
+class Throttle:
+    """At most ``limit`` failed sign-ins a ``window`` from one address (then 429 until the window
+    passes), remembering at most ``addresses`` addresses."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0, addresses: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.addresses = addresses
+        self._failures: dict[str, deque[float]] = {}
+
+    def refuses(self, address: str, now: float) -> bool:
+        failures = self._failures.get(address)
+        if failures is None:
+            return False
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        return len(failures) >= self.limit
+
+    def failed(self, address: str, now: float) -> None:
+        if address not in self._failures and len(self._failures) >= self.addresses:
+            self._failures.pop(next(iter(self._failures)))  # the longest-known address goes
+        self._failures.setdefault(address, deque(maxlen=self.limit)).append(now)

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
-from app.console.auth import Authenticator, Identity
+from app.console.auth import Authenticator, Identity, Throttle
 from app.core.transaction import Tx, TxServices
 from app.overview import DeadLetters
 from app.settings import Settings
@@ -38,6 +38,7 @@ class ConsoleState:
     db: Database
     secret_box: Callable[[], SecretBox]
     dead: DeadLetters = field(default_factory=DeadLetters)
+    throttle: Throttle = field(default_factory=Throttle)
 
     @cached_property
     def auth(self) -> Authenticator:

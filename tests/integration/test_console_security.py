@@ -22,6 +22,7 @@ from app.store import Database, captures, sessions
 from app.urls import webhook_shown
 from tests.support.captures import running_job, submit
 from tests.support.console import (
+    OPERATOR,
     PASSWORD,
     SESSION_SECRET,
     TOKEN,
@@ -203,3 +204,36 @@ async def test_no_page_or_response_shows_a_secret_a_cookie_value_or_a_token(
     for where, body in bodies.items():
         for canary in canaries:
             assert canary not in body, (where, canary[:6])
+
+
+async def test_a_user_taken_out_of_the_users_file_is_signed_out_at_their_next_page(
+    console: Console, browser: Browser
+) -> None:
+    page = await sign_in(browser, console, VIEWER)
+    await page.goto(console.url + "/jobs")
+    assert page.url == f"{console.url}/jobs"
+    _remove_user(Path(str(console.settings.console_users_file)), VIEWER)
+    await page.goto(console.url + "/jobs")
+    assert page.url == f"{console.url}/login"
+
+
+def _remove_user(users: Path, name: str) -> None:
+    kept = [line for line in users.read_text().splitlines() if not line.startswith(f"{name}:")]
+    users.write_text("".join(line + "\n" for line in kept))
+
+
+async def test_failed_sign_ins_from_one_address_are_throttled(console: Console) -> None:
+    async with httpx.AsyncClient(base_url=console.url) as client:
+
+        async def attempt(password: str) -> httpx.Response:
+            page = (await client.get("/login")).text
+            marker = 'name="csrf" value="'
+            start = page.index(marker) + len(marker)
+            csrf = page[start : page.index('"', start)]
+            form = {"csrf": csrf, "name": OPERATOR, "password": password}
+            return await client.post("/login", data=form)
+
+        for _ in range(10):
+            assert (await attempt("wrong")).status_code == 401
+        refused = await attempt(PASSWORD)
+        assert refused.status_code == 429 and "too many failed sign-ins" in refused.text

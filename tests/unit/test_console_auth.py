@@ -10,6 +10,7 @@ from pydantic import SecretStr
 from app.console.auth import (
     Authenticator,
     Identity,
+    Throttle,
     UsersFileError,
     check_password,
     hash_password,
@@ -52,3 +53,34 @@ def test_the_token_and_passwords_sign_in_and_nothing_else_does(tmp_path: Path) -
     assert auth.by_password("nobody", "pw-victor-1") is None
     assert auth.by_header("mallory") is None  # no trusted header configured
     assert not Authenticator(Settings()).configured
+
+
+def test_the_throttle_refuses_an_address_after_its_failures_until_the_window_passes() -> None:
+    throttle = Throttle(limit=3, window=60.0, addresses=2)
+    for at in (0.0, 1.0, 2.0):
+        assert not throttle.refuses("a", at)
+        throttle.failed("a", at)
+    assert throttle.refuses("a", 3.0) and not throttle.refuses("b", 3.0)
+    assert not throttle.refuses("a", 60.5)  # the first failure left the window
+    throttle.failed("b", 61.0)
+    throttle.failed("c", 61.0)  # a third address: the longest-known one is forgotten
+    assert not throttle.refuses("a", 61.0)
+
+
+def test_a_session_holds_while_its_user_or_token_does(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text(users_line("olga", "operator", "pw-olga-123") + "\n")
+    settings = Settings(console_token=SecretStr("tok-1"), console_users_file=str(path))
+    auth = Authenticator(settings)
+    by_password = auth.session(Identity("olga", "operator"), "password")
+    by_token = auth.session(Identity("nora (token)", "operator"), "token")
+    assert "tok-1" not in str(by_token)
+    assert auth.by_session(by_password) == Identity("olga", "operator")
+    assert auth.by_session(by_token) == Identity("nora (token)", "operator")
+    path.write_text(users_line("olga", "viewer", "pw-olga-123") + "\n")
+    assert auth.by_session(by_password) == Identity("olga", "viewer")  # demoted at once
+    path.write_text("")
+    assert auth.by_session(by_password) is None
+    rotated = Authenticator(settings.model_copy(update={"console_token": SecretStr("tok-2")}))
+    assert rotated.by_session(by_token) is None
+    assert auth.by_session({"user": "x", "role": "operator"}) is None  # how it signed in: unsaid

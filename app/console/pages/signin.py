@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -21,25 +22,31 @@ async def login_page(request: Request) -> Response:
 async def login(request: Request) -> Response:
     """Check the credentials; a new session (and CSRF token) for who they name."""
     form = await checked_form(request)
-    auth = console_state(request).auth
+    state = console_state(request)
+    auth = state.auth
+    address = request.client.host if request.client else "-"
+    if state.throttle.refuses(address, time.monotonic()):
+        return render(request, "login.html", status_code=429,
+                      problem="too many failed sign-ins: wait a minute")  # fmt: skip
     found: Identity | None = None
+    via = "token"
     token = text_field(form, "token", limit=1000)
     name = text_field(form, "name", limit=64)
     try:
         if token:
             found = auth.by_token(token, name)
         elif name:
+            via = "password"
             password = form.get("password")
             found = auth.by_password(name, password if isinstance(password, str) else "")
     except (UsersFileError, OSError):
         return render(request, "login.html", status_code=503,
                       problem="the users file cannot be read; see the console's log")  # fmt: skip
     if found is None:
+        state.throttle.failed(address, time.monotonic())
         return render(request, "login.html", status_code=401, problem="wrong credentials")
     request.session.clear()  # a new session: nothing from before the sign-in carries over
-    request.session.update(
-        {"user": found.name, "role": found.role, CSRF_FIELD: secrets.token_urlsafe(32)}
-    )
+    request.session.update({**auth.session(found, via), CSRF_FIELD: secrets.token_urlsafe(32)})
     return RedirectResponse("/", status_code=303)
 
 
