@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 from playwright.async_api import Browser
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -82,6 +83,7 @@ async def test_the_overview_shows_the_figures_of_qm_sites_list_and_follows_them_
     processor: RequestProcessor,
     qm: Qm,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = console.settings
     await make_site(engine, settings, capacity=1, n_accounts=3)
@@ -111,6 +113,14 @@ async def test_the_overview_shows_the_figures_of_qm_sites_list_and_follows_them_
             assert await cell.inner_text() == str(value), (slug, field)
     assert listed["board"]["running"] == 1 and listed["board"]["waiting"] == 2
     assert listed["board"]["accounts_blocked"] == 1
+    monkeypatch.setenv("QM_KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)
+    top = await qm("top", "--json")  # `qm top` reads the same figures
+    assert top.exit_code == 0, top.output
+    for site in json.loads(top.stdout)["sites"]:
+        for key in ("running", "capacity", "waiting", "accounts_ready", "accounts_blocked"):
+            assert site[key] == listed[site["slug"]][key]
+    outbox = await page.locator("#outbox [data-field='rows_waiting']").inner_text()
+    assert int(outbox) == json.loads(top.stdout)["outbox"]["rows_waiting"]
     await screenshot(page, "console-overview", tmp_path)
     await page.set_viewport_size({"width": 390, "height": 844})  # a phone
     await screenshot(page, "console-overview-phone", tmp_path)
