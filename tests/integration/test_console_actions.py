@@ -3,6 +3,7 @@ naming the operator: they change state as the CLI does (block, revoke, replay, r
 
 from __future__ import annotations
 
+import getpass
 import json
 from typing import Any
 
@@ -158,7 +159,7 @@ async def test_a_failed_capture_is_retried_from_its_page(
     assert event["operator"] == OPERATOR
 
 
-async def test_a_site_paused_and_resumed_on_its_page_keeps_its_capacity(
+async def test_a_site_paused_and_resumed_on_its_page_keeps_its_capacity_as_the_cli_does(
     console: Console, browser: Browser, engine: AsyncEngine, qm: Qm
 ) -> None:
     settings = console.settings
@@ -168,15 +169,38 @@ async def test_a_site_paused_and_resumed_on_its_page_keeps_its_capacity(
     await page.locator("button", has_text="Pause site").click()
     assert "paused" in await confirm(page)
 
-    async def capacity() -> int:
+    async def listed() -> dict[str, Any]:
         result = await qm("sites", "list", "--json")
-        return int(json.loads(result.stdout)["capacity"])
+        assert result.exit_code == 0, result.output
+        return dict(json.loads(result.stdout))
 
-    assert await capacity() == 0
+    assert (await listed())["capacity"] == 0 and (await listed())["paused_capacity"] == 3
     await page.goto(console.url + "/sites/board")
     assert "paused; 3 when resumed" in await page.locator("#site-figures").inner_text()
     await page.locator("button", has_text="Resume site").click()
     assert "resumed with capacity 3" in await confirm(page)
-    assert await capacity() == 3
-    types = [e["type"] for e in await outbox_payloads(engine, settings.topic("events"))]
-    assert types == ["site.paused", "site.resumed"]
+    assert (await listed())["capacity"] == 3 and (await listed())["paused_capacity"] is None
+
+    # the CLI makes the same moves, and the page shows them
+    assert (await qm("sites", "pause", "board")).exit_code == 0
+    await page.goto(console.url + "/sites/board")
+    assert await page.locator("button", has_text="Resume site").count() == 1
+    assert (await qm("sites", "resume", "board")).exit_code == 0
+    again = await qm("sites", "resume", "board")
+    assert again.exit_code == 2 and "not paused" in again.stderr
+    moves = [
+        (e["type"], e["operator"]) for e in await outbox_payloads(engine, settings.topic("events"))
+    ]
+    assert moves[:2] == [("site.paused", OPERATOR), ("site.resumed", OPERATOR)]
+    assert [move[0] for move in moves[2:]] == ["site.paused", "site.resumed"]
+    assert moves[2][1] == getpass.getuser()  # the CLI names the operator's login
+
+
+async def test_qm_accounts_block_is_the_console_s_move_with_the_same_event(
+    console: Console, engine: AsyncEngine, qm: Qm
+) -> None:
+    await make_site(engine, console.settings)
+    result = await qm("accounts", "block", "board", "user0@board", "--reason", "by hand")
+    assert result.exit_code == 0, result.output
+    [event] = await events(engine, console.settings, "account.blocked")
+    assert (event["reason"], event["operator"]) == ("by hand", getpass.getuser())
