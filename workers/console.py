@@ -52,9 +52,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 async def run_console(wiring: Wiring) -> None:
     settings = wiring.settings
-    state = ConsoleState(settings, wiring.database(POOL_SIZE), lambda: wiring.secrets)
+    state = ConsoleState(
+        settings, wiring.database(POOL_SIZE), lambda: wiring.secrets, stop=wiring.stop
+    )
     app = build_app(state)
-    app.state.stop = wiring.stop
     sock = listen(settings.console_host, settings.console_port)
     host, port = sock.getsockname()[:2]
     if not state.auth.configured:

@@ -3,6 +3,7 @@ the CSRF check of a form, confirmation, and the transaction an action runs in.""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ class ConsoleState:
     secret_box: Callable[[], SecretBox]
     dead: DeadLetters = field(default_factory=DeadLetters)
     throttle: Throttle = field(default_factory=Throttle)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # set: live streams end
 
     @cached_property
     def auth(self) -> Authenticator:

@@ -148,14 +148,15 @@ async def test_a_job_page_shows_its_place_in_line_why_it_waits_and_its_grants(
 ) -> None:
     settings = console.settings
     await make_site(engine, settings, capacity=1, n_accounts=1)
-    for job_id in ("job-1", "job-2", "job-3"):
+    for job_id in ("job-1", "job-2", "nightly/job-3@board:1"):  # an id may hold / : @
         assert await processor.process(start(settings, job_id)) == "replied"
 
     page = await sign_in(browser, console)
     await page.goto(console.url + "/jobs?site=board&status=QUEUED")
     assert await page.locator("#jobs tbody tr").count() == 2
     await page.locator("#jobs a", has_text="job-3").click()
-    await page.wait_for_url(f"{console.url}/jobs/job-3")
+    await page.wait_for_url("**/jobs/nightly/job-3*")
+    assert "nightly/job-3@board:1" in await page.locator("h1").inner_text()
     assert await page.locator("#position").inner_text() == "2"
     reasons = await page.locator("#waits-because").inner_text()
     assert "1 job(s) of its site wait ahead of it" in reasons

@@ -75,7 +75,7 @@ async def test_every_post_route_checks_the_csrf_token(
         console.settings, Database(engine), lambda: SecretBox.from_settings(console.settings)
     )
     posts = [
-        route.path.format(slug="board", action="block", job_id="job-1", capture_id="cap-1",
+        route.path_format.format(slug="board", action="block", job_id="job-1", capture_id="cap-1",
                           topic=console.settings.topic("requests.dlt"))
         for route in build_app(state).routes
         if isinstance(route, Route) and route.methods and "POST" in route.methods

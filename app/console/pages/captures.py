@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -50,7 +51,7 @@ async def capture_page(request: Request) -> Response:
 async def retry(request: Request) -> Response:
     capture_id = request.path_params["capture_id"]
     form = await action_form(request)
-    back = f"/captures/{capture_id}"
+    back = f"/captures/{quote(capture_id)}"
     if not confirmed(form):
         return confirm(
             request,
@@ -68,6 +69,6 @@ async def retry(request: Request) -> Response:
 
 routes = [
     Route("/captures", capture_list, methods=["GET"]),
-    Route("/captures/{capture_id}", capture_page, methods=["GET"]),
-    Route("/captures/{capture_id}/retry", retry, methods=["POST"]),
+    Route("/captures/{capture_id:path}/retry", retry, methods=["POST"]),
+    Route("/captures/{capture_id:path}", capture_page, methods=["GET"]),
 ]

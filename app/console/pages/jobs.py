@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -64,7 +66,7 @@ async def revoke(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     form = await action_form(request)
     reason = text_field(form, "reason")
-    back = f"/jobs/{job_id}"
+    back = f"/jobs/{quote(job_id)}"
     if not confirmed(form) or not reason:
         return confirm(
             request,
@@ -80,8 +82,9 @@ async def revoke(request: Request) -> Response:
     return done(request, f"the lease of job {job_id} is revoked; its holder is told", back)
 
 
+# job and capture ids may hold '/': the action's route comes first, or the page's would take it
 routes = [
     Route("/jobs", job_list, methods=["GET"]),
-    Route("/jobs/{job_id}", job_page, methods=["GET"]),
-    Route("/jobs/{job_id}/revoke", revoke, methods=["POST"]),
+    Route("/jobs/{job_id:path}/revoke", revoke, methods=["POST"]),
+    Route("/jobs/{job_id:path}", job_page, methods=["GET"]),
 ]

@@ -33,7 +33,7 @@ async def stream(request: Request) -> Response:
     """The overview's figures as an HTML fragment every refresh (``event: overview``)."""
     state = console_state(request)
     template = state.templates.get_template("_overview.html")
-    stop: asyncio.Event = request.app.state.stop
+    stop = state.stop
 
     async def events() -> AsyncIterator[str]:
         ends = time.monotonic() + STREAM_SECONDS
