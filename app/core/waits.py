@@ -20,7 +20,12 @@ def wait_reasons(job: Row) -> list[str]:
         reasons.append(
             f"{job['ahead']} job(s) of its site wait ahead of it (first come, first served)"
         )
-    if job["running"] >= job["capacity"]:
+    if job.get("paused_capacity") is not None:
+        reasons.append(
+            f"the site is paused by an operator: nothing is granted until it is resumed "
+            f"(`qm sites resume {job['site']}`)"
+        )
+    elif job["running"] >= job["capacity"]:
         reasons.append(
             f"the site is at capacity ({job['running']} running of {job['capacity']}); "
             f"a slot frees when a lease ends{_soonest(' (the soonest at {})', job['next_lease_end'])}"

@@ -23,7 +23,7 @@ from tests.support.console import (
     sign_in,
 )
 from tests.support.dead_letters import Letter, ledger, read_topic, write_dead_letters
-from tests.support.leasing import make_site, scalar
+from tests.support.leasing import make_site, scalar, start
 from tests.support.processes import QmProcess
 from tests.support.waiting import eventually
 from workers.requests import RequestProcessor
@@ -160,7 +160,7 @@ async def test_a_failed_capture_is_retried_from_its_page(
 
 
 async def test_a_site_paused_and_resumed_on_its_page_keeps_its_capacity_as_the_cli_does(
-    console: Console, browser: Browser, engine: AsyncEngine, qm: Qm
+    console: Console, browser: Browser, engine: AsyncEngine, qm: Qm, processor: RequestProcessor
 ) -> None:
     settings = console.settings
     await make_site(engine, settings, capacity=3)
@@ -177,6 +177,10 @@ async def test_a_site_paused_and_resumed_on_its_page_keeps_its_capacity_as_the_c
     assert (await listed())["capacity"] == 0 and (await listed())["paused_capacity"] == 3
     await page.goto(console.url + "/sites/board")
     assert "paused; 3 when resumed" in await page.locator("#site-figures").inner_text()
+    assert await processor.process(start(settings, "job-1")) == "replied"
+    await page.goto(console.url + "/jobs/job-1")
+    assert "the site is paused by an operator" in await page.locator("#waits-because").inner_text()
+    await page.goto(console.url + "/sites/board")
     await page.locator("button", has_text="Resume site").click()
     assert "resumed with capacity 3" in await confirm(page)
     assert (await listed())["capacity"] == 3 and (await listed())["paused_capacity"] is None
@@ -189,7 +193,9 @@ async def test_a_site_paused_and_resumed_on_its_page_keeps_its_capacity_as_the_c
     again = await qm("sites", "resume", "board")
     assert again.exit_code == 2 and "not paused" in again.stderr
     moves = [
-        (e["type"], e["operator"]) for e in await outbox_payloads(engine, settings.topic("events"))
+        (e["type"], e["operator"])
+        for e in await outbox_payloads(engine, settings.topic("events"))
+        if e["entity"] == "site"
     ]
     assert moves[:2] == [("site.paused", OPERATOR), ("site.resumed", OPERATOR)]
     assert [move[0] for move in moves[2:]] == ["site.paused", "site.resumed"]
