@@ -187,7 +187,10 @@ class Authenticator:
             return None
         role: str = self.settings.console_trusted_role
         if self.settings.console_users_file:
-            role = read_users(self.settings.console_users_file).get(value, (role, ""))[0]
+            try:
+                role = read_users(self.settings.console_users_file).get(value, (role, ""))[0]
+            except (UsersFileError, OSError):
+                return None  # a role cannot be read: nobody is let in on a guess
         return Identity(value, role)
 
 

@@ -21,7 +21,7 @@ from app.console.web import (
 )
 from app.core.operations import record_replay
 from app.core.transaction import Tx
-from app.dlt import redact_bytes, redact_header
+from app.dlt import redact, redact_bytes, redact_header
 from app.dlt.letter_headers import PREFIX
 from app.dlt.reader import DeadLetter, DltError, Selection, open_reader, sorted_letters, summarize
 from app.dlt.replay import ReplayOptions, replay
@@ -70,7 +70,7 @@ def shown(letter: DeadLetter) -> dict[str, object]:
         "offset": letter.offset,
         "timestamp_ms": letter.timestamp_ms,
         "error_class": letter.error_class,
-        "error_message": header(letter.headers, PREFIX + "error_message"),
+        "error_message": redact(header(letter.headers, PREFIX + "error_message") or ""),
         "original": ":".join(
             header(letter.headers, PREFIX + name) or "?"
             for name in ("original_topic", "original_partition", "original_offset")
