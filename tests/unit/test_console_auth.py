@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
+from typer.testing import CliRunner
 
+import app.cli
 from app.console.auth import (
     Authenticator,
     Identity,
@@ -84,3 +86,21 @@ def test_a_session_holds_while_its_user_or_token_does(tmp_path: Path) -> None:
     rotated = Authenticator(settings.model_copy(update={"console_token": SecretStr("tok-2")}))
     assert rotated.by_session(by_token) is None
     assert auth.by_session({"user": "x", "role": "operator"}) is None  # how it signed in: unsaid
+
+
+def test_qm_console_hash_password_prints_a_users_file_line_and_never_the_password() -> None:
+    runner = CliRunner()
+    made = runner.invoke(
+        app.cli.app,
+        ["console", "hash-password", "alice", "--role", "operator", "--password-stdin"],
+        input="a long password\n",
+    )
+    assert made.exit_code == 0, made.output
+    [line] = made.stdout.splitlines()
+    name, role, stored = line.split(":")
+    assert (name, role) == ("alice", "operator") and check_password("a long password", stored)
+    assert "a long password" not in made.output
+    short = runner.invoke(
+        app.cli.app, ["console", "hash-password", "bob", "--password-stdin"], input="short\n"
+    )
+    assert short.exit_code == 2 and "shorter than 8" in short.stderr
