@@ -52,7 +52,7 @@ from app.bench.lease_runs import (
     warm_up,
 )
 from app.bench.processes import BenchFailed, Child, CpuMeter, rss_mb
-from app.bench.services import bench_names
+from app.bench.services import bench_names, run_database
 from app.bench.services import services as start_services
 from app.kafka import ensure_topics, sdk_client
 from app.logs import configure_logging
@@ -164,10 +164,11 @@ def bench_lease(
             )
             summaries = []
             for run in range(repeat):
-                # each run its own topics, groups, sites and child processes
-                settings = bench_settings(services.bootstrap, services.database_url)
-                slugs = [f"r{run}-site{n}" for n in range(plan.sites)]
-                report = asyncio.run(_bench(settings, plan, slugs, services.pids, console))
+                # each run its own database, topics, groups and child processes
+                with run_database(services, run) as database_url:
+                    settings = bench_settings(services.bootstrap, database_url)
+                    slugs = [f"site{n}" for n in range(plan.sites)]
+                    report = asyncio.run(_bench(settings, plan, slugs, services.pids, console))
                 summaries.append(report.summary())
                 if as_json:
                     print(json.dumps(summaries[-1]), flush=True)
