@@ -124,6 +124,8 @@ async def test_the_overview_shows_the_figures_of_qm_sites_list_and_follows_them_
     await screenshot(page, "console-overview", tmp_path)
     await page.set_viewport_size({"width": 390, "height": 844})  # a phone
     await screenshot(page, "console-overview-phone", tmp_path)
+    # on a phone the page is as wide as the screen: wide tables scroll inside their box
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
 
     # the page follows the database without a reload (server-sent events)
     async with engine.begin() as conn:
