@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
@@ -38,7 +39,9 @@ async def login(request: Request) -> Response:
         elif name:
             via = "password"
             password = form.get("password")
-            found = auth.by_password(name, password if isinstance(password, str) else "")
+            # scrypt takes tens of milliseconds on purpose: off the event loop the pages serve on
+            given = password if isinstance(password, str) else ""
+            found = await asyncio.to_thread(auth.by_password, name, given)
     except (UsersFileError, OSError):
         return render(request, "login.html", status_code=503,
                       problem="the users file cannot be read; see the console's log")  # fmt: skip
