@@ -54,6 +54,8 @@ class AlertWatch:
             return []
         if not isinstance(event, dict) or event.get("type") != "account.blocked":
             return []
+        if event.get("operator"):  # an operator's own block (the console) is no news to them
+            return []
         account_id = int(event["id"])
         async with self.db.transaction() as conn:
             still = (await account_statuses(conn, [account_id])).get(account_id) == "BLOCKED"
