@@ -9,7 +9,14 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import unquote
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,6 +28,8 @@ _LIBPQ_NAMES = {"sslmode": "ssl"}
 # the URL query parameters asyncpg's connect takes as text (through SQLAlchemy); any other one
 # (libpq's application_name, connect_timeout ...) would fail every connection at run time, so it is
 # refused when the settings are read
+# the fewest characters of the console's session key and of its proxy's secret
+CONSOLE_SECRET_CHARS = 32
 _ASYNCPG_PARAMETERS = frozenset(
     {"host", "ssl", "passfile", "target_session_attrs", "prepared_statement_cache_size"}
 )
@@ -362,14 +371,21 @@ class Settings(BaseSettings):
         description="Header an authenticating proxy sets to the signed-in user's name (e.g. "
         "X-Forwarded-User); only set it when every request comes through that proxy.",
     )
+    console_trusted_proxy_secret: SecretStr | None = Field(
+        None,
+        validate_default=True,
+        description="Secret the authenticating proxy sends in X-Qm-Proxy-Secret with every "
+        "request (at least 32 characters; needed with QM_CONSOLE_TRUSTED_HEADER, which is "
+        "honoured only on a request carrying it).",
+    )
     console_trusted_role: Literal["viewer", "operator"] = Field(
         "viewer",
         description="Role of a user the trusted header names (unless the users file says).",
     )
     console_session_secret: SecretStr | None = Field(
         None,
-        description="Key that signs the console's session cookie (unset: a new one each start, "
-        "which signs everybody out on a restart).",
+        description="Key that signs the console's session cookie, at least 32 characters "
+        "(unset: a new one each start, which signs everybody out on a restart).",
     )
     console_secure_cookie: bool = Field(
         False, description="Send the session cookie over HTTPS only (set it behind TLS)."
@@ -419,6 +435,27 @@ class Settings(BaseSettings):
     @classmethod
     def _asyncpg_driver(cls, url: str) -> str:
         return asyncpg_url(url)
+
+    @field_validator("console_session_secret", "console_trusted_proxy_secret")
+    @classmethod
+    def _long_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        # a short key would let anyone who guesses it forge a session as any user
+        if secret is not None and len(secret.get_secret_value()) < CONSOLE_SECRET_CHARS:
+            raise ValueError(f"takes a secret of at least {CONSOLE_SECRET_CHARS} characters")
+        return secret
+
+    @field_validator("console_trusted_proxy_secret")
+    @classmethod
+    def _proxy_secret_with_header(
+        cls, secret: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        # without it, anybody who reaches the console's port could name themselves in the header
+        if secret is None and info.data.get("console_trusted_header"):
+            raise ValueError(
+                "takes a secret the proxy sends in X-Qm-Proxy-Secret when "
+                "QM_CONSOLE_TRUSTED_HEADER is set"
+            )
+        return secret
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -3,7 +3,7 @@ sign-in required for every page) and the routes of every page, assembled here.""
 
 from __future__ import annotations
 
-import secrets
+import hmac
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,8 +27,11 @@ from app.console.pages import (
     sites,
 )
 from app.console.web import ConsoleState, render
+from app.settings import Settings
 
 SESSION_COOKIE = "qm_console"
+# what the authenticating proxy sends beside the trusted header: QM_CONSOLE_TRUSTED_PROXY_SECRET
+PROXY_SECRET_HEADER = "X-Qm-Proxy-Secret"
 SESSION_SECONDS = 12 * 3600
 # pages anybody may load: the sign-in page and the stylesheet and script it uses
 PUBLIC = ("/login", "/static/")
@@ -92,7 +95,10 @@ class RequireSignIn:
         auth = self.state.auth
         if not auth.configured:
             return render(request, "unconfigured.html", status_code=503)
-        found = self._identity(request)
+        try:
+            found = self._identity(request)
+        except _GivenTwice as exc:
+            return PlainTextResponse(str(exc), status_code=400)
         request.state.identity = found
         if found is not None or path in PUBLIC:
             return None
@@ -101,11 +107,9 @@ class RequireSignIn:
         return PlainTextResponse("sign in first", status_code=401)
 
     def _identity(self, request: Request) -> Identity | None:
-        header = self.state.settings.console_trusted_header
-        if header is not None:
-            named = self.state.auth.by_header(request.headers.get(header))
-            if named is not None:
-                return named
+        named = self.state.auth.by_header(_proxied_user(request, self.state.settings))
+        if named is not None:
+            return named
         if "user" not in request.session:
             return None
         found = self.state.auth.by_session(request.session)
@@ -114,17 +118,38 @@ class RequireSignIn:
         return found
 
 
+class _GivenTwice(ValueError):
+    """A header the proxy sets came more than once."""
+
+
+def _proxied_user(request: Request, settings: Settings) -> str | None:
+    """The user the trusted header names, on a request the proxy vouches for with its secret;
+    a header given twice is refused (which one a proxy appended cannot be told)."""
+    header, secret = settings.console_trusted_header, settings.console_trusted_proxy_secret
+    if header is None or secret is None:
+        return None
+    names = request.headers.getlist(header)
+    sent = request.headers.getlist(PROXY_SECRET_HEADER)
+    if len(names) > 1 or len(sent) > 1:
+        raise _GivenTwice(f"refused: {header} or {PROXY_SECRET_HEADER} given twice")
+    if not names or not sent:
+        return None
+    if not hmac.compare_digest(sent[0].encode(), secret.get_secret_value().encode()):
+        return None  # not from the proxy: whoever sent it may not name themselves
+    return names[0]
+
+
 async def _refused(request: Request, exc: Exception) -> Response:
-    """An HTTP error as a page (the console's own words, never a traceback)."""
+    """An HTTP error as a page (the console's own words, never a traceback); its link goes to
+    the overview, never to where the request says it came from (a Referer is the sender's)."""
     assert isinstance(exc, HTTPException)
     return render(request, "done.html", status_code=exc.status_code, message=exc.detail,
-                  back=request.headers.get("referer") or "/", ok=False)  # fmt: skip
+                  back="/", ok=False)  # fmt: skip
 
 
 def build_app(state: ConsoleState) -> Starlette:
     """The console for ``state``: every route, behind the middleware above."""
     settings = state.settings
-    key = settings.console_session_secret
     routes = [
         *signin.routes,
         *overview.routes,
@@ -142,7 +167,7 @@ def build_app(state: ConsoleState) -> Starlette:
             Middleware(SecurityHeaders),
             Middleware(
                 SessionMiddleware,
-                secret_key=key.get_secret_value() if key else secrets.token_urlsafe(32),
+                secret_key=state.session_key,
                 session_cookie=SESSION_COOKIE,
                 max_age=SESSION_SECONDS,
                 same_site="strict",

@@ -81,6 +81,11 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(found, expected)
 
 
+# what an unknown name's password is checked against: the same single scrypt a known name costs,
+# so timing does not tell which names exist (made once: making it would be a second scrypt)
+_NOBODY = hash_password(secrets.token_urlsafe(16))
+
+
 def users_line(name: str, role: str, password: str) -> str:
     """One line of the users file."""
     if not valid_name(name) or ":" in name:
@@ -91,7 +96,8 @@ def users_line(name: str, role: str, password: str) -> str:
 
 
 def read_users(path: str) -> dict[str, tuple[str, str]]:
-    """The users file: name -> (role, hash). A bad line is an error naming its number."""
+    """The users file: name -> (role, hash). A bad line, or a name given twice, is an error
+    naming its line."""
     users: dict[str, tuple[str, str]] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         line = line.strip()
@@ -99,8 +105,13 @@ def read_users(path: str) -> dict[str, tuple[str, str]]:
             continue
         name, _, rest = line.partition(":")
         role, _, stored = rest.partition(":")
-        if not name or role not in ROLES or not stored.startswith("scrypt$"):
-            raise UsersFileError(f"{path} line {number} is not name:role:scrypt$...")
+        if not valid_name(name) or role not in ROLES or not stored.startswith("scrypt$"):
+            raise UsersFileError(
+                f"{path} line {number} is not name:role:scrypt$... (a name is 1 to "
+                f"{NAME_CHARS} printable characters)"
+            )
+        if name in users:  # which line would win is a guess: the file is refused instead
+            raise UsersFileError(f"{path} line {number} names {name} again")
         users[name] = (role, stored)
     return users
 
@@ -111,9 +122,11 @@ def valid_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Authenticator:
-    """Checks the credentials a sign-in gives, and the trusted header, against the settings."""
+    """Checks the credentials a sign-in gives, and the trusted header, against the settings;
+    ``session_key`` is the key that signs the session cookie."""
 
     settings: Settings
+    session_key: str
 
     @property
     def configured(self) -> bool:
@@ -129,7 +142,9 @@ class Authenticator:
         if not hmac.compare_digest(token.encode(), configured.get_secret_value().encode()):
             return None
         name = name.strip() or "operator"
-        return Identity(f"{name[:NAME_CHARS]} (token)", "operator")
+        if not valid_name(name):  # it goes into events' operator field: no newline, no bidi
+            return None
+        return Identity(f"{name} (token)", "operator")
 
     def by_password(self, name: str, password: str) -> Identity | None:
         """A user of the users file with their password."""
@@ -138,15 +153,15 @@ class Authenticator:
             return None
         found = read_users(path).get(name)
         if found is None:
-            # the same work for an unknown name, so timing does not tell which names exist
-            check_password(password, hash_password("-", n=SCRYPT_N))
+            check_password(password, _NOBODY)  # the same work as for a known name
             return None
         role, stored = found
         return Identity(name, role) if check_password(password, stored) else None
 
     def session(self, found: Identity, via: str) -> dict[str, str]:
         """What a signed-in session keeps: who, their role, how they signed in, and for the token
-        a fingerprint of it (an HMAC keyed by the token: it tells nothing of the token)."""
+        a fingerprint of it (an HMAC of the token keyed by the session key: without that key
+        it tells nothing of the token, not even to who guesses tokens offline)."""
         kept = {"user": found.name, "role": found.role, "via": via}
         if via == "token":
             kept["token"] = self._token_mark()
@@ -175,8 +190,8 @@ class Authenticator:
         token = self.settings.console_token
         if token is None or not token.get_secret_value():
             return ""
-        key = token.get_secret_value().encode()
-        return hmac.new(key, b"qm-console-session", hashlib.sha256).hexdigest()[:32]
+        signed = b"qm-console-session-token\0" + token.get_secret_value().encode()
+        return hmac.new(self.session_key.encode(), signed, hashlib.sha256).hexdigest()
 
     def by_header(self, value: str | None) -> Identity | None:
         """The user an authenticating proxy named, when the trusted header is configured."""
@@ -195,24 +210,33 @@ class Authenticator:
 
 
 class Throttle:
-    """At most ``limit`` failed sign-ins a ``window`` from one address (then 429 until the window
-    passes), remembering at most ``addresses`` addresses."""
+    """At most ``limit`` sign-ins a ``window`` from one address (then 429 until the window
+    passes), remembering at most ``addresses`` addresses. A try counts from when it starts, so
+    tries sent in parallel are counted before any of them is checked; one that succeeds is
+    taken back."""
 
     def __init__(self, limit: int = 10, window: float = 60.0, addresses: int = 10_000) -> None:
         self.limit = limit
         self.window = window
         self.addresses = addresses
-        self._failures: dict[str, deque[float]] = {}
+        self._tries: dict[str, deque[float]] = {}
 
-    def refuses(self, address: str, now: float) -> bool:
-        failures = self._failures.get(address)
-        if failures is None:
+    def attempt(self, address: str, now: float) -> bool:
+        """Whether ``address`` may try now; if so, the try is counted."""
+        tries = self._tries.get(address)
+        if tries is None:
+            if len(self._tries) >= self.addresses:
+                self._tries.pop(next(iter(self._tries)))  # the longest-known address goes
+            tries = self._tries[address] = deque(maxlen=self.limit)
+        while tries and tries[0] <= now - self.window:
+            tries.popleft()
+        if len(tries) >= self.limit:
             return False
-        while failures and failures[0] <= now - self.window:
-            failures.popleft()
-        return len(failures) >= self.limit
+        tries.append(now)
+        return True
 
-    def failed(self, address: str, now: float) -> None:
-        if address not in self._failures and len(self._failures) >= self.addresses:
-            self._failures.pop(next(iter(self._failures)))  # the longest-known address goes
-        self._failures.setdefault(address, deque(maxlen=self.limit)).append(now)
+    def succeeded(self, address: str) -> None:
+        """A try that signed in: not held against its address."""
+        tries = self._tries.get(address)
+        if tries:
+            tries.pop()

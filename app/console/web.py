@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 CSRF_FIELD = "csrf"
+CHECKS = 2
 
 
 @dataclass
@@ -41,10 +42,18 @@ class ConsoleState:
     dead: DeadLetters = field(default_factory=DeadLetters)
     throttle: Throttle = field(default_factory=Throttle)
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # set: live streams end
+    # password checks at once: each scrypt takes 32 MiB and a thread of the process's executor
+    checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CHECKS))
+
+    @cached_property
+    def session_key(self) -> str:
+        """The key that signs the session cookie: the configured one, else one for this run."""
+        key = self.settings.console_session_secret
+        return key.get_secret_value() if key else secrets.token_urlsafe(32)
 
     @cached_property
     def auth(self) -> Authenticator:
-        return Authenticator(self.settings)
+        return Authenticator(self.settings, self.session_key)
 
     @cached_property
     def templates(self) -> jinja2.Environment:

@@ -3,6 +3,7 @@ header only when configured, and no secret, cookie value or token on any page or
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.async_api import Browser, Page
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.routing import Route
 
@@ -42,6 +44,7 @@ WEBHOOK_SECRET = "canary-webhook-path-5e1"
 SESSION_COOKIE_VALUE = "canary-session-cookie-77"
 DLT_PASSWORD = "canary-dlt-password-0b"
 MAX_PAGES = 80
+PROXY_SECRET = "canary-proxy-secret-3d9e-5a71-b2c8-0f46"
 
 
 async def csrf_of(page: Page) -> str:
@@ -105,7 +108,12 @@ async def test_a_viewer_sees_every_page_but_no_action_and_is_refused_one(
 
 @pytest.fixture
 async def proxied(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
-    settings = console_settings(topics, tmp_path / "users", console_trusted_header="X-Auth-User")
+    settings = console_settings(
+        topics,
+        tmp_path / "users",
+        console_trusted_header="X-Auth-User",
+        console_trusted_proxy_secret=SecretStr(PROXY_SECRET),
+    )
     async for running in serve_console(settings):
         yield running
 
@@ -113,7 +121,7 @@ async def proxied(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
 async def test_a_trusted_header_signs_in_only_where_it_is_configured(
     proxied: Console, console: Console, browser: Browser
 ) -> None:
-    headers = {"X-Auth-User": "pat"}
+    headers = {"X-Auth-User": "pat", "X-Qm-Proxy-Secret": PROXY_SECRET}
     context = await browser.new_context(extra_http_headers=headers)
     page = await context.new_page()
     await page.goto(proxied.url + "/jobs")
@@ -124,6 +132,35 @@ async def test_a_trusted_header_signs_in_only_where_it_is_configured(
     async with httpx.AsyncClient() as client:
         answer = await client.get(proxied.url + "/jobs", headers={"X-Auth-User": ""})
         assert answer.status_code == 303
+
+
+async def test_a_trusted_header_counts_only_with_the_proxy_secret_and_only_once(
+    proxied: Console,
+) -> None:
+    async with httpx.AsyncClient(base_url=proxied.url) as client:
+        # a peer that reaches the port directly names itself: nobody
+        for secret in (None, "not-the-proxy-secret"):
+            sent = {"X-Auth-User": OPERATOR} | ({"X-Qm-Proxy-Secret": secret} if secret else {})
+            answer = await client.get("/jobs", headers=sent)
+            assert answer.status_code == 303 and answer.headers["location"] == "/login", secret
+        # a proxy that appends: the client's own header comes first, then the proxy's
+        twice = [("X-Auth-User", OPERATOR), ("X-Auth-User", "pat"),
+                 ("X-Qm-Proxy-Secret", PROXY_SECRET)]  # fmt: skip
+        answer = await client.get("/jobs", headers=twice)
+        assert answer.status_code == 400 and "twice" in answer.text
+        answer = await client.get(
+            "/jobs", headers={"X-Auth-User": "pat", "X-Qm-Proxy-Secret": PROXY_SECRET}
+        )
+        assert answer.status_code == 200 and "pat · viewer" in answer.text
+        assert PROXY_SECRET not in answer.text
+
+
+async def test_an_error_page_links_home_never_to_the_referer(console: Console) -> None:
+    async with httpx.AsyncClient(base_url=console.url) as client:
+        for path in ("/static/missing.css", "/static/nothing"):
+            answer = await client.get(path, headers={"Referer": "javascript:alert(1)//evil"})
+            assert answer.status_code == 404, path
+            assert "evil" not in answer.text and 'href="/"' in answer.text, path
 
 
 async def _secrets_everywhere(
@@ -236,4 +273,31 @@ async def test_failed_sign_ins_from_one_address_are_throttled(console: Console) 
         for _ in range(10):
             assert (await attempt("wrong")).status_code == 401
         refused = await attempt(PASSWORD)
-        assert refused.status_code == 429 and "too many failed sign-ins" in refused.text
+        assert refused.status_code == 429 and "too many sign-ins" in refused.text
+
+
+async def test_sign_ins_sent_in_parallel_are_throttled_before_they_are_checked(
+    console: Console,
+) -> None:
+    async with httpx.AsyncClient(base_url=console.url, timeout=60) as client:
+        page = (await client.get("/login")).text
+        marker = 'name="csrf" value="'
+        start = page.index(marker) + len(marker)
+        form = {"csrf": page[start : page.index('"', start)], "name": OPERATOR,
+                "password": "wrong"}  # fmt: skip
+        answers = await asyncio.gather(*(client.post("/login", data=form) for _ in range(16)))
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [401] * 10 + [429] * 6, statuses
+
+
+@pytest.mark.parametrize("name", ["eve\nmallory", "eve\u202eyllom"])
+async def test_a_name_that_is_not_printable_text_is_refused_at_sign_in(
+    console: Console, name: str
+) -> None:
+    async with httpx.AsyncClient(base_url=console.url) as client:
+        page = (await client.get("/login")).text
+        marker = 'name="csrf" value="'
+        start = page.index(marker) + len(marker)
+        form = {"csrf": page[start : page.index('"', start)], "name": name, "token": TOKEN}
+        answer = await client.post("/login", data=form)
+    assert answer.status_code == 400 and "printable" in answer.text

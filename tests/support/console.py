@@ -26,7 +26,7 @@ from workers.console import run_console
 
 # canaries: none of them may appear on any page or in any response
 TOKEN = "canary-console-token-7f3a"
-SESSION_SECRET = "canary-session-key-91bd"
+SESSION_SECRET = "canary-session-key-91bd-4c0e7a2d9f1b"
 OPERATOR, VIEWER = "olga", "victor"
 PASSWORD = "canary-password-c0ffee"
 SCREENSHOTS = "QM_CONSOLE_SCREENSHOTS"  # a folder: the tests save their screenshots there too

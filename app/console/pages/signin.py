@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from app.console.auth import Identity, UsersFileError
+from app.console.auth import NAME_CHARS, Identity, UsersFileError, valid_name
 from app.console.web import CSRF_FIELD, checked_form, console_state, render, text_field
 
 
@@ -26,28 +26,33 @@ async def login(request: Request) -> Response:
     state = console_state(request)
     auth = state.auth
     address = request.client.host if request.client else "-"
-    if state.throttle.refuses(address, time.monotonic()):
+    token = text_field(form, "token", limit=1000)
+    name = text_field(form, "name", limit=NAME_CHARS)
+    if name and not valid_name(name):  # it goes into events' operator field
+        return render(request, "login.html", status_code=400,
+                      problem=f"a name is 1 to {NAME_CHARS} printable characters")  # fmt: skip
+    if not state.throttle.attempt(address, time.monotonic()):
         return render(request, "login.html", status_code=429,
-                      problem="too many failed sign-ins: wait a minute")  # fmt: skip
+                      problem="too many sign-ins: wait a minute")  # fmt: skip
     found: Identity | None = None
     via = "token"
-    token = text_field(form, "token", limit=1000)
-    name = text_field(form, "name", limit=64)
     try:
         if token:
             found = auth.by_token(token, name)
         elif name:
             via = "password"
             password = form.get("password")
-            # scrypt takes tens of milliseconds on purpose: off the event loop the pages serve on
             given = password if isinstance(password, str) else ""
-            found = await asyncio.to_thread(auth.by_password, name, given)
+            # scrypt takes tens of milliseconds and 32 MiB on purpose: off the event loop, and
+            # a few at a time so that sign-ins cannot take the process's threads or memory
+            async with state.checks:
+                found = await asyncio.to_thread(auth.by_password, name, given)
     except (UsersFileError, OSError):
         return render(request, "login.html", status_code=503,
                       problem="the users file cannot be read; see the console's log")  # fmt: skip
     if found is None:
-        state.throttle.failed(address, time.monotonic())
         return render(request, "login.html", status_code=401, problem="wrong credentials")
+    state.throttle.succeeded(address)
     request.session.clear()  # a new session: nothing from before the sign-in carries over
     request.session.update({**auth.session(found, via), CSRF_FIELD: secrets.token_urlsafe(32)})
     return RedirectResponse("/", status_code=303)
