@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import jinja2
 from starlette.datastructures import FormData
@@ -64,6 +65,7 @@ class ConsoleState:
         )
         env.filters["age"] = age
         env.filters["when"] = when
+        env.filters["url_id"] = url_id
         return env
 
 
@@ -76,6 +78,12 @@ def identity(request: Request) -> Identity:
     """Who made the request (the sign-in middleware let it through)."""
     found: Identity = request.state.identity
     return found
+
+
+def url_id(value: object) -> str:
+    """An id as one segment of a URL: every '/', '.', '?', '#' ... quoted, so that an id such as
+    ``x/../victim`` names its own page, never another's."""
+    return quote(str(value), safe="")
 
 
 def age(seconds: float | None) -> str:
@@ -157,13 +165,19 @@ def confirmed(form: FormData) -> bool:
 
 
 def confirm(
-    request: Request, *, title: str, what: str, fields: dict[str, str], **context: Any
+    request: Request,
+    *,
+    title: str,
+    what: str,
+    action: str,
+    fields: dict[str, str],
+    **context: Any,
 ) -> HTMLResponse:
-    """The confirmation page of an action: what it will do, and the same form to post again."""
+    """The confirmation page of an action: what it will do, and the same form to post again to
+    ``action`` (built from quoted ids: the request's own path is decoded)."""
     return render(
-        request, "confirm.html", title=title, what=what, fields=fields, action=request.url.path,
-        **context,
-    )  # fmt: skip
+        request, "confirm.html", title=title, what=what, fields=fields, action=action, **context
+    )
 
 
 async def act(request: Request, work: Callable[[Tx], Awaitable[T]]) -> T:

@@ -157,7 +157,7 @@ async def test_a_job_page_shows_its_place_in_line_why_it_waits_and_its_grants(
     await page.goto(console.url + "/jobs?site=board&status=QUEUED")
     assert await page.locator("#jobs tbody tr").count() == 2
     await page.locator("#jobs a", has_text="job-3").click()
-    await page.wait_for_url("**/jobs/nightly/job-3*")
+    await page.wait_for_url("**/jobs/nightly%2Fjob-3*")
     assert "nightly/job-3@board:1" in await page.locator("h1").inner_text()
     assert await page.locator("#position").inner_text() == "2"
     reasons = await page.locator("#waits-because").inner_text()

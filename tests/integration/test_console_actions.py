@@ -210,3 +210,24 @@ async def test_qm_accounts_block_is_the_console_s_move_with_the_same_event(
     assert result.exit_code == 0, result.output
     [event] = await events(engine, console.settings, "account.blocked")
     assert (event["reason"], event["operator"]) == ("by hand", getpass.getuser())
+
+
+async def test_an_id_with_dots_and_slashes_links_to_its_own_page_and_acts_on_itself_only(
+    console: Console, browser: Browser, engine: AsyncEngine, processor: RequestProcessor
+) -> None:
+    settings = console.settings
+    await make_site(engine, settings, capacity=2, n_accounts=2)
+    for job_id in ("job-1", "x/../job-1"):  # the second would point at the first, unquoted
+        assert await processor.process(start(settings, job_id)) == "replied"
+    page = await sign_in(browser, console)
+    await page.goto(console.url + "/jobs")
+    await page.locator("#jobs a", has_text="x/../job-1").click()
+    await page.wait_for_load_state()
+    assert "x/../job-1" in await page.locator("h1").inner_text()
+    await page.locator("#revoke input[name=reason]").fill("a lookalike id")
+    await page.locator("#revoke button").click()
+    assert "x/../job-1" in await page.locator("h1").inner_text()
+    assert "revoked" in await confirm(page)
+    job = "SELECT status::text FROM jobs WHERE id = :id"
+    assert await scalar(engine, job, id="job-1") == "RUNNING"  # the lookalike's target is untouched
+    assert await scalar(engine, job, id="x/../job-1") != "RUNNING"

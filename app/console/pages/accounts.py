@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -56,11 +58,12 @@ async def move(request: Request) -> Response:
     site, username = text_field(form, "site", limit=63), text_field(form, "username", limit=320)
     reason = text_field(form, "reason") or "operator"
     target, what = MOVES[action]
-    back = f"/accounts?site={site}"
+    back = f"/accounts?{urlencode({'site': site})}"
     if not confirmed(form):
         fields = {"site": site, "username": username, "reason": reason}
         return confirm(request, title=f"{action.capitalize()} {username} of {site}", what=what,
-                       fields=fields, reason_field=action == "block")  # fmt: skip
+                       action=f"/accounts/{action}", fields=fields,
+                       reason_field=action == "block")  # fmt: skip
     row = await act(
         request,
         lambda tx: move_account(tx, site=site, username=username, target=target, reason=reason),

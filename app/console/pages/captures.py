@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.console.web import act, action_form, confirm, confirmed, console_state, done, render
+from app.console.web import (
+    act,
+    action_form,
+    confirm,
+    confirmed,
+    console_state,
+    done,
+    render,
+    url_id,
+)
 from app.core.operations import retry_capture
 from app.store import captures, views
 from schemas.states import CaptureStatus
@@ -51,11 +59,12 @@ async def capture_page(request: Request) -> Response:
 async def retry(request: Request) -> Response:
     capture_id = request.path_params["capture_id"]
     form = await action_form(request)
-    back = f"/captures/{quote(capture_id)}"
+    back = f"/captures/{url_id(capture_id)}"
     if not confirmed(form):
         return confirm(
             request,
             title=f"Retry capture {capture_id}",
+            action=f"{back}/retry",
             what="It is handed off again from its first attempt (FAILED -> RECEIVED).",
             fields={},
         )

@@ -18,6 +18,7 @@ from app.console.web import (
     console_state,
     done,
     render,
+    url_id,
 )
 from app.core.operations import record_replay
 from app.core.transaction import Tx
@@ -123,13 +124,13 @@ async def replay_letters(request: Request) -> Response:
     topic = request.path_params["topic"]
     chosen = selection(form)
     filters = {key: str(form.get(key, "")) for key in FILTERS}
-    back = f"/dead-letters/{topic}"
+    back = f"/dead-letters/{url_id(topic)}"
     try:
         if not confirmed(form):
             plan = await replay(settings, topic, chosen, ReplayOptions(dry_run=True))
             planned = [(shown(letter), target) for letter, target in plan.planned]
             return render(request, "replay_preview.html", report=plan, planned=planned,
-                          filters=filters, action=request.url.path, back=back)  # fmt: skip
+                          filters=filters, action=f"{back}/replay", back=back)  # fmt: skip
         report = await replay(settings, topic, chosen, ReplayOptions())
     except DltError as exc:
         raise HTTPException(503, str(exc)) from None

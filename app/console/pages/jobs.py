@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,6 +16,7 @@ from app.console.web import (
     done,
     render,
     text_field,
+    url_id,
 )
 from app.core.operations import revoke_lease
 from app.core.waits import job_history, wait_reasons
@@ -67,11 +66,12 @@ async def revoke(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     form = await action_form(request)
     reason = text_field(form, "reason")
-    back = f"/jobs/{quote(job_id)}"
+    back = f"/jobs/{url_id(job_id)}"
     if not confirmed(form) or not reason:
         return confirm(
             request,
             title=f"Revoke the lease of job {job_id}",
+            action=f"{back}/revoke",
             what="Its lease ends now: its holder is told job.lease_lost, its account goes back "
             "(after the site's cooldown) and to the next waiting job.",
             fields={"reason": reason},

@@ -7,7 +7,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.console.web import act, action_form, confirm, confirmed, console_state, done, render
+from app.console.web import (
+    act,
+    action_form,
+    confirm,
+    confirmed,
+    console_state,
+    done,
+    render,
+    url_id,
+)
 from app.core.operations import pause_site, resume_site
 from app.store import accounts, captures, domains, views
 
@@ -36,11 +45,12 @@ async def site_page(request: Request) -> Response:
 async def pause(request: Request) -> Response:
     slug = request.path_params["slug"]
     form = await action_form(request)
-    back = f"/sites/{slug}"
+    back = f"/sites/{url_id(slug)}"
     if not confirmed(form):
         return confirm(
             request,
             title=f"Pause site {slug}",
+            action=f"{back}/pause",
             what="Its capacity goes to 0 (kept for the resume): running jobs finish, waiting "
             "jobs wait, nothing is granted until it is resumed.",
             fields={},
@@ -56,11 +66,12 @@ async def pause(request: Request) -> Response:
 async def resume(request: Request) -> Response:
     slug = request.path_params["slug"]
     form = await action_form(request)
-    back = f"/sites/{slug}"
+    back = f"/sites/{url_id(slug)}"
     if not confirmed(form):
         return confirm(
             request,
             title=f"Resume site {slug}",
+            action=f"{back}/resume",
             what="Its capacity comes back; waiting jobs are granted within one reaper sweep.",
             fields={},
         )
