@@ -3,8 +3,6 @@ sign-in required for every page) and the routes of every page, assembled here.""
 
 from __future__ import annotations
 
-import hmac
-
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -15,7 +13,6 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.console.auth import Identity
 from app.console.pages import (
     accounts,
     captures,
@@ -26,13 +23,9 @@ from app.console.pages import (
     signin,
     sites,
 )
-from app.console.web import ConsoleState, render
-from app.settings import Settings
+from app.console.web import SESSION_SECONDS, ConsoleState, GivenTwice, render, signed_in
 
 SESSION_COOKIE = "qm_console"
-# what the authenticating proxy sends beside the trusted header: QM_CONSOLE_TRUSTED_PROXY_SECRET
-PROXY_SECRET_HEADER = "X-Qm-Proxy-Secret"
-SESSION_SECONDS = 12 * 3600
 # pages anybody may load: the sign-in page and the stylesheet and script it uses
 PUBLIC = ("/login", "/static/")
 HEADERS = [
@@ -96,8 +89,8 @@ class RequireSignIn:
         if not auth.configured:
             return render(request, "unconfigured.html", status_code=503)
         try:
-            found = self._identity(request)
-        except _GivenTwice as exc:
+            found = signed_in(self.state, request)
+        except GivenTwice as exc:
             return PlainTextResponse(str(exc), status_code=400)
         request.state.identity = found
         if found is not None or path in PUBLIC:
@@ -105,38 +98,6 @@ class RequireSignIn:
         if request.method == "GET":
             return RedirectResponse("/login", status_code=303)
         return PlainTextResponse("sign in first", status_code=401)
-
-    def _identity(self, request: Request) -> Identity | None:
-        named = self.state.auth.by_header(_proxied_user(request, self.state.settings))
-        if named is not None:
-            return named
-        if "user" not in request.session:
-            return None
-        found = self.state.auth.by_session(request.session)
-        if found is None:  # the user left the users file, or the token changed: signed out
-            request.session.clear()
-        return found
-
-
-class _GivenTwice(ValueError):
-    """A header the proxy sets came more than once."""
-
-
-def _proxied_user(request: Request, settings: Settings) -> str | None:
-    """The user the trusted header names, on a request the proxy vouches for with its secret;
-    a header given twice is refused (which one a proxy appended cannot be told)."""
-    header, secret = settings.console_trusted_header, settings.console_trusted_proxy_secret
-    if header is None or secret is None:
-        return None
-    names = request.headers.getlist(header)
-    sent = request.headers.getlist(PROXY_SECRET_HEADER)
-    if len(names) > 1 or len(sent) > 1:
-        raise _GivenTwice(f"refused: {header} or {PROXY_SECRET_HEADER} given twice")
-    if not names or not sent:
-        return None
-    if not hmac.compare_digest(sent[0].encode(), secret.get_secret_value().encode()):
-        return None  # not from the proxy: whoever sent it may not name themselves
-    return names[0]
 
 
 async def _refused(request: Request, exc: Exception) -> Response:

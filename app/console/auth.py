@@ -240,3 +240,26 @@ class Throttle:
         tries = self._tries.get(address)
         if tries:
             tries.pop()
+
+
+class SignedOut:
+    """Sessions signed out, by their id, for as long as their cookie could be sent (``lasts``
+    seconds), at most ``sessions`` of them: a stream or a copy of the cookie from before the
+    sign-out is nobody."""
+
+    def __init__(self, lasts: float, sessions: int = 10_000) -> None:
+        self.lasts = lasts
+        self.sessions = sessions
+        self._ended: dict[str, float] = {}
+
+    def add(self, session_id: str, now: float) -> None:
+        while self._ended and (
+            len(self._ended) >= self.sessions
+            or next(iter(self._ended.values())) <= now - self.lasts
+        ):
+            self._ended.pop(next(iter(self._ended)))  # the oldest sign-out goes first
+        self._ended[session_id] = now
+
+    def holds(self, session_id: str, now: float) -> bool:
+        ended = self._ended.get(session_id)
+        return ended is not None and ended > now - self.lasts

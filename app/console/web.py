@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +20,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
-from app.console.auth import Authenticator, Identity, Throttle
+from app.console.auth import Authenticator, Identity, SignedOut, Throttle
+from app.console.live import SharedSnapshot, StreamSlots
 from app.core.transaction import Tx, TxServices
 from app.overview import DeadLetters
 from app.settings import Settings
@@ -30,7 +32,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 CSRF_FIELD = "csrf"
+SESSION_ID = "sid"  # the session's own id, made at sign-in: what signing out ends
+SESSION_SECONDS = 12 * 3600
 CHECKS = 2
+# what the authenticating proxy sends beside the trusted header: QM_CONSOLE_TRUSTED_PROXY_SECRET
+PROXY_SECRET_HEADER = "X-Qm-Proxy-Secret"
 
 
 @dataclass
@@ -45,6 +51,9 @@ class ConsoleState:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # set: live streams end
     # password checks at once: each scrypt takes 32 MiB and a thread of the process's executor
     checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CHECKS))
+    signed_out: SignedOut = field(default_factory=lambda: SignedOut(SESSION_SECONDS))
+    snapshot: SharedSnapshot = field(default_factory=SharedSnapshot)
+    streams: StreamSlots = field(default_factory=StreamSlots)
 
     @cached_property
     def session_key(self) -> str:
@@ -72,6 +81,44 @@ class ConsoleState:
 def console_state(request: Request) -> ConsoleState:
     state: ConsoleState = request.app.state.console
     return state
+
+
+class GivenTwice(ValueError):
+    """A header the proxy sets came more than once."""
+
+
+def signed_in(state: ConsoleState, request: Request) -> Identity | None:
+    """Who the request is from: the user the trusted header names (on a request the proxy
+    vouches for), else the one its session names while that still holds."""
+    named = state.auth.by_header(_proxied_user(request, state.settings))
+    if named is not None:
+        return named
+    if "user" not in request.session:
+        return None
+    session_id = request.session.get(SESSION_ID)
+    found = None
+    if isinstance(session_id, str) and not state.signed_out.holds(session_id, time.monotonic()):
+        found = state.auth.by_session(request.session)
+    if found is None:  # signed out, the user left the users file, or the token changed
+        request.session.clear()
+    return found
+
+
+def _proxied_user(request: Request, settings: Settings) -> str | None:
+    """The user the trusted header names, on a request the proxy vouches for with its secret;
+    a header given twice is refused (which one a proxy appended cannot be told)."""
+    header, secret = settings.console_trusted_header, settings.console_trusted_proxy_secret
+    if header is None or secret is None:
+        return None
+    names = request.headers.getlist(header)
+    sent = request.headers.getlist(PROXY_SECRET_HEADER)
+    if len(names) > 1 or len(sent) > 1:
+        raise GivenTwice(f"refused: {header} or {PROXY_SECRET_HEADER} given twice")
+    if not names or not sent:
+        return None
+    if not hmac.compare_digest(sent[0].encode(), secret.get_secret_value().encode()):
+        return None  # not from the proxy: whoever sent it may not name themselves
+    return names[0]
 
 
 def identity(request: Request) -> Identity:

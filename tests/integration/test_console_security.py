@@ -4,9 +4,11 @@ header only when configured, and no secret, cookie value or token on any page or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.routing import Route
 
 from app.console.app import build_app
+from app.console.live import STREAMS_PER_SESSION
 from app.console.web import ConsoleState
 from app.crypto import SecretBox
 from app.errors import InvalidMessage
@@ -38,6 +41,7 @@ from tests.support.console import (
 )
 from tests.support.dead_letters import Letter, write_dead_letters
 from tests.support.leasing import CANARY, make_site, scalar
+from tests.support.waiting import eventually
 from workers.requests import RequestProcessor
 
 WEBHOOK_SECRET = "canary-webhook-path-5e1"
@@ -301,3 +305,76 @@ async def test_a_name_that_is_not_printable_text_is_refused_at_sign_in(
         form = {"csrf": page[start : page.index('"', start)], "name": name, "token": TOKEN}
         answer = await client.post("/login", data=form)
     assert answer.status_code == 400 and "printable" in answer.text
+
+
+async def _sign_in_client(client: httpx.AsyncClient, name: str = VIEWER) -> str:
+    """Sign ``client`` in with the users file's password; the session's CSRF token."""
+    page = (await client.get("/login")).text
+    marker = 'name="csrf" value="'
+    start = page.index(marker) + len(marker)
+    form = {"csrf": page[start : page.index('"', start)], "name": name, "password": PASSWORD}
+    assert (await client.post("/login", data=form)).status_code == 303
+    page = (await client.get("/jobs")).text
+    start = page.index(marker) + len(marker)
+    return page[start : page.index('"', start)]
+
+
+async def _events_until_closed(client: httpx.AsyncClient, then: Any) -> int:
+    """Read the live stream, doing ``then`` after its first event; the events read before the
+    console closed it (a stream that does not close fails the test)."""
+    seen = 0
+    async with asyncio.timeout(15):
+        async with client.stream("GET", "/overview/stream") as stream:
+            assert stream.status_code == 200
+            async for chunk in stream.aiter_text():
+                seen += chunk.count("event: overview")
+                if seen == 1 and "event: overview" in chunk:
+                    await then()
+    return seen
+
+
+async def test_a_live_stream_ends_when_its_user_leaves_the_users_file(console: Console) -> None:
+    users = Path(str(console.settings.console_users_file))
+    async with httpx.AsyncClient(base_url=console.url, timeout=30) as client:
+        await _sign_in_client(client, VIEWER)
+
+        async def remove() -> None:
+            _remove_user(users, VIEWER)
+
+        assert await _events_until_closed(client, remove) >= 1
+
+
+async def test_a_live_stream_ends_when_its_session_signs_out(console: Console) -> None:
+    async with httpx.AsyncClient(base_url=console.url, timeout=30) as client:
+        csrf = await _sign_in_client(client, VIEWER)
+        cookies = dict(client.cookies)
+
+        async def sign_out() -> None:
+            async with httpx.AsyncClient(base_url=console.url, cookies=cookies) as other:
+                assert (await other.post("/logout", data={"csrf": csrf})).status_code == 303
+
+        assert await _events_until_closed(client, sign_out) >= 1
+        # the cookie kept from before the sign-out is nobody now
+        assert (await client.get("/jobs")).status_code == 303
+
+
+async def test_a_session_holds_a_few_live_streams_at_most(console: Console) -> None:
+    async with httpx.AsyncClient(base_url=console.url, timeout=30) as client:
+        await _sign_in_client(client, VIEWER)
+        async with contextlib.AsyncExitStack() as streams:
+            for _ in range(STREAMS_PER_SESSION):
+                opened = await streams.enter_async_context(client.stream("GET", "/overview/stream"))
+                assert opened.status_code == 200
+            async with client.stream("GET", "/overview/stream") as refused:
+                assert refused.status_code == 429
+                assert "too many live streams" in (await refused.aread()).decode()
+        async with httpx.AsyncClient(base_url=console.url, timeout=30) as other:
+            await _sign_in_client(other, OPERATOR)  # another session has its own
+            async with other.stream("GET", "/overview/stream") as opened:
+                assert opened.status_code == 200
+
+        async def answers_again() -> bool:  # the closed streams gave their slots back
+            async with client.stream("GET", "/overview/stream") as again:
+                return again.status_code == 200
+
+        await eventually(answers_again, timeout=10)

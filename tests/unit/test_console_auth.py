@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import app.cli
 from app.console.auth import (
     Authenticator,
     Identity,
+    SignedOut,
     Throttle,
     UsersFileError,
     check_password,
@@ -21,6 +23,7 @@ from app.console.auth import (
     read_users,
     users_line,
 )
+from app.console.live import SharedSnapshot, StreamSlots
 from app.settings import Settings, settings_error
 
 KEY = "k" * 32  # the key that signs the session cookie
@@ -178,3 +181,34 @@ def test_the_users_file_refuses_a_name_twice_or_an_unprintable_one(tmp_path: Pat
     path.write_text(line.replace("olga", "ol\u202ega", 1) + "\n")
     with pytest.raises(UsersFileError, match="line 1"):
         read_users(str(path))
+
+
+async def test_streams_share_one_snapshot_a_refresh() -> None:
+    shared, reads = SharedSnapshot(), []
+
+    async def read() -> Any:
+        reads.append(1)
+        await asyncio.sleep(0)  # another stream asks while this read is under way
+        return len(reads)
+
+    got = await asyncio.gather(*(shared.latest(read, max_age=60) for _ in range(20)))
+    assert got == [1] * 20 and len(reads) == 1
+    assert await shared.latest(read, max_age=0) == 2  # an older one is read again
+
+
+def test_stream_slots_bound_a_session_and_all_sessions() -> None:
+    slots = StreamSlots(per_session=2, total=3)
+    assert slots.take("a") and slots.take("a") and not slots.take("a")
+    assert slots.take("b") and not slots.take("c")  # three open in all
+    slots.give_back("a")
+    assert slots.take("c") and not slots.take("a")
+
+
+def test_a_signed_out_session_stays_out_while_its_cookie_could_last() -> None:
+    ended = SignedOut(lasts=100.0, sessions=2)
+    ended.add("s1", 0.0)
+    assert ended.holds("s1", 99.0) and not ended.holds("s2", 99.0)
+    assert not ended.holds("s1", 100.0)  # its cookie has expired by now anyway
+    ended.add("s2", 1.0)
+    ended.add("s3", 2.0)  # at most two remembered: the oldest goes
+    assert not ended.holds("s1", 2.0) and ended.holds("s2", 2.0) and ended.holds("s3", 2.0)

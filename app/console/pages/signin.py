@@ -11,7 +11,14 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from app.console.auth import NAME_CHARS, Identity, UsersFileError, valid_name
-from app.console.web import CSRF_FIELD, checked_form, console_state, render, text_field
+from app.console.web import (
+    CSRF_FIELD,
+    SESSION_ID,
+    checked_form,
+    console_state,
+    render,
+    text_field,
+)
 
 
 async def login_page(request: Request) -> Response:
@@ -54,12 +61,16 @@ async def login(request: Request) -> Response:
         return render(request, "login.html", status_code=401, problem="wrong credentials")
     state.throttle.succeeded(address)
     request.session.clear()  # a new session: nothing from before the sign-in carries over
-    request.session.update({**auth.session(found, via), CSRF_FIELD: secrets.token_urlsafe(32)})
+    request.session.update({**auth.session(found, via), CSRF_FIELD: secrets.token_urlsafe(32),
+                            SESSION_ID: secrets.token_urlsafe(16)})  # fmt: skip
     return RedirectResponse("/", status_code=303)
 
 
 async def logout(request: Request) -> Response:
     await checked_form(request)
+    session_id = request.session.get(SESSION_ID)
+    if isinstance(session_id, str):  # its streams and any copy of its cookie end too
+        console_state(request).signed_out.add(session_id, time.monotonic())
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 
