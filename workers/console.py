@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -50,6 +51,16 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (127.0.0.1, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def run_console(wiring: Wiring) -> None:
     settings = wiring.settings
     state = ConsoleState(
@@ -58,6 +69,12 @@ async def run_console(wiring: Wiring) -> None:
     app = build_app(state)
     sock = listen(settings.console_host, settings.console_port)
     host, port = sock.getsockname()[:2]
+    if not settings.console_secure_cookie and not _loopback(settings.console_host):
+        log.warning(
+            "console_cookie_not_secure",
+            host=settings.console_host,
+            hint="set QM_CONSOLE_SECURE_COOKIE behind TLS, or the session cookie may travel in clear",
+        )
     if not state.auth.configured:
         log.warning("console_without_sign_in", hint="set QM_CONSOLE_TOKEN or QM_CONSOLE_USERS_FILE")
     config = uvicorn.Config(

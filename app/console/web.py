@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import jinja2
 from starlette.datastructures import FormData
@@ -75,6 +75,7 @@ class ConsoleState:
         env.filters["age"] = age
         env.filters["when"] = when
         env.filters["url_id"] = url_id
+        env.filters["url_shown"] = url_shown
         return env
 
 
@@ -131,6 +132,22 @@ def url_id(value: object) -> str:
     """An id as one segment of a URL: every '/', '.', '?', '#' ... quoted, so that an id such as
     ``x/../victim`` names its own page, never another's."""
     return quote(str(value), safe="")
+
+
+def url_shown(url: object) -> str:
+    """A URL as a page shows it: no user information (it may hold a password) and no query value
+    (a presigned link's signature, a token); scheme, host, path and the query's names stay."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "(a URL that cannot be read)"
+    user = "…@" if "@" in parts.netloc else ""
+    names = (part.partition("=") for part in parts.query.split("&") if part)
+    query = "&".join(f"{name}=…" if eq else name for name, eq, _ in names)
+    return urlunsplit((parts.scheme, user + host, parts.path, query, ""))
 
 
 def age(seconds: float | None) -> str:

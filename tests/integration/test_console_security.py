@@ -4,6 +4,7 @@ header only when configured, and no secret, cookie value or token on any page or
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page
 from pydantic import SecretStr
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.routing import Route
 
@@ -23,7 +25,7 @@ from app.console.web import ConsoleState
 from app.crypto import SecretBox
 from app.errors import InvalidMessage
 from app.settings import Settings
-from app.store import Database, captures, sessions
+from app.store import Database, captures, seeds, sessions
 from app.urls import webhook_shown
 from tests.support.captures import running_job, submit
 from tests.support.console import (
@@ -48,7 +50,26 @@ WEBHOOK_SECRET = "canary-webhook-path-5e1"
 SESSION_COOKIE_VALUE = "canary-session-cookie-77"
 DLT_PASSWORD = "canary-dlt-password-0b"
 MAX_PAGES = 80
+# sealed values and hashes: not one of them, in any encoding, on a page
+SEALED = (
+    "SELECT secret FROM accounts",
+    "SELECT webhook_sealed FROM sites",
+    "SELECT lease_secret_hash FROM jobs",
+    "SELECT storage_state FROM sessions",
+)
+URL_CANARIES = [f"canary-url-{n}-{n * 7919:05d}" for n in range(5)]
 PROXY_SECRET = "canary-proxy-secret-3d9e-5a71-b2c8-0f46"
+
+
+def _routes(console: Console, engine: AsyncEngine, method: str) -> list[Route]:
+    """The console's routes answering ``method``."""
+    settings = console.settings
+    state = ConsoleState(settings, Database(engine), lambda: SecretBox.from_settings(settings))
+    return [
+        route
+        for route in build_app(state).routes
+        if isinstance(route, Route) and route.methods and method in route.methods
+    ]
 
 
 async def csrf_of(page: Page) -> str:
@@ -78,14 +99,10 @@ async def test_every_post_route_checks_the_csrf_token(
 ) -> None:
     await make_site(engine, console.settings)
     page = await sign_in(browser, console)
-    state = ConsoleState(
-        console.settings, Database(engine), lambda: SecretBox.from_settings(console.settings)
-    )
     posts = [
         route.path_format.format(slug="board", action="block", job_id="job-1", capture_id="cap-1",
                           topic=console.settings.topic("requests.dlt"))
-        for route in build_app(state).routes
-        if isinstance(route, Route) and route.methods and "POST" in route.methods
+        for route in _routes(console, engine, "POST")
     ]  # fmt: skip
     assert len(posts) >= 8
     for path in posts:
@@ -167,6 +184,17 @@ async def test_an_error_page_links_home_never_to_the_referer(console: Console) -
             assert "evil" not in answer.text and 'href="/"' in answer.text, path
 
 
+def _users_hashes(users: Path) -> list[str]:
+    """The scrypt hashes of the users file."""
+    lines = users.read_text().splitlines()
+    return [line.split(":", 2)[2] for line in lines if line and not line.startswith("#")]
+
+
+def _encodings(blob: bytes) -> list[str]:
+    """How a sealed value or a hash could show on a page: hex, base64 (standard and URL-safe)."""
+    return [blob.hex(), base64.b64encode(blob).decode(), base64.urlsafe_b64encode(blob).decode()]
+
+
 async def _secrets_everywhere(
     settings: Settings, engine: AsyncEngine, processor: RequestProcessor
 ) -> list[str]:
@@ -180,25 +208,48 @@ async def _secrets_everywhere(
         state = {"cookies": [{"name": "sid", "value": SESSION_COOKIE_VALUE}], "origins": []}
         account = await scalar(engine, "SELECT id FROM accounts ORDER BY id LIMIT 1")
         await sessions.save_session(conn, account, box.seal(json.dumps(state)), None)
+        # URLs holding a password or a presigned query: shown without them
+        await seeds.add_seed(conn, site="board", interval_seconds=60, priority=0,
+                             url=f"https://crawler:{URL_CANARIES[0]}@board.example.com/list"
+                             f"?page=2&token={URL_CANARIES[1]}")  # fmt: skip
+        await conn.execute(
+            text("UPDATE captures SET url = :url, storage_uri = :uri WHERE id = 'cap-1'"),
+            {"url": f"https://u:{URL_CANARIES[2]}@board.example.com/items/1",
+             "uri": f"https://bucket.example.com/cap-1.html?X-Amz-Signature={URL_CANARIES[3]}"},
+        )  # fmt: skip
+        await conn.execute(
+            text("UPDATE sites SET session_check_url = :url WHERE slug = 'board'"),
+            {"url": f"https://board.example.com/me?key={URL_CANARIES[4]}"},
+        )
     value = json.dumps({"type": "job.start", "password": DLT_PASSWORD}).encode()
     await write_dead_letters(
         settings, settings.topic("requests.dlt"), [Letter(b"job-7", value, InvalidMessage("bad"))]
     )
+    sealed: list[bytes] = []
+    async with engine.connect() as conn:
+        for sql in SEALED:
+            sealed += [bytes(row[0]) for row in (await conn.execute(text(sql))).all() if row[0]]
+    assert len(sealed) >= 4
+    hashes = _users_hashes(Path(str(settings.console_users_file)))
+    salts_and_keys = [part for stored in hashes for part in stored.split("$")[4:]]
     return [CANARY, TOKEN, PASSWORD, SESSION_SECRET, WEBHOOK_SECRET, SESSION_COOKIE_VALUE,
-            DLT_PASSWORD, lease["lease_secret"]]  # fmt: skip
+            DLT_PASSWORD, lease["lease_secret"], *URL_CANARIES, *hashes, *salts_and_keys,
+            *(text for blob in sealed for text in _encodings(blob))]  # fmt: skip
 
 
 async def _crawl(page: Page, base: str) -> dict[str, str]:
     """Every page reachable by a link from the overview, and the answer to each form posted
-    once (a confirmation or a preview: nothing is confirmed): their HTML by address."""
+    once (a confirmation or a preview: nothing is confirmed): their HTML and headers by
+    address."""
     seen: dict[str, str] = {}
-    queue = ["/"]
+    queue = ["/", "/jobs/no-such-job", "/captures/no-such-capture", "/static/no-such-file"]
     while queue and len(seen) < MAX_PAGES:
         path = queue.pop(0)
         if path in seen:
             continue
-        await page.goto(base + path)
-        seen[path] = await page.content()
+        answer = await page.goto(base + path)
+        assert answer is not None
+        seen[path] = await page.content() + json.dumps(await answer.all_headers())
         links = await page.eval_on_selector_all(
             "a[href^='/']", "els => els.map(e => e.getAttribute('href'))"
         )
@@ -210,7 +261,8 @@ async def _crawl(page: Page, base: str) -> dict[str, str]:
         )
         for action, fields in forms:
             answer = await page.request.post(base + action, form={**fields, "reason": "look"})
-            seen[f"POST {action} from {path}"] = await answer.text()
+            seen[f"POST {action} from {path}"] = await answer.text() + json.dumps(answer.headers)
+    assert not queue or all(path in seen for path in queue), "the crawl stopped at MAX_PAGES"
     return seen
 
 
@@ -230,17 +282,21 @@ async def test_no_page_or_response_shows_a_secret_a_cookie_value_or_a_token(
                for key in bodies)  # fmt: skip
     assert any(key.startswith("POST /dead-letters/") for key in bodies)  # the replay's preview
     assert "hooks.example.com" in bodies["/sites/board"]  # the webhook: scheme and host only
-
+    assert "X-Amz-Signature=…" in bodies["/captures/cap-1"]  # a presigned link: its names only
     cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
     async with httpx.AsyncClient(base_url=console.url, cookies=cookies) as client:
         async with client.stream("GET", "/overview/stream") as stream:
-            first = ""
+            first = json.dumps(dict(stream.headers))
             async for chunk in stream.aiter_text():
                 first += chunk
                 if "\n\n" in first:
                     break
         bodies["/overview/stream"] = first
     assert "data-site=" in first
+    visited = [key.split("?")[0] for key in bodies if not key.startswith("POST ")]
+    for route in _routes(console, engine, "GET"):  # every page the console has was read
+        assert any(route.path_regex.match(path) for path in visited), route.path
+
     canaries += list(cookies.values())
     for where, body in bodies.items():
         for canary in canaries:

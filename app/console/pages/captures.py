@@ -18,6 +18,7 @@ from app.console.web import (
     done,
     render,
     url_id,
+    url_shown,
 )
 from app.core.operations import retry_capture
 from app.store import captures, views
@@ -30,6 +31,10 @@ SHOWN = (
     "size", "captured_at", "created_at", "next_attempt_at", "dispatched_at", "handoff_holder",
     "handoff_expires_at", "handed_off_at", "failed_at", "last_error", "webhook_shown", "dag_id",
 )  # fmt: skip
+
+
+# where a capture came from and went: a presigned link's query or a user's password stays off
+URLS = ("url", "storage_uri")
 
 
 async def capture_list(request: Request) -> Response:
@@ -51,7 +56,7 @@ async def capture_page(request: Request) -> Response:
         row = await captures.describe_capture(conn, capture_id)
     if row is None:
         raise HTTPException(404, f"no capture {capture_id!r}")
-    facts = [(name, row[name]) for name in SHOWN]
+    facts = [(name, url_shown(row[name]) if name in URLS else row[name]) for name in SHOWN]
     return render(request, "capture.html", capture=row, facts=facts,
                   meta=json.dumps(row["meta"], indent=2))  # fmt: skip
 
