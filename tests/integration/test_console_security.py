@@ -434,3 +434,50 @@ async def test_a_session_holds_a_few_live_streams_at_most(console: Console) -> N
                 return again.status_code == 200
 
         await eventually(answers_again, timeout=10)
+
+
+def _filled(console: Console, route: Route) -> str:
+    """A route's path with its parameters filled in."""
+    topic = console.settings.topic("requests.dlt")
+    return route.path_format.format(slug="board", action="block", job_id="job-1",
+                                    capture_id="cap-1", topic=topic)  # fmt: skip
+
+
+async def test_every_route_refuses_whoever_is_not_signed_in(
+    console: Console, engine: AsyncEngine
+) -> None:
+    await make_site(engine, console.settings)
+    async with httpx.AsyncClient(base_url=console.url) as client:
+        for route in _routes(console, engine, "GET"):
+            path = _filled(console, route)
+            answer = await client.get(path)
+            if path == "/login":
+                assert answer.status_code == 200
+                continue
+            assert answer.status_code == 303 and answer.headers["location"] == "/login", path
+        for route in _routes(console, engine, "POST"):
+            path = _filled(console, route)
+            answer = await client.post(path, data={"confirmed": "yes", "reason": "x"})
+            expected = 403 if path == "/login" else 401  # signing in checks CSRF first
+            assert answer.status_code == expected, path
+    assert await scalar(engine, "SELECT status::text FROM accounts") == "ACTIVE"
+
+
+async def test_every_action_refuses_a_viewer(
+    console: Console, browser: Browser, engine: AsyncEngine, processor: RequestProcessor
+) -> None:
+    await running_job(processor, engine, console.settings)
+    page = await sign_in(browser, console, VIEWER)
+    await page.goto(console.url + "/jobs")
+    csrf = await csrf_of(page)
+    actions = [_filled(console, route) for route in _routes(console, engine, "POST")]
+    actions = [path for path in actions if path not in ("/login", "/logout")]
+    assert len(actions) >= 6
+    for path in actions:
+        form = {"csrf": csrf, "confirmed": "yes", "reason": "x", "site": "board",
+                "username": "user0@board"}  # fmt: skip
+        answer = await page.request.post(console.url + path, form=form)
+        assert answer.status == 403 and "operator role" in await answer.text(), path
+    assert await scalar(engine, "SELECT status::text FROM jobs") == "RUNNING"
+    assert await scalar(engine, "SELECT count(*) FROM accounts WHERE status = 'BLOCKED'") == 0
+    assert await scalar(engine, "SELECT capacity FROM sites") > 0
