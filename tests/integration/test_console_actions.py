@@ -231,3 +231,21 @@ async def test_an_id_with_dots_and_slashes_links_to_its_own_page_and_acts_on_its
     job = "SELECT status::text FROM jobs WHERE id = :id"
     assert await scalar(engine, job, id="job-1") == "RUNNING"  # the lookalike's target is untouched
     assert await scalar(engine, job, id="x/../job-1") != "RUNNING"
+
+
+async def test_a_replay_preview_shows_the_first_hundred_and_counts_the_rest(
+    console: Console, browser: Browser, engine: AsyncEngine
+) -> None:
+    settings = console.settings
+    dlt = settings.topic("requests.dlt")
+    value = json.dumps({"type": "job.start", "v": 1, "job_id": "job-9"}).encode()
+    await write_dead_letters(
+        settings, dlt, [Letter(b"job-%d" % n, value, InvalidMessage("bad")) for n in range(105)]
+    )
+    page = await sign_in(browser, console)
+    await page.goto(f"{console.url}/dead-letters/{dlt}")
+    await page.locator("#replay button").click()
+    assert "105 would be sent" in await page.locator("#preview-summary").inner_text()
+    assert await page.locator("#preview tbody tr").count() == 100
+    assert "and 5 more" in await page.locator("#preview-more").inner_text()
+    assert await ledger(engine) == []  # the preview sent nothing

@@ -3,6 +3,7 @@ after the dry run's preview."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from contextlib import aclosing
 
@@ -29,7 +30,8 @@ from app.dlt.replay import ReplayOptions, replay
 from app.dlt.values import open_values
 from app.kafka_headers import header
 
-LIMIT = 100
+LIMIT = 100  # dead letters a page or a preview shows (a preview counts the others)
+SCAN_SECONDS = 10.0  # a topic page's scan: a filter matching nothing stops reading here
 WIDTH = 400  # characters of a key, value or header shown
 FILTERS = ("error_class", "key", "partition", "from_offset", "to_offset")
 
@@ -96,23 +98,30 @@ async def topic_page(request: Request) -> Response:
     settings = console_state(request).settings
     chosen = selection(request.query_params)
     found: list[DeadLetter] = []
-    more = False
+    more = cut_short = False
     try:
         async with open_reader(settings) as reader:
             name = await reader.resolve(request.path_params["topic"])
             plan = await reader.plan(name, chosen)
-            async with aclosing(reader.select(plan, chosen)) as letters:
-                async for letter in letters:
-                    if len(found) == LIMIT:
-                        more = True
-                        break
-                    found.append(letter)
+            try:
+                async with (
+                    asyncio.timeout(SCAN_SECONDS),
+                    aclosing(reader.select(plan, chosen)) as letters,
+                ):
+                    async for letter in letters:
+                        if len(found) == LIMIT:
+                            more = True
+                            break
+                        found.append(letter)
+            except TimeoutError:
+                cut_short = True
         async with open_values(settings) as values:
             found = await values.restore(found)
     except DltError as exc:
         raise HTTPException(503, str(exc)) from None
     filters = {key: request.query_params.get(key, "") for key in FILTERS}
     return render(request, "dead_letter_topic.html", topic=name, more=more, filters=filters,
+                  cut_short=cut_short, scan_seconds=SCAN_SECONDS,
                   letters=[shown(letter) for letter in sorted_letters(found)])  # fmt: skip
 
 
@@ -128,9 +137,10 @@ async def replay_letters(request: Request) -> Response:
     try:
         if not confirmed(form):
             plan = await replay(settings, topic, chosen, ReplayOptions(dry_run=True))
-            planned = [(shown(letter), target) for letter, target in plan.planned]
+            planned = [(shown(letter), target) for letter, target in plan.planned[:LIMIT]]
             return render(request, "replay_preview.html", report=plan, planned=planned,
-                          filters=filters, action=f"{back}/replay", back=back)  # fmt: skip
+                          sending=len(plan.planned), filters=filters,
+                          action=f"{back}/replay", back=back)  # fmt: skip
         report = await replay(settings, topic, chosen, ReplayOptions())
     except DltError as exc:
         raise HTTPException(503, str(exc)) from None
