@@ -249,3 +249,21 @@ async def test_a_replay_preview_shows_the_first_hundred_and_counts_the_rest(
     assert await page.locator("#preview tbody tr").count() == 100
     assert "and 5 more" in await page.locator("#preview-more").inner_text()
     assert await ledger(engine) == []  # the preview sent nothing
+
+
+async def test_a_confirmed_replay_sends_what_was_previewed_not_what_came_after(
+    console: Console, browser: Browser, engine: AsyncEngine
+) -> None:
+    settings = console.settings
+    dlt = settings.topic("requests.dlt")
+    value = json.dumps({"type": "job.start", "v": 1, "job_id": "job-9"}).encode()
+    [first] = await write_dead_letters(
+        settings, dlt, [Letter(b"job-9", value, InvalidMessage("bad"))]
+    )
+    page = await sign_in(browser, console)
+    await page.goto(f"{console.url}/dead-letters/{dlt}")
+    await page.locator("#replay button").click()
+    assert "1 would be sent" in await page.locator("#preview-summary").inner_text()
+    await write_dead_letters(settings, dlt, [Letter(b"job-10", value, InvalidMessage("bad"))])
+    assert "replayed 1" in await confirm(page)
+    assert await ledger(engine) == [(dlt, 0, first.offset, settings.topic("requests"))]

@@ -4,6 +4,7 @@ after the dry run's preview."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from contextlib import aclosing
 
@@ -54,10 +55,11 @@ def _text(values: Mapping[str, object], name: str) -> str | None:
     return text.strip()[:1000] or None if isinstance(text, str) else None
 
 
-def selection(values: Mapping[str, object]) -> Selection:
-    """The filters of a page's query or a replay's form."""
+def selection(values: Mapping[str, object], until_ms: int | None = None) -> Selection:
+    """The filters of a page's query or a replay's form (``until_ms``: stamped before it)."""
     partition = _whole(values, "partition")
     return Selection(
+        until_ms=until_ms,
         partitions=None if partition is None else frozenset({partition}),
         from_offset=_whole(values, "from_offset"),
         to_offset=_whole(values, "to_offset"),
@@ -125,26 +127,49 @@ async def topic_page(request: Request) -> Response:
                   letters=[shown(letter) for letter in sorted_letters(found)])  # fmt: skip
 
 
+class _Sent:
+    """How many copies a replay had sent (or had under way) when it last said so."""
+
+    sent = 0
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, scanned: int, sent: int) -> None:
+        self.sent = sent
+
+
 async def replay_letters(request: Request) -> Response:
-    """First the dry run's preview (what would go where) with a confirmation; then the replay,
-    recorded as an event naming the operator."""
+    """First the dry run's preview (what would go where) with a confirmation; then the replay of
+    what was stamped before the preview, recorded as an event naming the operator (one that
+    fails partway too, with what it had sent)."""
     form = await action_form(request)
     settings = console_state(request).settings
     topic = request.path_params["topic"]
-    chosen = selection(form)
     filters = {key: str(form.get(key, "")) for key in FILTERS}
     back = f"/dead-letters/{url_id(topic)}"
-    try:
-        if not confirmed(form):
-            plan = await replay(settings, topic, chosen, ReplayOptions(dry_run=True))
-            planned = [(shown(letter), target) for letter, target in plan.planned[:LIMIT]]
-            return render(request, "replay_preview.html", report=plan, planned=planned,
-                          sending=len(plan.planned), filters=filters,
-                          action=f"{back}/replay", back=back)  # fmt: skip
-        report = await replay(settings, topic, chosen, ReplayOptions())
-    except DltError as exc:
-        raise HTTPException(503, str(exc)) from None
+    if not confirmed(form):
+        # what the preview shows is what a confirmation sends: dead letters stamped later are not
+        until = int(time.time() * 1000)
+        try:
+            plan = await replay(
+                settings, topic, selection(form, until), ReplayOptions(dry_run=True)
+            )
+        except DltError as exc:
+            raise HTTPException(503, str(exc)) from None
+        planned = [(shown(letter), target) for letter, target in plan.planned[:LIMIT]]
+        return render(request, "replay_preview.html", report=plan, planned=planned,
+                      sending=len(plan.planned), filters={**filters, "until_ms": str(until)},
+                      action=f"{back}/replay", back=back)  # fmt: skip
+    chosen = selection(form, _whole(form, "until_ms"))
     chosen_text = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "all"
+    progress = _Sent()
+    try:
+        report = await replay(settings, topic, chosen, ReplayOptions(), progress)
+    except DltError as exc:
+        summary = f"selected ({chosen_text}): failed after sending up to {progress.sent}: {exc}"
+        await act(request, lambda tx: _record(tx, topic, redact(summary)))
+        raise HTTPException(503, str(exc)) from None
     summary = (
         f"selected {report.selected} ({chosen_text}): replayed {report.replayed}, "
         f"already replayed {report.already_replayed}, not rearmed {len(report.not_rearmed)}"
