@@ -21,7 +21,16 @@ from pydantic import (
 )
 
 from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
-from schemas.values import BIGINT_MAX, BigInt, JsonObject, SeedId, UtcTime, usable_public_key
+from schemas.values import (
+    BIGINT_MAX,
+    BigInt,
+    HttpUrl,
+    JsonObject,
+    SeedId,
+    UtcTime,
+    holds_nul,
+    usable_public_key,
+)
 
 VERSION = 1
 
@@ -43,15 +52,6 @@ LeaseSecret = Annotated[
     ),
 ]
 Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
-
-
-def _http_url(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
-        raise ValueError("only http(s) URLs are accepted")
-    return value
-
-
-HttpUrl = Annotated[str, StringConstraints(max_length=4096), AfterValidator(_http_url)]
 
 
 # An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes, one X25519 can
@@ -77,22 +77,10 @@ Sealed = Annotated[
 
 
 def seal_context(field: str, job_id: str) -> str:
-    """The associated data a sealed field is bound to: ``qm.v1:<field>:<job_id>``.
-
-    Fields: ``lease.secret``, ``account.secret`` and ``session.storage_state`` of
-    ``job.granted`` (sealed to the requester), ``session.upload`` and ``job.finish`` (session states sealed to Quartermaster).
-    """
+    """The associated data a sealed field is bound to: ``qm.v1:<field>:<job_id>``. Fields:
+    ``lease.secret``, ``account.secret``, ``session.storage_state`` and ``proxy.url`` of
+    ``job.granted`` (to the requester); ``session.upload``, ``job.finish`` (to Quartermaster)."""
     return f"qm.v1:{field}:{job_id}"
-
-
-def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds_nul(item) for item in value)
-    return False
 
 
 class Message(BaseModel):
@@ -114,7 +102,7 @@ class Request(Message):
     def _no_nul(cls, data: Any) -> Any:
         """No text of a request, nested keys and values included, holds a NUL character: the
         database stores none, so such a request is bad input, refused here with a reason."""
-        if _holds_nul(data):
+        if holds_nul(data):
             raise ValueError("text must not contain the NUL character (U+0000)")
         return data
 
@@ -169,6 +157,7 @@ class JobFinish(Request):
     # Playwright storage_state, sealed to Quartermaster's upload_key (context job.finish)
     session_state: Sealed | None = None
     seed_results: Annotated[list[SeedResult], Field(max_length=1000)] | None = None
+    proxy_failed: bool = False  # the grant's proxy failed: it rests (and blocks if it keeps on)
 
 
 class JobCancel(Request):
@@ -187,6 +176,7 @@ class SessionUpload(Request):
     lease_secret: LeaseSecret
     # Playwright storage_state, sealed to Quartermaster's upload_key (context session.upload)
     storage_state: Sealed
+    proxy_failed: bool = False  # as job.finish's: the proxy of the grant failed
 
 
 class SeedsClaim(Request):
@@ -263,6 +253,13 @@ class GrantedSession(BaseModel):
     storage_state: Sealed
 
 
+class GrantedProxy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str  # scheme://host:port
+    url: Sealed  # with its credentials, sealed to the requester's public_key (context proxy.url)
+
+
 class GrantedSeed(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -287,6 +284,7 @@ class JobGranted(Reply):
     )
     account: GrantedAccount | None = None
     session: GrantedSession | None = None
+    proxy: GrantedProxy | None = Field(None, description="The proxy the account is pinned to.")
     seeds: list[GrantedSeed] = []
     session_check_url: str | None = Field(
         None, description="The site's page that answers 2xx only to a logged-in session."
@@ -296,6 +294,7 @@ class JobGranted(Reply):
 class JobQueued(Reply):
     type: Literal["job.queued"] = "job.queued"
     position: int
+    reason: str | None = Field(None, description="Why the line waits: capacity, accounts, proxy.")
 
 
 class JobRejected(Reply):
@@ -406,7 +405,7 @@ class LifecycleEvent(Message):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: str  # "<entity>.<what happened>", e.g. "job.granted", "account.released"
-    entity: Literal["job", "account", "seed", "session", "capture"]
+    entity: Literal["job", "account", "seed", "session", "capture", "proxy"]
     id: str
     site: str
     status: str

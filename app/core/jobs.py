@@ -10,6 +10,7 @@ from datetime import datetime
 
 import structlog
 
+from app.core import proxies
 from app.core.leases import grant_waiting, release_resources
 from app.core.replies import (
     Reply,
@@ -89,9 +90,10 @@ async def start(tx: Tx, req: JobStart, route: Route) -> Reply:
         reject(tx, timed_out, "no_capacity")
         return None
     position = await jobs.queue_position(tx.conn, req.job_id)
-    return JobQueued(request_id=req.request_id, job_id=req.job_id, position=position).model_dump(
-        mode="json"
-    )
+    reason = await sites.wait_reason(tx.conn, req.site)
+    return JobQueued(
+        request_id=req.request_id, job_id=req.job_id, position=position, reason=reason
+    ).model_dump(mode="json")
 
 
 def why_not_queued(existing: Row | None, req: JobStart) -> str:
@@ -164,7 +166,7 @@ async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
     if uploaded is not None:  # the job is locked (lock order: job, then account and session);
         # the account is still the holder's until released below
         await merge_session(tx, req.job_id, req.lease_token, secret_hash, uploaded)
-    await release_resources(
+    account = await release_resources(
         tx,
         job,
         site,
@@ -173,6 +175,8 @@ async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
         reason=req.reason,
         seed_results=req.seed_results or (),
     )
+    if req.proxy_failed or (account is not None and account["proxy_id"] is not None):
+        await proxies.report(tx, job, failed=req.proxy_failed)
     tx.events.job("finished", job)
     log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])
     if job["has_waiting"]:  # as it stood under the site's lock, which this transaction holds

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from app.core import proxies
 from app.core.replies import Reply
 from app.core.transaction import Route, Tx
 from app.lease_secrets import lease_secret_hash, matches
@@ -117,6 +118,9 @@ async def upload(tx: Tx, req: SessionUpload, route: Route) -> Reply:
         ).model_dump(mode="json")
     secret_hash = lease_secret_hash(req.lease_secret)
     outcome = await merge_session(tx, req.job_id, req.lease_token, secret_hash, uploaded)
+    if req.proxy_failed and (outcome.version is not None or outcome.refused is not None):
+        # the lease is the holder's (the merge checked it); its site was locked first
+        await proxies.report(tx, {"id": req.job_id, "lease_token": req.lease_token}, failed=True)
     if outcome.refused is not None:
         return SessionRejected(
             request_id=req.request_id,
