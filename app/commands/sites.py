@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -59,9 +60,33 @@ SessionCheckUrl = Annotated[
 ]  # fmt: skip
 
 
+class ProxyRule(StrEnum):
+    """Whether a site grants accounts only through a proxy."""
+
+    required = "required"  # no account is granted without a proxy (`qm proxies add`)
+    optional = "optional"  # one is pinned while a proxy has room; without, none
+
+
+Proxy = Annotated[
+    ProxyRule | None,
+    typer.Option("--proxy", help="required: no account is granted without a proxy "
+                 "(`qm proxies add`); optional: one is pinned while a proxy has room"),
+]  # fmt: skip
+RetireAfterBlocks = Annotated[
+    int | None,
+    typer.Option(min=0, max=1000, help="Deactivate an account after this many blocks in a row "
+                 "(with an alert); 0: never"),
+]  # fmt: skip
+
+
 def _site_changes(**given: Any) -> dict[str, Any]:
-    """The options an operator gave ('' clears a text setting)."""
-    return {k: (v if v != "" else None) for k, v in given.items() if v is not None}
+    """The options an operator gave ('' clears a text setting, a 0 rule none)."""
+    changes = {k: (v if v != "" else None) for k, v in given.items() if v is not None}
+    if "proxy_required" in changes:
+        changes["proxy_required"] = changes["proxy_required"] == ProxyRule.required
+    if changes.get("retire_after_blocks") == 0:
+        changes["retire_after_blocks"] = None
+    return changes
 
 
 @sites_app.command("add")
@@ -77,6 +102,8 @@ def sites_add(
     max_attempts: MaxAttempts = 3,
     dag_id: DagId = None,
     session_check_url: SessionCheckUrl = None,
+    proxy: Proxy = None,
+    retire_after_blocks: RetireAfterBlocks = None,
 ) -> None:
     """Add a site."""
     settings = _site_changes(
@@ -88,6 +115,8 @@ def sites_add(
         max_attempts=max_attempts,
         dag_id=dag_id,
         session_check_url=session_check_url,
+        proxy_required=proxy,
+        retire_after_blocks=retire_after_blocks,
     )
     if in_transaction(lambda conn: sites.add_site(conn, slug=slug, **settings)) is None:
         raise fail(f"site {slug!r} exists already; change it with `qm sites set {slug} …`")
@@ -105,6 +134,8 @@ def sites_set(
     max_attempts: MaxAttempts = None,
     dag_id: DagId = None,
     session_check_url: SessionCheckUrl = None,
+    proxy: Proxy = None,
+    retire_after_blocks: RetireAfterBlocks = None,
 ) -> None:
     """Change a site's settings; only the options given change. A raised capacity lets waiting
     jobs through within one reaper sweep."""
@@ -117,6 +148,8 @@ def sites_set(
         max_attempts=max_attempts,
         dag_id=dag_id,
         session_check_url=session_check_url,
+        proxy_required=proxy,
+        retire_after_blocks=retire_after_blocks,
     )
     if not changes:
         raise fail("nothing to change: give at least one option (see `qm sites set --help`)")
@@ -167,6 +200,7 @@ def _site_json(row: Row) -> dict[str, Any]:
             "accounts_ready", "accounts_resting", "accounts_using", "accounts_blocked",
             "accounts_inactive", "grants_last_minute", "lease_seconds", "cooldown_seconds",
             "block_cooldown_seconds", "max_attempts", "dag_id", "session_check_url",
+            "proxy_required", "retire_after_blocks",
         )
     }  # fmt: skip
 
@@ -214,6 +248,8 @@ def sites_list(as_json: Json = False) -> None:
             _accounts_cell(row),
             *figures,
             f"lease {row['lease_seconds']}s, rest {row['cooldown_seconds']}s, "
-            f"block rest {row['block_cooldown_seconds']}s, {row['max_attempts']} attempts",
+            f"block rest {row['block_cooldown_seconds']}s, {row['max_attempts']} attempts"
+            + (", proxy required" if row["proxy_required"] else "")
+            + (f", retire after {n} blocks" if (n := row["retire_after_blocks"]) else ""),
         )
     out().print(grid)

@@ -32,6 +32,7 @@ from app.commands.failures import explain, quiet_kafka_client
 from app.dlt.reader import DltError, Selection, open_reader
 from app.settings import Settings, get_settings
 from app.store import Database, Row, outbox, views
+from app.store.accounts import HEALTH_STATES
 
 REPAIR_WINDOW_MINUTES = 10
 BROKER_REOPEN_SECONDS = 30.0  # a fresh reader sees dead-letter topics created since
@@ -100,10 +101,21 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+def health_cell(health: dict[str, int]) -> Text:
+    """'3 healthy, 1 at_risk': the site's accounts by health, those at risk or worse in red."""
+    order = {state: n for n, state in enumerate(HEALTH_STATES)}
+    parts = sorted(health.items(), key=lambda item: order.get(item[0], len(order)))
+    cell = Text()
+    for n, (state, count) in enumerate(parts):
+        bad = state in ("at_risk", "failing", "retired")
+        cell.append(("" if n == 0 else ", ") + f"{count} {state}", style="red" if bad else "")
+    return cell
+
+
 def _sites_table(sites: list[Row]) -> Table:
     grid = Table(title="sites", title_justify="left", expand=False)
     columns = ("site", "running", "waiting", "oldest waiter", "ready", "resting", "using",
-               "blocked", "inactive", "grants/min")  # fmt: skip
+               "blocked", "inactive", "grants/min", "health")  # fmt: skip
     for name in columns:
         grid.add_column(name, overflow="fold", justify="left" if name == "site" else "right")
     for s in sites:
@@ -119,6 +131,7 @@ def _sites_table(sites: list[Row]) -> Table:
             Text(str(s["accounts_blocked"]), style="red" if s["accounts_blocked"] else ""),
             str(s["accounts_inactive"]),
             str(s["grants_last_minute"]),
+            health_cell(s["health"]),
         )
     if not sites:
         grid.add_row("(no sites: `qm sites add`)", *[""] * (len(columns) - 1))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import structlog
 
 from app.core.transaction import Tx
-from app.store import Row, proxies
+from app.store import Row, proxies, sites
 from schemas.states import ProxyStatus
 
 log = structlog.get_logger()
@@ -70,3 +70,46 @@ async def repin(tx: Tx, proxy: Row) -> list[Row]:
             to_proxy=account["proxy_label"],
         )
     return moved
+
+
+async def block(tx: Tx, site: str, label: str, reason: str) -> Row | None:
+    """An operator blocks a proxy (ACTIVE -> BLOCKED) and its accounts move to healthy ones;
+    None when the site has no such ACTIVE proxy."""
+    await sites.lock_site(tx.conn, site)  # lock order: site, then its accounts
+    proxy = await proxies.set_proxy_status(
+        tx.conn, site=site, label=label, target=ProxyStatus.BLOCKED, reason=reason
+    )
+    if proxy is not None:
+        _operator_event(tx, "blocked", proxy, reason)
+        await repin(tx, proxy)
+    return proxy
+
+
+async def unblock(tx: Tx, site: str, label: str) -> Row | None:
+    """An operator returns a blocked proxy to service (BLOCKED -> ACTIVE, its failures in a row
+    forgotten); jobs waiting for a proxy get it within a reaper sweep. None when not BLOCKED."""
+    await sites.lock_site(tx.conn, site)
+    proxy = await proxies.set_proxy_status(
+        tx.conn, site=site, label=label, target=ProxyStatus.ACTIVE
+    )
+    if proxy is not None:
+        _operator_event(tx, "unblocked", proxy, None)
+    return proxy
+
+
+async def remove(tx: Tx, site: str, label: str) -> Row | None:
+    """An operator removes a proxy; its accounts are unpinned (pinned again at their next
+    grant). None when there is no such proxy."""
+    await sites.lock_site(tx.conn, site)
+    proxy = await proxies.remove_proxy(tx.conn, site=site, label=label)
+    if proxy is not None:
+        _operator_event(tx, "removed", proxy, f"{proxy['accounts']} account(s) unpinned")
+    return proxy
+
+
+def _operator_event(tx: Tx, what: str, proxy: Row, reason: str | None) -> None:
+    tx.events.emit(
+        "proxy", what, id=str(proxy["id"]), site=proxy["site"], status=str(proxy["status"]),
+        reason=f"{proxy['label']}: {reason}" if reason else proxy["label"],
+    )  # fmt: skip
+    log.info(f"proxy_{what}", proxy_id=proxy["id"], site=proxy["site"], proxy=proxy["label"])

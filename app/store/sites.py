@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.accounts import HEALTH, HEALTH_STATES
 from app.store.rows import Row
 
 
@@ -22,15 +23,19 @@ async def add_site(
     max_attempts: int = 3,
     dag_id: str | None = None,
     session_check_url: str | None = None,
+    proxy_required: bool = False,
+    retire_after_blocks: int | None = None,
 ) -> Row | None:
     """Create a site; None if the slug is taken."""
     result = await conn.execute(
         text(
             """
             INSERT INTO sites (slug, host, capacity, lease_seconds, cooldown_seconds,
-                               block_cooldown_seconds, max_attempts, dag_id, session_check_url)
+                               block_cooldown_seconds, max_attempts, dag_id, session_check_url,
+                               proxy_required, retire_after_blocks)
             VALUES (:slug, :host, :capacity, :lease_seconds, :cooldown_seconds,
-                    :block_cooldown_seconds, :max_attempts, :dag_id, :session_check_url)
+                    :block_cooldown_seconds, :max_attempts, :dag_id, :session_check_url,
+                    :proxy_required, :retire_after_blocks)
             ON CONFLICT (slug) DO NOTHING
             RETURNING *
             """
@@ -45,6 +50,8 @@ async def add_site(
             "max_attempts": max_attempts,
             "dag_id": dag_id,
             "session_check_url": session_check_url,
+            "proxy_required": proxy_required,
+            "retire_after_blocks": retire_after_blocks,
         },
     )
     return result.mappings().first()
@@ -60,6 +67,8 @@ EDITABLE = (
     "max_attempts",
     "dag_id",
     "session_check_url",
+    "proxy_required",
+    "retire_after_blocks",
 )
 
 
@@ -222,7 +231,8 @@ async def wait_reason(conn: AsyncConnection, slug: str) -> str:
 
 
 async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:
-    """Every site's running and waiting jobs and its accounts by status (every status, 0 too)."""
+    """Every site's running and waiting jobs, its accounts by status and by health (every one,
+    0 too)."""
     result = await conn.execute(
         text(
             """
@@ -232,9 +242,13 @@ async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:
                    (SELECT jsonb_object_agg(st.status, (SELECT count(*) FROM accounts a
                                                         WHERE a.site = s.slug
                                                           AND a.status = st.status))
-                    FROM unnest(enum_range(NULL::account_status)) AS st(status)) AS accounts
+                    FROM unnest(enum_range(NULL::account_status)) AS st(status)) AS accounts,
+                   (SELECT jsonb_object_agg(h.state, (SELECT count(*) FROM accounts a
+                                                      WHERE a.site = s.slug AND @HEALTH = h.state))
+                    FROM unnest(CAST(:health AS text[])) AS h(state)) AS health
             FROM sites s ORDER BY s.slug
-            """
-        )
+            """.replace("@HEALTH", HEALTH)
+        ),
+        {"health": list(HEALTH_STATES)},
     )
     return [dict(row) for row in result.mappings()]
