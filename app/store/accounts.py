@@ -86,11 +86,11 @@ async def set_account_status(
                 blocked_reason = CASE WHEN :target = 'BLOCKED' THEN :reason ELSE NULL END,
                 -- an operator's block stays until an operator ends it
                 blocked_until = NULL,
-                -- an operator's unblock puts the account back in service now, with a clean
-                -- slate: a retired account is not retired again by its next block
+                -- an operator's unblock puts the account back in service now; one brought back
+                -- from retirement starts a clean slate (its next block does not retire it)
                 available_at = CASE WHEN :target = 'ACTIVE' THEN now() ELSE available_at END,
-                consecutive_blocks = CASE WHEN :target = 'ACTIVE' THEN 0
-                                          ELSE consecutive_blocks END,
+                consecutive_blocks = CASE WHEN :target = 'ACTIVE' AND status = 'INACTIVE'
+                                          THEN 0 ELSE consecutive_blocks END,
                 updated_at = now()
             WHERE site = :site AND username = :username
               AND status = ANY(CAST(:legal AS account_status[]))

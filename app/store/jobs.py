@@ -377,7 +377,9 @@ _RELEASE = Prepared(
         """
         WITH retire AS (
             -- health: the site's retire_after_blocks-th block in a row retires the account
-            SELECT retire_after_blocks AS blocks FROM sites WHERE slug = :site
+            -- (no rule: no count of blocks reaches it)
+            SELECT coalesce(retire_after_blocks, 2147483647) AS blocks FROM sites
+            WHERE slug = :site
         ),
         account AS (
             UPDATE accounts
@@ -403,6 +405,7 @@ _RELEASE = Prepared(
                 -- a block with a rest ends by itself (the block-cooldowns sweep); without
                 -- one it stays until an operator acts
                 blocked_until = CASE WHEN :blocked AND :rest > 0
+                                      AND consecutive_blocks + 1 < (SELECT blocks FROM retire)
                                      THEN now() + make_interval(secs => :rest) END,
                 updated_at = now()
             WHERE id = :account_id AND status = 'USING'
