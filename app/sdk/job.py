@@ -17,7 +17,7 @@ from pydantic import SecretStr, TypeAdapter
 
 from app.sdk import errors
 from app.sdk.arguments import checked, field_value
-from app.sdk.grants import Account, Opener, Session, open_grant, open_lease_secret
+from app.sdk.grants import Account, Opener, Session, open_grant, open_lease_secret, open_proxy
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import sdk_logger
 from app.sealing import load_public_key, seal_json
@@ -103,6 +103,9 @@ class Job:
         self._lease_secret = SecretStr("")  # opened from the grant at enter
         self._expires_at: datetime | None = None
         self.account: Account | None = None
+        # the account's proxy, for Playwright (``browser.new_context(proxy=job.proxy)``)
+        self.proxy: dict[str, str] | None = None
+        self._proxy_failed = False
         self._session: Session | None = None
         self.lost = False
         self.lost_reason: str | None = None
@@ -168,6 +171,11 @@ class Job:
         cooldown = field_value(wire.JobFinish, "cooldown_seconds", cooldown_seconds, "job.blocked")
         self._blocked = (reason[:MAX_REASON_CHARS], cooldown)
 
+    def proxy_failed(self) -> None:
+        """Report at finish that the proxy failed (not the account): it rests, and is blocked
+        and its accounts moved if it keeps failing."""
+        self._proxy_failed = True
+
     def set_session_state(self, state: dict[str, Any]) -> None:
         """The browser state (Playwright ``storage_state``) to merge back at finish; sealed to
         Quartermaster at once (``NoUploadKey`` when it announced no key to seal to)."""
@@ -183,6 +191,8 @@ class Job:
         from app.sdk.browser import browser_context
 
         options.setdefault("check_url", self._granted().session_check_url)
+        if self.proxy is not None:  # the account's own address, every time
+            options.setdefault("proxy", self.proxy)
         return browser_context(self, browser, **options)
 
     def seed_done(
@@ -278,6 +288,7 @@ class Job:
         self._lease_secret = open_lease_secret(self._client, reply)
         try:
             self.account, self._session = open_grant(self._client, reply)
+            self.proxy = open_proxy(self._client, reply)
         except errors.SecretUndecryptable:
             self._client.release(
                 self.job_id,
@@ -465,6 +476,7 @@ class Job:
                 "cooldown_seconds": cooldown,
                 "session_state": self._session_state,
                 "seed_results": list(self._seed_results.values()) or None,
+                "proxy_failed": self._proxy_failed,
             }
         )
 
