@@ -10,6 +10,7 @@ import typer
 
 from app.commands.common import (
     CommandServices,
+    check_slug,
     fail,
     in_transaction,
     known_site,
@@ -18,7 +19,7 @@ from app.commands.common import (
     table,
     when,
 )
-from app.commands.sites import Json, Slug
+from app.commands.sites import Json
 from app.core import proxies as proxy_moves
 from app.proxy_urls import proxy_label
 from app.store import Conn, Row, proxies, sites
@@ -28,11 +29,15 @@ proxies_app = typer.Typer(
     no_args_is_help=True,
 )
 
+Site = Annotated[
+    str, typer.Argument(metavar="SITE", help="The site's slug, e.g. board", callback=check_slug)
+]
 Url = Annotated[
     str,
     typer.Argument(
+        metavar="URL",
         help="scheme://[user:password@]host:port (http, https, socks5); '-' reads it from stdin, "
-        "which keeps the password out of the shell's history"
+        "which keeps the password out of the shell's history",
     ),
 ]
 
@@ -51,7 +56,7 @@ def _read_url(url: str) -> str:
 
 @proxies_app.command("add")
 def proxies_add(
-    site: Slug,
+    site: Site,
     url: Url,
     max_accounts: Annotated[
         int, typer.Option(min=1, max=10_000, help="Most accounts pinned to it (K)")
@@ -102,7 +107,9 @@ def _proxy_json(row: Row) -> dict[str, Any]:
 
 @proxies_app.command("list")
 def proxies_list(
-    site: Annotated[str | None, typer.Argument(help="Only this site's proxies")] = None,
+    site: Annotated[
+        str | None, typer.Argument(metavar="[SITE]", help="Only this site's proxies")
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """List proxies (scheme://host:port, never credentials): accounts pinned, rest, failures."""
@@ -159,7 +166,7 @@ def _operator_move(site: str, url: str, move: str, reason: str | None = None) ->
 
 
 @proxies_app.command("remove")
-def proxies_remove(site: Slug, url: Url) -> None:
+def proxies_remove(site: Site, url: Url) -> None:
     """Remove a proxy; its accounts are pinned to another at their next grant."""
     row = _operator_move(site, url, "remove")
     assert row is not None
@@ -168,7 +175,7 @@ def proxies_remove(site: Slug, url: Url) -> None:
 
 @proxies_app.command("block")
 def proxies_block(
-    site: Slug, url: Url, reason: Annotated[str, typer.Option()] = "operator"
+    site: Site, url: Url, reason: Annotated[str, typer.Option()] = "operator"
 ) -> None:
     """Block a proxy (ACTIVE -> BLOCKED): its accounts move to healthy proxies with room."""
     row = _operator_move(site, url, "block", reason)
@@ -177,7 +184,7 @@ def proxies_block(
 
 
 @proxies_app.command("unblock")
-def proxies_unblock(site: Slug, url: Url) -> None:
+def proxies_unblock(site: Site, url: Url) -> None:
     """Return a blocked proxy to service (BLOCKED -> ACTIVE), its failures in a row forgotten."""
     row = _operator_move(site, url, "unblock")
     assert row is not None
