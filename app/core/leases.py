@@ -243,6 +243,7 @@ async def release_resources(
         failed=outcome in ("failed", "expired"),
         rest_seconds=default_rest if cooldown_seconds is None else cooldown_seconds,
         reason=reason,
+        retire_after_blocks=site["retire_after_blocks"],
     )
     if account is not None and account["status"] == AccountStatus.INACTIVE:
         retire(tx, job, account)

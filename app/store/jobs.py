@@ -375,17 +375,12 @@ async def reject_waiting_job(
 _RELEASE = Prepared(
     text(
         """
-        WITH retire AS (
-            -- health: the site's retire_after_blocks-th block in a row retires the account
-            -- (no rule: no count of blocks reaches it)
-            SELECT coalesce(retire_after_blocks, 2147483647) AS blocks FROM sites
-            WHERE slug = :site
-        ),
-        account AS (
+        WITH account AS (
             UPDATE accounts
+            -- health: the site's retire_after_blocks-th block in a row retires the account
             SET status = CASE WHEN NOT :blocked THEN 'ACTIVE'
-                              WHEN consecutive_blocks + 1 >= (SELECT blocks FROM retire)
-                              THEN 'INACTIVE' ELSE 'BLOCKED' END::account_status,
+                              WHEN consecutive_blocks + 1 >= :retire_after THEN 'INACTIVE'
+                              ELSE 'BLOCKED' END::account_status,
                 -- health: blocks and errors in a row, forgotten by a success
                 consecutive_blocks = CASE WHEN :blocked THEN consecutive_blocks + 1
                                           WHEN :outcome = 'succeeded' THEN 0
@@ -398,14 +393,14 @@ _RELEASE = Prepared(
                 available_at = now() + make_interval(secs => :rest),
                 error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
                 blocked_reason = CASE
-                    WHEN :blocked AND consecutive_blocks + 1 >= (SELECT blocks FROM retire)
+                    WHEN :blocked AND consecutive_blocks + 1 >= :retire_after
                     THEN format('retired after %s blocks in a row: %s', consecutive_blocks + 1,
                                 coalesce(CAST(:reason AS text), 'no reason given'))
                     WHEN :blocked THEN :reason ELSE blocked_reason END,
                 -- a block with a rest ends by itself (the block-cooldowns sweep); without
                 -- one it stays until an operator acts
                 blocked_until = CASE WHEN :blocked AND :rest > 0
-                                      AND consecutive_blocks + 1 < (SELECT blocks FROM retire)
+                                      AND consecutive_blocks + 1 < :retire_after
                                      THEN now() + make_interval(secs => :rest) END,
                 updated_at = now()
             WHERE id = :account_id AND status = 'USING'
@@ -440,11 +435,13 @@ async def release_lease(
     failed: bool,
     rest_seconds: int,
     reason: str | None,
+    retire_after_blocks: int | None = None,
 ) -> tuple[Row | None, bool]:
     """A lease ends: its account USING -> ACTIVE | BLOCKED (resting ``rest_seconds``, only for
     the holder's ``lease_token``), its site's running slot back, its grant closed with ``outcome``.
-    A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``); the site's
-    ``retire_after_blocks``-th block in a row retires the account instead (USING -> INACTIVE).
+    A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``); the
+    ``retire_after_blocks``-th block in a row (the site's rule, read under its lock) retires the
+    account instead (USING -> INACTIVE).
 
     One statement; returns the account as released (None when the job held none) and whether
     the lease still holds seeds (to settle them; the caller holds the job's row).
@@ -461,6 +458,8 @@ async def release_lease(
             "failed": failed,
             "rest": rest_seconds,
             "reason": reason,
+            # no rule: no count of blocks reaches it
+            "retire_after": retire_after_blocks or 2**31 - 1,
         },
     )
     assert row is not None  # one row, with or without an account

@@ -79,7 +79,11 @@ async def test_cancel_of_a_waiting_job_needs_no_token(
     await processor.process(start(settings, "waiter"))
     await processor.process(request(settings, "job.cancel", "waiter"))
     kinds = [(r["type"], r.get("reason")) for r in await replies(engine, settings, "waiter")]
-    assert kinds == [("job.queued", None), ("job.rejected", "cancelled"), ("job.cancelled", None)]
+    assert kinds == [
+        ("job.queued", "capacity"),
+        ("job.rejected", "cancelled"),
+        ("job.cancelled", None),
+    ]
 
 
 @pytest.fixture
