@@ -14,9 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.alerts.slack import Notifier
 from app.alerts.watch import AlertWatch
+from app.commands.top import health_cell
 from app.health import set_site_gauges
 from app.settings import Settings
-from app.store import Database, accounts, sites
+from app.store import Database, accounts, sites, views
 from schemas.states import AccountStatus
 from tests.support.leasing import lease_fields, make_site, replies, request, scalar, start
 from tests.support.proxies import events, grant_history, set_site
@@ -144,12 +145,17 @@ async def test_policy_health_states_are_shown_in_the_list_the_overview_and_the_m
         await conn.execute(text("UPDATE accounts SET status = 'INACTIVE' WHERE id = 6"))
         listed = await accounts.list_accounts(conn, "board")
         load = await sites.site_load(conn)
+        [overview] = await views.site_overview(conn)
     assert [row["health"] for row in listed] == [
         "new", "healthy", "at_risk", "failing", "failing", "retired",
     ]  # fmt: skip
     [site] = load
     assert site["health"] == {"new": 1, "healthy": 1, "at_risk": 1, "failing": 2, "blocked": 0,
                               "retired": 1}  # fmt: skip
+    # qm top: the site's accounts by health, in the order of the states
+    assert health_cell(overview["health"]).plain == (
+        "1 new, 1 healthy, 1 at_risk, 2 failing, 1 retired"
+    )
     set_site_gauges(load)
     value = REGISTRY.get_sample_value(
         "qm_site_account_health", {"site": "board", "health": "failing"}

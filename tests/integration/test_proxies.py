@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -21,9 +22,11 @@ from app.core.transaction import Tx
 from app.sealing import Unsealable, unseal
 from app.settings import Settings
 from app.store import Database
+from reapers.capacity_back import CapacityBack
 from schemas.messages import seal_context
 from tests.support.leasing import (
     COLLECTOR_KEY,
+    db_now,
     lease_fields,
     make_site,
     replies,
@@ -196,6 +199,12 @@ async def test_proxy_resting_after_a_failure_holds_its_accounts_until_the_rest_e
     assert (queued["type"], queued["reason"]) == ("job.queued", "proxy")
     rest = await scalar(engine, "SELECT available_at - now() FROM proxies")
     assert 590 <= rest.total_seconds() <= 600
+    # the capacity-back sweep grants the line once the proxy's rest is over, not before
+    sweep = CapacityBack(settings, Database(engine))
+    assert (await sweep.run_once(now=await db_now(engine) + timedelta(seconds=300))).changed == []
+    later = await db_now(engine) + timedelta(seconds=601)
+    assert (await sweep.run_once(now=later)).changed
+    assert (await grant_of(engine, settings, "job-2"))["proxy"]["label"] == "http://10.0.0.1:3128"
 
 
 async def test_proxy_a_lease_reporting_its_failure_twice_counts_once_and_a_success_forgets(
