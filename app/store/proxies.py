@@ -217,12 +217,3 @@ async def repin_accounts(
         {"proxy_id": proxy_id, "now": now},
     )
     return list(result.mappings())
-
-
-async def sealed_proxy_url(conn: AsyncConnection, proxy_id: int) -> bytes | None:
-    """A proxy's URL as sealed at rest (for its grant), or None when it is gone."""
-    result = await conn.execute(
-        text("SELECT url_sealed FROM proxies WHERE id = :id"), {"id": proxy_id}
-    )
-    value = result.scalar()
-    return None if value is None else bytes(value)
