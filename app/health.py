@@ -49,6 +49,12 @@ REQUESTS_PER_TRANSACTION = Histogram(
     ["committed"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+CAPTURES_PER_BATCH = Histogram(
+    "qm_handoff_captures_per_batch",
+    "Capture records a handoff worker's batch carried, and whether it went through.",
+    ["committed"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 SWEEP_CHANGES = Counter(
     "qm_reaper_changes_total", "Rows the reapers repaired, by sweep.", ["sweep"]
 )

@@ -185,10 +185,34 @@ class Settings(BaseSettings):
     handoff_consumers: int = Field(
         6, description="Kafka consumers of the group in one handoff worker process."
     )
+    handoff_batch_max: int = Field(
+        16,
+        ge=1,
+        description="Most captures one handoff batch claims together (one statement) and, for "
+        "those whose targets answer at once, finalises together (one transaction); 1 hands each "
+        "capture off alone.",
+    )
+    handoff_batches: int = Field(
+        4, ge=1, description="Handoff batches one handoff worker process runs at once."
+    )
+    handoff_max_in_flight: int = Field(
+        128,
+        ge=1,
+        description="Most capture records one handoff worker process holds between reading them "
+        "and their final outcome (then its consumers wait).",
+    )
     handoff_lease_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long a handoff claim lasts unless renewed: the worker renews it every "
+        "third of this while the targets answer, so a capture whose worker died is back within "
+        "this plus one reaper interval, however slow its targets.",
+    )
+    handoff_target_timeout_seconds: float = Field(
         60.0,
-        description="How long a handoff claim lasts; a capture whose worker died is back within "
-        "this plus one reaper interval. Longer than the slowest target (webhook timeout).",
+        gt=0,
+        description="The longest one handoff target (webhook, Airflow) may take before the "
+        "attempt counts as failed and is retried.",
     )
     handoff_max_attempts: int = Field(
         5, description="Handoff attempts of one capture before it fails and is dead-lettered."

@@ -162,6 +162,11 @@ class JobFinish(Request):
 
 class JobCancel(Request):
     type: Literal["job.cancel"] = "job.cancel"
+    public_key: PublicKey | None = Field(
+        None,
+        description="Required while the job waits (QUEUED): the public key its job.start named, "
+        "so only its requester cancels it.",
+    )
     lease_token: LeaseToken | None = Field(
         None, description="Required once the job is RUNNING: only the holder ends its lease."
     )

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 import structlog
+from prometheus_client import Histogram
 
 from app.errors import unexpected_delay
 from app.health import REQUESTS_PER_TRANSACTION
@@ -44,12 +45,14 @@ class GroupCommit(Generic[T]):
         give_up: Callable[[T, Exception, int], Awaitable[str]] | None = None,
         attempts: int = 3,
         retry_max_seconds: float = 30.0,
+        sizes: Histogram = REQUESTS_PER_TRANSACTION,
     ) -> None:
         self.batch_max = batch_max
         self.transactions = transactions
         self.attempts = attempts
         self.retry_max_seconds = retry_max_seconds
         self._shared = shared
+        self._sizes = sizes  # items per shared run, labelled by whether it went through
         self._alone = alone
         self._give_up = give_up
         self._closed = asyncio.Event()
@@ -132,7 +135,7 @@ class GroupCommit(Generic[T]):
         try:
             outcomes = await self._shared([entry.item[0] for entry in taken])
         except Exception as exc:  # noqa: BLE001 - each item is tried again on its own
-            REQUESTS_PER_TRANSACTION.labels("false").observe(len(taken))
+            self._sizes.labels("false").observe(len(taken))
             log.info(
                 "shared_transaction_failed", error_class=type(exc).__name__, requests=len(taken)
             )
@@ -142,7 +145,7 @@ class GroupCommit(Generic[T]):
             for entry in taken:
                 self._waiting.release(entry)
             raise
-        REQUESTS_PER_TRANSACTION.labels("true").observe(len(taken))
+        self._sizes.labels("true").observe(len(taken))
         for entry, outcome in zip(taken, outcomes, strict=True):
             _settle(entry, outcome)
             self._waiting.release(entry)

@@ -6,6 +6,7 @@ each record, hands one capture downstream exactly once:
    attempt is not due yet (the reaper publishes it again when it is).
 2. effects: the site's targets (``app.handoff.HandoffTargets``: a webhook, an Airflow DAG run), each
    idempotent by capture id, since a worker that dies after them repeats them on the next try.
+   The claim's lease is short and renewed every third of it while the targets answer.
 3. finalise: HANDING_OFF -> HANDED_OFF with the claim's token and, in that transaction only, the
    ``capture.ready`` record on ``qm.captures.ready`` and its event (so a loser publishes nothing).
    A failed effect gives the capture back instead: RECEIVED after a backoff, or FAILED (dead
@@ -18,28 +19,33 @@ A worker that dies anywhere leaves a HANDING_OFF capture whose lease lapses; the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
 
+from app.core import captures as core_captures
 from app.core.captures import delivery_of, settle_handoff
 from app.core.transaction import Tx, TxServices
 from app.crypto import SecretBox
 from app.dlt import Origin, dead_letter_headers, dlt_topic, redact
 from app.errors import describe
 from app.handoff import Delivery, HandoffTargets, Target, TargetError
+from app.health import CAPTURES_PER_BATCH
 from app.settings import Settings
 from app.store import Database, Row, captures
 from schemas.messages import CaptureHandoff
 from schemas.states import CaptureStatus
-from workers.consuming import Incoming, Subscription, consuming
+from workers.consuming import Incoming, Subscription, pipelined
+from workers.group_commit import GroupCommit
 from workers.retrying import TransientRetry
 
 if TYPE_CHECKING:
@@ -48,6 +54,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 Targets = Callable[[Delivery], list[Target]]
 # what a finalised handoff returns (and logs, as ``capture_<outcome>``), by the capture's status
+# how long a batch waits for its targets before finalising those done together: a capture
+# without targets, or with a quick one, joins the batch's one transaction
+TOGETHER_SECONDS = 0.05
+STOP_GRACE_SECONDS = 10.0  # how long a stopping worker lets its batches finish
 OUTCOMES = {
     CaptureStatus.HANDED_OFF: "handed_off",
     CaptureStatus.RECEIVED: "retrying",
@@ -55,8 +65,29 @@ OUTCOMES = {
 }
 
 
+class ClaimLost(Exception):
+    """The capture's claim was reaped while its targets ran: another worker owns it now."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Handing:
+    """A record of ``qm.captures`` handed over, waiting for its batch."""
+
+    record: Incoming
+    capture_id: str | None  # None: not a capture handoff; it goes alone, to its dead letter
+
+
+Attempt = TargetError | ClaimLost | None  # what a claimed capture's targets did (None: success)
+
+
 class HandoffWorker:
-    """Hands captures off; ``process`` never raises for a bad record."""
+    """Hands captures off; ``process`` never raises for a bad record.
+
+    ``submit`` hands a record over and returns at once; records wait for a batch
+    (``workers.group_commit``, keyed by capture id): one statement claims the batch's captures,
+    their targets run side by side, and those done at once are finalised in one transaction
+    (a slower one on its own when it ends). A batch that fails sends each record alone.
+    """
 
     def __init__(
         self,
@@ -73,6 +104,36 @@ class HandoffWorker:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.targets = targets or HandoffTargets(settings)
         self._retry_transient = TransientRetry("handoff", settings.transient_retry_max_seconds)
+        self._batches: GroupCommit[Handing] = GroupCommit(
+            batch_max=settings.handoff_batch_max,
+            transactions=settings.handoff_batches,
+            shared=self._hand_off_batch,
+            alone=lambda handing: self.process(handing.record),
+            sizes=CAPTURES_PER_BATCH,
+        )
+
+    async def submit(self, record: Incoming, finished: Callable[[], None]) -> None:
+        """Hand ``record`` over; ``finished`` is called once its outcome is final."""
+        outcome = self.enqueue(record)
+        outcome.add_done_callback(lambda done: None if done.cancelled() else finished())
+
+    def enqueue(self, record: Incoming) -> asyncio.Future[str]:
+        """Put ``record`` in line for a batch; its outcome, once it has one."""
+        try:
+            capture_id: str | None = CaptureHandoff.model_validate_json(
+                record.value or b""
+            ).capture_id
+        except Exception:  # noqa: BLE001 - it goes alone, where it is dead-lettered
+            capture_id = None
+        return self._batches.put(Handing(record, capture_id), capture_id, alone=capture_id is None)
+
+    def close(self) -> None:
+        """Start no more batches: records still waiting get no outcome and are read again."""
+        self._batches.close()
+
+    async def drain(self) -> None:
+        """Wait for the batches running."""
+        await self._batches.drain()
 
     async def process(self, record: Incoming) -> str:
         """Handle one record of ``qm.captures``; returns what happened."""
@@ -96,9 +157,129 @@ class HandoffWorker:
             log.debug("handoff_claim_skipped", capture_id=capture_id)
             return "skipped"
         self._fault("handoff_after_claim", capture)
-        error = await self._deliver(delivery_of(capture, self.services.secrets))
+        try:
+            error = await self._deliver_while_held(capture, now)
+        except ClaimLost:
+            log.info("handoff_lost", capture_id=capture_id, handoff_token=capture["handoff_token"])
+            return "lost"
         self._fault("handoff_after_effect", capture)
         return await self._retry_transient(partial(self._finalise, capture, error, record, now))
+
+    async def _deliver_while_held(self, capture: Row, now: datetime | None) -> TargetError | None:
+        """The targets, with the claim renewed every third of its lease while they answer: a
+        slow target keeps its claim, a dead worker's claim lapses within one short lease. Raises
+        ClaimLost when the claim was reaped meanwhile (the delivery is stopped: it is not ours)."""
+        delivering = asyncio.create_task(self._deliver(delivery_of(capture, self.services.secrets)))
+        lease = self.settings.handoff_lease_seconds
+        try:
+            while True:
+                done, _ = await asyncio.wait({delivering}, timeout=lease / 3)
+                if done:
+                    return delivering.result()
+                if not await self._renew(capture, now):
+                    raise ClaimLost
+        finally:
+            if not delivering.done():
+                delivering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await delivering
+
+    async def _renew(self, capture: Row, now: datetime | None) -> bool:
+        """Push the claim's expiry one lease ahead; False when it is no longer ours. A database
+        that fails now is tried again at the next renewal (the lease covers two misses)."""
+        try:
+            async with self.db.transaction() as conn:
+                expires = await captures.extend_handoff(
+                    conn, capture["id"], capture["handoff_token"],
+                    lease_seconds=self.settings.handoff_lease_seconds, now=now,
+                )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - transient; the next renewal tries again
+            log.warning("handoff_renewal_failed", capture_id=capture["id"], error=describe(exc))
+            return True
+        return expires is not None
+
+    async def _hand_off_batch(self, batch: list[Handing]) -> list[str]:
+        """Claim the batch's captures in one statement, run their targets side by side, and
+        finalise those done within ``TOGETHER_SECONDS`` in one transaction; each slower one on
+        its own when it ends. A capture's second record in the batch is skipped."""
+        ids = list(dict.fromkeys(h.capture_id for h in batch if h.capture_id is not None))
+        claimed = await self._retry_transient(partial(self._claim_batch, ids))
+        records = {h.capture_id: h.record for h in reversed(batch)}  # each id's first record
+        attempts = {asyncio.create_task(self._attempt(c)): c for c in claimed}
+        outcomes: dict[str, str] = {}
+        try:
+            pending = set(attempts)
+            timeout: float | None = TOGETHER_SECONDS
+            while pending:
+                when = asyncio.ALL_COMPLETED if timeout else asyncio.FIRST_COMPLETED
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=when)
+                timeout = None  # after the first window: each as it ends
+                results = [(attempts[task], task.result()) for task in done]
+                if results:
+                    outcomes |= await self._retry_transient(
+                        partial(self._finalise_together, results, records)
+                    )
+        finally:  # a batch that failed leaves no target running (its claims lapse)
+            for task in attempts:
+                task.cancel()
+        answered: set[str] = set()
+        out = []
+        for handing in batch:
+            capture_id = handing.capture_id
+            if capture_id in outcomes and capture_id not in answered:
+                answered.add(capture_id)
+                out.append(outcomes[capture_id])
+            else:  # not due, a peer's, or a second record of one capture
+                log.debug("handoff_claim_skipped", capture_id=capture_id)
+                out.append("skipped")
+        return out
+
+    async def _claim_batch(self, capture_ids: list[str]) -> list[Row]:
+        async with self.db.transaction() as conn:
+            return await captures.claim_handoffs(
+                conn,
+                capture_ids,
+                holder=self.holder,
+                lease_seconds=self.settings.handoff_lease_seconds,
+            )
+
+    async def _attempt(self, capture: Row) -> Attempt:
+        """A claimed capture's targets, its claim renewed meanwhile."""
+        self._fault("handoff_after_claim", capture)
+        try:
+            error = await self._deliver_while_held(capture, None)
+        except ClaimLost as lost:
+            return lost
+        self._fault("handoff_after_effect", capture)
+        return error
+
+    async def _finalise_together(
+        self, results: list[tuple[Row, Attempt]], records: dict[str | None, Incoming]
+    ) -> dict[str, str]:
+        """One transaction: the successes finished in one statement (each with capture.ready),
+        the failures given back; the outcome of each capture."""
+        succeeded = [(c["id"], c["handoff_token"]) for c, result in results if result is None]
+        settled: dict[str, Row | None] = {}
+        async with self.db.transaction() as conn:
+            tx = Tx(conn, self.services)
+            if succeeded:
+                finished = await core_captures.finish_handoffs(tx, succeeded)
+                settled |= {capture_id: finished.get(capture_id) for capture_id, _ in succeeded}
+            for capture, result in results:
+                if isinstance(result, TargetError):
+                    record = records.get(capture["id"])
+                    headers = list(record.headers) if record else []
+                    settled[capture["id"]] = await settle_handoff(
+                        tx, capture["id"], capture["handoff_token"], result,
+                        self._origin(record), headers,
+                    )  # fmt: skip
+            await tx.flush()
+        return {
+            capture["id"]: self._report(capture["id"], capture["handoff_token"], None)
+            if isinstance(result, ClaimLost)
+            else self._report(capture["id"], capture["handoff_token"], settled[capture["id"]])
+            for capture, result in results
+        }
 
     async def _claim(self, capture_id: str, now: datetime | None) -> Row | None:
         async with self.db.transaction() as conn:
@@ -113,16 +294,16 @@ class HandoffWorker:
     async def _deliver(self, delivery: Delivery) -> TargetError | None:
         """Run the site's targets in order; the first failure, or None when all succeeded.
 
-        They get at most the claim's lease, so a slow target cannot outlive the claim by much.
+        Each gets at most ``handoff_target_timeout_seconds``; the claim is renewed meanwhile.
         """
         for target in self.targets(delivery):
             try:
-                async with asyncio.timeout(self.settings.handoff_lease_seconds):
+                async with asyncio.timeout(self.settings.handoff_target_timeout_seconds):
                     await target.deliver(delivery)
             except TargetError as exc:
                 return TargetError(f"{target.name}: {exc.reason}", retryable=exc.retryable)
             except TimeoutError:
-                return TargetError(f"{target.name}: no answer within the lease", retryable=True)
+                return TargetError(f"{target.name}: no answer in time", retryable=True)
             except Exception as exc:  # a target's bug is worth another try
                 log.exception("target_failed", target=target.name, capture_id=delivery.capture_id)
                 return TargetError(f"{target.name}: {type(exc).__name__}", retryable=True)
@@ -145,6 +326,10 @@ class HandoffWorker:
                 tx, capture_id, token, error, self._origin(record), headers, now
             )
             await tx.flush()
+        return self._report(capture_id, token, done)
+
+    def _report(self, capture_id: str, token: int, done: Row | None) -> str:
+        """The outcome of a finalised attempt (None: the claim was no longer ours), logged."""
         if done is None:
             log.info("handoff_lost", capture_id=capture_id, handoff_token=token)
             return "lost"
@@ -198,7 +383,7 @@ async def run_handoff_worker(wiring: Wiring) -> None:
         settings.topic("captures"), settings.handoff_consumer_group, settings.handoff_consumers
     )
     try:
-        async with consuming(wiring, captures_topic, worker.process):
+        async with pipelined(wiring, captures_topic, worker.submit, settings.handoff_max_in_flight):
             log.info(
                 "handoff_worker_started",
                 topic=captures_topic.topic,
@@ -207,4 +392,9 @@ async def run_handoff_worker(wiring: Wiring) -> None:
             )
             await wiring.stop.wait()
     finally:
+        worker.close()  # records still waiting are read again by the partitions' next owner
+        try:  # a slow target's claim lapses, and the reaper brings its capture back
+            await asyncio.wait_for(worker.drain(), STOP_GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("handoff_batches_abandoned", grace_seconds=STOP_GRACE_SECONDS)
         log.info("handoff_worker_stopped")  # the database closes after this, with the wiring

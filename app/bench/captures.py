@@ -24,14 +24,15 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import Annotated
+from dataclasses import dataclass, replace
+from typing import Annotated, Any
 
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
+from app.bench import lease_report, repeats
 from app.bench.echo import tail
 from app.bench.history import make_sites
 from app.bench.lease import Plan, bench_settings
@@ -42,6 +43,7 @@ from app.bench.lease_runs import (
     WARMUP_SECONDS,
     Figure,
     cycles,
+    percentile_ms,
     warm_up,
 )
 from app.bench.processes import BenchFailed, Child, CpuMeter
@@ -54,6 +56,7 @@ from app.settings import Settings
 
 Opt = typer.Option
 console = Console(width=max(Console().width, 120))  # the table is wider than a pipe's 80
+err = Console(stderr=True)
 DRAIN_SECONDS = 60.0  # how long the run waits for the last captures to reach the ready topic
 
 
@@ -63,30 +66,95 @@ def bench_captures(
     collectors: Annotated[int, Opt(help="SDK clients (collectors) sharing the load.")] = 4,
     n_sites: Annotated[int, Opt("--sites", help="Sites the jobs are spread over.")] = 8,
     warmup: Annotated[float, Opt(help="Seconds of unmeasured cycles before the runs.")] = 10.0,
+    repeat: Annotated[
+        int, Opt(help="Runs, back to back; prints each figure's median and range.")
+    ] = 1,
+    as_json: Annotated[
+        bool, Opt("--json", help="Print one JSON object a run, not the table.")
+    ] = False,
 ) -> None:
     """submit -> capture.ready latency and captures/s, next to job cycles/s of the same run."""
     configure_logging("console", "WARNING")
     plan = Plan(rate=1.0, duration=1.0, collectors=max(collectors, 1),
                 concurrency=max(concurrency, 1), cycles=10_000_000, seconds=seconds,
                 sites=max(n_sites, 1), consumers=None, warmup=warmup)  # fmt: skip
+    out = err if as_json else console
+    summaries: list[dict[str, Any]] = []
     try:
         with start_services() as services:
-            console.print(
+            out.print(
                 f"captures bench: Kafka {services.bootstrap}; PostgreSQL {services.durability}; "
                 f"{os.cpu_count()} CPUs; {plan.collectors} collectors; {plan.concurrency} loops; "
                 "claim worker, relay and handoff worker as child processes"
             )
-            settings = bench_settings(services.bootstrap, services.database_url)
-            figures, cpu = asyncio.run(_bench(settings, plan, services.pids))
+            for run in range(max(repeat, 1)):
+                settings = bench_settings(services.bootstrap, services.database_url)
+                slugs = [f"r{run}-site{n}" for n in range(plan.sites)]
+                result = asyncio.run(_bench(settings, plan, slugs, services.pids))
+                summaries.append(result.summary())
+                if as_json:
+                    print(json.dumps(summaries[-1]), flush=True)
+                else:
+                    _print(result)
     except BenchFailed as exc:
-        console.print(f"[red]{exc}[/]")
+        err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
-    console.print(_table(figures))
-    cycles, captures = figures
-    if cycles.cycles_per_second and captures.cycles_per_second:
-        share = captures.cycles_per_second / cycles.cycles_per_second
+    if len(summaries) > 1:
+        merged = repeats.medians(summaries)
+        if as_json:  # the last line: the medians, with their ranges
+            print(json.dumps(merged))
+            return
+        console.print(f"medians of {len(summaries)} runs (lowest to highest):")
+        for line in repeats.lines(merged):
+            console.print(f"  {line}")
+
+
+@dataclass(slots=True)
+class Result:
+    """One run: the cycle and capture figures, each run's CPU line and CPU per process."""
+
+    cycles: Figure
+    captures: Figure
+    cpu_lines: list[str]
+    cycle_cpu: dict[str, float]  # ms per cycle, by process
+    capture_cpu: dict[str, float]  # ms per capture, by process
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON object of ``--json``. ``cpu_ms_per_start``: the cycle run's CPU per request
+        (start, heartbeat, finish), the figure a capture's is compared with. Own CPU: claim
+        worker, relay, handoff worker and PostgreSQL (when started by the bench)."""
+        per_start, per_capture = own_cpu(self.cycle_cpu), own_cpu(self.capture_cpu)
+        return {
+            "captures_per_s": round(self.captures.cycles_per_second or 0.0, 2),
+            "cycles_per_s": round(self.cycles.cycles_per_second or 0.0, 2),
+            "cpu_ms_per_capture": round(per_capture, 3),
+            "cpu_ms_per_start": round(per_start, 3),
+            "capture_to_start_cpu": round(per_capture / per_start, 3) if per_start else None,
+            "capture_p50_ms": _ms(self.captures.samples, 50),
+            "capture_p99_ms": _ms(self.captures.samples, 99),
+            "cpu_ms_per_capture_by_process": {k: round(v, 3) for k, v in self.capture_cpu.items()},
+            "cpu_ms_per_request_by_process": {k: round(v, 3) for k, v in self.cycle_cpu.items()},
+            "failures": self.cycles.failures + self.captures.failures,
+        }
+
+
+def own_cpu(per_process: dict[str, float]) -> float:
+    """Quartermaster's own CPU: claim worker, relay, handoff worker and PostgreSQL (when started
+    by the bench)."""
+    return lease_report.own_cpu(per_process) + per_process.get("handoff", 0.0)
+
+
+def _ms(samples: Sequence[float], percentile: int) -> float | None:
+    value = percentile_ms(samples, percentile)
+    return None if value is None else round(value, 2)
+
+
+def _print(result: Result) -> None:
+    console.print(_table([result.cycles, result.captures]))
+    if result.cycles.cycles_per_second and result.captures.cycles_per_second:
+        share = result.captures.cycles_per_second / result.cycles.cycles_per_second
         console.print(f"captures/s are {share:.0%} of job cycles/s in this run")
-    for line in cpu:
+    for line in result.cpu_lines:
         console.print(line)
 
 
@@ -98,11 +166,8 @@ async def _cycles(
     )
 
 
-async def _bench(
-    settings: Settings, plan: Plan, pids: dict[str, int]
-) -> tuple[list[Figure], list[str]]:
+async def _bench(settings: Settings, plan: Plan, slugs: list[str], pids: dict[str, int]) -> Result:
     await ensure_topics(settings)
-    slugs = [f"site{n}" for n in range(plan.sites)]
     await make_sites(
         settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS
     )
@@ -119,16 +184,18 @@ async def _bench(
             ]
             await warm_up(clients, slugs, list(children.values()))
             await _cycles(clients, slugs, replace(plan, seconds=plan.warmup))
-            figures, cpu = [], []
             meter.begin()
-            figures.append(await _cycles(clients, slugs, plan))
-            cpu.append(meter.report("the cycle run", figures[-1].requests))
+            cycled = await _cycles(clients, slugs, plan)
+            meter.end()
+            lines = [meter.report("the cycle run", cycled.requests)]
+            cycle_cpu = meter.per_request(cycled.requests)  # a start, a heartbeat or a finish
             meter.begin()
-            figures.append(await _captures(settings, clients, slugs, plan, meter))
-            cpu.append(meter.report("the capture run", figures[-1].sent))  # one request each
+            captured = await _captures(settings, clients, slugs, plan, meter)
+            lines.append(meter.report("the capture run", captured.sent))  # one request each
+            capture_cpu = meter.per_request(captured.sent)
             for child in children.values():
                 child.check()
-            return figures, cpu
+            return Result(cycled, captured, lines, cycle_cpu, capture_cpu)
 
 
 async def _captures(

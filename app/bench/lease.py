@@ -39,9 +39,9 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rich.console import Console
 
-from app.bench import history
+from app.bench import history, repeats
 from app.bench.echo import create_topics, echo
-from app.bench.lease_report import Report, table
+from app.bench.lease_report import Report, own_cpu, table
 from app.bench.lease_runs import (
     LEASE_SECONDS,
     REQUEST_TIMEOUT,
@@ -84,6 +84,9 @@ class Plan:
     search_steps: int = 0
     search_seconds: float = 3.0
     search_ceiling: float = 1600.0
+    # the echo's search climbs to its own ceiling: where its p99 passes the bound
+    echo_search_steps: int = 12
+    echo_ceiling: float = 200_000.0
 
     @property
     def starts(self) -> int:
@@ -124,7 +127,16 @@ def bench_lease(
         int, Opt(help="Probes of the max-rate search per path (0: no search).")
     ] = 5,
     search_seconds: Annotated[float, Opt(help="Seconds of each max-rate probe.")] = 3.0,
-    search_ceiling: Annotated[float, Opt(help="The highest rate the search tries.")] = 1600.0,
+    search_ceiling: Annotated[float, Opt(help="The highest start rate the search tries.")] = 1600.0,
+    echo_search_steps: Annotated[
+        int, Opt(help="Probes of the echo's max-rate search (0: no echo search).")
+    ] = 12,
+    echo_ceiling: Annotated[
+        float, Opt(help="The highest rate the echo's search tries.")
+    ] = 200_000.0,
+    repeat: Annotated[
+        int, Opt(help="Runs, back to back; prints each figure's median and range.")
+    ] = 1,
     as_json: Annotated[bool, Opt("--json", help="Print one JSON object, not the table.")] = False,
 ) -> None:
     """job.start -> job.granted latency, job cycles per second, and a raw Kafka round trip."""
@@ -135,7 +147,10 @@ def bench_lease(
                 workers=max(workers, 1), own_reply_topics=own_reply_topics,
                 route_replies=route_replies,
                 history=max(history_jobs, 0), search_steps=max(search_steps, 0),
-                search_seconds=search_seconds, search_ceiling=search_ceiling)  # fmt: skip
+                search_seconds=search_seconds, search_ceiling=search_ceiling,
+                echo_search_steps=max(echo_search_steps, 0),
+                echo_ceiling=echo_ceiling)  # fmt: skip
+    repeat = max(repeat, 1)
     console = err if as_json else Console(width=max(Console().width, 132))
     try:
         with start_services() as services:
@@ -147,17 +162,33 @@ def bench_lease(
                 + ("a reply topic per collector" if own_reply_topics else "one shared reply topic")
                 + ("" if own_reply_topics or not route_replies else ", a partition per collector")
             )
-            settings = bench_settings(services.bootstrap, services.database_url)
-            report = asyncio.run(_bench(settings, plan, services.pids, console))
+            summaries = []
+            for run in range(repeat):
+                # each run its own topics, groups, sites and child processes
+                settings = bench_settings(services.bootstrap, services.database_url)
+                slugs = [f"r{run}-site{n}" for n in range(plan.sites)]
+                report = asyncio.run(_bench(settings, plan, slugs, services.pids, console))
+                summaries.append(report.summary())
+                if as_json:
+                    print(json.dumps(summaries[-1]), flush=True)
+                    continue
+                if repeat > 1:
+                    console.print(f"run {run + 1} of {repeat}")
+                console.print(table([report.echo, report.granted, report.cycles]))
+                for line in report.notes():
+                    console.print(line)
     except BenchFailed as exc:  # a service that cannot start is one red line (app.cli.main)
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
-    if as_json:
-        print(json.dumps(report.summary()))
+    if repeat == 1:
         return
-    console.print(table([report.echo, report.granted, report.cycles]))
-    for line in report.notes():
-        console.print(line)
+    merged = repeats.medians(summaries)
+    if as_json:  # the last line: the medians, with their ranges
+        print(json.dumps(merged))
+        return
+    console.print(f"medians of {repeat} runs (lowest to highest):")
+    for line in repeats.lines(merged):
+        console.print(f"  {line}")
 
 
 def bench_settings(bootstrap: str, database_url: str) -> Settings:
@@ -170,13 +201,14 @@ def bench_settings(bootstrap: str, database_url: str) -> Settings:
     )
 
 
-async def _bench(settings: Settings, plan: Plan, pids: dict[str, int], console: Console) -> Report:
+async def _bench(
+    settings: Settings, plan: Plan, slugs: list[str], pids: dict[str, int], console: Console
+) -> Report:
     await ensure_topics(settings)
     reply_topics = [settings.topic("replies")] * plan.collectors
     if plan.own_reply_topics:
         reply_topics = [settings.topic(f"replies.c{n}") for n in range(plan.collectors)]
         await create_topics(settings, reply_topics)
-    slugs = [f"site{n}" for n in range(plan.sites)]
     await history.make_sites(
         settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS
     )
@@ -287,19 +319,25 @@ class _Runner:
         async def probe_echo(rate: float) -> Figure:
             return await echo(self.settings, rate, max(int(rate * seconds), 2))
 
+        own_at: dict[float, float] = {}  # Quartermaster's own CPU ms per request, by probe rate
+
         async def probe_granted(rate: float) -> Figure:
             count = max(int(rate * seconds), 2)
-            figure = await start_latency(self.clients, self.slugs, rate, count)
+            self.meter.begin()
+            figure = await start_latency(self.clients, self.slugs, rate, count, self.meter.end)
+            own_at[rate] = own_cpu(self.meter.per_request(figure.requests))
             self._check()
             return figure
 
         plan = self.plan
-        for label, probe in (("echo", probe_echo), ("granted", probe_granted)):
-            best, tried = await search_max_rate(
-                probe, start=plan.rate, ceiling=plan.search_ceiling, steps=plan.search_steps
-            )
-            report.search.append(f"{label} " + ", ".join(tried))
-            if label == "echo":
-                report.echo_max_rate = best
-            else:
-                report.max_rate = best
+        best, tried = await search_max_rate(
+            probe_echo, start=plan.rate, ceiling=plan.echo_ceiling, steps=plan.echo_search_steps
+        )
+        report.search.append("echo " + ", ".join(tried))
+        report.echo_max_rate = best
+        best, tried = await search_max_rate(
+            probe_granted, start=plan.rate, ceiling=plan.search_ceiling, steps=plan.search_steps
+        )
+        report.search.append("granted " + ", ".join(tried))
+        report.max_rate = best
+        report.own_cpu_ms_per_request_at_max = None if best is None else own_at.get(best)

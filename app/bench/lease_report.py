@@ -24,6 +24,7 @@ class Report:
     worker_rss_mb: float = 0.0
     echo_max_rate: float | None = None
     max_rate: float | None = None
+    own_cpu_ms_per_request_at_max: float | None = None  # at the highest sustained start rate
     search: list[str] = field(default_factory=list)
     history: int = 0
 
@@ -39,6 +40,13 @@ class Report:
             "echo_max_rate": self.echo_max_rate,
             "max_rate": self.max_rate,
             "cpu_ms_per_request": {k: round(v, 3) for k, v in self.cpu_ms_per_request.items()},
+            "own_cpu_ms_per_request": _round(own_cpu(self.cpu_ms_per_request)),
+            "own_cpu_ms_per_request_at_max": _round(self.own_cpu_ms_per_request_at_max),
+            "max_rate_of_echo": (
+                round(self.max_rate / self.echo_max_rate, 3)
+                if self.max_rate and self.echo_max_rate
+                else None
+            ),
             "wal_bytes_per_request": {k: round(v) for k, v in self.wal_bytes_per_request.items()},
             "worker_rss_mb": round(self.worker_rss_mb, 1),
             "history": self.history,
@@ -54,6 +62,15 @@ class Report:
         if self.search:
             lines.append("max rate search (p99 < 250 ms, no failures): " + "; ".join(self.search))
         return lines
+
+
+def own_cpu(per_process: dict[str, float]) -> float:
+    """Quartermaster's own CPU per request: its claim workers, its relay and PostgreSQL (when
+    started by the bench; a server the environment names is not measured)."""
+    return sum(
+        ms for name, ms in per_process.items()
+        if name.startswith("worker") or name in ("relay", "postgres")
+    )  # fmt: skip
 
 
 def _round(value: float | None) -> float | None:

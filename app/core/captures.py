@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -241,6 +242,15 @@ async def redispatch(tx: Tx, due: Row, now: datetime | None = None) -> Row | Non
     if capture is not None:
         dispatch(tx, capture["id"])
     return capture
+
+
+async def finish_handoffs(tx: Tx, claims: Sequence[tuple[str, int]]) -> dict[str, Row]:
+    """Attempts that succeeded, together: HANDING_OFF -> HANDED_OFF with ``capture.ready`` for
+    each (capture id, token) still the capture's. The captures that changed, by id."""
+    done = await captures.finish_handoffs(tx.conn, claims)
+    for capture in done:
+        ready(tx, capture)
+    return {capture["id"]: capture for capture in done}
 
 
 async def settle_handoff(

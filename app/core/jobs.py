@@ -187,17 +187,20 @@ async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
 
 
 async def cancel(tx: Tx, req: JobCancel, route: Route) -> Reply:
-    """Cancel a waiting job, or a running one for the holder of its live lease (its account
-    goes to the next waiter). A running job's cancel without that token and the lease's secret
-    changes nothing."""
+    """Cancel a waiting job for its requester (the public key its start named), or a running
+    one for the holder of its live lease (its account goes to the next waiter). Anyone else's
+    cancel changes nothing: a job id read from an event is not enough to end someone's job."""
     site = await sites.lock_site_of_job(tx.conn, req.job_id)
     if site is None:
         return rejected(req, "unknown_job")
     job = await jobs.cancel_job(
-        tx.conn, req.job_id, req.lease_token, lease_secret_hash(req.lease_secret)
+        tx.conn, req.job_id, req.lease_token, lease_secret_hash(req.lease_secret), req.public_key
     )
     if job is None:
         existing = await jobs.describe_job(tx.conn, req.job_id)
+        if existing is not None and existing["status"] == JobStatus.QUEUED:
+            log.info("cancel_refused", job_id=req.job_id, reason="not_yours")
+            return rejected(req, "not_yours")
         if existing is not None and existing["status"] == JobStatus.RUNNING:
             why = "lease_token_required" if req.lease_token is None else None
             why = why or why_lease_lost(existing, req.lease_token or 0, req.lease_secret)

@@ -444,7 +444,11 @@ class QuartermasterClient:
         self, job_id: str, why: str, lease_token: int | None, lease_secret: str | None
     ) -> None:
         cancel = JobCancel(
-            request_id=new_uuid(), job_id=job_id, lease_token=lease_token, lease_secret=lease_secret
+            request_id=new_uuid(),
+            job_id=job_id,
+            lease_token=lease_token,
+            lease_secret=lease_secret,
+            public_key=self.public_key,  # a waiting job's cancel: only its requester's counts
         )
         try:
             await self._send(cancel, str(cancel.request_id))

@@ -9,6 +9,7 @@ when the record that starts it was written to the outbox (NULL: none is in fligh
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -120,6 +121,87 @@ async def claim_handoff(
         {"id": capture_id, "holder": holder, "lease": lease_seconds, "now": now},
     )
     return result.mappings().first()
+
+
+async def claim_handoffs(
+    conn: AsyncConnection,
+    capture_ids: Sequence[str],
+    *,
+    holder: str,
+    lease_seconds: float,
+) -> list[Row]:
+    """RECEIVED -> HANDING_OFF for each of ``capture_ids`` whose attempt is due, each with a
+    fresh token, in one statement. A capture a peer is claiming right now is passed over (SKIP
+    LOCKED: it is the peer's), and rows are locked in id order, so two batches never deadlock."""
+    result = await conn.execute(
+        text(
+            f"""
+            WITH picked AS (
+                SELECT id FROM captures
+                WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RECEIVED'
+                  AND next_attempt_at <= now()
+                ORDER BY id
+                FOR UPDATE SKIP LOCKED
+            ),
+            c AS (
+                UPDATE captures
+                SET status = 'HANDING_OFF', handoff_holder = :holder,
+                    handoff_token = nextval('lease_token_seq'),
+                    handoff_expires_at = now() + make_interval(secs => :lease),
+                    dispatched_at = NULL, updated_at = now()
+                FROM picked
+                WHERE captures.id = picked.id AND captures.status = 'RECEIVED'
+                RETURNING captures.*
+            )
+            {_WITH_SITE}
+            """
+        ),
+        {"ids": list(capture_ids), "holder": holder, "lease": lease_seconds},
+    )
+    return list(result.mappings())
+
+
+async def finish_handoffs(conn: AsyncConnection, claims: Sequence[tuple[str, int]]) -> list[Row]:
+    """HANDING_OFF -> HANDED_OFF for each (capture id, token) whose token is still the capture's,
+    in one statement; the captures that changed."""
+    result = await conn.execute(
+        text(
+            """
+            UPDATE captures c
+            SET status = 'HANDED_OFF', handed_off_at = now(), handoff_expires_at = NULL,
+                last_error = NULL, updated_at = now()
+            FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS bigint[])) AS f(id, token)
+            WHERE c.id = f.id AND c.status = 'HANDING_OFF' AND c.handoff_token = f.token
+            RETURNING c.*, clock_timestamp() AS db_at
+            """
+        ),
+        {"ids": [c for c, _ in claims], "tokens": [t for _, t in claims]},
+    )
+    return list(result.mappings())
+
+
+async def extend_handoff(
+    conn: AsyncConnection,
+    capture_id: str,
+    token: int,
+    *,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> datetime | None:
+    """The claim's lease pushed to ``lease_seconds`` from now while its targets answer, for the
+    holder of ``token`` only; the new expiry, or None: the claim was reaped or finished."""
+    result = await conn.execute(
+        text(
+            f"""
+            UPDATE captures
+            SET handoff_expires_at = {NOW} + make_interval(secs => :lease)
+            WHERE id = :id AND status = 'HANDING_OFF' AND handoff_token = :token
+            RETURNING handoff_expires_at
+            """
+        ),
+        {"id": capture_id, "token": token, "lease": lease_seconds, "now": now},
+    )
+    return result.scalar_one_or_none()
 
 
 async def finish_handoff(

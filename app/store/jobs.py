@@ -330,7 +330,7 @@ _CANCEL = text(
     SET status = 'CANCELLED', reason = 'cancelled', finished_at = now(), updated_at = now()
     FROM before
     WHERE j.id = before.id
-      AND (j.status = 'QUEUED'
+      AND ((j.status = 'QUEUED' AND j.public_key = :public_key)
            OR (j.status = 'RUNNING' AND j.lease_token = :token
                AND j.lease_secret_hash = :secret_hash
                AND j.lease_expires_at > clock_timestamp()))
@@ -340,16 +340,21 @@ _CANCEL = text(
 
 
 async def cancel_job(
-    conn: AsyncConnection, job_id: str, lease_token: int | None, secret_hash: bytes | None
+    conn: AsyncConnection,
+    job_id: str,
+    lease_token: int | None,
+    secret_hash: bytes | None,
+    public_key: str | None,
 ) -> Row | None:
-    """QUEUED -> CANCELLED; RUNNING -> CANCELLED only for the holder of the live lease (its
-    token and the hash of its secret).
+    """QUEUED -> CANCELLED only for its requester (the ``public_key`` its start named);
+    RUNNING -> CANCELLED only for the holder of the live lease (its token and the hash of its
+    secret).
 
     Returns the job with ``was`` (its status before); None when nothing changed.
     """
     result = await conn.execute(
         _CANCEL,
-        {"id": job_id, "token": lease_token, "secret_hash": secret_hash},
+        {"id": job_id, "token": lease_token, "secret_hash": secret_hash, "public_key": public_key},
     )
     return result.mappings().first()
 

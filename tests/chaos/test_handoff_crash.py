@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import datetime
 
 import pytest
@@ -69,3 +70,46 @@ async def test_a_handoff_worker_killed_before_finalising_is_reaped_and_hands_off
         keys = [hit.idempotency_key for hit in hook.hits]
         assert keys == ["cap-1"] * (2 if fault == "handoff_after_effect" else 1)
         assert await ready_records(settings) == ["cap-1"]
+
+
+async def test_a_handoff_worker_killed_while_a_slow_webhook_answers_delays_its_capture_seconds(
+    topics: Settings, engine: AsyncEngine
+) -> None:
+    """The claim is short and renewed while the target answers: a worker killed mid-answer holds
+    its capture for one short lease, a sweep, and the group's move of its partitions — not for
+    as long as a target may take."""
+    settings = topics.model_copy(
+        update={"handoff_lease_seconds": 3.0, "webhook_timeout_seconds": 30.0}
+    )
+    processor = RequestProcessor(settings, Database(engine))
+    with webhook(0, 200) as hook:  # the first call never answers; the next one does
+        lease = await running_job(processor, engine, settings, webhook_url=hook.url)
+        await processor.process(submit(settings, "job-1", lease, "cap-1"))
+        async with running_relays(settings, 1), running_reaper(settings):
+            with QmProcess(settings, "handoff") as doomed:
+
+                async def answering() -> bool:
+                    return len(hook.hits) == 1
+
+                await eventually(answering, timeout=60)
+                # renewed past its first lease while the target is still answering
+                first = (await capture_row(engine, "cap-1"))["handoff_expires_at"]
+
+                async def renewed() -> bool:
+                    return (await capture_row(engine, "cap-1"))["handoff_expires_at"] > first
+
+                await eventually(renewed, timeout=10)
+                with QmProcess(settings, "handoff") as survivor:
+                    doomed.kill()
+                    killed = time.monotonic()
+                    await eventually(lambda: handed_off(engine, "cap-1"), timeout=60)
+                    delay = time.monotonic() - killed
+                    assert survivor.proc is not None and survivor.proc.poll() is None
+    # the lease, a sweep, and the dead member's session in the group (its partitions move)
+    bound = max(
+        settings.handoff_lease_seconds + settings.reaper_interval_seconds,
+        settings.consumer_session_timeout_ms / 1000,
+    )
+    assert delay <= bound + ALLOWANCE_SECONDS + 2, delay  # a rebalance's joins on a loaded machine
+    assert [hit.idempotency_key for hit in hook.hits] == ["cap-1", "cap-1"]
+    assert await ready_records(settings) == ["cap-1"]

@@ -23,7 +23,7 @@ from app.settings import Settings
 from app.store import Database
 from tests.integration.test_failure_policy import dead_letters
 from tests.support.hostile import NESTED
-from tests.support.leasing import make_site, replies, request, start
+from tests.support.leasing import cancel, make_site, replies, start
 from workers import dead_letters as letter_building
 from workers import requests as requests_module
 from workers.requests import Incoming, RequestProcessor
@@ -76,7 +76,7 @@ async def test_a_request_failing_every_time_is_answered_request_failed_and_dead_
         raise LookupError(SECRET_MESSAGE)
 
     monkeypatch.setitem(requests_module.HANDLERS, "job.cancel", broken)
-    failing = request(settings, "job.cancel", "failing-job")
+    failing = cancel(settings, "failing-job")
     async with asyncio.timeout(SETTLES_WITHIN):
         assert await processor.process(failing) == "dead_lettered"
         assert await processor.process(start(settings, "later-job", wait_seconds=0)) == "replied"

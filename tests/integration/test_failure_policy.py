@@ -23,7 +23,7 @@ from app.errors import describe
 from app.settings import Settings
 from app.store import Database
 from app.store.outbox import decode_headers
-from tests.support.leasing import make_site, replies, request, scalar, start
+from tests.support.leasing import cancel, make_site, replies, scalar, start
 from workers import requests as requests_module
 from workers.requests import Incoming, RequestProcessor
 
@@ -84,7 +84,7 @@ async def test_an_unexpected_error_is_retried_then_dead_lettered_and_answered_re
 
     monkeypatch.setitem(requests_module.HANDLERS, "job.cancel", broken)
 
-    assert await processor.process(request(settings, "job.cancel", "j2")) == "dead_lettered"
+    assert await processor.process(cancel(settings, "j2")) == "dead_lettered"
 
     # its own tries (plus one in a shared transaction, when the group commit is on)
     assert calls >= settings.unexpected_error_attempts

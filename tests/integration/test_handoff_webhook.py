@@ -4,12 +4,15 @@ answers."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
 from app.store import Database
+from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.undispatched_captures import UndispatchedCaptures
 from tests.support.captures import (
     capture_row,
@@ -19,6 +22,7 @@ from tests.support.captures import (
     submit,
     webhook,
 )
+from tests.support.waiting import eventually
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
 
@@ -96,3 +100,65 @@ async def test_a_webhook_that_never_answers_times_out_retries_and_stops_at_the_c
     assert await outbox_payloads(engine, settings.topic("captures.ready")) == []
     [dead] = await outbox_payloads(engine, settings.topic("captures.dlt"))
     assert dead["capture_id"] == "cap-1"
+
+
+async def test_a_slow_webhook_keeps_its_short_handoff_claim_alive_and_is_called_once(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    """A target slower than three handoff leases: the worker renews its claim while it waits, so
+    the lapsed-handoff sweep, running all along on the database clock, never takes it back."""
+    settings = settings.model_copy(
+        update={"handoff_lease_seconds": 0.9, "webhook_timeout_seconds": 10.0}
+    )
+    worker = HandoffWorker(settings, Database(engine))
+    sweep = LapsedHandoffs(settings, Database(engine))
+    with webhook(200, delay=3.0) as hook:
+        token = await running_job(processor, engine, settings, webhook_url=hook.url)
+        await processor.process(submit(settings, "job-1", token, "cap-1"))
+        handing = asyncio.create_task(worker.hand_off("cap-1"))
+        reaped: list[object] = []
+        deadline = time.monotonic() + 30
+        while not handing.done() and time.monotonic() < deadline:
+            reaped += (await sweep.run_once()).changed
+            await asyncio.wait({handing}, timeout=0.2)  # the next sweep, unless it is done
+        assert await handing == "handed_off"
+    assert reaped == []
+    assert [hit.idempotency_key for hit in hook.hits] == ["cap-1"]
+    row = await capture_row(engine, "cap-1")
+    assert row["status"] == "HANDED_OFF" and row["attempts"] == 0
+
+
+async def test_a_handoff_whose_claim_was_reaped_meanwhile_stops_and_publishes_nothing(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    settings = settings.model_copy(
+        update={"handoff_lease_seconds": 0.9, "webhook_timeout_seconds": 30.0}
+    )
+    worker = HandoffWorker(settings, Database(engine))
+    sweep = LapsedHandoffs(settings, Database(engine))
+    with webhook(0) as hook:  # never answers
+        token = await running_job(processor, engine, settings, webhook_url=hook.url)
+        await processor.process(submit(settings, "job-1", token, "cap-1"))
+        handing = asyncio.create_task(worker.hand_off("cap-1"))
+        claim = await eventually_claimed(engine)
+
+        async def called() -> bool:
+            return len(hook.hits) == 1
+
+        await eventually(called, timeout=10)  # the target is answering, slowly
+        later = claim["handoff_expires_at"] + timedelta(hours=1)  # as if the worker had stalled
+        assert (await sweep.run_once(later)).changed == ["cap-1"]
+        assert await asyncio.wait_for(handing, 10) == "lost"  # at its next renewal
+    assert len(hook.hits) == 1
+    assert (await capture_row(engine, "cap-1"))["status"] == "RECEIVED"
+    assert await outbox_payloads(engine, settings.topic("captures.ready")) == []
+
+
+async def eventually_claimed(engine: AsyncEngine) -> dict[str, object]:
+    async def claimed() -> dict[str, object] | None:
+        row = await capture_row(engine, "cap-1")
+        return row if row["status"] == "HANDING_OFF" else None
+
+    row = await eventually(claimed, timeout=10)
+    assert row is not None
+    return row

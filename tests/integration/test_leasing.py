@@ -19,6 +19,7 @@ from app.sealing import Unsealable
 from app.settings import Settings
 from app.store import Database
 from tests.support.leasing import (
+    cancel,
     lease_fields,
     make_site,
     opened_secret,
@@ -168,7 +169,7 @@ async def test_cancel_racing_a_grant_leaves_no_cancelled_job_holding_anything(
     # the holder's finish grants the waiter while the waiter's cancel (without a token) runs
     await asyncio.gather(
         processor.process(request(settings, "job.finish", "holder", **lease, outcome="succeeded")),
-        processor.process(request(settings, "job.cancel", "waiter")),
+        processor.process(cancel(settings, "waiter")),
     )
     waiter = [r["type"] for r in await replies(engine, settings, "waiter")]
     status = await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'waiter'")

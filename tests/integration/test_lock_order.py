@@ -15,6 +15,7 @@ from app.settings import Settings
 from app.store import Database
 from reapers.expired_leases import ExpiredLeases
 from tests.support.leasing import (
+    cancel,
     lease_fields,
     make_site,
     replies,
@@ -95,10 +96,10 @@ async def test_mixed_shapes_on_the_same_jobs_never_deadlock(
                     session_state=sealed_state(cookie(n + 100), "job.finish", job_id, upload_key),
                 )
                 if n % 2
-                else request(settings, "job.cancel", job_id, **lease),
+                else cancel(settings, job_id, **lease),
             ]
         waiting = [r.key.decode() for r in starts if r.key and r.key.decode() not in live]
-        follow_ups += [request(settings, "job.cancel", job_id) for job_id in waiting[:2]]
+        follow_ups += [cancel(settings, job_id) for job_id in waiting[:2]]
         follow_ups += [starts[0]]  # a repeat
         rng.shuffle(follow_ups)
         await asyncio.gather(

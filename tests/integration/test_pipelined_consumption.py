@@ -18,10 +18,10 @@ from app.root import Wiring
 from app.settings import Settings
 from app.store import Database
 from tests.support.leasing import (
+    cancel,
     make_failing_site,
     make_site,
     replies,
-    request,
     scalar,
     start,
 )
@@ -144,7 +144,7 @@ async def test_a_failed_shared_transactions_requests_go_alone_in_each_jobs_order
     # among them: every request goes again alone, and a cancel never overtakes its start
     records = []
     for n in range(8):
-        records += [start(settings, f"waiter-{n}"), request(settings, "job.cancel", f"waiter-{n}")]
+        records += [start(settings, f"waiter-{n}"), cancel(settings, f"waiter-{n}")]
     records.insert(8, start(settings, "unreadable", site="locked"))
     outcomes = await asyncio.gather(*(processor.process(r) for r in records))
     assert sorted(set(outcomes)) == ["dead_lettered", "replied"]

@@ -10,19 +10,21 @@ from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from app.cli import app
 from app.db.migrate import upgrade
+from app.sealing import public_key_text
 from app.settings import Settings
 from app.store import Database
 from reapers.inbox_retention import InboxRetention
 from tests.conftest import asyncpg_dsn
 from tests.support.cli import operator_cli
 from tests.support.databases import empty_database
-from tests.support.leasing import lease_fields, make_site, replies, request, scalar, start
+from tests.support.leasing import cancel, lease_fields, make_site, replies, request, scalar, start
 from tests.support.waiting import eventually
 from workers.requests import Incoming, RequestProcessor
 
@@ -50,11 +52,9 @@ async def test_cancel_of_a_running_job_needs_its_live_token_and_secret(
     await processor.process(start(settings, "held"))
     lease = await granted_lease(engine, settings, "held")
     token = lease["lease_token"]
-    await processor.process(request(settings, "job.cancel", "held"))
-    await processor.process(
-        request(settings, "job.cancel", "held", **{**lease, "lease_token": token + 1})
-    )
-    await processor.process(request(settings, "job.cancel", "held", lease_token=token))
+    await processor.process(cancel(settings, "held"))
+    await processor.process(cancel(settings, "held", **{**lease, "lease_token": token + 1}))
+    await processor.process(cancel(settings, "held", lease_token=token))
     answers = await replies(engine, settings, "held")
     assert [(r["type"], r.get("reason")) for r in answers[1:]] == [
         ("job.lease_lost", "lease_token_required"),
@@ -64,7 +64,7 @@ async def test_cancel_of_a_running_job_needs_its_live_token_and_secret(
     assert await scalar(engine, "SELECT status::text FROM jobs") == "RUNNING"
     assert await scalar(engine, "SELECT holder_job_id FROM accounts") == "held"
 
-    await processor.process(request(settings, "job.cancel", "held", **lease))
+    await processor.process(cancel(settings, "held", **lease))
     assert (await replies(engine, settings, "held"))[-1]["type"] == "job.cancelled"
     assert await scalar(engine, "SELECT status::text FROM jobs") == "CANCELLED"
     assert await scalar(engine, "SELECT status::text FROM accounts") == "ACTIVE"
@@ -77,13 +77,32 @@ async def test_cancel_of_a_waiting_job_needs_no_token(
     await make_site(engine, settings)
     await processor.process(start(settings, "holder"))
     await processor.process(start(settings, "waiter"))
-    await processor.process(request(settings, "job.cancel", "waiter"))
+    await processor.process(cancel(settings, "waiter"))
     kinds = [(r["type"], r.get("reason")) for r in await replies(engine, settings, "waiter")]
     assert kinds == [
         ("job.queued", "capacity"),
         ("job.rejected", "cancelled"),
         ("job.cancelled", None),
     ]
+
+
+async def test_a_waiting_job_is_cancelled_only_by_its_requester(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    """A job id is no secret (events and job-events name it): without the public key its start
+    named, or with another collector's, a cancel of a waiting job changes nothing."""
+    await make_site(engine, settings)
+    await processor.process(start(settings, "holder"))
+    await processor.process(start(settings, "waiter"))
+    other = public_key_text(X25519PrivateKey.generate())
+    await processor.process(request(settings, "job.cancel", "waiter"))  # no key at all
+    await processor.process(cancel(settings, "waiter", public_key=other))
+    assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'waiter'") == "QUEUED"
+    kinds = [(r["type"], r.get("reason")) for r in await replies(engine, settings, "waiter")]
+    assert kinds == [("job.queued", None), ("job.rejected", "not_yours"),
+                     ("job.rejected", "not_yours")]  # fmt: skip
+    await processor.process(cancel(settings, "waiter"))  # its requester's
+    assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'waiter'") == "CANCELLED"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.settings import Settings
 from app.store import Database, domains, seeds
 from reapers.expired_leases import ExpiredLeases
-from tests.support.leasing import lease_fields, make_site, replies, request, scalar, start
+from tests.support.leasing import cancel, lease_fields, make_site, replies, request, scalar, start
 from workers.requests import RequestProcessor
 
 
@@ -194,7 +194,7 @@ async def test_a_zombie_with_a_stale_token_cannot_claim_report_or_release_seeds(
     assert (await last_reply(engine, settings, "zombie"))["reason"] == "stale_token"
     await processor.process(finish(settings, "zombie", old, results))
     assert (await last_reply(engine, settings, "zombie"))["type"] == "job.lease_lost"
-    await processor.process(request(settings, "job.cancel", "zombie", **old))
+    await processor.process(cancel(settings, "zombie", **old))
     assert (await last_reply(engine, settings, "zombie"))["type"] == "job.lease_lost"
     async with engine.connect() as conn:
         rows = (
@@ -284,7 +284,7 @@ async def test_a_cancelled_jobs_seeds_go_back_at_once(
     await add_seeds(engine, 2)
     grant = await begin(processor, engine, settings, "job-1", 2)
     assert grant["seeds"]
-    await processor.process(request(settings, "job.cancel", "job-1", **lease_fields(grant)))
+    await processor.process(cancel(settings, "job-1", **lease_fields(grant)))
     assert await scalar(engine, "SELECT count(*) FROM seeds WHERE status = 'ACTIVE'") == 2
     assert await scalar(engine, "SELECT array_agg(DISTINCT end_reason) FROM seed_assignments") == [
         "cancelled"

@@ -113,9 +113,11 @@ class Hit:
 @dataclass
 class Webhook:
     """A real HTTP server on loopback that answers with scripted statuses (the last repeats);
-    status 0 means: never answer (until the server stops)."""
+    status 0 means: never answer (until the server stops). ``delay``: seconds before each answer
+    (a slow target)."""
 
     statuses: list[int]
+    delay: float = 0.0
     hits: list[Hit] = field(default_factory=list)
     url: str = ""
     released: threading.Event = field(default_factory=threading.Event)
@@ -126,9 +128,9 @@ class Webhook:
 
 
 @contextmanager
-def webhook(*statuses: int) -> Iterator[Webhook]:
-    """A webhook receiver answering ``statuses`` in turn, at ``.url``."""
-    hook = Webhook(list(statuses) or [200])
+def webhook(*statuses: int, delay: float = 0.0) -> Iterator[Webhook]:
+    """A webhook receiver answering ``statuses`` in turn, at ``.url``, each ``delay`` late."""
+    hook = Webhook(list(statuses) or [200], delay=delay)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -139,6 +141,8 @@ def webhook(*statuses: int) -> Iterator[Webhook]:
             if status == 0:
                 hook.released.wait(60)
                 return
+            if hook.delay:
+                hook.released.wait(hook.delay)
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()

@@ -126,6 +126,12 @@ def start(settings: Settings, job_id: str, site: str = "board", **fields: Any) -
     return request(settings, "job.start", job_id, site=site, **fields)
 
 
+def cancel(settings: Settings, job_id: str, **fields: Any) -> Incoming:
+    """A ``job.cancel`` as its requester sends it: naming the public key its start named."""
+    fields.setdefault("public_key", COLLECTOR_PUBLIC_KEY)
+    return request(settings, "job.cancel", job_id, **fields)
+
+
 def opened_secret(grant: dict[str, Any], key: X25519PrivateKey = COLLECTOR_KEY) -> str:
     """The account secret of a ``job.granted``, opened as its collector does."""
     context = seal_context("account.secret", grant["job_id"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from app.bench import repeats
 from app.bench.lease_report import Report
 from app.bench.lease_runs import Figure, search_max_rate
 
@@ -39,3 +40,55 @@ def test_the_json_summary_has_every_comparable_figure() -> None:
                 "cycles_per_s", "echo_max_rate", "max_rate", "cpu_ms_per_request",
                 "worker_rss_mb", "wal_bytes_per_request"):  # fmt: skip
         assert key in summary
+
+
+def test_the_summary_names_own_cpu_and_the_share_of_the_echo() -> None:
+    figure = Figure("f", target_rate=100, samples=[0.01, 0.02], sent=3, seconds=1)
+    report = Report(figure, figure, figure, echo_max_rate=4000, max_rate=1000)
+    report.cpu_ms_per_request = {"worker": 1.0, "relay": 0.25, "postgres": 0.5, "kafka": 2.0,
+                                 "bench": 3.0}  # fmt: skip
+    report.own_cpu_ms_per_request_at_max = 1.5
+    summary = report.summary()
+    assert summary["own_cpu_ms_per_request"] == 1.75  # the broker and the bench are not ours
+    assert summary["own_cpu_ms_per_request_at_max"] == 1.5
+    assert summary["max_rate_of_echo"] == 0.25
+
+
+def test_repeated_runs_give_medians_and_ranges_under_the_same_keys() -> None:
+    runs = [
+        {"rate": 100, "echo_max_rate": 3000, "max_rate": None, "cpu": {"worker": 1.0}},
+        {"rate": 100, "echo_max_rate": 9000, "max_rate": 400, "cpu": {"worker": 3.0}},
+        {"rate": 100, "echo_max_rate": 5000, "max_rate": 600, "cpu": {"worker": 2.0}},
+    ]
+    merged = repeats.medians(runs)
+    assert merged["echo_max_rate"] == 5000
+    assert merged["max_rate"] == 500  # a run that found none is left out, not taken as 0
+    assert merged["cpu"] == {"worker": 2.0}
+    assert merged["ranges"]["echo_max_rate"] == [3000, 9000]
+    assert merged["ranges"]["cpu"] == {"worker": [1.0, 3.0]}
+    assert merged["runs"] == 3
+    assert "echo_max_rate: 5000 (3000 to 9000)" in repeats.lines(merged)
+    assert "cpu.worker: 2 (1 to 3)" in repeats.lines(merged)
+
+
+async def test_the_echo_search_climbs_past_the_start_rate_ceiling_to_its_own() -> None:
+    tried: list[float] = []
+    best, _ = await search_max_rate(probe_up_to(7000, tried), start=500, ceiling=200_000, steps=12)
+    assert best is not None and 6000 < best <= 7000  # not stopped at the starts' 1,600/s
+
+
+def test_the_captures_summary_compares_a_capture_with_a_request_of_the_cycle_run() -> None:
+    from app.bench.captures import Result
+
+    cycled = Figure("c", samples=[0.01, 0.02], sent=30, seconds=1, cycles_per_second=30.0)
+    captured = Figure("k", samples=[0.1, 0.2], sent=50, seconds=1, cycles_per_second=50.0)
+    result = Result(
+        cycled, captured, [],
+        {"worker": 2.0, "relay": 1.0, "handoff": 0.0, "postgres": 1.0, "kafka": 5.0},
+        {"worker": 4.0, "relay": 2.0, "handoff": 3.0, "postgres": 3.0, "bench": 9.0},
+    )  # fmt: skip
+    summary = result.summary()
+    assert summary["cpu_ms_per_start"] == 4.0  # the broker is not Quartermaster's
+    assert summary["cpu_ms_per_capture"] == 12.0  # the handoff worker is; the bench is not
+    assert summary["capture_to_start_cpu"] == 3.0
+    assert (summary["captures_per_s"], summary["cycles_per_s"]) == (50.0, 30.0)
