@@ -99,7 +99,7 @@ async def test_a_waiting_job_is_cancelled_only_by_its_requester(
     await processor.process(cancel(settings, "waiter", public_key=other))
     assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'waiter'") == "QUEUED"
     kinds = [(r["type"], r.get("reason")) for r in await replies(engine, settings, "waiter")]
-    assert kinds == [("job.queued", None), ("job.rejected", "not_yours"),
+    assert kinds == [("job.queued", "capacity"), ("job.rejected", "not_yours"),
                      ("job.rejected", "not_yours")]  # fmt: skip
     await processor.process(cancel(settings, "waiter"))  # its requester's
     assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'waiter'") == "CANCELLED"
