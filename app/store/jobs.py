@@ -16,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store import proxies
 from app.store.prepared import Prepared, Row
 
 # Used by reapers and tests to move the clock: ``coalesce(:now, now())`` is the database clock
@@ -103,7 +104,7 @@ async def queue_job(
 
 _GRANT_NEXT_WAITING = Prepared(
     text(
-        """
+        f"""
         WITH head AS (
             -- the oldest waiting job of the site: FIFO per site (rule 4). The caller holds the site
             -- lock, so no other transaction is choosing a head for this site at the same time.
@@ -111,16 +112,8 @@ _GRANT_NEXT_WAITING = Prepared(
             WHERE site = :site AND status = 'QUEUED'
             ORDER BY queue_seq LIMIT 1
         ),
-        free_proxy AS (
-            -- proxies: the least-loaded ACTIVE, rested proxy of the site with room under its
-            -- max_accounts, for an account not pinned yet (the site lock keeps the count exact)
-            SELECT p.id FROM proxies p
-            CROSS JOIN LATERAL (SELECT count(*) AS n FROM accounts x WHERE x.proxy_id = p.id) load
-            WHERE p.site = :site AND p.status = 'ACTIVE'
-              AND p.available_at <= coalesce(CAST(:now AS timestamptz), now())
-              AND load.n < p.max_accounts
-            ORDER BY load.n, p.id LIMIT 1
-        ),
+        -- proxies (app.store.proxies): the proxy an account not pinned yet would get
+        {proxies.FREE_PROXY_CTE.strip()},
         acct AS (
             -- a rested account of the site, the one free the longest first; SKIP LOCKED passes over
             -- an account an operator is changing right now
@@ -128,15 +121,8 @@ _GRANT_NEXT_WAITING = Prepared(
             FROM accounts a
             WHERE a.site = :site AND a.status = 'ACTIVE' AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())
               AND coalesce((SELECT needs_account FROM head), false)
-              -- proxies: a pinned account goes out through its own proxy only, while that is
-              -- ACTIVE and rested; one not pinned yet takes a free proxy, or none where the
-              -- site does not require one
-              AND CASE WHEN a.proxy_id IS NOT NULL
-                       THEN EXISTS (SELECT 1 FROM proxies p WHERE p.id = a.proxy_id
-                                    AND p.status = 'ACTIVE'
-                                    AND p.available_at <= coalesce(CAST(:now AS timestamptz), now()))
-                       ELSE EXISTS (SELECT 1 FROM free_proxy)
-                            OR NOT (SELECT proxy_required FROM sites WHERE slug = :site) END
+              -- proxies: its own proxy usable, or a free one (or none where none is required)
+              AND {proxies.PROXY_USABLE.strip()}
             ORDER BY a.available_at, a.id LIMIT 1
             FOR UPDATE OF a SKIP LOCKED
         ),

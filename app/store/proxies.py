@@ -13,9 +13,32 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.store.jobs import NOW
 from app.store.rows import Row
 from schemas.states import PROXY_TRANSITIONS, ProxyStatus, predecessors
+
+# The rules the grant applies (``jobs.grant_next_waiting``) and ``sites.wait_reason`` explains,
+# written once. They name the site ``:site``, the account ``a`` and the grant's clock ``:now``.
+
+# A proxy for an account not pinned yet: the least-loaded ACTIVE, rested proxy of the site with
+# room under its max_accounts (the caller holds the site's lock, so the count is exact).
+FREE_PROXY_CTE = """
+    free_proxy AS (
+        SELECT p.id FROM proxies p
+        CROSS JOIN LATERAL (SELECT count(*) AS n FROM accounts x WHERE x.proxy_id = p.id) load
+        WHERE p.site = :site AND p.status = 'ACTIVE'
+          AND p.available_at <= coalesce(CAST(:now AS timestamptz), now())
+          AND load.n < p.max_accounts
+        ORDER BY load.n, p.id LIMIT 1
+    )"""
+
+# The account may go out: a pinned one through its own proxy only, while that is ACTIVE and
+# rested; one not pinned yet through a free proxy, or none where the site does not require one.
+PROXY_USABLE = """
+    CASE WHEN a.proxy_id IS NOT NULL
+         THEN EXISTS (SELECT 1 FROM proxies p WHERE p.id = a.proxy_id AND p.status = 'ACTIVE'
+                      AND p.available_at <= coalesce(CAST(:now AS timestamptz), now()))
+         ELSE EXISTS (SELECT 1 FROM free_proxy)
+              OR NOT (SELECT proxy_required FROM sites WHERE slug = :site) END"""
 
 # what lists and events show of a proxy: never its sealed URL
 _SHOWN = """p.id, p.site, p.label, p.status, p.max_accounts, p.cooldown_seconds, p.block_after,
@@ -155,7 +178,7 @@ async def report_proxy(
             SET consecutive_failures = CASE WHEN :failed THEN p.consecutive_failures + 1 ELSE 0 END,
                 failure_count = p.failure_count + CASE WHEN :failed THEN 1 ELSE 0 END,
                 available_at = CASE WHEN :failed
-                    THEN greatest(p.available_at, {NOW} + make_interval(secs => p.cooldown_seconds))
+                    THEN greatest(p.available_at, coalesce(CAST(:now AS timestamptz), now()) + make_interval(secs => p.cooldown_seconds))
                     ELSE p.available_at END,
                 status = CASE WHEN :failed AND p.consecutive_failures + 1 >= p.block_after
                               THEN 'BLOCKED' ELSE p.status END::proxy_status,
@@ -184,7 +207,7 @@ async def repin_accounts(
     BLOCKED (the staleness test)."""
     result = await conn.execute(
         text(
-            f"""
+            """
             WITH old AS (
                 SELECT id, site FROM proxies WHERE id = :proxy_id AND status = 'BLOCKED'
             ),
@@ -202,7 +225,7 @@ async def repin_accounts(
                 CROSS JOIN LATERAL (SELECT count(*) AS n FROM accounts x
                                     WHERE x.proxy_id = p.id) load
                 CROSS JOIN LATERAL generate_series(1, p.max_accounts - load.n) AS k
-                WHERE p.status = 'ACTIVE' AND p.available_at <= {NOW}
+                WHERE p.status = 'ACTIVE' AND p.available_at <= coalesce(CAST(:now AS timestamptz), now())
             ),
             moved AS (
                 UPDATE accounts a SET proxy_id = slots.id, updated_at = now()

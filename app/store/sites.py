@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store import proxies
 from app.store.accounts import HEALTH, HEALTH_STATES
 from app.store.rows import Row
 
@@ -199,26 +200,24 @@ async def sites_with_waiting_jobs(conn: AsyncConnection, now: datetime | None = 
 
 
 _WAIT_REASON = text(
-    """
+    f"""
+    WITH {proxies.FREE_PROXY_CTE.strip()},
+    rested AS (
+        -- the accounts the grant would look at, with what the proxy rule says of them
+        SELECT {proxies.PROXY_USABLE} AS proxy_usable
+        FROM accounts a
+        WHERE a.site = :site AND a.status = 'ACTIVE'
+          AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())
+    )
     SELECT CASE
         WHEN s.running >= s.capacity THEN 'capacity'
         WHEN NOT coalesce((SELECT needs_account FROM jobs WHERE site = s.slug AND status = 'QUEUED'
                            ORDER BY queue_seq LIMIT 1), false) THEN 'capacity'
-        WHEN NOT EXISTS (SELECT 1 FROM accounts a WHERE a.site = s.slug AND a.status = 'ACTIVE'
-                                                    AND a.available_at <= now()) THEN 'accounts'
-        -- proxies: rested accounts there are, but none may go out (as the grant decides)
-        WHEN NOT EXISTS (
-            SELECT 1 FROM accounts a LEFT JOIN proxies p ON p.id = a.proxy_id
-            WHERE a.site = s.slug AND a.status = 'ACTIVE' AND a.available_at <= now()
-              AND CASE WHEN a.proxy_id IS NOT NULL
-                       THEN p.status = 'ACTIVE' AND p.available_at <= now()
-                       ELSE NOT s.proxy_required OR EXISTS (
-                           SELECT 1 FROM proxies f WHERE f.site = s.slug AND f.status = 'ACTIVE'
-                             AND f.available_at <= now()
-                             AND (SELECT count(*) FROM accounts x WHERE x.proxy_id = f.id)
-                                 < f.max_accounts) END) THEN 'proxy'
+        WHEN NOT EXISTS (SELECT 1 FROM rested) THEN 'accounts'
+        -- proxies: rested accounts there are, but none may go out
+        WHEN NOT EXISTS (SELECT 1 FROM rested WHERE proxy_usable) THEN 'proxy'
         ELSE 'capacity' END
-    FROM sites s WHERE s.slug = :slug
+    FROM sites s WHERE s.slug = :site
     """
 )
 
@@ -227,7 +226,8 @@ async def wait_reason(conn: AsyncConnection, slug: str) -> str:
     """Why the site's line waits, as it stands: ``capacity`` (no free slot, or the head needs
     none else), ``accounts`` (none rested), ``proxy`` (rested accounts, none with a usable
     proxy)."""
-    return str((await conn.execute(_WAIT_REASON, {"slug": slug})).scalar_one())
+    result = await conn.execute(_WAIT_REASON, {"site": slug, "now": None})
+    return str(result.scalar_one())
 
 
 async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:
