@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from app.core import proxies
 from app.core.replies import reject, tell_lease_lost
 from app.core.seeds import hand_out_with_grant, settle
 from app.core.transaction import Tx
@@ -163,7 +164,8 @@ async def refuse_grant(tx: Tx, job: Row, reason: str, now: datetime | None = Non
     """End a job just granted whose grant cannot be sealed or opened: RUNNING -> FAILED with
     ``reason``, ``job.rejected`` to its start, and what it was granted (capacity slot, account,
     seeds) released by conditional updates. An account no key opens goes USING -> INACTIVE
-    with the reason in ``blocked_reason`` (``account.unreadable`` on qm.events)."""
+    with the reason in ``blocked_reason`` (``account.unreadable`` on qm.events); a proxy whose
+    URL no key opens is blocked and its accounts moved, so the next waiter is not refused too."""
     if reason == ACCOUNT_UNREADABLE and job["account_id"] is not None:
         retired = await accounts.retire_unreadable(
             tx.conn,
@@ -189,6 +191,9 @@ async def refuse_grant(tx: Tx, job: Row, reason: str, now: datetime | None = Non
     )
     if account is not None:
         tx.events.account("released", account, job_id=job["id"])
+    if reason == PROXY_UNREADABLE:
+        note = "its URL opens with no key of QM_SECRET_KEYS"
+        await proxies.block(tx, job["site"], job["proxy_label"], note)
     if holds_seeds:
         await settle(tx, job, release_reason=reason, now=now)
     tx.events.job("rejected", failed)

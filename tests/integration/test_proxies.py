@@ -14,14 +14,17 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
+from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.leases import grant_site
 from app.core.transaction import Tx
+from app.crypto import SecretBox
 from app.sealing import Unsealable, unseal
 from app.settings import Settings
 from app.store import Database
+from app.store.proxies import add_proxy
 from reapers.capacity_back import CapacityBack
 from schemas.messages import seal_context
 from tests.support.leasing import (
@@ -260,3 +263,22 @@ async def test_proxy_failures_from_many_collectors_at_once_move_every_account_on
         + await scalar(engine, "SELECT count(*) FROM accounts WHERE proxy_id IS NULL")
         == 6
     )
+
+
+async def test_proxy_whose_url_no_key_opens_is_blocked_and_the_line_goes_on_through_another(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    await set_site(engine, "board", proxy_required=True)
+    async with engine.begin() as conn:  # sealed with a key since dropped from QM_SECRET_KEYS
+        lost = SecretBox(Fernet.generate_key().decode())
+        await add_proxy(conn, site="board", label="http://10.0.0.9:3128",
+                        url_sealed=lost.seal(proxy_url(9)))  # fmt: skip
+    await make_proxies(engine, settings, first=2)
+    await processor.process(start(settings, "job-1"))
+    await processor.process(start(settings, "job-2"))
+    [refused] = await answers(engine, settings, "job-1")
+    assert (refused["type"], refused["reason"]) == ("job.rejected", "proxy_unreadable")
+    assert await scalar(engine, "SELECT status::text FROM proxies WHERE id = 1") == "BLOCKED"
+    assert await scalar(engine, "SELECT status::text FROM accounts") == "USING"  # not retired
+    assert (await grant_of(engine, settings, "job-2"))["proxy"]["label"] == "http://10.0.0.2:3128"
