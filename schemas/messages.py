@@ -20,6 +20,12 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.headers import CORRELATION_ID as CORRELATION_ID
+from schemas.headers import MAX_REPLY_PARTITION as MAX_REPLY_PARTITION
+from schemas.headers import REPLY_PARTITION as REPLY_PARTITION
+from schemas.headers import REPLY_TO as REPLY_TO
+from schemas.headers import parse_reply_partition as parse_reply_partition
+from schemas.headers import reply_partition_value as reply_partition_value
 from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
 from schemas.values import (
     BIGINT_MAX,
@@ -459,12 +465,6 @@ class CaptureReady(Message):
     captured_at: datetime
     handed_off_at: datetime
     meta: dict[str, Any] | None = None
-
-
-# --- headers ---------------------------------------------------------------------------------
-
-CORRELATION_ID = "correlation_id"
-REPLY_TO = "reply_to"
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -10,8 +10,7 @@ import re
 from app.dlt import header
 from app.errors import InvalidMessage
 from app.settings import Settings
-from schemas.messages import REPLY_TO
-from schemas.reply_partitions import REPLY_PARTITION, parse_reply_partition
+from schemas.messages import REPLY_PARTITION, REPLY_TO, parse_reply_partition
 from workers.consuming import Incoming
 
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")

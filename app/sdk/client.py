@@ -45,14 +45,15 @@ from app.sdk.routing import assign_reply_partitions, partition_to_read
 from app.sealing import Unsealable, public_key_text, unseal
 from schemas.messages import (
     CORRELATION_ID,
+    REPLY_PARTITION,
     REPLY_TO,
     AnyReply,
     AnyRequest,
     JobCancel,
     JobStart,
+    reply_partition_value,
     seal_context,
 )
-from schemas.reply_partitions import REPLY_PARTITION, reply_partition_value
 
 log = sdk_logger(__name__)
 

@@ -9,10 +9,10 @@ import pytest
 
 from app.sdk import QuartermasterClient
 from app.sdk.routing import choose_partition, partition_to_read
-from schemas.messages import JobHeartbeat
-from schemas.reply_partitions import (
+from schemas.messages import (
     MAX_REPLY_PARTITION,
     REPLY_PARTITION,
+    JobHeartbeat,
     parse_reply_partition,
     reply_partition_value,
 )

@@ -1,7 +1,9 @@
-"""The ``qm.reply_partition`` header: the partition of the reply topic a request's replies go to."""
+"""The Kafka headers of the contract: the correlation id, the reply topic and the reply partition."""
 
 from __future__ import annotations
 
+CORRELATION_ID = "correlation_id"
+REPLY_TO = "reply_to"
 # The partition of the reply topic a request's replies go to (as Spring's ReplyingKafkaTemplate
 # does with its reply-partition header). Its value is the partition number in decimal ASCII
 # digits, e.g. b"7": no sign, no spaces, at most MAX_REPLY_PARTITION. Without it, replies are
