@@ -22,7 +22,7 @@ from app.commands.common import (
     when,
 )
 from app.core.leases import revoke
-from app.store import Conn, Row, jobs, views
+from app.store import Conn, Row, jobs, sites, views
 from schemas.states import JobStatus
 
 jobs_app = typer.Typer(help="Jobs: what runs, what waits and why.", no_args_is_help=True)
@@ -87,8 +87,9 @@ def _until(row: Row) -> datetime | None:
     return None
 
 
-def wait_reasons(job: Row) -> list[str]:
-    """Why a waiting job is not granted yet, as the site stands now."""
+def wait_reasons(job: Row, line: str | None = None) -> list[str]:
+    """Why a waiting job is not granted yet, as the site stands now (``line``: what holds the
+    site's line, as job.queued says it)."""
     reasons = []
     if job["ahead"]:
         reasons.append(
@@ -101,6 +102,11 @@ def wait_reasons(job: Row) -> list[str]:
         )
     if job["needs_account"] and not job["accounts_ready"]:
         reasons.append(_no_account(job))
+    elif line == "proxy":
+        reasons.append(
+            "no rested account has a usable proxy (each goes out through its own, which rests "
+            f"or is blocked, or none has room): `qm proxies list {job['site']}`"
+        )
     return reasons or ["nothing: it is granted within one reaper sweep"]
 
 
@@ -155,10 +161,13 @@ def jobs_show(
     """One job: its state, the collector that holds it, its history of grants, and while it
     waits, its place in line and why it waits."""
 
-    async def work(conn: Conn) -> tuple[Row | None, list[Row]]:
-        return await views.job_detail(conn, job_id), await views.job_grants(conn, job_id)
+    async def work(conn: Conn) -> tuple[Row | None, list[Row], str | None]:
+        job = await views.job_detail(conn, job_id)
+        waiting = job is not None and job["status"] == JobStatus.QUEUED
+        line = await sites.wait_reason(conn, job["site"]) if job and waiting else None
+        return job, await views.job_grants(conn, job_id), line
 
-    job, grants = in_transaction(work)
+    job, grants, line = in_transaction(work)
     if job is None:
         raise fail(f"no job {job_id!r}; `qm jobs list` shows the latest")
     waiting = job["status"] == JobStatus.QUEUED
@@ -173,7 +182,7 @@ def jobs_show(
         "lease_expires_at": job["lease_expires_at"],
         "wait_deadline": job["wait_deadline"] if waiting else None,
         "position": job["ahead"] + 1 if waiting else None,
-        "waits_because": wait_reasons(job) if waiting else None,
+        "waits_because": wait_reasons(job, line) if waiting else None,
         "reason": job["reason"],
     }
     history = _history(job, list(grants))

@@ -11,9 +11,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.settings import Settings
+from app.store import Database
 from tests.support.cli import Qm, assert_one_red_line, qm_fixture  # noqa: F401 - the fixture
-from tests.support.leasing import make_site, scalar
+from tests.support.leasing import make_site, scalar, start
 from tests.support.proxies import PROXY_PASSWORD, events, proxy_url
+from workers.requests import RequestProcessor
 
 COMMANDS = ("add", "list", "remove", "block", "unblock")
 
@@ -93,3 +95,14 @@ async def test_proxy_rule_and_retire_after_blocks_are_site_settings_and_health_i
     assert (account["health"], account["consecutive_blocks"]) == ("at_risk", 1)
     table = await qm("accounts", "list")
     assert "at_risk" in table.stdout and "1 blocks, 0 errors" in table.stdout
+
+
+async def test_proxy_jobs_show_says_a_waiting_job_waits_for_a_usable_proxy(
+    qm: Qm, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    await execute(engine, "UPDATE sites SET proxy_required = true")
+    await RequestProcessor(settings, Database(engine)).process(start(settings, "job-1"))
+    shown = json.loads((await qm("jobs", "show", "job-1", "--json")).stdout)
+    assert shown["status"] == "QUEUED"
+    assert [r for r in shown["waits_because"] if "usable proxy" in r and "qm proxies list" in r]
