@@ -282,3 +282,28 @@ async def test_proxy_whose_url_no_key_opens_is_blocked_and_the_line_goes_on_thro
     assert await scalar(engine, "SELECT status::text FROM proxies WHERE id = 1") == "BLOCKED"
     assert await scalar(engine, "SELECT status::text FROM accounts") == "USING"  # not retired
     assert (await grant_of(engine, settings, "job-2"))["proxy"]["label"] == "http://10.0.0.2:3128"
+
+
+async def test_proxy_failure_reported_by_a_zombie_or_a_forger_changes_nothing(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    await make_site(engine, settings)
+    await make_proxies(engine, settings, block_after=1)
+    await processor.process(start(settings, "job-1"))
+    old = lease_fields(await grant_of(engine, settings, "job-1"))
+    await finish(processor, engine, settings, "job-1")
+    await processor.process(start(settings, "job-2"))
+    live = await grant_of(engine, settings, "job-2")
+    # the zombie of job-1 finishes again; a forger uploads for job-2 with the token, not the secret
+    await processor.process(request(settings, "job.finish", "job-1", **old, outcome="failed",
+                                    proxy_failed=True))  # fmt: skip
+    state = sealed_state({"cookies": [], "origins": []}, "session.upload", "job-2",
+                         live["upload_key"])  # fmt: skip
+    forged = {"lease_token": live["lease_token"], "lease_secret": "F" * 43}
+    await processor.process(request(settings, "session.upload", "job-2", **forged,
+                                    storage_state=state, proxy_failed=True))  # fmt: skip
+    lost = [r["reason"] for r in await replies(engine, settings) if r["type"] == "job.lease_lost"]
+    assert lost == ["job_succeeded", "wrong_secret"]
+    row = "SELECT status::text || ' ' || failure_count FROM proxies"
+    assert await scalar(engine, row) == "ACTIVE 0"
+    assert not await events(engine, settings, "proxy.failed")
