@@ -73,8 +73,8 @@ async def repin(tx: Tx, proxy: Row) -> list[Row]:
 
 
 async def block(tx: Tx, site: str, label: str, reason: str) -> Row | None:
-    """An operator blocks a proxy (ACTIVE -> BLOCKED) and its accounts move to healthy ones;
-    None when the site has no such ACTIVE proxy."""
+    """Block a proxy (ACTIVE -> BLOCKED: an operator's, or a grant's that found its URL no key
+    opens) and move its accounts to healthy ones; None when the site has no such ACTIVE proxy."""
     await sites.lock_site(tx.conn, site)  # lock order: site, then its accounts
     proxy = await proxies.set_proxy_status(
         tx.conn, site=site, label=label, target=ProxyStatus.BLOCKED, reason=reason
