@@ -20,6 +20,11 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.base import Message as Message
+from schemas.events import CaptureHandoff as CaptureHandoff
+from schemas.events import CaptureReady as CaptureReady
+from schemas.events import LifecycleEvent as LifecycleEvent
+from schemas.events import TerminalJobEvent as TerminalJobEvent
 from schemas.headers import CORRELATION_ID as CORRELATION_ID
 from schemas.headers import MAX_REPLY_PARTITION as MAX_REPLY_PARTITION
 from schemas.headers import REPLY_PARTITION as REPLY_PARTITION
@@ -58,6 +63,24 @@ LeaseSecret = Annotated[
     ),
 ]
 Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
+# What a job does on a site, e.g. ``search`` or ``profile`` (docs/policy.md, "Scopes"): a rate
+# limit reported for a scope rests the account for that scope only
+Scope = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$"),
+    Field(description="What the job does on the site (an endpoint), e.g. search or profile."),
+]
+# Units a lease used (pages, API calls), counted against its account's budget: a running total
+Units = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=1_000_000_000,
+        description="The units (pages, API calls) this lease used so far, a running total: it "
+        "counts against the account's budget in place of the grant's 1 when larger.",
+    ),
+]
+RATE_LIMITED = "rate_limited"
 
 
 # An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes, one X25519 can
@@ -87,14 +110,6 @@ def seal_context(field: str, job_id: str) -> str:
     ``lease.secret``, ``account.secret``, ``session.storage_state`` and ``proxy.url`` of
     ``job.granted`` (to the requester); ``session.upload``, ``job.finish`` (to Quartermaster)."""
     return f"qm.v1:{field}:{job_id}"
-
-
-class Message(BaseModel):
-    """Every message: a ``type`` and a schema version ``v``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    v: Literal[1] = 1
 
 
 class Request(Message):
@@ -135,6 +150,7 @@ class JobStart(Request):
         "secret and session are sealed to it. A start of an EXPIRED job must come with the "
         "same key and collector as the job's first start.",
     )
+    scope: Scope | None = None
 
 
 class JobHeartbeat(Request):
@@ -142,6 +158,7 @@ class JobHeartbeat(Request):
     lease_token: LeaseToken
     lease_secret: LeaseSecret
     extend_seconds: Seconds | None = None
+    units: Units | None = None
 
 
 class SeedResult(BaseModel):
@@ -157,12 +174,31 @@ class JobFinish(Request):
     type: Literal["job.finish"] = "job.finish"
     lease_token: LeaseToken
     lease_secret: LeaseSecret
-    outcome: Literal["succeeded", "failed", "blocked"]
+    outcome: Literal["succeeded", "failed", "blocked", "rate_limited"]
     reason: Reason | None = None
     cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
     # Playwright storage_state, sealed to Quartermaster's upload_key (context job.finish)
     session_state: Sealed | None = None
     seed_results: Annotated[list[SeedResult], Field(max_length=1000)] | None = None
+    units: Units | None = None
+    # a rate limit (outcome rate_limited): the scope it is for (the job's own when absent) and
+    # when it resets, in seconds from now or as a time (docs/policy.md, "Scopes")
+    scope: Scope | None = None
+    retry_after_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
+    reset_at: UtcTime | None = None
+
+    @model_validator(mode="after")
+    def _rate_limit_fields(self) -> JobFinish:
+        """A rate limit says when it resets (one way); other outcomes name no scope or reset."""
+        fields = ("scope", "retry_after_seconds", "reset_at")
+        given = [name for name in fields if getattr(self, name) is not None]
+        if self.outcome != RATE_LIMITED:
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with outcome rate_limited")
+        elif (self.retry_after_seconds is None) == (self.reset_at is None):
+            raise ValueError("rate_limited needs one of retry_after_seconds and reset_at")
+        return self
+
     proxy_failed: bool = False  # the grant's proxy failed: it rests (and blocks if it keeps on)
 
 
@@ -305,7 +341,12 @@ class JobGranted(Reply):
 class JobQueued(Reply):
     type: Literal["job.queued"] = "job.queued"
     position: int
-    reason: str | None = Field(None, description="Why the line waits: capacity, accounts, proxy.")
+    reason: str | None = Field(
+        None,
+        description="What holds the site's line: capacity, accounts (none rested), budget (the "
+        "accounts' or the site's use budget), rate_limited (the accounts rest for the scope "
+        "of the job at the head of the line) or proxy (no rested account has a usable proxy).",
+    )
 
 
 class JobRejected(Reply):
@@ -401,70 +442,6 @@ REPLY_ADAPTER: TypeAdapter[AnyReply] = TypeAdapter(AnyReply)
 def parse_reply(raw: bytes) -> AnyReply:
     """Validate raw JSON bytes as a reply."""
     return REPLY_ADAPTER.validate_json(raw)
-
-
-# --- events ----------------------------------------------------------------------------------
-
-
-class LifecycleEvent(Message):
-    """Every state change on ``qm.events``, keyed by entity id, for dashboards and downstream.
-
-    Open to fields added later (its JSON Schema allows them): events gain fields without a new
-    ``v``, and a consumer that validates against this schema keeps working when they do.
-    """
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    type: str  # "<entity>.<what happened>", e.g. "job.granted", "account.released"
-    entity: Literal["job", "account", "seed", "session", "capture", "proxy"]
-    id: str
-    site: str
-    status: str
-    at: datetime
-    job_id: str | None = None
-    reason: str | None = None
-    # the history `qm audit` checks (docs/audit.md); absent where they do not apply
-    db_at: datetime | None = None  # the database's clock_timestamp() at the transition
-    lease_token: int | None = None  # the lease a job, account or seed event is about
-    account_id: str | None = None  # the account a job's lease holds
-    lease_expires_at: datetime | None = None  # the lease's expiry as the transition left it
-    capacity: int | None = None  # the site's capacity in force at a grant
-    handoff_token: int | None = None  # the handoff claim a capture event is about
-
-
-class TerminalJobEvent(Message):
-    """A job's end on ``qm.job-events``: small, for Airflow sensors."""
-
-    type: Literal["job.succeeded", "job.failed", "job.cancelled", "job.expired", "job.timed_out"]
-    job_id: str
-    site: str
-    collector: str
-    status: str
-    finished_at: datetime
-
-
-class CaptureHandoff(Message):
-    """The record on ``qm.captures`` that starts a capture's next handoff attempt."""
-
-    type: Literal["capture.handoff"] = "capture.handoff"
-    capture_id: str
-
-
-class CaptureReady(Message):
-    """A capture that was handed off, on ``qm.captures.ready`` keyed by ``capture_id``."""
-
-    type: Literal["capture.ready"] = "capture.ready"
-    capture_id: str
-    job_id: str
-    site: str
-    url: str
-    storage_uri: str
-    sha256: str
-    content_type: str
-    size: int
-    captured_at: datetime
-    handed_off_at: datetime
-    meta: dict[str, Any] | None = None
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -111,6 +111,7 @@ class HandoffWorker:
             alone=lambda handing: self.process(handing.record),
             sizes=CAPTURES_PER_BATCH,
         )
+        self._stragglers: set[asyncio.Task[None]] = set()  # attempts slower than their batch
 
     async def submit(self, record: Incoming, finished: Callable[[], None]) -> None:
         """Hand ``record`` over; ``finished`` is called once its outcome is final."""
@@ -131,9 +132,17 @@ class HandoffWorker:
         """Start no more batches: records still waiting get no outcome and are read again."""
         self._batches.close()
 
-    async def drain(self) -> None:
-        """Wait for the batches running."""
-        await self._batches.drain()
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait for the batches running and their stragglers, up to ``timeout`` seconds; then
+        stop what still runs (a slow target's claim lapses; the reaper brings its capture back)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._batches.drain()
+                while self._stragglers:
+                    await asyncio.wait(self._stragglers)
+        except TimeoutError:
+            log.warning("handoff_stragglers_abandoned", stragglers=len(self._stragglers))
+            await _cancelled(list(self._stragglers))
 
     async def process(self, record: Incoming) -> str:
         """Handle one record of ``qm.captures``; returns what happened."""
@@ -166,14 +175,14 @@ class HandoffWorker:
         return await self._retry_transient(partial(self._finalise, capture, error, record, now))
 
     async def _deliver_while_held(self, capture: Row, now: datetime | None) -> TargetError | None:
-        """The targets, with the claim renewed every third of its lease while they answer: a
+        """The targets, with the claim renewed every quarter of its lease while they answer: a
         slow target keeps its claim, a dead worker's claim lapses within one short lease. Raises
         ClaimLost when the claim was reaped meanwhile (the delivery is stopped: it is not ours)."""
         delivering = asyncio.create_task(self._deliver(delivery_of(capture, self.services.secrets)))
         lease = self.settings.handoff_lease_seconds
         try:
             while True:
-                done, _ = await asyncio.wait({delivering}, timeout=lease / 3)
+                done, _ = await asyncio.wait({delivering}, timeout=lease / 4)
                 if done:
                     return delivering.result()
                 if not await self._renew(capture, now):
@@ -186,7 +195,7 @@ class HandoffWorker:
 
     async def _renew(self, capture: Row, now: datetime | None) -> bool:
         """Push the claim's expiry one lease ahead; False when it is no longer ours. A database
-        that fails now is tried again at the next renewal (the lease covers two misses)."""
+        that fails now is tried again at the next renewal (the lease outlasts one miss)."""
         try:
             async with self.db.transaction() as conn:
                 expires = await captures.extend_handoff(
@@ -200,28 +209,34 @@ class HandoffWorker:
 
     async def _hand_off_batch(self, batch: list[Handing]) -> list[str]:
         """Claim the batch's captures in one statement, run their targets side by side, and
-        finalise those done within ``TOGETHER_SECONDS`` in one transaction; each slower one on
-        its own when it ends. A capture's second record in the batch is skipped."""
+        finalise those done within ``TOGETHER_SECONDS`` in one transaction. A slower one goes on
+        as a straggler, finalised on its own when its target answers; its record is settled now
+        (``handing_off``): its claim is in the database, and were this worker to die, the lapsed
+        handoffs sweep would bring the capture back. A capture's second record is skipped."""
         ids = list(dict.fromkeys(h.capture_id for h in batch if h.capture_id is not None))
         claimed = await self._retry_transient(partial(self._claim_batch, ids))
         records = {h.capture_id: h.record for h in reversed(batch)}  # each id's first record
         attempts = {asyncio.create_task(self._attempt(c)): c for c in claimed}
         outcomes: dict[str, str] = {}
+        handed: set[asyncio.Task[Attempt]] = set()  # to stragglers, which see them through
         try:
-            pending = set(attempts)
-            timeout: float | None = TOGETHER_SECONDS
-            while pending:
-                when = asyncio.ALL_COMPLETED if timeout else asyncio.FIRST_COMPLETED
-                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=when)
-                timeout = None  # after the first window: each as it ends
-                results = [(attempts[task], task.result()) for task in done]
-                if results:
-                    outcomes |= await self._retry_transient(
-                        partial(self._finalise_together, results, records)
-                    )
-        finally:  # a batch that failed leaves no target running (its claims lapse)
-            for task in attempts:
-                task.cancel()
+            done, pending = (
+                await asyncio.wait(attempts, timeout=TOGETHER_SECONDS)
+                if attempts
+                else (set(), set())
+            )
+            results = [(attempts[task], task.result()) for task in done]
+            if results:
+                outcomes |= await self._retry_transient(
+                    partial(self._finalise_together, results, records)
+                )
+            for task in pending:
+                await self._straggle(task, attempts[task], records)
+                handed.add(task)
+                outcomes[attempts[task]["id"]] = "handing_off"
+        except BaseException:  # a batch that failed leaves no target running (its claims lapse)
+            await _cancelled([task for task in attempts if task not in handed])
+            raise
         answered: set[str] = set()
         out = []
         for handing in batch:
@@ -244,14 +259,43 @@ class HandoffWorker:
             )
 
     async def _attempt(self, capture: Row) -> Attempt:
-        """A claimed capture's targets, its claim renewed meanwhile."""
+        """A claimed capture's targets, its claim renewed meanwhile. Never raises: a capture
+        whose delivery cannot even be built (a webhook no key opens) fails its own attempt."""
         self._fault("handoff_after_claim", capture)
         try:
             error = await self._deliver_while_held(capture, None)
         except ClaimLost as lost:
             return lost
+        except Exception as exc:  # noqa: BLE001 - this capture's failure, not its batch's
+            log.warning("handoff_attempt_failed", capture_id=capture["id"], error=describe(exc))
+            error = TargetError(f"delivery: {describe(exc)}", retryable=True)
         self._fault("handoff_after_effect", capture)
         return error
+
+    async def _straggle(
+        self, attempt: asyncio.Task[Attempt], capture: Row, records: dict[str | None, Incoming]
+    ) -> None:
+        """Let ``attempt`` finish on its own and be finalised then; at most
+        ``handoff_max_in_flight`` stragglers at once (a batch waits for room)."""
+        while len(self._stragglers) >= self.settings.handoff_max_in_flight:
+            await asyncio.wait(self._stragglers, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self._finish_straggler(attempt, capture, records))
+        self._stragglers.add(task)
+        task.add_done_callback(self._stragglers.discard)
+
+    async def _finish_straggler(
+        self, attempt: asyncio.Task[Attempt], capture: Row, records: dict[str | None, Incoming]
+    ) -> None:
+        try:
+            result = await attempt
+            await self._retry_transient(
+                partial(self._finalise_together, [(capture, result)], records)
+            )
+        except asyncio.CancelledError:
+            await _cancelled([attempt])
+            raise
+        except Exception:  # the claim lapses and the reaper brings the capture back
+            log.exception("handoff_failed_unexpectedly", capture_id=capture["id"])
 
     async def _finalise_together(
         self, results: list[tuple[Row, Attempt]], records: dict[str | None, Incoming]
@@ -393,8 +437,12 @@ async def run_handoff_worker(wiring: Wiring) -> None:
             await wiring.stop.wait()
     finally:
         worker.close()  # records still waiting are read again by the partitions' next owner
-        try:  # a slow target's claim lapses, and the reaper brings its capture back
-            await asyncio.wait_for(worker.drain(), STOP_GRACE_SECONDS)
-        except TimeoutError:
-            log.warning("handoff_batches_abandoned", grace_seconds=STOP_GRACE_SECONDS)
+        await worker.drain(STOP_GRACE_SECONDS)
         log.info("handoff_worker_stopped")  # the database closes after this, with the wiring
+
+
+async def _cancelled(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

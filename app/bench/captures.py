@@ -47,6 +47,7 @@ from app.bench.lease_runs import (
     warm_up,
 )
 from app.bench.processes import BenchFailed, Child, CpuMeter
+from app.bench.services import run_database
 from app.bench.services import services as start_services
 from app.kafka import ensure_topics, producer_options, sdk_client
 from app.logs import configure_logging
@@ -88,9 +89,11 @@ def bench_captures(
                 "claim worker, relay and handoff worker as child processes"
             )
             for run in range(max(repeat, 1)):
-                settings = bench_settings(services.bootstrap, services.database_url)
-                slugs = [f"r{run}-site{n}" for n in range(plan.sites)]
-                result = asyncio.run(_bench(settings, plan, slugs, services.pids))
+                # each run its own database, topics, groups and child processes
+                with run_database(services, run) as database_url:
+                    settings = bench_settings(services.bootstrap, database_url)
+                    slugs = [f"site{n}" for n in range(plan.sites)]
+                    result = asyncio.run(_bench(settings, plan, slugs, services.pids))
                 summaries.append(result.summary())
                 if as_json:
                     print(json.dumps(summaries[-1]), flush=True)
@@ -120,15 +123,20 @@ class Result:
     capture_cpu: dict[str, float]  # ms per capture, by process
 
     def summary(self) -> dict[str, Any]:
-        """The JSON object of ``--json``. ``cpu_ms_per_start``: the cycle run's CPU per request
-        (start, heartbeat, finish), the figure a capture's is compared with. Own CPU: claim
-        worker, relay, handoff worker and PostgreSQL (when started by the bench)."""
+        """The JSON object of ``--json``. ``cpu_ms_per_start`` is the cycle run's CPU per
+        request (a start, a heartbeat or a finish; also ``cpu_ms_per_request``), the figure a
+        capture's is compared with; ``own_processes`` names the processes counted (PostgreSQL
+        only when the bench started it)."""
         per_start, per_capture = own_cpu(self.cycle_cpu), own_cpu(self.capture_cpu)
         return {
             "captures_per_s": round(self.captures.cycles_per_second or 0.0, 2),
             "cycles_per_s": round(self.cycles.cycles_per_second or 0.0, 2),
             "cpu_ms_per_capture": round(per_capture, 3),
             "cpu_ms_per_start": round(per_start, 3),
+            "cpu_ms_per_request": round(per_start, 3),
+            "own_processes": sorted(
+                name for name in self.capture_cpu if name in OWN or name.startswith("worker")
+            ),
             "capture_to_start_cpu": round(per_capture / per_start, 3) if per_start else None,
             "capture_p50_ms": _ms(self.captures.samples, 50),
             "capture_p99_ms": _ms(self.captures.samples, 99),
@@ -136,6 +144,9 @@ class Result:
             "cpu_ms_per_request_by_process": {k: round(v, 3) for k, v in self.cycle_cpu.items()},
             "failures": self.cycles.failures + self.captures.failures,
         }
+
+
+OWN = frozenset({"worker", "relay", "handoff", "postgres"})
 
 
 def own_cpu(per_process: dict[str, float]) -> float:

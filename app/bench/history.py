@@ -16,10 +16,22 @@ HISTORY_ACCOUNTS = 10_000  # accounts per site that --history adds
 HISTORY_SPAN = 6 * 24 * 3600.0  # the preloaded jobs finished over the last six days
 
 
+# Budgets that never hold a job back (`qm bench lease --budgets`): what they cost is measured, not
+# what they do
+NEVER_HOLDING_ACCOUNT_BUDGET = 1_000_000_000  # grants an hour
+NEVER_HOLDING_GRANTS_PER_MINUTE = 1_000_000
+
+
 async def make_sites(
-    settings: Settings, slugs: Sequence[str], *, accounts_per_site: int, lease_seconds: int
+    settings: Settings,
+    slugs: Sequence[str],
+    *,
+    accounts_per_site: int,
+    lease_seconds: int,
+    budgets: bool = False,
 ) -> None:
-    """Sites with ``accounts_per_site`` ACTIVE accounts each and that capacity."""
+    """Sites with ``accounts_per_site`` ACTIVE accounts each and that capacity; with ``budgets``,
+    use budgets on that never hold a job back."""
     sealed = SecretBox.from_settings(settings).seal("bench-secret")  # sealing is not measured
     engine = make_engine(settings, pool_size=1)
     try:
@@ -28,6 +40,8 @@ async def make_sites(
                 await sites.add_site(
                     conn, slug=slug, host=f"{slug}.example.com", capacity=accounts_per_site,
                     lease_seconds=lease_seconds, cooldown_seconds=0,
+                    account_budget=NEVER_HOLDING_ACCOUNT_BUDGET if budgets else None,
+                    grants_per_minute=NEVER_HOLDING_GRANTS_PER_MINUTE if budgets else None,
                 )  # fmt: skip
                 for n in range(accounts_per_site):
                     await accounts.add_account(

@@ -52,7 +52,7 @@ from app.bench.lease_runs import (
     warm_up,
 )
 from app.bench.processes import BenchFailed, Child, CpuMeter, rss_mb
-from app.bench.services import bench_names
+from app.bench.services import bench_names, run_database
 from app.bench.services import services as start_services
 from app.kafka import ensure_topics, sdk_client
 from app.logs import configure_logging
@@ -87,6 +87,7 @@ class Plan:
     # the echo's search climbs to its own ceiling: where its p99 passes the bound
     echo_search_steps: int = 12
     echo_ceiling: float = 200_000.0
+    budgets: bool = False  # use budgets on every site, set so that they never hold a job back
 
     @property
     def starts(self) -> int:
@@ -137,6 +138,13 @@ def bench_lease(
     repeat: Annotated[
         int, Opt(help="Runs, back to back; prints each figure's median and range.")
     ] = 1,
+    budgets: Annotated[
+        bool,
+        Opt(
+            help="Use budgets on every site (per account and per minute, docs/policy.md), set so "
+            "that they never hold a job back: what checking them costs."
+        ),
+    ] = False,
     as_json: Annotated[bool, Opt("--json", help="Print one JSON object, not the table.")] = False,
 ) -> None:
     """job.start -> job.granted latency, job cycles per second, and a raw Kafka round trip."""
@@ -149,7 +157,7 @@ def bench_lease(
                 history=max(history_jobs, 0), search_steps=max(search_steps, 0),
                 search_seconds=search_seconds, search_ceiling=search_ceiling,
                 echo_search_steps=max(echo_search_steps, 0),
-                echo_ceiling=echo_ceiling)  # fmt: skip
+                echo_ceiling=echo_ceiling, budgets=budgets)  # fmt: skip
     repeat = max(repeat, 1)
     console = err if as_json else Console(width=max(Console().width, 132))
     try:
@@ -161,13 +169,15 @@ def bench_lease(
                 "child processes (`python -m app run worker|relay`); "
                 + ("a reply topic per collector" if own_reply_topics else "one shared reply topic")
                 + ("" if own_reply_topics or not route_replies else ", a partition per collector")
+                + ("; use budgets on (never holding a job back)" if budgets else "")
             )
             summaries = []
             for run in range(repeat):
-                # each run its own topics, groups, sites and child processes
-                settings = bench_settings(services.bootstrap, services.database_url)
-                slugs = [f"r{run}-site{n}" for n in range(plan.sites)]
-                report = asyncio.run(_bench(settings, plan, slugs, services.pids, console))
+                # each run its own database, topics, groups and child processes
+                with run_database(services, run) as database_url:
+                    settings = bench_settings(services.bootstrap, database_url)
+                    slugs = [f"site{n}" for n in range(plan.sites)]
+                    report = asyncio.run(_bench(settings, plan, slugs, services.pids, console))
                 summaries.append(report.summary())
                 if as_json:
                     print(json.dumps(summaries[-1]), flush=True)
@@ -210,8 +220,9 @@ async def _bench(
         reply_topics = [settings.topic(f"replies.c{n}") for n in range(plan.collectors)]
         await create_topics(settings, reply_topics)
     await history.make_sites(
-        settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS
-    )
+        settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS,
+        budgets=plan.budgets,
+    )  # fmt: skip
     took = await history.preload(
         settings, slugs, plan.history
     )  # VACUUM (ANALYZE) even without history

@@ -42,6 +42,11 @@ class Report:
             "cpu_ms_per_request": {k: round(v, 3) for k, v in self.cpu_ms_per_request.items()},
             "own_cpu_ms_per_request": _round(own_cpu(self.cpu_ms_per_request)),
             "own_cpu_ms_per_request_at_max": _round(self.own_cpu_ms_per_request_at_max),
+            "own_processes": sorted(
+                name
+                for name in self.cpu_ms_per_request
+                if name.startswith("worker") or name in ("relay", "postgres")
+            ),
             "max_rate_of_echo": (
                 round(self.max_rate / self.echo_max_rate, 3)
                 if self.max_rate and self.echo_max_rate

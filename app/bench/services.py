@@ -32,6 +32,14 @@ class BenchServices:
     database_url: str
     durability: str
     pids: dict[str, int]
+    admin_url: str = ""
+
+    @contextlib.contextmanager
+    def fresh_database(self) -> Iterator[str]:
+        """Another freshly migrated database on the same server: a repeated run's own, so no run
+        inherits an earlier one's rows (or their vacuuming)."""
+        with _database(self.admin_url) as (url, _):
+            yield url
 
 
 @contextlib.contextmanager
@@ -58,15 +66,29 @@ def services(*, kafka: bool = True) -> Iterator[BenchServices]:
             admin_url = postgres.url()
             pid_file = Path(postgres.socket_dir) / "postmaster.pid"
             pids["postgres"] = int(read_text(pid_file).split("\n", 1)[0] or 0)
-        name = f"qm_bench_{uuid.uuid4().hex[:8]}"
-        tls = connect_args(settings)
-        durability = asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}", tls))
-        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        try:
-            upgrade(url, connect_args=tls)
-            yield BenchServices(bootstrap, url, durability, pids)
-        finally:
-            asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", tls))
+        with _database(admin_url) as (url, durability):
+            yield BenchServices(bootstrap, url, durability, pids, admin_url)
+
+
+@contextlib.contextmanager
+def _database(admin_url: str) -> Iterator[tuple[str, str]]:
+    """A freshly migrated database on the server of ``admin_url``, dropped at the end; its URL
+    and the server's durability settings."""
+    tls = connect_args(get_settings())
+    name = f"qm_bench_{uuid.uuid4().hex[:8]}"
+    durability = asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}", tls))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url, connect_args=tls)
+        yield url, durability
+    finally:
+        asyncio.run(_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", tls))
+
+
+def run_database(services: BenchServices, run: int) -> contextlib.AbstractContextManager[str]:
+    """The database of a repeated benchmark's ``run``: the first run's is the one ``services``
+    made, each later run gets a fresh one."""
+    return contextlib.nullcontext(services.database_url) if run == 0 else services.fresh_database()
 
 
 def bench_names() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from app.commands.common import (
     when,
 )
 from app.core.leases import revoke
-from app.store import Conn, Row, jobs, sites, views
+from app.store import Conn, Row, budgets, jobs, views
 from schemas.states import JobStatus
 
 jobs_app = typer.Typer(help="Jobs: what runs, what waits and why.", no_args_is_help=True)
@@ -87,9 +87,21 @@ def _until(row: Row) -> datetime | None:
     return None
 
 
-def wait_reasons(job: Row, line: str | None = None) -> list[str]:
-    """Why a waiting job is not granted yet, as the site stands now (``line``: what holds the
-    site's line, as job.queued says it)."""
+# what holds a site's line besides capacity and accounts (docs/policy.md)
+POLICY_HOLDS = {
+    "budget": "the use budgets hold the line: every rested account used its budget in its window, "
+    "or the site's grants a minute are used; granted within one sweep once they refill "
+    "(docs/policy.md)",
+    "rate_limited": "every rested account rests for the scope of the job at the head of the line "
+    "(a rate limit); granted within one sweep after its reset (docs/policy.md)",
+    "proxy": "no rested account has a usable proxy (each goes out through its own, which rests or "
+    "is blocked, or none has room): `qm proxies list SITE` (docs/policy.md)",
+}
+
+
+def wait_reasons(job: Row, held_by: str | None = None) -> list[str]:
+    """Why a waiting job is not granted yet, as the site stands now (``held_by``: what holds
+    the site's line, ``app.store.budgets.why_waiting``)."""
     reasons = []
     if job["ahead"]:
         reasons.append(
@@ -102,11 +114,8 @@ def wait_reasons(job: Row, line: str | None = None) -> list[str]:
         )
     if job["needs_account"] and not job["accounts_ready"]:
         reasons.append(_no_account(job))
-    elif line == "proxy":
-        reasons.append(
-            "no rested account has a usable proxy (each goes out through its own, which rests "
-            f"or is blocked, or none has room): `qm proxies list {job['site']}`"
-        )
+    if held_by in POLICY_HOLDS:
+        reasons.append(POLICY_HOLDS[held_by])
     return reasons or ["nothing: it is granted within one reaper sweep"]
 
 
@@ -163,11 +172,12 @@ def jobs_show(
 
     async def work(conn: Conn) -> tuple[Row | None, list[Row], str | None]:
         job = await views.job_detail(conn, job_id)
-        waiting = job is not None and job["status"] == JobStatus.QUEUED
-        line = await sites.wait_reason(conn, job["site"]) if job and waiting else None
-        return job, await views.job_grants(conn, job_id), line
+        held_by = None
+        if job is not None and job["status"] == JobStatus.QUEUED:
+            held_by = await budgets.why_waiting(conn, job["site"])
+        return job, await views.job_grants(conn, job_id), held_by
 
-    job, grants, line = in_transaction(work)
+    job, grants, held_by = in_transaction(work)
     if job is None:
         raise fail(f"no job {job_id!r}; `qm jobs list` shows the latest")
     waiting = job["status"] == JobStatus.QUEUED
@@ -182,7 +192,7 @@ def jobs_show(
         "lease_expires_at": job["lease_expires_at"],
         "wait_deadline": job["wait_deadline"] if waiting else None,
         "position": job["ahead"] + 1 if waiting else None,
-        "waits_because": wait_reasons(job, line) if waiting else None,
+        "waits_because": wait_reasons(job, held_by) if waiting else None,
         "reason": job["reason"],
     }
     history = _history(job, list(grants))

@@ -59,6 +59,28 @@ SessionCheckUrl = Annotated[
                  callback=check_url),
 ]  # fmt: skip
 
+# use budgets (docs/policy.md); 0 turns a budget off
+AccountBudget = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=1_000_000_000,
+        help="Grants (or reported units) one account may take in --budget-seconds; 0: no budget",
+    ),
+]  # fmt: skip
+BudgetSeconds = Annotated[
+    int | None,
+    typer.Option(min=1, max=7 * DAY, help="The sliding window of --account-budget, in seconds"),
+]
+GrantsPerMinute = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=1_000_000,
+        help="Grants of the whole site per minute (a token bucket, bursts up to a minute's worth); "
+        "0: no limit",
+    ),
+]  # fmt: skip
+OFF_AT_ZERO = ("account_budget", "grants_per_minute", "retire_after_blocks")
+
 
 class ProxyRule(StrEnum):
     """Whether a site grants accounts only through a proxy."""
@@ -80,13 +102,11 @@ RetireAfterBlocks = Annotated[
 
 
 def _site_changes(**given: Any) -> dict[str, Any]:
-    """The options an operator gave ('' clears a text setting, a 0 rule none)."""
+    """The options an operator gave ('' clears a text setting, 0 turns a budget or rule off)."""
     changes = {k: (v if v != "" else None) for k, v in given.items() if v is not None}
     if "proxy_required" in changes:
         changes["proxy_required"] = changes["proxy_required"] == ProxyRule.required
-    if changes.get("retire_after_blocks") == 0:
-        changes["retire_after_blocks"] = None
-    return changes
+    return {k: (None if k in OFF_AT_ZERO and v == 0 else v) for k, v in changes.items()}
 
 
 @sites_app.command("add")
@@ -102,6 +122,9 @@ def sites_add(
     max_attempts: MaxAttempts = 3,
     dag_id: DagId = None,
     session_check_url: SessionCheckUrl = None,
+    account_budget: AccountBudget = None,
+    budget_seconds: BudgetSeconds = None,
+    grants_per_minute: GrantsPerMinute = None,
     proxy: Proxy = None,
     retire_after_blocks: RetireAfterBlocks = None,
 ) -> None:
@@ -115,6 +138,9 @@ def sites_add(
         max_attempts=max_attempts,
         dag_id=dag_id,
         session_check_url=session_check_url,
+        account_budget=account_budget,
+        account_budget_seconds=budget_seconds,
+        grants_per_minute=grants_per_minute,
         proxy_required=proxy,
         retire_after_blocks=retire_after_blocks,
     )
@@ -134,6 +160,9 @@ def sites_set(
     max_attempts: MaxAttempts = None,
     dag_id: DagId = None,
     session_check_url: SessionCheckUrl = None,
+    account_budget: AccountBudget = None,
+    budget_seconds: BudgetSeconds = None,
+    grants_per_minute: GrantsPerMinute = None,
     proxy: Proxy = None,
     retire_after_blocks: RetireAfterBlocks = None,
 ) -> None:
@@ -148,6 +177,9 @@ def sites_set(
         max_attempts=max_attempts,
         dag_id=dag_id,
         session_check_url=session_check_url,
+        account_budget=account_budget,
+        account_budget_seconds=budget_seconds,
+        grants_per_minute=grants_per_minute,
         proxy_required=proxy,
         retire_after_blocks=retire_after_blocks,
     )
@@ -200,9 +232,22 @@ def _site_json(row: Row) -> dict[str, Any]:
             "accounts_ready", "accounts_resting", "accounts_using", "accounts_blocked",
             "accounts_inactive", "grants_last_minute", "lease_seconds", "cooldown_seconds",
             "block_cooldown_seconds", "max_attempts", "dag_id", "session_check_url",
+            "account_budget", "account_budget_seconds", "grants_per_minute",
             "proxy_required", "retire_after_blocks",
         )
     }  # fmt: skip
+
+
+def _budgets_cell(row: Row) -> str:
+    """', budget 100 a 3600s per account, 30 grants a minute': the budgets in force, if any."""
+    parts = []
+    if row["account_budget"] is not None:
+        parts.append(
+            f"budget {row['account_budget']} a {row['account_budget_seconds']}s per account"
+        )
+    if row["grants_per_minute"] is not None:
+        parts.append(f"{row['grants_per_minute']} grants a minute")
+    return "".join(", " + part for part in parts)
 
 
 def _accounts_cell(row: Row) -> str:
@@ -250,6 +295,7 @@ def sites_list(as_json: Json = False) -> None:
             f"lease {row['lease_seconds']}s, rest {row['cooldown_seconds']}s, "
             f"block rest {row['block_cooldown_seconds']}s, {row['max_attempts']} attempts"
             + (", proxy required" if row["proxy_required"] else "")
-            + (f", retire after {n} blocks" if (n := row["retire_after_blocks"]) else ""),
+            + (f", retire after {n} blocks" if (n := row["retire_after_blocks"]) else "")
+            + _budgets_cell(row),
         )
     out().print(grid)

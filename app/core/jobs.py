@@ -25,8 +25,9 @@ from app.core.sessions import merge_session, open_session_state
 from app.core.transaction import Route, Tx
 from app.lease_secrets import lease_secret_hash
 from app.sealing import Unsealable
-from app.store import Row, job_sweeps, jobs, sites
+from app.store import Row, budgets, job_sweeps, jobs, sites
 from schemas.messages import (
+    RATE_LIMITED,
     JobCancel,
     JobCancelled,
     JobExtended,
@@ -83,16 +84,18 @@ async def start(tx: Tx, req: JobStart, route: Route) -> Reply:
         return None  # grant_waiting sent job.granted to this request
     if tx.box.kept_reply(str(req.request_id)) is not None:
         return None  # its grant could not be sealed or opened: it was answered job.rejected
+    held_by = await budgets.why_waiting(tx.conn, req.site)
     if req.wait_seconds == 0:
-        timed_out = await jobs.reject_waiting_job(tx.conn, req.job_id, "no_capacity")
+        # a job held for a budget or a rate limit says so; capacity and accounts are no_capacity
+        why = held_by if held_by in ("budget", RATE_LIMITED) else "no_capacity"
+        timed_out = await jobs.reject_waiting_job(tx.conn, req.job_id, why)
         assert timed_out is not None  # we hold the site lock and just queued it
         tx.events.job("timed_out", timed_out)
-        reject(tx, timed_out, "no_capacity")
+        reject(tx, timed_out, why)
         return None
     position = await jobs.queue_position(tx.conn, req.job_id)
-    reason = await sites.wait_reason(tx.conn, req.site)
     return JobQueued(
-        request_id=req.request_id, job_id=req.job_id, position=position, reason=reason
+        request_id=req.request_id, job_id=req.job_id, position=position, reason=held_by
     ).model_dump(mode="json")
 
 
@@ -127,6 +130,7 @@ async def _queue(tx: Tx, req: JobStart, site: Row, route: Route) -> Row | None:
         correlation_id=route.correlation_id,
         public_key=req.public_key,
         reply_partition=route.reply_partition,
+        scope=req.scope,
     )
 
 
@@ -140,6 +144,10 @@ async def heartbeat(tx: Tx, req: JobHeartbeat, route: Route) -> Reply:
     )
     if job is None:
         return await refuse_follow_up(tx, req, "lease_extend_refused")
+    if req.units is not None:  # the lease is fenced by its extension above
+        await budgets.record_units(
+            tx.conn, job_id=req.job_id, lease_token=req.lease_token, units=req.units
+        )
     tx.events.job("extended", job)  # the lease's new expiry, for the audit's history
     return JobExtended(
         request_id=req.request_id, job_id=req.job_id, lease_expires_at=job["lease_expires_at"]
@@ -156,13 +164,16 @@ async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
     if site is None:
         return lease_lost_reply(req, "unknown_job")
     status = JobStatus.SUCCEEDED if req.outcome == "succeeded" else JobStatus.FAILED
-    reason = (
-        req.reason if req.outcome != "blocked" else f"blocked: {req.reason or 'no reason given'}"
-    )
     secret_hash = lease_secret_hash(req.lease_secret)
-    job = await jobs.finish_job(tx.conn, req.job_id, req.lease_token, secret_hash, status, reason)
+    job = await jobs.finish_job(
+        tx.conn, req.job_id, req.lease_token, secret_hash, status, finish_reason(req)
+    )
     if job is None:
         return await refuse_follow_up(tx, req, "finish_refused")
+    if req.units is not None:  # before the release closes the grant
+        await budgets.record_units(
+            tx.conn, job_id=req.job_id, lease_token=req.lease_token, units=req.units
+        )
     if uploaded is not None:  # the job is locked (lock order: job, then account and session);
         # the account is still the holder's until released below
         await merge_session(tx, req.job_id, req.lease_token, secret_hash, uploaded)
@@ -175,6 +186,8 @@ async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
         reason=req.reason,
         seed_results=req.seed_results or (),
     )
+    if req.outcome == RATE_LIMITED:
+        await rest_for_rate_limit(tx, job, req)
     if req.proxy_failed or (account is not None and account["proxy_id"] is not None):
         await proxies.report(tx, job, failed=req.proxy_failed)
     tx.events.job("finished", job)
@@ -184,6 +197,46 @@ async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
     return JobFinished(
         request_id=req.request_id, job_id=req.job_id, status=job["status"]
     ).model_dump(mode="json")
+
+
+def finish_reason(req: JobFinish) -> str | None:
+    """The reason a finished job keeps: a block and a rate limit say so first."""
+    if req.outcome == "blocked":
+        return f"blocked: {req.reason or 'no reason given'}"
+    if req.outcome == RATE_LIMITED:
+        return f"{RATE_LIMITED}: {req.reason}" if req.reason else RATE_LIMITED
+    return req.reason
+
+
+async def rest_for_rate_limit(tx: Tx, job: Row, req: JobFinish) -> None:
+    """A rate limit: the account the lease just gave back rests for the scope named (the job's
+    own when none is, every scope when the job has none) until it resets (docs/policy.md)."""
+    if job["account_id"] is None:
+        return
+    scope = req.scope or job["scope"] or budgets.ALL_SCOPES
+    until = await budgets.rest_scope(
+        tx.conn,
+        account_id=job["account_id"],
+        scope=scope,
+        retry_after_seconds=req.retry_after_seconds,
+        reset_at=req.reset_at,
+    )
+    tx.events.emit(
+        "account",
+        RATE_LIMITED,
+        id=str(job["account_id"]),
+        site=job["site"],
+        status="ACTIVE",  # released, grantable for every other scope
+        job_id=job["id"],
+        reason=f"{scope} until {until.isoformat()}",
+    )
+    log.info(
+        "account_rate_limited",
+        job_id=job["id"],
+        account_id=job["account_id"],
+        scope=scope,
+        rest_until=until.isoformat(),
+    )
 
 
 async def cancel(tx: Tx, req: JobCancel, route: Route) -> Reply:

@@ -322,6 +322,7 @@ class QuartermasterClient:
         collector: str | None = None,
         job_id: str | None = None,
         timeout: float | None = None,
+        scope: str | None = None,
     ) -> Job:
         """A job to run as ``async with client.job(site=...) as job:`` (see ``app.sdk.job.Job``)."""
         return Job(
@@ -334,6 +335,7 @@ class QuartermasterClient:
             collector=collector or self.collector,
             job_id=job_id or new_id(),
             timeout=self.request_timeout if timeout is None else timeout,
+            scope=scope,
         )
 
     async def request(self, message: AnyRequest, timeout: float | None = None) -> AnyReply:

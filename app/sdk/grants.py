@@ -4,6 +4,7 @@ and session (each sealed to the client's public key, docs/security.md)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -17,6 +18,30 @@ class Opener(Protocol):
     """What opens the values of a grant: the client whose public key they were sealed to."""
 
     def open_sealed(self, sealed: str, context: str) -> bytes: ...
+
+
+class Requester(Opener, Protocol):
+    """What a job asks of its client (``QuartermasterClient`` is one): requests and their
+    replies, releases, lease watching and the opening of sealed grants."""
+
+    @property
+    def public_key(self) -> str: ...
+
+    async def request(
+        self, message: wire.AnyRequest, timeout: float | None = None
+    ) -> wire.AnyReply: ...
+
+    def release(
+        self,
+        job_id: str,
+        why: str,
+        lease_token: int | None = None,
+        lease_secret: str | None = None,
+    ) -> None: ...
+
+    def watch_lease(
+        self, start_request_id: str, job_id: str, on_lost: Callable[[str], None] | None
+    ) -> None: ...
 
 
 class Account(BaseModel):

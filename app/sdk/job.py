@@ -8,18 +8,18 @@ async with client.job(site="example", lease_seconds=300, wait_seconds=60) as job
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, TypeAdapter
 
 from app.sdk import errors
-from app.sdk.arguments import checked, field_value
-from app.sdk.grants import Account, Opener, Session, open_grant, open_lease_secret, open_proxy
+from app.sdk.arguments import checked
+from app.sdk.grants import Account, Requester, Session, open_grant, open_lease_secret, open_proxy
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import sdk_logger
+from app.sdk.outcome import MAX_REASON_CHARS, Outcome, refusal
 from app.sealing import load_public_key, seal_json
 from schemas import messages as wire
 
@@ -31,32 +31,7 @@ if TYPE_CHECKING:
 log = sdk_logger(__name__)
 
 MIN_HEARTBEAT_SECONDS = 0.1
-MAX_REASON_CHARS = 500
 _SESSION_STATE = TypeAdapter(wire.JsonObject)
-
-
-class Requester(Opener, Protocol):
-    """What a job asks of its client (``QuartermasterClient`` is one): requests and their
-    replies, releases, lease watching and the opening of sealed grants."""
-
-    @property
-    def public_key(self) -> str: ...
-
-    async def request(
-        self, message: wire.AnyRequest, timeout: float | None = None
-    ) -> wire.AnyReply: ...
-
-    def release(
-        self,
-        job_id: str,
-        why: str,
-        lease_token: int | None = None,
-        lease_secret: str | None = None,
-    ) -> None: ...
-
-    def watch_lease(
-        self, start_request_id: str, job_id: str, on_lost: Callable[[str], None] | None
-    ) -> None: ...
 
 
 class Job:
@@ -65,7 +40,8 @@ class Job:
     Entering raises ``JobRejected`` when Quartermaster refuses and ``RequestTimeout`` (a
     ``TimeoutError``) when no answer came in ``wait_seconds + timeout``. Exiting sends
     ``job.finish``: ``succeeded``; ``failed`` with the exception's class name when the body raised;
-    ``blocked`` after ``job.blocked(reason)``. Create it with ``QuartermasterClient.job``.
+    ``blocked`` after ``job.blocked(reason)``; ``rate_limited`` after ``job.rate_limited(…)``, with
+    the ``job.units`` counted. Create it with ``QuartermasterClient.job``.
     """
 
     def __init__(
@@ -80,6 +56,7 @@ class Job:
         collector: str,
         job_id: str,
         timeout: float,
+        scope: str | None = None,
     ) -> None:
         self._client = client
         self.job_id = job_id
@@ -98,6 +75,7 @@ class Job:
                 lease_seconds=lease_seconds,
                 wait_seconds=wait_seconds,
                 public_key=client.public_key,
+                scope=scope,
             )
         self._grant: wire.JobGranted | None = None
         self._lease_secret = SecretStr("")  # opened from the grant at enter
@@ -105,15 +83,13 @@ class Job:
         self.account: Account | None = None
         # the account's proxy, for Playwright (``browser.new_context(proxy=job.proxy)``)
         self.proxy: dict[str, str] | None = None
-        self._proxy_failed = False
         self._session: Session | None = None
         self.lost = False
         self.lost_reason: str | None = None
         self.status: str | None = None  # the job's final status once job.finished came back
-        self._blocked: tuple[str, int | None] | None = None
+        self._outcome = Outcome()  # how it went: sent with job.finish
         self._session_state: str | None = None  # sealed to Quartermaster
         self._seeds: list[wire.GrantedSeed] = []
-        self._seed_results: dict[str, wire.SeedResult] = {}
         self._heartbeats: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -166,15 +142,37 @@ class Job:
 
     # --- what the body tells ---------------------------------------------------------------
 
+    @property
+    def scope(self) -> str | None:
+        """What the job does on the site (``search``, ``profile``), as ``client.job`` named it."""
+        return self._start.scope
+
     def blocked(self, reason: str, cooldown_seconds: int | None = None) -> None:
         """Mark the outcome ``blocked``: the site blocked this account (it rests, or an operator looks)."""
-        cooldown = field_value(wire.JobFinish, "cooldown_seconds", cooldown_seconds, "job.blocked")
-        self._blocked = (reason[:MAX_REASON_CHARS], cooldown)
+        self._outcome.block(reason, cooldown_seconds)
+
+    def rate_limited(
+        self,
+        retry_after: float | None = None,
+        *,
+        reset_at: datetime | None = None,
+        scope: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Mark the outcome ``rate_limited``: the site limits this account for ``scope`` (the
+        job's own by default) for ``retry_after`` seconds, or until ``reset_at``. The account
+        rests for that scope only; the job ends FAILED (docs/policy.md, "Scopes")."""
+        self._outcome.limit(scope, retry_after, reset_at, reason)
+
+    def units(self, n: int = 1) -> int:
+        """Count ``n`` more units (pages, API calls) against the account's budget; returns the
+        lease's total, sent with the next heartbeat and the finish."""
+        return self._outcome.add_units(n)
 
     def proxy_failed(self) -> None:
         """Report at finish that the proxy failed (not the account): it rests, and is blocked
         and its accounts moved if it keeps failing."""
-        self._proxy_failed = True
+        self._outcome.proxy_failed = True
 
     def set_session_state(self, state: dict[str, Any]) -> None:
         """The browser state (Playwright ``storage_state``) to merge back at finish; sealed to
@@ -207,7 +205,7 @@ class Job:
         seed counts). ``next_due_seconds`` overrides when the seed is due again (its interval
         after a success, a backoff after a failure); ``reason`` says why it failed."""
         with checked("job.seed_done"):
-            self._seed_results[seed_id] = wire.SeedResult(
+            self._outcome.seed_results[seed_id] = wire.SeedResult(
                 seed_id=seed_id,
                 ok=ok,
                 next_due_seconds=next_due_seconds,
@@ -230,7 +228,7 @@ class Job:
             self._lose(reply.reason)
             raise errors.LeaseLost(self.job_id, reply.reason)
         if not isinstance(reply, wire.SeedsClaimed):
-            raise _refusal(self.job_id, reply)
+            raise refusal(self.job_id, reply)
         self._seeds.extend(reply.seeds)
         log.info("seeds_claimed", job_id=self.job_id, asked=n, seeds=len(reply.seeds))
         return list(reply.seeds)
@@ -273,7 +271,7 @@ class Job:
         if isinstance(reply, wire.JobLeaseLost):
             self._lose(reply.reason)
             raise errors.LeaseLost(self.job_id, reply.reason)
-        raise _refusal(self.job_id, reply)
+        raise refusal(self.job_id, reply)
 
     # --- acquire -------------------------------------------------------------------------
 
@@ -283,7 +281,7 @@ class Job:
         start = self._start
         reply = await self._client.request(start, timeout=self.timeout)
         if not isinstance(reply, wire.JobGranted):
-            raise _refusal(self.job_id, reply)
+            raise refusal(self.job_id, reply)
         # without its lease secret nothing can end the lease: it lapses by itself
         self._lease_secret = open_lease_secret(self._client, reply)
         try:
@@ -346,7 +344,7 @@ class Job:
             return reply.version
         if isinstance(reply, wire.JobLeaseLost):
             self._lose(reply.reason)
-        raise _refusal(self.job_id, reply)
+        raise refusal(self.job_id, reply)
 
     # --- heartbeats ----------------------------------------------------------------------
 
@@ -366,6 +364,7 @@ class Job:
                 job_id=self.job_id,
                 **self._lease(),
                 extend_seconds=self.lease_seconds,
+                units=self._outcome.units,
             )
             try:
                 reply = await self._client.request(heartbeat, timeout=max(interval * 1.5, 0.5))
@@ -398,6 +397,7 @@ class Job:
                 job_id=self.job_id,
                 **self._lease(),
                 extend_seconds=extend_seconds or self.lease_seconds,
+                units=self._outcome.units,
             )
         reply = await self._client.request(heartbeat, timeout=self.timeout)
         if isinstance(reply, wire.JobExtended):
@@ -406,7 +406,7 @@ class Job:
         if isinstance(reply, wire.JobLeaseLost):
             self._lose(reply.reason)
             raise errors.LeaseLost(self.job_id, reply.reason)
-        raise _refusal(self.job_id, reply)
+        raise refusal(self.job_id, reply)
 
     def _lose(self, reason: str) -> None:
         self.lost = True
@@ -445,7 +445,7 @@ class Job:
                     "job_finished", job_id=self.job_id, outcome=finish.outcome, status=reply.status
                 )
             else:
-                raise _refusal(self.job_id, reply)
+                raise refusal(self.job_id, reply)
         except errors.QuartermasterError as error:
             log.warning(
                 "job_finish_unconfirmed",
@@ -458,39 +458,12 @@ class Job:
         return None
 
     def _finish_message(self, exc: BaseException | None) -> wire.JobFinish:
-        outcome: str = "succeeded"
-        reason: str | None = None
-        cooldown: int | None = None
-        if self._blocked is not None:
-            outcome = "blocked"
-            reason, cooldown = self._blocked
-        elif exc is not None:
-            outcome, reason = "failed", type(exc).__name__[:MAX_REASON_CHARS]
         return wire.JobFinish.model_validate(
             {
                 "request_id": new_uuid(),
                 "job_id": self.job_id,
                 **self._lease(),
-                "outcome": outcome,
-                "reason": reason,
-                "cooldown_seconds": cooldown,
+                **self._outcome.finish_fields(exc),
                 "session_state": self._session_state,
-                "seed_results": list(self._seed_results.values()) or None,
-                "proxy_failed": self._proxy_failed,
             }
         )
-
-
-def _refusal(job_id: str, reply: wire.AnyReply) -> errors.QuartermasterError:
-    """The exception for a reply that is not the hoped-for one."""
-    if isinstance(reply, wire.JobRejected):
-        return errors.JobRejected(job_id, reply.reason)
-    if isinstance(reply, wire.RequestInvalid):
-        return errors.RequestInvalid(job_id, reply.error)
-    if isinstance(reply, wire.RequestConflict):
-        return errors.RequestConflict(job_id, str(reply.request_id))
-    if isinstance(reply, wire.SessionRejected):
-        return errors.SessionRejected(job_id, reply.detail)
-    if isinstance(reply, wire.JobLeaseLost):
-        return errors.UnexpectedReply(job_id, f"{reply.type} ({reply.reason})", "a live lease")
-    return errors.UnexpectedReply(job_id, reply.type, "a grant or a refusal")

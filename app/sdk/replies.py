@@ -262,7 +262,9 @@ class ReplyRouter:
     def _deliver(self, waiter: Waiter, reply: AnyReply) -> None:
         if isinstance(reply, JobQueued):
             waiter.queued_position = reply.position
-            log.info("job_queued", job_id=waiter.job_id, position=reply.position)
+            log.info(
+                "job_queued", job_id=waiter.job_id, position=reply.position, reason=reply.reason
+            )
             return
         if isinstance(reply, RequestFailedReply):
             if waiter.is_start:  # nothing granted; a replay of its dead letter may grant it

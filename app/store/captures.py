@@ -129,25 +129,27 @@ async def claim_handoffs(
     *,
     holder: str,
     lease_seconds: float,
+    now: datetime | None = None,
 ) -> list[Row]:
     """RECEIVED -> HANDING_OFF for each of ``capture_ids`` whose attempt is due, each with a
-    fresh token, in one statement. A capture a peer is claiming right now is passed over (SKIP
-    LOCKED: it is the peer's), and rows are locked in id order, so two batches never deadlock."""
+    fresh token, in one statement. Rows are locked in id order, so two batches never deadlock;
+    a capture a peer is claiming is waited for and, once the peer committed, is no longer
+    RECEIVED (the lock re-reads it), so only one of them claims it."""
     result = await conn.execute(
         text(
             f"""
             WITH picked AS (
                 SELECT id FROM captures
                 WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RECEIVED'
-                  AND next_attempt_at <= now()
+                  AND next_attempt_at <= {NOW}
                 ORDER BY id
-                FOR UPDATE SKIP LOCKED
+                FOR UPDATE
             ),
             c AS (
                 UPDATE captures
                 SET status = 'HANDING_OFF', handoff_holder = :holder,
                     handoff_token = nextval('lease_token_seq'),
-                    handoff_expires_at = now() + make_interval(secs => :lease),
+                    handoff_expires_at = {NOW} + make_interval(secs => :lease),
                     dispatched_at = NULL, updated_at = now()
                 FROM picked
                 WHERE captures.id = picked.id AND captures.status = 'RECEIVED'
@@ -156,26 +158,28 @@ async def claim_handoffs(
             {_WITH_SITE}
             """
         ),
-        {"ids": list(capture_ids), "holder": holder, "lease": lease_seconds},
+        {"ids": list(capture_ids), "holder": holder, "lease": lease_seconds, "now": now},
     )
     return list(result.mappings())
 
 
-async def finish_handoffs(conn: AsyncConnection, claims: Sequence[tuple[str, int]]) -> list[Row]:
+async def finish_handoffs(
+    conn: AsyncConnection, claims: Sequence[tuple[str, int]], now: datetime | None = None
+) -> list[Row]:
     """HANDING_OFF -> HANDED_OFF for each (capture id, token) whose token is still the capture's,
     in one statement; the captures that changed."""
     result = await conn.execute(
         text(
-            """
+            f"""
             UPDATE captures c
-            SET status = 'HANDED_OFF', handed_off_at = now(), handoff_expires_at = NULL,
+            SET status = 'HANDED_OFF', handed_off_at = {NOW}, handoff_expires_at = NULL,
                 last_error = NULL, updated_at = now()
             FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS bigint[])) AS f(id, token)
             WHERE c.id = f.id AND c.status = 'HANDING_OFF' AND c.handoff_token = f.token
             RETURNING c.*, clock_timestamp() AS db_at
             """
         ),
-        {"ids": [c for c, _ in claims], "tokens": [t for _, t in claims]},
+        {"ids": [c for c, _ in claims], "tokens": [t for _, t in claims], "now": now},
     )
     return list(result.mappings())
 

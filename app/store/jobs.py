@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.store import proxies
+from app.store import budgets, proxies
 from app.store.prepared import Prepared, Row
 
 # Used by reapers and tests to move the clock: ``coalesce(:now, now())`` is the database clock
@@ -38,17 +38,17 @@ _QUEUE = Prepared(
         """
         INSERT INTO jobs AS j (id, site, collector, status, needs_account, needs_seeds,
                                lease_seconds, wait_deadline, request_id, reply_to,
-                               correlation_id, public_key, reply_partition)
+                               correlation_id, public_key, reply_partition, scope)
         VALUES (:job_id, :site, :collector, 'QUEUED', :needs_account, :needs_seeds,
                 :lease_seconds, now() + make_interval(secs => :wait_seconds),
-                :request_id, :reply_to, :correlation_id, :public_key, :reply_partition)
+                :request_id, :reply_to, :correlation_id, :public_key, :reply_partition, :scope)
         ON CONFLICT (id) DO UPDATE
         SET status = 'QUEUED', queue_seq = nextval('job_queue_seq'),
             wait_deadline = excluded.wait_deadline, lease_seconds = excluded.lease_seconds,
             needs_account = excluded.needs_account, needs_seeds = excluded.needs_seeds,
             request_id = excluded.request_id, reply_to = excluded.reply_to,
             correlation_id = excluded.correlation_id, public_key = excluded.public_key,
-            reply_partition = excluded.reply_partition, lease_token = NULL,
+            reply_partition = excluded.reply_partition, scope = excluded.scope, lease_token = NULL,
             lease_secret_hash = NULL, lease_expires_at = NULL, account_id = NULL, reason = NULL,
             finished_at = NULL, updated_at = now()
         -- job ids are public (Kafka keys): only the collector that started the job, with the
@@ -76,6 +76,7 @@ async def queue_job(
     correlation_id: str,
     public_key: str,
     reply_partition: int | None = None,
+    scope: str | None = None,
 ) -> Row | None:
     """A new job -> QUEUED, or an EXPIRED one queued again; None if the job exists otherwise.
 
@@ -98,6 +99,7 @@ async def queue_job(
             "correlation_id": correlation_id,
             "public_key": public_key,
             "reply_partition": reply_partition,
+            "scope": scope,
         },
     )
 
@@ -108,10 +110,12 @@ _GRANT_NEXT_WAITING = Prepared(
         WITH head AS (
             -- the oldest waiting job of the site: FIFO per site (rule 4). The caller holds the site
             -- lock, so no other transaction is choosing a head for this site at the same time.
-            SELECT id, needs_account FROM jobs
+            SELECT id, needs_account, scope FROM jobs
             WHERE site = :site AND status = 'QUEUED'
             ORDER BY queue_seq LIMIT 1
         ),
+        -- use budgets (app.store.budgets): the site's rules and the grant's clock
+        {budgets.POLICY_CTE.strip()},
         -- proxies (app.store.proxies): the proxy an account not pinned yet would get
         {proxies.FREE_PROXY_CTE.strip()},
         acct AS (
@@ -123,16 +127,23 @@ _GRANT_NEXT_WAITING = Prepared(
               AND coalesce((SELECT needs_account FROM head), false)
               -- proxies: its own proxy usable, or a free one (or none where none is required)
               AND {proxies.PROXY_USABLE.strip()}
+              -- use budgets: not resting for the head's scope, and under its budget in the window
+              AND {budgets.SCOPE_FREE.strip()}
+              AND {budgets.WITHIN_BUDGET.strip()}
             ORDER BY a.available_at, a.id LIMIT 1
             FOR UPDATE OF a SKIP LOCKED
         ),
         gate AS (
             -- the capacity gate (rule 3): one more running job only while under capacity, and only
             -- when the head job's need for an account can be met
-            UPDATE sites SET running = running + 1
+            UPDATE sites s SET running = running + 1,
+                -- use budgets: the site's bucket gives one token
+                {budgets.BUCKET_AFTER_GRANT.strip()}
             WHERE slug = :site AND running < capacity
               AND EXISTS (SELECT 1 FROM head)
               AND (NOT (SELECT needs_account FROM head) OR EXISTS (SELECT 1 FROM acct))
+              -- use budgets: the site's bucket holds a whole token
+              AND {budgets.BUCKET_HAS_TOKEN}
             RETURNING slug, capacity
         ),
         token AS (
@@ -165,8 +176,9 @@ _GRANT_NEXT_WAITING = Prepared(
         ),
         history AS (
             -- the grant history, read by operators and by the exclusivity checks of the tests
-            INSERT INTO job_grants (lease_token, job_id, site, account_id, granted_at, proxy_id)
-            SELECT lease_token, id, site, account_id, granted_at,
+            INSERT INTO job_grants (lease_token, job_id, site, account_id, granted_at, scope,
+                                    proxy_id)
+            SELECT lease_token, id, site, account_id, granted_at, scope,
                    (SELECT proxy_id FROM account) FROM job
         )
         -- the grant's message needs the account's sealed secret and stored session; more_waiting

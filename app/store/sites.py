@@ -7,7 +7,6 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.store import proxies
 from app.store.accounts import HEALTH, HEALTH_STATES
 from app.store.rows import Row
 
@@ -24,6 +23,9 @@ async def add_site(
     max_attempts: int = 3,
     dag_id: str | None = None,
     session_check_url: str | None = None,
+    account_budget: int | None = None,
+    account_budget_seconds: int = 3600,
+    grants_per_minute: int | None = None,
     proxy_required: bool = False,
     retire_after_blocks: int | None = None,
 ) -> Row | None:
@@ -33,9 +35,11 @@ async def add_site(
             """
             INSERT INTO sites (slug, host, capacity, lease_seconds, cooldown_seconds,
                                block_cooldown_seconds, max_attempts, dag_id, session_check_url,
+                               account_budget, account_budget_seconds, grants_per_minute,
                                proxy_required, retire_after_blocks)
             VALUES (:slug, :host, :capacity, :lease_seconds, :cooldown_seconds,
                     :block_cooldown_seconds, :max_attempts, :dag_id, :session_check_url,
+                    :account_budget, :account_budget_seconds, :grants_per_minute,
                     :proxy_required, :retire_after_blocks)
             ON CONFLICT (slug) DO NOTHING
             RETURNING *
@@ -51,6 +55,9 @@ async def add_site(
             "max_attempts": max_attempts,
             "dag_id": dag_id,
             "session_check_url": session_check_url,
+            "account_budget": account_budget,
+            "account_budget_seconds": account_budget_seconds,
+            "grants_per_minute": grants_per_minute,
             "proxy_required": proxy_required,
             "retire_after_blocks": retire_after_blocks,
         },
@@ -68,6 +75,10 @@ EDITABLE = (
     "max_attempts",
     "dag_id",
     "session_check_url",
+    # use budgets (docs/policy.md): None turns one off
+    "account_budget",
+    "account_budget_seconds",
+    "grants_per_minute",
     "proxy_required",
     "retire_after_blocks",
 )
@@ -197,37 +208,6 @@ async def sites_with_waiting_jobs(conn: AsyncConnection, now: datetime | None = 
         {"now": now},
     )
     return [row[0] for row in result]
-
-
-_WAIT_REASON = text(
-    f"""
-    WITH {proxies.FREE_PROXY_CTE.strip()},
-    rested AS (
-        -- the accounts the grant would look at, with what the proxy rule says of them
-        SELECT {proxies.PROXY_USABLE} AS proxy_usable
-        FROM accounts a
-        WHERE a.site = :site AND a.status = 'ACTIVE'
-          AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())
-    )
-    SELECT CASE
-        WHEN s.running >= s.capacity THEN 'capacity'
-        WHEN NOT coalesce((SELECT needs_account FROM jobs WHERE site = s.slug AND status = 'QUEUED'
-                           ORDER BY queue_seq LIMIT 1), false) THEN 'capacity'
-        WHEN NOT EXISTS (SELECT 1 FROM rested) THEN 'accounts'
-        -- proxies: rested accounts there are, but none may go out
-        WHEN NOT EXISTS (SELECT 1 FROM rested WHERE proxy_usable) THEN 'proxy'
-        ELSE 'capacity' END
-    FROM sites s WHERE s.slug = :site
-    """
-)
-
-
-async def wait_reason(conn: AsyncConnection, slug: str) -> str:
-    """Why the site's line waits, as it stands: ``capacity`` (no free slot, or the head needs
-    none else), ``accounts`` (none rested), ``proxy`` (rested accounts, none with a usable
-    proxy)."""
-    result = await conn.execute(_WAIT_REASON, {"site": slug, "now": None})
-    return str(result.scalar_one())
 
 
 async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:

@@ -23,6 +23,7 @@ from tests.support.captures import (
     webhook,
 )
 from tests.support.waiting import eventually
+from workers.consuming import Incoming
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
 
@@ -105,23 +106,28 @@ async def test_a_webhook_that_never_answers_times_out_retries_and_stops_at_the_c
 async def test_a_slow_webhook_keeps_its_short_handoff_claim_alive_and_is_called_once(
     processor: RequestProcessor, engine: AsyncEngine, settings: Settings
 ) -> None:
-    """A target slower than three handoff leases: the worker renews its claim while it waits, so
-    the lapsed-handoff sweep, running all along on the database clock, never takes it back."""
+    """A target slower than three handoff leases, through the worker's batches: its record is
+    settled at once (the claim is in the database) and the worker renews the claim while the
+    target answers, so the lapsed-handoff sweep, running all along on the database clock,
+    never takes it back."""
     settings = settings.model_copy(
-        update={"handoff_lease_seconds": 0.9, "webhook_timeout_seconds": 10.0}
+        update={"handoff_lease_seconds": 1.5, "webhook_timeout_seconds": 20.0}
     )
     worker = HandoffWorker(settings, Database(engine))
     sweep = LapsedHandoffs(settings, Database(engine))
-    with webhook(200, delay=3.0) as hook:
+    with webhook(200, delay=5.0) as hook:
         token = await running_job(processor, engine, settings, webhook_url=hook.url)
         await processor.process(submit(settings, "job-1", token, "cap-1"))
-        handing = asyncio.create_task(worker.hand_off("cap-1"))
+        record = Incoming(settings.topic("captures"), 0, 1, 0, b"cap-1", b'{"capture_id": "cap-1"}')
+        assert await asyncio.wait_for(worker.enqueue(record), 5) == "handing_off"
         reaped: list[object] = []
         deadline = time.monotonic() + 30
-        while not handing.done() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             reaped += (await sweep.run_once()).changed
-            await asyncio.wait({handing}, timeout=0.2)  # the next sweep, unless it is done
-        assert await handing == "handed_off"
+            if (await capture_row(engine, "cap-1"))["status"] != "HANDING_OFF":
+                break
+            await asyncio.sleep(0.2)  # the sweep's pace, not a wait for the outcome
+        await worker.drain(10)
     assert reaped == []
     assert [hit.idempotency_key for hit in hook.hits] == ["cap-1"]
     row = await capture_row(engine, "cap-1")

@@ -82,7 +82,7 @@ async def test_a_waiting_job_past_its_deadline_is_rejected_as_timed_out(
     assert result.changed == ["patient"]
     answers = await replies(engine, settings, "patient")
     assert [(r["type"], r.get("reason")) for r in answers] == [
-        ("job.queued", "capacity"),
+        ("job.queued", "capacity"),  # what holds the line
         ("job.rejected", "timed_out"),
     ]
     assert [e["type"] for e in await job_events(engine, settings)] == ["job.timed_out"]

@@ -80,7 +80,7 @@ async def test_cancel_of_a_waiting_job_needs_no_token(
     await processor.process(cancel(settings, "waiter"))
     kinds = [(r["type"], r.get("reason")) for r in await replies(engine, settings, "waiter")]
     assert kinds == [
-        ("job.queued", "capacity"),
+        ("job.queued", "capacity"),  # what holds the line
         ("job.rejected", "cancelled"),
         ("job.cancelled", None),
     ]

@@ -79,7 +79,7 @@ ALTER TABLE job_grants
     -- the lease reported its proxy failed: counted once per lease
     ADD COLUMN proxy_failed boolean NOT NULL DEFAULT false;
 -- the account budget's window: an account's grants since a moment
-CREATE INDEX job_grants_account_window ON job_grants (account_id, granted_at)
+CREATE INDEX job_grants_account_window ON job_grants (account_id, granted_at) INCLUDE (units)
     WHERE account_id IS NOT NULL;
 
 CREATE TABLE account_scope_rests (
