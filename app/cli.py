@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 # `qm run`'s processes by name, as app.root.PROCESSES has them (tests/unit/test_processes.py
 # keeps the two equal): importing app.root costs what `qm --help` must not pay
-PROCESS_NAMES = ("worker", "relay", "reaper", "handoff", "alerts", "auditor")
+PROCESS_NAMES = ("worker", "relay", "reaper", "handoff", "alerts", "auditor", "console")
 
 
 class Qm(LazyGroup, OneLineErrors):
@@ -72,6 +72,10 @@ class Qm(LazyGroup, OneLineErrors):
             "app.commands.outbox:outbox_app",
             "Outbox rows the relay gave up on (parked), keeps failing (refused) or dead-lettered "
             "but not yet published: list them, send them again.",
+        ),
+        "console": Lazy(
+            "app.commands.console:console_app",
+            "The web console (`qm run console`): make a line of its users file.",
         ),
         "audit": Lazy(
             "app.commands.audit:audit_app",
@@ -194,7 +198,8 @@ def run(
         str, typer.Argument(help=f"all, or one of: {', '.join(PROCESS_NAMES)}")
     ] = "all",
 ) -> None:
-    """Run one process, or `all` of them in this OS process."""
+    """Run one process, or `all` of them in this OS process (`console` is the web console,
+    docs/console.md)."""
     import asyncio
 
     from app.commands.failures import say

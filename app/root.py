@@ -178,6 +178,7 @@ PROCESSES: dict[str, str] = {
     "handoff": "workers.handoff:run_handoff_worker",
     "alerts": "workers.alerts:run_alerts",
     "auditor": "workers.auditor:run_auditor",
+    "console": "workers.console:run_console",
 }
 
 

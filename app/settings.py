@@ -340,6 +340,44 @@ class Settings(BaseSettings):
         "default, for the scraper and the orchestrator's probes; `qm dev` uses 127.0.0.1.",
     )
 
+    # --- web console (`qm run console`, docs/console.md) ----------------------------------
+    console_host: str = Field(
+        "127.0.0.1",
+        description="Address the web console listens on: loopback by default (put an "
+        "authenticating proxy or a tunnel in front to reach it from elsewhere).",
+    )
+    console_port: int = Field(
+        8090, ge=0, le=65535, description="Port of the web console (0: a free port, logged)."
+    )
+    console_token: SecretStr | None = Field(
+        None, description="Operator token: who signs in with it gets the operator role."
+    )
+    console_users_file: str | None = Field(
+        None,
+        description="File of console users, one `name:role:scrypt-hash` a line "
+        "(`qm console hash-password NAME` writes one).",
+    )
+    console_trusted_header: str | None = Field(
+        None,
+        description="Header an authenticating proxy sets to the signed-in user's name (e.g. "
+        "X-Forwarded-User); only set it when every request comes through that proxy.",
+    )
+    console_trusted_role: Literal["viewer", "operator"] = Field(
+        "viewer",
+        description="Role of a user the trusted header names (unless the users file says).",
+    )
+    console_session_secret: SecretStr | None = Field(
+        None,
+        description="Key that signs the console's session cookie (unset: a new one each start, "
+        "which signs everybody out on a restart).",
+    )
+    console_secure_cookie: bool = Field(
+        False, description="Send the session cookie over HTTPS only (set it behind TLS)."
+    )
+    console_refresh_seconds: float = Field(
+        2.0, gt=0, le=60, description="Seconds between refreshes of the live overview."
+    )
+
     # --- alerts (`qm run alerts`) ------------------------------------------------------
     slack_webhook_url: SecretStr | None = Field(
         None,

@@ -21,7 +21,7 @@ class LifecycleEvent(Message):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: str  # "<entity>.<what happened>", e.g. "job.granted", "account.released"
-    entity: Literal["job", "account", "seed", "session", "capture", "proxy"]
+    entity: Literal["job", "account", "seed", "session", "capture", "proxy", "site", "dead_letter"]
     id: str
     site: str
     status: str
@@ -35,6 +35,7 @@ class LifecycleEvent(Message):
     lease_expires_at: datetime | None = None  # the lease's expiry as the transition left it
     capacity: int | None = None  # the site's capacity in force at a grant
     handoff_token: int | None = None  # the handoff claim a capture event is about
+    operator: str | None = None  # who acted, for a change an operator made (the web console)
 
 
 class TerminalJobEvent(Message):

@@ -169,6 +169,7 @@ def settings(database_url: str, kafka_bootstrap: str, topic_prefix: str) -> Sett
         reaper_interval_seconds=0.2,
         consumer_session_timeout_ms=6000,
         reply_topic_partitions=8,  # enough to route replies; the test broker is shared
+        console_port=0,  # `qm run all` of parallel tests: each console on a free port
     )
 
 

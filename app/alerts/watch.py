@@ -63,6 +63,8 @@ class AlertWatch:
         kind = event.get("type") if isinstance(event, dict) else None
         if kind not in ACCOUNT_ALERTS:
             return []
+        if event.get("operator"):  # an operator's own block (the console) is no news to them
+            return []
         cause, status, what = ACCOUNT_ALERTS[kind]
         account_id = int(event["id"])
         async with self.db.transaction() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import sys
 from typing import Annotated, Any
 
@@ -125,11 +126,18 @@ def accounts_list(
 
 
 def _move(site: str, username: str, target: AccountStatus, reason: str | None = None) -> None:
-    row = in_transaction(
-        lambda conn: accounts.set_account_status(
-            conn, site=site, username=username, target=target, reason=reason
-        )
-    )
+    """The operator's move the console makes too (app.core.operations), with its event."""
+    from app.core.operations import move_account
+
+    command = CommandServices()
+
+    async def work(conn: Conn) -> Row | None:
+        tx = command.tx(conn, operator=getpass.getuser())
+        row = await move_account(tx, site=site, username=username, target=target, reason=reason)
+        await tx.flush()
+        return row
+
+    row = command.in_transaction(work)
     if row is None:
         raise fail(
             f"account {username!r} of {site!r} does not exist or cannot become {target} from its "

@@ -50,11 +50,12 @@ class CommandServices:
 
         return SecretBox.from_settings(self.settings)
 
-    def tx(self, conn: Conn) -> Tx:
-        """A transaction's services on ``conn`` (its outbox is flushed by the caller)."""
+    def tx(self, conn: Conn, operator: str | None = None) -> Tx:
+        """A transaction's services on ``conn`` (its outbox is flushed by the caller); an
+        operator's action names them in its events (``operator``)."""
         from app.core.transaction import Tx, TxServices
 
-        return Tx(conn, TxServices(self.settings, self.secrets))
+        return Tx(conn, TxServices(self.settings, self.secrets), operator=operator)
 
     @contextlib.asynccontextmanager
     async def database(self) -> AsyncIterator[Database]:

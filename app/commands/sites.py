@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
 from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
 
 from app.commands.common import (
+    CommandServices,
     check_dag_id,
     check_host,
     check_slug,
@@ -233,7 +235,7 @@ def _site_json(row: Row) -> dict[str, Any]:
             "accounts_inactive", "grants_last_minute", "lease_seconds", "cooldown_seconds",
             "block_cooldown_seconds", "max_attempts", "dag_id", "session_check_url",
             "account_budget", "account_budget_seconds", "grants_per_minute",
-            "proxy_required", "retire_after_blocks",
+            "proxy_required", "retire_after_blocks", "paused_capacity",
         )
     }  # fmt: skip
 
@@ -287,7 +289,8 @@ def sites_list(as_json: Json = False) -> None:
         grid.add_row(
             row["slug"],
             row["host"],
-            f"{row['running']} of {row['capacity']}",
+            f"{row['running']} of {row['capacity']}"
+            + (" (paused)" if row["paused_capacity"] is not None else ""),
             str(row["waiting"])
             + (f" (oldest {row['oldest_wait_seconds']:.0f}s)" if row["waiting"] else ""),
             _accounts_cell(row),
@@ -299,3 +302,37 @@ def sites_list(as_json: Json = False) -> None:
             + _budgets_cell(row),
         )
     out().print(grid)
+
+
+def _pause_or_resume(slug: str, pause: bool) -> None:
+    """The move the console's pause and resume make (app.core.operations), with its event."""
+    from app.core.operations import pause_site, resume_site
+
+    command = CommandServices()
+
+    async def work(conn: Conn) -> Row | None:
+        tx = command.tx(conn, operator=getpass.getuser())
+        row = await (pause_site if pause else resume_site)(tx, slug)
+        await tx.flush()
+        return row
+
+    row = command.in_transaction(work)
+    if row is None:
+        state = "paused already" if pause else "not paused"
+        raise fail(f"site {slug!r} does not exist or is {state}; `qm sites list` shows them")
+    if pause:
+        out().print(f"site {slug} paused (capacity 0; {row['paused_capacity']} kept for resume)")
+    else:
+        out().print(f"site {slug} resumed with capacity {row['capacity']}")
+
+
+@sites_app.command("pause")
+def sites_pause(slug: Slug) -> None:
+    """Capacity to 0, the capacity kept: running jobs finish, nothing is granted until resumed."""
+    _pause_or_resume(slug, pause=True)
+
+
+@sites_app.command("resume")
+def sites_resume(slug: Slug) -> None:
+    """The capacity a pause kept comes back; waiting jobs are granted within one reaper sweep."""
+    _pause_or_resume(slug, pause=False)

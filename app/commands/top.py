@@ -13,11 +13,8 @@ import os
 import signal
 import sys
 import termios
-import time
 import tty
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -29,67 +26,18 @@ from sqlalchemy.exc import DBAPIError
 
 from app.commands.common import CommandServices, fail, out, plain
 from app.commands.failures import explain, quiet_kafka_client
-from app.dlt.reader import DltError, Selection, open_reader
+from app.dlt.reader import DltError
+from app.overview import (
+    REPAIR_WINDOW_MINUTES,
+    DeadLetters,
+    Snapshot,
+    count_dead_letters,
+    read_snapshot,
+    watch_dead_letters,
+)
 from app.settings import Settings, get_settings
-from app.store import Database, Row, outbox, views
+from app.store import Database, Row
 from app.store.accounts import HEALTH_STATES
-
-REPAIR_WINDOW_MINUTES = 10
-BROKER_REOPEN_SECONDS = 30.0  # a fresh reader sees dead-letter topics created since
-
-
-@dataclass
-class DeadLetters:
-    """Records per dead-letter topic, as the broker task last saw them."""
-
-    per_topic: dict[str, int] = field(default_factory=dict)
-    error: str | None = "waiting for the broker"
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What one refresh read from the database."""
-
-    at: datetime
-    sites: list[Row]
-    backlog: outbox.Backlog
-    repairs: Row
-
-
-async def read_snapshot(db: Database) -> Snapshot:
-    """One consistent read of the database for a refresh."""
-    async with db.transaction() as conn:
-        return Snapshot(
-            at=datetime.now(UTC),
-            sites=await views.site_overview(conn),
-            backlog=await outbox.backlog(conn),
-            repairs=await views.reaper_repairs(conn, REPAIR_WINDOW_MINUTES),
-        )
-
-
-async def count_dead_letters(settings: Settings) -> dict[str, int]:
-    """Records on each dead-letter topic (end offset minus first offset, over its partitions)."""
-    async with open_reader(settings) as reader:
-        return {
-            topic: (await reader.plan(topic, Selection())).total
-            for topic in await reader.dlt_topics()
-        }
-
-
-async def watch_dead_letters(settings: Settings, seen: DeadLetters, interval: float) -> None:
-    """Keep ``seen`` current until cancelled; a broker that does not answer is shown, not fatal."""
-    while True:
-        try:
-            async with open_reader(settings) as reader:
-                reopen_at = time.monotonic() + BROKER_REOPEN_SECONDS
-                while time.monotonic() < reopen_at:
-                    topics = await reader.dlt_topics()
-                    seen.per_topic = {t: (await reader.plan(t, Selection())).total for t in topics}
-                    seen.error = None
-                    await asyncio.sleep(interval)
-        except DltError as exc:
-            seen.error = str(exc)
-            await asyncio.sleep(interval)
 
 
 def _age(seconds: float | None) -> str:

@@ -10,7 +10,7 @@ from app.settings import Settings
 from app.store import Row
 from schemas.messages import LifecycleEvent, TerminalJobEvent
 
-Entity = Literal["job", "account", "seed", "session", "capture", "proxy"]
+Entity = Literal["job", "account", "seed", "session", "capture", "proxy", "site", "dead_letter"]
 
 TERMINAL_EVENT_TYPES: dict[str, Any] = {
     "SUCCEEDED": "job.succeeded",
@@ -25,9 +25,11 @@ TERMINAL_EVENT_TYPES: dict[str, Any] = {
 class Events:
     """Writes events into the transaction's outbox."""
 
-    def __init__(self, settings: Settings, box: Outbox) -> None:
+    def __init__(self, settings: Settings, box: Outbox, operator: str | None = None) -> None:
         self.settings = settings
         self.box = box
+        # the operator whose action this transaction is: every event it writes names them
+        self.operator = operator
 
     def emit(
         self,
@@ -52,6 +54,7 @@ class Events:
             at=datetime.now(UTC),
             job_id=job_id,
             reason=reason,
+            operator=self.operator,
             **({} if history is None else _history(history)),
         )
         # pydantic's own JSON: the same document as json.dumps of model_dump, at a third of the cost

@@ -42,7 +42,8 @@ class Tx:
     """One transaction's connection, outbox and event writer.
 
     ``locked_sites``: the sites this transaction locked first (their settings cannot change while
-    it holds them); ``job_sites``: the site of each job it named then."""
+    it holds them); ``job_sites``: the site of each job it named then; ``operator``: who acted,
+    named by every event it writes (an operator's action in the web console)."""
 
     def __init__(
         self,
@@ -51,12 +52,13 @@ class Tx:
         *,
         locked_sites: Mapping[str, Row] | None = None,
         job_sites: Mapping[str, str] | None = None,
+        operator: str | None = None,
     ) -> None:
         self.conn = conn
         self.services = services
         self.settings = services.settings
         self.box = Outbox(services.settings.outbox_shards)
-        self.events = Events(services.settings, self.box)
+        self.events = Events(services.settings, self.box, operator)
         self.locked_sites: dict[str, Row] = dict(locked_sites or {})
         self.job_sites: Mapping[str, str] = job_sites or {}
 

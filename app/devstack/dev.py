@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import secrets
 import shutil
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,7 @@ log = structlog.get_logger()
 STATE_DIR = Path(".qm-dev")
 ENV_FILE = Path(".qm-dev.env")
 KEYS_FILE = "keys.env"
+CONSOLE_TOKEN_FILE = "console-token"  # the dev console's operator token (made on the first run)
 DEMO_SITE = "demo"
 DEMO_ACCOUNTS = 3
 READY_WAIT_SECONDS = 60.0
@@ -81,6 +83,33 @@ def dev_keys(base: Settings, state: Path) -> tuple[SecretStr, SecretStr]:
         SecretStr(configured[0] or kept["QM_SECRET_KEYS"]),
         SecretStr(configured[1] or kept["QM_SEALING_KEYS"]),
     )
+
+
+def dev_console(base: Settings, state: Path) -> dict[str, object]:
+    """The console's settings in a dev stack: on loopback, on its port if that is free (else on
+    another), and with a token kept in ``state`` unless a way to sign in is configured."""
+    port = base.console_port
+    if not port or not _port_free(port):
+        port = free_port()
+    return {**_dev_sign_in(base, state), "console_host": LOOPBACK, "console_port": port}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def _dev_sign_in(base: Settings, state: Path) -> dict[str, object]:
+    if base.console_token or base.console_users_file or base.console_trusted_header:
+        return {}
+    path = state / CONSOLE_TOKEN_FILE
+    if not path.exists() or not path.read_text().strip():
+        _private(path, secrets.token_urlsafe(24) + "\n")
+    return {"console_token": SecretStr(path.read_text().strip())}
 
 
 def write_env_file(settings: Settings, path: Path) -> str:
@@ -141,6 +170,15 @@ def suggestions(sites: list[str]) -> list[str]:
     return ["qm sites list", f"qm accounts list {site}", f"qm jobs list --site {site}"]
 
 
+def _sign_in(settings: Settings, state: Path) -> str:
+    """How to sign in to the dev console: with the kept token, unless another way is set."""
+    kept = state / CONSOLE_TOKEN_FILE
+    token = settings.console_token
+    if token and kept.exists() and kept.read_text().strip() == token.get_secret_value():
+        return f"sign in with the token in {kept}"
+    return "sign in as configured: docs/console.md"
+
+
 def banner(settings: Settings, state: Path, sites: list[str], broker: str) -> str:
     """What the stack is, where, and three commands to try."""
     health = f"http://{settings.metrics_host}:{settings.metrics_port}"
@@ -149,6 +187,7 @@ def banner(settings: Settings, state: Path, sites: list[str], broker: str) -> st
         f"  PostgreSQL  {settings.database_url}",
         f"  Kafka       {settings.kafka_bootstrap_servers} ({broker})",
         f"  Health      {health}/metrics  {health}/healthz  {health}/readyz",
+        f"  Console     http://{settings.console_host}:{settings.console_port}/ ({_sign_in(settings, state)})",
         f"  State       {state}/ (kept between runs; `qm dev --fresh` starts over)",
         f"  Env file    {ENV_FILE} (this stack's; removed when it stops)",
         f"  In another shell: `{qm_at_hand()}; set -a; . ./{ENV_FILE}; set +a`, then try:",
@@ -233,6 +272,7 @@ def run_dev(
                     "sealing_keys": sealing_keys,
                     "metrics_port": base.metrics_port or free_port(),
                     "metrics_host": LOOPBACK,  # a dev stack is nobody else's business
+                    **dev_console(base, state),
                 }
             )
             health = f"http://{LOOPBACK}:{settings.metrics_port}"

@@ -232,3 +232,37 @@ async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:
         {"health": list(HEALTH_STATES)},
     )
     return [dict(row) for row in result.mappings()]
+
+
+async def pause_site(conn: AsyncConnection, slug: str) -> Row | None:
+    """An operator's pause: capacity -> 0, the capacity it had kept in ``paused_capacity``.
+
+    Running jobs finish; nothing is granted until it is resumed. None when there is no such site
+    or it is paused already."""
+    result = await conn.execute(
+        text(
+            """
+            UPDATE sites SET paused_capacity = capacity, capacity = 0
+            WHERE slug = :slug AND paused_capacity IS NULL
+            RETURNING slug, capacity, paused_capacity, clock_timestamp() AS db_at
+            """
+        ),
+        {"slug": slug},
+    )
+    return result.mappings().first()
+
+
+async def resume_site(conn: AsyncConnection, slug: str) -> Row | None:
+    """An operator's resume: the capacity the pause kept comes back (waiting jobs are granted
+    within one capacity-back sweep). None when there is no such site or it is not paused."""
+    result = await conn.execute(
+        text(
+            """
+            UPDATE sites SET capacity = paused_capacity, paused_capacity = NULL
+            WHERE slug = :slug AND paused_capacity IS NOT NULL
+            RETURNING slug, capacity, paused_capacity, clock_timestamp() AS db_at
+            """
+        ),
+        {"slug": slug},
+    )
+    return result.mappings().first()

@@ -94,7 +94,7 @@ async def job_detail(conn: AsyncConnection, job_id: str) -> Row | None:
         text(
             """
             SELECT j.*, a.username AS account_username, now() AS now,
-                   s.capacity, s.running,
+                   s.capacity, s.running, s.paused_capacity,
                    (SELECT count(*) FROM jobs w WHERE w.site = j.site AND w.status = 'QUEUED'
                                                   AND w.queue_seq < j.queue_seq) AS ahead,
                    acc.*

@@ -146,6 +146,12 @@ async def test_qm_dev_serves_a_job_on_embedded_services_and_ctrl_c_leaves_nothin
         assert health is not None, banner
         assert (await get(f"{health.group(1)}/readyz"))[0] == 200
         assert "set -a; . ./.qm-dev.env; set +a" in banner
+        console = re.search(
+            r"Console     (http://127\.0\.0\.1:\d+)/ \(sign in with the token", banner
+        )
+        assert console is not None, banner  # the web console, with a token only its owner reads
+        assert (await get(f"{console.group(1)}/login"))[0] == 200
+        assert (tmp_path / ".qm-dev" / "console-token").stat().st_mode & 0o077 == 0
         assert len(re.findall(r"^    qm ", banner, re.MULTILINE)) == 3  # three commands to try
         assert (tmp_path / ".qm-dev.env").stat().st_mode & 0o077 == 0
         settings = dev.settings()

@@ -46,6 +46,7 @@ def prefix_settings(prefix: str) -> Settings:
         consumer_group=f"{prefix}workers",
         handoff_consumer_group=f"{prefix}handoff",
         alert_consumer_group=f"{prefix}alerts",
+        console_port=0,  # `qm run all` of parallel tests: each console on a free port
     )
 
 

@@ -66,6 +66,7 @@ def test_every_process_lives_in_workers_or_reapers() -> None:
         "handoff": "workers",
         "alerts": "workers",
         "auditor": "workers",
+        "console": "workers",
     }
 
 
