@@ -43,6 +43,10 @@ class Qm(LazyGroup, OneLineErrors):
             "app.commands.accounts:accounts_app",
             "Accounts of a site; secrets are read from a prompt or stdin, never echoed.",
         ),
+        "proxies": Lazy(
+            "app.commands.proxies:proxies_app",
+            "Proxies of a site, pinned to its accounts (one each, until the proxy fails).",
+        ),
         "jobs": Lazy("app.commands.jobs:jobs_app", "Jobs: what runs, what waits and why."),
         "domains": Lazy(
             "app.commands.domains:domains_app",

@@ -70,6 +70,11 @@ SITE_ACCOUNTS = Gauge(
     "Accounts of the site by status (ACTIVE counts cooling ones).",
     ["site", "status"],
 )
+SITE_ACCOUNT_HEALTH = Gauge(
+    "qm_site_account_health",
+    "Accounts of the site by health: new, healthy, at_risk, failing, blocked, retired.",
+    ["site", "health"],
+)
 
 CHECK_TIMEOUT_SECONDS = 3.0  # a check that takes longer fails
 CHECK_INTERVAL_SECONDS = 5.0  # how often the gauges are refreshed without a request
@@ -237,3 +242,5 @@ def set_site_gauges(sites: Iterable[Any]) -> None:
         SITE_WAITING.labels(site["slug"]).set(site["waiting"])
         for status, count in site["accounts"].items():
             SITE_ACCOUNTS.labels(site["slug"], status).set(count)
+        for health, count in (site.get("health") or {}).items():
+            SITE_ACCOUNT_HEALTH.labels(site["slug"], health).set(count)

@@ -21,7 +21,7 @@ class LifecycleEvent(Message):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: str  # "<entity>.<what happened>", e.g. "job.granted", "account.released"
-    entity: Literal["job", "account", "seed", "session", "capture", "site", "dead_letter"]
+    entity: Literal["job", "account", "seed", "session", "capture", "proxy", "site", "dead_letter"]
     id: str
     site: str
     status: str

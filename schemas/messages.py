@@ -32,7 +32,16 @@ from schemas.headers import REPLY_TO as REPLY_TO
 from schemas.headers import parse_reply_partition as parse_reply_partition
 from schemas.headers import reply_partition_value as reply_partition_value
 from schemas.nesting import MAX_NESTING, NestingTooDeep, nesting_depth
-from schemas.values import BIGINT_MAX, BigInt, JsonObject, SeedId, UtcTime, usable_public_key
+from schemas.values import (
+    BIGINT_MAX,
+    BigInt,
+    HttpUrl,
+    JsonObject,
+    SeedId,
+    UtcTime,
+    holds_nul,
+    usable_public_key,
+)
 
 VERSION = 1
 
@@ -74,15 +83,6 @@ Units = Annotated[
 RATE_LIMITED = "rate_limited"
 
 
-def _http_url(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
-        raise ValueError("only http(s) URLs are accepted")
-    return value
-
-
-HttpUrl = Annotated[str, StringConstraints(max_length=4096), AfterValidator(_http_url)]
-
-
 # An X25519 public key: standard base64 (RFC 4648, padded) of its 32 raw bytes, one X25519 can
 # use (a point of small order, such as 32 zero bytes, is refused in any encoding).
 PublicKey = Annotated[
@@ -106,22 +106,10 @@ Sealed = Annotated[
 
 
 def seal_context(field: str, job_id: str) -> str:
-    """The associated data a sealed field is bound to: ``qm.v1:<field>:<job_id>``.
-
-    Fields: ``lease.secret``, ``account.secret`` and ``session.storage_state`` of
-    ``job.granted`` (sealed to the requester), ``session.upload`` and ``job.finish`` (session states sealed to Quartermaster).
-    """
+    """The associated data a sealed field is bound to: ``qm.v1:<field>:<job_id>``. Fields:
+    ``lease.secret``, ``account.secret``, ``session.storage_state`` and ``proxy.url`` of
+    ``job.granted`` (to the requester); ``session.upload``, ``job.finish`` (to Quartermaster)."""
     return f"qm.v1:{field}:{job_id}"
-
-
-def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds_nul(item) for item in value)
-    return False
 
 
 class Request(Message):
@@ -135,7 +123,7 @@ class Request(Message):
     def _no_nul(cls, data: Any) -> Any:
         """No text of a request, nested keys and values included, holds a NUL character: the
         database stores none, so such a request is bad input, refused here with a reason."""
-        if _holds_nul(data):
+        if holds_nul(data):
             raise ValueError("text must not contain the NUL character (U+0000)")
         return data
 
@@ -211,6 +199,8 @@ class JobFinish(Request):
             raise ValueError("rate_limited needs one of retry_after_seconds and reset_at")
         return self
 
+    proxy_failed: bool = False  # the grant's proxy failed: it rests (and blocks if it keeps on)
+
 
 class JobCancel(Request):
     type: Literal["job.cancel"] = "job.cancel"
@@ -233,6 +223,7 @@ class SessionUpload(Request):
     lease_secret: LeaseSecret
     # Playwright storage_state, sealed to Quartermaster's upload_key (context session.upload)
     storage_state: Sealed
+    proxy_failed: bool = False  # as job.finish's: the proxy of the grant failed
 
 
 class SeedsClaim(Request):
@@ -309,6 +300,13 @@ class GrantedSession(BaseModel):
     storage_state: Sealed
 
 
+class GrantedProxy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str  # scheme://host:port
+    url: Sealed  # with its credentials, sealed to the requester's public_key (context proxy.url)
+
+
 class GrantedSeed(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -333,6 +331,7 @@ class JobGranted(Reply):
     )
     account: GrantedAccount | None = None
     session: GrantedSession | None = None
+    proxy: GrantedProxy | None = Field(None, description="The proxy the account is pinned to.")
     seeds: list[GrantedSeed] = []
     session_check_url: str | None = Field(
         None, description="The site's page that answers 2xx only to a logged-in session."
@@ -345,8 +344,8 @@ class JobQueued(Reply):
     reason: str | None = Field(
         None,
         description="What holds the site's line: capacity, accounts (none rested), budget (the "
-        "accounts' or the site's use budget) or rate_limited (the accounts rest for the scope "
-        "of the job at the head of the line).",
+        "accounts' or the site's use budget), rate_limited (the accounts rest for the scope "
+        "of the job at the head of the line) or proxy (no rested account has a usable proxy).",
     )
 
 

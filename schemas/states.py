@@ -31,6 +31,11 @@ class JobStatus(StrEnum):
     TIMED_OUT = "TIMED_OUT"
 
 
+class ProxyStatus(StrEnum):
+    ACTIVE = "ACTIVE"  # carries accounts (resting after a failure until its available_at)
+    BLOCKED = "BLOCKED"  # failed too often in a row, or blocked by an operator: carries none
+
+
 class CaptureStatus(StrEnum):
     RECEIVED = "RECEIVED"
     HANDING_OFF = "HANDING_OFF"
@@ -42,7 +47,8 @@ A, S, J, C = AccountStatus, SeedStatus, JobStatus, CaptureStatus
 
 ACCOUNT_TRANSITIONS: dict[AccountStatus, frozenset[AccountStatus]] = {
     A.ACTIVE: frozenset({A.USING, A.BLOCKED, A.INACTIVE}),  # BLOCKED: by an operator
-    # INACTIVE: a grant found its secret or session sealed with no key of QM_SECRET_KEYS
+    # INACTIVE: a grant found its secret or session sealed with no key of QM_SECRET_KEYS, or a
+    # block reached its site's retire_after_blocks in a row (retired)
     A.USING: frozenset({A.ACTIVE, A.BLOCKED, A.INACTIVE}),
     A.BLOCKED: frozenset({A.ACTIVE, A.INACTIVE}),
     A.INACTIVE: frozenset({A.ACTIVE}),
@@ -64,6 +70,12 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     J.FAILED: frozenset(),
     J.CANCELLED: frozenset(),
     J.TIMED_OUT: frozenset(),
+}
+
+PROXY_TRANSITIONS: dict[ProxyStatus, frozenset[ProxyStatus]] = {
+    # BLOCKED: the failure that makes block_after in a row, or an operator
+    ProxyStatus.ACTIVE: frozenset({ProxyStatus.BLOCKED}),
+    ProxyStatus.BLOCKED: frozenset({ProxyStatus.ACTIVE}),  # an operator's unblock
 }
 
 CAPTURE_TRANSITIONS: dict[CaptureStatus, frozenset[CaptureStatus]] = {

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, StringConstraints
 
 from schemas.nesting import MAX_NESTING, nesting_depth
 
@@ -82,3 +82,23 @@ UtcTime = Annotated[datetime, AfterValidator(_in_utc_range)]
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("only http(s) URLs are accepted")
+    return value
+
+
+HttpUrl = Annotated[str, StringConstraints(max_length=4096), AfterValidator(_http_url)]
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a text of ``value``, nested keys and values included, holds a NUL character."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(holds_nul(item) for item in value)
+    return False

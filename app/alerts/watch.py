@@ -3,6 +3,7 @@
 | cause                    | fires when                                             | clears when                          |
 | ------------------------ | ------------------------------------------------------ | ------------------------------------ |
 | ``account_blocked:<id>`` | an ``account.blocked`` event, the account still BLOCKED | the account is no longer BLOCKED     |
+| ``account_retired:<id>`` | an ``account.retired`` event (the site's ``--retire-after-blocks``), the account still INACTIVE | an operator returned it |
 | ``dead_letters:<topic>`` | a record arrives on a dead-letter topic                | ``alert_repeat_seconds`` without one |
 | ``waiting:<site>``       | the site's oldest waiting job waited > ``alert_wait_seconds`` | no job waits that long          |
 | ``outbox_lag``           | the oldest unpublished outbox row is > ``alert_outbox_lag_seconds`` old | it is not           |
@@ -33,6 +34,12 @@ from app.store.outbox import backlog
 
 log = structlog.get_logger()
 
+# account events that fire an alert: its cause, the status it stays firing in, and what it says
+ACCOUNT_ALERTS = {
+    "account.blocked": ("account_blocked", "BLOCKED", "blocked"),
+    "account.retired": ("account_retired", "INACTIVE", "retired"),
+}
+
 
 class AlertWatch:
     """Turns events, dead letters and database checks into posts through one ``AlertBook``."""
@@ -47,24 +54,29 @@ class AlertWatch:
     # --- what arrives on the topics ---------------------------------------------------------
 
     async def on_event(self, value: bytes) -> list[Post]:
-        """An event of ``qm.events``: a blocked account fires if it is still blocked."""
+        """An event of ``qm.events``: a blocked (retired) account fires if it is still blocked
+        (out of service)."""
         try:
             event = json.loads(value)
         except ValueError:
             return []
-        if not isinstance(event, dict) or event.get("type") != "account.blocked":
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind not in ACCOUNT_ALERTS:
             return []
         if event.get("operator"):  # an operator's own block (the console) is no news to them
             return []
+        cause, status, what = ACCOUNT_ALERTS[kind]
         account_id = int(event["id"])
         async with self.db.transaction() as conn:
-            still = (await account_statuses(conn, [account_id])).get(account_id) == "BLOCKED"
+            still = (await account_statuses(conn, [account_id])).get(account_id) == status
         if not still:
             return []
-        text = f"Account {account_id} of site {event.get('site')} is blocked"
+        text = f"Account {account_id} of site {event.get('site')} is {what}"
+        if kind == "account.retired":
+            text += f" after {event.get('reason')}; `qm accounts unblock` returns it"
         if event.get("job_id"):
             text += f" (reported by job {event['job_id']})"
-        return await self._send(self.book.fire(f"account_blocked:{account_id}", text, _now()))
+        return await self._send(self.book.fire(f"{cause}:{account_id}", text, _now()))
 
     async def on_dead_letter(self, topic: str, headers: list[tuple[str, bytes]]) -> list[Post]:
         """A dead letter arrived on ``topic``."""
@@ -82,8 +94,12 @@ class AlertWatch:
         async with self.db.transaction() as conn:
             waits = await oldest_waiters(conn, settings.alert_wait_seconds)
             lag = await backlog(conn)
-            blocked_ids = [int(c.split(":")[1]) for c in self.book.firing("account_blocked")]
-            statuses = await account_statuses(conn, blocked_ids) if blocked_ids else {}
+            watched = {
+                cause: [int(c.split(":")[1]) for c in self.book.firing(cause)]
+                for cause, _, _ in ACCOUNT_ALERTS.values()
+            }
+            ids = [i for firing in watched.values() for i in firing]
+            statuses = await account_statuses(conn, ids) if ids else {}
         posts: list[Post | None] = []
         waiting = {f"waiting:{w['site']}": w for w in waits}
         for cause, w in waiting.items():
@@ -102,11 +118,12 @@ class AlertWatch:
             posts.append(self.book.fire("outbox_lag", text, now))
         else:
             posts.append(self.book.clear("outbox_lag", now))
-        for account_id in blocked_ids:
-            if statuses.get(account_id) != "BLOCKED":
-                status = statuses.get(account_id, "removed")
-                text = f"Account {account_id} is no longer blocked ({status})"
-                posts.append(self.book.clear(f"account_blocked:{account_id}", now, text))
+        for cause, status, what in ACCOUNT_ALERTS.values():
+            for account_id in watched[cause]:
+                if statuses.get(account_id) != status:
+                    now_status = statuses.get(account_id, "removed")
+                    text = f"Account {account_id} is no longer {what} ({now_status})"
+                    posts.append(self.book.clear(f"{cause}:{account_id}", now, text))
         for cause in self.book.firing("dead_letters"):
             topic = cause.split(":", 1)[1]
             if now - self._last_dead_letter.get(topic, 0.0) >= settings.alert_repeat_seconds:

@@ -64,6 +64,7 @@ def _account_json(row: Row) -> dict[str, Any]:
     keys = (
         "id", "site", "username", "status", "available_at", "blocked_until", "blocked_reason",
         "holder_collector", "holder_job_id", "lease_expires_at", "use_count", "error_count",
+        "consecutive_blocks", "consecutive_errors", "created_at", "health", "proxy",
     )  # fmt: skip
     return {key: row[key] for key in keys}
 
@@ -77,12 +78,21 @@ def _until(row: Row) -> str:
     return when(row["available_at"]) if row["resting"] else ""
 
 
+def _age(seconds: float) -> str:
+    """'3d', '5h', '12m': how long ago the account was added."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 @accounts_app.command("list")
 def accounts_list(
     site: Annotated[str | None, typer.Argument(help="Only this site's accounts")] = None,
     as_json: Json = False,
 ) -> None:
-    """List accounts (never their secrets): who holds each, and until when it rests or is blocked."""
+    """List accounts (never their secrets): who holds each, until when it rests or is blocked,
+    its health (new, healthy, at_risk, failing, blocked, retired: docs/policy.md) and its proxy."""
 
     async def work(conn: Conn) -> list[Row]:
         await known_site(conn, site)
@@ -92,17 +102,24 @@ def accounts_list(
     if as_json:
         print_json_lines(_account_json(row) for row in rows)
         return
-    grid = table("id", "site", "username", "status", "holder", "until", "uses", "errors", "reason")
+    grid = table(
+        "id", "site", "username", "status", "health", "holder", "until", "uses", "errors",
+        "in a row", "age", "proxy", "reason",
+    )  # fmt: skip
     for row in rows:
         grid.add_row(
             str(row["id"]),
             row["site"],
             row["username"],
             str(row["status"]),
+            row["health"],
             row["holder_collector"] or "",
             _until(row),
             str(row["use_count"]),
             str(row["error_count"]),
+            f"{row['consecutive_blocks']} blocks, {row['consecutive_errors']} errors",
+            _age(row["age_seconds"]),
+            row["proxy"] or "",
             row["blocked_reason"] or "",
         )
     out().print(grid)

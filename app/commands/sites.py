@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -80,12 +81,33 @@ GrantsPerMinute = Annotated[
         "0: no limit",
     ),
 ]  # fmt: skip
-OFF_AT_ZERO = ("account_budget", "grants_per_minute")
+OFF_AT_ZERO = ("account_budget", "grants_per_minute", "retire_after_blocks")
+
+
+class ProxyRule(StrEnum):
+    """Whether a site grants accounts only through a proxy."""
+
+    required = "required"  # no account is granted without a proxy (`qm proxies add`)
+    optional = "optional"  # one is pinned while a proxy has room; without, none
+
+
+Proxy = Annotated[
+    ProxyRule | None,
+    typer.Option("--proxy", help="required: no account is granted without a proxy "
+                 "(`qm proxies add`); optional: one is pinned while a proxy has room"),
+]  # fmt: skip
+RetireAfterBlocks = Annotated[
+    int | None,
+    typer.Option(min=0, max=1000, help="Deactivate an account after this many blocks in a row "
+                 "(with an alert); 0: never"),
+]  # fmt: skip
 
 
 def _site_changes(**given: Any) -> dict[str, Any]:
-    """The options an operator gave ('' clears a text setting, 0 turns a budget off)."""
+    """The options an operator gave ('' clears a text setting, 0 turns a budget or rule off)."""
     changes = {k: (v if v != "" else None) for k, v in given.items() if v is not None}
+    if "proxy_required" in changes:
+        changes["proxy_required"] = changes["proxy_required"] == ProxyRule.required
     return {k: (None if k in OFF_AT_ZERO and v == 0 else v) for k, v in changes.items()}
 
 
@@ -105,6 +127,8 @@ def sites_add(
     account_budget: AccountBudget = None,
     budget_seconds: BudgetSeconds = None,
     grants_per_minute: GrantsPerMinute = None,
+    proxy: Proxy = None,
+    retire_after_blocks: RetireAfterBlocks = None,
 ) -> None:
     """Add a site."""
     settings = _site_changes(
@@ -119,6 +143,8 @@ def sites_add(
         account_budget=account_budget,
         account_budget_seconds=budget_seconds,
         grants_per_minute=grants_per_minute,
+        proxy_required=proxy,
+        retire_after_blocks=retire_after_blocks,
     )
     if in_transaction(lambda conn: sites.add_site(conn, slug=slug, **settings)) is None:
         raise fail(f"site {slug!r} exists already; change it with `qm sites set {slug} …`")
@@ -139,6 +165,8 @@ def sites_set(
     account_budget: AccountBudget = None,
     budget_seconds: BudgetSeconds = None,
     grants_per_minute: GrantsPerMinute = None,
+    proxy: Proxy = None,
+    retire_after_blocks: RetireAfterBlocks = None,
 ) -> None:
     """Change a site's settings; only the options given change. A raised capacity lets waiting
     jobs through within one reaper sweep."""
@@ -154,6 +182,8 @@ def sites_set(
         account_budget=account_budget,
         account_budget_seconds=budget_seconds,
         grants_per_minute=grants_per_minute,
+        proxy_required=proxy,
+        retire_after_blocks=retire_after_blocks,
     )
     if not changes:
         raise fail("nothing to change: give at least one option (see `qm sites set --help`)")
@@ -205,7 +235,7 @@ def _site_json(row: Row) -> dict[str, Any]:
             "accounts_inactive", "grants_last_minute", "lease_seconds", "cooldown_seconds",
             "block_cooldown_seconds", "max_attempts", "dag_id", "session_check_url",
             "account_budget", "account_budget_seconds", "grants_per_minute",
-            "paused_capacity",
+            "proxy_required", "retire_after_blocks", "paused_capacity",
         )
     }  # fmt: skip
 
@@ -267,6 +297,8 @@ def sites_list(as_json: Json = False) -> None:
             *figures,
             f"lease {row['lease_seconds']}s, rest {row['cooldown_seconds']}s, "
             f"block rest {row['block_cooldown_seconds']}s, {row['max_attempts']} attempts"
+            + (", proxy required" if row["proxy_required"] else "")
+            + (f", retire after {n} blocks" if (n := row["retire_after_blocks"]) else "")
             + _budgets_cell(row),
         )
     out().print(grid)

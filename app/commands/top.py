@@ -37,6 +37,7 @@ from app.overview import (
 )
 from app.settings import Settings, get_settings
 from app.store import Database, Row
+from app.store.accounts import HEALTH_STATES
 
 
 def _age(seconds: float | None) -> str:
@@ -48,10 +49,21 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+def health_cell(health: dict[str, int]) -> Text:
+    """'3 healthy, 1 at_risk': the site's accounts by health, those at risk or worse in red."""
+    order = {state: n for n, state in enumerate(HEALTH_STATES)}
+    parts = sorted(health.items(), key=lambda item: order.get(item[0], len(order)))
+    cell = Text()
+    for n, (state, count) in enumerate(parts):
+        bad = state in ("at_risk", "failing", "retired")
+        cell.append(("" if n == 0 else ", ") + f"{count} {state}", style="red" if bad else "")
+    return cell
+
+
 def _sites_table(sites: list[Row]) -> Table:
     grid = Table(title="sites", title_justify="left", expand=False)
     columns = ("site", "running", "waiting", "oldest waiter", "ready", "resting", "using",
-               "blocked", "inactive", "grants/min")  # fmt: skip
+               "blocked", "inactive", "grants/min", "health")  # fmt: skip
     for name in columns:
         grid.add_column(name, overflow="fold", justify="left" if name == "site" else "right")
     for s in sites:
@@ -67,6 +79,7 @@ def _sites_table(sites: list[Row]) -> Table:
             Text(str(s["accounts_blocked"]), style="red" if s["accounts_blocked"] else ""),
             str(s["accounts_inactive"]),
             str(s["grants_last_minute"]),
+            health_cell(s["health"]),
         )
     if not sites:
         grid.add_row("(no sites: `qm sites add`)", *[""] * (len(columns) - 1))

@@ -10,7 +10,7 @@ from app.settings import Settings
 from app.store import Row
 from schemas.messages import LifecycleEvent, TerminalJobEvent
 
-Entity = Literal["job", "account", "seed", "session", "capture", "site", "dead_letter"]
+Entity = Literal["job", "account", "seed", "session", "capture", "proxy", "site", "dead_letter"]
 
 TERMINAL_EVENT_TYPES: dict[str, Any] = {
     "SUCCEEDED": "job.succeeded",

@@ -10,6 +10,7 @@ from datetime import datetime
 
 import structlog
 
+from app.core import proxies
 from app.core.leases import grant_waiting, release_resources
 from app.core.replies import (
     Reply,
@@ -176,7 +177,7 @@ async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
     if uploaded is not None:  # the job is locked (lock order: job, then account and session);
         # the account is still the holder's until released below
         await merge_session(tx, req.job_id, req.lease_token, secret_hash, uploaded)
-    await release_resources(
+    account = await release_resources(
         tx,
         job,
         site,
@@ -187,6 +188,8 @@ async def finish(tx: Tx, req: JobFinish, route: Route) -> Reply:
     )
     if req.outcome == RATE_LIMITED:
         await rest_for_rate_limit(tx, job, req)
+    if req.proxy_failed or (account is not None and account["proxy_id"] is not None):
+        await proxies.report(tx, job, failed=req.proxy_failed)
     tx.events.job("finished", job)
     log.info("job_finished", job_id=job["id"], status=job["status"], lease_token=job["lease_token"])
     if job["has_waiting"]:  # as it stood under the site's lock, which this transaction holds

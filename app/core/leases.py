@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from app.core import proxies
 from app.core.replies import reject, tell_lease_lost
 from app.core.seeds import hand_out_with_grant, settle
 from app.core.transaction import Tx
@@ -22,17 +23,18 @@ from app.dlt import Origin, dead_letter_headers, dlt_topic
 from app.errors import Disposition, classify
 from app.lease_secrets import lease_secret_hash, new_lease_secret
 from app.sealing import Unsealable, load_public_key, seal
-from app.store import Row, accounts, job_sweeps, jobs, sites
+from app.store import Row, accounts, job_ends, job_sweeps, jobs, sites
 from schemas.messages import (
     CORRELATION_ID,
     GrantedAccount,
+    GrantedProxy,
     GrantedSeed,
     GrantedSession,
     JobGranted,
     SeedResult,
     seal_context,
 )
-from schemas.states import JobStatus
+from schemas.states import AccountStatus, JobStatus
 
 log = structlog.get_logger()
 
@@ -40,10 +42,10 @@ log = structlog.get_logger()
 def granted_reply(
     tx: Tx, job: Row, seeds: Sequence[GrantedSeed] = (), *, lease_secret: str
 ) -> dict[str, Any]:
-    """The ``job.granted`` message of a job just granted: its lease secret, account secret and
-    session sealed to the requester's public key, so no other reader of the reply topic can
-    open them (nor act on the lease: every follow-up presents the lease secret)."""
-    account = session = None
+    """The ``job.granted`` message of a job just granted: its lease secret, account secret,
+    session and proxy URL sealed to the requester's public key, so no other reader of the reply
+    topic can open them (nor act on the lease: every follow-up presents the lease secret)."""
+    account = session = proxy = None
     secrets = tx.services.secrets
     if job["public_key"] is None:  # queued before every start had to name one
         raise Unsealable("the job has no public key to seal its lease secret to")
@@ -67,6 +69,13 @@ def granted_reply(
                     requester, state, seal_context("session.storage_state", job["id"])
                 ),
             )
+        if job["proxy_id"] is not None:  # its credentials travel as the secret's do
+            try:
+                url = secrets.open(bytes(job["proxy_url"])).encode()
+            except MissingKey:  # the proxy's fault, not the account's: the account stays
+                raise GrantRefused(PROXY_UNREADABLE) from None
+            sealed = seal(requester, url, seal_context("proxy.url", job["id"]))
+            proxy = GrantedProxy(label=job["proxy_label"], url=sealed)
     return JobGranted(
         request_id=job["request_id"],
         job_id=job["id"],
@@ -77,6 +86,7 @@ def granted_reply(
         upload_key=secrets.upload_key,
         account=account,
         session=session,
+        proxy=proxy,
         seeds=list(seeds),
         session_check_url=job["session_check_url"],
     ).model_dump(mode="json")
@@ -120,6 +130,7 @@ async def grant_waiting(tx: Tx, site: str, now: datetime | None = None) -> list[
 
 UNUSABLE_PUBLIC_KEY = "unusable_public_key"
 ACCOUNT_UNREADABLE = "account_unreadable"
+PROXY_UNREADABLE = "proxy_unreadable"
 UNREADABLE_NOTE = "its secret or session opens with no key of QM_SECRET_KEYS"
 
 
@@ -153,7 +164,8 @@ async def refuse_grant(tx: Tx, job: Row, reason: str, now: datetime | None = Non
     """End a job just granted whose grant cannot be sealed or opened: RUNNING -> FAILED with
     ``reason``, ``job.rejected`` to its start, and what it was granted (capacity slot, account,
     seeds) released by conditional updates. An account no key opens goes USING -> INACTIVE
-    with the reason in ``blocked_reason`` (``account.unreadable`` on qm.events)."""
+    with the reason in ``blocked_reason`` (``account.unreadable`` on qm.events); a proxy whose
+    URL no key opens is blocked and its accounts moved, so the next waiter is not refused too."""
     if reason == ACCOUNT_UNREADABLE and job["account_id"] is not None:
         retired = await accounts.retire_unreadable(
             tx.conn,
@@ -165,7 +177,7 @@ async def refuse_grant(tx: Tx, job: Row, reason: str, now: datetime | None = Non
         if retired is not None:
             tx.events.account("unreadable", retired, job_id=job["id"])
             tx.site_changed(job["site"])  # the site may have no usable account left
-    failed = await jobs.fail_granted_job(tx.conn, job["id"], job["lease_token"], reason)
+    failed = await job_ends.fail_granted_job(tx.conn, job["id"], job["lease_token"], reason)
     assert failed is not None  # granted in this transaction, under the site's lock
     account, holds_seeds = await jobs.release_lease(
         tx.conn,
@@ -179,6 +191,9 @@ async def refuse_grant(tx: Tx, job: Row, reason: str, now: datetime | None = Non
     )
     if account is not None:
         tx.events.account("released", account, job_id=job["id"])
+    if reason == PROXY_UNREADABLE:
+        note = "its URL opens with no key of QM_SECRET_KEYS"
+        await proxies.block(tx, job["site"], job["proxy_label"], note)
     if holds_seeds:
         await settle(tx, job, release_reason=reason, now=now)
     tx.events.job("rejected", failed)
@@ -218,9 +233,10 @@ async def release_resources(
     cooldown_seconds: int | None = None,
     reason: str | None = None,
     seed_results: Sequence[SeedResult] = (),
-) -> None:
-    """Free what a job held: its account (resting or blocked), its capacity slot, its grant, and
-    its seeds (settled by ``seed_results``, the rest due again at once)."""
+) -> Row | None:
+    """Free what a job held: its account (resting, blocked, or retired at the site's
+    ``retire_after_blocks``), its capacity slot, its grant, and its seeds (settled by
+    ``seed_results``, the rest due again at once). Returns the account as released."""
     blocked = outcome == "blocked"
     default_rest = site["block_cooldown_seconds"] if blocked else site["cooldown_seconds"]
     account, holds_seeds = await jobs.release_lease(
@@ -232,11 +248,37 @@ async def release_resources(
         failed=outcome in ("failed", "expired"),
         rest_seconds=default_rest if cooldown_seconds is None else cooldown_seconds,
         reason=reason,
+        retire_after_blocks=site["retire_after_blocks"],
     )
-    if account is not None:
+    if account is not None and account["status"] == AccountStatus.INACTIVE:
+        retire(tx, job, account)
+    elif account is not None:
         tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
     if holds_seeds:  # a lease without seeds has nothing to settle: no statement
         await settle(tx, job, results=seed_results, release_reason=outcome)
+    return account
+
+
+def retire(tx: Tx, job: Row, account: Row) -> None:
+    """An account retired by its block (the site's ``retire_after_blocks`` in a row):
+    ``account.retired`` (the alerts process posts it) and a log line."""
+    tx.site_changed(job["site"])  # the site may have no usable account left
+    tx.events.emit(
+        "account",
+        "retired",
+        id=str(account["id"]),
+        site=account["site"],
+        status=str(account["status"]),
+        job_id=job["id"],
+        reason=f"{account['consecutive_blocks']} blocks in a row",
+    )
+    log.warning(
+        "account_retired",
+        account_id=account["id"],
+        site=account["site"],
+        job_id=job["id"],
+        consecutive_blocks=account["consecutive_blocks"],
+    )
 
 
 async def revoke(tx: Tx, job_id: str, reason: str) -> Row | None:
@@ -249,11 +291,11 @@ async def revoke(tx: Tx, job_id: str, reason: str) -> Row | None:
     site = await sites.lock_site_of_job(tx.conn, job_id)
     if site is None:
         return None
-    job = await jobs.revoke_job(tx.conn, job_id, f"revoked: {reason}")
+    job = await job_ends.revoke_job(tx.conn, job_id, f"revoked: {reason}")
     if job is None:
         return None
     await release_resources(tx, job, site, outcome="revoked", reason=reason)
-    await jobs.retire_token(tx.conn, job_id, job["lease_token"])
+    await job_ends.retire_token(tx.conn, job_id, job["lease_token"])
     tell_lease_lost(tx, job, "revoked")
     tx.events.job("revoked", job)
     log.info("lease_revoked", job_id=job_id, lease_token=job["lease_token"])

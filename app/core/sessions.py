@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from app.core import proxies
 from app.core.replies import Reply
 from app.core.transaction import Route, Tx
 from app.lease_secrets import lease_secret_hash, matches
@@ -116,7 +117,12 @@ async def upload(tx: Tx, req: SessionUpload, route: Route) -> Reply:
             request_id=str(req.request_id), job_id=req.job_id, error=f"storage_state: {exc}"
         ).model_dump(mode="json")
     secret_hash = lease_secret_hash(req.lease_secret)
+    if req.proxy_failed:  # lock order: the site (locked with the request's claim), then accounts
+        await tx.site_of_job(req.job_id)
     outcome = await merge_session(tx, req.job_id, req.lease_token, secret_hash, uploaded)
+    if req.proxy_failed and (outcome.version is not None or outcome.refused is not None):
+        # the lease is the holder's (the merge checked it); its site was locked first
+        await proxies.report(tx, {"id": req.job_id, "lease_token": req.lease_token}, failed=True)
     if outcome.refused is not None:
         return SessionRejected(
             request_id=req.request_id,

@@ -20,6 +20,8 @@ POLICY_HOLDS = {
     "(docs/policy.md)",
     "rate_limited": "every rested account rests for the scope of the job at the head of the line "
     "(a rate limit); granted within one sweep after its reset (docs/policy.md)",
+    "proxy": "no rested account has a usable proxy (each goes out through its own, which rests or "
+    "is blocked, or none has room): `qm proxies list SITE` (docs/policy.md)",
 }
 
 

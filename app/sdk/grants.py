@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
@@ -83,6 +84,24 @@ def open_grant(client: Opener, grant: wire.JobGranted) -> tuple[Account | None, 
         state = client.open_sealed(grant.session.storage_state, context).decode()
         session = Session(version=grant.session.version, storage_state=SecretStr(state))
     return account, session
+
+
+def open_proxy(client: Opener, grant: wire.JobGranted) -> dict[str, str] | None:
+    """The grant's proxy as Playwright's ``proxy`` option takes it (``server``, and
+    ``username`` and ``password`` when it has credentials), opened with the client's private
+    key; None when the account has no proxy."""
+    if grant.proxy is None:
+        return None
+    context = wire.seal_context("proxy.url", grant.job_id)
+    try:
+        url = urlsplit(client.open_sealed(grant.proxy.url, context).decode())
+    except errors.SecretUndecryptable as exc:
+        raise errors.SecretUndecryptable(f"proxy {grant.proxy.label}: {exc}") from None
+    proxy = {"server": grant.proxy.label}  # scheme://host:port, as Quartermaster labels it
+    if url.username is not None:
+        proxy["username"] = unquote(url.username)
+        proxy["password"] = unquote(url.password or "")
+    return proxy
 
 
 def open_lease_secret(client: Opener, grant: wire.JobGranted) -> SecretStr:

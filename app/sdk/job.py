@@ -16,7 +16,7 @@ from pydantic import SecretStr, TypeAdapter
 
 from app.sdk import errors
 from app.sdk.arguments import checked
-from app.sdk.grants import Account, Requester, Session, open_grant, open_lease_secret
+from app.sdk.grants import Account, Requester, Session, open_grant, open_lease_secret, open_proxy
 from app.sdk.ids import new_id, new_uuid
 from app.sdk.logs import sdk_logger
 from app.sdk.outcome import MAX_REASON_CHARS, Outcome, refusal
@@ -81,6 +81,8 @@ class Job:
         self._lease_secret = SecretStr("")  # opened from the grant at enter
         self._expires_at: datetime | None = None
         self.account: Account | None = None
+        # the account's proxy, for Playwright (``browser.new_context(proxy=job.proxy)``)
+        self.proxy: dict[str, str] | None = None
         self._session: Session | None = None
         self.lost = False
         self.lost_reason: str | None = None
@@ -167,6 +169,11 @@ class Job:
         lease's total, sent with the next heartbeat and the finish."""
         return self._outcome.add_units(n)
 
+    def proxy_failed(self) -> None:
+        """Report at finish that the proxy failed (not the account): it rests, and is blocked
+        and its accounts moved if it keeps failing."""
+        self._outcome.proxy_failed = True
+
     def set_session_state(self, state: dict[str, Any]) -> None:
         """The browser state (Playwright ``storage_state``) to merge back at finish; sealed to
         Quartermaster at once (``NoUploadKey`` when it announced no key to seal to)."""
@@ -182,6 +189,8 @@ class Job:
         from app.sdk.browser import browser_context
 
         options.setdefault("check_url", self._granted().session_check_url)
+        if self.proxy is not None:  # the account's own address, every time
+            options.setdefault("proxy", self.proxy)
         return browser_context(self, browser, **options)
 
     def seed_done(
@@ -277,6 +286,7 @@ class Job:
         self._lease_secret = open_lease_secret(self._client, reply)
         try:
             self.account, self._session = open_grant(self._client, reply)
+            self.proxy = open_proxy(self._client, reply)
         except errors.SecretUndecryptable:
             self._client.release(
                 self.job_id,

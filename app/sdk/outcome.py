@@ -24,6 +24,7 @@ class Outcome:
     rate_limit: tuple[str | None, int | None, datetime | None, str | None] | None = None
     units: int | None = None  # the running total the lease reports (None: never reported)
     seed_results: dict[str, wire.SeedResult] = field(default_factory=dict)
+    proxy_failed: bool = False  # the grant's proxy failed (job.proxy_failed())
 
     def block(self, reason: str, cooldown_seconds: int | None) -> None:
         cooldown = field_value(wire.JobFinish, "cooldown_seconds", cooldown_seconds, "job.blocked")
@@ -68,6 +69,7 @@ class Outcome:
         elif exc is not None:
             fields.update(outcome="failed", reason=type(exc).__name__[:MAX_REASON_CHARS])
         fields["seed_results"] = list(self.seed_results.values()) or None
+        fields["proxy_failed"] = self.proxy_failed
         return fields
 
 

@@ -12,6 +12,22 @@ from app.store.jobs import NOW
 from app.store.rows import Row
 from schemas.states import ACCOUNT_TRANSITIONS, AccountStatus, predecessors
 
+# An account's health (docs/policy.md#account-health), from its status, its blocks and errors in
+# a row (a success forgets them), its uses and its age; ``a`` is the account, of any site. One
+# expression, so `qm accounts list`, `qm top` and the metrics never disagree.
+HEALTH_STATES = ("new", "healthy", "at_risk", "failing", "blocked", "retired")
+HEALTH = """CASE
+    WHEN a.status = 'INACTIVE' THEN 'retired'
+    WHEN a.status = 'BLOCKED' THEN 'blocked'
+    -- one more block retires it, or it keeps failing
+    WHEN a.consecutive_blocks >= 2 OR a.consecutive_errors >= 5
+      OR a.consecutive_blocks + 1 >= (SELECT retire_after_blocks FROM sites
+                                      WHERE slug = a.site) THEN 'failing'
+    WHEN a.consecutive_blocks >= 1 OR a.consecutive_errors >= 2 THEN 'at_risk'
+    -- fresh accounts are watched more closely by sites: not proven yet
+    WHEN a.use_count < 10 AND a.created_at > now() - interval '1 day' THEN 'new'
+    ELSE 'healthy' END"""
+
 
 async def add_account(
     conn: AsyncConnection, *, site: str, username: str, sealed_secret: bytes
@@ -31,15 +47,20 @@ async def add_account(
 
 
 async def list_accounts(conn: AsyncConnection, site: str | None = None) -> list[Row]:
-    """Accounts without their secrets, with the collector of the job that holds each."""
+    """Accounts without their secrets, with the collector of the job that holds each, their
+    health, age and proxy (its label)."""
     result = await conn.execute(
         text(
-            """
+            f"""
             SELECT a.id, a.site, a.username, a.status, a.available_at, a.blocked_until,
                    a.holder_job_id, j.collector AS holder_collector, a.lease_token,
                    a.lease_expires_at, a.use_count, a.error_count, a.blocked_reason,
-                   (a.status = 'ACTIVE' AND a.available_at > now()) AS resting
+                   (a.status = 'ACTIVE' AND a.available_at > now()) AS resting,
+                   a.consecutive_blocks, a.consecutive_errors, a.created_at,
+                   extract(epoch FROM now() - a.created_at)::float8 AS age_seconds,
+                   {HEALTH} AS health, p.label AS proxy
             FROM accounts a LEFT JOIN jobs j ON j.id = a.holder_job_id
+                 LEFT JOIN proxies p ON p.id = a.proxy_id
             WHERE (CAST(:site AS text) IS NULL OR a.site = :site) ORDER BY a.site, a.id
             """
         ),
@@ -65,8 +86,11 @@ async def set_account_status(
                 blocked_reason = CASE WHEN :target = 'BLOCKED' THEN :reason ELSE NULL END,
                 -- an operator's block stays until an operator ends it
                 blocked_until = NULL,
-                -- an operator's unblock puts the account back in service now
+                -- an operator's unblock puts the account back in service now; one brought back
+                -- from retirement starts a clean slate (its next block does not retire it)
                 available_at = CASE WHEN :target = 'ACTIVE' THEN now() ELSE available_at END,
+                consecutive_blocks = CASE WHEN :target = 'ACTIVE' AND status = 'INACTIVE'
+                                          THEN 0 ELSE consecutive_blocks END,
                 updated_at = now()
             WHERE site = :site AND username = :username
               AND status = ANY(CAST(:legal AS account_status[]))

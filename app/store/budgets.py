@@ -16,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store import proxies
 from app.store.prepared import Prepared
 
 # The site's budgets and the grant's clock, read once per statement (a CTE with a volatile
@@ -77,9 +78,11 @@ _WHY_WAITING = text(
         ORDER BY queue_seq LIMIT 1
     ),
     {POLICY_CTE.strip()},
+    {proxies.FREE_PROXY_CTE.strip()},
     rested AS (
         -- the accounts the grant would look at, with what each rule says of them
-        SELECT {SCOPE_FREE} AS scope_free, {WITHIN_BUDGET} AS within_budget
+        SELECT {SCOPE_FREE} AS scope_free, {WITHIN_BUDGET} AS within_budget,
+               {proxies.PROXY_USABLE} AS proxy_usable
         FROM accounts a
         WHERE a.site = :site AND a.status = 'ACTIVE'
           AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())
@@ -90,8 +93,12 @@ _WHY_WAITING = text(
         WHEN NOT {BUCKET_HAS_TOKEN} THEN 'budget'
         WHEN NOT (SELECT needs_account FROM head) THEN 'capacity'
         WHEN NOT EXISTS (SELECT 1 FROM rested) THEN 'accounts'
-        WHEN NOT EXISTS (SELECT 1 FROM rested WHERE scope_free) THEN 'rate_limited'
-        WHEN NOT EXISTS (SELECT 1 FROM rested WHERE scope_free AND within_budget) THEN 'budget'
+        -- proxies: rested accounts there are, but none may go out (app.store.proxies)
+        WHEN NOT EXISTS (SELECT 1 FROM rested WHERE proxy_usable) THEN 'proxy'
+        WHEN NOT EXISTS (SELECT 1 FROM rested WHERE proxy_usable AND scope_free)
+            THEN 'rate_limited'
+        WHEN NOT EXISTS (SELECT 1 FROM rested WHERE proxy_usable AND scope_free AND within_budget)
+            THEN 'budget'
         ELSE 'accounts'
     END AS reason
     FROM sites s WHERE s.slug = :site
@@ -101,7 +108,7 @@ _WHY_WAITING = text(
 
 async def why_waiting(conn: AsyncConnection, site: str, now: datetime | None = None) -> str | None:
     """What holds the site's line (its oldest waiting job) now: ``capacity``, ``accounts``,
-    ``budget`` or ``rate_limited``; None when nothing waits."""
+    ``budget``, ``rate_limited`` or ``proxy``; None when nothing waits."""
     result = await conn.execute(_WHY_WAITING, {"site": site, "now": now})
     value = result.scalar()
     return None if value is None else str(value)

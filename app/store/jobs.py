@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.store import budgets
+from app.store import budgets, proxies
 from app.store.prepared import Prepared, Row
 
 # Used by reapers and tests to move the clock: ``coalesce(:now, now())`` is the database clock
@@ -116,17 +116,22 @@ _GRANT_NEXT_WAITING = Prepared(
         ),
         -- use budgets (app.store.budgets): the site's rules and the grant's clock
         {budgets.POLICY_CTE.strip()},
+        -- proxies (app.store.proxies): the proxy an account not pinned yet would get
+        {proxies.FREE_PROXY_CTE.strip()},
         acct AS (
             -- a rested account of the site, the one free the longest first; SKIP LOCKED passes over
             -- an account an operator is changing right now
-            SELECT a.id FROM accounts a
+            SELECT a.id, coalesce(a.proxy_id, (SELECT id FROM free_proxy)) AS proxy_id
+            FROM accounts a
             WHERE a.site = :site AND a.status = 'ACTIVE' AND a.available_at <= coalesce(CAST(:now AS timestamptz), now())
               AND coalesce((SELECT needs_account FROM head), false)
+              -- proxies: its own proxy usable, or a free one (or none where none is required)
+              AND {proxies.PROXY_USABLE.strip()}
               -- use budgets: not resting for the head's scope, and under its budget in the window
               AND {budgets.SCOPE_FREE.strip()}
               AND {budgets.WITHIN_BUDGET.strip()}
             ORDER BY a.available_at, a.id LIMIT 1
-            FOR UPDATE SKIP LOCKED
+            FOR UPDATE OF a SKIP LOCKED
         ),
         gate AS (
             -- the capacity gate (rule 3): one more running job only while under capacity, and only
@@ -162,15 +167,19 @@ _GRANT_NEXT_WAITING = Prepared(
             UPDATE accounts a
             SET status = 'USING', holder_job_id = job.id, lease_token = job.lease_token,
                 lease_expires_at = job.lease_expires_at, use_count = a.use_count + 1,
+                -- proxies: pinned on its first grant, kept after
+                proxy_id = acct.proxy_id,
                 updated_at = now()
-            FROM job
+            FROM job, acct
             WHERE a.id = job.account_id AND a.status = 'ACTIVE'
-            RETURNING a.id, a.username, a.secret
+            RETURNING a.id, a.username, a.secret, a.proxy_id
         ),
         history AS (
             -- the grant history, read by operators and by the exclusivity checks of the tests
-            INSERT INTO job_grants (lease_token, job_id, site, account_id, granted_at, scope)
-            SELECT lease_token, id, site, account_id, granted_at, scope FROM job
+            INSERT INTO job_grants (lease_token, job_id, site, account_id, granted_at, scope,
+                                    proxy_id)
+            SELECT lease_token, id, site, account_id, granted_at, scope,
+                   (SELECT proxy_id FROM account) FROM job
         )
         -- the grant's message needs the account's sealed secret and stored session; more_waiting
         -- tells the caller whether another job waits behind this one (the snapshot still sees the
@@ -179,10 +188,12 @@ _GRANT_NEXT_WAITING = Prepared(
         SELECT job.*, job.granted_at AS db_at, (SELECT capacity FROM gate) AS capacity,
                account.username AS account_username, account.secret AS account_secret,
                ses.version AS session_version, ses.storage_state AS session_state,
+               px.id AS proxy_id, px.label AS proxy_label, px.url_sealed AS proxy_url,
                (SELECT session_check_url FROM sites WHERE slug = :site) AS session_check_url,
                EXISTS (SELECT 1 FROM jobs w WHERE w.site = :site AND w.status = 'QUEUED'
                        AND w.id <> job.id) AS more_waiting
         FROM job LEFT JOIN account ON true LEFT JOIN sessions ses ON ses.account_id = account.id
+             LEFT JOIN proxies px ON px.id = account.proxy_id
         """
     )
 )
@@ -197,8 +208,9 @@ async def grant_next_waiting(
     keeps ``secret_hash``, the hash of the secret its grant carries. None when the
     site has no waiting job, no free capacity, or no rested account for the head job. The row
     also carries the account's sealed secret and session (``account_secret``,
-    ``session_version``, ``session_state``), the site's ``session_check_url`` and
-    ``more_waiting``.
+    ``session_version``, ``session_state``), the site's ``session_check_url``,
+    ``more_waiting``, and the account's proxy (``proxy_id``, ``proxy_label``, ``proxy_url``
+    sealed at rest): pinned by its first grant to the least-loaded free proxy, kept after.
     """
     return await _GRANT_NEXT_WAITING.first(
         conn, {"site": site, "now": now, "secret_hash": secret_hash}
@@ -345,41 +357,6 @@ async def cancel_job(
     return result.mappings().first()
 
 
-async def revoke_job(conn: AsyncConnection, job_id: str, reason: str) -> Row | None:
-    """RUNNING -> CANCELLED by an operator, whoever holds the lease; None when not RUNNING.
-
-    The row keeps the holder's token, so the caller can release what it held; then
-    ``retire_token`` moves the token on.
-    """
-    result = await conn.execute(
-        text(
-            """
-            UPDATE jobs
-            SET status = 'CANCELLED', reason = :reason, finished_at = now(), updated_at = now()
-            WHERE id = :id AND status = 'RUNNING'
-            RETURNING *, clock_timestamp() AS db_at
-            """
-        ),
-        {"id": job_id, "reason": reason},
-    )
-    return result.mappings().first()
-
-
-async def retire_token(conn: AsyncConnection, job_id: str, lease_token: int) -> int | None:
-    """A revoked job's token -> a fresh one, so the holder's token never matches it again."""
-    result = await conn.execute(
-        text(
-            """
-            UPDATE jobs SET lease_token = nextval('lease_token_seq'), updated_at = now()
-            WHERE id = :id AND status = 'CANCELLED' AND lease_token = :token
-            RETURNING lease_token
-            """
-        ),
-        {"id": job_id, "token": lease_token},
-    )
-    return result.scalar()
-
-
 async def reject_waiting_job(
     conn: AsyncConnection, job_id: str, reason: str, now: datetime | None = None
 ) -> Row | None:
@@ -403,20 +380,35 @@ _RELEASE = Prepared(
         """
         WITH account AS (
             UPDATE accounts
-            SET status = CASE WHEN :blocked THEN 'BLOCKED' ELSE 'ACTIVE' END::account_status,
+            -- health: the site's retire_after_blocks-th block in a row retires the account
+            SET status = CASE WHEN NOT :blocked THEN 'ACTIVE'
+                              WHEN consecutive_blocks + 1 >= :retire_after THEN 'INACTIVE'
+                              ELSE 'BLOCKED' END::account_status,
+                -- health: blocks and errors in a row, forgotten by a success
+                consecutive_blocks = CASE WHEN :blocked THEN consecutive_blocks + 1
+                                          WHEN :outcome = 'succeeded' THEN 0
+                                          ELSE consecutive_blocks END,
+                consecutive_errors = CASE WHEN :failed THEN consecutive_errors + 1
+                                          WHEN :outcome = 'succeeded' THEN 0
+                                          ELSE consecutive_errors END,
                 holder_job_id = NULL,
                 lease_expires_at = NULL,
                 available_at = now() + make_interval(secs => :rest),
                 error_count = error_count + CASE WHEN :failed OR :blocked THEN 1 ELSE 0 END,
-                blocked_reason = CASE WHEN :blocked THEN :reason ELSE blocked_reason END,
+                blocked_reason = CASE
+                    WHEN :blocked AND consecutive_blocks + 1 >= :retire_after
+                    THEN format('retired after %s blocks in a row: %s', consecutive_blocks + 1,
+                                coalesce(CAST(:reason AS text), 'no reason given'))
+                    WHEN :blocked THEN :reason ELSE blocked_reason END,
                 -- a block with a rest ends by itself (the block-cooldowns sweep); without
                 -- one it stays until an operator acts
                 blocked_until = CASE WHEN :blocked AND :rest > 0
+                                      AND consecutive_blocks + 1 < :retire_after
                                      THEN now() + make_interval(secs => :rest) END,
                 updated_at = now()
             WHERE id = :account_id AND status = 'USING'
               AND holder_job_id = :job_id AND lease_token = :lease_token
-            RETURNING id, site, status, available_at
+            RETURNING id, site, status, available_at, proxy_id, consecutive_blocks
         ),
         slot AS (
             UPDATE sites SET running = running - 1 WHERE slug = :site AND running > 0
@@ -446,10 +438,13 @@ async def release_lease(
     failed: bool,
     rest_seconds: int,
     reason: str | None,
+    retire_after_blocks: int | None = None,
 ) -> tuple[Row | None, bool]:
     """A lease ends: its account USING -> ACTIVE | BLOCKED (resting ``rest_seconds``, only for
     the holder's ``lease_token``), its site's running slot back, its grant closed with ``outcome``.
-    A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``).
+    A block with ``rest_seconds`` > 0 ends by itself then (``blocked_until``); the
+    ``retire_after_blocks``-th block in a row (the site's rule, read under its lock) retires the
+    account instead (USING -> INACTIVE).
 
     One statement; returns the account as released (None when the job held none) and whether
     the lease still holds seeds (to settle them; the caller holds the job's row).
@@ -466,26 +461,9 @@ async def release_lease(
             "failed": failed,
             "rest": rest_seconds,
             "reason": reason,
+            # no rule: no count of blocks reaches it
+            "retire_after": retire_after_blocks or 2**31 - 1,
         },
     )
     assert row is not None  # one row, with or without an account
     return (row if row["id"] is not None else None), bool(row["holds_seeds"])
-
-
-async def fail_granted_job(
-    conn: AsyncConnection, job_id: str, lease_token: int, reason: str
-) -> Row | None:
-    """RUNNING -> FAILED with ``reason`` for a job whose grant, just made in this transaction,
-    could not be sealed to it or opened (the grant's token fences it); None otherwise."""
-    result = await conn.execute(
-        text(
-            """
-            UPDATE jobs SET status = 'FAILED', reason = :reason, finished_at = now(),
-                            updated_at = now()
-            WHERE id = :id AND status = 'RUNNING' AND lease_token = :token
-            RETURNING *, clock_timestamp() AS db_at
-            """
-        ),
-        {"id": job_id, "token": lease_token, "reason": reason},
-    )
-    return result.mappings().first()

@@ -43,6 +43,8 @@ SEALED_COLUMNS = (
         "a.username",
     ),
     SealedColumn("sites", "webhook_sealed", "slug", "", "sites t", "t.slug", "NULL"),
+    # a proxy's URL with its credentials; the row is known by its site and label
+    SealedColumn("proxies", "url_sealed", "id", 0, "proxies t", "t.site", "t.label"),
 )
 
 

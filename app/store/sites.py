@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.accounts import HEALTH, HEALTH_STATES
 from app.store.rows import Row
 
 
@@ -25,6 +26,8 @@ async def add_site(
     account_budget: int | None = None,
     account_budget_seconds: int = 3600,
     grants_per_minute: int | None = None,
+    proxy_required: bool = False,
+    retire_after_blocks: int | None = None,
 ) -> Row | None:
     """Create a site; None if the slug is taken."""
     result = await conn.execute(
@@ -32,10 +35,12 @@ async def add_site(
             """
             INSERT INTO sites (slug, host, capacity, lease_seconds, cooldown_seconds,
                                block_cooldown_seconds, max_attempts, dag_id, session_check_url,
-                               account_budget, account_budget_seconds, grants_per_minute)
+                               account_budget, account_budget_seconds, grants_per_minute,
+                               proxy_required, retire_after_blocks)
             VALUES (:slug, :host, :capacity, :lease_seconds, :cooldown_seconds,
                     :block_cooldown_seconds, :max_attempts, :dag_id, :session_check_url,
-                    :account_budget, :account_budget_seconds, :grants_per_minute)
+                    :account_budget, :account_budget_seconds, :grants_per_minute,
+                    :proxy_required, :retire_after_blocks)
             ON CONFLICT (slug) DO NOTHING
             RETURNING *
             """
@@ -53,6 +58,8 @@ async def add_site(
             "account_budget": account_budget,
             "account_budget_seconds": account_budget_seconds,
             "grants_per_minute": grants_per_minute,
+            "proxy_required": proxy_required,
+            "retire_after_blocks": retire_after_blocks,
         },
     )
     return result.mappings().first()
@@ -72,6 +79,8 @@ EDITABLE = (
     "account_budget",
     "account_budget_seconds",
     "grants_per_minute",
+    "proxy_required",
+    "retire_after_blocks",
 )
 
 
@@ -202,7 +211,8 @@ async def sites_with_waiting_jobs(conn: AsyncConnection, now: datetime | None = 
 
 
 async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:
-    """Every site's running and waiting jobs and its accounts by status (every status, 0 too)."""
+    """Every site's running and waiting jobs, its accounts by status and by health (every one,
+    0 too)."""
     result = await conn.execute(
         text(
             """
@@ -212,10 +222,14 @@ async def site_load(conn: AsyncConnection) -> list[dict[str, object]]:
                    (SELECT jsonb_object_agg(st.status, (SELECT count(*) FROM accounts a
                                                         WHERE a.site = s.slug
                                                           AND a.status = st.status))
-                    FROM unnest(enum_range(NULL::account_status)) AS st(status)) AS accounts
+                    FROM unnest(enum_range(NULL::account_status)) AS st(status)) AS accounts,
+                   (SELECT jsonb_object_agg(h.state, (SELECT count(*) FROM accounts a
+                                                      WHERE a.site = s.slug AND @HEALTH = h.state))
+                    FROM unnest(CAST(:health AS text[])) AS h(state)) AS health
             FROM sites s ORDER BY s.slug
-            """
-        )
+            """.replace("@HEALTH", HEALTH)
+        ),
+        {"health": list(HEALTH_STATES)},
     )
     return [dict(row) for row in result.mappings()]
 

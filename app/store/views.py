@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.store.accounts import HEALTH
 from app.store.rows import Row
 
 _SITE_OVERVIEW = text(
@@ -16,7 +17,10 @@ _SITE_OVERVIEW = text(
            w.waiting,
            -- a waiting job's updated_at is when it was (last) queued: nothing else touches it
            extract(epoch FROM now() - w.oldest)::float8 AS oldest_wait_seconds,
-           g.grants_last_minute
+           g.grants_last_minute,
+           (SELECT coalesce(jsonb_object_agg(h.health, h.n), '{}') FROM (
+                SELECT @HEALTH AS health, count(*) AS n FROM accounts a
+                WHERE a.site = s.slug GROUP BY 1) h) AS health
     FROM sites s
     LEFT JOIN LATERAL (
         -- an ACTIVE account still resting after its last use is not ready to be granted
@@ -37,7 +41,7 @@ _SITE_OVERVIEW = text(
     ) g ON true
     WHERE CAST(:site AS text) IS NULL OR s.slug = :site
     ORDER BY s.slug
-    """
+    """.replace("@HEALTH", HEALTH)
 )
 
 

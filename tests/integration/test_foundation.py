@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db.migrate import alembic_config, downgrade, upgrade
 from app.kafka import client_options, producer_options
 from app.settings import Settings
-from schemas.states import AccountStatus, CaptureStatus, JobStatus, SeedStatus
+from schemas.states import AccountStatus, CaptureStatus, JobStatus, ProxyStatus, SeedStatus
 from tests.conftest import asyncpg_dsn
 from tests.support.databases import empty_database
 
@@ -53,6 +53,7 @@ async def test_message_round_trips_through_the_real_broker_with_a_consumer_group
         ("seed_status", SeedStatus),
         ("job_status", JobStatus),
         ("capture_status", CaptureStatus),
+        ("proxy_status", ProxyStatus),
     ],
 )
 async def test_database_enums_equal_the_python_enums(

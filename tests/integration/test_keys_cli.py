@@ -20,6 +20,7 @@ from app.store import Database, accounts, captures, sessions
 from app.store.sealed_columns import SEALED_COLUMNS, SealedColumn, SealedValue
 from tests.support.cli import Qm, assert_one_red_line, qm_fixture  # noqa: F401 - the fixture
 from tests.support.leasing import CANARY, make_site
+from tests.support.proxies import PROXY_PASSWORD, make_proxies, proxy_url
 
 WEBHOOK = "https://hooks.example.com/deliver?token=hook-canary"
 STATE = {"cookies": [{"name": "sid", "value": "cookie-canary"}], "origins": []}
@@ -45,7 +46,8 @@ async def _sealed(engine: AsyncEngine) -> dict[str, bytes]:
 
 
 async def _world(engine: AsyncEngine, settings: Settings, dropped: SecretBox) -> list[int]:
-    """Two accounts, a session and a webhook under the test's key; one account under ``dropped``."""
+    """Two accounts, a session, a webhook and a proxy under the test's key; one account under
+    ``dropped``."""
     old = SecretBox.from_settings(settings)
     ids = await make_site(engine, settings, "board", n_accounts=2)
     async with engine.begin() as conn:
@@ -56,6 +58,7 @@ async def _world(engine: AsyncEngine, settings: Settings, dropped: SecretBox) ->
         assert await sessions.save_session(conn, ids[0], old.seal_json(STATE), None) == 1
         assert await captures.set_site_webhook(conn, "board", "https://hooks.example.com",
                                                old.seal(WEBHOOK))  # fmt: skip
+    await make_proxies(engine, settings)  # a proxy's URL, with its password
     return [*ids, int(lost["id"])]
 
 
@@ -77,7 +80,7 @@ async def test_rotate_re_encrypts_under_the_new_key_and_check_lists_what_no_key_
     shown = await qm("keys", "check")
     assert shown.exit_code == 1 and "lost@board" in shown.stdout
     assert (
-        "5 sealed values: 0 under the first key, 4 under an older key (`qm keys rotate`), 1 no"
+        "6 sealed values: 0 under the first key, 5 under an older key (`qm keys rotate`), 1 no"
         in shown.stdout
     )
 
@@ -91,7 +94,8 @@ async def test_rotate_re_encrypts_under_the_new_key_and_check_lists_what_no_key_
     assert (
         rotated["sessions.storage_state"]["rotated"],
         rotated["sites.webhook_sealed"]["rotated"],
-    ) == (1, 1)
+        rotated["proxies.url_sealed"]["rotated"],
+    ) == (1, 1, 1)
 
     after = await _sealed(engine)
     new_only = SecretBox(new_key)
@@ -99,19 +103,21 @@ async def test_rotate_re_encrypts_under_the_new_key_and_check_lists_what_no_key_
     assert new_only.open(after[f"accounts.secret:{second}"]) == f"{CANARY}-1"
     assert new_only.open_json(after[f"sessions.storage_state:{first}"]) == STATE
     assert new_only.open(after["sites.webhook_sealed:board"]) == WEBHOOK
+    assert new_only.open(after["proxies.url_sealed:1"]) == proxy_url(1)
     assert after[f"accounts.secret:{lost}"] == before[f"accounts.secret:{lost}"]  # skipped
     async with engine.connect() as conn:  # the session's content is the same: its version too
         version = await conn.scalar(text("SELECT version FROM sessions"))
     assert version == 1
 
     again = _lines(await qm("keys", "rotate", "--json"))
-    assert [(r["rotated"], r["already_newest"]) for r in again] == [(0, 2), (0, 1), (0, 1)]
+    assert [(r["rotated"], r["already_newest"]) for r in again] == [(0, 2), (0, 1), (0, 1), (0, 1)]
     assert await _sealed(engine) == after  # a second run writes nothing
 
     table = await qm("keys", "rotate")
     assert table.exit_code == 0 and "qm keys check" in table.stdout
     for result in (checked, shown, table):
         assert CANARY not in result.output and "canary" not in result.output
+        assert PROXY_PASSWORD not in result.output
     # once the old key is dropped, only the value under the key dropped before stays unopened
     monkeypatch.setenv("QM_SECRET_KEYS", new_key)
     assert [line["id"] for line in _lines(await qm("keys", "check", "--json"), 1)] == [lost]

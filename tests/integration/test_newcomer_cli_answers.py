@@ -24,6 +24,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TABLES = (
     ("sites", "list"),
     ("accounts", "list"),
+    ("proxies", "list"),
     ("jobs", "list"),
     ("jobs", "show"),
     ("seeds", "list"),

@@ -39,6 +39,9 @@ CREATE TABLE proxies (
     status               proxy_status NOT NULL DEFAULT 'ACTIVE',
     -- a proxy that failed rests until then (cooldown); a BLOCKED one waits for an operator
     available_at         timestamptz NOT NULL DEFAULT now(),
+    -- the rest after a reported failure, and how many failures in a row block the proxy
+    cooldown_seconds     integer NOT NULL DEFAULT 300 CHECK (cooldown_seconds >= 0),
+    block_after          integer NOT NULL DEFAULT 3 CHECK (block_after > 0),
     consecutive_failures integer NOT NULL DEFAULT 0 CHECK (consecutive_failures >= 0),
     failure_count        integer NOT NULL DEFAULT 0 CHECK (failure_count >= 0),
     blocked_reason       text,
@@ -46,6 +49,8 @@ CREATE TABLE proxies (
     updated_at           timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX proxies_of_site ON proxies (site, id);
+-- an operator names a proxy by its site and label (`qm proxies block SITE URL`)
+CREATE UNIQUE INDEX proxies_site_label ON proxies (site, label);
 
 ALTER TABLE sites
     ADD COLUMN account_budget integer CHECK (account_budget > 0),
@@ -70,7 +75,9 @@ ALTER TABLE jobs ADD COLUMN scope text CHECK (scope ~ '^[a-z0-9][a-z0-9._-]{0,31
 ALTER TABLE job_grants
     ADD COLUMN scope text,
     ADD COLUMN units integer NOT NULL DEFAULT 1 CHECK (units >= 0),
-    ADD COLUMN proxy_id bigint;
+    ADD COLUMN proxy_id bigint,
+    -- the lease reported its proxy failed: counted once per lease
+    ADD COLUMN proxy_failed boolean NOT NULL DEFAULT false;
 -- the account budget's window: an account's grants since a moment
 CREATE INDEX job_grants_account_window ON job_grants (account_id, granted_at) INCLUDE (units)
     WHERE account_id IS NOT NULL;
@@ -88,7 +95,7 @@ DOWNGRADE = r"""
 DROP TABLE IF EXISTS account_scope_rests;
 DROP INDEX IF EXISTS job_grants_account_window;
 ALTER TABLE job_grants DROP COLUMN IF EXISTS scope, DROP COLUMN IF EXISTS units,
-    DROP COLUMN IF EXISTS proxy_id;
+    DROP COLUMN IF EXISTS proxy_id, DROP COLUMN IF EXISTS proxy_failed;
 ALTER TABLE jobs DROP COLUMN IF EXISTS scope;
 ALTER TABLE accounts DROP COLUMN IF EXISTS proxy_id, DROP COLUMN IF EXISTS consecutive_blocks,
     DROP COLUMN IF EXISTS consecutive_errors, DROP COLUMN IF EXISTS created_at;
