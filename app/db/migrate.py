@@ -8,7 +8,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 
-from app.settings import asyncpg_url
+from app.database_urls import asyncpg_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
