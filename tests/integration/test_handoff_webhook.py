@@ -5,7 +5,6 @@ answers."""
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -121,12 +120,12 @@ async def test_a_slow_webhook_keeps_its_short_handoff_claim_alive_and_is_called_
         record = Incoming(settings.topic("captures"), 0, 1, 0, b"cap-1", b'{"capture_id": "cap-1"}')
         assert await asyncio.wait_for(worker.enqueue(record), 5) == "handing_off"
         reaped: list[object] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            reaped += (await sweep.run_once()).changed
-            if (await capture_row(engine, "cap-1"))["status"] != "HANDING_OFF":
-                break
-            await asyncio.sleep(0.2)  # the sweep's pace, not a wait for the outcome
+
+        async def swept_until_settled() -> bool:
+            reaped.extend((await sweep.run_once()).changed)
+            return (await capture_row(engine, "cap-1"))["status"] != "HANDING_OFF"
+
+        await eventually(swept_until_settled, timeout=30, every=0.2)
         await worker.drain(10)
     assert reaped == []
     assert [hit.idempotency_key for hit in hook.hits] == ["cap-1"]
