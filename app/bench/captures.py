@@ -12,6 +12,9 @@ prints, in the same run:
   ``capture.ready``; captures/s is the captures that reached ``qm.captures.ready`` over the time
   from the first submit to the last arrival. Sites have no webhook: the downstream is the
   ``qm.captures.ready`` topic itself.
+
+``--history N`` preloads what ``qm bench lease --history N`` does (``app.bench.history.preload``):
+N finished jobs with their grants, inbox rows and delivered captures, and settled seeds.
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from app.bench import lease_report, repeats
+from app.bench import history, lease_report, repeats
 from app.bench.echo import tail
-from app.bench.history import make_sites
 from app.bench.lease import Plan, bench_settings
 from app.bench.lease_report import ms
 from app.bench.lease_runs import (
@@ -67,6 +69,7 @@ def bench_captures(
     collectors: Annotated[int, Opt(help="SDK clients (collectors) sharing the load.")] = 4,
     n_sites: Annotated[int, Opt("--sites", help="Sites the jobs are spread over.")] = 8,
     warmup: Annotated[float, Opt(help="Seconds of unmeasured cycles before the runs.")] = 10.0,
+    history_jobs: Annotated[int, Opt("--history", help=history.HISTORY_HELP)] = 0,
     repeat: Annotated[
         int, Opt(help="Runs, back to back; prints each figure's median and range.")
     ] = 1,
@@ -78,7 +81,8 @@ def bench_captures(
     configure_logging("console", "WARNING")
     plan = Plan(rate=1.0, duration=1.0, collectors=max(collectors, 1),
                 concurrency=max(concurrency, 1), cycles=10_000_000, seconds=seconds,
-                sites=max(n_sites, 1), consumers=None, warmup=warmup)  # fmt: skip
+                sites=max(n_sites, 1), consumers=None, warmup=warmup,
+                history=max(history_jobs, 0))  # fmt: skip
     out = err if as_json else console
     summaries: list[dict[str, Any]] = []
     try:
@@ -93,7 +97,7 @@ def bench_captures(
                 with run_database(services, run) as database_url:
                     settings = bench_settings(services.bootstrap, database_url)
                     slugs = [f"site{n}" for n in range(plan.sites)]
-                    result = asyncio.run(_bench(settings, plan, slugs, services.pids))
+                    result = asyncio.run(_bench(settings, plan, slugs, services.pids, out))
                 summaries.append(result.summary())
                 if as_json:
                     print(json.dumps(summaries[-1]), flush=True)
@@ -177,11 +181,16 @@ async def _cycles(
     )
 
 
-async def _bench(settings: Settings, plan: Plan, slugs: list[str], pids: dict[str, int]) -> Result:
+async def _bench(
+    settings: Settings, plan: Plan, slugs: list[str], pids: dict[str, int], out: Console
+) -> Result:
     await ensure_topics(settings)
-    await make_sites(
+    await history.make_sites(
         settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS
     )
+    loaded = await history.preload(settings, slugs, plan.history)  # analyzes even without
+    if plan.history:
+        out.print(loaded.line())
     with contextlib.ExitStack() as processes:
         children = {name: processes.enter_context(Child(settings, name))
                     for name in ("worker", "relay", "handoff")}  # fmt: skip
@@ -195,6 +204,7 @@ async def _bench(settings: Settings, plan: Plan, slugs: list[str], pids: dict[st
             ]
             await warm_up(clients, slugs, list(children.values()))
             await _cycles(clients, slugs, replace(plan, seconds=plan.warmup))
+            await history.restat(settings)  # statistics of tables with rows, as a server's
             meter.begin()
             cycled = await _cycles(clients, slugs, plan)
             meter.end()

@@ -17,7 +17,8 @@ relay as child processes (`python -m app run worker`, `python -m app run relay`)
 
 The CPU each process used in each run is printed under the table (from /proc), with the WAL
 bytes per request (``pg_current_wal_lsn`` before and after) and the claim worker's RSS.
-``--history N`` preloads N finished jobs (grants, inbox rows) and 10,000 accounts per site;
+``--history N`` preloads N finished jobs (grants, inbox rows, delivered captures), settled seeds
+with their holds, and 10,000 accounts per site (``app.bench.history.preload``);
 ``--json`` prints one JSON object instead of the table. The collectors share one reply topic,
 each reading one partition of it, as the SDK does by default (``--no-route-replies``: each reads
 the whole topic, as clients that do not route do; ``--own-reply-topics``: a topic each).
@@ -121,9 +122,7 @@ def bench_lease(
             "SDK does by default); --no-route-replies: each reads all of it."
         ),
     ] = True,
-    history_jobs: Annotated[
-        int, Opt("--history", help="Finished jobs (with grants, inbox rows) preloaded first.")
-    ] = 0,
+    history_jobs: Annotated[int, Opt("--history", help=history.HISTORY_HELP)] = 0,
     search_steps: Annotated[
         int, Opt(help="Probes of the max-rate search per path (0: no search).")
     ] = 5,
@@ -223,11 +222,11 @@ async def _bench(
         settings, slugs, accounts_per_site=plan.accounts_per_site, lease_seconds=LEASE_SECONDS,
         budgets=plan.budgets,
     )  # fmt: skip
-    took = await history.preload(
+    loaded = await history.preload(
         settings, slugs, plan.history
     )  # VACUUM (ANALYZE) even without history
     if plan.history:
-        console.print(f"preloaded {plan.history:,} finished jobs in {took:.0f} s")
+        console.print(loaded.line())
     extra = {} if plan.consumers is None else {"worker_consumers": plan.consumers}
     names = [f"worker{n}" if plan.workers > 1 else "worker" for n in range(plan.workers)]
     with contextlib.ExitStack() as processes:

@@ -9,6 +9,10 @@ Against a real, durable PostgreSQL (started here unless ``DATABASE_URL`` names o
   own and, after each claim, reports its seeds done and due again at once (timed apart, printed
   beside), so the small site never runs dry; claims per second count these claim-and-settle
   cycles of all claimers together;
+- with ``--history N``, the sites' history preloaded first, as `qm bench lease --history N` does
+  (``app.bench.history.preload``): N finished jobs with grants, inbox rows and delivered
+  captures, and N/10 settled seeds of these sites (done, not due again yet; a priority level
+  above the due ones) with their holds and domain rows;
 - the time to import ``--import-rows`` seeds as `qm seeds import` does: CSV lines parsed,
   COPYed into a temporary table in batches, one upsert, COMMIT.
 """
@@ -27,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
+from app.bench import history
 from app.bench.services import services as start_services
 from app.core import seeds as seeding
 from app.core.transaction import Tx, TxServices
@@ -62,6 +67,7 @@ def bench_seeds(
     concurrency: Annotated[int, Opt(help="Claimers of the concurrent runs.")] = 8,
     seconds: Annotated[float, Opt(help="Length of each claim run.")] = 5.0,
     import_rows: Annotated[int, Opt(help="Seeds the import run loads.")] = 100_000,
+    history_jobs: Annotated[int, Opt("--history", help=history.HISTORY_HELP)] = 0,
 ) -> None:
     """Seed claim latency and rate on a small and a large site; the import's seeds per second."""
     configure_logging("console", "WARNING")  # an info line per claim would drown the table
@@ -73,7 +79,8 @@ def bench_seeds(
             f"seeds bench: claims of {CLAIM_SIZE} on sites of {small:,} and {large:,} seeds, "
             f"1 and {concurrency} claimers, {seconds:g} s each; PostgreSQL {found.durability}"
         )
-        asyncio.run(_bench(settings, small, large, concurrency, seconds, import_rows))
+        sizes = {"small": small, "large": large}
+        asyncio.run(_bench(settings, sizes, concurrency, seconds, import_rows, history_jobs))
 
 
 def _key() -> str:
@@ -83,7 +90,12 @@ def _key() -> str:
 
 
 async def _bench(
-    settings: Settings, small: int, large: int, concurrency: int, seconds: float, rows: int
+    settings: Settings,
+    sizes: dict[str, int],
+    concurrency: int,
+    seconds: float,
+    rows: int,
+    history_jobs: int,
 ) -> None:
     db = Database(make_engine(settings, pool_size=concurrency + 2, pre_ping=False))
     services = TxServices(settings, SecretBox.from_settings(settings))
@@ -97,12 +109,17 @@ async def _bench(
             "claim p99 ms",
             "settle p50 ms",
         )
-        for slug, count in (("small", small), ("large", large)):
+        for slug, count in sizes.items():
             started = time.perf_counter()
             await _make_site(db, slug, count)
             console.print(
                 f"site {slug}: {count:,} seeds made in {time.perf_counter() - started:.1f} s"
             )
+        # the sites' history: settled seeds (not due) beside the due ones, and jobs, captures
+        loaded = await history.preload(settings, list(sizes), history_jobs)
+        if history_jobs:
+            console.print(loaded.line())
+        for slug in sizes:
             for claimers in (1, concurrency):
                 await _vacuum(db)
                 samples = await _claim_run(db, services, slug, claimers, seconds)
