@@ -3,7 +3,7 @@
 The inbox answers a redelivered request with the reply it got; after the retention period a
 request with the same ``request_id`` is treated as new (docs/contract.md says what each type then
 gets). Batches of ``QM_INBOX_PRUNE_BATCH`` rows, one short transaction each, so pruning never
-holds many locks or one long transaction.
+holds many locks or one long transaction; at most ``MAX_BATCHES`` of them a sweep.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import structlog
 
 from app.store import inbox
 from reapers.base import Sweep, SweepResult
+from reapers.job_retention import MAX_BATCHES
 
 log = structlog.get_logger()
 
 
 class InboxRetention(Sweep):
     name = "inbox_retention"
+    max_batches = MAX_BATCHES
 
     async def run_once(self, now: datetime | None = None) -> SweepResult:
         result = SweepResult(self.name)
-        while True:
+        for _ in range(self.max_batches):  # the rest of a large backlog waits for the next round
             async with self.db.transaction() as conn:
                 pruned = await inbox.prune(
                     conn,
@@ -33,6 +35,7 @@ class InboxRetention(Sweep):
                 )
             result.changed.extend(pruned)
             if len(pruned) < self.settings.inbox_prune_batch:
-                if result.changed:
-                    log.info("inbox_pruned", requests=len(result.changed))
-                return result
+                break
+        if result.changed:
+            log.info("inbox_pruned", requests=len(result.changed))
+        return result
