@@ -1,7 +1,8 @@
 """Plans that do not grow with history: on a database with finished jobs and many accounts
 preloaded and analyzed while no job ran (the statistics a fresh deployment has), the leasing path
 finds running jobs by primary key and held accounts by their holder, and the site lock's
-"has accounts" check reads one index entry."""
+"has accounts" check reads one index entry; a seed claim reads the due seeds alone past a level
+of settled ones, and a capture handoff finds its captures by key past delivered ones."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.settings import Settings
-from app.store import Database, outbox
+from app.store import Database, outbox, seeds
 from app.store import bench_history as history
 from app.store.sites import _LOCK_SITE
-from tests.support.leasing import make_site, replies, start
+from tests.support.captures import running_job, submit
+from tests.support.leasing import make_site, replies, scalar, start
 from workers.requests import RequestProcessor
 
 HISTORY_JOBS = 20_000
@@ -28,15 +30,16 @@ async def plan(engine: AsyncEngine, sql: str, **params: Any) -> str:
         return "\n".join(str(r[0]) for r in rows)
 
 
-async def preload(engine: AsyncEngine, settings: Settings) -> None:
+async def preload(engine: AsyncEngine, settings: Settings, *, captures: bool = False) -> None:
     await make_site(engine, settings, "other", capacity=1)
     await make_site(engine, settings, "board", capacity=20, n_accounts=20)
     async with engine.begin() as conn:
         for site in ("other", "board"):  # board's accounts come after all of other's
             await history.add_accounts(conn, site, ACCOUNTS_PER_SITE, b"unused")
         await history.add_finished_jobs(
-            conn, ["other", "board"], first=1, last=HISTORY_JOBS, total=HISTORY_JOBS, span=3600.0
-        )
+            conn, ["other", "board"], first=1, last=HISTORY_JOBS, total=HISTORY_JOBS, span=3600.0,
+            captures=captures,
+        )  # fmt: skip
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         await history.vacuum_analyze(conn)
@@ -116,3 +119,77 @@ async def test_the_relays_read_of_the_outbox_walks_its_index_past_deleted_rows(
     # an index scan marks the dead entries it passes, so the next read skips them; a bitmap
     # scan visits every dead row again on every read until a vacuum
     assert "Index Scan using outbox_" in fetch and "Bitmap" not in fetch, fetch
+
+
+SETTLED_SEEDS = 100_000  # a fifth of them on the top priority level, none due
+
+
+async def explain_analyzed(conn: AsyncConnection, sql: str, params: dict[str, Any]) -> list[Any]:
+    """The plan nodes of ``sql`` as run (EXPLAIN ANALYZE, BUFFERS), depth first."""
+    result = await conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), params)
+    nodes, todo = [], [result.scalar_one()[0]["Plan"]]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        todo.extend(node.get("Plans", []))
+    return nodes
+
+
+async def test_a_seed_claim_reads_only_due_seeds_past_a_level_of_settled_ones(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    # a site whose highest priority level is all done and not due yet: the claim's walk of
+    # seeds_due in claim order must jump to the due seeds, not read every settled one first
+    await make_site(engine, settings, "board", capacity=5, n_accounts=5)
+    async with engine.begin() as conn:
+        await history.add_rewrites(conn, ["board"])
+        await history.add_settled_seeds(
+            conn, ["board"], first=1, last=SETTLED_SEEDS, seeds=SETTLED_SEEDS, jobs=0, span=3600.0
+        )
+        await seeds.generate_seeds(conn, "board", 200, priorities=history.SEED_PRIORITIES - 1)
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await history.vacuum_analyze(conn)
+    processor = RequestProcessor(settings, Database(engine))
+    await processor.process(start(settings, "claimer", needs={"account": False, "seeds": 5}))
+    token, secret_hash = (
+        await scalar(engine, "SELECT ARRAY[lease_token::text, encode(lease_secret_hash, 'hex')]"
+                     " FROM jobs WHERE id = 'claimer'")
+    )  # fmt: skip
+    params = {"job_id": "claimer", "token": int(token), "limit": 5, "now": None,
+              "secret_hash": bytes.fromhex(secret_hash)}  # fmt: skip
+    async with engine.begin() as conn:
+        nodes = await explain_analyzed(conn, seeds._CLAIM.text, params)
+        await conn.rollback()
+    [scan] = [n for n in nodes if n.get("Index Name") == "seeds_due"]
+    assert scan["Actual Rows"] == 5, scan
+    read = scan["Shared Hit Blocks"] + scan["Shared Read Blocks"]
+    assert read < 20, f"the claim read {read} blocks of seeds_due"
+
+
+async def test_a_capture_handoff_finds_its_captures_past_delivered_history(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    await preload(engine, settings, captures=True)
+    processor = RequestProcessor(settings, Database(engine))
+    lease = await running_job(processor, engine, settings, "capturer")
+    assert await processor.process(submit(settings, "capturer", lease, "cap-new")) == "replied"
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text("ANALYZE captures"))  # one RECEIVED among 20,000 delivered
+    claim = await plan(
+        engine,
+        "SELECT id FROM captures WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RECEIVED'"
+        " AND next_attempt_at <= now() ORDER BY id FOR UPDATE",
+        ids=["cap-new"],
+    )
+    assert "Seq Scan" not in claim, claim
+    finish = await plan(
+        engine,
+        "UPDATE captures c SET status = 'HANDED_OFF' FROM unnest(CAST(:ids AS text[]),"
+        " CAST(:tokens AS bigint[])) AS f(id, token) WHERE c.id = f.id"
+        " AND c.status = 'HANDING_OFF' AND c.handoff_token = f.token",
+        ids=["cap-new"],
+        tokens=[1],
+    )
+    assert "Seq Scan on captures" not in finish, finish
