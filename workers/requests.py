@@ -84,6 +84,7 @@ from workers.dead_letters import Letter, raw_letter, readable_ids
 from workers.group_commit import GroupCommit
 from workers.lenient_records import undecodable_header_names
 from workers.reply_routes import ReplyRoutes, reply_partition
+from workers.request_batches import apply_batched, send_reply
 from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
@@ -297,8 +298,14 @@ class RequestProcessor:
             )
             tx = Tx(conn, self.services, locked_sites=claimed.sites, job_sites=claimed.job_sites)
             unseen = claimed.fresh
+            batched = await apply_batched(tx, requests, unseen)
             outcomes = []
-            for parsed in requests:  # a request_id twice here: the first is new, then a repeat
+            for n, parsed in enumerate(requests):
+                if n in batched:
+                    send_reply(tx, parsed, batched[n])
+                    outcomes.append("replied")
+                    continue
+                # a request_id twice here: the first is new, then a repeat
                 request_id = str(parsed.request.request_id)
                 outcomes.append(await self._apply(tx, parsed, fresh=request_id in unseen))
                 unseen.discard(request_id)
@@ -318,7 +325,7 @@ class RequestProcessor:
     async def _apply(self, tx: Tx, parsed: Parsed, *, fresh: bool) -> str:
         """The request's transition and reply inside ``tx`` (``fresh``: its inbox row is new);
         its outcome."""
-        request, reply_to = parsed.request, parsed.reply_to
+        request = parsed.request
         request_id = str(request.request_id)
         if not fresh:
             return await self._answer_again(tx, parsed)
@@ -331,11 +338,7 @@ class RequestProcessor:
             ).model_dump(mode="json")
         else:
             reply = await handler(tx, request, parsed.route)
-        if reply is not None:
-            tx.box.add(
-                reply_to, request.job_id, reply, parsed.headers, partition=parsed.reply_partition
-            )
-            tx.box.keep_reply(request_id, reply_to, reply)
+        send_reply(tx, parsed, reply)
         return "replied"
 
     def _fault(self, point: str, job_id: str) -> None:
