@@ -18,19 +18,18 @@ from collections.abc import Sequence
 import structlog
 
 from app.core import proxies
-from app.core.jobs import finish_reason, lease_length, over_cap, why_not_queued
+from app.core.jobs import finish_reason, lease_length, not_granted, over_cap, why_not_queued
 from app.core.leases import after_release, grant_waiting, rest_after
 from app.core.replies import Reply, refuse_follow_up, rejected
 from app.core.transaction import Route, Tx
 from app.lease_secrets import lease_secret_hash
-from app.store import Row, budgets, job_batches, jobs
+from app.store import Row, job_batches, jobs
 from schemas.messages import (
     RATE_LIMITED,
     JobExtended,
     JobFinish,
     JobFinished,
     JobHeartbeat,
-    JobQueued,
     JobStart,
 )
 from schemas.states import JobStatus
@@ -162,12 +161,10 @@ async def _release(
 
 def _plain_start(tx: Tx, req: JobStart) -> bool:
     """A start the set path queues: within the cap, on a site the transaction locked first that
-    can serve it, and willing to wait (a start that cannot wait is answered at once, so it goes
-    the one-request way: its rejection must not hold the line of the starts behind it)."""
+    can serve it."""
     site = tx.locked_sites.get(req.site)
     return (
         over_cap(tx, req) is None
-        and req.wait_seconds != 0
         and site is not None
         and (site["has_accounts"] or not req.needs.account)
     )
@@ -175,9 +172,12 @@ def _plain_start(tx: Tx, req: JobStart) -> bool:
 
 async def starts(tx: Tx, batch: Sequence[tuple[int, JobStart, Route]]) -> dict[int, Reply]:
     """Queue the jobs of plain starts in one statement, in read order, then grant each site's
-    waiting jobs once (FIFO, these among them); each start's reply by its index: None when it
-    was answered through the outbox (granted, or refused at its grant), else ``job.queued``
-    with its position and what holds the line, or ``job.rejected`` when its job exists."""
+    waiting jobs once (FIFO, these among them); each start's reply by its index, in read order:
+    None when it was answered through the outbox (granted, refused at its grant, or timed out
+    at once because it cannot wait), else ``job.queued`` with its position and what holds the
+    line, or ``job.rejected`` when its job exists. A start that cannot wait leaves the line at
+    its turn, and its site is granted again: the starts behind it may go now, as they would
+    have one at a time."""
     plain = [(n, req, route) for n, req, route in batch if _plain_start(tx, req)]
     if len(plain) < SMALLEST_BATCH:
         return {}
@@ -223,9 +223,7 @@ async def starts(tx: Tx, batch: Sequence[tuple[int, JobStart, Route]]) -> dict[i
         if req.job_id in granted or tx.box.kept_reply(str(req.request_id)) is not None:
             replies[n] = None  # granted, or refused at its grant: answered through the outbox
             continue
-        held_by = await budgets.why_waiting(tx.conn, req.site)
-        position = await jobs.queue_position(tx.conn, req.job_id)
-        replies[n] = JobQueued(
-            request_id=req.request_id, job_id=req.job_id, position=position, reason=held_by
-        ).model_dump(mode="json")
+        replies[n] = await not_granted(tx, req)
+        if req.wait_seconds == 0:  # it left the line: the jobs behind it may be granted now
+            granted.update(await grant_waiting(tx, req.site))
     return replies

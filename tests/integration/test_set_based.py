@@ -83,9 +83,10 @@ async def scenario(
     transaction among ``batch`` requests; what the run left behind, and the statements its
     batches sent (by first words)."""
     p = lambda name: job(prefix, name)  # noqa: E731 - a job id of this run
-    site_a, site_b = p("a"), p("b")
+    site_a, site_b, site_c = p("a"), p("b"), p("c")
     await make_site(engine, settings, site_a, capacity=3, n_accounts=3)
     await make_site(engine, settings, site_b, capacity=1, n_accounts=1)
+    await make_site(engine, settings, site_c, capacity=2, n_accounts=1)
     own = make_engine(settings, pool_size=2, pre_ping=False)
     statements = Statements(own)
     alone = RequestProcessor(settings.model_copy(update={"worker_batch_max": 1}), Database(own))
@@ -102,6 +103,8 @@ async def scenario(
     for name, site in (("1", site_a), ("2", site_a), ("3", site_a), ("4", site_b), ("5", site_b)):
         assert await alone.process(start(settings, p(name), site=site, needs=needs)) == "replied"
     leases |= {n: await held_lease(engine, settings, p(n)) for n in ("1", "2", "3", "4")}
+    # c's one account is held: a start there that needs one cannot be granted
+    assert await alone.process(start(settings, p("20"), site=site_c, needs=needs)) == "replied"
     stale = {**leases["3"], "lease_token": leases["3"]["lease_token"] + 1000}
     wrong = {**leases["3"], "lease_secret": leases["1"]["lease_secret"]}
 
@@ -146,6 +149,9 @@ async def scenario(
                 start(settings, p("15"), site=site_a, lease_seconds=OVER_CAP),
                 start(settings, p("16"), site=site_b, wait_seconds=0),  # cannot wait
                 start(settings, p("17"), site=site_b, needs=needs),  # behind 13
+                # 21 heads c's line and cannot wait: once it leaves, 22 behind it is granted
+                start(settings, p("21"), site=site_c, needs=needs, wait_seconds=0),
+                start(settings, p("22"), site=site_c, needs={"account": False}),
             ]
         )
         counted.update(counts)
@@ -174,13 +180,15 @@ async def test_a_mixed_batch_gets_the_replies_events_and_states_of_one_request_a
     assert [r.get("position") for r in replies["12"]] == ["2"]
     assert replies["14"] == [{"type": "job.rejected", "reason": "unknown_site"}]
     assert replies["16"] == [{"type": "job.rejected", "reason": "no_capacity"}]
+    assert replies["21"] == [{"type": "job.rejected", "reason": "no_capacity"}]
+    assert [r["type"] for r in replies["22"]] == ["job.granted"]
     assert replies["6"][-1] == {"type": "job.rejected", "reason": "job_exists"}
     assert replies["15"][0]["type"] == "request.invalid"
     # and the shared run went the set path: one statement per kind, not one per request
     assert counted_shared["WITH heartbeats AS"] == 1
     assert counted_shared["WITH finishes AS"] == 1
     assert counted_shared["WITH releases AS"] == 1
-    assert counted_shared["INSERT INTO jobs"] == 2  # the plain starts, then the one that waits 0
+    assert counted_shared["INSERT INTO jobs"] == 1
     assert "WITH heartbeats AS" not in counted_alone
 
 
