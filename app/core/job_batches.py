@@ -159,6 +159,20 @@ async def _release(
     )
 
 
+class OneAtATime(Exception):
+    """The set path cannot give these requests the answers one request at a time would: the
+    shared transaction rolls back, and each of its requests goes again alone."""
+
+
+async def _still_served(tx: Tx, req: JobStart) -> None:
+    """A grant of this transaction retired its site's account (one no key opens): alone, a
+    start read after it on a site left with no account is rejected ``no_accounts``, not queued.
+    Rare: ``OneAtATime`` then."""
+    site = await tx.site(req.site)
+    if site is None or not site["has_accounts"]:
+        raise OneAtATime(f"site {req.site} has no account left")
+
+
 def _plain_start(tx: Tx, req: JobStart) -> bool:
     """A start the set path queues: within the cap, on a site the transaction locked first that
     can serve it."""
@@ -223,6 +237,8 @@ async def starts(tx: Tx, batch: Sequence[tuple[int, JobStart, Route]]) -> dict[i
         if req.job_id in granted or tx.box.kept_reply(str(req.request_id)) is not None:
             replies[n] = None  # granted, or refused at its grant: answered through the outbox
             continue
+        if req.needs.account and req.site not in tx.locked_sites:
+            await _still_served(tx, req)
         replies[n] = await not_granted(tx, req)
         if req.wait_seconds == 0:  # it left the line: the jobs behind it may be granted now
             granted.update(await grant_waiting(tx, req.site))

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from app.db.engine import make_engine
 from app.settings import Settings
 from app.store import Database
-from tests.support.leasing import held_lease, make_site, request, start
+from tests.support.leasing import held_lease, make_site, make_unreadable_site, request, start
 from tests.support.statements import Statements
 from workers.consuming import Incoming
 from workers.requests import RequestProcessor
@@ -273,3 +273,28 @@ async def running_job_ids(engine: AsyncEngine) -> list[str]:
     async with engine.connect() as conn:
         rows = await conn.execute(text("SELECT id FROM jobs WHERE status = 'RUNNING' ORDER BY id"))
         return [job_id for (job_id,) in rows]
+
+
+async def test_starts_after_a_grant_that_retires_the_sites_last_account_are_answered_as_alone(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    answers = {}
+    for batch in (1, 32):
+        slug = f"locked{batch}"
+        await make_unreadable_site(engine, settings, slug)  # its one account opens with no key
+        worker = RequestProcessor(
+            settings.model_copy(update={"worker_batch_max": batch, "worker_transactions": 1}),
+            Database(engine),
+        )
+        records = [start(settings, f"{slug}-{n}", site=slug) for n in range(3)]
+        outcomes = await asyncio.gather(*(worker.process(r) for r in records))
+        assert outcomes == ["replied"] * 3
+        found = await by_job(engine, settings.topic("replies"), slug)
+        answers[batch] = [found[str(n)] for n in range(3)]
+    # the first grant retires the account: the starts read after it find no account at all
+    assert answers[1] == [
+        [{"type": "job.rejected", "reason": "account_unreadable"}],
+        [{"type": "job.rejected", "reason": "no_accounts"}],
+        [{"type": "job.rejected", "reason": "no_accounts"}],
+    ]
+    assert answers[32] == answers[1]
