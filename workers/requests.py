@@ -5,8 +5,9 @@ Records are handed over in the order they were read and wait for the worker's tr
 one BEGIN, one outbox insert and one COMMIT for all of them. Two requests of one job are never in
 two running transactions (``workers.pipeline.KeyedQueue``), so a job's requests commit in the
 order they were read. The transaction first locks every site its requests touch, in slug order, so
-two of them cannot deadlock; then it applies the requests one after another, exactly as separate
-transactions would. If it fails for any reason, each of its requests goes again alone, in order,
+two of them cannot deadlock; then it applies the requests as separate transactions would in some
+order: the plain heartbeats, finishes and starts one statement per kind (``workers.request_batches``,
+docs/design.md "One statement per kind"), then the others one after another in read order. If it fails for any reason, each of its requests goes again alone, in order,
 in a transaction of its own, so one bad request never holds up the others for long.
 
 A request whose ``request_id`` was seen before is answered again from the inbox, unless it is the
