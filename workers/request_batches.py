@@ -29,7 +29,7 @@ async def apply_batched(tx: Tx, requests: list[Parsed], fresh: set[str]) -> dict
     """The set path (``app.core.job_batches``) for the requests it can take: fresh ones whose
     job and request id appear once here; their replies by index. Heartbeats, then finishes, then
     starts, each kind in read order; the rest then go one by one in read order
-    (docs/design.md, "Claim worker", says why that is a serial order of them all)."""
+    (docs/design.md, "One statement per kind", says why that is a serial order of them all)."""
     if len(requests) < job_batches.SMALLEST_BATCH:
         return {}
     jobs_named = Counter(p.request.job_id for p in requests)

@@ -7,8 +7,8 @@ transaction. What is not taken goes the one-request way (``app.core.jobs``), as 
 request refused here, to learn why. With fewer than two plain requests of a kind nothing is
 taken: a lone request goes the one-request way, as it always did.
 
-The order of the requests within a kind is their read order; docs/design.md ("Claim worker")
-says why applying them by kind equals applying them one after another in some order.
+The order of the requests within a kind is their read order; docs/design.md ("One statement per
+kind") says why applying them by kind equals applying them one after another in some order.
 """
 
 from __future__ import annotations
