@@ -125,6 +125,7 @@ class Result:
     cpu_lines: list[str]
     cycle_cpu: dict[str, float]  # ms per cycle, by process
     capture_cpu: dict[str, float]  # ms per capture, by process
+    history: int = 0  # finished jobs preloaded (--history)
 
     def summary(self) -> dict[str, Any]:
         """The JSON object of ``--json``. ``cpu_ms_per_start`` is the cycle run's CPU per
@@ -146,6 +147,7 @@ class Result:
             "capture_p99_ms": _ms(self.captures.samples, 99),
             "cpu_ms_per_capture_by_process": {k: round(v, 3) for k, v in self.capture_cpu.items()},
             "cpu_ms_per_request_by_process": {k: round(v, 3) for k, v in self.cycle_cpu.items()},
+            "history": self.history,
             "failures": self.cycles.failures + self.captures.failures,
         }
 
@@ -216,7 +218,7 @@ async def _bench(
             capture_cpu = meter.per_request(captured.sent)
             for child in children.values():
                 child.check()
-            return Result(cycled, captured, lines, cycle_cpu, capture_cpu)
+            return Result(cycled, captured, lines, cycle_cpu, capture_cpu, plan.history)
 
 
 async def _captures(
