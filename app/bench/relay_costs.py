@@ -36,9 +36,13 @@ def describe_samples(samples: Sequence[tuple[TableStats, ReadCost]]) -> str:
     times = [cost.milliseconds for _, cost in samples]
     buffers = [cost.buffers for _, cost in samples]
     vacuums = samples[-1][0].autovacuums - samples[0][0].autovacuums
+    every = max(len(samples) // 12, 1)  # a dozen points of the run: dead rows, read ms
+    series = ", ".join(
+        f"{stats.dead:,}/{cost.milliseconds:.2f}" for stats, cost in samples[::every]
+    )
     return (
-        f"outbox over {len(samples)} samples: dead rows median {statistics.median(dead):,.0f} "
-        f"max {max(dead):,}, vacuums {vacuums}; the relay's read median "
+        f"outbox over {len(samples)} samples (dead rows/read ms: {series}): dead rows median"
+        f" {statistics.median(dead):,.0f} max {max(dead):,}, vacuums {vacuums}; the relay's read median "
         f"{statistics.median(times):.2f} ms max {max(times):.2f} ms, buffers median "
         f"{statistics.median(buffers):,.0f} max {max(buffers):,}"
     )
