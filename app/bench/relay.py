@@ -343,7 +343,7 @@ async def _relay_latency(
         await asyncio.wait_for(all_acked.wait(), 30)
         all_acked.clear()
         writer.start()
-        committed: dict[bytes, tuple[float, float]] = await asyncio.to_thread(receiver.recv)
+        committed = await asyncio.to_thread(_results, receiver, writer)
         await asyncio.to_thread(writer.join, 30)
         expected[0] = len(committed) + 1
         if len(acked) < expected[0]:
@@ -362,6 +362,17 @@ async def _relay_latency(
         commit=[done - called for _, called, done in timed],
         rows=len(committed),
     )
+
+
+def _results(receiver: Connection, writer: Any) -> dict[bytes, tuple[float, float]]:
+    """What the writer process sends back; an error if it ends without sending it."""
+    for _ in range(100_000):  # bounded: each look waits up to a second
+        if receiver.poll(1.0):
+            results: dict[bytes, tuple[float, float]] = receiver.recv()
+            return results
+        if not writer.is_alive():
+            raise RuntimeError(f"the writer process ended with {writer.exitcode}, no results")
+    raise RuntimeError("the writer process sent no results")
 
 
 def _percentiles(samples: Sequence[float]) -> str:

@@ -84,6 +84,7 @@ from app.store.outbox import (
     prepare_relay_session,
     shard_owners,
     unlock_shards,
+    vacuum_outbox,
 )
 
 log = structlog.get_logger()
@@ -100,6 +101,9 @@ SHUTDOWN_GRACE_SECONDS = 10.0  # how long a stopping relay lets its rounds in fl
 # how long a relay starting over (a failed send, a lost session) waits for its rounds in flight:
 # each ends within the producer's time-out, unless after_ack holds it
 ROUND_TIMEOUT_SECONDS = 60.0
+# the relay vacuums the outbox itself after deleting this many rows, so the dead rows every read
+# walks past stay few whatever the server's autovacuum_naptime (docs/performance.md)
+VACUUM_EVERY_ROWS = 10_000
 __all__ = ["MAX_MESSAGE_BYTES", "AfterAck", "Relay"]
 
 
@@ -141,6 +145,8 @@ class Relay:
         self._db = asyncio.Lock()  # the session runs one statement at a time
         self._rounds: list[InFlight] = []  # rounds in flight, oldest first
         self._leaving: set[int] = set()  # shards given up, locked until their rounds end
+        self._deleted = 0  # rows deleted since the last vacuum
+        self._vacuum: asyncio.Task[None] | None = None
         self._report = metrics.PublishReport()
         self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
 
@@ -305,6 +311,7 @@ class Relay:
                 async with self._db:
                     await delete_rows(session, [(row.id, row.topic) for row in outcome.acked])
                 self._report.published(outcome.acked, outcome.acked_at - started.fetched_at)
+                self._vacuum_when_due(len(outcome.acked))
             async with self._db:
                 dead, parked = await settle_refusals(session, self.settings, outcome)
         finally:
@@ -398,8 +405,34 @@ class Relay:
             # only with sends still unacknowledged (broker down); their rows are still in the table
             log.warning("outbox_producer_abandoned")
 
+    def _vacuum_when_due(self, deleted: int) -> None:
+        """Vacuum the outbox on a connection of its own (the rounds go on meanwhile) once
+        VACUUM_EVERY_ROWS rows were deleted since the last time."""
+        self._deleted += deleted
+        if self._deleted < VACUUM_EVERY_ROWS or self._engine is None:
+            return
+        if self._vacuum is not None and not self._vacuum.done():
+            return
+        self._deleted = 0
+        self._vacuum = asyncio.create_task(self._vacuum_outbox(self._engine))
+
+    async def _vacuum_outbox(self, engine: AsyncEngine) -> None:
+        started = time.monotonic()
+        try:
+            async with engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await vacuum_outbox(conn)
+        except (SQLAlchemyError, OSError) as exc:  # autovacuum still comes; rows are not at stake
+            log.warning("outbox_vacuum_failed", error_class=_name(exc), error=describe(exc))
+        else:
+            log.debug("outbox_vacuumed", seconds=round(time.monotonic() - started, 3))
+
     async def close(self) -> None:
         """Close the producer, then the session (which releases the shard locks)."""
+        if self._vacuum is not None:
+            self._vacuum.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._vacuum
         await self._drop_producer()
         await self._drop_session(closing=True)
         if self._owns_engine and self._engine is not None:

@@ -391,6 +391,22 @@ async def delete_rows(conn: AsyncConnection, sent: Sequence[tuple[int, str]]) ->
     return int(result.rowcount)
 
 
+_VACUUM = text(
+    """
+    -- The relay deletes every row it publishes: between two autovacuums (the server's naptime,
+    -- a minute by default) the dead rows pile up at the head of each shard's index range, where
+    -- every read starts. SKIP_LOCKED: another relay's vacuum of the table is as good.
+    VACUUM (SKIP_LOCKED) outbox
+    """
+)
+
+
+async def vacuum_outbox(conn: AsyncConnection) -> None:
+    """Vacuum the outbox table now (``conn`` in autocommit; without the table's ownership the
+    server only warns)."""
+    await conn.execute(_VACUUM)
+
+
 async def backlog(conn: AsyncConnection) -> Backlog:
     """How many rows wait in the whole outbox and how old the oldest is (parked rows apart)."""
     row = (await conn.execute(_BACKLOG)).one()

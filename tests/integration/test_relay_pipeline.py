@@ -7,9 +7,11 @@ import asyncio
 import json
 from collections.abc import Sequence
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.outbox import relay as relay_module
 from app.outbox.relay import Relay
 from app.outbox.writer import Outbox, shard_of
 from app.settings import Settings
@@ -199,3 +201,28 @@ async def _true(value: bool) -> bool:
 
 async def _empty(engine: AsyncEngine) -> bool:
     return await outbox_rows(engine) == 0
+
+
+async def test_the_relay_vacuums_the_outbox_after_deleting_enough_rows(
+    engine: AsyncEngine, topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = topics
+    monkeypatch.setattr(relay_module, "VACUUM_EVERY_ROWS", 200, raising=False)
+    topic = settings.topic("events")
+    written: list[Numbered] = [(f"k{n % 20}", n // 20) for n in range(500)]
+    async with running_relays(settings, 1):
+        for start in range(0, len(written), 100):  # five rounds or more
+            await write_numbered(engine, settings, topic, written[start : start + 100])
+        await wait_until(lambda: _empty(engine), 30, "the outbox drained")
+        # the server counts a vacuum once the vacuuming session reports it (it closed)
+        await wait_until(lambda: _vacuumed(engine), 15, "the relay vacuumed the outbox")
+    judge(await read_topic(settings, topic)).assert_complete_and_ordered(written)
+
+
+async def _vacuumed(engine: AsyncEngine) -> bool:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+        count = await conn.scalar(
+            text("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'outbox'")
+        )
+    return bool(count)
