@@ -29,10 +29,11 @@ What it promises, and why it holds:
 A round is: rebalance when due, read up to ``outbox_batch_size`` rows of every owned shard, send
 them, await every ack, call ``after_ack`` (the benchmark's and tests' hook), delete the acked rows.
 ``run_once`` does one round alone. The loop (``run``) keeps up to ``outbox_pipeline_depth``
-rounds in flight: while a shard had a full batch, or a ``NOTIFY qm_outbox`` came from a
-committing writer, it reads and sends the next round while the acks of the earlier ones are
-pending; else it waits for a NOTIFY, a round's end or the poll interval. The pipeline keeps the
-promises above:
+rounds in flight while shards have a backlog: as long as a shard had a full batch, it reads and
+sends the next round while the acks of the earlier ones are pending. Otherwise a round starts
+when none is in flight, on a ``NOTIFY qm_outbox`` from a committing writer or the poll interval:
+rows that come at a moderate rate then share a round instead of each paying for one (measured:
+docs/performance.md). The pipeline keeps the promises above:
 
 - A read passes over the rows of the rounds still in flight (by id, not by a watermark: a row of
   another key that took a lower id but commits late is read by the next round).
@@ -69,7 +70,16 @@ from app.errors import describe
 from app.kafka import producer_options
 from app.outbox import metrics
 from app.outbox.refusals import settle_refusals
-from app.outbox.relay_rounds import Backoff, RelayRound, any_shard_full, discard, wait_any
+from app.outbox.relay_rounds import (
+    Backoff,
+    RelayRound,
+    any_shard_full,
+    collect,
+    discard,
+    drain,
+    vacuum,
+    wait_any,
+)
 from app.outbox.sending import MAX_MESSAGE_BYTES, Sender, Sending
 from app.outbox.topics import TopicPartitions
 from app.settings import Settings
@@ -84,7 +94,6 @@ from app.store.outbox import (
     prepare_relay_session,
     shard_owners,
     unlock_shards,
-    vacuum_outbox,
 )
 
 log = structlog.get_logger()
@@ -162,24 +171,37 @@ class Relay:
         log.info("outbox_relay_started", shards=self.shard_count, pipeline_depth=depth)
         try:
             while not stop.is_set():
-                failed, error = self._collect(in_flight, backoff)
+                failed, error = collect(in_flight, backoff)
                 if failed or error is not None or (self._sender.broken and in_flight):
                     # start over with no round in flight: a new producer, or a new session
-                    _, error_too = await self._drain(in_flight, ROUND_TIMEOUT_SECONDS)
+                    _, error_too = await drain(in_flight, ROUND_TIMEOUT_SECONDS)
                     if (error := error or error_too) is not None:
                         await self._on_round_error(error)
                     await wait_any([stop], backoff.next_delay())
                     more = True
                     continue
-                if len(in_flight) < depth and (more or self._wake.is_set()
-                                               or time.monotonic() >= poll_at):  # fmt: skip
+                # rounds overlap only while shards have a backlog: a round for a NOTIFY waits
+                # for the one in flight, so rows that come at a moderate rate share a round
+                can_start = len(in_flight) < depth and (more or not in_flight)
+                due = more or self._wake.is_set() or time.monotonic() >= poll_at
+                if not can_start or not due:
+                    try:  # a round in flight does not hold back the rebalance
+                        await self._rebalance_when_due()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - as a round's failure
+                        await drain(in_flight, ROUND_TIMEOUT_SECONDS)
+                        await self._on_round_error(exc)
+                        await wait_any([stop], backoff.next_delay())
+                        continue
+                if can_start and due:
                     try:
                         await self._release_leaving()
                         started = await self._start_round()
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - the relay outlives any failure
-                        await self._drain(in_flight, ROUND_TIMEOUT_SECONDS)
+                        await drain(in_flight, ROUND_TIMEOUT_SECONDS)
                         await self._on_round_error(exc)
                         await wait_any([stop], backoff.next_delay())
                         continue
@@ -188,20 +210,21 @@ class Relay:
                     if started.sending is not None:
                         in_flight.append(asyncio.create_task(self._finish_round(started)))
                     continue
-                await self._wait(stop, in_flight, depth, max(0.0, poll_at - time.monotonic()))
+                timeout = max(0.0, min(poll_at, self._rebalance_at) - time.monotonic())
+                await self._wait(stop, in_flight, can_start, timeout)
         finally:
-            await self._drain(in_flight, SHUTDOWN_GRACE_SECONDS)
+            await drain(in_flight, SHUTDOWN_GRACE_SECONDS)
             self._report.flush(force=True)
             await self.close()
             log.info("outbox_relay_stopped")
 
     async def _wait(
-        self, stop: asyncio.Event, in_flight: list[asyncio.Task[RelayRound]], depth: int,
+        self, stop: asyncio.Event, in_flight: list[asyncio.Task[RelayRound]], can_start: bool,
         timeout: float,
     ) -> None:  # fmt: skip
-        """Until ``stop``, a round in flight ends, or (with room for a round) a NOTIFY or the
+        """Until ``stop``, a round in flight ends, or (when a round may start) a NOTIFY or the
         poll."""
-        events = [stop] if len(in_flight) >= depth else [stop, self._wake]
+        events = [stop, self._wake] if can_start else [stop]
         waiters = [asyncio.create_task(event.wait()) for event in events]
         try:
             await asyncio.wait(
@@ -210,39 +233,6 @@ class Relay:
         finally:
             for waiter in waiters:
                 waiter.cancel()
-
-    def _collect(
-        self, in_flight: list[asyncio.Task[RelayRound]], backoff: Backoff | None = None
-    ) -> tuple[bool, Exception | None]:
-        """Take the ended rounds off ``in_flight``: whether one failed a send, its error if any."""
-        failed, error = False, None
-        for task in [task for task in in_flight if task.done()]:
-            in_flight.remove(task)
-            if task.cancelled():
-                continue
-            exc = task.exception()
-            if isinstance(exc, Exception):
-                error = error or exc
-            elif exc is not None:
-                raise exc
-            elif task.result().failed:
-                failed = True
-            elif backoff is not None:
-                backoff.reset()
-        return failed, error
-
-    async def _drain(
-        self, in_flight: list[asyncio.Task[RelayRound]], timeout: float
-    ) -> tuple[bool, Exception | None]:
-        """Let the rounds in flight end within ``timeout``; cancel those that do not."""
-        if in_flight:
-            _, pending = await asyncio.wait(in_flight, timeout=timeout)
-            if pending:
-                log.warning("outbox_round_abandoned", rounds=len(pending), grace_seconds=timeout)
-                for task in pending:
-                    task.cancel()
-                await asyncio.wait(pending)
-        return self._collect(in_flight)
 
     async def _on_round_error(self, exc: Exception) -> None:
         """Start over with what failed: a new session (its locks are gone) or a new producer."""
@@ -414,18 +404,7 @@ class Relay:
         if self._vacuum is not None and not self._vacuum.done():
             return
         self._deleted = 0
-        self._vacuum = asyncio.create_task(self._vacuum_outbox(self._engine))
-
-    async def _vacuum_outbox(self, engine: AsyncEngine) -> None:
-        started = time.monotonic()
-        try:
-            async with engine.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
-                await vacuum_outbox(conn)
-        except (SQLAlchemyError, OSError) as exc:  # autovacuum still comes; rows are not at stake
-            log.warning("outbox_vacuum_failed", error_class=_name(exc), error=describe(exc))
-        else:
-            log.debug("outbox_vacuumed", seconds=round(time.monotonic() - started, 3))
+        self._vacuum = asyncio.create_task(vacuum(self._engine))
 
     async def close(self) -> None:
         """Close the producer, then the session (which releases the shard locks)."""
@@ -469,6 +448,17 @@ class Relay:
         if taken:
             self._set_owned(self.owned | set(taken))
             log.info("outbox_shards_taken", shards=taken, relays=relays, target=target)
+
+    async def _rebalance_when_due(self) -> None:
+        """Rebalance (and release the shards given up whose rounds ended) between rounds."""
+        await self._release_leaving()
+        now = time.monotonic()
+        if now < self._rebalance_at or self._session is None or self._session.closed:
+            return
+        async with self._db:
+            await self._rebalance(self._session)
+            await self._refresh_backlog(self._session)
+        self._rebalance_at = now + self.settings.outbox_poll_seconds
 
     async def _release_leaving(self) -> None:
         """Unlock the shards given up whose rounds in flight have ended."""
