@@ -18,13 +18,15 @@ What it promises, and why it holds:
   one. A row of another key that took a lower id but commits late is simply read by a later round:
   rows are deleted by id, there is no watermark that could pass it by. After a failed send the
   producer is rebuilt: its idempotent sequence numbers have already refused every later batch of
-  that partition, so nothing of a key overtakes the row that failed.
+  that partition in the round, and later rounds send nothing of the partition (below), so nothing
+  of a key overtakes the row that failed.
 - **Fair share and takeover.** Relays count each other (sessions named ``qm-relay`` on this
   database) and each holds at most ``ceil(S / relays)`` shards, releasing extras. When a relay dies
   its connection closes and PostgreSQL drops its locks; each survivor rebalances every
   ``outbox_poll_seconds``, so **a dead relay's shards are owned again within
-  2 x outbox_poll_seconds plus the survivors' rounds in flight** (two rebalances: the first may
-  count the dead session). The chaos test asserts this with a 0.2 s poll.
+  2 x outbox_poll_seconds plus one survivor round in flight** (two rebalances: the first may
+  still count the dead session; a survivor rebalances on its poll even with rounds in flight).
+  The chaos test asserts this with a 0.2 s poll.
 
 A round is: rebalance when due, read up to ``outbox_batch_size`` rows of every owned shard, send
 them, await every ack, call ``after_ack`` (the benchmark's and tests' hook), delete the acked rows.
