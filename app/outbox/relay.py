@@ -410,10 +410,12 @@ class Relay:
 
     async def close(self) -> None:
         """Close the producer, then the session (which releases the shard locks)."""
-        if self._vacuum is not None:
-            self._vacuum.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._vacuum
+        if self._vacuum is not None:  # a vacuum cut short is work lost: let it end first
+            done, _ = await asyncio.wait({self._vacuum}, timeout=SHUTDOWN_GRACE_SECONDS)
+            if not done:
+                self._vacuum.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._vacuum
         await self._drop_producer()
         await self._drop_session(closing=True)
         if self._owns_engine and self._engine is not None:
