@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     outbox_poll_seconds: float = Field(
         1.0, description="Relay fallback poll when no NOTIFY arrives."
     )
+    outbox_pipeline_depth: int = Field(
+        3,
+        ge=1,
+        description="Relay rounds in flight: the next is read and sent while earlier "
+        "ones await their acks (1: one round at a time).",
+    )
 
     # --- claim worker ------------------------------------------------------------------
     consumer_group: str = Field(

@@ -18,18 +18,37 @@ What it promises, and why it holds:
   one. A row of another key that took a lower id but commits late is simply read by a later round:
   rows are deleted by id, there is no watermark that could pass it by. After a failed send the
   producer is rebuilt: its idempotent sequence numbers have already refused every later batch of
-  that partition, so nothing of a key overtakes the row that failed.
+  that partition in the round, and later rounds send nothing of the partition (below), so nothing
+  of a key overtakes the row that failed.
 - **Fair share and takeover.** Relays count each other (sessions named ``qm-relay`` on this
   database) and each holds at most ``ceil(S / relays)`` shards, releasing extras. When a relay dies
   its connection closes and PostgreSQL drops its locks; each survivor rebalances every
   ``outbox_poll_seconds``, so **a dead relay's shards are owned again within
-  2 x outbox_poll_seconds plus one survivor round in flight** (two rebalances: the first may still
-  count the dead session). The chaos test asserts this with a 0.2 s poll.
+  2 x outbox_poll_seconds plus one survivor round in flight** (two rebalances: the first may
+  still count the dead session; a survivor rebalances on its poll even with rounds in flight).
+  The chaos test asserts this with a 0.2 s poll.
 
-A round (``run_once``) is: rebalance when due, read up to ``outbox_batch_size`` rows of every owned
-shard, send them, await every ack, call ``after_ack`` (the benchmark's and tests' hook), delete the
-acked rows. The loop (``run``) repeats at once while a shard had a full batch, else waits for a
-``NOTIFY qm_outbox`` from a committing writer or the poll interval.
+A round is: rebalance when due, read up to ``outbox_batch_size`` rows of every owned shard, send
+them, await every ack, call ``after_ack`` (the benchmark's and tests' hook), delete the acked rows.
+``run_once`` does one round alone. The loop (``run``) keeps up to ``outbox_pipeline_depth``
+rounds in flight while shards have a backlog: as long as a shard had a full batch, it reads and
+sends the next round while the acks of the earlier ones are pending. Otherwise a round starts
+when none is in flight, on a ``NOTIFY qm_outbox`` from a committing writer or the poll interval:
+rows that come at a moderate rate then share a round instead of each paying for one (measured:
+docs/performance.md). The pipeline keeps the promises above:
+
+- A read passes over the rows of the rounds still in flight (by id, not by a watermark: a row of
+  another key that took a lower id but commits late is read by the next round).
+- A partition's rows of a round go to the producer only after the earlier rounds in flight have
+  settled that partition, and only if every row of theirs for it was acked
+  (``app.outbox.sending``); a row that failed or was held back is read again, before any later
+  row of its key, by a round that starts after its own ended.
+- After a failed send, no round starts until those in flight have ended; then the producer is
+  rebuilt. A lost session likewise: nothing is deleted but what was acked, by the session that
+  read it.
+- A shard given up in a rebalance is read no more at once, but its lock is released only when
+  its rounds in flight have ended, so two relays never have rows of one shard in flight.
+- ``stop`` lets the rounds in flight end within a grace period (their acked rows are deleted).
 """
 
 from __future__ import annotations
@@ -40,12 +59,11 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -53,18 +71,19 @@ from app.db.engine import make_engine
 from app.errors import describe
 from app.kafka import producer_options
 from app.outbox import metrics
-from app.outbox.refusals import definite, settle_refusals
+from app.outbox.refusals import settle_refusals
 from app.outbox.relay_rounds import (
     Backoff,
-    Outcome,
-    PartitionBatch,
     RelayRound,
     any_shard_full,
+    collect,
     discard,
-    message_size,
+    drain,
+    vacuum,
     wait_any,
 )
-from app.outbox.topics import Resolved, TopicPartitions
+from app.outbox.sending import MAX_MESSAGE_BYTES, Sender, Sending
+from app.outbox.topics import TopicPartitions
 from app.settings import Settings
 from app.store.outbox import (
     NOTIFY_CHANNEL,
@@ -89,13 +108,26 @@ AfterAck = Callable[[Sequence[UnsentRow]], Awaitable[None]]
 # batch fails only then, and the round waits for it. aiokafka's 40 s would hold every shard's
 # round that long; 10 s is still far above a produce round trip (acks=all).
 REQUEST_TIMEOUT_MS = 10_000
-SHUTDOWN_GRACE_SECONDS = 10.0  # how long a stopping relay lets its in-flight round finish
-# the producer's max_request_size: a bigger row can never be published, and is dead-lettered
-MAX_MESSAGE_BYTES = 1_048_576
-# the key -> partition mapping every Kafka client uses by default (murmur2), so the relay's
-# batches land where a plain producer's messages of the same key would
-_PARTITIONER = DefaultPartitioner()
-PARTITION_CACHE_SIZE = 100_000
+SHUTDOWN_GRACE_SECONDS = 10.0  # how long a stopping relay lets its rounds in flight finish
+# how long a relay starting over (a failed send, a lost session) waits for its rounds in flight:
+# each ends within the producer's time-out, unless after_ack holds it
+ROUND_TIMEOUT_SECONDS = 60.0
+# the relay vacuums the outbox itself after deleting this many rows, so the dead rows every read
+# walks past stay few whatever the server's autovacuum_naptime (docs/performance.md)
+VACUUM_EVERY_ROWS = 10_000
+__all__ = ["MAX_MESSAGE_BYTES", "AfterAck", "Relay"]
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A round read and being sent: its rows stay out of later reads until it ends."""
+
+    session: AsyncConnection  # the session that read them (and owns their shards)
+    shards: tuple[int, ...]
+    rows: list[UnsentRow]
+    fetched_at: float
+    full: bool  # some shard had a full batch: more rows are likely waiting
+    sending: Sending | None = None
 
 
 class Relay:
@@ -117,64 +149,92 @@ class Relay:
         self._session: AsyncConnection | None = None
         self._session_pid = 0
         self._producer: AIOKafkaProducer | None = None
-        self._producer_broken = False
+        self._sender = Sender()
         self._wake = asyncio.Event()
         self._rebalance_at = 0.0
         self._topics = TopicPartitions(settings.transient_retry_max_seconds)
-        self._partitions: dict[tuple[bytes, int], int] = {}
-        self._single: set[tuple[str, int]] = set()  # refused batch: one row a round till one goes
+        self._db = asyncio.Lock()  # the session runs one statement at a time
+        self._rounds: list[InFlight] = []  # rounds in flight, oldest first
+        self._leaving: set[int] = set()  # shards given up, locked until their rounds end
+        self._deleted = 0  # rows deleted since the last vacuum
+        self._vacuum: asyncio.Task[None] | None = None
         self._report = metrics.PublishReport()
         self._offset = random.randrange(self.shard_count)  # where this relay starts taking shards
 
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run rounds until ``stop`` is set; then finish the round in flight and close."""
+        """Run rounds until ``stop`` is set, up to ``outbox_pipeline_depth`` of them in flight;
+        then give the rounds in flight a grace period to finish, and close."""
         backoff = Backoff(cap=self.settings.transient_retry_max_seconds)
-        log.info("outbox_relay_started", shards=self.shard_count)
+        depth = self.settings.outbox_pipeline_depth
+        in_flight: list[asyncio.Task[RelayRound]] = []
+        more, poll_at = True, 0.0
+        log.info("outbox_relay_started", shards=self.shard_count, pipeline_depth=depth)
         try:
             while not stop.is_set():
-                try:
-                    result = await self._round_unless_stopped(stop)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the relay outlives any failure; rows wait
-                    await self._on_round_error(exc)
+                failed, error = collect(in_flight, backoff)
+                if failed or error is not None or (self._sender.broken and in_flight):
+                    # start over with no round in flight: a new producer, or a new session
+                    _, error_too = await drain(in_flight, ROUND_TIMEOUT_SECONDS)
+                    if (error := error or error_too) is not None:
+                        await self._on_round_error(error)
                     await wait_any([stop], backoff.next_delay())
+                    more = True
                     continue
-                if result is None:  # stopped
-                    break
-                if result.failed:
-                    await wait_any([stop], backoff.next_delay())
-                elif not result.full:
-                    backoff.reset()
-                    await wait_any([stop, self._wake], self.settings.outbox_poll_seconds)
-                else:
-                    backoff.reset()
+                # rounds overlap only while shards have a backlog: a round for a NOTIFY waits
+                # for the one in flight, so rows that come at a moderate rate share a round
+                can_start = len(in_flight) < depth and (more or not in_flight)
+                due = more or self._wake.is_set() or time.monotonic() >= poll_at
+                if not can_start or not due:
+                    try:  # a round in flight does not hold back the rebalance
+                        await self._rebalance_when_due()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - as a round's failure
+                        await drain(in_flight, ROUND_TIMEOUT_SECONDS)
+                        await self._on_round_error(exc)
+                        await wait_any([stop], backoff.next_delay())
+                        continue
+                if can_start and due:
+                    try:
+                        await self._release_leaving()
+                        started = await self._start_round()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - the relay outlives any failure
+                        await drain(in_flight, ROUND_TIMEOUT_SECONDS)
+                        await self._on_round_error(exc)
+                        await wait_any([stop], backoff.next_delay())
+                        continue
+                    poll_at = time.monotonic() + self.settings.outbox_poll_seconds
+                    more = started.full
+                    if started.sending is not None:
+                        in_flight.append(asyncio.create_task(self._finish_round(started)))
+                    continue
+                timeout = max(0.0, min(poll_at, self._rebalance_at) - time.monotonic())
+                await self._wait(stop, in_flight, can_start, timeout)
         finally:
+            await drain(in_flight, SHUTDOWN_GRACE_SECONDS)
             self._report.flush(force=True)
             await self.close()
             log.info("outbox_relay_stopped")
 
-    async def _round_unless_stopped(self, stop: asyncio.Event) -> RelayRound | None:
-        """One round; if ``stop`` comes meanwhile, give the round a grace period to finish."""
-        round_task = asyncio.create_task(self.run_once())
-        stop_task = asyncio.create_task(stop.wait())
+    async def _wait(
+        self, stop: asyncio.Event, in_flight: list[asyncio.Task[RelayRound]], can_start: bool,
+        timeout: float,
+    ) -> None:  # fmt: skip
+        """Until ``stop``, a round in flight ends, or (when a round may start) a NOTIFY or the
+        poll."""
+        events = [stop, self._wake] if can_start else [stop]
+        waiters = [asyncio.create_task(event.wait()) for event in events]
         try:
-            await asyncio.wait({round_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not round_task.done():
-                done, _ = await asyncio.wait({round_task}, timeout=SHUTDOWN_GRACE_SECONDS)
-                if not done:
-                    log.warning("outbox_round_abandoned", grace_seconds=SHUTDOWN_GRACE_SECONDS)
-                    round_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await round_task
-                    return None
-            return round_task.result()
+            await asyncio.wait(
+                [*waiters, *in_flight], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
-            stop_task.cancel()
-            if not round_task.done():
-                round_task.cancel()
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _on_round_error(self, exc: Exception) -> None:
         """Start over with what failed: a new session (its locks are gone) or a new producer."""
@@ -194,161 +254,69 @@ class Relay:
     # --- one round ------------------------------------------------------------------------
 
     async def run_once(self) -> RelayRound:
-        """Rebalance when due, publish every owned shard's next batch, delete what was acked."""
+        """One round alone: rebalance when due, publish every owned shard's next batch, await
+        every ack, delete what was acked."""
+        return await self._finish_round(await self._start_round())
+
+    async def _start_round(self) -> InFlight:
+        """Rebalance when due, read the owned shards' next rows (passing over rows of rounds in
+        flight) and start sending them."""
         self._wake.clear()
         session = await self._connect()
         producer = await self._ensure_producer()
         now = time.monotonic()
-        if now >= self._rebalance_at:
-            await self._rebalance(session)
-            await self._refresh_backlog(session)
-            self._rebalance_at = now + self.settings.outbox_poll_seconds
-        shards = tuple(sorted(self.owned))
         limit = self.settings.outbox_batch_size
-        rows = await fetch_unsent(session, shards, limit, self._topics.in_backoff(now))
+        async with self._db:
+            if now >= self._rebalance_at:
+                await self._rebalance(session)
+                await self._refresh_backlog(session)
+                self._rebalance_at = now + self.settings.outbox_poll_seconds
+            shards = tuple(sorted(self.owned))
+            earlier = list(self._rounds)  # the rounds whose rows this read passes over
+            busy = {row.id for started in earlier for row in started.rows}
+            rows = await fetch_unsent(session, shards, limit, self._topics.in_backoff(now), busy)
+            started = InFlight(session, shards, rows, time.monotonic(), any_shard_full(rows, limit))
+            if rows:
+                self._rounds.append(started)
         if not rows:
-            return RelayRound(shards=shards)
-        fetched_at = time.monotonic()
-        resolved = await self._topics.resolve(producer, rows)
-        outcome = await self._publish(producer, rows, resolved)
-        if outcome.acked:
-            if self.after_ack is not None:
-                await self.after_ack(outcome.acked)
-            await delete_rows(session, [(row.id, row.topic) for row in outcome.acked])
-            self._report.published(outcome.acked, outcome.acked_at - fetched_at)
-        dead, parked = await settle_refusals(session, self.settings, outcome)
+            return started
+        try:
+            resolved = await self._topics.resolve(producer, rows)
+            started.sending = self._sender.start(
+                producer, rows, resolved, [r.sending for r in earlier if r.sending is not None]
+            )
+        except BaseException:
+            self._rounds.remove(started)
+            raise
+        return started
+
+    async def _finish_round(self, started: InFlight) -> RelayRound:
+        """Await the round's acks, delete what was acked, settle what was refused."""
+        if started.sending is None:
+            return RelayRound(shards=started.shards)
+        session = started.session
+        try:
+            outcome = await started.sending.settled()
+            if outcome.acked:
+                if self.after_ack is not None:
+                    await self.after_ack(outcome.acked)
+                async with self._db:
+                    await delete_rows(session, [(row.id, row.topic) for row in outcome.acked])
+                self._report.published(outcome.acked, outcome.acked_at - started.fetched_at)
+                self._vacuum_when_due(len(outcome.acked))
+            async with self._db:
+                dead, parked = await settle_refusals(session, self.settings, outcome)
+        finally:
+            if started in self._rounds:  # its rows may be read again; its shards released
+                self._rounds.remove(started)
         return RelayRound(
-            shards=shards,
+            shards=started.shards,
             published=len(outcome.acked),
             failed=len(outcome.failed),
             waiting=outcome.waiting,
-            full=any_shard_full(rows, limit) and not outcome.failed,
+            full=started.full and not outcome.failed,
             dead_lettered=dead,
             parked=parked,
-        )
-
-    async def _publish(
-        self, producer: AIOKafkaProducer, rows: Sequence[UnsentRow], resolved: Resolved
-    ) -> Outcome:
-        """Send the rows in id order, batched per partition; await every ack; sort the rows."""
-        outcome = Outcome()
-        open_batches: dict[tuple[str, int], PartitionBatch] = {}
-        submitted: list[tuple[tuple[str, int], PartitionBatch, asyncio.Future[Any]]] = []
-        stalled: set[tuple[str, int]] = set()  # partitions whose batch the producer refused
-
-        async def submit(tp: tuple[str, int], batch: PartitionBatch) -> None:
-            try:
-                future = await producer.send_batch(batch.builder, tp[0], partition=tp[1])
-            except KafkaError as exc:  # e.g. its queue stayed full: the broker takes nothing
-                stalled.add(tp)
-                self._failed(outcome, batch.rows, exc)
-            else:
-                submitted.append((tp, batch, future))
-                if tp in self._single:  # one row a round until one goes through
-                    stalled.add(tp)
-
-        for row in rows:
-            partitions = resolved.ready.get(row.topic)
-            if partitions is None:  # it waits; it spends a try only if the broker refused it
-                outcome.waiting += 1
-                if row.topic in resolved.refused:
-                    outcome.refused.append((row, resolved.refused[row.topic]))
-                continue
-            if message_size(row) > MAX_MESSAGE_BYTES:  # refused for good: it becomes a dead letter
-                outcome.too_large.append(row)
-                continue
-            tp = (row.topic, self._target(row, partitions))
-            if tp in stalled:  # later rows of its keys must not overtake the refused ones
-                outcome.waiting += 1
-                continue
-            batch = open_batches.get(tp)
-            if batch is None or not batch.add(row):
-                if batch is not None:
-                    del open_batches[tp]
-                    await submit(tp, batch)
-                    if tp in stalled:
-                        outcome.waiting += 1
-                        continue
-                batch = open_batches[tp] = PartitionBatch(producer.create_batch())
-                if not batch.add(row):  # an empty batch takes any row; never lose one if not
-                    del open_batches[tp]
-                    outcome.too_large.append(row)
-                    continue
-            if tp in self._single:
-                del open_batches[tp]
-                await submit(tp, batch)
-        for tp, batch in open_batches.items():
-            if tp not in stalled:
-                await submit(tp, batch)
-            else:
-                outcome.waiting += len(batch.rows)
-        for tp, batch, future in submitted:
-            await self._settle(outcome, tp, batch, future)
-        outcome.acked_at = time.monotonic()
-        outcome.acked.sort(key=lambda row: row.id)
-        return outcome
-
-    async def _settle(
-        self, outcome: Outcome, tp: tuple[str, int], batch: PartitionBatch, future: Any
-    ) -> None:
-        """Sort one batch by its ack: acked, or failed (and, when refused for good, why)."""
-        try:
-            await future
-        except KafkaError as exc:
-            self._failed(outcome, batch.rows, exc)
-            if definite(exc):  # a time-out is no answer, never a refusal
-                if len(batch.rows) == 1:
-                    outcome.refused.append((batch.rows[0], exc))
-                else:  # which row? send them one at a time to find out
-                    self._single.add(tp)
-        else:
-            outcome.acked.extend(batch.rows)
-            self._single.discard(tp)
-
-    def _target(self, row: UnsentRow, partitions: list[int]) -> int:
-        """The partition ``row`` goes to: the one it asks for, else its key's. A partition the
-        topic does not have (a reply partition chosen for a topic since recreated smaller) is
-        no reason to lose the row: it goes to its key's partition, with a warning."""
-        if row.partition is None:
-            return self._partition(row.key, partitions)
-        if row.partition in partitions:
-            return row.partition
-        metrics.ERRORS.labels("partition").inc()
-        log.warning(
-            "outbox_partition_missing",
-            outbox_id=row.id,
-            topic=row.topic,
-            partition=row.partition,
-            partitions=len(partitions),
-        )
-        return self._partition(row.key, partitions)
-
-    def _partition(self, key: bytes | None, partitions: list[int]) -> int:
-        """The partition of ``key`` (remembered: hashing in Python costs more than a lookup)."""
-        if key is None:
-            return int(_PARTITIONER(None, partitions, partitions))
-        cached = self._partitions.get((key, len(partitions)))
-        if cached is None:
-            if len(self._partitions) >= PARTITION_CACHE_SIZE:
-                self._partitions.clear()
-            cached = self._partitions[(key, len(partitions))] = _PARTITIONER(
-                key, partitions, partitions
-            )
-        return cached
-
-    def _failed(self, outcome: Outcome, rows: Sequence[UnsentRow], exc: BaseException) -> None:
-        """Rows the broker did not take: they stay in the table; the producer is rebuilt."""
-        outcome.failed.extend(rows)
-        self._producer_broken = True  # its sequence numbers refuse the rest of the partition
-        metrics.ERRORS.labels("send").inc(len(rows))
-        log.warning(
-            "outbox_publish_failed",
-            outbox_id=rows[0].id,
-            rows=len(rows),
-            topic=rows[0].topic,
-            shard=sorted({row.shard for row in rows}),
-            error_class=_name(exc),
-            error=str(exc),
         )
 
     # --- connections ----------------------------------------------------------------------
@@ -392,12 +360,14 @@ class Relay:
                 log.warning("outbox_shards_lost", shards=sorted(self.owned))
             metrics.SHARDS_OWNED.dec(len(self.owned))
             self.owned.clear()
+        self._leaving.clear()
         if self._session is not None:
             await discard(self._session)
             self._session = None
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
-        if self._producer is not None and self._producer_broken:
+        # never under a round in flight: the loop lets them end first
+        if self._producer is not None and self._sender.broken and not self._rounds:
             log.info("outbox_producer_rebuilt")
             await self._drop_producer()
         if self._producer is None:
@@ -413,7 +383,7 @@ class Relay:
                     await producer.stop()
                 raise
             self._producer = producer
-            self._producer_broken = False
+            self._sender.broken = False
             self._topics.forget()  # a new producer learns every topic again
         return self._producer
 
@@ -427,8 +397,25 @@ class Relay:
             # only with sends still unacknowledged (broker down); their rows are still in the table
             log.warning("outbox_producer_abandoned")
 
+    def _vacuum_when_due(self, deleted: int) -> None:
+        """Vacuum the outbox on a connection of its own (the rounds go on meanwhile) once
+        VACUUM_EVERY_ROWS rows were deleted since the last time."""
+        self._deleted += deleted
+        if self._deleted < VACUUM_EVERY_ROWS or self._engine is None:
+            return
+        if self._vacuum is not None and not self._vacuum.done():
+            return
+        self._deleted = 0
+        self._vacuum = asyncio.create_task(vacuum(self._engine))
+
     async def close(self) -> None:
         """Close the producer, then the session (which releases the shard locks)."""
+        if self._vacuum is not None:  # a vacuum cut short is work lost: let it end first
+            done, _ = await asyncio.wait({self._vacuum}, timeout=SHUTDOWN_GRACE_SECONDS)
+            if not done:
+                self._vacuum.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._vacuum
         await self._drop_producer()
         await self._drop_session(closing=True)
         if self._owns_engine and self._engine is not None:
@@ -443,14 +430,16 @@ class Relay:
         target = math.ceil(self.shard_count / max(relays, 1))
         if len(self.owned) > target:
             extra = sorted(self.owned)[target:]
-            await unlock_shards(session, extra)
             self._set_owned(self.owned - set(extra))
+            # a shard with rows in flight is read no more, but stays locked until they end
+            self._leaving.update(extra)
+            await self._unlock_idle(session)
             log.info("outbox_shards_released", shards=extra, relays=relays, target=target)
             return
         if len(self.owned) == target:
             return
         owners = await shard_owners(session)
-        held = {shard for shard, pid in owners.items() if pid == self._session_pid}
+        held = {s for s, pid in owners.items() if pid == self._session_pid} - self._leaving
         if held != self.owned:  # trust the database over our own bookkeeping
             self._set_owned(held)
         order = [(self._offset + step) % self.shard_count for step in range(self.shard_count)]
@@ -463,6 +452,30 @@ class Relay:
         if taken:
             self._set_owned(self.owned | set(taken))
             log.info("outbox_shards_taken", shards=taken, relays=relays, target=target)
+
+    async def _rebalance_when_due(self) -> None:
+        """Rebalance (and release the shards given up whose rounds ended) between rounds."""
+        await self._release_leaving()
+        now = time.monotonic()
+        if now < self._rebalance_at or self._session is None or self._session.closed:
+            return
+        async with self._db:
+            await self._rebalance(self._session)
+            await self._refresh_backlog(self._session)
+        self._rebalance_at = now + self.settings.outbox_poll_seconds
+
+    async def _release_leaving(self) -> None:
+        """Unlock the shards given up whose rounds in flight have ended."""
+        if self._leaving and self._session is not None and not self._session.closed:
+            async with self._db:
+                await self._unlock_idle(self._session)
+
+    async def _unlock_idle(self, session: AsyncConnection) -> None:
+        busy = {row.shard for started in self._rounds for row in started.rows}
+        idle = sorted(self._leaving - busy)
+        if idle:
+            await unlock_shards(session, idle)
+            self._leaving.difference_update(idle)
 
     def _set_owned(self, shards: set[int]) -> None:
         metrics.SHARDS_OWNED.inc(len(shards) - len(self.owned))

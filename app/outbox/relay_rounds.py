@@ -1,18 +1,24 @@
 """The bookkeeping of a relay round: what it did, its rows by outcome, its producer batches;
-and the small waits and clean-ups of the relay's loop."""
+and the small waits, round collecting and clean-ups (the outbox's vacuum) of the relay's loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import structlog
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.store.outbox import UnsentRow
+from app.errors import describe
+from app.store.outbox import UnsentRow, vacuum_outbox
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +122,51 @@ async def discard(conn: AsyncConnection) -> None:
         await conn.invalidate()
     with contextlib.suppress(Exception):
         await conn.close()
+
+
+def collect(
+    in_flight: list[asyncio.Task[RelayRound]], backoff: Backoff | None = None
+) -> tuple[bool, Exception | None]:
+    """Take the ended rounds off ``in_flight``: whether one failed a send, its error if any."""
+    failed, error = False, None
+    for task in [task for task in in_flight if task.done()]:
+        in_flight.remove(task)
+        if task.cancelled():
+            continue
+        exc = task.exception()
+        if isinstance(exc, Exception):
+            error = error or exc
+        elif exc is not None:
+            raise exc
+        elif task.result().failed:
+            failed = True
+        elif backoff is not None:
+            backoff.reset()
+    return failed, error
+
+
+async def drain(
+    in_flight: list[asyncio.Task[RelayRound]], timeout: float
+) -> tuple[bool, Exception | None]:
+    """Let the rounds in flight end within ``timeout``; cancel those that do not."""
+    if in_flight:
+        _, pending = await asyncio.wait(in_flight, timeout=timeout)
+        if pending:
+            log.warning("outbox_round_abandoned", rounds=len(pending), grace_seconds=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+    return collect(in_flight)
+
+
+async def vacuum(engine: AsyncEngine) -> None:
+    """Vacuum the outbox on a connection of its own; a failure is only logged."""
+    started = time.monotonic()
+    try:
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await vacuum_outbox(conn)
+    except (SQLAlchemyError, OSError) as exc:  # autovacuum still comes; rows are not at stake
+        log.warning("outbox_vacuum_failed", error_class=type(exc).__name__, error=describe(exc))
+    else:
+        log.debug("outbox_vacuumed", seconds=round(time.monotonic() - started, 3))

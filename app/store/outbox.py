@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,6 +223,12 @@ _FETCH_UNSENT = text(
     -- cannot be published right now are passed over so their rows do not block the shard;
     -- parked rows (refused for good) are never read again.
     -- Headers come back decoded, as parallel arrays of names and values (bytes both).
+    -- Rows of rounds still in flight (:busy) are passed over: a multirange, so each row read
+    -- is checked by a binary search, not against every id in flight.
+    WITH busy AS MATERIALIZED (
+        SELECT coalesce(range_agg(int8range(b, b, '[]')), '{}') AS ids
+        FROM unnest(CAST(:busy AS bigint[])) AS b
+    )
     SELECT o.id, o.shard, o.topic, o.key, o.payload, o.attempts, o.partition,
            extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age_seconds,
            ARRAY(SELECT CASE WHEN jsonb_array_length(h) > 2 THEN decode(h ->> 0, 'base64')
@@ -232,12 +238,12 @@ _FETCH_UNSENT = text(
            ARRAY(SELECT decode(h ->> 1, 'base64')
                  FROM jsonb_array_elements(o.headers) WITH ORDINALITY AS e(h, n)
                  ORDER BY n) AS header_values
-    FROM unnest(CAST(:shards AS smallint[])) AS s(shard)
+    FROM busy, unnest(CAST(:shards AS smallint[])) AS s(shard)
     CROSS JOIN LATERAL (
         SELECT id, shard, topic, key, headers, payload, attempts, partition, created_at
         FROM outbox
         WHERE outbox.shard = s.shard AND outbox.topic <> ALL(:skip_topics)
-          AND outbox.parked_at IS NULL
+          AND outbox.parked_at IS NULL AND NOT busy.ids @> outbox.id
         ORDER BY outbox.id
         LIMIT :limit
     ) AS o
@@ -340,14 +346,24 @@ async def shard_owners(conn: AsyncConnection) -> dict[int, int]:
 
 
 async def fetch_unsent(
-    conn: AsyncConnection, shards: Sequence[int], limit: int, skip_topics: Sequence[str] = ()
+    conn: AsyncConnection,
+    shards: Sequence[int],
+    limit: int,
+    skip_topics: Sequence[str] = (),
+    busy: Collection[int] = (),
 ) -> list[UnsentRow]:
-    """The committed rows of ``shards``, oldest first, at most ``limit`` per shard."""
+    """The committed rows of ``shards``, oldest first, at most ``limit`` per shard, passing
+    over the ids in ``busy`` (rows already on their way)."""
     if not shards:
         return []
     result = await conn.execute(
         _FETCH_UNSENT,
-        {"shards": list(shards), "limit": limit, "skip_topics": list(skip_topics)},
+        {
+            "shards": list(shards),
+            "limit": limit,
+            "skip_topics": list(skip_topics),
+            "busy": list(busy),
+        },
     )
     return [
         UnsentRow(
@@ -373,6 +389,22 @@ async def delete_rows(conn: AsyncConnection, sent: Sequence[tuple[int, str]]) ->
     ids, topics = zip(*sent, strict=True)
     result = await conn.execute(_DELETE_ROWS, {"ids": list(ids), "topics": list(topics)})
     return int(result.rowcount)
+
+
+_VACUUM = text(
+    """
+    -- The relay deletes every row it publishes: between two autovacuums (the server's naptime,
+    -- a minute by default) the dead rows pile up at the head of each shard's index range, where
+    -- every read starts. SKIP_LOCKED: another relay's vacuum of the table is as good.
+    VACUUM (SKIP_LOCKED) outbox
+    """
+)
+
+
+async def vacuum_outbox(conn: AsyncConnection) -> None:
+    """Vacuum the outbox table now (``conn`` in autocommit; without the table's ownership the
+    server only warns)."""
+    await conn.execute(_VACUUM)
 
 
 async def backlog(conn: AsyncConnection) -> Backlog:

@@ -1,7 +1,8 @@
 """The outbox relay under failure: relay processes SIGKILLed, the broker killed and restarted.
 
-Run as ``python -m tests.chaos.test_relay_chaos``, this module is a relay process that stops dead
-after its first acks, before it deletes anything, until it is killed (settings from ``QM_*``).
+Run as ``python -m tests.chaos.test_relay_chaos``, this module is a relay process whose every round
+stops dead after its acks, before it deletes anything, until it is killed (settings from
+``QM_*``): with rounds pipelined, each of the rounds in flight stops so.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.chaos
 
 ROOT = Path(__file__).resolve().parents[2]
 ACKED = "RELAY_ACKED"
+DEPTH = 3  # rounds the paused relay keeps in flight
 # what a survivor's round in flight and the scheduling of a loaded machine may add to the bound
 ROUND_ALLOWANCE_SECONDS = 2.0
 RNG = random.Random(7)
@@ -73,12 +75,13 @@ async def test_a_relay_killed_between_publish_and_delete_loses_nothing_and_its_s
 
     doomed = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.chaos.test_relay_chaos",
-        cwd=ROOT, env=settings_env(settings, outbox_batch_size=100),
+        cwd=ROOT, env=settings_env(settings, outbox_batch_size=100, outbox_pipeline_depth=DEPTH),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        acked = await asyncio.wait_for(_acked_line(doomed), 60)
-        assert acked > 0  # its first batch of every shard: acked, not deleted
+        # every round in flight acked, none deleted: the relay can start no more
+        acked = await asyncio.wait_for(_acked_lines(doomed, len(written)), 60)
+        assert acked > 0
         async with running_relays(settings, 2) as survivors:
             killed_at = time.monotonic()
             doomed.send_signal(signal.SIGKILL)
@@ -192,15 +195,20 @@ async def test_rows_written_while_the_broker_is_down_arrive_in_order_once_it_is_
     verdict.assert_complete_and_ordered(written)
 
 
-async def _acked_line(process: asyncio.subprocess.Process) -> int:
-    """The count the paused relay prints once its first acks are in (its log lines are skipped)."""
+async def _acked_lines(process: asyncio.subprocess.Process, written: int) -> int:
+    """The rows the paused relay says were acked once its pipeline is full of paused rounds (or
+    every row written was acked); its log lines are skipped."""
     assert process.stdout is not None
+    acked = rounds = 0
     for _ in range(10_000):
         line = (await process.stdout.readline()).decode()
-        assert line, "the relay process ended before its first acks"
+        assert line, "the relay process ended before its acks"
         if line.startswith(ACKED):
-            return int(line.split()[1])
-    raise AssertionError("no acks line in 10,000 lines of output")
+            acked += int(line.split()[1])
+            rounds += 1
+            if rounds == DEPTH or acked == written:
+                return acked
+    raise AssertionError("not enough acks lines in 10,000 lines of output")
 
 
 async def _all_owned(relays: Sequence[Relay], shards: int) -> bool:
