@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -134,6 +135,9 @@ async def test_a_lone_record_at_idle_is_handed_over_at_once(
         empty += not fetched
         return fetched
 
+    async def empty_since(than: int) -> bool:
+        return empty > than
+
     monkeypatch.setattr(AIOKafkaConsumer, "getmany", counted)
     handed = Handed()
     async with producing(settings) as producer, consumed(settings, handed):
@@ -142,11 +146,10 @@ async def test_a_lone_record_at_idle_is_handed_over_at_once(
         for n in range(3):
             sent_at = time.monotonic()
             await (await producer.send(settings.topic("requests"), b"lone", key=b"k"))
-            await eventually(lambda n=n: _true(len(handed.finished) > n), timeout=10, every=0.01)
+            await eventually(partial(_more, handed.finished, n), timeout=10, every=0.01)
             # far sooner than an idle fetch's wait: the record is not held for a timer
             assert handed.at[n] - sent_at < FETCH_WAIT_MS / 1000 / 2, handed.at[n] - sent_at
-            idle = empty
-            await eventually(lambda idle=idle: _true(empty > idle), timeout=10)
+            await eventually(partial(empty_since, empty), timeout=10)  # idle again
 
 
 async def test_a_record_not_handed_over_is_read_again_and_nothing_after_it_is_committed(
@@ -177,6 +180,10 @@ def _committed_to(settings: Settings, offset: int) -> Callable[[], Any]:
         return await committed(settings) == offset
 
     return check
+
+
+async def _more(items: list[int], than: int) -> bool:
+    return len(items) > than
 
 
 async def _true(value: bool) -> bool:
