@@ -392,6 +392,9 @@ class Settings(BaseSettings):
         300.0,
         description="How long past its expiry a lease may stay unended before it is a violation.",
     )
+    audit_partitions_seconds: float = Field(
+        30.0, gt=0, description="How often the auditor looks for partitions added to qm.events."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -102,8 +102,10 @@ async def certificate_not_after(host: str, port: int, cafile: str | None) -> dat
 
 
 class TransportReport:
-    """The ``transport`` section of ``/readyz``; the certificate (of the first bootstrap server)
-    is looked at once a minute."""
+    """The ``transport`` section of ``/readyz``; the certificates of every bootstrap server are
+    looked at once a minute. ``certificate_expires`` and ``certificate_days_left`` are the
+    soonest of them; ``certificate_error`` names each server whose certificate could not be read
+    (a broker that fails its handshake fails the clients sent to it)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -116,27 +118,39 @@ class TransportReport:
             "sasl_mechanism": settings.kafka_sasl_mechanism,
         }
         if settings.kafka_security_protocol.endswith("SSL"):
-            kafka.update(await self._broker_certificate())
+            kafka.update(await self._broker_certificates())
         return {
             "kafka": kafka,
             "database": {"tls": settings.database_ssl},
             "warnings": transport_warnings(settings),
         }
 
-    async def _broker_certificate(self) -> dict[str, Any]:
+    async def _broker_certificates(self) -> dict[str, Any]:
         now = time.monotonic()
         if self._certificate and now - self._certificate[0] < CERTIFICATE_CACHE_SECONDS:
             return self._certificate[1]
-        host, port = _hosts(self.settings.kafka_bootstrap_servers)[0]
-        try:
-            not_after = await certificate_not_after(host, port, self.settings.kafka_ssl_cafile)
-        except (OSError, KeyError, ValueError) as exc:
-            found: dict[str, Any] = {"certificate_error": f"{type(exc).__name__}: {exc}"[:300]}
-        else:
-            days = (not_after - datetime.now(UTC)).total_seconds() / 86400
-            found = {
-                "certificate_expires": not_after.isoformat(),
-                "certificate_days_left": round(days, 1),
-            }
+        servers = _hosts(self.settings.kafka_bootstrap_servers)
+        looked = await asyncio.gather(
+            *(certificate_not_after(host, port, self.settings.kafka_ssl_cafile)
+              for host, port in servers),
+            return_exceptions=True,
+        )  # fmt: skip
+        found: dict[str, Any] = {}
+        errors = []
+        expiries = []
+        for (host, port), result in zip(servers, looked, strict=True):
+            if isinstance(result, datetime):
+                expiries.append(result)
+            elif isinstance(result, OSError | KeyError | ValueError):
+                errors.append(f"{host}:{port}: {type(result).__name__}: {result}"[:300])
+            else:
+                raise result
+        if expiries:
+            soonest = min(expiries)
+            found["certificate_expires"] = soonest.isoformat()
+            days = (soonest - datetime.now(UTC)).total_seconds() / 86400
+            found["certificate_days_left"] = round(days, 1)
+        if errors:
+            found["certificate_error"] = "; ".join(errors)
         self._certificate = (now, found)
         return found

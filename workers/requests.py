@@ -5,8 +5,9 @@ Records are handed over in the order they were read and wait for the worker's tr
 one BEGIN, one outbox insert and one COMMIT for all of them. Two requests of one job are never in
 two running transactions (``workers.pipeline.KeyedQueue``), so a job's requests commit in the
 order they were read. The transaction first locks every site its requests touch, in slug order, so
-two of them cannot deadlock; then it applies the requests one after another, exactly as separate
-transactions would. If it fails for any reason, each of its requests goes again alone, in order,
+two of them cannot deadlock; then it applies the requests as separate transactions would in some
+order: the plain heartbeats, finishes and starts one statement per kind (``workers.request_batches``,
+docs/design.md "One statement per kind"), then the others one after another in read order. If it fails for any reason, each of its requests goes again alone, in order,
 in a transaction of its own, so one bad request never holds up the others for long.
 
 A request whose ``request_id`` was seen before is answered again from the inbox, unless it is the
@@ -84,6 +85,7 @@ from workers.dead_letters import Letter, raw_letter, readable_ids
 from workers.group_commit import GroupCommit
 from workers.lenient_records import undecodable_header_names
 from workers.reply_routes import ReplyRoutes, reply_partition
+from workers.request_batches import apply_batched, send_reply
 from workers.retrying import TransientRetry
 
 log = structlog.get_logger()
@@ -297,8 +299,14 @@ class RequestProcessor:
             )
             tx = Tx(conn, self.services, locked_sites=claimed.sites, job_sites=claimed.job_sites)
             unseen = claimed.fresh
+            batched = await apply_batched(tx, requests, unseen)
             outcomes = []
-            for parsed in requests:  # a request_id twice here: the first is new, then a repeat
+            for n, parsed in enumerate(requests):
+                if n in batched:
+                    send_reply(tx, parsed, batched[n])
+                    outcomes.append("replied")
+                    continue
+                # a request_id twice here: the first is new, then a repeat
                 request_id = str(parsed.request.request_id)
                 outcomes.append(await self._apply(tx, parsed, fresh=request_id in unseen))
                 unseen.discard(request_id)
@@ -318,7 +326,7 @@ class RequestProcessor:
     async def _apply(self, tx: Tx, parsed: Parsed, *, fresh: bool) -> str:
         """The request's transition and reply inside ``tx`` (``fresh``: its inbox row is new);
         its outcome."""
-        request, reply_to = parsed.request, parsed.reply_to
+        request = parsed.request
         request_id = str(request.request_id)
         if not fresh:
             return await self._answer_again(tx, parsed)
@@ -331,11 +339,7 @@ class RequestProcessor:
             ).model_dump(mode="json")
         else:
             reply = await handler(tx, request, parsed.route)
-        if reply is not None:
-            tx.box.add(
-                reply_to, request.job_id, reply, parsed.headers, partition=parsed.reply_partition
-            )
-            tx.box.keep_reply(request_id, reply_to, reply)
+        send_reply(tx, parsed, reply)
         return "replied"
 
     def _fault(self, point: str, job_id: str) -> None:

@@ -187,12 +187,15 @@ def sites_set(
     )
     if not changes:
         raise fail("nothing to change: give at least one option (see `qm sites set --help`)")
-    if in_transaction(lambda conn: sites.update_site(conn, slug, changes)) is None:
+    row = in_transaction(lambda conn: sites.update_site(conn, slug, changes))
+    if row is None:
         raise fail(f"no site {slug!r}; `qm sites list` shows them")
     shown = ", ".join(
         f"{name} {value if value is not None else '(none)'}" for name, value in changes.items()
     )
     out().print(f"site {slug}: {shown}")
+    if capacity is not None and row["paused_capacity"] is not None:
+        out().print(f"site {slug} is paused: capacity {capacity} when resumed (`qm sites resume`)")
 
 
 @sites_app.command("remove")

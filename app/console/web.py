@@ -255,6 +255,41 @@ async def act(request: Request, work: Callable[[Tx], Awaitable[T]]) -> T:
         return result
 
 
+@dataclass(frozen=True)
+class Action:
+    """A console action as its confirmation page shows it: ``title`` and ``what`` it does, the
+    ``path`` its form posts to, the form's ``fields``, and the page to go ``back`` to."""
+
+    title: str
+    what: str
+    path: str
+    back: str
+    fields: dict[str, str] = field(default_factory=dict)
+    reason_field: bool = False
+
+
+async def confirm_then_act(
+    request: Request,
+    form: FormData,
+    action: Action,
+    work: Callable[[Tx], Awaitable[T | None]],
+    *,
+    succeeded: Callable[[T], str],
+    refused: str,
+    ready: bool = True,
+) -> HTMLResponse:
+    """An action's one shape: its confirmation page until the operator confirmed (and the form
+    is ``ready``), then ``work`` in one transaction naming the operator; what it did
+    (``succeeded`` of its row) or, when it found nothing to change (None), why (``refused``)."""
+    if not (ready and confirmed(form)):
+        return confirm(request, title=action.title, what=action.what, action=action.path,
+                       fields=action.fields, reason_field=action.reason_field)  # fmt: skip
+    row = await act(request, work)
+    if row is None:
+        return done(request, refused, action.back, ok=False)
+    return done(request, succeeded(row), action.back)
+
+
 def done(request: Request, message: str, back: str, *, ok: bool = True) -> HTMLResponse:
     """What an action answers: what happened (or why nothing did), with a link back."""
     return render(

@@ -84,6 +84,12 @@ async def start(tx: Tx, req: JobStart, route: Route) -> Reply:
         return None  # grant_waiting sent job.granted to this request
     if tx.box.kept_reply(str(req.request_id)) is not None:
         return None  # its grant could not be sealed or opened: it was answered job.rejected
+    return await not_granted(tx, req)
+
+
+async def not_granted(tx: Tx, req: JobStart) -> Reply:
+    """The answer to a start whose job was queued and not granted: ``job.queued`` with its
+    position and what holds the line, or, when it cannot wait, its job timed out at once."""
     held_by = await budgets.why_waiting(tx.conn, req.site)
     if req.wait_seconds == 0:
         # a job held for a budget or a rate limit says so; capacity and accounts are no_capacity

@@ -238,7 +238,6 @@ async def release_resources(
     ``retire_after_blocks``), its capacity slot, its grant, and its seeds (settled by
     ``seed_results``, the rest due again at once). Returns the account as released."""
     blocked = outcome == "blocked"
-    default_rest = site["block_cooldown_seconds"] if blocked else site["cooldown_seconds"]
     account, holds_seeds = await jobs.release_lease(
         tx.conn,
         job=job,
@@ -246,17 +245,40 @@ async def release_resources(
         outcome=outcome,
         blocked=blocked,
         failed=outcome in ("failed", "expired"),
-        rest_seconds=default_rest if cooldown_seconds is None else cooldown_seconds,
+        rest_seconds=rest_after(site, outcome, cooldown_seconds),
         reason=reason,
         retire_after_blocks=site["retire_after_blocks"],
     )
+    await after_release(tx, job, account, holds_seeds, outcome=outcome, seed_results=seed_results)
+    return account
+
+
+def rest_after(site: Row, outcome: str, cooldown_seconds: int | None) -> int:
+    """How long a released account rests: what the holder asked, else the site's rest (its
+    block cooldown after a block)."""
+    if cooldown_seconds is not None:
+        return cooldown_seconds
+    return site["block_cooldown_seconds" if outcome == "blocked" else "cooldown_seconds"]
+
+
+async def after_release(
+    tx: Tx,
+    job: Row,
+    account: Row | None,
+    holds_seeds: bool,
+    *,
+    outcome: str,
+    seed_results: Sequence[SeedResult] = (),
+) -> None:
+    """What follows a lease's release statement: the account's event (retired, blocked or
+    released) and its seeds settled."""
     if account is not None and account["status"] == AccountStatus.INACTIVE:
         retire(tx, job, account)
     elif account is not None:
-        tx.events.account("blocked" if blocked else "released", account, job_id=job["id"])
+        what = "blocked" if outcome == "blocked" else "released"
+        tx.events.account(what, account, job_id=job["id"])
     if holds_seeds:  # a lease without seeds has nothing to settle: no statement
         await settle(tx, job, results=seed_results, release_reason=outcome)
-    return account
 
 
 def retire(tx: Tx, job: Row, account: Row) -> None:

@@ -84,16 +84,26 @@ EDITABLE = (
 )
 
 
+# a paused site keeps capacity 0: a capacity set meanwhile is what its resume brings back
+_PAUSED_CAPACITY = (
+    "capacity = CASE WHEN paused_capacity IS NULL THEN :capacity ELSE 0 END, "
+    "paused_capacity = CASE WHEN paused_capacity IS NULL THEN NULL ELSE :capacity END"
+)
+
+
 async def update_site(conn: AsyncConnection, slug: str, changes: dict[str, object]) -> Row | None:
     """Change some of a site's settings (``EDITABLE`` columns); None if there is no such site.
 
     A capacity raised while jobs wait lets the capacity-back sweep grant them; a capacity
     lowered below ``running`` lets running jobs finish and grants nothing until it is below.
+    A paused site stays paused: its new capacity is the one its resume brings back.
     """
     unknown = set(changes) - set(EDITABLE)
     if unknown:
         raise ValueError(f"not editable: {sorted(unknown)}")
-    assignments = ", ".join(f"{column} = :{column}" for column in changes)
+    assignments = ", ".join(
+        _PAUSED_CAPACITY if column == "capacity" else f"{column} = :{column}" for column in changes
+    )
     result = await conn.execute(
         text(f"UPDATE sites SET {assignments} WHERE slug = :slug RETURNING *"),
         {**changes, "slug": slug},

@@ -206,6 +206,26 @@ async def test_a_raised_capacity_lets_a_waiting_job_through_within_one_sweep(
     assert (await CapacityBack(settings, Database(engine)).run_once()).changed == ["second"]
 
 
+async def test_a_capacity_set_on_a_paused_site_keeps_it_paused_and_comes_back_on_resume(
+    qm: Qm, settings: Settings, engine: AsyncEngine, processor: RequestProcessor
+) -> None:
+    await make_site(engine, settings, n_accounts=3)  # capacity 1
+    await processor.process(start(settings, "waiting"))
+    await processor.process(start(settings, "second"))
+    assert (await qm("sites", "pause", "board")).exit_code == 0
+
+    raised = await qm("sites", "set", "board", "--capacity", "3")
+
+    assert raised.exit_code == 0 and "paused: capacity 3 when resumed" in raised.stdout
+    (site,) = json_lines(await qm("sites", "list", "--json"))
+    assert site["capacity"] == 0 and site["paused_capacity"] == 3
+    assert (await CapacityBack(settings, Database(engine)).run_once()).changed == []
+    assert (await qm("sites", "resume", "board")).exit_code == 0
+    (site,) = json_lines(await qm("sites", "list", "--json"))
+    assert site["capacity"] == 3 and site["paused_capacity"] is None
+    assert (await CapacityBack(settings, Database(engine)).run_once()).changed == ["second"]
+
+
 async def test_a_site_with_a_running_job_is_not_removed_and_one_without_is_removed_with_its_history(
     qm: Qm, settings: Settings, engine: AsyncEngine, processor: RequestProcessor
 ) -> None:

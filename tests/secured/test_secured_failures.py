@@ -22,6 +22,7 @@ from app.kafka import sdk_client
 from app.kafka_acls import COLLECTOR
 from app.sdk import BrokerUnavailable
 from app.settings import Settings
+from app.transport import TransportReport
 from tests.secured.conftest import SecuredStack, as_principal
 from tests.support.processes import QmProcess, settings_env
 from tests.support.waiting import eventually
@@ -135,6 +136,20 @@ async def test_secured_database_with_an_untrusted_certificate_is_one_line(
         database_url=f"{settings.database_url}?ssl=disable",
     )
     assert_one_line(code, output, seconds, "database", "no encryption")
+
+
+async def test_readyz_looks_at_every_bootstrap_server_s_certificate_and_names_the_one_that_fails(
+    topics: Settings, secured_stack: SecuredStack
+) -> None:
+    silent = f"127.0.0.1:{free_port()}"  # nothing listens: its handshake cannot happen
+    servers = f"{secured_stack.broker.bootstrap},{silent}"
+    report = TransportReport(topics.model_copy(update={"kafka_bootstrap_servers": servers}))
+
+    kafka = (await report())["kafka"]
+
+    assert kafka["certificate_expires"] == secured_stack.tls.not_after.isoformat()
+    assert kafka["certificate_error"].startswith(f"{silent}: ConnectionRefusedError")
+    assert secured_stack.broker.bootstrap not in kafka["certificate_error"]
 
 
 async def test_secured_readyz_names_the_protocol_and_the_certificates_expiry(

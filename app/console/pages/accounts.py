@@ -10,12 +10,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.console.web import (
-    act,
+    Action,
     action_form,
-    confirm,
-    confirmed,
+    confirm_then_act,
     console_state,
-    done,
     render,
     text_field,
 )
@@ -59,24 +57,23 @@ async def move(request: Request) -> Response:
     reason = text_field(form, "reason") or "operator"
     target, what = MOVES[action]
     back = f"/accounts?{urlencode({'site': site})}"
-    if not confirmed(form):
-        fields = {"site": site, "username": username, "reason": reason}
-        return confirm(request, title=f"{action.capitalize()} {username} of {site}", what=what,
-                       action=f"/accounts/{action}", fields=fields,
-                       reason_field=action == "block")  # fmt: skip
-    row = await act(
+    fields = {"site": site, "username": username, "reason": reason}
+    return await confirm_then_act(
         request,
-        lambda tx: move_account(tx, site=site, username=username, target=target, reason=reason),
-    )
-    if row is None:
-        return done(
-            request,
-            f"account {username} of {site} does not exist or cannot become {target} from its "
-            "status (a held account is its job's until it ends)",
+        form,
+        Action(
+            f"{action.capitalize()} {username} of {site}",
+            what,
+            f"/accounts/{action}",
             back,
-            ok=False,
-        )
-    return done(request, f"account {username} of {site} is now {row['status']}", back)
+            fields=fields,
+            reason_field=action == "block",
+        ),
+        lambda tx: move_account(tx, site=site, username=username, target=target, reason=reason),
+        succeeded=lambda row: f"account {username} of {site} is now {row['status']}",
+        refused=f"account {username} of {site} does not exist or cannot become {target} from "
+        "its status (a held account is its job's until it ends)",
+    )
 
 
 routes = [

@@ -10,12 +10,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.console.web import (
-    act,
+    Action,
     action_form,
-    confirm,
-    confirmed,
+    confirm_then_act,
     console_state,
-    done,
     render,
     url_id,
     url_shown,
@@ -63,22 +61,16 @@ async def capture_page(request: Request) -> Response:
 
 async def retry(request: Request) -> Response:
     capture_id = request.path_params["capture_id"]
-    form = await action_form(request)
     back = f"/captures/{url_id(capture_id)}"
-    if not confirmed(form):
-        return confirm(
-            request,
-            title=f"Retry capture {capture_id}",
-            action=f"{back}/retry",
-            what="It is handed off again from its first attempt (FAILED -> RECEIVED).",
-            fields={},
-        )
-    row = await act(request, lambda tx: retry_capture(tx, capture_id))
-    if row is None:
-        return done(
-            request, f"capture {capture_id} is not FAILED: nothing to retry", back, ok=False
-        )
-    return done(request, f"capture {capture_id} will be handed off again", back)
+    what = "It is handed off again from its first attempt (FAILED -> RECEIVED)."
+    return await confirm_then_act(
+        request,
+        await action_form(request),
+        Action(f"Retry capture {capture_id}", what, f"{back}/retry", back),
+        lambda tx: retry_capture(tx, capture_id),
+        succeeded=lambda row: f"capture {capture_id} will be handed off again",
+        refused=f"capture {capture_id} is not FAILED: nothing to retry",
+    )
 
 
 routes = [

@@ -8,12 +8,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.console.web import (
-    act,
+    Action,
     action_form,
-    confirm,
-    confirmed,
+    confirm_then_act,
     console_state,
-    done,
     render,
     text_field,
     url_id,
@@ -67,20 +65,24 @@ async def revoke(request: Request) -> Response:
     form = await action_form(request)
     reason = text_field(form, "reason")
     back = f"/jobs/{url_id(job_id)}"
-    if not confirmed(form) or not reason:
-        return confirm(
-            request,
-            title=f"Revoke the lease of job {job_id}",
-            action=f"{back}/revoke",
-            what="Its lease ends now: its holder is told job.lease_lost, its account goes back "
-            "(after the site's cooldown) and to the next waiting job.",
+    what = ("Its lease ends now: its holder is told job.lease_lost, its account goes back (after "
+            "the site's cooldown) and to the next waiting job.")  # fmt: skip
+    return await confirm_then_act(
+        request,
+        form,
+        Action(
+            f"Revoke the lease of job {job_id}",
+            what,
+            f"{back}/revoke",
+            back,
             fields={"reason": reason},
             reason_field=True,
-        )
-    revoked = await act(request, lambda tx: revoke_lease(tx, job_id, reason))
-    if revoked is None:
-        return done(request, f"job {job_id} is not running: nothing to revoke", back, ok=False)
-    return done(request, f"the lease of job {job_id} is revoked; its holder is told", back)
+        ),
+        lambda tx: revoke_lease(tx, job_id, reason),
+        succeeded=lambda row: f"the lease of job {job_id} is revoked; its holder is told",
+        refused=f"job {job_id} is not running: nothing to revoke",
+        ready=bool(reason),
+    )
 
 
 # job and capture ids may hold '/': the action's route comes first, or the page's would take it

@@ -7,16 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.console.web import (
-    act,
-    action_form,
-    confirm,
-    confirmed,
-    console_state,
-    done,
-    render,
-    url_id,
-)
+from app.console.web import Action, action_form, confirm_then_act, console_state, render, url_id
 from app.core.operations import pause_site, resume_site
 from app.store import accounts, captures, domains, views
 
@@ -44,41 +35,31 @@ async def site_page(request: Request) -> Response:
 
 async def pause(request: Request) -> Response:
     slug = request.path_params["slug"]
-    form = await action_form(request)
     back = f"/sites/{url_id(slug)}"
-    if not confirmed(form):
-        return confirm(
-            request,
-            title=f"Pause site {slug}",
-            action=f"{back}/pause",
-            what="Its capacity goes to 0 (kept for the resume): running jobs finish, waiting "
-            "jobs wait, nothing is granted until it is resumed.",
-            fields={},
-        )
-    row = await act(request, lambda tx: pause_site(tx, slug))
-    if row is None:
-        return done(request, f"site {slug} is paused already (or does not exist)", back, ok=False)
-    return done(
-        request, f"site {slug} paused (its capacity {row['paused_capacity']} is kept)", back
+    what = ("Its capacity goes to 0 (kept for the resume): running jobs finish, waiting jobs "
+            "wait, nothing is granted until it is resumed.")  # fmt: skip
+    return await confirm_then_act(
+        request,
+        await action_form(request),
+        Action(f"Pause site {slug}", what, f"{back}/pause", back),
+        lambda tx: pause_site(tx, slug),
+        succeeded=lambda row: f"site {slug} paused (its capacity {row['paused_capacity']} is kept)",
+        refused=f"site {slug} is paused already (or does not exist)",
     )
 
 
 async def resume(request: Request) -> Response:
     slug = request.path_params["slug"]
-    form = await action_form(request)
     back = f"/sites/{url_id(slug)}"
-    if not confirmed(form):
-        return confirm(
-            request,
-            title=f"Resume site {slug}",
-            action=f"{back}/resume",
-            what="Its capacity comes back; waiting jobs are granted within one reaper sweep.",
-            fields={},
-        )
-    row = await act(request, lambda tx: resume_site(tx, slug))
-    if row is None:
-        return done(request, f"site {slug} is not paused (or does not exist)", back, ok=False)
-    return done(request, f"site {slug} resumed with capacity {row['capacity']}", back)
+    what = "Its capacity comes back; waiting jobs are granted within one reaper sweep."
+    return await confirm_then_act(
+        request,
+        await action_form(request),
+        Action(f"Resume site {slug}", what, f"{back}/resume", back),
+        lambda tx: resume_site(tx, slug),
+        succeeded=lambda row: f"site {slug} resumed with capacity {row['capacity']}",
+        refused=f"site {slug} is not paused (or does not exist)",
+    )
 
 
 routes = [
