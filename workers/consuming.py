@@ -33,6 +33,7 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -418,6 +419,8 @@ async def pipelined(
         )
         for n, consumer in enumerate(consumers)
     ]
+    for reader in readers:
+        reader.add_done_callback(partial(_ended, wiring.stop))
     committer = asyncio.create_task(
         commits.run(wiring.stop), name=f"offset-commits:{subscription.group}"
     )
@@ -430,6 +433,14 @@ async def pipelined(
         await _cancelled([committer])
         await commits.flush()
         await _stopped(consumers)
+
+
+def _ended(stop: asyncio.Event, reader: asyncio.Task[None]) -> None:
+    """A consumer's reader that failed stops the process: a consumer that reads no more would
+    keep its partitions (it still heartbeats) and nobody would read them."""
+    if not reader.cancelled() and (error := reader.exception()) is not None:
+        log.error("consumer_failed", task=reader.get_name(), error_class=type(error).__name__)
+        stop.set()
 
 
 async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:

@@ -20,6 +20,7 @@ from app.kafka import client_options, producer_options
 from app.root import Wiring
 from app.settings import Settings
 from tests.support.waiting import eventually
+from workers import consuming
 from workers.consuming import (
     COMMIT_INTERVAL_SECONDS,
     FETCH_WAIT_MS,
@@ -188,3 +189,20 @@ async def _more(items: list[int], than: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_consumer_whose_reading_fails_stops_its_process(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a bug past the handing over (here: turning a record into an Incoming raises) ends the
+    # consumer's reading; the process must stop rather than keep partitions nobody reads
+    settings = topics
+
+    def broken(record: Any) -> Incoming:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(consuming, "incoming", broken)
+    async with producing(settings) as producer:
+        await send(producer, settings, 1)
+    async with consumed(settings, Handed()) as wiring:
+        await eventually(lambda: _true(wiring.stop.is_set()), timeout=60)
