@@ -14,8 +14,7 @@ for its outcome, up to a bound of records in flight (then it waits: backpressure
 told when a record's outcome is final, in any order; ``OffsetCommits`` commits each partition only
 up to its first record not final (``workers.pipeline.Positions``), so a record handed over is
 never lost: a crash, or a partition moving to another consumer, reads again every record not
-final (and those after it), and the handlers' own idempotence answers them. ``consuming``: one
-record at a time per consumer (each is final when its handler returned).
+final (and those after it), and the handlers' own idempotence answers them.
 
 Several consumers of the group may run in one process, each on its own partitions, each handing
 its records over in order.
@@ -75,7 +74,6 @@ class Incoming:
     headers: list[Header] = field(default_factory=list)
 
 
-Handle = Callable[[Incoming], Awaitable[object]]
 # hands a record over, waiting only for room; calls its second argument once the outcome is final
 Submit = Callable[[Incoming, Callable[[], None]], Awaitable[None]]
 
@@ -287,16 +285,6 @@ class OffsetCommits(ConsumerRebalanceListener):
         pass
 
 
-def one_at_a_time(handle: Handle) -> Submit:
-    """Hand records to ``handle`` one at a time: each is final once ``handle`` returned."""
-
-    async def submit(record: Incoming, finished: Callable[[], None]) -> None:
-        await handle(record)
-        finished()
-
-    return submit
-
-
 def consumer_options(settings: Settings, subscription: Subscription) -> dict[str, Any]:
     """What each consumer of ``subscription`` is built with: the connection and security
     options every client has (``app.kafka.client_options``), the group, and manual commits."""
@@ -377,18 +365,6 @@ async def hand_over(
             )
             return False
     return True
-
-
-@contextlib.asynccontextmanager
-async def consuming(
-    wiring: Wiring, subscription: Subscription, handle: Handle
-) -> AsyncIterator[None]:
-    """Consume ``subscription`` with ``handle``, one record at a time per consumer, while the
-    block runs; on leaving it, commit what is done and stop the consumers."""
-    async with pipelined(
-        wiring, subscription, one_at_a_time(handle), max_in_flight=subscription.consumers
-    ):
-        yield
 
 
 @contextlib.asynccontextmanager
