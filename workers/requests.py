@@ -300,10 +300,11 @@ class RequestProcessor:
             tx = Tx(conn, self.services, locked_sites=claimed.sites, job_sites=claimed.job_sites)
             unseen = claimed.fresh
             batched = await apply_batched(tx, requests, unseen)
+            for n, reply in sorted(batched.items()):  # in the order they were applied: first
+                send_reply(tx, requests[n], reply)
             outcomes = []
             for n, parsed in enumerate(requests):
                 if n in batched:
-                    send_reply(tx, parsed, batched[n])
                     outcomes.append("replied")
                     continue
                 # a request_id twice here: the first is new, then a repeat

@@ -40,11 +40,16 @@ log = structlog.get_logger()
 SMALLEST_BATCH = 2
 
 
+def plain_heartbeat(tx: Tx, req: JobHeartbeat) -> bool:
+    """A heartbeat the set path extends: no ``units``, within the cap."""
+    return req.units is None and over_cap(tx, req) is None
+
+
 async def heartbeats(tx: Tx, batch: Sequence[tuple[int, JobHeartbeat]]) -> dict[int, Reply]:
     """Extend the live leases of plain heartbeats (no ``units``, within the cap) in one
     statement; each heartbeat's reply by its index. A lease not extended is refused as
     ``jobs.heartbeat`` refuses it (``refuse_follow_up`` reads why)."""
-    plain = [(n, req) for n, req in batch if req.units is None and over_cap(tx, req) is None]
+    plain = [(n, req) for n, req in batch if plain_heartbeat(tx, req)]
     if len(plain) < SMALLEST_BATCH:
         return {}
     extended = await job_batches.extend_leases(
@@ -72,7 +77,7 @@ async def heartbeats(tx: Tx, batch: Sequence[tuple[int, JobHeartbeat]]) -> dict[
     return replies
 
 
-def _plain_finish(tx: Tx, req: JobFinish) -> bool:
+def plain_finish(tx: Tx, req: JobFinish) -> bool:
     """A finish the set path ends: an existing job, and nothing to upload, count, settle by
     result or rest for a rate limit; a proxy that failed is told on the one-request way."""
     return (
@@ -89,7 +94,7 @@ async def finishes(tx: Tx, batch: Sequence[tuple[int, JobFinish]]) -> dict[int, 
     """End the jobs of plain finishes in one statement and release their leases in another;
     then each site's waiting jobs are granted once. Each finish's reply by its index; one that
     matched no live lease is refused as ``jobs.finish`` refuses it."""
-    plain = [(n, req) for n, req in batch if _plain_finish(tx, req)]
+    plain = [(n, req) for n, req in batch if plain_finish(tx, req)]
     if len(plain) < SMALLEST_BATCH:
         return {}
     sites: dict[str, Row] = {}
@@ -173,7 +178,7 @@ async def _still_served(tx: Tx, req: JobStart) -> None:
         raise OneAtATime(f"site {req.site} has no account left")
 
 
-def _plain_start(tx: Tx, req: JobStart) -> bool:
+def plain_start(tx: Tx, req: JobStart) -> bool:
     """A start the set path queues: within the cap, on a site the transaction locked first that
     can serve it."""
     site = tx.locked_sites.get(req.site)
@@ -192,7 +197,7 @@ async def starts(tx: Tx, batch: Sequence[tuple[int, JobStart, Route]]) -> dict[i
     line, or ``job.rejected`` when its job exists. A start that cannot wait leaves the line at
     its turn, and its site is granted again: the starts behind it may go now, as they would
     have one at a time."""
-    plain = [(n, req, route) for n, req, route in batch if _plain_start(tx, req)]
+    plain = [(n, req, route) for n, req, route in batch if plain_start(tx, req)]
     if len(plain) < SMALLEST_BATCH:
         return {}
     queued = await job_batches.queue_jobs(

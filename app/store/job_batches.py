@@ -5,7 +5,9 @@ Each statement here is the many-rows form of one in ``app.store.jobs`` (``_EXTEN
 does not match is simply not returned, and its request goes the one-request way to learn why.
 The caller holds the locks of every site the rows belong to (the transaction's first statement);
 rows are locked in id order (a locking CTE, ``ORDER BY id``), so two such statements in two
-transactions cannot deadlock on each other.
+transactions cannot deadlock on each other. The queueing insert is the exception: ``ON CONFLICT``
+locks the existing rows it meets in the arrays' order, but those are jobs of the sites the caller
+locked, so no other transaction holds or waits for them.
 """
 
 from __future__ import annotations

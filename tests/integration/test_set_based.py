@@ -10,14 +10,26 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
 from app.db.engine import make_engine
+from app.sealing import public_key_text
 from app.settings import Settings
 from app.store import Database
-from tests.support.leasing import held_lease, make_site, make_unreadable_site, request, start
+from reapers.expired_leases import ExpiredLeases
+from tests.support.leasing import (
+    cancel,
+    held_lease,
+    make_site,
+    make_unreadable_site,
+    replies,
+    request,
+    scalar,
+    start,
+)
 from tests.support.statements import Statements
 from workers.consuming import Incoming
 from workers.requests import RequestProcessor
@@ -298,3 +310,102 @@ async def test_starts_after_a_grant_that_retires_the_sites_last_account_are_answ
         [{"type": "job.rejected", "reason": "no_accounts"}],
     ]
     assert answers[32] == answers[1]
+
+
+def shared_processor(settings: Settings, engine: AsyncEngine) -> RequestProcessor:
+    """One worker transaction at a time, taking up to 32 requests: records handed over together
+    share it."""
+    shared = {"worker_batch_max": 32, "worker_transactions": 1}
+    return RequestProcessor(settings.model_copy(update=shared), Database(engine))
+
+
+async def test_a_lone_finish_read_before_starts_on_its_site_hands_its_slot_on_in_read_order(
+    engine: AsyncEngine, settings: Settings, processor: RequestProcessor
+) -> None:
+    await make_site(engine, settings, capacity=1, n_accounts=3)
+    await processor.process(start(settings, "j0"))
+    lease = await held_lease(engine, settings, "j0")
+    shared = shared_processor(settings, engine)
+
+    await asyncio.gather(
+        shared.process(request(settings, "job.finish", "j0", **lease, outcome="succeeded")),
+        shared.process(start(settings, "x")),
+        shared.process(start(settings, "y")),
+    )
+
+    # read order: the finish frees the slot, x takes it, y waits behind it; x never hears queued
+    assert [r["type"] for r in await replies(engine, settings, "x")] == ["job.granted"]
+    assert [(r["type"], r.get("position")) for r in await replies(engine, settings, "y")] == [
+        ("job.queued", 1)
+    ]
+    kept = await scalar(engine, "SELECT reply->>'type' FROM inbox WHERE job_id = 'x'")
+    assert kept == "job.granted"  # a redelivered start of x gets its grant
+
+
+async def test_a_cancel_of_a_waiting_job_read_before_finishes_on_its_site_cancels_it(
+    engine: AsyncEngine, settings: Settings, processor: RequestProcessor
+) -> None:
+    await make_site(engine, settings, capacity=2, n_accounts=3)
+    for name in ("a", "b", "w"):
+        await processor.process(start(settings, name))
+    leases = {name: await held_lease(engine, settings, name) for name in ("a", "b")}
+    shared = shared_processor(settings, engine)
+
+    await asyncio.gather(
+        shared.process(cancel(settings, "w")),
+        *(
+            shared.process(
+                request(settings, "job.finish", name, **leases[name], outcome="succeeded")
+            )
+            for name in ("a", "b")
+        ),
+    )
+
+    assert [r["type"] for r in await replies(engine, settings, "w")] == [
+        "job.queued", "job.rejected", "job.cancelled"
+    ]  # fmt: skip
+    assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'w'") == "CANCELLED"
+
+
+async def test_the_set_path_keeps_every_predicate_of_a_heartbeat_and_of_a_start_again(
+    engine: AsyncEngine, settings: Settings, processor: RequestProcessor
+) -> None:
+    await make_site(engine, settings, capacity=4, n_accounts=4, lease_seconds=60)
+    for name in ("a", "b", "c", "e"):
+        await processor.process(start(settings, name))
+    leases = {name: await held_lease(engine, settings, name) for name in ("a", "b", "c", "e")}
+    lapse = "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id"
+    async with engine.begin() as conn:  # e's lease lapsed and was reaped: EXPIRED, startable again
+        await conn.execute(text(lapse), {"id": "e"})
+    await ExpiredLeases(settings, Database(engine)).run_once()
+    async with engine.begin() as conn:  # c's lapsed and was not reaped yet
+        await conn.execute(text(lapse), {"id": "c"})
+    other_key = public_key_text(X25519PrivateKey.generate())
+    wrong_secret = {**leases["b"], "lease_secret": leases["a"]["lease_secret"]}
+    own = make_engine(settings, pool_size=1, pre_ping=False)  # counted from its first connection
+    statements = Statements(own)
+    shared = shared_processor(settings, own)
+
+    try:
+        with statements.counting() as counts:
+            await asyncio.gather(
+                shared.process(request(settings, "job.heartbeat", "a", **leases["a"])),
+                shared.process(request(settings, "job.heartbeat", "b", **wrong_secret)),
+                shared.process(request(settings, "job.heartbeat", "c", **leases["c"])),
+                shared.process(start(settings, "e", public_key=other_key)),  # another's restart
+                shared.process(start(settings, "f")),
+            )
+    finally:
+        await own.dispose()
+
+    assert counts["WITH heartbeats AS"] == 1 and counts["INSERT INTO jobs"] == 1  # the set path
+    last = {n: (await replies(engine, settings, n))[-1] for n in ("a", "b", "c", "e", "f")}
+    assert last["a"]["type"] == "job.extended"
+    assert (last["b"]["type"], last["b"]["reason"]) == ("job.lease_lost", "wrong_secret")
+    assert (last["c"]["type"], last["c"]["reason"]) == ("job.lease_lost", "lease_expired")
+    assert (last["e"]["type"], last["e"]["reason"]) == ("job.rejected", "not_yours")
+    assert last["f"]["type"] == "job.granted"
+    assert await scalar(engine, "SELECT status::text FROM jobs WHERE id = 'e'") == "EXPIRED"
+    lapsed = "SELECT lease_expires_at < now() FROM jobs WHERE id = :id"
+    assert await scalar(engine, lapsed, id="c") is True  # not extended
+    assert await scalar(engine, lapsed, id="b") is False
