@@ -55,6 +55,12 @@ CAPTURES_PER_BATCH = Histogram(
     ["committed"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+RECORDS_PER_FETCH = Histogram(
+    "qm_consumer_records_per_fetch",
+    "Records a worker's consumer took in one fetch (getmany), by consumer group.",
+    ["group"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 SWEEP_CHANGES = Counter(
     "qm_reaper_changes_total", "Rows the reapers repaired, by sweep.", ["sweep"]
 )
@@ -218,12 +224,12 @@ class _QuietHandler(WSGIRequestHandler):
 HEALTH = Health()  # one per OS process, as the Prometheus registry is
 
 
-def consumer_assigned(subscriber: Any) -> Callable[[], Awaitable[bool]]:
-    """A readiness check: one of the subscriber's Kafka consumers has partitions assigned."""
+def consumer_assigned(consumers: Callable[[], Iterable[Any]]) -> Callable[[], Awaitable[bool]]:
+    """A readiness check: one of the Kafka consumers ``consumers`` names (when asked) has
+    partitions assigned."""
 
     async def check() -> bool:
-        consumers = getattr(subscriber, "consumer_subgroup", None) or [subscriber.consumer]
-        return any(c is not None and c.assignment() for c in consumers)
+        return any(c is not None and c.assignment() for c in consumers())
 
     return check
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -27,6 +28,7 @@ BigInt = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
 _PROBE = X25519PrivateKey.from_private_bytes(bytes(range(32)))
 
 
+@functools.lru_cache(maxsize=4096)  # a collector names one key in all its requests: one exchange
 def x25519_refuses(raw: bytes) -> bool:
     """Whether X25519 cannot exchange with the public key ``raw`` (32 bytes): a point of small
     order (the all-zero key among them) in any of its encodings."""

@@ -57,7 +57,7 @@ async def run_alerts(wiring: Wiring) -> None:
         except Exception as exc:  # noqa: BLE001 - one bad record must not stop the alerts
             log.warning("alert_record_failed", topic=record.topic, error_class=type(exc).__name__)
 
-    wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
+    wiring.health.check("consumer_assigned", consumer_assigned(lambda: [subscriber.consumer]))
     await broker.start()
     log.info("alerts_started", slack=url is not None, dead_letter_topics=sorted(dead_letters))
     while not stop.is_set():

@@ -1,18 +1,20 @@
 """Consuming a topic in a consumer group, as the claim and handoff workers do.
 
-Every record read gets exactly one outcome. The record's bytes reach the handler untouched
-(``parse_raw``): no framework step decodes a header, so none can drop a record whose headers are
-not UTF-8 or whose key or value is null; a header name that is not UTF-8, which aiokafka itself
-cannot decode, is read with its bytes kept (``workers.lenient_records``), so the handler refuses
-it and the consumer reads on.
+Every record read gets exactly one outcome. Each consumer (an ``AIOKafkaConsumer``) takes its
+records in fetched batches (``getmany``: it returns as soon as records are there and waits only
+when there are none, so a lone record is not held back) and hands each over in order, with no
+framework between the fetch and the handler. The record's bytes reach the handler untouched: no
+step decodes a header value, so none can drop a record whose headers are not UTF-8 or whose key
+or value is null; a header name that is not UTF-8, which aiokafka itself cannot decode, is read
+with its bytes kept (``workers.lenient_records``), so the handler refuses it and the consumer
+reads on.
 
 ``pipelined``: a consumer hands each record over (``Submit``) and reads the next without waiting
 for its outcome, up to a bound of records in flight (then it waits: backpressure). The handler is
 told when a record's outcome is final, in any order; ``OffsetCommits`` commits each partition only
 up to its first record not final (``workers.pipeline.Positions``), so a record handed over is
 never lost: a crash, or a partition moving to another consumer, reads again every record not
-final (and those after it), and the handlers' own idempotence answers them. ``consuming``: one
-record at a time per consumer (each is final when its handler returned).
+final (and those after it), and the handlers' own idempotence answers them.
 
 Several consumers of the group may run in one process, each on its own partitions, each handing
 its records over in order.
@@ -27,21 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
-from faststream import AckPolicy
-from faststream.kafka import KafkaBroker
-from faststream.kafka.message import KafkaMessage
-from faststream.message import StreamMessage
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 
-from app.health import consumer_assigned
+from app.health import RECORDS_PER_FETCH, consumer_assigned
+from app.kafka import client_options
 from app.kafka_headers import Header
 from app.settings import Settings
 from workers import lenient_records
@@ -55,6 +54,11 @@ log = structlog.get_logger()
 COMMIT_INTERVAL_SECONDS = 0.05  # how long done offsets wait, so that one commit carries many
 COMMIT_TIMEOUT_SECONDS = 10.0  # a commit the broker does not answer in this time is given up
 SETTLE_SECONDS = 10.0  # how long records in flight may finish before their partition is given up
+# an idle consumer's fetch returns empty after this long and is asked again; records that arrive
+# meanwhile return it at once
+FETCH_WAIT_MS = 1_000
+FETCH_RETRY_SECONDS = 5.0  # a fetch that failed (the broker away) is tried again after this long
+HAND_OVER_RETRY_SECONDS = 1.0  # a record whose handing over raised is read again after this long
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,6 @@ class Incoming:
     headers: list[Header] = field(default_factory=list)
 
 
-Handle = Callable[[Incoming], Awaitable[object]]
 # hands a record over, waiting only for room; calls its second argument once the outcome is final
 Submit = Callable[[Incoming, Callable[[], None]], Awaitable[None]]
 
@@ -84,31 +87,7 @@ class Subscription:
     consumers: int = 1
 
 
-async def parse_raw(
-    record: ConsumerRecord[bytes, bytes],
-    default_parser: Callable[[ConsumerRecord[bytes, bytes]], Awaitable[StreamMessage[Any]]],
-) -> StreamMessage[Any]:
-    """Parser that leaves the record's bytes alone: FastStream's own decodes every header value
-    as UTF-8 and fails on a value that is not (or that is null), and then the record would get
-    no outcome at all. Its message is built from a copy without headers; the handler reads the
-    untouched record (``raw_message``)."""
-    bare = copy.copy(record)  # keeps the consumer FastStream set on it, when it did
-    bare.headers = []
-    message = await default_parser(bare)
-    message.raw_message = record
-    return message
-
-
-async def as_message(message: StreamMessage[Any]) -> StreamMessage[Any]:
-    """Decoder that hands the handler the message itself: parsing is ours, so bad input is
-    classified, and the broker runs without dependency injection (which would resolve the
-    message's context in a thread for every record)."""
-    return message
-
-
-def incoming(message: KafkaMessage) -> Incoming:
-    record = message.raw_message
-    assert not isinstance(record, tuple)
+def incoming(record: ConsumerRecord[bytes, bytes]) -> Incoming:
     return Incoming(
         topic=record.topic,
         partition=record.partition,
@@ -188,21 +167,28 @@ class OffsetCommits(ConsumerRebalanceListener):
             if only is None or tp in only
         )
 
-    async def take(self, consumer: AIOKafkaConsumer, record: Incoming) -> Ticket | None:
-        """Register ``record`` as in flight once there is room; None when it must not be handed
-        over (its partition was revoked meanwhile, or the worker stops): it is read again.
+    def revocations(self, tp: TopicPartition) -> int:
+        """How often ``tp`` was revoked so far: a record read now is taken only while this holds."""
+        return self._revocations[tp]
 
-        A partition revoked while the record waited for room may have come straight back: its
-        consumer reads again from the committed offset, and the records still in flight from
-        before are no longer counted, so this record would let its new commits pass them.
+    async def take(
+        self, consumer: AIOKafkaConsumer, record: Incoming, read_at: int | None = None
+    ) -> Ticket | None:
+        """Register ``record`` as in flight once there is room; None when it must not be handed
+        over (its partition was revoked since it was read, or the worker stops): it is read again.
+
+        ``read_at``: the partition's ``revocations`` when the record was fetched (by default:
+        now). A partition revoked since may have come straight back: its consumer reads again
+        from the committed offset, and the records still in flight from before are no longer
+        counted, so this record would let its new commits pass them.
         """
         tp = TopicPartition(record.topic, record.partition)
-        revocations = self._revocations[tp]
+        revocations = self._revocations[tp] if read_at is None else read_at
         while not self._closed and self._open >= self.max_in_flight:
             self._moved.clear()
             await self._moved.wait()
         if self._closed:
-            await asyncio.Future()  # taking no more: wait here until the broker stops
+            await asyncio.Future()  # taking no more: wait here until the consumer stops
         if self._revocations[tp] != revocations or tp not in consumer.assignment():
             return None
         positions = self._positions.setdefault(consumer, {}).setdefault(tp, Positions())
@@ -299,77 +285,86 @@ class OffsetCommits(ConsumerRebalanceListener):
         pass
 
 
-def one_at_a_time(handle: Handle) -> Submit:
-    """Hand records to ``handle`` one at a time: each is final once ``handle`` returned."""
-
-    async def submit(record: Incoming, finished: Callable[[], None]) -> None:
-        await handle(record)
-        finished()
-
-    return submit
-
-
-def subscribe(
-    broker: KafkaBroker,
-    settings: Settings,
-    subscription: Subscription,
-    submit: Submit,
-    commits: OffsetCommits,
-) -> Any:
-    """Subscribe ``submit`` to the subscription's topic on ``broker``; return the subscriber."""
-    extra: dict[str, Any] = (
-        {"max_workers": subscription.consumers} if subscription.consumers > 1 else {}
-    )
-    subscriber = broker.subscriber(
-        subscription.topic,
-        group_id=subscription.group,
-        ack_policy=AckPolicy.MANUAL,  # OffsetCommits commits; on_record seeks back on failure
-        auto_offset_reset="earliest",
-        parser=parse_raw,
-        decoder=as_message,
-        no_reply=True,  # what a handler publishes goes through the outbox
-        max_poll_interval_ms=600_000,
-        session_timeout_ms=settings.consumer_session_timeout_ms,
+def consumer_options(settings: Settings, subscription: Subscription) -> dict[str, Any]:
+    """What each consumer of ``subscription`` is built with: the connection and security
+    options every client has (``app.kafka.client_options``), the group, and manual commits."""
+    return {
+        **client_options(settings),
+        "group_id": subscription.group,
+        "client_id": f"quartermaster-{subscription.group}",
+        "enable_auto_commit": False,  # OffsetCommits commits; a record not handed over is sought
+        "auto_offset_reset": "earliest",
+        "max_poll_interval_ms": 600_000,
+        "session_timeout_ms": settings.consumer_session_timeout_ms,
         # a consumer giving partitions up first lets their records in flight finish (up to
         # SETTLE_SECONDS): the group waits that long for it to rejoin, so it is not kicked out
-        rebalance_timeout_ms=settings.consumer_session_timeout_ms + int(SETTLE_SECONDS * 1000),
-        heartbeat_interval_ms=max(settings.consumer_session_timeout_ms // 5, 100),
-        listener=commits,
-        **extra,
-    )
+        "rebalance_timeout_ms": settings.consumer_session_timeout_ms + int(SETTLE_SECONDS * 1000),
+        "heartbeat_interval_ms": max(settings.consumer_session_timeout_ms // 5, 100),
+    }
 
-    @subscriber
-    async def on_record(message: KafkaMessage) -> None:
-        record = incoming(message)
-        consumer = message.consumer
-        assert isinstance(consumer, AIOKafkaConsumer)
+
+async def read(
+    consumer: AIOKafkaConsumer, group: str, commits: OffsetCommits, submit: Submit
+) -> None:
+    """Read ``consumer``'s records in fetched batches and hand each over, in order, until the
+    consumer stops."""
+    sizes = RECORDS_PER_FETCH.labels(group)
+    while True:
+        try:
+            fetched = await consumer.getmany(
+                timeout_ms=FETCH_WAIT_MS, max_records=commits.max_in_flight
+            )
+        except ConsumerStoppedError:
+            return
+        except Exception as exc:  # noqa: BLE001 - the broker away, a record it cannot read ...
+            log.warning("fetch_failed", group=group, error_class=type(exc).__name__)
+            await asyncio.sleep(FETCH_RETRY_SECONDS)
+            continue
+        if not fetched:
+            continue
+        sizes.observe(sum(len(records) for records in fetched.values()))
+        # before anything is handed over: a revocation from here on makes these records stale
+        read_at = {tp: commits.revocations(tp) for tp in fetched}
+        for tp, records in fetched.items():
+            if not await hand_over(consumer, commits, submit, records, read_at[tp]):
+                await asyncio.sleep(HAND_OVER_RETRY_SECONDS)  # not at full speed for ever
+
+
+async def hand_over(
+    consumer: AIOKafkaConsumer,
+    commits: OffsetCommits,
+    submit: Submit,
+    records: list[ConsumerRecord[bytes, bytes]],
+    read_at: int,
+) -> bool:
+    """Hand over ``records`` (of one partition, in order) until one cannot be; whether none
+    raised. When one raises, the consumer seeks back to it: it and those after it are read
+    again, and nothing after it is committed before it is handled."""
+    for record in records:
+        item = incoming(record)
         ticket = None
         try:
-            ticket = await commits.take(consumer, record)
+            ticket = await commits.take(consumer, item, read_at)
             if ticket is None:
-                return  # its partition moved on: its next owner reads it
-            await submit(record, ticket.finish)
-        except BaseException:
-            # not handed over: the consumer goes back to this record, and nothing after it is
-            # committed before it is handled
+                return True  # its partition moved on: its next owner reads it and those after it
+            await submit(item, ticket.finish)
+        except BaseException as exc:
             if ticket is not None:
                 ticket.forget()
-            await message.nack()
-            raise
-
-    return subscriber
-
-
-@contextlib.asynccontextmanager
-async def consuming(
-    wiring: Wiring, subscription: Subscription, handle: Handle
-) -> AsyncIterator[None]:
-    """Consume ``subscription`` with ``handle``, one record at a time per consumer, while the
-    block runs; on leaving it, commit what is done and stop the broker."""
-    async with pipelined(
-        wiring, subscription, one_at_a_time(handle), max_in_flight=subscription.consumers
-    ):
-        yield
+            tp = TopicPartition(record.topic, record.partition)
+            if tp in consumer.assignment():
+                consumer.seek(tp, record.offset)
+            if not isinstance(exc, Exception):
+                raise
+            log.error(
+                "record_not_handed_over",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                error_class=type(exc).__name__,
+            )
+            return False
+    return True
 
 
 @contextlib.asynccontextmanager
@@ -378,17 +373,30 @@ async def pipelined(
 ) -> AsyncIterator[None]:
     """Consume ``subscription`` with ``submit``, up to ``max_in_flight`` records in flight, while
     the block runs. On leaving it: take no more records, give those in flight time to finish,
-    commit what is done and stop the broker."""
+    commit what is done and stop the consumers."""
     lenient_records.install()  # a header name that is not UTF-8 reaches the handler
     commits = OffsetCommits(max_in_flight)
-    broker = wiring.broker()
-    subscriber = subscribe(broker, wiring.settings, subscription, submit, commits)
-    wiring.health.check("consumer_assigned", consumer_assigned(subscriber))
+    options = consumer_options(wiring.settings, subscription)
+    consumers = [AIOKafkaConsumer(**options) for _ in range(subscription.consumers)]
+    for consumer in consumers:
+        consumer.subscribe([subscription.topic], listener=commits)
+    wiring.needs_kafka()
+    wiring.health.check("consumer_assigned", consumer_assigned(lambda: consumers))
     try:
-        await broker.start()
+        # together, so that the group's first rebalance spreads the partitions over all of them
+        await asyncio.gather(*(consumer.start() for consumer in consumers))
     except BaseException:  # refused at start (credentials, certificate): close what it opened
-        await broker.stop()
+        await _stopped(consumers)
         raise
+    readers = [
+        asyncio.create_task(
+            read(consumer, subscription.group, commits, submit),
+            name=f"consumer:{subscription.group}:{n}",
+        )
+        for n, consumer in enumerate(consumers)
+    ]
+    for reader in readers:
+        reader.add_done_callback(partial(_ended, wiring.stop))
     committer = asyncio.create_task(
         commits.run(wiring.stop), name=f"offset-commits:{subscription.group}"
     )
@@ -396,9 +404,30 @@ async def pipelined(
         yield
     finally:
         commits.close()
+        await _cancelled([*readers])
         await commits.settle()
-        committer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await committer
+        await _cancelled([committer])
         await commits.flush()
-        await broker.stop()
+        await _stopped(consumers)
+
+
+def _ended(stop: asyncio.Event, reader: asyncio.Task[None]) -> None:
+    """A consumer's reader that failed stops the process: a consumer that reads no more would
+    keep its partitions (it still heartbeats) and nobody would read them."""
+    if not reader.cancelled() and (error := reader.exception()) is not None:
+        log.error("consumer_failed", task=reader.get_name(), error_class=type(error).__name__)
+        stop.set()
+
+
+async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stopped(consumers: list[AIOKafkaConsumer]) -> None:
+    """Stop ``consumers`` (they leave the group); a failing stop does not stop the others."""
+    for outcome in await asyncio.gather(*(c.stop() for c in consumers), return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            log.warning("consumer_stop_failed", error_class=type(outcome).__name__)
