@@ -13,16 +13,14 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
     field_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from app.console_settings import ConsoleSettings
 from app.database_urls import asyncpg_url
-
-# the fewest characters of the console's session key and of its proxy's secret
-CONSOLE_SECRET_CHARS = 32
+from app.handoff_settings import HandoffSettings
 
 
 class SettingsError(ValueError):
@@ -30,8 +28,10 @@ class SettingsError(ValueError):
     never the value (it may be a secret)."""
 
 
-class Settings(BaseSettings):
-    """Runtime configuration. Each field documents the environment variable that sets it."""
+class Settings(HandoffSettings, ConsoleSettings):
+    """Runtime configuration. Each field documents the environment variable that sets it; the
+    capture handoff's and the web console's are in their own sections (``app.handoff_settings``,
+    ``app.console_settings``)."""
 
     model_config = SettingsConfigDict(
         env_prefix="QM_", env_file=".env", extra="ignore", populate_by_name=True
@@ -155,71 +155,6 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(5.0, description="Pause between reaper sweeps.")
     reaper_page_size: int = Field(200, description="Rows one sweep handles per page.")
 
-    # --- capture handoff ----------------------------------------------------------------
-    handoff_consumer_group: str = Field(
-        "qm-handoff-workers", description="Consumer group of the handoff workers."
-    )
-    handoff_consumers: int = Field(
-        6, description="Kafka consumers of the group in one handoff worker process."
-    )
-    handoff_batch_max: int = Field(
-        16,
-        ge=1,
-        description="Most captures one handoff batch claims together (one statement) and, for "
-        "those whose targets answer at once, finalises together (one transaction); 1 hands each "
-        "capture off alone.",
-    )
-    handoff_batches: int = Field(
-        4, ge=1, description="Handoff batches one handoff worker process runs at once."
-    )
-    handoff_max_in_flight: int = Field(
-        128,
-        ge=1,
-        description="Most capture records one handoff worker process holds between reading them "
-        "and their final outcome (then its consumers wait).",
-    )
-    handoff_lease_seconds: float = Field(
-        5.0,
-        gt=0,
-        description="How long a handoff claim lasts unless renewed: the worker renews it every "
-        "third of this while the targets answer, so a capture whose worker died is back within "
-        "this plus one reaper interval, however slow its targets.",
-    )
-    handoff_target_timeout_seconds: float = Field(
-        60.0,
-        gt=0,
-        description="The longest one handoff target (webhook, Airflow) may take before the "
-        "attempt counts as failed and is retried.",
-    )
-    handoff_max_attempts: int = Field(
-        5, description="Handoff attempts of one capture before it fails and is dead-lettered."
-    )
-    handoff_backoff_seconds: float = Field(
-        2.0, description="Wait before a capture's second attempt; doubles with each attempt."
-    )
-    handoff_backoff_max_seconds: float = Field(300.0, description="Cap of the handoff backoff.")
-    handoff_redispatch_seconds: float = Field(
-        60.0,
-        description="A due capture whose record was not claimed in this time is published again.",
-    )
-    webhook_timeout_seconds: float = Field(
-        10.0, description="Timeout of one webhook delivery (connect, send and answer)."
-    )
-
-    # --- Airflow: the DAG-run target of the capture handoff ------------------------------
-    airflow_url: str | None = Field(
-        None,
-        description="Base URL of Airflow's API server (Airflow 3), e.g. https://airflow.internal. A "
-        "capture of a site with a dag_id triggers a run of that DAG there.",
-    )
-    airflow_username: str | None = Field(
-        None, description="The Airflow user the handoff worker signs in as (POST /auth/token)."
-    )
-    airflow_password: SecretStr | None = Field(None, description="That user's password.")
-    airflow_timeout_seconds: float = Field(
-        10.0, description="Timeout of one call to Airflow's API (connect, send and answer)."
-    )
-
     # --- sessions ----------------------------------------------------------------------
     session_max_cookies: int = Field(
         500, description="Most cookies one account's session keeps; a larger upload is refused."
@@ -317,51 +252,6 @@ class Settings(BaseSettings):
         "default, for the scraper and the orchestrator's probes; `qm dev` uses 127.0.0.1.",
     )
 
-    # --- web console (`qm run console`, docs/console.md) ----------------------------------
-    console_host: str = Field(
-        "127.0.0.1",
-        description="Address the web console listens on: loopback by default (put an "
-        "authenticating proxy or a tunnel in front to reach it from elsewhere).",
-    )
-    console_port: int = Field(
-        8090, ge=0, le=65535, description="Port of the web console (0: a free port, logged)."
-    )
-    console_token: SecretStr | None = Field(
-        None, description="Operator token: who signs in with it gets the operator role."
-    )
-    console_users_file: str | None = Field(
-        None,
-        description="File of console users, one `name:role:scrypt-hash` a line "
-        "(`qm console hash-password NAME` writes one).",
-    )
-    console_trusted_header: str | None = Field(
-        None,
-        description="Header an authenticating proxy sets to the signed-in user's name (e.g. "
-        "X-Forwarded-User); only set it when every request comes through that proxy.",
-    )
-    console_trusted_proxy_secret: SecretStr | None = Field(
-        None,
-        validate_default=True,
-        description="Secret the authenticating proxy sends in X-Qm-Proxy-Secret with every "
-        "request (at least 32 characters; needed with QM_CONSOLE_TRUSTED_HEADER, which is "
-        "honoured only on a request carrying it).",
-    )
-    console_trusted_role: Literal["viewer", "operator"] = Field(
-        "viewer",
-        description="Role of a user the trusted header names (unless the users file says).",
-    )
-    console_session_secret: SecretStr | None = Field(
-        None,
-        description="Key that signs the console's session cookie, at least 32 characters "
-        "(unset: a new one each start, which signs everybody out on a restart).",
-    )
-    console_secure_cookie: bool = Field(
-        False, description="Send the session cookie over HTTPS only (set it behind TLS)."
-    )
-    console_refresh_seconds: float = Field(
-        2.0, gt=0, le=60, description="Seconds between refreshes of the live overview."
-    )
-
     # --- alerts (`qm run alerts`) ------------------------------------------------------
     slack_webhook_url: SecretStr | None = Field(
         None,
@@ -406,27 +296,6 @@ class Settings(BaseSettings):
     @classmethod
     def _asyncpg_driver(cls, url: str) -> str:
         return asyncpg_url(url)
-
-    @field_validator("console_session_secret", "console_trusted_proxy_secret")
-    @classmethod
-    def _long_secret(cls, secret: SecretStr | None) -> SecretStr | None:
-        # a short key would let anyone who guesses it forge a session as any user
-        if secret is not None and len(secret.get_secret_value()) < CONSOLE_SECRET_CHARS:
-            raise ValueError(f"takes a secret of at least {CONSOLE_SECRET_CHARS} characters")
-        return secret
-
-    @field_validator("console_trusted_proxy_secret")
-    @classmethod
-    def _proxy_secret_with_header(
-        cls, secret: SecretStr | None, info: ValidationInfo
-    ) -> SecretStr | None:
-        # without it, anybody who reaches the console's port could name themselves in the header
-        if secret is None and info.data.get("console_trusted_header"):
-            raise ValueError(
-                "takes a secret the proxy sends in X-Qm-Proxy-Secret when "
-                "QM_CONSOLE_TRUSTED_HEADER is set"
-            )
-        return secret
 
     @field_validator("log_level", mode="before")
     @classmethod
