@@ -221,7 +221,10 @@ async def run_processes(settings: Settings, names: list[str]) -> None:
     await asyncio.gather(*tasks, watcher, return_exceptions=True)
     stopper.cancel()
     root.health.close()
-    for task in done:
-        if task is not stopper and (error := task.exception()) is not None:
+    # a process that failed, first or while the others stopped (a consumer that could read no
+    # more stops them all), ends the run as failed
+    first = [task for task in tasks if task in done] + [task for task in tasks if task not in done]
+    for task in first:
+        if not task.cancelled() and (error := task.exception()) is not None:
             raise error
     log.info("processes_stopped", processes=names)

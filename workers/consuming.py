@@ -124,7 +124,7 @@ class Ticket:
             self._commits.closed_one()
 
 
-class OffsetCommits(ConsumerRebalanceListener):
+class OffsetCommits:
     """The records in flight of each partition, and their offsets committed in the background.
 
     ``take`` registers a record before it is handed over (waiting while ``max_in_flight`` have no
@@ -151,25 +151,36 @@ class OffsetCommits(ConsumerRebalanceListener):
         self._lock = asyncio.Lock()
         self._closed = False
         self._open = 0  # records handed over whose outcome is not final yet
-        # revocations of each partition so far: a record read before one is not taken after it
-        self._revocations: Counter[TopicPartition] = Counter()
+        # revocations of each consumer's partitions so far: a record read before one is not taken
+        # after it. By consumer: a consumer of this process that was thrown out of the group
+        # learns it late and gives up a partition another one of ours may own by then
+        self._revocations: Counter[tuple[AIOKafkaConsumer, TopicPartition]] = Counter()
 
     @property
     def open(self) -> int:
         return self._open
 
-    def in_flight(self, only: set[TopicPartition] | None = None) -> int:
-        """Records not committed yet (of ``only``): those not final and those after them."""
+    def in_flight(
+        self, only: set[TopicPartition] | None = None, consumer: AIOKafkaConsumer | None = None
+    ) -> int:
+        """Records not committed yet (of ``only``, of ``consumer``): those not final and those
+        after them."""
         return sum(
             len(positions)
-            for partitions in self._positions.values()
+            for owner, partitions in self._positions.items()
+            if consumer is None or owner is consumer
             for tp, positions in partitions.items()
             if only is None or tp in only
         )
 
-    def revocations(self, tp: TopicPartition) -> int:
-        """How often ``tp`` was revoked so far: a record read now is taken only while this holds."""
-        return self._revocations[tp]
+    def revocations(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+        """How often ``consumer`` gave ``tp`` up so far: a record it read now is taken only while
+        this holds."""
+        return self._revocations[consumer, tp]
+
+    def listener(self, consumer: AIOKafkaConsumer) -> ConsumerRebalanceListener:
+        """The rebalance listener of ``consumer``: what it gives up is its own alone."""
+        return _Revocations(self, consumer)
 
     async def take(
         self, consumer: AIOKafkaConsumer, record: Incoming, read_at: int | None = None
@@ -183,13 +194,13 @@ class OffsetCommits(ConsumerRebalanceListener):
         counted, so this record would let its new commits pass them.
         """
         tp = TopicPartition(record.topic, record.partition)
-        revocations = self._revocations[tp] if read_at is None else read_at
+        revocations = self._revocations[consumer, tp] if read_at is None else read_at
         while not self._closed and self._open >= self.max_in_flight:
             self._moved.clear()
             await self._moved.wait()
         if self._closed:
             await asyncio.Future()  # taking no more: wait here until the consumer stops
-        if self._revocations[tp] != revocations or tp not in consumer.assignment():
+        if self._revocations[consumer, tp] != revocations or tp not in consumer.assignment():
             return None
         positions = self._positions.setdefault(consumer, {}).setdefault(tp, Positions())
         positions.take(record.offset)
@@ -209,16 +220,18 @@ class OffsetCommits(ConsumerRebalanceListener):
         self._closed = True
         self._moved.set()
 
-    async def settle(self, only: set[TopicPartition] | None = None) -> bool:
-        """Wait up to ``settle_seconds`` for the records in flight (of ``only``) to finish;
-        whether they did."""
+    async def settle(
+        self, only: set[TopicPartition] | None = None, consumer: AIOKafkaConsumer | None = None
+    ) -> bool:
+        """Wait up to ``settle_seconds`` for the records in flight (of ``only``, of ``consumer``)
+        to finish; whether they did."""
         try:
             async with asyncio.timeout(self.settle_seconds):
-                while self.in_flight(only):
+                while self.in_flight(only, consumer):
                     self._moved.clear()
                     await self._moved.wait()
         except TimeoutError:
-            log.warning("records_still_in_flight", records=self.in_flight(only))
+            log.warning("records_still_in_flight", records=self.in_flight(only, consumer))
             return False
         return True
 
@@ -234,19 +247,23 @@ class OffsetCommits(ConsumerRebalanceListener):
             await asyncio.sleep(self.interval)  # lets more records join this commit
             await self.flush()
 
-    async def flush(self, only: set[TopicPartition] | None = None) -> None:
-        """Commit the partitions (the ``only`` ones, when given) up to their first record in
-        flight, now."""
+    async def flush(
+        self, only: set[TopicPartition] | None = None, consumer: AIOKafkaConsumer | None = None
+    ) -> None:
+        """Commit the partitions (the ``only`` ones, of ``consumer``, when given) up to their
+        first record in flight, now."""
         async with self._lock:
             self._wake.clear()
-            for consumer, partitions in list(self._positions.items()):
+            for owner, partitions in list(self._positions.items()):
+                if consumer is not None and owner is not consumer:
+                    continue
                 chosen = {
                     tp: positions
                     for tp, positions in partitions.items()
                     if (only is None or tp in only) and positions.to_commit() is not None
                 }
                 if chosen:
-                    await self._commit(consumer, chosen)
+                    await self._commit(owner, chosen)
 
     async def _commit(
         self, consumer: AIOKafkaConsumer, chosen: dict[TopicPartition, Positions]
@@ -269,17 +286,29 @@ class OffsetCommits(ConsumerRebalanceListener):
             assert offset is not None
             positions.committed(offset)
 
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Let the records in flight of the partitions this consumer gives up finish (for a
+    async def revoked(self, consumer: AIOKafkaConsumer, revoked: set[TopicPartition]) -> None:
+        """Let the records in flight of the partitions ``consumer`` gives up finish (for a
         while), commit what is done, and forget the rest: the next owner reads it again."""
         only = set(revoked)
-        self._revocations.update(only)  # a record waiting for room is read again, not taken
-        await self.settle(only)
-        await self.flush(only=only)
-        for partitions in self._positions.values():
-            for tp in only:
-                partitions.pop(tp, None)
+        # a record it read before, waiting for room or later in its batch, is read again
+        self._revocations.update((consumer, tp) for tp in only)
+        await self.settle(only, consumer)
+        await self.flush(only, consumer)
+        partitions = self._positions.get(consumer, {})
+        for tp in only:
+            partitions.pop(tp, None)
         self.moved()
+
+
+class _Revocations(ConsumerRebalanceListener):
+    """One consumer's rebalance listener: what it gives up, ``OffsetCommits.revoked`` settles."""
+
+    def __init__(self, commits: OffsetCommits, consumer: AIOKafkaConsumer) -> None:
+        self._commits = commits
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._commits.revoked(self._consumer, revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         pass
@@ -324,7 +353,7 @@ async def read(
             continue
         sizes.observe(sum(len(records) for records in fetched.values()))
         # before anything is handed over: a revocation from here on makes these records stale
-        read_at = {tp: commits.revocations(tp) for tp in fetched}
+        read_at = {tp: commits.revocations(consumer, tp) for tp in fetched}
         for tp, records in fetched.items():
             if not await hand_over(consumer, commits, submit, records, read_at[tp]):
                 await asyncio.sleep(HAND_OVER_RETRY_SECONDS)  # not at full speed for ever
@@ -352,8 +381,8 @@ async def hand_over(
             if ticket is not None:
                 ticket.forget()
             tp = TopicPartition(record.topic, record.partition)
-            if tp in consumer.assignment():
-                consumer.seek(tp, record.offset)
+            if tp in consumer.assignment() and commits.revocations(consumer, tp) == read_at:
+                consumer.seek(tp, record.offset)  # not if it was given up meanwhile
             if not isinstance(exc, Exception):
                 raise
             log.error(
@@ -379,7 +408,7 @@ async def pipelined(
     options = consumer_options(wiring.settings, subscription)
     consumers = [AIOKafkaConsumer(**options) for _ in range(subscription.consumers)]
     for consumer in consumers:
-        consumer.subscribe([subscription.topic], listener=commits)
+        consumer.subscribe([subscription.topic], listener=commits.listener(consumer))
     wiring.needs_kafka()
     wiring.health.check("consumer_assigned", consumer_assigned(lambda: consumers))
     try:
@@ -409,6 +438,8 @@ async def pipelined(
         await _cancelled([committer])
         await commits.flush()
         await _stopped(consumers)
+        if failed := next((r.exception() for r in readers if not r.cancelled()), None):
+            raise failed  # the process ends as failed, for its supervisor to restart it
 
 
 def _ended(stop: asyncio.Event, reader: asyncio.Task[None]) -> None:

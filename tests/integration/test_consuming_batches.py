@@ -204,5 +204,6 @@ async def test_a_consumer_whose_reading_fails_stops_its_process(
     monkeypatch.setattr(consuming, "incoming", broken)
     async with producing(settings) as producer:
         await send(producer, settings, 1)
-    async with consumed(settings, Handed()) as wiring:
-        await eventually(lambda: _true(wiring.stop.is_set()), timeout=60)
+    with pytest.raises(RuntimeError, match="a bug"):  # the process ends as failed
+        async with consumed(settings, Handed()) as wiring:
+            await eventually(lambda: _true(wiring.stop.is_set()), timeout=60)

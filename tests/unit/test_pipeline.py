@@ -283,8 +283,7 @@ async def test_a_record_waiting_for_room_across_a_revocation_is_not_taken_into_t
     for _ in range(5):
         await asyncio.sleep(0)  # let it run as far as it can: it waits for room
     assert not stale.done()
-    await commits.on_partitions_revoked({tp})  # 0 and 1 do not settle in time
-    await commits.on_partitions_assigned({tp})  # the same partition comes back
+    await commits.revoked(consumer, {tp})  # 0 and 1 do not settle in time; tp comes back
     first.finish()  # room: the stale record goes on
     ticket = await asyncio.wait_for(stale, 5)
     if ticket is not None:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import app.cli
 from app.crypto import SecretBox
 from app.handoff import Delivery
-from app.root import PROCESSES, Root, process
+from app.root import PROCESSES, Root, process, run_processes
 from app.settings import Settings, get_settings
 from reapers.runner import run_reapers
 
@@ -159,3 +159,30 @@ def test_the_processes_import_the_root_for_annotations_only() -> None:
             for name, typing_only in names:
                 if name == "app.root":
                     assert typing_only, f"{module} imports app.root at run time"
+
+
+async def test_a_process_that_fails_after_it_stopped_the_run_ends_the_run_as_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a consumer that can read no more sets stop (every process stops) and its process then
+    # raises: the run must end as failed, for a supervisor that restarts only on failure
+    async def consumer_failed(wiring: Any) -> None:
+        wiring.stop.set()
+        # its consumers' stop (their commits, leaving the group) takes a while: the stop is seen
+        # by every process first, and this process raises only after that
+        await asyncio.sleep(0.1)
+        raise RuntimeError("a consumer could read no more")
+
+    async def stops_when_told(wiring: Any) -> None:
+        await wiring.stop.wait()
+
+    async def nothing_refused(settings: Any) -> None:
+        return None
+
+    found = {"worker": consumer_failed, "relay": stops_when_told}
+    monkeypatch.setattr("app.root.process", lambda name: found[name])
+    monkeypatch.setattr("app.root.refuse_to_start_when_refused", nothing_refused)
+    settings = Settings(metrics_port=0)
+
+    with pytest.raises(RuntimeError, match="could read no more"):
+        await asyncio.wait_for(run_processes(settings, ["worker", "relay"]), 30)
