@@ -183,8 +183,11 @@ class Relay:
                     more = True
                     continue
                 # rounds overlap only while shards have a backlog: a round for a NOTIFY waits
-                # for the one in flight, so rows that come at a moderate rate share a round
-                can_start = len(in_flight) < depth and (more or not in_flight)
+                # for the one in flight, so rows that come at a moderate rate share a round.
+                # Nor while a round in flight holds rows back: a later round would hold its rows
+                # of their partition in turn, and so on while rounds overlap (app.outbox.sending)
+                overlap = more and not any(r.sending and r.sending.holds for r in self._rounds)
+                can_start = len(in_flight) < depth and (overlap or not in_flight)
                 due = more or self._wake.is_set() or time.monotonic() >= poll_at
                 if not can_start or not due:
                     try:  # a round in flight does not hold back the rebalance
@@ -212,8 +215,14 @@ class Relay:
                     if started.sending is not None:
                         in_flight.append(asyncio.create_task(self._finish_round(started)))
                     continue
-                timeout = max(0.0, min(poll_at, self._rebalance_at) - time.monotonic())
-                await self._wait(stop, in_flight, can_start, timeout)
+                # when no round may start, only a round's end, the stop or the next rebalance
+                # wakes the loop: never a deadline already past (the poll's, during a long round)
+                now = time.monotonic()
+                rebalance_at = self._rebalance_at
+                if rebalance_at <= now:  # not rebalanced (no session yet): try again in a poll
+                    rebalance_at = now + self.settings.outbox_poll_seconds
+                deadline = min(poll_at, rebalance_at) if can_start else rebalance_at
+                await self._wait(stop, in_flight, can_start, max(0.0, deadline - now))
         finally:
             await drain(in_flight, SHUTDOWN_GRACE_SECONDS)
             self._report.flush(force=True)

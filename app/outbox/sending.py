@@ -58,6 +58,11 @@ class Sending:
     held_topics: set[str]  # topics with rows this round could not send
     task: asyncio.Future[Any] | None = None
 
+    @property
+    def holds(self) -> bool:
+        """Whether the round holds rows back (read but not sent) so far."""
+        return self.outcome.waiting > 0
+
     async def settled(self) -> Outcome:
         """The round's outcome once every partition settled (acked rows in id order)."""
         try:

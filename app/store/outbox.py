@@ -396,7 +396,9 @@ _VACUUM = text(
     -- The relay deletes every row it publishes: between two autovacuums (the server's naptime,
     -- a minute by default) the dead rows pile up at the head of each shard's index range, where
     -- every read starts. SKIP_LOCKED: another relay's vacuum of the table is as good.
-    VACUUM (SKIP_LOCKED) outbox
+    -- TRUNCATE false: truncating the empty tail takes an ACCESS EXCLUSIVE lock, which every
+    -- business transaction writing the outbox would queue behind.
+    VACUUM (SKIP_LOCKED, TRUNCATE false) outbox
     """
 )
 

@@ -155,7 +155,7 @@ async def test_after_a_failed_send_no_round_starts_until_those_in_flight_end_the
     failures = [producer for failed, producer in ends if failed]
     assert failures, "the broker refused no send"
     ended = 0
-    for index, (before, producer) in enumerate(starts):
+    for index, (before, _) in enumerate(starts):
         if before == -1:
             failed, sent_by = ends[ended]
             ended += 1
@@ -174,7 +174,9 @@ async def test_the_relays_vacuum_never_truncates_the_outbox(
 ) -> None:
     # truncating takes an ACCESS EXCLUSIVE lock: every business transaction writing the outbox
     # would wait for it
-    await write_numbered(engine, topics, topics.topic("events"), [(f"k{n}", 0) for n in range(2_000)])
+    await write_numbered(
+        engine, topics, topics.topic("events"), [(f"k{n}", 0) for n in range(2_000)]
+    )
     async with engine.connect() as conn:
         await conn.execute(text("DELETE FROM outbox"))
         await conn.commit()

@@ -197,6 +197,16 @@ async def test_the_outbox_table_is_vacuumed_after_a_few_thousand_deleted_rows(
     assert settings["autovacuum_vacuum_scale_factor"] == "0"
     assert int(settings["autovacuum_vacuum_threshold"]) <= 10_000
     assert settings["autovacuum_vacuum_cost_delay"] == "0"
+    # nor truncated (an ACCESS EXCLUSIVE lock every writer of the outbox would queue behind)
+    assert settings["vacuum_truncate"] == "false"
+    async with engine.connect() as conn:
+        toast = await conn.scalar(
+            text(
+                "SELECT t.reloptions FROM pg_class c JOIN pg_class t ON t.oid = c.reltoastrelid"
+                " WHERE c.relname = 'outbox' AND c.relkind = 'r'"
+            )
+        )
+    assert "vacuum_truncate=false" in (toast or [])
 
 
 async def _true(value: bool) -> bool:
