@@ -32,8 +32,10 @@ A round is: rebalance when due, read up to ``outbox_batch_size`` rows of every o
 them, await every ack, call ``after_ack`` (the benchmark's and tests' hook), delete the acked rows.
 ``run_once`` does one round alone. The loop (``run``) keeps up to ``outbox_pipeline_depth``
 rounds in flight while shards have a backlog: as long as a shard had a full batch, it reads and
-sends the next round while the acks of the earlier ones are pending. Otherwise a round starts
-when none is in flight, on a ``NOTIFY qm_outbox`` from a committing writer or the poll interval:
+sends the next round while the acks of the earlier ones are pending, unless a round in flight
+holds rows back. Otherwise a round starts when none is in flight, on a ``NOTIFY qm_outbox``
+from a committing writer or the poll interval (with none allowed to start, the loop sleeps until
+a round ends, the stop or the next rebalance):
 rows that come at a moderate rate then share a round instead of each paying for one (measured:
 docs/performance.md). The pipeline keeps the promises above:
 
@@ -42,13 +44,16 @@ docs/performance.md). The pipeline keeps the promises above:
 - A partition's rows of a round go to the producer only after the earlier rounds in flight have
   settled that partition, and only if every row of theirs for it was acked
   (``app.outbox.sending``); a row that failed or was held back is read again, before any later
-  row of its key, by a round that starts after its own ended.
+  row of its key, by a round that starts after its own ended. So no round starts while one in
+  flight holds rows back: a later round would hold its rows of the partition in turn, and so on
+  for as long as rounds overlap, the whole shard waiting (a refused batch sends one row a round).
 - After a failed send, no round starts until those in flight have ended; then the producer is
   rebuilt. A lost session likewise: nothing is deleted but what was acked, by the session that
   read it.
 - A shard given up in a rebalance is read no more at once, but its lock is released only when
   its rounds in flight have ended, so two relays never have rows of one shard in flight.
-- ``stop`` lets the rounds in flight end within a grace period (their acked rows are deleted).
+- ``stop`` lets the rounds in flight end within a grace period (their acked rows are deleted),
+  also while the relay waits for them to start over; then the shard locks go at once.
 """
 
 from __future__ import annotations
@@ -59,16 +64,12 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.engine import make_engine
-from app.errors import describe
 from app.kafka import producer_options
 from app.outbox import metrics
 from app.outbox.refusals import settle_refusals
@@ -79,10 +80,11 @@ from app.outbox.relay_rounds import (
     collect,
     discard,
     drain,
+    note_error,
     vacuum,
     wait_any,
 )
-from app.outbox.sending import MAX_MESSAGE_BYTES, Sender, Sending
+from app.outbox.sending import MAX_MESSAGE_BYTES, InFlight, Sender
 from app.outbox.topics import TopicPartitions
 from app.settings import Settings
 from app.store.outbox import (
@@ -116,18 +118,6 @@ ROUND_TIMEOUT_SECONDS = 60.0
 # walks past stay few whatever the server's autovacuum_naptime (docs/performance.md)
 VACUUM_EVERY_ROWS = 10_000
 __all__ = ["MAX_MESSAGE_BYTES", "AfterAck", "Relay"]
-
-
-@dataclass(slots=True)
-class InFlight:
-    """A round read and being sent: its rows stay out of later reads until it ends."""
-
-    session: AsyncConnection  # the session that read them (and owns their shards)
-    shards: tuple[int, ...]
-    rows: list[UnsentRow]
-    fetched_at: float
-    full: bool  # some shard had a full batch: more rows are likely waiting
-    sending: Sending | None = None
 
 
 class Relay:
@@ -173,13 +163,10 @@ class Relay:
         log.info("outbox_relay_started", shards=self.shard_count, pipeline_depth=depth)
         try:
             while not stop.is_set():
-                failed, error = collect(in_flight, backoff)
-                if failed or error is not None or (self._sender.broken and in_flight):
+                failed, errors = collect(in_flight, backoff)
+                if failed or errors or (self._sender.broken and in_flight):
                     # start over with no round in flight: a new producer, or a new session
-                    _, error_too = await drain(in_flight, ROUND_TIMEOUT_SECONDS)
-                    if (error := error or error_too) is not None:
-                        await self._on_round_error(error)
-                    await wait_any([stop], backoff.next_delay())
+                    await self._start_over(in_flight, errors, stop, backoff)
                     more = True
                     continue
                 # rounds overlap only while shards have a backlog: a round for a NOTIFY waits
@@ -195,9 +182,7 @@ class Relay:
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - as a round's failure
-                        await drain(in_flight, ROUND_TIMEOUT_SECONDS)
-                        await self._on_round_error(exc)
-                        await wait_any([stop], backoff.next_delay())
+                        await self._start_over(in_flight, [exc], stop, backoff)
                         continue
                 if can_start and due:
                     try:
@@ -206,9 +191,7 @@ class Relay:
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - the relay outlives any failure
-                        await drain(in_flight, ROUND_TIMEOUT_SECONDS)
-                        await self._on_round_error(exc)
-                        await wait_any([stop], backoff.next_delay())
+                        await self._start_over(in_flight, [exc], stop, backoff)
                         continue
                     poll_at = time.monotonic() + self.settings.outbox_poll_seconds
                     more = started.full
@@ -224,7 +207,8 @@ class Relay:
                 deadline = min(poll_at, rebalance_at) if can_start else rebalance_at
                 await self._wait(stop, in_flight, can_start, max(0.0, deadline - now))
         finally:
-            await drain(in_flight, SHUTDOWN_GRACE_SECONDS)
+            for error in (await drain(in_flight, SHUTDOWN_GRACE_SECONDS))[1]:
+                note_error(error)
             self._report.flush(force=True)
             await self.close()
             log.info("outbox_relay_stopped")
@@ -245,20 +229,19 @@ class Relay:
             for waiter in waiters:
                 waiter.cancel()
 
-    async def _on_round_error(self, exc: Exception) -> None:
-        """Start over with what failed: a new session (its locks are gone) or a new producer."""
-        if isinstance(exc, KafkaError):
-            kind = "kafka"
-        elif isinstance(exc, SQLAlchemyError | OSError):
-            kind = "database"
-        else:
-            kind = "unexpected"
-        metrics.ERRORS.labels(kind).inc()
-        log.warning("outbox_round_failed", kind=kind, error_class=_name(exc), error=describe(exc))
-        if kind != "database":
+    async def _start_over(
+        self, in_flight: list[asyncio.Task[RelayRound]], errors: list[Exception],
+        stop: asyncio.Event, backoff: Backoff,
+    ) -> None:  # fmt: skip
+        """Let the rounds in flight end (within the grace once ``stop`` is set), start over with
+        what failed (a new session, its locks gone, or a new producer), then back off."""
+        _, more_errors = await drain(in_flight, ROUND_TIMEOUT_SECONDS, stop, SHUTDOWN_GRACE_SECONDS)
+        kinds = {note_error(exc) for exc in [*errors, *more_errors]}
+        if kinds - {"database"}:
             await self._drop_producer()
-        if kind != "kafka":
+        if kinds - {"kafka"}:
             await self._drop_session()
+        await wait_any([stop], backoff.next_delay())
 
     # --- one round ------------------------------------------------------------------------
 
@@ -418,15 +401,16 @@ class Relay:
         self._vacuum = asyncio.create_task(vacuum(self._engine))
 
     async def close(self) -> None:
-        """Close the producer, then the session (which releases the shard locks)."""
+        """Close the producer, then the session (which releases the shard locks at once), then
+        let a vacuum in progress end (on its own connection)."""
+        await self._drop_producer()
+        await self._drop_session(closing=True)
         if self._vacuum is not None:  # a vacuum cut short is work lost: let it end first
             done, _ = await asyncio.wait({self._vacuum}, timeout=SHUTDOWN_GRACE_SECONDS)
             if not done:
                 self._vacuum.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._vacuum
-        await self._drop_producer()
-        await self._drop_session(closing=True)
         if self._owns_engine and self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -494,7 +478,3 @@ class Relay:
         stats = await backlog(session)
         metrics.BACKLOG_ROWS.set(stats.rows)
         metrics.OLDEST_AGE.set(stats.oldest_age_seconds)
-
-
-def _name(exc: BaseException) -> str:
-    return type(exc).__name__

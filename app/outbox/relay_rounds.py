@@ -8,14 +8,17 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
+from aiokafka.errors import KafkaError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import describe
+from app.outbox import metrics
 from app.store.outbox import UnsentRow, vacuum_outbox
 
 log = structlog.get_logger()
@@ -126,37 +129,70 @@ async def discard(conn: AsyncConnection) -> None:
 
 def collect(
     in_flight: list[asyncio.Task[RelayRound]], backoff: Backoff | None = None
-) -> tuple[bool, Exception | None]:
-    """Take the ended rounds off ``in_flight``: whether one failed a send, its error if any."""
-    failed, error = False, None
+) -> tuple[bool, list[Exception]]:
+    """Take the ended rounds off ``in_flight``: whether one failed a send, and their errors."""
+    failed, errors = False, []
     for task in [task for task in in_flight if task.done()]:
         in_flight.remove(task)
         if task.cancelled():
             continue
         exc = task.exception()
         if isinstance(exc, Exception):
-            error = error or exc
+            errors.append(exc)
         elif exc is not None:
             raise exc
         elif task.result().failed:
             failed = True
         elif backoff is not None:
             backoff.reset()
-    return failed, error
+    return failed, errors
 
 
 async def drain(
-    in_flight: list[asyncio.Task[RelayRound]], timeout: float
-) -> tuple[bool, Exception | None]:
-    """Let the rounds in flight end within ``timeout``; cancel those that do not."""
-    if in_flight:
-        _, pending = await asyncio.wait(in_flight, timeout=timeout)
-        if pending:
-            log.warning("outbox_round_abandoned", rounds=len(pending), grace_seconds=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending)
+    in_flight: list[asyncio.Task[RelayRound]],
+    timeout: float,
+    stop: asyncio.Event | None = None,
+    grace: float = 0.0,
+) -> tuple[bool, list[Exception]]:
+    """Let the rounds in flight end within ``timeout`` (within ``grace`` once ``stop`` is set);
+    cancel those that do not."""
+    stop = stop or asyncio.Event()
+    pending: set[asyncio.Future[Any]] = set(in_flight)
+    deadline = time.monotonic() + timeout
+    stopping = asyncio.create_task(stop.wait())
+    try:  # each pass ends a round, or the stop, or the time-out
+        while pending and not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            _, pending = await asyncio.wait(
+                pending | {stopping}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(stopping)
+    finally:
+        stopping.cancel()
+    if pending and stop.is_set():  # a stop does not wait for the whole timeout
+        left = min(grace, deadline - time.monotonic())
+        _, pending = await asyncio.wait(pending, timeout=max(left, 0.0))
+    if pending:
+        log.warning("outbox_round_abandoned", rounds=len(pending), grace_seconds=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending)
     return collect(in_flight)
+
+
+def note_error(exc: Exception) -> str:
+    """Count and log a round's failure; returns what failed: the broker ("kafka"), the database
+    ("database"), or the relay ("unexpected")."""
+    if isinstance(exc, KafkaError):
+        kind = "kafka"
+    elif isinstance(exc, SQLAlchemyError | OSError):
+        kind = "database"
+    else:
+        kind = "unexpected"
+    metrics.ERRORS.labels(kind).inc()
+    log.warning(
+        "outbox_round_failed", kind=kind, error_class=type(exc).__name__, error=describe(exc)
+    )
+    return kind
 
 
 async def vacuum(engine: AsyncEngine) -> None:

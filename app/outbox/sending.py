@@ -21,6 +21,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.outbox import metrics
 from app.outbox.refusals import definite
@@ -75,6 +76,18 @@ class Sending:
         self.outcome.acked_at = time.monotonic()
         self.outcome.acked.sort(key=lambda row: row.id)
         return self.outcome
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A round read and being sent: its rows stay out of later reads until it ends."""
+
+    session: AsyncConnection  # the session that read them (and owns their shards)
+    shards: tuple[int, ...]
+    rows: list[UnsentRow]
+    fetched_at: float
+    full: bool  # some shard had a full batch: more rows are likely waiting
+    sending: Sending | None = None
 
 
 class Sender:

@@ -10,9 +10,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.outbox import relay as relay_module
 from app.outbox.relay import Relay
 from app.outbox.relay_rounds import RelayRound
 from app.outbox.writer import Outbox
@@ -167,6 +169,43 @@ async def test_after_a_failed_send_no_round_starts_until_those_in_flight_end_the
 
 async def _empty(engine: AsyncEngine) -> bool:
     return await outbox_rows(engine) == 0
+
+
+async def test_a_stop_while_the_relay_waits_for_its_rounds_after_a_failed_send_ends_it_soon(
+    engine: AsyncEngine, topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_module, "SHUTDOWN_GRACE_SECONDS", 0.5)
+    settings = topics.model_copy(update={"outbox_batch_size": 1, "outbox_pipeline_depth": 2})
+    strict, events = settings.topic("strict"), settings.topic("events")
+    await small_topic(settings, strict, 2_000)
+    box = Outbox(settings.outbox_shards)
+    box.add(events, "k", {"n": 0})  # the first round: held after its ack
+    box.add(strict, "k", {"pad": "x" * 5_000})  # the second (one row a shard): refused
+    async with engine.begin() as conn:
+        await box.flush(conn)
+    release, stop = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_first_round(rows: Sequence[UnsentRow]) -> None:
+        await asyncio.wait_for(release.wait(), 60)
+
+    relay = Relay(settings, after_ack=hold_the_first_round)
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        # the refused send failed the second round: the relay waits for the first to end
+        await wait_until(lambda: _tried(engine, strict), 15, "the refused row counted")
+        stop.set()
+        await asyncio.wait_for(asyncio.shield(running), 5)  # within the grace, not the round's
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(running, 90)
+    assert await outbox_rows(engine) == 2  # the held round was cut short: nothing deleted
+
+
+async def _tried(engine: AsyncEngine, topic: str) -> bool:
+    async with engine.connect() as conn:
+        query = text("SELECT attempts FROM outbox WHERE topic = :topic")
+        return bool(await conn.scalar(query, {"topic": topic}))
 
 
 async def test_the_relays_vacuum_never_truncates_the_outbox(
