@@ -46,21 +46,21 @@ async def submit(tx: Tx, req: CaptureSubmit, route: Route) -> Reply:
 
     The same capture again is accepted again (and changes nothing); the same ``capture_id``
     with another body is a conflict; a stale token or a wrong secret gets ``job.lease_lost``.
+    The capture is added first, fenced by the lease in its statement: a capture that is new and
+    a lease that is live, the usual case, cost no read before it. Only when it was not added is
+    it read why (it exists, or the lease is not live).
     """
     fingerprint = capture_fingerprint(req)
+    site = tx.job_sites.get(req.job_id)  # the job's site, locked first; None: no such job
+    if site is not None and await _add(tx, req, site, fingerprint) is not None:
+        return _accepted(req)
+    # not added: it exists already (a concurrent submission of the same capture_id may have
+    # committed first: the insert waited for it), or the lease is not live (the fence waited
+    # for a finish, cancel or expiry in flight and then refused)
     existing = await captures.describe_capture(tx.conn, req.capture_id)
     if existing is None:
         job = await jobs.describe_job(tx.conn, req.job_id)
-        if job is not None and job["lease_token"] == req.lease_token:
-            capture = await _add(tx, req, job["site"], fingerprint)
-            if capture is not None:
-                return _accepted(req)
-            # a concurrent submission of the same capture_id committed first, or the lease
-            # ended: the fence waited for that and then refused, so read again why
-            existing = await captures.describe_capture(tx.conn, req.capture_id)
-            job = await jobs.describe_job(tx.conn, req.job_id)
-        if existing is None:
-            return _lease_lost(req, why_lease_lost(job, req.lease_token, req.lease_secret))
+        return _lease_lost(req, why_lease_lost(job, req.lease_token, req.lease_secret))
     if existing["fingerprint"] != fingerprint:
         log.info("capture_conflict", capture_id=req.capture_id, job_id=req.job_id)
         return RequestConflict(request_id=req.request_id, job_id=req.job_id).model_dump(mode="json")

@@ -17,12 +17,37 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.jobs import NOW
+from app.store.prepared import Prepared
 from app.store.rows import Row
 
 # What the handoff worker needs besides the capture: where the site wants it delivered.
 _WITH_SITE = """
     SELECT c.*, s.webhook_shown, s.webhook_sealed, s.dag_id FROM c JOIN sites s ON s.slug = c.site
 """
+
+
+_ADD = Prepared(
+    text(
+        """
+        WITH live AS (
+            -- fencing (rule 2): only the holder of the job's live lease hands in captures.
+            -- FOR SHARE waits for a finish, cancel or expiry of the job in flight and then
+            -- tests the job again, so no capture joins a job that ended first.
+            SELECT id, site FROM jobs
+            WHERE id = :job_id AND status = 'RUNNING' AND lease_token = :token
+              AND lease_secret_hash = :secret_hash AND lease_expires_at > clock_timestamp()
+            FOR SHARE
+        )
+        INSERT INTO captures (id, job_id, site, url, storage_uri, sha256, content_type, size,
+                              captured_at, meta, fingerprint, dispatched_at)
+        SELECT :id, live.id, live.site, :url, :storage_uri, :sha256, :content_type, :size,
+               :captured_at, CAST(:meta AS jsonb), :fingerprint, now()
+        FROM live
+        ON CONFLICT (id) DO NOTHING
+        RETURNING *
+        """
+    )
+)
 
 
 async def add_capture(
@@ -46,27 +71,8 @@ async def add_capture(
 
     None when the lease is not live or the capture id exists (``describe_capture`` says which).
     """
-    result = await conn.execute(
-        text(
-            """
-            WITH live AS (
-                -- fencing (rule 2): only the holder of the job's live lease hands in captures.
-                -- FOR SHARE waits for a finish, cancel or expiry of the job in flight and then
-                -- tests the job again, so no capture joins a job that ended first.
-                SELECT id, site FROM jobs
-                WHERE id = :job_id AND status = 'RUNNING' AND lease_token = :token
-                  AND lease_secret_hash = :secret_hash AND lease_expires_at > clock_timestamp()
-                FOR SHARE
-            )
-            INSERT INTO captures (id, job_id, site, url, storage_uri, sha256, content_type, size,
-                                  captured_at, meta, fingerprint, dispatched_at)
-            SELECT :id, live.id, live.site, :url, :storage_uri, :sha256, :content_type, :size,
-                   :captured_at, CAST(:meta AS jsonb), :fingerprint, now()
-            FROM live
-            ON CONFLICT (id) DO NOTHING
-            RETURNING *
-            """
-        ),
+    return await _ADD.first(
+        conn,
         {
             "id": capture_id,
             "job_id": job_id,
@@ -82,7 +88,6 @@ async def add_capture(
             "fingerprint": fingerprint,
         },
     )
-    return result.mappings().first()
 
 
 async def describe_capture(conn: AsyncConnection, capture_id: str) -> Row | None:

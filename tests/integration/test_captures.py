@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db.engine import make_engine
 from app.handoff import Delivery, TargetError
 from app.lease_secrets import lease_secret_hash
 from app.settings import Settings
@@ -16,6 +17,7 @@ from reapers.lapsed_handoffs import LapsedHandoffs
 from reapers.undispatched_captures import UndispatchedCaptures
 from tests.support.captures import capture_row, outbox_payloads, relayed, running_job, submit
 from tests.support.leasing import replies, request, scalar
+from tests.support.statements import Statements
 from tests.support.waiting import eventually
 from workers.handoff import HandoffWorker
 from workers.requests import RequestProcessor
@@ -58,6 +60,24 @@ async def test_submit_records_the_capture_replies_and_dispatches_its_handoff_tog
     ]
     events = await outbox_payloads(engine, settings.topic("events"))
     assert events[-1]["type"] == "capture.received" and events[-1]["id"] == "cap-1"
+
+
+async def test_a_new_capture_of_a_live_lease_is_added_without_a_read_before_it(
+    processor: RequestProcessor, engine: AsyncEngine, settings: Settings
+) -> None:
+    lease = await running_job(processor, engine, settings)
+    own = make_engine(settings, pool_size=1, pre_ping=False)  # counted from its first connection
+    statements = Statements(own)
+    try:
+        counted = RequestProcessor(settings, Database(own))
+        with statements.counting() as counts:
+            assert await counted.process(submit(settings, "job-1", lease, "cap-1")) == "replied"
+    finally:
+        await own.dispose()
+    # BEGIN, the sites' locks with the inbox claim, the site's rewrite rules, the fenced insert,
+    # the outbox, COMMIT: neither the capture nor the job is read first
+    assert sum(counts.values()) == 6, counts
+    assert (await replies(engine, settings, "job-1"))[-1]["type"] == "capture.accepted"
 
 
 async def test_the_same_capture_again_is_accepted_again_and_changes_nothing(
